@@ -1,0 +1,42 @@
+"""
+art-weightpert: attacks, certificates and robust training for perturbations of the *weights* of PyTorch classifiers,
+as a plugin of the Adversarial Robustness Toolbox (ART).
+
+| Paper link: https://arxiv.org/abs/2103.02200 (Tsai, Hsu, Yu and Chen, NeurIPS 2021)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from art_weightpert.budget import PerturbationBudget
+from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.network import UnsupportedModelError
+from art_weightpert.perturbation import WeightPerturbation
+
+__version__ = "0.1.0"
+
+# Heavier parts are imported on first use.
+_LAZY = {
+    "WeightAttack": "art_weightpert.attacks",
+    "WeightPGD": "art_weightpert.attacks",
+    "RandomWeightPerturbation": "art_weightpert.attacks",
+    "JointWeightInputPGD": "art_weightpert.attacks",
+    "WeightPerturbationCertifier": "art_weightpert.certification",
+    "WeightRobustTrainer": "art_weightpert.defences.trainer",
+}
+
+__all__ = [
+    "PerturbationBudget",
+    "WeightPerturbation",
+    "UnsupportedModelError",
+    "PyTorchWeightClassifier",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'art_weightpert' has no attribute {name!r}")

@@ -1,0 +1,211 @@
+"""
+The three weight balls of THEORY.md §2, one small class each (Foolbox-style: the consumers contain no norm branches).
+
+A ball acts on one parameter tensor ``delta`` whose first dimension indexes *rows* (output units or output channels).
+Its radius is a tensor of a ball-specific shape:
+
+* :class:`BoxBall` (``"inf"``): one radius per entry (same shape as the parameter);
+* :class:`RowL1Ball` (``"row_l1"``): one radius per row, shape ``(rows,)``;
+* :class:`L2Ball` (``"l2"``): one radius for the whole tensor, shape ``()``.
+
+Every operation is vectorized over the tensor and keeps its device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """View a parameter as a matrix (rows, fan-in); a 1-D tensor (bias) is a column of rows."""
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+
+
+class Ball:
+    """Interface of a weight ball. Subclasses implement every method."""
+
+    name: str = ""
+
+    def radius(self, param: torch.Tensor, eps: float, relative: bool) -> torch.Tensor:
+        """Radius tensor for ``param`` (absolute ``eps`` or ``eps`` times the parameter's own norm)."""
+        raise NotImplementedError
+
+    def norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """The ball's norm of ``delta`` (box: ``max|δ|``; row_l1: max row ℓ1; l2: Frobenius)."""
+        raise NotImplementedError
+
+    def excess(self, delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Largest amount by which ``delta`` exceeds its radius (≤ 0 inside the ball)."""
+        raise NotImplementedError
+
+    def project(self, delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Exact Euclidean projection of ``delta`` onto the ball."""
+        raise NotImplementedError
+
+    def steepest_step(self, grad: torch.Tensor, radius: torch.Tensor, step: float) -> torch.Tensor:
+        """Steepest-ascent step for this norm, of length ``step`` times the radius."""
+        raise NotImplementedError
+
+    def sample(self, radius: torch.Tensor, shape: torch.Size, distribution: str, gen: torch.Generator) -> torch.Tensor:
+        """One random point: ``uniform`` in the ball, ``extreme`` points (vertices/sphere) or ``gaussian`` direction
+        rescaled onto the boundary."""
+        raise NotImplementedError
+
+    def row_l1_radius(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Per-row ℓ1 radius of a row_l1 ball that contains this ball (THEORY.md §2 inclusions)."""
+        raise NotImplementedError
+
+    def entry_bound(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Bound on ``|δ|`` per entry (shape ``shape``) implied by the ball: the box containing it."""
+        raise NotImplementedError
+
+
+def _uniform_sign(shape: torch.Size, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    bits = torch.randint(0, 2, shape, generator=gen, device=gen.device).to(like)
+    return 2 * bits - 1
+
+
+class BoxBall(Ball):
+    """Entry-wise box ``|δ_rc| ≤ r_rc`` (``norm="inf"``)."""
+
+    name = "inf"
+
+    def radius(self, param, eps, relative):
+        return eps * param.detach().abs() if relative else torch.full_like(param, eps)
+
+    def norm(self, delta):
+        return delta.abs().max() if delta.numel() else delta.new_zeros(())
+
+    def excess(self, delta, radius):
+        return (delta.abs() - radius).max() if delta.numel() else delta.new_zeros(())
+
+    def project(self, delta, radius):
+        return torch.maximum(torch.minimum(delta, radius), -radius)
+
+    def steepest_step(self, grad, radius, step):
+        return step * radius * grad.sign()
+
+    def sample(self, radius, shape, distribution, gen):
+        if distribution == "uniform":
+            u = torch.rand(shape, generator=gen, device=gen.device).to(radius)
+            return (2 * u - 1) * radius
+        if distribution == "extreme":
+            return _uniform_sign(shape, radius, gen) * radius
+        g = torch.randn(shape, generator=gen, device=gen.device).to(radius)
+        scale = (g.abs() / radius.clamp_min(1e-300)).max().clamp_min(1e-300)
+        return torch.where(radius > 0, g / scale, torch.zeros_like(g))
+
+    def row_l1_radius(self, radius, shape):
+        return _rows(radius).sum(dim=1)
+
+    def entry_bound(self, radius, shape):
+        return radius.expand(shape)
+
+
+class RowL1Ball(Ball):
+    """Per-row ℓ1 ball ``‖δ_{r,:}‖_1 ≤ r_r`` (``norm="row_l1"``; max over rows = induced ℓ∞→ℓ∞ operator norm)."""
+
+    name = "row_l1"
+
+    def radius(self, param, eps, relative):
+        if relative:
+            return eps * _rows(param.detach()).abs().sum(dim=1)
+        return torch.full((param.shape[0],), float(eps), dtype=param.dtype, device=param.device)
+
+    def norm(self, delta):
+        return _rows(delta).abs().sum(dim=1).max() if delta.numel() else delta.new_zeros(())
+
+    def excess(self, delta, radius):
+        return (_rows(delta).abs().sum(dim=1) - radius).max() if delta.numel() else delta.new_zeros(())
+
+    def project(self, delta, radius):
+        # Duchi et al. (2008): sort |v| per row, find the threshold θ with Σ max(|v|-θ, 0) = r.
+        v = _rows(delta)
+        a = v.abs()
+        inside = a.sum(dim=1) <= radius
+        mu, _ = torch.sort(a, dim=1, descending=True)
+        cums = mu.cumsum(dim=1) - radius.unsqueeze(1)
+        idx = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
+        cond = mu - cums / idx > 0
+        rho = cond.to(v.dtype).mul(idx).argmax(dim=1, keepdim=True)  # last index where cond holds
+        theta = (cums.gather(1, rho) / (rho + 1).to(v.dtype)).clamp_min(0)
+        out = v.sign() * (a - theta).clamp_min(0)
+        out = torch.where(inside.unsqueeze(1), v, out)
+        return out.reshape(delta.shape)
+
+    def steepest_step(self, grad, radius, step):
+        # Steepest ℓ1 ascent puts the step on the largest |g| coordinates of each row; spreading it over the top ~5%
+        # (at least one) keeps sparse steps from stalling on wide rows.
+        g = _rows(grad)
+        k = max(1, int(math.ceil(0.05 * g.shape[1])))
+        top = g.abs().topk(k, dim=1).indices
+        mask = torch.zeros_like(g).scatter_(1, top, 1.0)
+        d = mask * g.sign() / k
+        return (step * radius.unsqueeze(1) * d).reshape(grad.shape)
+
+    def sample(self, radius, shape, distribution, gen):
+        rows = shape[0]
+        n = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+        like = radius
+        if distribution == "uniform":
+            # (E_1..E_n) / Σ_{i≤n+1} E_i with E ~ Exp(1) is uniform in the simplex; random signs fill the ℓ1 ball.
+            e = -torch.log(torch.rand((rows, n + 1), generator=gen, device=gen.device).to(like).clamp_min(1e-300))
+            pts = e[:, :n] / e.sum(dim=1, keepdim=True)
+            pts = pts * _uniform_sign((rows, n), like, gen)
+        elif distribution == "extreme":
+            col = torch.randint(0, n, (rows, 1), generator=gen, device=gen.device)
+            pts = torch.zeros((rows, n), dtype=like.dtype, device=like.device).scatter_(1, col, 1.0)
+            pts = pts * _uniform_sign((rows, 1), like, gen)
+        else:
+            g = torch.randn((rows, n), generator=gen, device=gen.device).to(like)
+            pts = g / g.abs().sum(dim=1, keepdim=True).clamp_min(1e-300)
+        return (pts * radius.unsqueeze(1)).reshape(shape)
+
+    def row_l1_radius(self, radius, shape):
+        return radius
+
+    def entry_bound(self, radius, shape):
+        return radius.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape)
+
+
+class L2Ball(Ball):
+    """Frobenius ball ``‖δ‖_F ≤ r`` over the whole tensor (``norm="l2"``, as in AWP/SAM)."""
+
+    name = "l2"
+
+    def radius(self, param, eps, relative):
+        value = eps * param.detach().norm() if relative else torch.tensor(float(eps))
+        return value.to(dtype=param.dtype, device=param.device)
+
+    def norm(self, delta):
+        return delta.norm()
+
+    def excess(self, delta, radius):
+        return delta.norm() - radius
+
+    def project(self, delta, radius):
+        n = delta.norm()
+        return delta * torch.where(n > radius, radius / n.clamp_min(1e-300), torch.ones_like(n))
+
+    def steepest_step(self, grad, radius, step):
+        return step * radius * grad / grad.norm().clamp_min(1e-30)
+
+    def sample(self, radius, shape, distribution, gen):
+        g = torch.randn(shape, generator=gen, device=gen.device).to(radius)
+        direction = g / g.norm().clamp_min(1e-300)
+        if distribution == "uniform":
+            u = torch.rand((), generator=gen, device=gen.device).to(radius)
+            return direction * radius * u ** (1.0 / max(1, g.numel()))
+        return direction * radius  # "extreme" and "gaussian": a Gaussian direction on the sphere
+
+    def row_l1_radius(self, radius, shape):
+        fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+        return (math.sqrt(fan_in) * radius).expand(shape[0])
+
+    def entry_bound(self, radius, shape):
+        return radius.expand(shape)
+
+
+BALLS: dict[str, Ball] = {"inf": BoxBall(), "row_l1": RowL1Ball(), "l2": L2Ball()}

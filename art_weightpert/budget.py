@@ -1,0 +1,268 @@
+"""
+The weight ball: which parameters may move, in which norm, and how far (THEORY.md §2).
+
+A :class:`PerturbationBudget` is a description. Operations that depend on the weights (relative radii need ``|W|``,
+layer names are checked against the model) take the model. Attacks, certificates and the trainer get the resolved
+per-parameter balls from :meth:`PerturbationBudget.targets` and never re-derive them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from art_weightpert.balls import BALLS, Ball
+from art_weightpert.network import perturbable_modules
+
+if TYPE_CHECKING:
+    from art_weightpert.perturbation import WeightPerturbation
+
+NORMS = tuple(BALLS)
+DISTRIBUTIONS = ("uniform", "extreme", "gaussian")
+
+
+@dataclass
+class Target:
+    """One perturbed parameter with its resolved ball.
+
+    :param param_name: name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
+    :param layer_name: name of the module that owns it (e.g. ``"0"``).
+    :param kind: ``"weight"`` or ``"bias"``.
+    :param ball: the ball it lives in.
+    :param radius: the ball's radius tensor (see :mod:`art_weightpert.balls`).
+    :param eps: the layer's ε (absolute, or the relative factor).
+    """
+
+    param_name: str
+    layer_name: str
+    kind: str
+    ball: Ball
+    radius: torch.Tensor
+    eps: float
+
+
+def _check_eps(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{what}` must be a number, got {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{what}` must be finite and non-negative, got {value}.")
+    return value
+
+
+class PerturbationBudget:
+    """
+    A norm-bounded ball of weight perturbations.
+
+    :param eps: radius; a float for every layer or a ``{layer_name: float}`` dict (the dict's keys are then the
+        perturbed layers unless ``layers`` is given).
+    :param norm: ``"inf"`` (entry-wise box), ``"row_l1"`` (max row ℓ1 norm = induced ℓ∞ operator norm; for a conv,
+        a row is one output channel's kernel) or ``"l2"`` (Frobenius norm per layer).
+    :param layers: names of the Linear/Conv modules to perturb (``None``: every Linear/Conv layer).
+    :param relative: radii relative to the weights: ``ε·|W|`` per entry, ``ε·‖W_r‖₁`` per row, ``ε·‖W‖_F`` per layer.
+    :param include_bias: also perturb the biases of those layers, each in a ball of its own with the same ε
+        (a box for ``inf`` and ``row_l1``, a Euclidean ball for ``l2``; THEORY.md §2).
+    """
+
+    def __init__(
+        self,
+        eps: float | Mapping[str, float],
+        norm: str = "inf",
+        layers: Iterable[str] | None = None,
+        relative: bool = False,
+        include_bias: bool = False,
+    ) -> None:
+        if norm not in BALLS:
+            raise ValueError(f"`norm` must be one of {list(NORMS)}, got {norm!r}.")
+        if isinstance(eps, Mapping):
+            if not eps:
+                raise ValueError("`eps` dict must name at least one layer.")
+            eps_value: float | dict[str, float] = {str(k): _check_eps(v, f"eps[{k!r}]") for k, v in eps.items()}
+        else:
+            eps_value = _check_eps(eps, "eps")
+        if layers is not None:
+            if isinstance(layers, str):
+                layers = [layers]
+            layers = [str(name) for name in layers]
+            if not layers:
+                raise ValueError("`layers` must name at least one layer, or be None for every layer.")
+            if isinstance(eps_value, dict):
+                missing = [name for name in layers if name not in eps_value]
+                if missing:
+                    raise ValueError(f"`eps` dict has no radius for layers {missing}.")
+        elif isinstance(eps_value, dict):
+            layers = list(eps_value)
+        if not isinstance(relative, bool):
+            raise TypeError("`relative` must be a bool.")
+        if not isinstance(include_bias, bool):
+            raise TypeError("`include_bias` must be a bool.")
+        self.eps = eps_value
+        self.norm = norm
+        self.layers = None if layers is None else tuple(layers)
+        self.relative = relative
+        self.include_bias = include_bias
+
+    # ------------------------------------------------------------------ description
+    @property
+    def ball(self) -> Ball:
+        """The ball of the weights."""
+        return BALLS[self.norm]
+
+    @property
+    def bias_ball(self) -> Ball:
+        """The ball of the biases (a box for ``inf``/``row_l1``, Euclidean for ``l2``)."""
+        return BALLS["l2"] if self.norm == "l2" else BALLS["inf"]
+
+    def layer_eps(self, layer_name: str) -> float:
+        """The ε of one layer."""
+        return self.eps[layer_name] if isinstance(self.eps, dict) else self.eps
+
+    def scaled(self, factor: float) -> PerturbationBudget:
+        """The same budget with every ε multiplied by ``factor``."""
+        factor = _check_eps(factor, "factor")
+        eps = {k: v * factor for k, v in self.eps.items()} if isinstance(self.eps, dict) else self.eps * factor
+        return PerturbationBudget(eps, self.norm, self.layers, self.relative, self.include_bias)
+
+    def with_eps(self, eps: float | Mapping[str, float]) -> PerturbationBudget:
+        """The same ball with another ε."""
+        return PerturbationBudget(eps, self.norm, self.layers, self.relative, self.include_bias)
+
+    def to_dict(self) -> dict:
+        """A JSON-serializable description (inverse of :meth:`from_dict`)."""
+        return {
+            "eps": self.eps,
+            "norm": self.norm,
+            "layers": None if self.layers is None else list(self.layers),
+            "relative": self.relative,
+            "include_bias": self.include_bias,
+        }
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> PerturbationBudget:
+        """Rebuild a budget from :meth:`to_dict`'s output."""
+        return cls(**dict(config))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PerturbationBudget) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "PerturbationBudget(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+    # ------------------------------------------------------------------ model-dependent
+    def layer_names(self, model: torch.nn.Module) -> list[str]:
+        """The perturbed layers of ``model``, checked against it (``ValueError`` lists the valid names)."""
+        valid = perturbable_modules(model)
+        if not valid:
+            raise ValueError("the model has no Linear or Conv layer to perturb.")
+        if self.layers is None:
+            return list(valid)
+        unknown = [name for name in self.layers if name not in valid]
+        if unknown:
+            raise ValueError(f"unknown layer name(s) {unknown} in the budget; valid layers are {list(valid)}.")
+        return list(self.layers)
+
+    def targets(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[Target]:
+        """Resolve the budget on ``model``: one :class:`Target` per perturbed parameter, radii computed from the
+        current weights (in ``dtype`` if given)."""
+        modules = perturbable_modules(model)
+        out = []
+        for layer in self.layer_names(model):
+            module = modules[layer]
+            eps = self.layer_eps(layer)
+            prefix = f"{layer}." if layer else ""
+            params = [("weight", self.ball, module.weight)]
+            if self.include_bias and getattr(module, "bias", None) is not None:
+                params.append(("bias", self.bias_ball, module.bias))
+            for kind, ball, param in params:
+                p = param.detach() if dtype is None else param.detach().to(dtype)
+                out.append(Target(prefix + kind, layer, kind, ball, ball.radius(p, eps, self.relative), eps))
+        return out
+
+    def radii(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
+        """The radius of every perturbed parameter: per entry (``inf``), per row (``row_l1``) or per layer (``l2``)."""
+        return {t.param_name: t.radius.cpu().numpy() for t in self.targets(model)}
+
+    def row_l1_radii(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Per-row radius of the smallest row_l1 ball (of the weights) containing this ball (THEORY.md §2):
+        box δ → Σ_c δ_rc, l2 ε → √n·ε, row_l1 → itself."""
+        return {
+            t.param_name: t.ball.row_l1_radius(t.radius, _param(model, t.param_name).shape)
+            for t in self.targets(model, dtype)
+            if t.kind == "weight"
+        }
+
+    def project(self, delta: Mapping, model: torch.nn.Module) -> WeightPerturbation:
+        """Exact Euclidean projection of ``delta`` onto the ball (parameters outside the budget are dropped)."""
+        from art_weightpert.perturbation import WeightPerturbation
+
+        deltas = self._as_tensors(delta, model)
+        projected = {}
+        for t in self.targets(model, torch.float64):
+            d = deltas.get(t.param_name)
+            if d is None:
+                d = torch.zeros(_param(model, t.param_name).shape, dtype=torch.float64, device=t.radius.device)
+            projected[t.param_name] = t.ball.project(d, t.radius)
+        return WeightPerturbation({k: v.cpu().numpy() for k, v in projected.items()}, budget=self)
+
+    def contains(self, delta: Mapping, model: torch.nn.Module, atol: float = 1e-6) -> bool:
+        """True when ``delta`` lies in the ball up to ``atol`` (plus a relative ``1e-6`` of the radius), and perturbs
+        no parameter outside the budget."""
+        deltas = self._as_tensors(delta, model)
+        targets = self.targets(model, torch.float64)
+        allowed = {t.param_name for t in targets}
+        for name, d in deltas.items():
+            if name not in allowed and d.numel() and float(d.abs().max()) > atol:
+                return False
+        for t in targets:
+            d = deltas.get(t.param_name)
+            if d is None:
+                continue
+            tol = atol + 1e-6 * float(t.radius.max()) if t.radius.numel() else atol
+            if float(t.ball.excess(d.to(torch.float64), t.radius)) > tol:
+                return False
+        return True
+
+    def sample(
+        self, model: torch.nn.Module, distribution: str = "uniform", seed: int | None = None
+    ) -> WeightPerturbation:
+        """One random perturbation in the ball: ``uniform`` in it, its ``extreme`` points (box vertices, one ±r entry
+        per row for row_l1, the sphere for l2) or a ``gaussian`` direction rescaled onto the boundary."""
+        from art_weightpert.perturbation import WeightPerturbation
+
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"`distribution` must be one of {list(DISTRIBUTIONS)}, got {distribution!r}.")
+        gen = torch.Generator()
+        gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]) if seed is None else int(seed))
+        out = {}
+        for t in self.targets(model):
+            shape = _param(model, t.param_name).shape
+            out[t.param_name] = t.ball.sample(t.radius.cpu(), shape, distribution, gen).numpy()
+        return WeightPerturbation(out, budget=self)
+
+    def _as_tensors(self, delta: Mapping, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        out = {}
+        for name, value in delta.items():
+            if name not in params:
+                raise ValueError(f"perturbation names unknown parameter {name!r}; parameters are {list(params)}.")
+            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"perturbation of {name!r} has shape {tuple(t.shape)}, the parameter has {tuple(params[name].shape)}."
+                )
+            out[name] = t.detach().to(device=params[name].device, dtype=torch.float64)
+        return out
+
+    def to_json(self) -> str:
+        """JSON form of :meth:`to_dict`."""
+        return json.dumps(self.to_dict())
+
+
+def _param(model: torch.nn.Module, name: str) -> torch.Tensor:
+    return model.get_parameter(name)

@@ -1,0 +1,292 @@
+"""
+:class:`PyTorchWeightClassifier`: an ART ``PyTorchClassifier`` that knows its weights can be perturbed.
+
+A perturbation lives *inside* the torch module (:class:`WeightPerturbedModule`, which evaluates the base module with
+``torch.func.functional_call`` and ``W + Δ``), so every ART code path sees it: ``predict``, ``loss_gradient``,
+``class_gradient``, ART's attacks and trainers, and code that calls ``classifier.model(x)`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from art.estimators.classification import PyTorchClassifier
+from torch import nn
+from torch.func import functional_call
+
+from art_weightpert.network import perturbable_modules
+from art_weightpert.perturbation import WeightPerturbation
+
+logger = logging.getLogger(__name__)
+
+
+class WeightPerturbedModule(nn.Module):
+    """
+    ``module`` evaluated with ``W + Δ`` for the perturbed parameters. The deltas are buffers (they move with
+    ``.to()``, are saved in the state dict and survive pickling); ``module``'s own parameters are untouched.
+
+    :param module: the base module.
+    :param deltas: ``{parameter name of module: tensor}``.
+    :param budget: the budget the perturbation was made for (kept for bookkeeping).
+    """
+
+    def __init__(self, module: nn.Module, deltas: Mapping[str, torch.Tensor], budget=None) -> None:
+        super().__init__()
+        self.module = module
+        self.param_names = list(deltas)
+        for i, name in enumerate(self.param_names):
+            param = module.get_parameter(name)
+            self.register_buffer(f"delta_{i}", deltas[name].detach().to(device=param.device, dtype=param.dtype).clone())
+        self.budget = budget
+
+    def deltas(self) -> dict[str, torch.Tensor]:
+        """``{parameter name: delta buffer}``."""
+        return {name: getattr(self, f"delta_{i}") for i, name in enumerate(self.param_names)}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        params = {name: self.module.get_parameter(name) + delta for name, delta in self.deltas().items()}
+        return functional_call(self.module, params, args, kwargs, strict=False)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """Put ``module`` in eval mode for the block, then restore each submodule's training flag."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class PyTorchWeightClassifier(PyTorchClassifier):
+    """
+    A ``PyTorchClassifier`` (same positional signature) whose weights can be perturbed without touching the user's
+    module: :meth:`with_weight_perturbation` returns a new estimator carrying a :class:`.WeightPerturbation`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: nn.modules.loss._Loss,
+        input_shape: tuple[int, ...],
+        nb_classes: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Create a :class:`.PyTorchWeightClassifier` instance. Arguments are those of ART's ``PyTorchClassifier``.
+
+        :param model: the torch module (or a :class:`WeightPerturbedModule` wrapping one).
+        :param loss: loss on logits and integer labels.
+        :param input_shape: shape of one input.
+        :param nb_classes: number of classes.
+        :param optimizer: optimizer of the model's parameters (needed for training).
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+        super().__init__(model, loss, input_shape, nb_classes, optimizer=optimizer, **kwargs)
+
+    # --------------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_classifier(cls, classifier: PyTorchClassifier) -> PyTorchWeightClassifier:
+        """Wrap an ART ``PyTorchClassifier`` (same module, loss, optimizer and preprocessing; nothing copied)."""
+        if isinstance(classifier, PyTorchWeightClassifier):
+            return classifier
+        if not isinstance(classifier, PyTorchClassifier):
+            raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
+        return cls(
+            classifier.model,
+            classifier._loss,
+            classifier.input_shape,
+            classifier.nb_classes,
+            optimizer=classifier._optimizer,
+            **_init_kwargs(classifier),
+        )
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The unperturbed torch module (the user's, or this estimator's own copy when perturbed)."""
+        model = self.model
+        return model.module if isinstance(model, WeightPerturbedModule) else model
+
+    @property
+    def perturbable_parameters(self) -> dict[str, tuple[int, ...]]:
+        """``{name: shape}`` of the weights and biases of every Linear/Conv layer (names as
+        ``base_model.named_parameters()``)."""
+        out = {}
+        for layer, module in perturbable_modules(self.base_model).items():
+            prefix = f"{layer}." if layer else ""
+            for kind in ("weight", "bias"):
+                p = getattr(module, kind, None)
+                if isinstance(p, nn.Parameter):
+                    out[prefix + kind] = tuple(p.shape)
+        return out
+
+    @property
+    def weight_perturbation(self) -> WeightPerturbation | None:
+        """The perturbation this estimator carries (``None`` when unperturbed)."""
+        model = self.model
+        if not isinstance(model, WeightPerturbedModule):
+            return None
+        return WeightPerturbation({k: v.cpu().numpy() for k, v in model.deltas().items()}, budget=model.budget)
+
+    def with_weight_perturbation(self, delta: Mapping | None) -> PyTorchWeightClassifier:
+        """
+        A new estimator whose weights are the *original* weights plus ``delta`` (it replaces any perturbation this
+        estimator carries). It owns a copy of the module, so neither this estimator nor the user's module changes,
+        even if the new one is trained.
+
+        :param delta: a :class:`.WeightPerturbation` or ``{parameter name: array}``; ``None`` for a clean copy.
+        :return: the perturbed estimator.
+        """
+        deltas = self.check_deltas(delta or {})
+        base = copy.deepcopy(self.base_model)
+        budget = delta.budget if isinstance(delta, WeightPerturbation) else None
+        model = WeightPerturbedModule(base, deltas, budget) if deltas else base
+        optimizer = None
+        if self._optimizer is not None:
+            optimizer = type(self._optimizer)(model.parameters(), **self._optimizer.defaults)
+        return type(self)(
+            model, self._loss, self.input_shape, self.nb_classes, optimizer=optimizer, **_init_kwargs(self)
+        )
+
+    def check_deltas(self, delta: Mapping) -> dict[str, torch.Tensor]:
+        """Validate ``{name: array}`` against the base module (names and shapes) and return float tensors on the
+        estimator's device."""
+        if not isinstance(delta, Mapping):
+            raise TypeError(f"`delta` must be a WeightPerturbation or a mapping, got {type(delta).__name__}.")
+        params = dict(self.base_model.named_parameters())
+        out = {}
+        for name, value in delta.items():
+            if name not in params:
+                raise ValueError(f"perturbation names unknown parameter {name!r}; parameters are {list(params)}.")
+            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value.detach())
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"perturbation of {name!r} has shape {tuple(t.shape)}; "
+                    f"the parameter has shape {tuple(params[name].shape)}."
+                )
+            if not torch.isfinite(t).all():
+                raise ValueError(f"perturbation of {name!r} contains NaN or inf.")
+            out[name] = t.to(device=params[name].device, dtype=params[name].dtype)
+        return out
+
+    # --------------------------------------------------------------------------------------- torch helpers
+    def prepare_inputs(
+        self, x: np.ndarray, y: np.ndarray | None = None, require_labels: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Validate ``x`` (and labels), apply ART's preprocessing and return torch tensors on the estimator's device.
+
+        :param x: inputs of shape ``(N,) + input_shape``.
+        :param y: integer labels ``(N,)`` or one-hot ``(N, nb_classes)``, or ``None``.
+        :param require_labels: raise if ``y`` is ``None``.
+        :return: ``(x, labels)`` with labels as int64 class indices (or ``None``).
+        """
+        x = self.check_inputs(x)
+        labels = self.check_labels(y, len(x), require_labels)
+        x_pre, _ = self._apply_preprocessing(x, y=None, fit=False)
+        x_t = torch.as_tensor(np.asarray(x_pre, dtype=np.float32), device=self._device)
+        y_t = None if labels is None else torch.as_tensor(labels, dtype=torch.long, device=self._device)
+        return x_t, y_t
+
+    def check_inputs(self, x: Any) -> np.ndarray:
+        """``x`` as a float32 array of shape ``(N,) + input_shape`` with finite values (``ValueError`` otherwise)."""
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        if not isinstance(x, np.ndarray):
+            raise TypeError(f"`x` must be a numpy array, got {type(x).__name__}.")
+        if not np.issubdtype(x.dtype, np.number):
+            raise TypeError(f"`x` must be numeric, got dtype {x.dtype}.")
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(f"`x` has shape {x.shape}; expected (N, {', '.join(map(str, self.input_shape))}).")
+        x = x.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(x)):
+            raise ValueError("`x` contains NaN or inf values.")
+        return x
+
+    def check_labels(self, y: Any, n: int, required: bool = False) -> np.ndarray | None:
+        """Integer class indices from integer or one-hot labels, checked against ``n`` samples and the class
+        count."""
+        if y is None:
+            if required:
+                raise ValueError("labels `y` are required.")
+            return None
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == self.nb_classes:
+            y = np.argmax(y, axis=1)
+        elif y.ndim != 1:
+            raise ValueError(f"`y` must have shape (N,) or (N, {self.nb_classes}); got {y.shape}.")
+        if len(y) != n:
+            raise ValueError(f"`y` has {len(y)} labels for {n} inputs.")
+        if not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
+            raise ValueError("`y` must hold integer class labels.")
+        if n and (y.min() < 0 or y.max() >= self.nb_classes):
+            raise ValueError(f"labels must lie in [0, {self.nb_classes}); got range [{y.min()}, {y.max()}].")
+        return y.astype(np.int64)
+
+    def logits(self, x: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Output of the *base* module on preprocessed ``x`` with weights ``W + deltas`` (differentiable in both);
+        the caller chooses train/eval mode (see :func:`eval_mode`)."""
+        if not deltas:
+            return self.base_model(x)
+        params = {name: self.base_model.get_parameter(name) + d for name, d in deltas.items()}
+        return functional_call(self.base_model, params, (x,), strict=False)
+
+    def current_deltas(self) -> dict[str, torch.Tensor]:
+        """The carried perturbation as ``{name: tensor}`` (empty when unperturbed)."""
+        model = self.model
+        return dict(model.deltas()) if isinstance(model, WeightPerturbedModule) else {}
+
+    def loss_gradient_weights(
+        self, x: np.ndarray, y: np.ndarray, batch_size: int = 128, names: list[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """
+        Gradient of the mean loss over ``(x, y)`` with respect to the (perturbed) weights, in eval mode.
+
+        :param x: inputs.
+        :param y: integer or one-hot labels.
+        :param batch_size: samples per forward pass (gradients are accumulated).
+        :param names: parameters to differentiate (default: :attr:`perturbable_parameters`).
+        :return: ``{parameter name: gradient}`` with the parameters' shapes.
+        """
+        x_t, y_t = self.prepare_inputs(x, y, require_labels=True)
+        names = list(self.perturbable_parameters) if names is None else list(names)
+        carried = self.current_deltas()
+        zeros = {n: torch.zeros_like(self.base_model.get_parameter(n)) for n in names}
+        grads = {n: torch.zeros_like(z) for n, z in zeros.items()}
+        n_total = max(1, len(x_t))
+        with eval_mode(self.base_model):
+            for start in range(0, len(x_t), batch_size):
+                probes = {n: z.clone().requires_grad_(True) for n, z in zeros.items()}
+                deltas = {n: carried.get(n, 0) + probes.get(n, 0) for n in set(carried) | set(probes)}
+                out = self.logits(x_t[start : start + batch_size], deltas)
+                loss = self._loss(out, y_t[start : start + batch_size]) * (len(out) / n_total)
+                for n, g in zip(probes, torch.autograd.grad(loss, list(probes.values()))):
+                    grads[n] += g
+        return {n: g.cpu().numpy() for n, g in grads.items()}
+
+
+def _init_kwargs(classifier: PyTorchClassifier) -> dict[str, Any]:
+    """The keyword arguments of ``PyTorchClassifier.__init__`` that ``classifier`` was built with."""
+    return {
+        "use_amp": classifier._use_amp,
+        "opt_level": classifier._opt_level,
+        "loss_scale": classifier._loss_scale,
+        "channels_first": classifier.channels_first,
+        "clip_values": classifier.clip_values,
+        "preprocessing_defences": classifier.preprocessing_defences,
+        "postprocessing_defences": classifier.postprocessing_defences,
+        "preprocessing": classifier.preprocessing,
+        "device_type": "gpu" if classifier._device.type == "cuda" else "cpu",
+    }

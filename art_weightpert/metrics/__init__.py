@@ -1,0 +1,22 @@
+"""Metrics in ART's function style: the classifier first, numpy in and out."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "weight_certified_accuracy": "art_weightpert.metrics.certification",
+    "certified_weight_radius": "art_weightpert.metrics.certification",
+    "generalization_bound": "art_weightpert.metrics.certification",
+    "weight_robustness_curve": "art_weightpert.metrics.robustness",
+    "plot_robustness_curve": "art_weightpert.metrics.robustness",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'art_weightpert.metrics' has no attribute {name!r}")

@@ -1,0 +1,341 @@
+"""
+Reads a torch model as a chain of layers (THEORY.md §1), for the certificates.
+
+:func:`read_network` traces the model with ``torch.fx`` and returns a :class:`Network`: a list of layer descriptions
+(:class:`Affine`, :class:`Activation`, :class:`BatchNorm`, :class:`AvgPool`, :class:`MaxPool`, :class:`Flatten`).
+Anything that is not a chain of supported layers raises :class:`UnsupportedModelError` naming the module and the
+reason. Attacks and the estimator do not need this reader: they work on any differentiable model.
+
+:func:`perturbable_modules` is the single definition of which layers a weight budget can select.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+PERTURBABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be read as a chain of supported layers; the message names the module and the reason."""
+
+
+def perturbable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear/Conv module of ``model`` by its name in ``model.named_modules()``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PERTURBABLE_TYPES)}
+
+
+# ---------------------------------------------------------------------------------------------- layer descriptions
+@dataclass(eq=False)
+class Affine:
+    """``z = W h + b``: a Linear layer or a Conv2d seen as the linear map it defines."""
+
+    name: str
+    module: nn.Module
+    weight_name: str
+    bias_name: str | None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    def apply(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
+        if self.is_conv:
+            m = self.module
+            return F.conv2d(h, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(h, weight, bias)
+
+    def apply_transposed(self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+        """The adjoint map (for backward bounds): ``Wᵀ g`` or the transposed convolution onto ``input_shape``
+        (``(C, H, W)`` of one sample)."""
+        if self.is_conv:
+            m = self.module
+            out = F.conv_transpose2d(g, weight, None, m.stride, m.padding, 0, m.groups, m.dilation)
+            dh, dw = input_shape[-2] - out.shape[-2], input_shape[-1] - out.shape[-1]
+            if dh or dw:
+                out = F.conv_transpose2d(g, weight, None, m.stride, m.padding, (dh, dw), m.groups, m.dilation)
+            return out
+        return g @ weight
+
+
+@dataclass(eq=False)
+class Activation:
+    """A coordinatewise monotone activation: ``relu``, ``leaky_relu`` (with ``negative_slope``), ``sigmoid``,
+    ``tanh``."""
+
+    name: str
+    kind: str
+    negative_slope: float = 0.0
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "relu":
+            return torch.relu(h)
+        if self.kind == "leaky_relu":
+            return F.leaky_relu(h, self.negative_slope)
+        if self.kind == "sigmoid":
+            return torch.sigmoid(h)
+        return torch.tanh(h)
+
+
+@dataclass(eq=False)
+class BatchNorm:
+    """Eval-mode batch norm, a fixed per-channel affine map ``scale * h + shift`` (channels on dim 1)."""
+
+    name: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    def shaped(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return t.to(h).reshape((1, -1) + (1,) * (h.dim() - 2))
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.shaped(self.scale, h) + self.shaped(self.shift, h)
+
+
+@dataclass(eq=False)
+class AvgPool:
+    """2-D average pooling (linear)."""
+
+    name: str
+    module: nn.Module
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+
+@dataclass(eq=False)
+class MaxPool:
+    """2-D max pooling (monotone; 1-Lipschitz in ℓ∞)."""
+
+    name: str
+    module: nn.Module
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+
+@dataclass(eq=False)
+class Flatten:
+    """Flattens every dimension after the batch."""
+
+    name: str
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return h.flatten(1)
+
+
+Layer = Affine | Activation | BatchNorm | AvgPool | MaxPool | Flatten
+
+
+@dataclass(eq=False)
+class Network:
+    """A model read as a chain ``layers[0] → layers[1] → …``; the last layer is an :class:`Affine` (the logits)."""
+
+    model: nn.Module
+    layers: list = field(default_factory=list)
+
+    @property
+    def affine_layers(self) -> list[Affine]:
+        return [layer for layer in self.layers if isinstance(layer, Affine)]
+
+    def params(self, overrides: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
+        """``{parameter name: tensor}`` of the affine layers, with ``overrides`` substituted, cast to ``dtype``."""
+        named = dict(self.model.named_parameters())
+        out = {}
+        for layer in self.affine_layers:
+            for name in (layer.weight_name, layer.bias_name):
+                if name is None:
+                    continue
+                t = overrides[name] if overrides is not None and name in overrides else named[name]
+                out[name] = t if dtype is None else t.to(dtype)
+        return out
+
+    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Run the chain (eval semantics) with the model's parameters or the given ones."""
+        p = self.params(params, dtype=x.dtype)
+        h = x
+        for layer in self.layers:
+            if isinstance(layer, Affine):
+                h = layer.apply(h, p[layer.weight_name], p.get(layer.bias_name) if layer.bias_name else None)
+            else:
+                h = layer.apply(h)
+        return h
+
+
+# ---------------------------------------------------------------------------------------------------- the reader
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
+_ACTIVATION_FUNCTIONS = {
+    torch.relu: "relu",
+    F.relu: "relu",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.leaky_relu: "leaky_relu",
+}
+_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+
+
+def _module_layer(name: str, module: nn.Module):
+    """Description of a leaf module, or ``None`` for an identity in eval mode."""
+    if isinstance(module, nn.Linear):
+        return Affine(name, module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            raise UnsupportedModelError(f"module {name!r}: Conv2d with padding_mode={module.padding_mode!r}.")
+        return Affine(name, module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
+    for cls, kind in _ACTIVATION_MODULES.items():
+        if isinstance(module, cls):
+            return Activation(name, kind, float(getattr(module, "negative_slope", 0.0)))
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if module.running_mean is None or module.running_var is None:
+            raise UnsupportedModelError(f"module {name!r}: BatchNorm without running statistics.")
+        with torch.no_grad():
+            scale = 1.0 / torch.sqrt(module.running_var.double() + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.double()
+            shift = -module.running_mean.double() * scale
+            if module.bias is not None:
+                shift = shift + module.bias.double()
+        return BatchNorm(name, scale, shift)
+    if isinstance(module, nn.AvgPool2d):
+        return AvgPool(name, module)
+    if isinstance(module, nn.MaxPool2d):
+        if module.return_indices:
+            raise UnsupportedModelError(f"module {name!r}: MaxPool2d with return_indices=True.")
+        return MaxPool(name, module)
+    if isinstance(module, nn.Flatten):
+        if module.start_dim != 1 or module.end_dim != -1:
+            raise UnsupportedModelError(f"module {name!r}: Flatten must flatten every dimension after the batch.")
+        return Flatten(name)
+    if isinstance(module, _IDENTITY_MODULES):
+        return None
+    reason = "a recurrent layer" if isinstance(module, nn.RNNBase) else "an unsupported layer type"
+    if isinstance(module, nn.MultiheadAttention):
+        reason = "an attention layer"
+    raise UnsupportedModelError(f"module {name!r} ({type(module).__name__}) is {reason} for certification.")
+
+
+def _is_flatten_call(node: torch.fx.Node) -> bool:
+    if node.op == "call_function" and node.target is torch.flatten:
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 1
+    if node.op == "call_method" and node.target == "flatten":
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        return start == 1
+    return False
+
+
+def _is_batch_reshape(node: torch.fx.Node) -> bool:
+    """``x.view(x.size(0), -1)`` / ``x.reshape(-1, n)``-style flattening (checked on shapes afterwards)."""
+    return (node.op == "call_method" and node.target in ("view", "reshape")) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
+
+
+def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -> Network:
+    """
+    Read ``model`` as a chain of supported layers.
+
+    :param model: the torch module (the user's module, not ART's wrapper).
+    :param input_shape: shape of one input; needed to check ``view``/``reshape`` calls are flattening.
+    :return: the :class:`Network`.
+    :raises UnsupportedModelError: naming the module (or function) and why it cannot be read.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as err:  # noqa: BLE001 - any tracing failure means "not a static chain"
+        raise UnsupportedModelError(
+            f"model {type(model).__name__} cannot be traced as a static chain of layers ({type(err).__name__}: {err})."
+        ) from err
+    modules = dict(model.named_modules())
+    layers: list = []
+    reshapes: list[tuple[int, torch.fx.Node]] = []  # (layer index, node) of view/reshape calls
+    current: torch.fx.Node | None = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if current is not None:
+                raise UnsupportedModelError(f"model has more than one input ({node.name!r}).")
+            current = node
+            continue
+        if node.op == "output":
+            if node.args[0] is not current:
+                raise UnsupportedModelError("the model's output is not the end of a single chain of layers.")
+            continue
+        if node.op == "get_attr":
+            raise UnsupportedModelError(f"the forward reads the tensor attribute {node.target!r} directly.")
+        if node.op == "call_method" and node.target == "size":
+            continue  # only an argument of a later view/reshape
+        inputs = [a for a in node.all_input_nodes if not (a.op == "call_method" and a.target == "size")]
+        if node.op == "call_module":
+            what = f"module {node.target!r}"
+        else:
+            what = f"{getattr(node.target, '__name__', node.target)} (node {node.name!r})"
+        if len(inputs) > 1:
+            raise UnsupportedModelError(f"{what} combines several branches (residual or parallel paths).")
+        if len(inputs) != 1 or inputs[0] is not current:
+            raise UnsupportedModelError(f"{what} does not continue a single chain of layers.")
+        if len([u for u in current.users if not (u.op == "call_method" and u.target == "size")]) > 1:
+            raise UnsupportedModelError(
+                f"the output of {current.name!r} feeds several layers (a residual or parallel branch)."
+            )
+        if node.op == "call_module":
+            layer = _module_layer(str(node.target), modules[str(node.target)])
+        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+            kind = _ACTIVATION_FUNCTIONS[node.target]
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            layer = Activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
+        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+            layer = Activation(node.name, _ACTIVATION_METHODS[node.target])
+        elif _is_flatten_call(node):
+            layer = Flatten(node.name)
+        elif _is_batch_reshape(node):
+            layer = Flatten(node.name)
+            reshapes.append((len(layers), node))
+        else:
+            raise UnsupportedModelError(f"{what} is not a supported layer for certification.")
+        if layer is not None:
+            layers.append(layer)
+        current = node
+    if not layers or not isinstance(layers[-1], Affine):
+        raise UnsupportedModelError("the model must end with a Linear layer producing the logits.")
+    for layer in layers:
+        if isinstance(layer, Affine) and not isinstance(layer.module, (nn.Linear, nn.Conv2d)):
+            raise UnsupportedModelError(f"module {layer.name!r} ({type(layer.module).__name__}) is not supported.")
+    network = Network(model, layers)
+    if reshapes:
+        _check_reshapes(network, reshapes, input_shape)
+    return network
+
+
+def _check_reshapes(network: Network, reshapes, input_shape) -> None:
+    """A view/reshape is accepted when the chain, read with it as a flatten, reproduces the model's output."""
+    if input_shape is None:
+        raise UnsupportedModelError("view/reshape calls need the input shape to be checked as flattening.")
+    model = network.model
+    param = next(model.parameters())
+    x = torch.randn((3, *input_shape), generator=torch.Generator().manual_seed(0)).to(param)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            got = network.forward(x)
+    except RuntimeError as err:
+        node = reshapes[0][1]
+        raise UnsupportedModelError(f"{node.target} (node {node.name!r}) is not a flatten of each sample.") from err
+    finally:
+        model.train(was_training)
+    if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+        node = reshapes[0][1]
+        raise UnsupportedModelError(f"{node.target} (node {node.name!r}) is not a flatten of each sample.")
