@@ -53,6 +53,11 @@ class Ball:
         rescaled onto the boundary."""
         raise NotImplementedError
 
+    def interval_term(self, layer, m: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Bound on ``|Δ ĥ|`` at the output of the affine ``layer`` (a :class:`.network.Affine`), for every ``Δ`` in
+        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4)."""
+        raise NotImplementedError
+
     def row_l1_radius(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Per-row ℓ1 radius of a row_l1 ball that contains this ball (THEORY.md §2 inclusions)."""
         raise NotImplementedError
@@ -96,6 +101,9 @@ class BoxBall(Ball):
         g = torch.randn(shape, generator=gen, device=gen.device).to(radius)
         scale = (g.abs() / radius.clamp_min(1e-300)).max().clamp_min(1e-300)
         return torch.where(radius > 0, g / scale, torch.zeros_like(g))
+
+    def interval_term(self, layer, m, radius):
+        return layer.apply(m, radius)  # Σ_c δ_rc m_c: the layer's map with the δ kernel
 
     def row_l1_radius(self, radius, shape):
         return _rows(radius).sum(dim=1)
@@ -163,6 +171,9 @@ class RowL1Ball(Ball):
             pts = g / g.abs().sum(dim=1, keepdim=True).clamp_min(1e-300)
         return (pts * radius.unsqueeze(1)).reshape(shape)
 
+    def interval_term(self, layer, m, radius):
+        return layer.rows_shape(radius) * layer.patch_max(m)  # ε_r ‖m‖_∞ over the row's receptive field
+
     def row_l1_radius(self, radius, shape):
         return radius
 
@@ -199,6 +210,9 @@ class L2Ball(Ball):
             u = torch.rand((), generator=gen, device=gen.device).to(radius)
             return direction * radius * u ** (1.0 / max(1, g.numel()))
         return direction * radius  # "extreme" and "gaussian": a Gaussian direction on the sphere
+
+    def interval_term(self, layer, m, radius):
+        return radius * layer.patch_norm2(m)  # |Δ_r·ĥ| ≤ ‖Δ_r‖_2 ‖m‖_2 ≤ ε ‖m‖_2 (Cauchy–Schwarz per row)
 
     def row_l1_radius(self, radius, shape):
         fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else 1

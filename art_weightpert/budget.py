@@ -201,7 +201,7 @@ class PerturbationBudget:
         """Exact Euclidean projection of ``delta`` onto the ball (parameters outside the budget are dropped)."""
         from art_weightpert.perturbation import WeightPerturbation
 
-        deltas = self._as_tensors(delta, model)
+        deltas = delta_tensors(delta, model, torch.float64)
         projected = {}
         for t in self.targets(model, torch.float64):
             d = deltas.get(t.param_name)
@@ -213,7 +213,7 @@ class PerturbationBudget:
     def contains(self, delta: Mapping, model: torch.nn.Module, atol: float = 1e-6) -> bool:
         """True when ``delta`` lies in the ball up to ``atol`` (plus a relative ``1e-6`` of the radius), and perturbs
         no parameter outside the budget."""
-        deltas = self._as_tensors(delta, model)
+        deltas = delta_tensors(delta, model, torch.float64)
         targets = self.targets(model, torch.float64)
         allowed = {t.param_name for t in targets}
         for name, d in deltas.items():
@@ -245,23 +245,33 @@ class PerturbationBudget:
             out[t.param_name] = t.ball.sample(t.radius.cpu(), shape, distribution, gen).numpy()
         return WeightPerturbation(out, budget=self)
 
-    def _as_tensors(self, delta: Mapping, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        params = dict(model.named_parameters())
-        out = {}
-        for name, value in delta.items():
-            if name not in params:
-                raise ValueError(f"perturbation names unknown parameter {name!r}; parameters are {list(params)}.")
-            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-            if tuple(t.shape) != tuple(params[name].shape):
-                raise ValueError(
-                    f"perturbation of {name!r} has shape {tuple(t.shape)}, the parameter has {tuple(params[name].shape)}."
-                )
-            out[name] = t.detach().to(device=params[name].device, dtype=torch.float64)
-        return out
-
     def to_json(self) -> str:
         """JSON form of :meth:`to_dict`."""
         return json.dumps(self.to_dict())
+
+
+def delta_tensors(delta: Mapping, model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """
+    Check ``{parameter name: array or tensor}`` against ``model`` (known names, matching shapes, finite values) and
+    return tensors on the parameters' device, in ``dtype`` (default: each parameter's dtype).
+    """
+    if not isinstance(delta, Mapping):
+        raise TypeError(f"`delta` must be a WeightPerturbation or a mapping, got {type(delta).__name__}.")
+    params = dict(model.named_parameters())
+    out = {}
+    for name, value in delta.items():
+        if name not in params:
+            raise ValueError(f"perturbation names unknown parameter {name!r}; parameters are {list(params)}.")
+        t = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if tuple(t.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"perturbation of {name!r} has shape {tuple(t.shape)}; "
+                f"the parameter has shape {tuple(params[name].shape)}."
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError(f"perturbation of {name!r} contains NaN or inf.")
+        out[name] = t.to(device=params[name].device, dtype=dtype or params[name].dtype)
+    return out
 
 
 def _param(model: torch.nn.Module, name: str) -> torch.Tensor:

@@ -52,6 +52,27 @@ class Affine:
             return F.conv2d(h, weight, bias, m.stride, m.padding, m.dilation, m.groups)
         return F.linear(h, weight, bias)
 
+    def patch_max(self, m: torch.Tensor) -> torch.Tensor:
+        """Per output position, the max of ``m`` (≥ 0) over the position's receptive field (all input channels):
+        ``(N, 1)`` for Linear, ``(N, 1, H', W')`` for a conv."""
+        if not self.is_conv:
+            return m.amax(dim=1, keepdim=True)
+        mod = self.module
+        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+
+    def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
+        """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
+        if not self.is_conv:
+            return m.norm(dim=1, keepdim=True)
+        mod = self.module
+        ones = m.new_ones((1, m.shape[1]) + tuple(mod.kernel_size))
+        sq = F.conv2d(m * m, ones, None, mod.stride, mod.padding, mod.dilation)
+        return sq.clamp_min(0).sqrt()
+
+    def rows_shape(self, per_row: torch.Tensor) -> torch.Tensor:
+        """Broadcast a per-output-unit tensor ``(rows,)`` against the layer's output ``(N, rows[, H', W'])``."""
+        return per_row.reshape((1, -1, 1, 1) if self.is_conv else (1, -1))
+
     def apply_transposed(self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
         """The adjoint map (for backward bounds): ``Wᵀ g`` or the transposed convolution onto ``input_shape``
         (``(C, H, W)`` of one sample)."""
@@ -307,7 +328,7 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
         if layer is not None:
             layers.append(layer)
         current = node
-    if not layers or not isinstance(layers[-1], Affine):
+    if not layers or not isinstance(layers[-1], Affine) or layers[-1].is_conv:
         raise UnsupportedModelError("the model must end with a Linear layer producing the logits.")
     for layer in layers:
         if isinstance(layer, Affine) and not isinstance(layer.module, (nn.Linear, nn.Conv2d)):

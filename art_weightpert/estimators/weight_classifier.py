@@ -20,6 +20,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch import nn
 from torch.func import functional_call
 
+from art_weightpert.budget import delta_tensors
 from art_weightpert.network import perturbable_modules
 from art_weightpert.perturbation import WeightPerturbation
 
@@ -161,23 +162,7 @@ class PyTorchWeightClassifier(PyTorchClassifier):
     def check_deltas(self, delta: Mapping) -> dict[str, torch.Tensor]:
         """Validate ``{name: array}`` against the base module (names and shapes) and return float tensors on the
         estimator's device."""
-        if not isinstance(delta, Mapping):
-            raise TypeError(f"`delta` must be a WeightPerturbation or a mapping, got {type(delta).__name__}.")
-        params = dict(self.base_model.named_parameters())
-        out = {}
-        for name, value in delta.items():
-            if name not in params:
-                raise ValueError(f"perturbation names unknown parameter {name!r}; parameters are {list(params)}.")
-            t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value.detach())
-            if tuple(t.shape) != tuple(params[name].shape):
-                raise ValueError(
-                    f"perturbation of {name!r} has shape {tuple(t.shape)}; "
-                    f"the parameter has shape {tuple(params[name].shape)}."
-                )
-            if not torch.isfinite(t).all():
-                raise ValueError(f"perturbation of {name!r} contains NaN or inf.")
-            out[name] = t.to(device=params[name].device, dtype=params[name].dtype)
-        return out
+        return delta_tensors(delta, self.base_model)
 
     # --------------------------------------------------------------------------------------- torch helpers
     def prepare_inputs(

@@ -1,0 +1,100 @@
+"""
+The closed-form margin bound in the setting of Tsai et al. (THEORY.md §3, formula B with §3.4's bias terms; the
+``"paper"`` method).
+
+Two scalars per sample are carried through the chain: ``N ≥ ‖ĥ‖_∞`` (the perturbed activations) and
+``D ≥ ‖ĥ − h‖_∞`` (their change). Starting from ``N = B = ‖x‖_∞`` and ``D = 0``, an affine layer ``k`` gives::
+
+    D ← a_k D + ε_k N + β_k          N ← (a_k + ε_k) N + ‖b^k‖_∞ + β_k
+
+with ``a_k = max_r ‖W^k_{r,:}‖_1``, ``ε_k`` the layer's row_l1 radius (other balls through the inclusions of §2) and
+``β_k`` the bias perturbation bound. Fixed layers scale ``D`` by their ℓ∞ Lipschitz constant and ``N`` by their
+norm bound (:data:`PAPER_RULES`). The last layer gives ``η_{y,i} = ‖W_y − W_i‖_1 D + (ε_y + ε_i) N + β_y + β_i``
+and the bound ``m_{y,i}(x) − η_{y,i}``. Bias-free ReLU chains reduce exactly to formula B. The bound uses norm
+products and ``‖x‖_∞`` only, not the data-dependent refinement of §3.2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from art_weightpert.budget import Target
+from art_weightpert.certification.interval import _by_name, _fill_label
+from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+
+
+def _activation(layer: Activation, n: torch.Tensor, d: torch.Tensor):
+    if layer.kind == "sigmoid":  # 1/4-Lipschitz, values in (0, 1)
+        return torch.ones_like(n), d / 4
+    if layer.kind == "leaky_relu":
+        slope = max(1.0, abs(layer.negative_slope))
+        return n * slope, d * slope
+    if layer.kind == "tanh":  # |tanh t| ≤ min(|t|, 1)
+        return n.clamp_max(1.0), d
+    return n, d  # ReLU: |σ(t)| ≤ |t|, 1-Lipschitz
+
+
+def _batchnorm(layer: BatchNorm, n: torch.Tensor, d: torch.Tensor):
+    scale = layer.scale.abs().max().to(n)
+    return scale * n + layer.shift.abs().max().to(n), scale * d
+
+
+# Fixed layers: (N, D) -> (N', D'). Pooling and flattening are 1-Lipschitz in ℓ∞ and do not increase the ∞-norm.
+PAPER_RULES = {
+    Activation: _activation,
+    BatchNorm: _batchnorm,
+    MaxPool: lambda layer, n, d: (n, d),
+    AvgPool: lambda layer, n, d: (n, d),
+    Flatten: lambda layer, n, d: (n, d),
+}
+
+
+def layer_constants(layer: Affine, params: dict[str, torch.Tensor], targets: dict[str, Target], dtype):
+    """``(a, ε per row, β per row, ‖b‖_∞)`` of one affine layer; ε and β are zero tensors when unperturbed."""
+    weight = params[layer.weight_name]
+    rows = weight.reshape(weight.shape[0], -1)
+    a = rows.abs().sum(dim=1).max()
+    wt = targets.get(layer.weight_name)
+    eps = wt.ball.row_l1_radius(wt.radius.to(dtype), weight.shape) if wt is not None else rows.new_zeros(len(rows))
+    bt = targets.get(layer.bias_name) if layer.bias_name else None
+    beta = bt.ball.entry_bound(bt.radius.to(dtype), (len(rows),)) if bt is not None else rows.new_zeros(len(rows))
+    b_norm = params[layer.bias_name].abs().max() if layer.bias_name else rows.new_zeros(())
+    return a, eps, beta, b_norm
+
+
+def paper_margin_bounds(
+    network: Network,
+    targets: list[Target] | dict[str, Target],
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """
+    Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
+
+    Arguments and return value as :func:`.interval_margin_bounds`.
+    """
+    targets = _by_name(targets)
+    params = network.params(dtype=dtype)
+    x = x.to(dtype)
+    logits = network.forward(x, params)
+    n = x.flatten(1).abs().amax(dim=1)  # B = ‖x‖_∞ per sample
+    d = torch.zeros_like(n)
+    for layer in network.layers[:-1]:
+        if isinstance(layer, Affine):
+            a, eps, beta, b_norm = layer_constants(layer, params, targets, dtype)
+            eps_max, beta_max = eps.max(), beta.max()
+            d = a * d + eps_max * n + beta_max
+            n = (a + eps_max) * n + b_norm + beta_max
+        else:
+            n, d = PAPER_RULES[type(layer)](layer, n, d)
+    last = network.layers[-1]
+    _, eps, beta, _ = layer_constants(last, params, targets, dtype)
+    weight = params[last.weight_name]
+    pair_dw = (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)  # ‖W_y − W_i‖_1, (K, K)
+    dw = pair_dw[labels]
+    pair_eps = eps[labels].unsqueeze(1) + eps.unsqueeze(0)  # ε_y + ε_i
+    pair_beta = beta[labels].unsqueeze(1) + beta.unsqueeze(0)
+    eta = dw * d.unsqueeze(1) + pair_eps * n.unsqueeze(1) + pair_beta
+    margins = logits.gather(1, labels.unsqueeze(1)) - logits
+    return _fill_label(margins - eta, labels)
