@@ -99,8 +99,12 @@ class BoxBall(Ball):
         if distribution == "extreme":
             return _uniform_sign(shape, radius, gen) * radius
         g = torch.randn(shape, generator=gen, device=gen.device).to(radius)
-        scale = (g.abs() / radius.clamp_min(1e-300)).max().clamp_min(1e-300)
-        return torch.where(radius > 0, g / scale, torch.zeros_like(g))
+        # Rescale so that the largest |g|/r over the entries with r > 0 is 1 (zero radii stay at 0).
+        tiny = torch.finfo(radius.dtype).tiny
+        positive = radius > 0
+        ratio = torch.where(positive, g.abs() / radius.clamp_min(tiny), torch.zeros_like(g))
+        scale = ratio.max().clamp_min(tiny) if ratio.numel() else ratio.new_ones(())
+        return torch.where(positive, g / scale, torch.zeros_like(g))
 
     def interval_term(self, layer, m, radius):
         return layer.apply(m, radius)  # Σ_c δ_rc m_c: the layer's map with the δ kernel
@@ -159,8 +163,10 @@ class RowL1Ball(Ball):
         like = radius
         if distribution == "uniform":
             # (E_1..E_n) / Σ_{i≤n+1} E_i with E ~ Exp(1) is uniform in the simplex; random signs fill the ℓ1 ball.
-            e = -torch.log(torch.rand((rows, n + 1), generator=gen, device=gen.device).to(like).clamp_min(1e-300))
-            pts = e[:, :n] / e.sum(dim=1, keepdim=True)
+            # -log(1 - U) with U in [0, 1) is Exp(1) and finite (-log U is inf when U == 0).
+            u = torch.rand((rows, n + 1), generator=gen, device=gen.device).to(like)
+            e = -torch.log1p(-u)
+            pts = e[:, :n] / e.sum(dim=1, keepdim=True).clamp_min(torch.finfo(like.dtype).tiny)
             pts = pts * _uniform_sign((rows, n), like, gen)
         elif distribution == "extreme":
             col = torch.randint(0, n, (rows, 1), generator=gen, device=gen.device)
@@ -187,8 +193,9 @@ class L2Ball(Ball):
     name = "l2"
 
     def radius(self, param, eps, relative):
-        value = eps * param.detach().norm() if relative else torch.tensor(float(eps))
-        return value.to(dtype=param.dtype, device=param.device)
+        if relative:
+            return eps * param.detach().norm()
+        return torch.tensor(float(eps), dtype=param.dtype, device=param.device)  # not via float32: exact in float64
 
     def norm(self, delta):
         return delta.norm()

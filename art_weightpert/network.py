@@ -11,6 +11,7 @@ reason. Attacks and the estimator do not need this reader: they work on any diff
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -246,12 +247,25 @@ def _module_layer(name: str, module: nn.Module):
 
 
 def _is_flatten_call(node: torch.fx.Node) -> bool:
-    if node.op == "call_function" and node.target is torch.flatten:
+    """``torch.flatten(x, 1)`` / ``x.flatten(1)``: every dimension after the batch (``end_dim`` -1)."""
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+        node.op == "call_method" and node.target == "flatten"
+    ):
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start == 1
-    if node.op == "call_method" and node.target == "flatten":
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        return start == 1
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+    return False
+
+
+def _is_shape_query(node: torch.fx.Node) -> bool:
+    """``x.size(...)``, ``x.shape`` and ``x.shape[i]``: arguments of a later view/reshape, not layers."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] == "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, torch.fx.Node) and _is_shape_query(source)
     return False
 
 
@@ -273,6 +287,8 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+    if isinstance(model, nn.Linear):  # a linear classifier: fx would trace into F.linear's tensor attributes
+        return Network(model, [Affine("", model, "weight", "bias" if model.bias is not None else None)])
     try:
         graph = torch.fx.symbolic_trace(model).graph
     except Exception as err:  # noqa: BLE001 - any tracing failure means "not a static chain"
@@ -295,9 +311,9 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
             continue
         if node.op == "get_attr":
             raise UnsupportedModelError(f"the forward reads the tensor attribute {node.target!r} directly.")
-        if node.op == "call_method" and node.target == "size":
+        if _is_shape_query(node):
             continue  # only an argument of a later view/reshape
-        inputs = [a for a in node.all_input_nodes if not (a.op == "call_method" and a.target == "size")]
+        inputs = [a for a in node.all_input_nodes if not _is_shape_query(a)]
         if node.op == "call_module":
             what = f"module {node.target!r}"
         else:
@@ -306,7 +322,7 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
             raise UnsupportedModelError(f"{what} combines several branches (residual or parallel paths).")
         if len(inputs) != 1 or inputs[0] is not current:
             raise UnsupportedModelError(f"{what} does not continue a single chain of layers.")
-        if len([u for u in current.users if not (u.op == "call_method" and u.target == "size")]) > 1:
+        if len([u for u in current.users if not _is_shape_query(u)]) > 1:
             raise UnsupportedModelError(
                 f"the output of {current.name!r} feeds several layers (a residual or parallel branch)."
             )
@@ -329,7 +345,8 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
             layers.append(layer)
         current = node
     if not layers or not isinstance(layers[-1], Affine) or layers[-1].is_conv:
-        raise UnsupportedModelError("the model must end with a Linear layer producing the logits.")
+        last = f"; it ends with {layers[-1].name!r} ({type(layers[-1]).__name__})" if layers else ""
+        raise UnsupportedModelError(f"the model must end with a Linear layer producing the logits{last}.")
     for layer in layers:
         if isinstance(layer, Affine) and not isinstance(layer.module, (nn.Linear, nn.Conv2d)):
             raise UnsupportedModelError(f"module {layer.name!r} ({type(layer.module).__name__}) is not supported.")
@@ -346,7 +363,7 @@ def _check_reshapes(network: Network, reshapes, input_shape) -> None:
     model = network.model
     param = next(model.parameters())
     x = torch.randn((3, *input_shape), generator=torch.Generator().manual_seed(0)).to(param)
-    was_training = model.training
+    flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
         with torch.no_grad():
@@ -356,7 +373,8 @@ def _check_reshapes(network: Network, reshapes, input_shape) -> None:
         node = reshapes[0][1]
         raise UnsupportedModelError(f"{node.target} (node {node.name!r}) is not a flatten of each sample.") from err
     finally:
-        model.train(was_training)
+        for m, flag in flags.items():  # restore each submodule's own flag (model.train() would reset them all)
+            m.training = flag
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
         node = reshapes[0][1]
         raise UnsupportedModelError(f"{node.target} (node {node.name!r}) is not a flatten of each sample.")

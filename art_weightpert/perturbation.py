@@ -89,7 +89,10 @@ class WeightPerturbation(Mapping[str, np.ndarray]):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> WeightPerturbation:
-        """Load a perturbation written by :meth:`save`."""
+        """Load a perturbation written by :meth:`save` (``np.savez`` appends ``.npz`` to a path without it; so does
+        this)."""
+        if not os.path.exists(path) and not str(path).endswith(".npz") and os.path.exists(f"{path}.npz"):
+            path = f"{path}.npz"
         with np.load(path, allow_pickle=False) as data:
             budget_json = str(data[_BUDGET_KEY]) if _BUDGET_KEY in data.files else ""
             deltas = {k: data[k] for k in data.files if k != _BUDGET_KEY}

@@ -148,7 +148,7 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         :param delta: a :class:`.WeightPerturbation` or ``{parameter name: array}``; ``None`` for a clean copy.
         :return: the perturbed estimator.
         """
-        deltas = self.check_deltas(delta or {})
+        deltas = self.check_deltas({} if delta is None else delta)
         base = copy.deepcopy(self.base_model)
         budget = delta.budget if isinstance(delta, WeightPerturbation) else None
         model = WeightPerturbedModule(base, deltas, budget) if deltas else base
@@ -163,6 +163,30 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         """Validate ``{name: array}`` against the base module (names and shapes) and return float tensors on the
         estimator's device."""
         return delta_tensors(delta, self.base_model)
+
+    # --------------------------------------------------------------------------------------- ART plumbing
+    def set_params(self, **kwargs: Any) -> None:
+        """
+        ART's ``set_params``. A ``model`` is wrapped as the constructor wraps it (ART 1.20.1 would store the bare
+        module in place of its wrapper, so that ``set_params(**get_params())`` broke the estimator).
+
+        :param kwargs: estimator parameters (see ``estimator_params``).
+        """
+        model = kwargs.pop("model", None)
+        if model is not None and model is not self.model:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
+            self._model = self._make_model_wrapper(model)
+            self._layer_names = self._model.get_layers
+            self._model.to(self._device)
+        super().set_params(**kwargs)
+
+    def reduce_labels(self, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """ART's label reduction, also accepting integer class indices of shape ``(N,)`` (ART 1.20.1 takes their
+        ``argmax(dim=1)`` and fails, e.g. in ``loss_gradient``)."""
+        if len(y.shape) == 1 and self._int_labels:
+            return y.long() if isinstance(y, torch.Tensor) else np.asarray(y).astype(np.int64)
+        return super().reduce_labels(y)
 
     # --------------------------------------------------------------------------------------- torch helpers
     def prepare_inputs(

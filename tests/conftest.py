@@ -1,0 +1,112 @@
+"""Shared test set-up: ART's data path in a temporary folder, fixed seeds, a headless matplotlib, small fixtures.
+
+Other test modules may ADD fixtures here; keep the existing ones unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+import art.config  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from art_weightpert.data import load_digits_data  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _art_data_path(tmp_path_factory):
+    """ART writes model files when a classifier is copied or pickled: keep them out of ``~/.art``."""
+    os.environ["MPLBACKEND"] = "Agg"
+    art.config.set_data_path(str(tmp_path_factory.mktemp("art_data")))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    # Small models on a shared 2-core machine: one intra-op thread is several times faster than two.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """``(x_train, y_train, x_test, y_test)`` of the digits data, flattened to 64 features."""
+    return load_digits_data()
+
+
+@pytest.fixture(scope="session")
+def digits_images():
+    """The digits data as ``(N, 1, 8, 8)`` images."""
+    return load_digits_data(flatten=False)
+
+
+def make_mlp(seed: int = 0, hidden: int = 16, bias: bool = True) -> nn.Sequential:
+    """A small ReLU MLP 64-hidden-10 with a fixed initialisation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, 10, bias=bias))
+
+
+def make_cnn(seed: int = 0) -> nn.Sequential:
+    """A small CNN on 1×8×8 inputs with a fixed initialisation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+    )
+
+
+def make_classifier(model: nn.Module, input_shape=(64,), nb_classes: int = 10, lr: float = 0.01):
+    """A :class:`PyTorchWeightClassifier` around ``model`` with cross-entropy and Adam, inputs in [0, 1]."""
+    from art_weightpert import PyTorchWeightClassifier
+
+    return PyTorchWeightClassifier(
+        model,
+        nn.CrossEntropyLoss(),
+        input_shape,
+        nb_classes,
+        optimizer=torch.optim.Adam(model.parameters(), lr=lr),
+        clip_values=(0.0, 1.0),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_mlp_classifier(digits):
+    """A digits MLP 64-16-10 (about 96% test accuracy), wrapped as a :class:`PyTorchWeightClassifier`."""
+    x_train, y_train, _, _ = digits
+    clf = make_classifier(make_mlp(seed=0), lr=0.02)
+    clf.fit(x_train, y_train, batch_size=128, nb_epochs=8, verbose=False)
+    return clf
+
+
+@pytest.fixture(scope="session")
+def trained_digits_mlp(digits):
+    """The reference digits MLP 64-128-64-10 (with biases) trained with a plain torch loop (~97% test accuracy, a
+    couple of seconds), as a :class:`PyTorchWeightClassifier`. Shared: tests must not train or modify it."""
+    from art_weightpert.zoo import digits_mlp
+    from art_weightpert.zoo import make_classifier as zoo_classifier
+
+    x_train, y_train, _, _ = digits
+    model = digits_mlp(bias=True, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    x, y = torch.as_tensor(x_train), torch.as_tensor(y_train)
+    gen = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is faster, and much faster on a busy machine
+    try:
+        for _ in range(15):
+            perm = torch.randperm(len(x), generator=gen)
+            for start in range(0, len(x), 64):
+                idx = perm[start : start + 64]
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return zoo_classifier(model, (64,))

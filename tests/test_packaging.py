@@ -1,0 +1,125 @@
+"""Packaging: the console script, the CI entry point's exit codes, the declared metadata and the public names."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import art_weightpert
+import art_weightpert.metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_RUN = ROOT / ".ci" / "run"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("art-weightpert")
+    command = [exe, *args] if exe else [sys.executable, "-m", "art_weightpert.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"})
+
+
+def test_console_script_version():
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"art-weightpert {art_weightpert.__version__}"
+
+
+def test_console_script_help():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: art-weightpert")
+    assert "weight" in result.stdout.lower()
+
+
+def test_installed_metadata_matches_the_package():
+    assert importlib.metadata.version("art-weightpert") == art_weightpert.__version__
+    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("art-weightpert") == "art_weightpert.cli:main"
+
+
+def test_pyproject_declares_the_issue_requirements():
+    tomllib = pytest.importorskip("tomllib")  # Python ≥ 3.11
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["name"] == "art-weightpert"
+    assert project["requires-python"] == ">=3.10"
+    deps = project["dependencies"]
+    assert "adversarial-robustness-toolbox>=1.20.1,<1.21" in deps
+    assert "torch>=2.2" in deps
+    assert {"numpy", "tqdm", "matplotlib"} <= set(deps)
+    extras = project["optional-dependencies"]
+    assert {d.split(">")[0].split("=")[0] for d in extras["test"]} >= {"pytest", "hypothesis"}
+    assert any(d.startswith("ruff") for d in extras["dev"])
+    assert project["scripts"]["art-weightpert"] == "art_weightpert.cli:main"
+
+
+def test_public_api_names():
+    expected = {
+        "PerturbationBudget", "WeightPerturbation", "UnsupportedModelError", "PyTorchWeightClassifier", "WeightPGD",
+        "RandomWeightPerturbation", "JointWeightInputPGD", "WeightPerturbationCertifier", "WeightRobustTrainer",
+    }  # fmt: skip
+    assert expected <= set(art_weightpert.__all__)
+    metrics = {
+        "weight_certified_accuracy",
+        "certified_weight_radius",
+        "weight_robustness_curve",
+        "generalization_bound",
+    }
+    assert metrics <= set(art_weightpert.metrics.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        art_weightpert.Nope  # noqa: B018
+
+
+# ---------------------------------------------------------------------------------------------------- .ci/run
+def test_ci_run_is_strict_bash():
+    text = CI_RUN.read_text()
+    assert text.startswith("#!/usr/bin/env bash")
+    assert "set -euo pipefail" in text
+    assert os.stat(CI_RUN).st_mode & stat.S_IXUSR
+    assert subprocess.run(["bash", "-n", str(CI_RUN)]).returncode == 0
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """A ``python`` stub first on PATH: torch imports, pip succeeds unless told, pytest exits with $FAKE_PYTEST_RC."""
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$@" >> "$FAKE_LOG"\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then exit "${FAKE_PYTEST_RC:-0}"; fi\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit "${FAKE_PIP_RC:-0}"; fi\n'
+        "exit 0\n"
+    )
+    stub.chmod(0o755)
+
+    def run(pytest_rc: int = 0, pip_rc: int = 0) -> tuple[subprocess.CompletedProcess, str]:
+        log = tmp_path / "log.txt"
+        log.write_text("")
+        env = {
+            **os.environ,
+            "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_PYTEST_RC": str(pytest_rc),
+            "FAKE_PIP_RC": str(pip_rc),
+            "FAKE_LOG": str(log),
+        }
+        result = subprocess.run(["bash", str(CI_RUN)], capture_output=True, text=True, env=env, timeout=60)
+        return result, log.read_text()
+
+    return run
+
+
+def test_ci_run_exit_codes(fake_python):
+    result, log = fake_python(pytest_rc=0)
+    assert result.returncode == 0, result.stderr
+    assert "-m pip install -e .[test]" in log and "-m pytest" in log
+    assert fake_python(pytest_rc=1)[0].returncode == 1  # a failing test fails CI
+    result, _ = fake_python(pytest_rc=5)  # "no tests collected" is not a success
+    assert result.returncode != 0 and "no tests" in result.stderr
+    result, log = fake_python(pip_rc=1)  # a failed install stops before the tests
+    assert result.returncode != 0 and "pytest" not in log
