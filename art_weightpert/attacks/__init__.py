@@ -1,0 +1,8 @@
+"""Attacks on the weights of a classifier: universal weight PGD, random fault injection, joint weight + input PGD."""
+
+from art_weightpert.attacks.base import WeightAttack
+from art_weightpert.attacks.joint import JointWeightInputPGD
+from art_weightpert.attacks.random_faults import RandomWeightPerturbation
+from art_weightpert.attacks.weight_pgd import WeightPGD
+
+__all__ = ["WeightAttack", "WeightPGD", "RandomWeightPerturbation", "JointWeightInputPGD"]

@@ -1,0 +1,230 @@
+"""
+:class:`WeightAttack`: the plugin's base class for attacks on the *weights* of a classifier.
+
+A weight attack is an ``art.attacks.Attack`` but never an ``EvasionAttack``: its ``generate`` returns a
+:class:`.WeightPerturbation`, not adversarial inputs, so ART's input-space tooling (``AdversarialTrainer``,
+``AutoAttack``, ...) must not mistake it for one (ART_NOTES.md). The closest ART precedents are
+``GradientMatchingAttack(Attack)`` and ``PoisoningAttackTransformer.poison_estimator``.
+
+Every attack evaluates the *base* (unperturbed) module with ``W + Δ`` through
+:meth:`.PyTorchWeightClassifier.logits` (``torch.func.functional_call``), so the user's weights are never modified,
+whatever happens during the attack. Per-parameter balls come from :meth:`.PerturbationBudget.targets`; the attacks
+contain no norm branches.
+
+| Paper link: https://arxiv.org/abs/2103.02200
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from art.attacks.attack import Attack
+from art.estimators.classification import PyTorchClassifier
+
+from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.perturbation import WeightPerturbation
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("ce", "margin")
+
+
+class WeightAttack(Attack):
+    """
+    Abstract base of the weight attacks: ART plumbing (estimator requirements, parameter checks, ``verbose``) and
+    the torch helpers the attacks share.
+
+    Any ART ``PyTorchClassifier`` is accepted and wrapped on the fly with
+    :meth:`.PyTorchWeightClassifier.from_classifier` (nothing is copied). Perturbations are always relative to the
+    estimator's :attr:`~.PyTorchWeightClassifier.base_model`: a perturbation the estimator already carries is ignored.
+    """
+
+    attack_params = Attack.attack_params + ["budget", "verbose"]
+    _estimator_requirements = (PyTorchWeightClassifier,)
+
+    def __init__(self, estimator: PyTorchClassifier, budget: PerturbationBudget, verbose: bool = True) -> None:
+        """
+        Create a :class:`.WeightAttack` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+        :param budget: the ball of weight perturbations, checked against the estimator's model.
+        :param verbose: show progress bars.
+        """
+        if isinstance(estimator, PyTorchClassifier) and not isinstance(estimator, PyTorchWeightClassifier):
+            estimator = PyTorchWeightClassifier.from_classifier(estimator)
+        super().__init__(estimator=estimator)
+        if estimator.weight_perturbation is not None:
+            logger.info("The estimator carries a weight perturbation; the attack perturbs its base weights instead.")
+        self.budget = budget
+        self.verbose = verbose
+
+    @property
+    def estimator(self) -> PyTorchWeightClassifier:
+        """The (wrapped) estimator."""
+        return self._estimator
+
+    @abc.abstractmethod
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> Any:
+        """
+        Run the attack.
+
+        :param x: inputs of shape ``(N,) + input_shape``.
+        :param y: integer or one-hot labels (or targets), if the attack uses them.
+        :return: a :class:`.WeightPerturbation` (or, for joint attacks, adversarial inputs and one).
+        """
+        raise NotImplementedError
+
+    def set_params(self, **kwargs: Any) -> None:
+        """
+        Set attack parameters. Unlike ART's ``Attack.set_params``, the new values are validated on a copy first, so
+        a rejected value never stays on the attack.
+
+        :param kwargs: attack parameters (names in :attr:`attack_params`).
+        """
+        unknown = [key for key in kwargs if key not in self.attack_params]
+        if unknown:
+            raise ValueError(f"The attribute(s) {unknown} cannot be set for this attack; valid: {self.attack_params}.")
+        candidate = copy.copy(self)
+        for key, value in kwargs.items():
+            setattr(candidate, key, value)
+        candidate._check_params()
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        if not isinstance(self.budget, PerturbationBudget):
+            raise TypeError(f"`budget` must be a PerturbationBudget, got {type(self.budget).__name__}.")
+        self.budget.layer_names(self.estimator.base_model)  # unknown layer names: ValueError listing valid ones
+        if not isinstance(self.verbose, (bool, np.bool_)):
+            raise TypeError("`verbose` must be a bool.")
+
+    # ------------------------------------------------------------------------------------------ shared helpers
+    def _targets(self) -> list[Target]:
+        """The budget resolved on the base model: one ball and radius per perturbed parameter (parameter dtype and
+        device)."""
+        return self.budget.targets(self.estimator.base_model)
+
+    def _zero_deltas(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+        model = self.estimator.base_model
+        return {t.param_name: torch.zeros_like(model.get_parameter(t.param_name)).detach() for t in targets}
+
+    @staticmethod
+    def _batches(n: int, batch_size: int) -> Iterator[slice]:
+        for start in range(0, n, batch_size):
+            yield slice(start, min(n, start + batch_size))
+
+    def _predict_labels(self, x_t: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Clean predictions of the base model on preprocessed ``x_t``."""
+        with torch.no_grad(), eval_mode(self.estimator.base_model):
+            out = [self.estimator.logits(x_t[s]).argmax(dim=1) for s in self._batches(len(x_t), batch_size)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_t.device)
+
+    def _accuracy(
+        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None, batch_size: int
+    ) -> float:
+        """Share of ``x_t`` classified as ``labels`` with weights ``W + deltas`` (eval mode, no gradients)."""
+        if len(x_t) == 0:
+            return float("nan")
+        correct = 0
+        with torch.no_grad(), eval_mode(self.estimator.base_model):
+            for s in self._batches(len(x_t), batch_size):
+                correct += int((self.estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum())
+        return correct / len(x_t)
+
+    @staticmethod
+    def _ascent_step(
+        targets: list[Target], deltas: Mapping[str, torch.Tensor], grads: list[torch.Tensor], step: float
+    ) -> dict[str, torch.Tensor]:
+        """One projected steepest-ascent step per parameter, ``step`` times its radius (the ball owns the rule)."""
+        with torch.no_grad():
+            return {
+                t.param_name: t.ball.project(deltas[t.param_name] + t.ball.steepest_step(g, t.radius, step), t.radius)
+                for t, g in zip(targets, grads)
+            }
+
+    def _perturbation(self, deltas: Mapping[str, torch.Tensor]) -> WeightPerturbation:
+        """The attack's result: the deltas projected exactly (float64) by the budget, in the parameters' dtype."""
+        projected = self.budget.project({k: v.detach() for k, v in deltas.items()}, self.estimator.base_model)
+        model = self.estimator.base_model
+        arrays = {}
+        for name, value in projected.items():
+            dtype = model.get_parameter(name).dtype
+            arrays[name] = value.astype(np.float64 if dtype == torch.float64 else np.float32)
+        return WeightPerturbation(arrays, budget=self.budget)
+
+
+class _FlushSubnormalGrad(torch.autograd.Function):
+    """Identity whose backward pass sets subnormal gradient entries to zero. Attacks saturate the softmax, so about
+    half of the logits' gradient underflows to subnormal numbers, and matrix products with subnormal operands run
+    several times slower on x86 CPUs; the entries dropped are below 1.2e-38 (float32)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(logits: torch.Tensor) -> torch.Tensor:
+        return logits.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(grad.abs() < torch.finfo(grad.dtype).tiny, 0.0)
+
+
+def objective(logits: torch.Tensor, labels: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
+    """
+    Per-sample objective that an attack *maximizes*.
+
+    * ``"ce"``: cross-entropy to the true labels (untargeted) or minus cross-entropy to the targets (targeted);
+    * ``"margin"``: Carlini-Wagner margin ``max_{i≠y} f_i − f_y`` (untargeted) or ``f_t − max_{i≠t} f_i``
+      (targeted), not clipped: samples already misclassified keep being pushed away from the boundary, which keeps a
+      universal perturbation from trading them back.
+
+    :param logits: ``(N, K)``.
+    :param labels: ``(N,)`` true labels, or targets when ``targeted``.
+    :param loss: ``"ce"`` or ``"margin"``.
+    :param targeted: targeted mode.
+    :return: ``(N,)`` objective values.
+    """
+    logits = _FlushSubnormalGrad.apply(logits)
+    if loss == "ce":
+        ce = F.cross_entropy(logits, labels, reduction="none")
+        return -ce if targeted else ce
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = logits.scatter(1, labels.unsqueeze(1), float("-inf")).amax(dim=1)
+    return own - others if targeted else others - own
+
+
+def success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
+    """Per-sample success of an attack: prediction ≠ label (untargeted) or = target (targeted)."""
+    hit = logits.argmax(dim=1) == labels
+    return hit if targeted else ~hit
+
+
+def check_positive_int(value: Any, name: str, minimum: int = 1) -> None:
+    """``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int ≥ ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
+
+
+def check_step(value: Any, name: str) -> None:
+    """``eps_step``-like values: ``None`` or a finite number > 0."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a positive number or None, got {type(value).__name__}.")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a finite number > 0 (or None for the schedule), got {value}.")

@@ -1,0 +1,201 @@
+"""
+:class:`WeightPGD`: projected gradient ascent on the weights, for one *universal* perturbation of a whole data set
+(the threat model of hardware faults and of tampering with a deployed model).
+
+Each step moves every perturbed parameter along its ball's steepest-ascent direction (sign steps for the box,
+steepest ℓ1 steps per row for ``row_l1``, normalized steps for ``l2``; :mod:`art_weightpert.balls`) and projects it
+back exactly. Gradients are accumulated over batches, so one step sees the whole of ``(x, y)``. The iterate with the
+lowest measured accuracy (then the highest loss) is kept, so more iterations or restarts never give a weaker result.
+
+| Paper link: https://arxiv.org/abs/2103.02200
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from art.estimators.classification import PyTorchClassifier
+from tqdm.auto import tqdm
+
+from art_weightpert.attacks.base import (
+    LOSSES,
+    WeightAttack,
+    check_positive_int,
+    check_step,
+    objective,
+    success,
+)
+from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.perturbation import WeightPerturbation
+
+logger = logging.getLogger(__name__)
+
+Deltas = dict[str, torch.Tensor]
+
+
+class WeightPGD(WeightAttack):
+    """
+    Universal projected gradient attack on the weights selected by a :class:`.PerturbationBudget`.
+
+    Step sizes are fractions of each parameter's radius. With ``eps_step=None`` the attack starts with full-radius
+    steps and halves the step whenever the objective has not improved for two iterations, restarting from the best
+    iterate (the step-size control of APGD, Croce and Hein 2020); this schedule depends only on the past, so a longer
+    run repeats a shorter one before going further.
+    """
+
+    attack_params = WeightAttack.attack_params + [
+        "max_iter",
+        "eps_step",
+        "num_random_init",
+        "targeted",
+        "loss",
+        "batch_size",
+    ]
+
+    _patience = 2  # iterations without improvement before the scheduled step is halved
+
+    def __init__(
+        self,
+        estimator: PyTorchClassifier,
+        budget: PerturbationBudget,
+        max_iter: int = 20,
+        eps_step: float | None = None,
+        num_random_init: int = 1,
+        targeted: bool = False,
+        loss: str = "ce",
+        batch_size: int = 128,
+        verbose: bool = True,
+    ) -> None:
+        """
+        Create a :class:`.WeightPGD` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` (wrapped on the fly).
+        :param budget: the weight ball; its layers are checked against the model.
+        :param max_iter: gradient steps per start (0: evaluate the starting point only).
+        :param eps_step: step size as a fraction of each parameter's radius; ``None`` for the adaptive schedule.
+        :param num_random_init: number of random starts, uniform in the ball (0: one start at the clean weights).
+        :param targeted: drive the inputs to the labels ``y`` given to :meth:`generate` (then required).
+        :param loss: ``"ce"`` (mean cross-entropy) or ``"margin"`` (mean Carlini-Wagner logit margin).
+        :param batch_size: samples per forward/backward pass; gradients are accumulated over the batches.
+        :param verbose: show a progress bar over the iterations.
+        """
+        super().__init__(estimator, budget, verbose=verbose)
+        self.max_iter = max_iter
+        self.eps_step = eps_step
+        self.num_random_init = num_random_init
+        self.targeted = targeted
+        self.loss = loss
+        self.batch_size = batch_size
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_positive_int(self.max_iter, "max_iter", minimum=0)
+        check_step(self.eps_step, "eps_step")
+        check_positive_int(self.num_random_init, "num_random_init", minimum=0)
+        if not isinstance(self.targeted, (bool, np.bool_)):
+            raise TypeError("`targeted` must be a bool.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}.")
+        check_positive_int(self.batch_size, "batch_size")
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> WeightPerturbation:
+        """
+        Find one weight perturbation in the budget that lowers the accuracy on all of ``(x, y)``.
+
+        :param x: inputs of shape ``(N,) + input_shape``.
+        :param y: labels (integer ``(N,)`` or one-hot ``(N, nb_classes)``); targets in targeted mode. ``None``: the
+            model's clean predictions (untargeted only).
+        :return: the perturbation (``budget.contains(delta, estimator.base_model)`` holds), carrying the budget.
+        """
+        x_t, labels = self.estimator.prepare_inputs(x, y, require_labels=self.targeted)
+        if labels is None:
+            labels = self._predict_labels(x_t, self.batch_size)
+        targets = self._targets()
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # reproducible via torch.manual_seed
+        starts = max(1, self.num_random_init)
+        best_key, best = (-1.0, float("-inf")), self._zero_deltas(targets)
+        with (
+            eval_mode(self.estimator.base_model),
+            tqdm(total=starts * self.max_iter, desc="WeightPGD", disable=not self.verbose) as bar,
+        ):
+            for _ in range(starts):
+                init = self._start(targets, gen)
+                key, deltas = self._ascend(x_t, labels, targets, init, bar)
+                if key > best_key:
+                    best_key, best = key, deltas
+        logger.info("WeightPGD: success rate %.4f, objective %.4f.", *best_key)
+        return self._perturbation(best)
+
+    def generate_estimator(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> PyTorchWeightClassifier:
+        """
+        Run :meth:`generate` and return a new estimator carrying the perturbation (the attacked estimator and the
+        user's module are unchanged). It can be handed to any ART attack, e.g. ``ProjectedGradientDescent``.
+
+        :param x: inputs.
+        :param y: labels or targets, as for :meth:`generate`.
+        :return: the perturbed :class:`.PyTorchWeightClassifier`.
+        """
+        return self.estimator.with_weight_perturbation(self.generate(x, y, **kwargs))
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _start(self, targets: list[Target], gen: torch.Generator) -> Deltas:
+        if self.num_random_init == 0:
+            return self._zero_deltas(targets)
+        model = self.estimator.base_model
+        return {
+            t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, "uniform", gen)
+            for t in targets
+        }
+
+    def _value_and_grad(
+        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: Deltas, need_grad: bool
+    ) -> tuple[tuple[float, float], list[torch.Tensor] | None]:
+        """Success rate and mean objective at ``deltas`` over all of ``x_t``, and the objective's gradient with
+        respect to the deltas (accumulated over batches) when ``need_grad``."""
+        n = len(x_t)
+        leaves = [d.detach().requires_grad_(need_grad) for d in deltas.values()]
+        probe = dict(zip(deltas, leaves))
+        grads: list[torch.Tensor] | None = None
+        hits = torch.zeros((), device=x_t.device)
+        total = torch.zeros((), device=x_t.device)
+        for s in self._batches(n, self.batch_size):
+            with torch.set_grad_enabled(need_grad):
+                out = self.estimator.logits(x_t[s], probe)
+                value = objective(out, labels[s], self.loss, self.targeted).sum() / n
+            if need_grad:
+                g = torch.autograd.grad(value, leaves)
+                grads = list(g) if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+            hits += success(out.detach(), labels[s], self.targeted).sum()
+            total += value.detach()
+        return (float(hits) / max(1, n), float(total)), grads
+
+    def _ascend(
+        self, x_t: torch.Tensor, labels: torch.Tensor, targets: list[Target], deltas: Deltas, bar: tqdm
+    ) -> tuple[tuple[float, float], Deltas]:
+        """One run of projected ascent from ``deltas``; returns the best (success, objective) and its iterate."""
+        step = 1.0 if self.eps_step is None else float(self.eps_step)
+        best_key, best, best_grads = (-1.0, float("-inf")), deltas, None
+        best_value, stalled = float("-inf"), 0
+        for it in range(self.max_iter + 1):
+            key, grads = self._value_and_grad(x_t, labels, deltas, need_grad=it < self.max_iter)
+            if key > best_key:
+                best_key, best, best_grads = key, deltas, grads
+            if grads is None:
+                break
+            if self.eps_step is None:  # APGD-style control: halve on stagnation, resume from the best iterate
+                if key[1] > best_value:
+                    best_value, stalled = key[1], 0
+                else:
+                    stalled += 1
+                if stalled >= self._patience and best_grads is not None:
+                    step, stalled, deltas, grads = step / 2, 0, best, best_grads
+            deltas = self._ascent_step(targets, deltas, grads, step)
+            bar.update(1)
+            bar.set_postfix(success=f"{best_key[0]:.3f}", refresh=False)
+        return best_key, best

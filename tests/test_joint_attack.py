@@ -1,0 +1,146 @@
+"""Tests of the joint weight + input attack, and of the two-stage composition with ART's input-space PGD."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from art.attacks.evasion import ProjectedGradientDescent
+
+from art_weightpert import JointWeightInputPGD, PerturbationBudget, PyTorchWeightClassifier, WeightPGD
+from art_weightpert.attacks import joint as joint_module
+
+WEIGHT_BUDGET = PerturbationBudget(0.005, "inf")  # weight-only PGD leaves ~85% accuracy on the reference MLP
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clf(trained_digits_mlp):
+    return trained_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def test_data(digits):
+    _, _, x_test, y_test = digits
+    return x_test, y_test
+
+
+def accuracy(classifier, x, y):
+    return float(np.mean(classifier.predict(x).argmax(axis=1) == y))
+
+
+def input_pgd(classifier, x, y, eps, norm=np.inf):
+    attack = ProjectedGradientDescent(classifier, norm=norm, eps=eps, eps_step=eps / 4, max_iter=20, verbose=False)
+    return attack.generate(x, y)
+
+
+@pytest.mark.parametrize(("input_norm", "input_eps"), [(np.inf, 0.05), (2, 0.4)])
+def test_joint_attack_beats_weight_only_and_input_only(clf, test_data, input_norm, input_eps):
+    x, y = test_data
+    weight_only = accuracy(
+        clf.with_weight_perturbation(WeightPGD(clf, WEIGHT_BUDGET, verbose=False).generate(x, y)), x, y
+    )
+    input_only = accuracy(clf, input_pgd(clf, x, y, input_eps, input_norm), y)
+    x_adv, delta = JointWeightInputPGD(clf, WEIGHT_BUDGET, input_eps, input_norm=input_norm, verbose=False).generate(
+        x, y
+    )
+    joint = accuracy(clf.with_weight_perturbation(delta), x_adv, y)
+    assert joint < weight_only - 0.05 and joint < input_only - 0.05, (joint, weight_only, input_only)
+
+
+@pytest.mark.parametrize("input_norm", [np.inf, 2, "inf"])
+def test_joint_outputs_respect_both_balls_and_the_clip_values(clf, test_data, input_norm):
+    x, y = test_data
+    x, y = x[:150], y[:150]
+    eps = 0.1 if input_norm != 2 else 0.5
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    x_adv, delta = JointWeightInputPGD(
+        clf, WEIGHT_BUDGET, eps, input_norm=input_norm, max_iter=5, verbose=False
+    ).generate(x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+    diff = (x_adv - x).reshape(len(x), -1)
+    size = np.abs(diff).max(axis=1) if input_norm != 2 else np.linalg.norm(diff, axis=1)
+    assert np.all(size <= eps + 1e-5)
+    assert size.max() > 0.5 * eps
+    assert WEIGHT_BUDGET.contains(delta, clf.base_model) and delta.budget == WEIGHT_BUDGET
+    for name, value in clf.model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_joint_with_a_zero_input_ball_is_a_weight_attack(clf, test_data):
+    x, y = test_data
+    x_adv, delta = JointWeightInputPGD(clf, PerturbationBudget(0.01, "inf"), 0.0, verbose=False).generate(x, y)
+    np.testing.assert_array_equal(x_adv, x)
+    assert accuracy(clf.with_weight_perturbation(delta), x, y) <= accuracy(clf, x, y) - 0.3
+
+
+def test_composition_weight_pgd_then_art_pgd(clf, test_data):
+    """The two-stage path: a perturbed estimator from WeightPGD is an ordinary ART classifier for ART's attacks."""
+    x, y = test_data
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    perturbed = WeightPGD(clf, WEIGHT_BUDGET, verbose=False).generate_estimator(x, y)
+    assert isinstance(perturbed, PyTorchWeightClassifier)
+    weight_only = accuracy(perturbed, x, y)
+    input_only = accuracy(clf, input_pgd(clf, x, y, 0.05), y)
+    x_adv = input_pgd(perturbed, x, y, 0.05)
+    assert np.abs(x_adv - x).max() <= 0.05 + 1e-6
+    both = accuracy(perturbed, x_adv, y)
+    assert both < weight_only and both < input_only, (both, weight_only, input_only)
+    for name, value in clf.model.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_joint_keeps_weights_when_interrupted(clf, test_data, monkeypatch):
+    x, y = test_data
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    calls = {"n": 0}
+    real = joint_module.objective
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(joint_module, "objective", failing)
+    with pytest.raises(KeyboardInterrupt):
+        JointWeightInputPGD(clf, WEIGHT_BUDGET, 0.1, batch_size=64, verbose=False).generate(x[:256], y[:256])
+    for name, value in clf.model.state_dict().items():
+        assert torch.equal(value, before[name])
+    assert not clf.model.training
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"input_eps": -0.1}, ValueError, "input_eps"),
+        ({"input_eps": float("nan")}, ValueError, "input_eps"),
+        ({"input_eps": "0.1"}, TypeError, "input_eps"),
+        ({"input_eps": 0.1, "input_norm": 1}, ValueError, "input_norm"),
+        ({"input_eps": 0.1, "input_eps_step": 0}, ValueError, "input_eps_step"),
+        ({"input_eps": 0.1, "eps_step": -1.0}, ValueError, "eps_step"),
+        ({"input_eps": 0.1, "max_iter": -2}, ValueError, "max_iter"),
+    ],
+)
+def test_joint_rejects_bad_parameters(clf, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        JointWeightInputPGD(clf, WEIGHT_BUDGET, **kwargs)
+
+
+def test_joint_rejects_bad_data(clf, test_data):
+    x, y = test_data
+    attack = JointWeightInputPGD(clf, WEIGHT_BUDGET, 0.1, max_iter=1, verbose=False)
+    x_nan = x[:10].copy()
+    x_nan[0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN or inf"):
+        attack.generate(x_nan, y[:10])
+    with pytest.raises(ValueError, match="labels"):
+        attack.generate(x[:10], y[:9])

@@ -1,0 +1,131 @@
+"""Tests of the weight robustness curve (clean / random / PGD / certified accuracy over an ε sweep) and its plot."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from art.estimators.classification import PyTorchClassifier
+from torch import nn
+
+from art_weightpert import PerturbationBudget
+from art_weightpert.metrics import plot_robustness_curve, weight_robustness_curve
+
+EPS = [0.0, 0.002, 0.005, 0.01]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def clf(trained_digits_mlp):
+    return trained_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def test_data(digits):
+    _, _, x_test, y_test = digits
+    return x_test[:200], y_test[:200]
+
+
+@pytest.fixture(scope="module")
+def curve(clf, test_data):
+    x, y = test_data
+    return weight_robustness_curve(
+        clf, x, y, EPS, norm="inf", random_params={"nb_samples": 5, "seed": 0}, pgd_params={"max_iter": 10}
+    )
+
+
+def test_curve_has_every_method_at_every_eps(curve):
+    assert curve["eps"] == EPS
+    assert curve["methods"] == ["clean", "random", "pgd", "certified"]
+    assert curve["norm"] == "inf" and curve["nb_samples"] == 200
+    assert [b["eps"] for b in curve["budgets"]] == EPS
+    assert all(PerturbationBudget.from_dict(b).norm == "inf" for b in curve["budgets"])
+    for method in curve["methods"]:
+        values = curve["accuracies"][method]
+        assert len(values) == len(EPS) and all(0.0 <= v <= 1.0 for v in values)
+    assert len(curve["random_std"]) == len(curve["random_min"]) == len(curve["random_max"]) == len(EPS)
+
+
+def test_curve_is_ordered_certified_pgd_random_clean(curve):
+    acc = {m: np.asarray(v) for m, v in curve["accuracies"].items()}
+    clean = acc["clean"][0]
+    assert np.all(acc["clean"] == clean)
+    # at ε = 0 every method gives the clean accuracy
+    assert acc["random"][0] == pytest.approx(clean)
+    assert acc["pgd"][0] == pytest.approx(clean)
+    assert acc["certified"][0] == pytest.approx(clean)
+    # sound certificates lie below the attack, the attack below random faults
+    assert np.all(acc["certified"] <= acc["pgd"] + 1e-12)
+    assert np.all(acc["pgd"] <= acc["random"] + 1e-12)
+    assert np.all(acc["random"] <= clean + 0.02)
+    # the adversary gets stronger with the budget
+    assert np.all(np.diff(acc["pgd"]) <= 1e-12)
+    assert np.all(np.diff(acc["certified"]) <= 1e-12)
+    assert acc["pgd"][-1] < clean - 0.3
+
+
+def test_plot_writes_an_image(curve, tmp_path):
+    path = plot_robustness_curve(curve, tmp_path / "curve.png")
+    data = (tmp_path / "curve.png").read_bytes()
+    assert path == str(tmp_path / "curve.png")
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    plot_robustness_curve(curve, tmp_path / "curve.svg", title="digits MLP")
+    assert "digits MLP" in (tmp_path / "curve.svg").read_text()
+    with pytest.raises(ValueError, match="result"):
+        plot_robustness_curve({"eps": [0.1]}, tmp_path / "bad.png")
+
+
+def test_budgets_and_other_norms(clf, test_data):
+    x, y = test_data
+    budgets = [PerturbationBudget(0.05, "row_l1", relative=True), PerturbationBudget({"2": 0.3}, "l2")]
+    result = weight_robustness_curve(clf, x, y, budgets, methods=("pgd", "random"), pgd_params={"max_iter": 5})
+    assert result["eps"] == [0.05, 0.3]
+    assert result["norm"] == "mixed"
+    assert result["budgets"][1]["layers"] == ["2"]
+    assert set(result["accuracies"]) == {"pgd", "random"}
+    assert all(p <= r for p, r in zip(result["accuracies"]["pgd"], result["accuracies"]["random"]))
+    # a plain ART classifier and y=None (agreement with the clean predictions) work too
+    plain = PyTorchClassifier(clf.model, nn.CrossEntropyLoss(), (64,), 10)
+    single = weight_robustness_curve(plain, x, None, 0.0, methods="clean")
+    assert single["accuracies"] == {"clean": [1.0]}
+
+
+def test_unsupported_model_for_certification_gives_nan_and_a_note(test_data):
+    from art_weightpert.zoo import make_classifier
+
+    x, y = test_data
+    torch.manual_seed(0)
+    gelu = make_classifier(nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10)), (64,))
+    result = weight_robustness_curve(
+        gelu, x, y, [0.01], methods=("pgd", "certified"), pgd_params={"max_iter": 2}, certify_method="paper"
+    )
+    assert math.isnan(result["accuracies"]["certified"][0])
+    assert not math.isnan(result["accuracies"]["pgd"][0])
+    assert any("GELU" in note for note in result["notes"])
+
+
+def test_curve_rejects_bad_arguments(clf, test_data):
+    x, y = test_data
+    with pytest.raises(ValueError, match="methods"):
+        weight_robustness_curve(clf, x, y, [0.01], methods=("clean", "bfa"))
+    with pytest.raises(ValueError, match="budgets_or_eps_list"):
+        weight_robustness_curve(clf, x, y, [])
+    with pytest.raises(ValueError, match="eps"):
+        weight_robustness_curve(clf, x, y, [-0.1], methods=("clean",))
+    with pytest.raises(ValueError, match="norm"):
+        weight_robustness_curve(clf, x, y, [0.1], norm="l1", methods=("clean",))
+    with pytest.raises(ValueError, match="certify_method"):
+        weight_robustness_curve(clf, x, y, [0.1], certify_method="exact")
+    with pytest.raises(TypeError, match="classifier"):
+        weight_robustness_curve(object(), x, y, [0.1])
+    with pytest.raises(ValueError, match="NaN"):
+        weight_robustness_curve(clf, np.full_like(x, np.nan), y, [0.1], methods=("clean",))
