@@ -32,6 +32,18 @@ def perturbable_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, PERTURBABLE_TYPES)}
 
 
+def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
+    """The padding of ``module`` as two integers; ``padding="same"`` must be symmetric (odd kernel extents)."""
+    if module.padding == "valid":
+        return (0, 0)
+    if module.padding == "same":
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+        if any(t % 2 for t in total):
+            raise UnsupportedModelError(f"Conv2d with padding='same' and an even kernel extent ({module}).")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(module.padding)
+
+
 # ---------------------------------------------------------------------------------------------- layer descriptions
 @dataclass(eq=False)
 class Affine:
@@ -46,11 +58,17 @@ class Affine:
     def is_conv(self) -> bool:
         return isinstance(self.module, nn.Conv2d)
 
+    @property
+    def padding(self) -> tuple[int, int]:
+        """A conv's zero padding as two integers (``"valid"`` is 0; ``"same"`` is symmetric, checked by the
+        reader)."""
+        return conv_padding(self.module)
+
     def apply(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
         if self.is_conv:
             m = self.module
-            return F.conv2d(h, weight, bias, m.stride, m.padding, m.dilation, m.groups)
+            return F.conv2d(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
         return F.linear(h, weight, bias)
 
     def patch_max(self, m: torch.Tensor) -> torch.Tensor:
@@ -59,7 +77,7 @@ class Affine:
         if not self.is_conv:
             return m.amax(dim=1, keepdim=True)
         mod = self.module
-        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, mod.padding, mod.dilation)
+        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, self.padding, mod.dilation)
 
     def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
@@ -67,7 +85,7 @@ class Affine:
             return m.norm(dim=1, keepdim=True)
         mod = self.module
         ones = m.new_ones((1, m.shape[1]) + tuple(mod.kernel_size))
-        sq = F.conv2d(m * m, ones, None, mod.stride, mod.padding, mod.dilation)
+        sq = F.conv2d(m * m, ones, None, mod.stride, self.padding, mod.dilation)
         return sq.clamp_min(0).sqrt()
 
     def rows_shape(self, per_row: torch.Tensor) -> torch.Tensor:
@@ -75,16 +93,16 @@ class Affine:
         return per_row.reshape((1, -1, 1, 1) if self.is_conv else (1, -1))
 
     def apply_transposed(self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """The adjoint map (for backward bounds): ``Wᵀ g`` or the transposed convolution onto ``input_shape``
-        (``(C, H, W)`` of one sample)."""
-        if self.is_conv:
-            m = self.module
-            out = F.conv_transpose2d(g, weight, None, m.stride, m.padding, 0, m.groups, m.dilation)
-            dh, dw = input_shape[-2] - out.shape[-2], input_shape[-1] - out.shape[-1]
-            if dh or dw:
-                out = F.conv_transpose2d(g, weight, None, m.stride, m.padding, (dh, dw), m.groups, m.dilation)
-            return out
-        return g @ weight
+        """The adjoint map (for backward bounds): ``Wᵀ g``, or the transposed convolution onto ``input_shape``
+        (``(C, H, W)`` of one sample) with its output padding computed up front."""
+        if not self.is_conv:
+            return g @ weight
+        m, padding = self.module, self.padding
+        extra = []
+        for i in range(2):
+            size = (g.shape[2 + i] - 1) * m.stride[i] - 2 * padding[i] + m.dilation[i] * (weight.shape[2 + i] - 1) + 1
+            extra.append(input_shape[1 + i] - size)
+        return F.conv_transpose2d(g, weight, None, m.stride, padding, tuple(extra), m.groups, m.dilation)
 
 
 @dataclass(eq=False)
@@ -206,6 +224,12 @@ _ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 
 
+def _activation(name: str, kind: str, negative_slope: float = 0.0) -> Activation:
+    if negative_slope < 0:  # the bounds need a monotone activation (THEORY.md §1)
+        raise UnsupportedModelError(f"{name!r}: LeakyReLU with negative_slope={negative_slope} is not monotone.")
+    return Activation(name, kind, negative_slope)
+
+
 def _module_layer(name: str, module: nn.Module):
     """Description of a leaf module, or ``None`` for an identity in eval mode."""
     if isinstance(module, nn.Linear):
@@ -213,10 +237,11 @@ def _module_layer(name: str, module: nn.Module):
     if isinstance(module, nn.Conv2d):
         if module.padding_mode != "zeros":
             raise UnsupportedModelError(f"module {name!r}: Conv2d with padding_mode={module.padding_mode!r}.")
+        conv_padding(module)  # rejects asymmetric "same" padding
         return Affine(name, module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
     for cls, kind in _ACTIVATION_MODULES.items():
         if isinstance(module, cls):
-            return Activation(name, kind, float(getattr(module, "negative_slope", 0.0)))
+            return _activation(name, kind, float(getattr(module, "negative_slope", 0.0)))
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         if module.running_mean is None or module.running_var is None:
             raise UnsupportedModelError(f"module {name!r}: BatchNorm without running statistics.")
@@ -331,7 +356,7 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
         elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
             kind = _ACTIVATION_FUNCTIONS[node.target]
             slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-            layer = Activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
+            layer = _activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
         elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
             layer = Activation(node.name, _ACTIVATION_METHODS[node.target])
         elif _is_flatten_call(node):
