@@ -46,16 +46,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _eps_value(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ε must be a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"ε must be finite and non-negative, got {text!r}")
-    return value
-
-
 def _non_negative(text: str) -> float:
     try:
         value = float(text)
@@ -64,6 +54,13 @@ def _non_negative(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
     return value
+
+
+def _eps_value(text: str) -> float:
+    try:
+        return _non_negative(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"ε must be a finite non-negative number, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:

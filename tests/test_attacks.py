@@ -16,15 +16,6 @@ from art_weightpert.attacks import weight_pgd as weight_pgd_module
 LAYERS = ["0", "2", "4"]  # the Linear layers of the reference MLP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clf(trained_digits_mlp):
     return trained_digits_mlp

@@ -13,14 +13,6 @@ from art_weightpert.attacks import joint as joint_module
 WEIGHT_BUDGET = PerturbationBudget(0.005, "inf")  # weight-only PGD leaves ~85% accuracy on the reference MLP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clf(trained_digits_mlp):
     return trained_digits_mlp

@@ -16,14 +16,6 @@ from art_weightpert.metrics import plot_robustness_curve, weight_robustness_curv
 EPS = [0.0, 0.002, 0.005, 0.01]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def clf(trained_digits_mlp):
     return trained_digits_mlp

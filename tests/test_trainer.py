@@ -24,15 +24,6 @@ from art_weightpert.network import read_network
 N_TRAIN = 256  # a small training set keeps every test fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp(seed: int = 0, bias: bool = False) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, 32, bias=bias), nn.ReLU(), nn.Linear(32, 16, bias=bias), nn.ReLU(),

@@ -16,15 +16,6 @@ from art_weightpert.zoo import default_digits_budget, train_digits_models
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run faster on one thread, and the suite shares two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def results(digits):
     x_train, y_train, x_test, y_test = digits
