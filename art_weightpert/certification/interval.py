@@ -17,7 +17,9 @@ Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from art_weightpert.balls import BoxBall
 from art_weightpert.budget import Target
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
@@ -43,19 +45,89 @@ INTERVAL_RULES = {
 }
 
 
+def cached(cache: dict | None, key: tuple, compute, *keep: torch.Tensor):
+    """``compute()``, memoized in ``cache`` under ``key`` when a cache is given.
+
+    A cache belongs to one state of the weights and radii (the certifier makes a fresh one whenever they change; the
+    training path passes none, so gradients always flow). ``keep`` holds the tensors whose ``id`` is part of ``key``
+    alive, so that an id cannot be reused by another tensor while the entry exists."""
+    if cache is None:
+        return compute()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = (compute(), keep)
+    return hit[0]
+
+
+def _per_sample(scale: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """Per-sample radius factors ``(N,)`` shaped to broadcast against ``(N, ...)`` tensors of ``ndim`` dimensions."""
+    return None if scale is None else scale.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
+    value = radius.reshape(-1)[0]
+    return value if bool((radius == value).all()) else None
+
+
+def _uniform_box_term(layer: Affine, m: torch.Tensor, target: Target, dtype, cache: dict | None) -> torch.Tensor | None:
+    """Fast path of the box term ``Σ_c δ_rc m_c`` when every entry has the same radius δ (absolute ``inf``
+    budgets): ``δ Σ_c m_c`` over the row's receptive field, a sum instead of a matmul. ``None`` otherwise."""
+    if target.radius.dim() < 2 or (layer.is_conv and layer.module.groups != 1):
+        return None
+    key = ("uniform", id(target.radius), dtype)
+    value = cached(cache, key, lambda: _uniform_value(target.radius.to(dtype)), target.radius)
+    if value is None:
+        return None
+    if not layer.is_conv:
+        return value * m.sum(dim=1, keepdim=True)
+    mod = layer.module
+    ones = m.new_ones((1, 1) + tuple(mod.kernel_size))  # sum over the channels first: a one-channel window sum
+    return value * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, mod.padding, mod.dilation)
+
+
 def perturbation_radius(
-    layer: Affine, m: torch.Tensor, targets: dict[str, Target], dtype: torch.dtype
+    layer: Affine,
+    m: torch.Tensor,
+    targets: dict[str, Target],
+    dtype: torch.dtype,
+    scale: torch.Tensor | None = None,
+    cache: dict | None = None,
+    include_weight: bool = True,
 ) -> torch.Tensor | float:
-    """``P(m) + β``: bound on ``|Δ ĥ + Δb|`` at the output of ``layer`` for ``|ĥ| ≤ m`` (0 if not perturbed)."""
+    """``P(m) + β``: bound on ``|Δ ĥ + Δb|`` at the output of ``layer`` for ``|ĥ| ≤ m`` (0 if not perturbed).
+
+    :param scale: optional per-sample factors ``(N,)`` applied to every radius (the bound is linear in the radii).
+    :param cache: optional memo of per-layer constants (see :func:`cached`).
+    :param include_weight: ``False``: the bias term ``β`` only.
+    """
     out: torch.Tensor | float = 0.0
     wt = targets.get(layer.weight_name)
-    if wt is not None:
-        out = wt.ball.interval_term(layer, m, wt.radius.to(dtype))
+    if wt is not None and include_weight:
+        radius = wt.radius.to(dtype)
+        term = _uniform_box_term(layer, m, wt, dtype, cache) if isinstance(wt.ball, BoxBall) else None
+        out = wt.ball.interval_term(layer, m, radius) if term is None else term
     bt = targets.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         beta = bt.ball.entry_bound(bt.radius.to(dtype), layer.module.bias.shape)
         out = out + layer.rows_shape(beta)
+    if scale is not None and not isinstance(out, float):
+        out = out * _per_sample(scale, out.dim())
     return out
+
+
+def _relative_box_eps(layer: Affine, weight: torch.Tensor, targets: dict[str, Target], cache: dict | None):
+    """``ε`` when the layer's weight ball is a relative box ``δ = ε|W|`` (then ``|W| r + δ m = |W|(r + ε m)``, one
+    product instead of two), else ``None``. Only without gradients: the fold would let them flow through ``δ``."""
+    wt = targets.get(layer.weight_name)
+    if wt is None or not isinstance(wt.ball, BoxBall) or (torch.is_grad_enabled() and weight.requires_grad):
+        return None
+    radius = wt.radius.to(weight.dtype)
+    return cached(
+        cache,
+        ("relative_box", layer.weight_name, id(wt.radius), weight.dtype),
+        lambda: wt.eps if radius.shape == weight.shape and torch.equal(radius, wt.eps * weight.abs()) else None,
+        wt.radius,
+    )
 
 
 def affine_interval(
@@ -65,14 +137,39 @@ def affine_interval(
     hi: torch.Tensor,
     targets: dict[str, Target],
     exact_input: bool = False,
+    scale: torch.Tensor | None = None,
+    cache: dict | None = None,
+    nonnegative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box of ``(W + Δ) ĥ + b + Δb`` over the ball and ``ĥ ∈ [lo, hi]`` (``exact_input``: ``lo == hi``)."""
+    """Box of ``(W + Δ) ĥ + b + Δb`` over the ball and ``ĥ ∈ [lo, hi]`` (``exact_input``: ``lo == hi``, the
+    ``|W| r`` term is skipped); ``scale``: per-sample radius factors ``(N,)``; ``cache``: see :func:`cached`;
+    ``nonnegative``: ``lo ≥ 0`` is known (after a ReLU), so ``max(|lo|, |hi|) = hi``."""
     weight = params[layer.weight_name]
     bias = params[layer.bias_name] if layer.bias_name else None
-    center = layer.apply((lo + hi) / 2, weight, bias)
-    radius = perturbation_radius(layer, torch.maximum(lo.abs(), hi.abs()), targets, lo.dtype)
-    if not exact_input:
-        radius = radius + layer.apply((hi - lo) / 2, weight.abs())
+    if exact_input:
+        center = layer.apply(lo, weight, bias)
+        radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), targets, lo.dtype, scale, cache)
+    else:
+        # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
+        # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
+        half = cached(cache, ("half", layer.weight_name, weight.dtype), lambda: weight * 0.5)
+        half_abs = cached(cache, ("half_abs", layer.weight_name, weight.dtype), lambda: half.abs())
+        center = layer.apply(lo + hi, half, bias)
+        m = hi if nonnegative else torch.maximum(lo.neg(), hi)
+        fold = _relative_box_eps(layer, weight, targets, cache)
+        if fold is not None:  # (|W|/2)(u − l) + ε|W| m = (|W|/2)(u − l + 2ε m)
+            factor = 2 * fold if scale is None else (2 * fold) * _per_sample(scale, m.dim())
+            radius = layer.apply(torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype)), half_abs)
+            beta = perturbation_radius(layer, m, targets, lo.dtype, scale, cache, include_weight=False)
+            radius = radius + beta
+        else:
+            radius = perturbation_radius(layer, m, targets, lo.dtype, scale, cache)
+            if isinstance(radius, torch.Tensor) and not layer.is_conv:  # P + (|W|/2)(u − l) in one fused product
+                radius = torch.addmm(radius, hi - lo, half_abs.T)
+            else:
+                radius = layer.apply(hi - lo, half_abs) + radius
+    if isinstance(radius, float):  # unperturbed layer on an exact input
+        return center, center
     return center - radius, center + radius
 
 
@@ -83,20 +180,64 @@ def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> 
 
 
 def interval_preactivation_bounds(
-    network: Network, targets: dict[str, Target], x: torch.Tensor, params: dict[str, torch.Tensor]
+    network: Network,
+    targets: list[Target] | dict[str, Target],
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    scale: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``)."""
+    """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``);
+    ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: see :func:`cached`."""
+    targets = _by_name(targets)
     lo = hi = x
     boxes = []
     exact = True
-    for layer in network.layers:
+    for index, layer in enumerate(network.layers):
         boxes.append((lo, hi))
         if isinstance(layer, Affine):
-            lo, hi = affine_interval(layer, params, lo, hi, targets, exact_input=exact)
-            exact = False
+            lo, hi = affine_interval(
+                layer, params, lo, hi, targets, exact, scale, cache, nonnegative_input(network, index)
+            )
+            exact = exact and lo is hi
+        elif lo is hi:  # an exact activation stays exact through a fixed layer
+            lo = hi = layer.apply(lo)
         else:
             lo, hi = INTERVAL_RULES[type(layer)](layer, lo, hi)
     return boxes
+
+
+_NONNEGATIVE_ACTIVATIONS = ("relu", "sigmoid")
+
+
+def nonnegative_input(network: Network, index: int) -> bool:
+    """Whether the input of ``network.layers[index]`` is non-negative by construction (a ReLU or sigmoid, possibly
+    followed by pooling or flattening)."""
+    for layer in reversed(network.layers[:index]):
+        if isinstance(layer, Activation):
+            return layer.kind in _NONNEGATIVE_ACTIVATIONS
+        if not isinstance(layer, (MaxPool, AvgPool, Flatten)):
+            return False
+    return False
+
+
+def pairwise_spread(
+    weight: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, cache: dict | None = None
+) -> torch.Tensor:
+    """``|W_y − W_i| · r`` for every sample and class, ``(N, K)``, without materializing ``(N, K, n)`` when the
+    class count is small (one ``(N, n) × (n, K·K)`` product instead)."""
+    nb_classes = weight.shape[0]
+    if nb_classes <= 32:
+        pair_abs = cached(
+            cache,
+            ("pair_abs", id(weight)),
+            lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().reshape(nb_classes * nb_classes, -1),
+            weight,
+        )
+        spread = (r @ pair_abs.T).reshape(len(r), nb_classes, nb_classes)
+        return spread.gather(1, labels.reshape(-1, 1, 1).expand(-1, 1, nb_classes)).squeeze(1)
+    rows = (weight[labels].unsqueeze(1) - weight.unsqueeze(0)).abs()  # (N, K, n)
+    return torch.einsum("nkj,nj->nk", rows, r)
 
 
 def interval_margin_bounds(
@@ -106,6 +247,8 @@ def interval_margin_bounds(
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
     boxes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    scale: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).
@@ -116,30 +259,39 @@ def interval_margin_bounds(
     :param labels: classes ``y`` ``(N,)`` (int64).
     :param dtype: float64 for certificates; float32 keeps the training graph cheap (differentiable either way).
     :param boxes: precomputed :func:`interval_preactivation_bounds` (in ``dtype``), to share them with other methods.
+    :param scale: optional per-sample factors ``(N,)`` multiplying every radius of the budget (the certifier's
+        vectorized bisection for the certified radius); ``None`` is a factor of 1.
+    :param cache: optional memo of per-layer constants, valid for one state of the weights and radii (the certifier's;
+        see :func:`cached`).
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
     targets = _by_name(targets)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
+    if scale is not None:
+        scale = scale.to(dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, targets, x, params)
+        boxes = interval_preactivation_bounds(network, targets, x, params, scale, cache)
     last = network.layers[-1]
     lo, hi = boxes[-1]
-    c, r = (lo + hi) / 2, (hi - lo) / 2
-    m = torch.maximum(lo.abs(), hi.abs())
     weight = params[last.weight_name]
-    nb_classes = weight.shape[0]
-    spec = margin_matrix(labels, nb_classes, dtype)  # (N, K, K)
-    w_spec = spec @ weight  # (N, K, n): rows W_y − W_i
-    value = torch.einsum("nkj,nj->nk", w_spec, c)
-    if last.bias_name:
-        value = value + spec @ params[last.bias_name]
-    exact_input = len(network.affine_layers) == 1
+    bias = params[last.bias_name] if last.bias_name else None
+    # Last layer folded into the specification (rows e_y − e_i): centre margins, minus |W_y − W_i|·r, minus P_y + P_i.
+    exact_input = lo is hi
+    if exact_input:
+        z = last.apply(lo, weight, bias)
+    else:  # W c + b
+        z = last.apply(lo + hi, cached(cache, ("half", last.weight_name, weight.dtype), lambda: weight * 0.5), bias)
+    value = z.gather(1, labels.unsqueeze(1)) - z
     if not exact_input:
-        value = value - torch.einsum("nkj,nj->nk", w_spec.abs(), r)
-    pert = perturbation_radius(last, m, targets, dtype)  # (N, K) or 0: bound per logit row
+        value = value - 0.5 * pairwise_spread(weight, labels, hi - lo, cache)
+    if nonnegative_input(network, len(network.layers) - 1):
+        m = hi
+    else:
+        m = lo.abs() if exact_input else torch.maximum(lo.neg(), hi)
+    pert = perturbation_radius(last, m, targets, dtype, scale, cache)  # bound per logit row, (N, K) or (N, 1)
     if not isinstance(pert, float):
-        pert = pert.expand(len(x), nb_classes)
+        pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
     return _fill_label(value, labels)
 

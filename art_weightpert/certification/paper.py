@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from art_weightpert.budget import Target
-from art_weightpert.certification.interval import _by_name, _fill_label
+from art_weightpert.certification.interval import _by_name, _fill_label, cached
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -62,17 +62,27 @@ def layer_constants(layer: Affine, params: dict[str, torch.Tensor], targets: dic
     return a, eps, beta, b_norm
 
 
+def _constants(layer: Affine, params, targets: dict[str, Target], dtype, cache: dict | None):
+    """:func:`layer_constants`, memoized per layer and radius tensors when a cache is given."""
+    radii = [t.radius for t in (targets.get(layer.weight_name), targets.get(layer.bias_name)) if t is not None]
+    key = ("paper", layer.weight_name, dtype) + tuple(id(r) for r in radii)
+    return cached(cache, key, lambda: layer_constants(layer, params, targets, dtype), *radii)
+
+
 def paper_margin_bounds(
     network: Network,
     targets: list[Target] | dict[str, Target],
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
+    scale: torch.Tensor | None = None,
+    cache: dict | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
 
-    Arguments and return value as :func:`.interval_margin_bounds`.
+    Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
+    multiplying every radius; ``cache``: optional memo of the per-layer constants, see :func:`.interval.cached`).
     """
     targets = _by_name(targets)
     params = network.params(dtype=dtype)
@@ -80,21 +90,26 @@ def paper_margin_bounds(
     logits = network.forward(x, params)
     n = x.flatten(1).abs().amax(dim=1)  # B = ‖x‖_∞ per sample
     d = torch.zeros_like(n)
+    s = torch.ones_like(n) if scale is None else scale.to(n)
     for layer in network.layers[:-1]:
         if isinstance(layer, Affine):
-            a, eps, beta, b_norm = layer_constants(layer, params, targets, dtype)
-            eps_max, beta_max = eps.max(), beta.max()
+            a, eps, beta, b_norm = _constants(layer, params, targets, dtype, cache)
+            eps_max, beta_max = s * eps.max(), s * beta.max()
             d = a * d + eps_max * n + beta_max
             n = (a + eps_max) * n + b_norm + beta_max
         else:
             n, d = PAPER_RULES[type(layer)](layer, n, d)
     last = network.layers[-1]
-    _, eps, beta, _ = layer_constants(last, params, targets, dtype)
+    _, eps, beta, _ = _constants(last, params, targets, dtype, cache)
     weight = params[last.weight_name]
-    pair_dw = (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)  # ‖W_y − W_i‖_1, (K, K)
+    pair_dw = cached(  # ‖W_y − W_i‖_1, (K, K)
+        cache,
+        ("pair_dw", last.weight_name, dtype),
+        lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2),
+    )
     dw = pair_dw[labels]
-    pair_eps = eps[labels].unsqueeze(1) + eps.unsqueeze(0)  # ε_y + ε_i
-    pair_beta = beta[labels].unsqueeze(1) + beta.unsqueeze(0)
+    pair_eps = (eps[labels].unsqueeze(1) + eps.unsqueeze(0)) * s.unsqueeze(1)  # ε_y + ε_i
+    pair_beta = (beta[labels].unsqueeze(1) + beta.unsqueeze(0)) * s.unsqueeze(1)
     eta = dw * d.unsqueeze(1) + pair_eps * n.unsqueeze(1) + pair_beta
     margins = logits.gather(1, labels.unsqueeze(1)) - logits
     return _fill_label(margins - eta, labels)

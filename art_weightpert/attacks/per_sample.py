@@ -1,0 +1,335 @@
+"""
+:class:`PerSampleWeightPGD`: a per-sample weight attack, the falsification test of weight certificates.
+
+Every sample gets its *own* perturbation ``Δ_n`` in the ball, and projected gradient descent drives its worst
+pairwise margin ``min_{i≠y} f_y − f_i`` down. Samples are processed together: the deltas carry a leading batch
+dimension. A model that reads as a chain of layers (:func:`.read_network`) is evaluated with one batched product per
+layer (:func:`chain_forward`, checked against the module on the clean batch); any other model per sample with
+``torch.func.vmap`` over ``torch.func.functional_call``. The user's module is never modified.
+
+A certified sample must never flip under this attack, and no margin it observes may fall below a certified lower
+bound; the share of samples it cannot flip is an upper bound on the robust accuracy.
+
+Like the certifier, the attack works on the estimator *as it is*: the ball is centred at the weights it predicts with
+(base weights plus any carried perturbation), relative radii are relative to those weights, and by default the model
+is evaluated in float64, so that observed margins can be compared with float64 bounds.
+
+| Paper link: https://arxiv.org/abs/2103.02200
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from art.estimators.classification import PyTorchClassifier
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from art_weightpert.attacks.base import WeightAttack, check_positive_int, check_step, objective
+from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
+
+logger = logging.getLogger(__name__)
+
+
+class PerSampleWeightPGD(WeightAttack):
+    """
+    Per-sample projected gradient descent on the worst pairwise margin (one ``Δ_n`` per sample).
+
+    Restart 0 starts at the centre, the others at random points of the ball (uniform, then extreme points,
+    alternately). Each of the ``max_iter`` steps moves every ``Δ_n`` along its ball's steepest direction by a cosine
+    schedule from ``eps_step`` down to ``eps_step / 100`` (fractions of the radius) and projects it back exactly.
+    Every iterate is a point of the ball, and the lowest margin observed for each class over all iterates and restarts
+    is kept.
+    """
+
+    attack_params = WeightAttack.attack_params + ["max_iter", "num_random_init", "eps_step", "batch_size", "float64"]
+
+    def __init__(
+        self,
+        estimator: PyTorchClassifier,
+        budget: PerturbationBudget,
+        max_iter: int = 100,
+        num_random_init: int = 2,
+        eps_step: float | None = None,
+        batch_size: int = 64,
+        float64: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        """
+        Create a :class:`.PerSampleWeightPGD` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+        :param budget: the ball of weight perturbations.
+        :param max_iter: gradient steps per restart.
+        :param num_random_init: restarts from random points of the ball, in addition to the one from the centre.
+        :param eps_step: first step, as a fraction of each radius (``None``: 0.5).
+        :param batch_size: samples attacked together (memory grows with the batch times the perturbed weights).
+        :param float64: evaluate the model in float64 (for comparisons with float64 certificates).
+        :param verbose: show a progress bar over batches.
+        """
+        _check_own_params(max_iter, num_random_init, eps_step, batch_size, float64)
+        super().__init__(estimator, budget, verbose=verbose)
+        self.max_iter = max_iter
+        self.num_random_init = num_random_init
+        self.eps_step = eps_step
+        self.batch_size = batch_size
+        self.float64 = float64
+        self._check_params()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        _check_own_params(self.max_iter, self.num_random_init, self.eps_step, self.batch_size, self.float64)
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def generate(
+        self, x: np.ndarray, y: np.ndarray | None = None, scale: np.ndarray | None = None, **kwargs: Any
+    ) -> dict[str, np.ndarray]:
+        """
+        Attack every sample with its own weight perturbation.
+
+        :param x: inputs ``(N,) + input_shape``.
+        :param y: labels (integer or one-hot); ``None``: the clean predictions of the estimator as it is.
+        :param scale: optional per-sample factors ``(N,)`` ≥ 0 applied to every radius of the budget: sample ``n`` is
+            attacked in the ball scaled by ``scale[n]`` (e.g. each sample at its own certified radius).
+        :return: ``{"margins": (N, K)`` lowest margin ``f_y − f_i`` observed per class (``+inf`` at the label),
+            ``"worst_margin": (N,)`` their minimum, ``"flipped": (N,)`` whether some perturbation in the ball changed
+            the prediction away from ``y``, ``"labels": (N,)`` the labels attacked``}``.
+        """
+        x_t, y_t = self.estimator.prepare_inputs(x, y)
+        factors = _check_scale(scale, len(x_t))
+        dtype = torch.float64 if self.float64 else next(self.estimator.base_model.parameters()).dtype
+        params = self._centre(dtype)
+        targets = self._centre_targets(params)
+        model = self.estimator.base_model
+        network = self._chain()
+        margins, flipped, labels = [], [], []
+        with eval_mode(model):
+            for s in tqdm(
+                list(self._batches(len(x_t), self.batch_size)), desc="Per-sample weight PGD", disable=not self.verbose
+            ):
+                xb = x_t[s].to(dtype)
+                with torch.no_grad():
+                    clean = functional_call(model, params, (xb,), strict=False)
+                    if network is not None and not torch.allclose(
+                        network.forward(xb, params), clean, rtol=1e-6, atol=1e-6 * float(clean.abs().max())
+                    ):
+                        network = None  # the chain does not reproduce the module: evaluate the module itself
+                yb = clean.argmax(dim=1) if y_t is None else y_t[s]
+                factor = torch.as_tensor(factors[s], dtype=dtype, device=xb.device)
+                low, flip = self._attack_batch(model, params, targets, xb, yb, factor, network)
+                margins.append(low.cpu().numpy())
+                flipped.append(flip.cpu().numpy())
+                labels.append(yb.cpu().numpy())
+        nb_classes = self.estimator.nb_classes
+        margins_np = np.concatenate(margins) if margins else np.zeros((0, nb_classes))
+        return {
+            "margins": margins_np,
+            "worst_margin": margins_np.min(axis=1) if len(margins_np) else np.zeros(0),
+            "flipped": np.concatenate(flipped) if flipped else np.zeros(0, dtype=bool),
+            "labels": np.concatenate(labels) if labels else np.zeros(0, dtype=np.int64),
+        }
+
+    def robust_accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        """
+        Share of samples correctly classified that no per-sample perturbation found by the attack flips: an upper
+        bound on the accuracy under every perturbation in the ball (per-sample threat model).
+
+        :param x: inputs.
+        :param y: labels.
+        :return: the share (``nan`` for an empty set).
+        """
+        result = self.generate(x, y)
+        if len(result["flipped"]) == 0:
+            return float("nan")
+        return float(np.mean(~result["flipped"]))
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _chain(self) -> Network | None:
+        """The model read as a chain of layers (the fast batched path), or ``None`` when it cannot be read."""
+        try:
+            return read_network(self.estimator.base_model, self.estimator.input_shape)
+        except UnsupportedModelError:
+            return None
+
+    def _centre(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Every parameter and floating buffer of the base model at the estimator's centre weights, in ``dtype``."""
+        model = self.estimator.base_model
+        carried = self.estimator.current_deltas()
+        out = {}
+        for name, p in model.named_parameters():
+            value = p.detach().to(dtype)
+            out[name] = value + carried[name].detach().to(dtype) if name in carried else value
+        for name, b in model.named_buffers():
+            out[name] = b.to(dtype) if b.is_floating_point() else b
+        return out
+
+    def _centre_targets(self, params: dict[str, torch.Tensor]) -> list[Target]:
+        """The budget resolved on the centre weights (relative radii follow the carried perturbation)."""
+        targets = self.budget.targets(self.estimator.base_model)
+        return [
+            dataclasses.replace(t, radius=t.ball.radius(params[t.param_name], t.eps, self.budget.relative))
+            for t in targets
+        ]
+
+    def _attack_batch(
+        self,
+        model: torch.nn.Module,
+        params: dict[str, torch.Tensor],
+        targets: list[Target],
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        factor: torch.Tensor,
+        network: Network | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(x)
+        names = [t.param_name for t in targets]
+        radii = {t.param_name: factor.reshape((n,) + (1,) * t.radius.dim()) * t.radius.to(x.dtype) for t in targets}
+
+        def one_sample(deltas: dict[str, torch.Tensor], x_n: torch.Tensor) -> torch.Tensor:
+            p = dict(params)
+            for name in names:
+                p[name] = params[name] + deltas[name]
+            return functional_call(model, p, (x_n.unsqueeze(0),), strict=False).squeeze(0)
+
+        if network is None:
+            forward = vmap(one_sample)
+        else:
+
+            def forward(deltas: dict[str, torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
+                return chain_forward(network, params, deltas, x_b)
+
+        steepest = {t.param_name: _batched(t.ball.steepest_step, radii[t.param_name]) for t in targets}
+        project = {t.param_name: _batched(t.ball.project, radii[t.param_name]) for t in targets}
+        own = labels.unsqueeze(1)
+        low = torch.full((n, self.estimator.nb_classes), math.inf, dtype=x.dtype, device=x.device)
+        flipped = torch.zeros(n, dtype=torch.bool, device=x.device)
+        first = 0.5 if self.eps_step is None else float(self.eps_step)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def record(logits: torch.Tensor) -> None:
+            nonlocal low, flipped
+            margins = (logits.gather(1, own) - logits).detach().scatter(1, own, math.inf)
+            low = torch.minimum(low, margins)
+            flipped = flipped | (logits.detach().argmax(dim=1) != labels)
+
+        for restart in range(1 + self.num_random_init):
+            deltas = {
+                t.param_name: self._start(t, radii[t.param_name], params[t.param_name], restart, gen) for t in targets
+            }
+            for it in range(self.max_iter):
+                step = first * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / self.max_iter)))
+                probes = {k: v.requires_grad_(True) for k, v in deltas.items()}
+                logits = forward(probes, x)
+                record(logits)
+                loss = objective(logits, labels, "margin", targeted=False).sum()
+                grads = torch.autograd.grad(loss, list(probes.values()))
+                with torch.no_grad():
+                    deltas = {
+                        t.param_name: project[t.param_name](
+                            probes[t.param_name].detach() + steepest[t.param_name](g, step)
+                        )
+                        for t, g in zip(targets, grads)
+                    }
+            with torch.no_grad():
+                record(forward(deltas, x))
+        return low, flipped
+
+    @staticmethod
+    def _start(
+        target: Target, radii: torch.Tensor, param: torch.Tensor, restart: int, gen: torch.Generator
+    ) -> torch.Tensor:
+        """Starting deltas ``(n,) + param.shape`` in the per-sample balls of radii ``radii`` (``(n,) + radius
+        shape``): zero for restart 0, then uniform and extreme points in turn."""
+        if restart == 0:
+            return torch.zeros((len(radii),) + tuple(param.shape), dtype=param.dtype, device=param.device)
+        distribution = "uniform" if restart % 2 else "extreme"
+        points = [target.ball.sample(r, param.shape, distribution, gen) for r in radii.detach().cpu()]
+        return torch.stack(points).to(dtype=param.dtype, device=param.device)
+
+
+def chain_forward(
+    network: Network, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor
+) -> torch.Tensor:
+    """Logits of a chain of layers where sample ``n`` uses the weights ``W + deltas[name][n]``: the shared weights
+    in one matmul/convolution, the per-sample deltas in one batched product (Linear) or one grouped convolution
+    (Conv2d). Much cheaper than mapping the module over the samples."""
+    h = x
+    n = len(x)
+    for layer in network.layers:
+        if not isinstance(layer, Affine):
+            h = layer.apply(h)
+            continue
+        out = layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
+        dw = deltas.get(layer.weight_name)
+        if dw is not None:
+            if layer.is_conv:
+                mod = layer.module
+                grouped = F.conv2d(
+                    h.reshape((1, -1) + tuple(h.shape[2:])),
+                    dw.reshape((-1,) + tuple(dw.shape[2:])),
+                    None,
+                    mod.stride,
+                    mod.padding,
+                    mod.dilation,
+                    n * mod.groups,
+                )
+                out = out + grouped.reshape(out.shape)
+            else:
+                out = out + torch.bmm(dw, h.unsqueeze(2)).squeeze(2)
+        db = deltas.get(layer.bias_name) if layer.bias_name else None
+        if db is not None:
+            out = out + db.reshape(db.shape + (1,) * (out.dim() - 2))
+        h = out
+    return h
+
+
+def _batched(operation, radii: torch.Tensor):
+    """A ball operation ``operation(delta, radius, *args)`` applied to deltas stacked on a leading dimension, each
+    with its own radius (``radii``: ``(n,) + radius shape``).
+
+    Balls whose radius has a leading row dimension (box, row_l1) act on each row independently: the batch is folded
+    into the rows (one call). A radius over the whole tensor (l2) is mapped with ``torch.func.vmap``.
+    """
+    if radii.dim() == 1:
+
+        def apply_vmap(delta: torch.Tensor, *args: Any) -> torch.Tensor:
+            return vmap(lambda d, r: operation(d, r, *args))(delta, radii)
+
+        return apply_vmap
+    folded_radii = radii.reshape((-1,) + tuple(radii.shape[2:]))
+
+    def apply_folded(delta: torch.Tensor, *args: Any) -> torch.Tensor:
+        folded = delta.reshape((-1,) + tuple(delta.shape[2:]))
+        return operation(folded, folded_radii, *args).reshape(delta.shape)
+
+    return apply_folded
+
+
+def _check_scale(scale: Any, n: int) -> np.ndarray:
+    if scale is None:
+        return np.ones(n)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.detach().cpu().numpy()
+    values = np.asarray(scale, dtype=np.float64)
+    if values.shape != (n,):
+        raise ValueError(f"`scale` must have shape ({n},), got {values.shape}.")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("`scale` must hold finite factors ≥ 0.")
+    return values
+
+
+def _check_own_params(max_iter: Any, num_random_init: Any, eps_step: Any, batch_size: Any, float64: Any) -> None:
+    check_positive_int(max_iter, "max_iter")
+    check_positive_int(num_random_init, "num_random_init", minimum=0)
+    check_step(eps_step, "eps_step")
+    check_positive_int(batch_size, "batch_size")
+    if not isinstance(float64, (bool, np.bool_)):
+        raise TypeError("`float64` must be a bool.")
