@@ -277,7 +277,7 @@ def chain_forward(
                     dw.reshape((-1,) + tuple(dw.shape[2:])),
                     None,
                     mod.stride,
-                    mod.padding,
+                    layer.padding,
                     mod.dilation,
                     n * mod.groups,
                 )
