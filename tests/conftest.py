@@ -48,6 +48,17 @@ def make_mlp(seed: int = 0, hidden: int = 16, bias: bool = True) -> nn.Sequentia
     return nn.Sequential(nn.Linear(64, hidden, bias=bias), nn.ReLU(), nn.Linear(hidden, 10, bias=bias))
 
 
+def random_mlp(sizes, bias: bool, seed: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    """A randomly initialised MLP with layer widths ``sizes`` and ``act`` between the Linear layers."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
 def make_cnn(seed: int = 0) -> nn.Sequential:
     """A small CNN on 1×8×8 inputs with a fixed initialisation."""
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from torch import nn
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, UnsupportedModelError
 from art_weightpert.certification import METHODS, WeightPerturbationCertifier, available_methods
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
-from tests.conftest import make_classifier, make_mlp
+from tests.conftest import make_classifier, make_mlp, random_mlp
 
 HAS_LINEAR = importlib.util.find_spec("art_weightpert.certification.linear") is not None
 METHOD_PARAMS = [
@@ -35,16 +35,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def random_mlp(sizes, bias: bool, seed: int, act=nn.ReLU) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
 
 
 def random_cnn(seed: int) -> nn.Sequential:

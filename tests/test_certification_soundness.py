@@ -23,6 +23,7 @@ from art_weightpert import PerturbationBudget, PyTorchWeightClassifier
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
 from art_weightpert.certification import WeightPerturbationCertifier, available_methods
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
+from tests.conftest import random_mlp
 
 HAS_LINEAR = importlib.util.find_spec("art_weightpert.certification.linear") is not None
 METHOD_PARAMS = [
@@ -43,14 +44,7 @@ def _one_thread():
 
 
 # ------------------------------------------------------------------------------------------------ models and cases
-def random_mlp(bias: bool, seed: int, act: type[nn.Module] = nn.ReLU, sizes=(8, 10, 8, 5)) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i in range(len(sizes) - 1):
-        layers.append(nn.Linear(sizes[i], sizes[i + 1], bias=bias))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
+MLP_SIZES = (8, 10, 8, 5)
 
 
 def random_cnn(seed: int) -> nn.Sequential:
@@ -75,8 +69,8 @@ def random_cnn(seed: int) -> nn.Sequential:
 
 
 MODELS = {
-    "mlp_bias": (lambda: random_mlp(True, seed=11), (8,)),
-    "mlp_nobias": (lambda: random_mlp(False, seed=12), (8,)),
+    "mlp_bias": (lambda: random_mlp(MLP_SIZES, True, seed=11), (8,)),
+    "mlp_nobias": (lambda: random_mlp(MLP_SIZES, False, seed=12), (8,)),
     "cnn": (lambda: random_cnn(seed=13), (1, 6, 6)),
 }
 NORMS = ("inf", "row_l1", "l2")
@@ -223,7 +217,7 @@ def test_no_observed_margin_falls_below_its_lower_bound(case, method):
 def test_the_attack_reaches_the_bound_where_the_bound_is_exact():
     """Interval bounds with only the last layer perturbed by a box are exact (the worst vertex is attained): the
     per-sample attack must find margins equal to them, which shows it is strong enough to falsify loose claims."""
-    model = random_mlp(True, seed=21)
+    model = random_mlp(MLP_SIZES, True, seed=21)
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (8,), 5)
     x = np.random.default_rng(3).normal(size=(12, 8)).astype(np.float32)
     budget = PerturbationBudget(0.05, "inf", layers=["4"])
@@ -252,7 +246,7 @@ def test_random_architectures_and_activations(seed, activation, bias, norm, rela
     extreme points at 0.99 × the certified radius."""
     rng = np.random.default_rng(seed)
     sizes = (6, int(rng.integers(3, 8)), int(rng.integers(3, 8)), 4)
-    model = random_mlp(bias, seed, ACTIVATIONS[activation], sizes)
+    model = random_mlp(sizes, bias, seed, ACTIVATIONS[activation])
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (6,), 4)
     x = rng.normal(size=(8, 6)).astype(np.float32)
     y = clf.predict(x).argmax(axis=1)
@@ -272,7 +266,7 @@ def test_per_sample_attack_chain_forward_matches_the_module():
     from art_weightpert.attacks.per_sample import chain_forward
     from art_weightpert.network import read_network
 
-    for model, shape in [(random_mlp(True, seed=3), (8,)), (random_cnn(seed=4), (1, 6, 6))]:
+    for model, shape in [(random_mlp(MLP_SIZES, True, seed=3), (8,)), (random_cnn(seed=4), (1, 6, 6))]:
         params = {k: v.detach().double() for k, v in model.named_parameters()}
         params.update({k: v.double() for k, v in model.named_buffers() if v.is_floating_point()})
         x = torch.randn((5, *shape), dtype=torch.float64)
@@ -298,7 +292,7 @@ def _per_sample_module(model: nn.Module, params: dict):
 
 
 def test_per_sample_attack_validates_and_leaves_the_model_alone():
-    model = random_mlp(True, seed=5)
+    model = random_mlp(MLP_SIZES, True, seed=5)
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (8,), 5)
     budget = PerturbationBudget(0.05, "row_l1")
     before = {k: v.clone() for k, v in model.state_dict().items()}
