@@ -72,17 +72,11 @@ def make_cnn(seed: int = 0) -> nn.Sequential:
 
 
 def make_classifier(model: nn.Module, input_shape=(64,), nb_classes: int = 10, lr: float = 0.01):
-    """A :class:`PyTorchWeightClassifier` around ``model`` with cross-entropy and Adam, inputs in [0, 1]."""
-    from art_weightpert import PyTorchWeightClassifier
+    """A :class:`PyTorchWeightClassifier` around ``model`` with cross-entropy and Adam, inputs in [0, 1] (on the GPU
+    when there is one)."""
+    from art_weightpert.zoo import make_classifier as zoo_classifier
 
-    return PyTorchWeightClassifier(
-        model,
-        nn.CrossEntropyLoss(),
-        input_shape,
-        nb_classes,
-        optimizer=torch.optim.Adam(model.parameters(), lr=lr),
-        clip_values=(0.0, 1.0),
-    )
+    return zoo_classifier(model, input_shape, nb_classes, lr=lr, device_type="gpu")
 
 
 @pytest.fixture(scope="module")
