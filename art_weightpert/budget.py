@@ -3,7 +3,7 @@ The weight ball: which parameters may move, in which norm, and how far (THEORY.m
 
 A :class:`PerturbationBudget` is a description. Operations that depend on the weights (relative radii need ``|W|``,
 layer names are checked against the model) take the model. Attacks, certificates and the trainer get the resolved
-per-parameter balls from :meth:`PerturbationBudget.targets` and never re-derive them.
+per-parameter balls from :meth:`PerturbationBudget.parameter_balls` and never re-derive them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ DISTRIBUTIONS = ("uniform", "extreme", "gaussian")
 
 
 @dataclass
-class Target:
+class ParameterBall:
     """One perturbed parameter with its resolved ball.
 
     :param param_name: name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
@@ -167,8 +167,8 @@ class PerturbationBudget:
             raise ValueError(f"unknown layer name(s) {unknown} in the budget; valid layers are {list(valid)}.")
         return list(self.layers)
 
-    def targets(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[Target]:
-        """Resolve the budget on ``model``: one :class:`Target` per perturbed parameter, radii computed from the
+    def parameter_balls(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> list[ParameterBall]:
+        """Resolve the budget on ``model``: one :class:`ParameterBall` per perturbed parameter, radii computed from the
         current weights (in ``dtype`` if given)."""
         modules = perturbable_modules(model)
         out = []
@@ -181,19 +181,19 @@ class PerturbationBudget:
                 params.append(("bias", self.bias_ball, module.bias))
             for kind, ball, param in params:
                 p = param.detach() if dtype is None else param.detach().to(dtype)
-                out.append(Target(prefix + kind, layer, kind, ball, ball.radius(p, eps, self.relative), eps))
+                out.append(ParameterBall(prefix + kind, layer, kind, ball, ball.radius(p, eps, self.relative), eps))
         return out
 
     def radii(self, model: torch.nn.Module) -> dict[str, np.ndarray]:
         """The radius of every perturbed parameter: per entry (``inf``), per row (``row_l1``) or per layer (``l2``)."""
-        return {t.param_name: t.radius.cpu().numpy() for t in self.targets(model)}
+        return {t.param_name: t.radius.cpu().numpy() for t in self.parameter_balls(model)}
 
     def row_l1_radii(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Per-row radius of the smallest row_l1 ball (of the weights) containing this ball (THEORY.md §2):
         box δ → Σ_c δ_rc, l2 ε → √n·ε, row_l1 → itself."""
         return {
             t.param_name: t.ball.row_l1_radius(t.radius, _param(model, t.param_name).shape)
-            for t in self.targets(model, dtype)
+            for t in self.parameter_balls(model, dtype)
             if t.kind == "weight"
         }
 
@@ -203,7 +203,7 @@ class PerturbationBudget:
 
         deltas = delta_tensors(delta, model, torch.float64)
         projected = {}
-        for t in self.targets(model, torch.float64):
+        for t in self.parameter_balls(model, torch.float64):
             d = deltas.get(t.param_name)
             if d is None:
                 d = torch.zeros(_param(model, t.param_name).shape, dtype=torch.float64, device=t.radius.device)
@@ -214,12 +214,12 @@ class PerturbationBudget:
         """True when ``delta`` lies in the ball up to ``atol`` (plus a relative ``1e-6`` of the radius), and perturbs
         no parameter outside the budget."""
         deltas = delta_tensors(delta, model, torch.float64)
-        targets = self.targets(model, torch.float64)
-        allowed = {t.param_name for t in targets}
+        param_balls = self.parameter_balls(model, torch.float64)
+        allowed = {t.param_name for t in param_balls}
         for name, d in deltas.items():
             if name not in allowed and d.numel() and float(d.abs().max()) > atol:
                 return False
-        for t in targets:
+        for t in param_balls:
             d = deltas.get(t.param_name)
             if d is None:
                 continue
@@ -240,7 +240,7 @@ class PerturbationBudget:
         gen = torch.Generator()
         gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]) if seed is None else int(seed))
         out = {}
-        for t in self.targets(model):
+        for t in self.parameter_balls(model):
             shape = _param(model, t.param_name).shape
             out[t.param_name] = t.ball.sample(t.radius.cpu(), shape, distribution, gen).numpy()
         return WeightPerturbation(out, budget=self)

@@ -77,7 +77,9 @@ def default_eps_grid(model: torch.nn.Module, budget: PerturbationBudget) -> list
     if budget.relative:
         return fractions
     sizes = []
-    for target in PerturbationBudget(1.0, budget.norm, budget.layers, relative=True).targets(model, torch.float64):
+    for target in PerturbationBudget(1.0, budget.norm, budget.layers, relative=True).parameter_balls(
+        model, torch.float64
+    ):
         if target.kind == "weight":
             sizes.append(float(target.radius.mean()))
     scale = float(np.mean(sizes)) if sizes else 1.0

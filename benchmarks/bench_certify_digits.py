@@ -118,13 +118,13 @@ def run(kind: str, points: int, repeats: int, steps: int, restarts: int) -> dict
             budget = PerturbationBudget(eps, norm, relative=relative)
 
             def interval(budget=budget):
-                targets = budget.targets(model, torch.float64)
+                param_balls = budget.parameter_balls(model, torch.float64)
                 xd = x.double()
-                boxes = interval_preactivation_bounds(network, targets, xd, network.params(dtype=torch.float64))
-                return interval_margin_bounds(network, targets, xd, y, boxes=boxes)
+                boxes = interval_preactivation_bounds(network, param_balls, xd, network.params(dtype=torch.float64))
+                return interval_margin_bounds(network, param_balls, xd, y, boxes=boxes)
 
             def linear(budget=budget):
-                return linear_margin_bounds(network, budget.targets(model, torch.float64), x.double(), y)
+                return linear_margin_bounds(network, budget.parameter_balls(model, torch.float64), x.double(), y)
 
             with torch.no_grad():
                 t_int, b_int = median_time(interval, repeats)

@@ -62,10 +62,10 @@ def test_every_perturbation_lies_in_its_ball(clf, test_data, norm, relative, lay
     for delta in [pgd, *draws]:
         assert delta.budget == budget
         assert budget.contains(delta, model)
-        expected = {t.param_name for t in budget.targets(model)}
+        expected = {t.param_name for t in budget.parameter_balls(model)}
         assert set(delta) == expected
     # the attack uses its budget: PGD reaches the boundary of the ball in every perturbed parameter
-    for target in budget.targets(model):
+    for target in budget.parameter_balls(model):
         norm_value = target.ball.norm(torch.as_tensor(pgd[target.param_name], dtype=torch.float64))
         assert float(norm_value) > 0.5 * float(target.radius.max())
 

@@ -42,9 +42,9 @@ def random_delta(model, scale: float, seed: int = 0, names=None) -> dict[str, np
 # ------------------------------------------------------------------------------------------------ description
 def test_default_budget_perturbs_every_linear_and_conv_weight(mlp, cnn):
     budget = PerturbationBudget(0.1)
-    assert [t.param_name for t in budget.targets(mlp)] == ["0.weight", "2.weight"]
-    assert [t.param_name for t in budget.targets(cnn)] == ["0.weight", "4.weight"]
-    with_bias = PerturbationBudget(0.1, include_bias=True).targets(mlp)
+    assert [t.param_name for t in budget.parameter_balls(mlp)] == ["0.weight", "2.weight"]
+    assert [t.param_name for t in budget.parameter_balls(cnn)] == ["0.weight", "4.weight"]
+    with_bias = PerturbationBudget(0.1, include_bias=True).parameter_balls(mlp)
     assert [(t.param_name, t.layer_name, t.kind) for t in with_bias] == [
         ("0.weight", "0", "weight"),
         ("0.bias", "0", "bias"),
@@ -56,13 +56,13 @@ def test_default_budget_perturbs_every_linear_and_conv_weight(mlp, cnn):
 def test_layers_and_per_layer_eps(mlp):
     budget = PerturbationBudget({"2": 0.3}, norm="row_l1")
     assert budget.layers == ("2",)
-    (target,) = budget.targets(mlp)
+    (target,) = budget.parameter_balls(mlp)
     assert target.param_name == "2.weight" and target.eps == 0.3
     np.testing.assert_allclose(target.radius.numpy(), np.full(10, 0.3), rtol=1e-7)
     budget = PerturbationBudget({"0": 0.1, "2": 0.2}, layers=["0"])
-    assert [t.param_name for t in budget.targets(mlp)] == ["0.weight"]
+    assert [t.param_name for t in budget.parameter_balls(mlp)] == ["0.weight"]
     assert PerturbationBudget(0.1, layers="2").layers == ("2",)
-    eps = {t.param_name: t.eps for t in PerturbationBudget({"0": 0.1, "2": 0.2}).targets(mlp)}
+    eps = {t.param_name: t.eps for t in PerturbationBudget({"0": 0.1, "2": 0.2}).parameter_balls(mlp)}
     assert eps == {"0.weight": 0.1, "2.weight": 0.2}
 
 
@@ -71,7 +71,7 @@ def test_nested_layer_names():
     model.add_module("features", nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
     model.add_module("head", nn.Linear(3, 2))
     budget = PerturbationBudget({"features.0": 0.1, "head": 0.2}, include_bias=True)
-    names = [t.param_name for t in budget.targets(model)]
+    names = [t.param_name for t in budget.parameter_balls(model)]
     assert names == ["features.0.weight", "features.0.bias", "head.weight", "head.bias"]
     assert set(names) <= set(dict(model.named_parameters()))
 
@@ -161,7 +161,7 @@ def test_projection_is_in_the_ball_idempotent_and_exact(cnn, norm, relative, inc
     again = budget.project(projected, cnn)
     for name in projected:
         np.testing.assert_allclose(again[name], projected[name], atol=1e-12)
-    radii = {t.param_name: t.radius.numpy() for t in budget.targets(cnn, torch.float64)}
+    radii = {t.param_name: t.radius.numpy() for t in budget.parameter_balls(cnn, torch.float64)}
     assert set(projected) == set(radii)  # parameters outside the budget are dropped
     for name, radius in radii.items():
         np.testing.assert_allclose(
@@ -223,7 +223,7 @@ def test_contains_rejects_parameters_outside_the_budget(mlp):
 @pytest.mark.parametrize("relative", [False, True])
 def test_samples_are_in_the_ball_for_every_distribution(cnn, norm, relative):
     budget = PerturbationBudget(0.05, norm=norm, relative=relative, include_bias=True)
-    names = {t.param_name for t in budget.targets(cnn)}
+    names = {t.param_name for t in budget.parameter_balls(cnn)}
     for distribution in ("uniform", "extreme", "gaussian"):
         s = budget.sample(cnn, distribution, seed=2)
         assert isinstance(s, WeightPerturbation) and s.budget == budget and set(s) == names
@@ -260,16 +260,16 @@ def test_sampling_is_reproducible(mlp):
 def test_samples_lie_in_the_including_balls(cnn, norm):
     budget = PerturbationBudget(0.05, norm=norm, relative=True)
     row_radii = budget.row_l1_radii(cnn, torch.float64)
-    targets = {t.param_name: t for t in budget.targets(cnn, torch.float64)}
+    param_balls = {t.param_name: t for t in budget.parameter_balls(cnn, torch.float64)}
     for seed in range(5):
         s = budget.sample(cnn, "uniform" if seed % 2 else "extreme", seed=seed)
         for name, d in s.items():
             d = torch.as_tensor(d, dtype=torch.float64)
-            t = targets[name]
+            t = param_balls[name]
             # samples are drawn in the parameters' float32: allow its rounding
             assert float(RowL1Ball().excess(d, row_radii[name])) <= 1e-7 * float(row_radii[name].max())
             assert float(BoxBall().excess(d, t.ball.entry_bound(t.radius, d.shape))) <= 1e-7 * float(t.radius.max())
-    assert isinstance(targets["0.weight"].ball, {"inf": BoxBall, "row_l1": RowL1Ball, "l2": L2Ball}[norm])
+    assert isinstance(param_balls["0.weight"].ball, {"inf": BoxBall, "row_l1": RowL1Ball, "l2": L2Ball}[norm])
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -314,11 +314,11 @@ def test_bad_norm_and_flags():
 def test_unknown_layer_names_list_the_valid_ones(mlp):
     for budget in (PerturbationBudget(0.1, layers=["fc1"]), PerturbationBudget({"1": 0.1})):
         with pytest.raises(ValueError, match=r"valid layers are \['0', '2'\]"):
-            budget.targets(mlp)
+            budget.parameter_balls(mlp)
         with pytest.raises(ValueError, match="unknown layer"):
             budget.sample(mlp)
     with pytest.raises(ValueError, match="no Linear or Conv"):
-        PerturbationBudget(0.1).targets(nn.Sequential(nn.ReLU()))
+        PerturbationBudget(0.1).parameter_balls(nn.Sequential(nn.ReLU()))
 
 
 def test_bad_deltas(mlp):

@@ -42,14 +42,14 @@ def brute_force_minimum(model64, budget, x, labels):
     """Minimum of every margin over all vertices of a box budget (tiny models only), the vertices batched by vmap."""
     network = read_network(model64)
     params = network.params(dtype=torch.float64)
-    targets = budget.targets(model64, torch.float64)
-    sizes = [t.radius.numel() for t in targets]
+    param_balls = budget.parameter_balls(model64, torch.float64)
+    sizes = [t.radius.numel() for t in param_balls]
     signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=sum(sizes))), dtype=torch.float64)
     own = labels.unsqueeze(1)
 
     def margins(flat):
         p, start = dict(params), 0
-        for t, n in zip(targets, sizes):
+        for t, n in zip(param_balls, sizes):
             p[t.param_name] = p[t.param_name] + (flat[start : start + n] * t.radius.reshape(-1)).reshape(t.radius.shape)
             start += n
         out = network.forward(x, p)
@@ -68,11 +68,11 @@ def test_one_layer_bound_equals_minimum_over_box_vertices(relative):
     x = torch.tensor([[0.5, -1.0, 2.0], [-0.3, 0.2, 0.0]], dtype=torch.float64)  # signed inputs: the |x| term
     labels = torch.tensor([0, 2])
     network = read_network(model64)
-    targets = budget.targets(model64, torch.float64)
+    param_balls = budget.parameter_balls(model64, torch.float64)
     exact = brute_force_minimum(model64, budget, x, labels)
-    bound = backward_margin_bounds(network, targets, x, labels)
+    bound = backward_margin_bounds(network, param_balls, x, labels)
     torch.testing.assert_close(bound, exact, rtol=0, atol=1e-12)
-    torch.testing.assert_close(linear_margin_bounds(network, targets, x, labels), exact, rtol=0, atol=1e-12)
+    torch.testing.assert_close(linear_margin_bounds(network, param_balls, x, labels), exact, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("relative", [False, True])
@@ -84,9 +84,9 @@ def test_first_conv_bound_keeps_the_kernel_shared_and_is_exact(relative):
     budget = PerturbationBudget(0.3 if relative else 0.05, "inf", layers=["0"], relative=relative)
     x = torch.randn((3, 1, 3, 3), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     labels = torch.tensor([0, 1, 2])
-    targets = budget.targets(model64, torch.float64)
+    param_balls = budget.parameter_balls(model64, torch.float64)
     exact = brute_force_minimum(model64, budget, x, labels)
-    bound = backward_margin_bounds(read_network(model64), targets, x, labels)
+    bound = backward_margin_bounds(read_network(model64), param_balls, x, labels)
     torch.testing.assert_close(bound, exact, rtol=0, atol=1e-12)
 
 
@@ -98,9 +98,9 @@ def test_absorption_after_relu_is_exact():
     budget = PerturbationBudget(0.08, "inf", layers=["2"], include_bias=True)
     x = torch.tensor([[1.0, -0.5], [0.3, 0.8], [-1.0, -1.0]], dtype=torch.float64)
     labels = torch.tensor([1, 0, 2])
-    targets = budget.targets(model64, torch.float64)
+    param_balls = budget.parameter_balls(model64, torch.float64)
     exact = brute_force_minimum(model64, budget, x, labels)
-    bound = backward_margin_bounds(read_network(model64), targets, x, labels)
+    bound = backward_margin_bounds(read_network(model64), param_balls, x, labels)
     torch.testing.assert_close(bound, exact, rtol=0, atol=1e-12)
 
 
@@ -236,14 +236,14 @@ def worst_case_value(module, a, h, budget):
         "l2": lambda g, r: r * g.norm(),
     }
     out = torch.zeros(a.shape[:2], dtype=torch.float64)
-    targets = {t.kind: t for t in budget.targets(module, torch.float64)}
+    param_balls = {t.kind: t for t in budget.parameter_balls(module, torch.float64)}
     for n in range(a.shape[0]):
         for k in range(a.shape[1]):
             module.zero_grad()
             value = (a[n, k] * module(h[n : n + 1])[0]).sum()
             value.backward()
             total = value.detach()
-            for kind, t in targets.items():
+            for kind, t in param_balls.items():
                 total = total - support[t.ball.name](getattr(module, kind).grad, t.radius)
             out[n, k] = total
     return out
@@ -262,7 +262,7 @@ def test_affine_rule_is_below_the_worst_case_at_every_point_of_the_box(layer_nam
     module = factory().double()
     layer = _affine_layer(module)
     budget = PerturbationBudget(0.2 if relative else 0.05, norm, relative=relative, include_bias=True)
-    targets = {t.param_name: t for t in budget.targets(module, torch.float64)}
+    param_balls = {t.param_name: t for t in budget.parameter_balls(module, torch.float64)}
     params = {name: p.detach() for name, p in module.named_parameters()}
     gen = torch.Generator().manual_seed(2)
     centre = torch.randn((3,) + shape, generator=gen, dtype=torch.float64)
@@ -272,7 +272,7 @@ def test_affine_rule_is_below_the_worst_case_at_every_point_of_the_box(layer_nam
         out_shape = module(lo).shape[1:]
     a = torch.randn((3, 4) + tuple(out_shape), generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        a_in, const = BACKWARD_RULES[type(layer)](layer, a, lo, hi, _Context(params, targets))
+        a_in, const = BACKWARD_RULES[type(layer)](layer, a, lo, hi, _Context(params, param_balls))
     for k in range(6):
         t = torch.rand(lo.shape, generator=gen, dtype=torch.float64)
         h = lo + (t.round() if k % 2 else t) * (hi - lo)
@@ -372,11 +372,11 @@ def test_no_perturbation_in_the_ball_goes_below_the_linear_bound(setting, norm, 
 
     model64, network, x, labels, classifier = setting
     budget = PerturbationBudget(EPS[norm, relative], norm, relative=relative, include_bias=include_bias)
-    targets = budget.targets(model64, torch.float64)
+    param_balls = budget.parameter_balls(model64, torch.float64)
     with torch.no_grad():
-        backward = backward_margin_bounds(network, targets, x, labels)
-        linear = linear_margin_bounds(network, targets, x, labels)
-        interval = interval_margin_bounds(network, targets, x, labels)
+        backward = backward_margin_bounds(network, param_balls, x, labels)
+        linear = linear_margin_bounds(network, param_balls, x, labels)
+        interval = interval_margin_bounds(network, param_balls, x, labels)
         params = network.params(dtype=torch.float64)
         observed = margins_under(network, params, x, labels)
         for seed in range(16):
@@ -413,10 +413,10 @@ def trained(digits):
 def test_linear_is_strictly_tighter_than_interval_on_a_trained_mlp(trained):
     model64, network, x, labels = trained
     budget = PerturbationBudget(0.005, "inf")
-    targets = budget.targets(model64, torch.float64)
+    param_balls = budget.parameter_balls(model64, torch.float64)
     with torch.no_grad():
-        backward = backward_margin_bounds(network, targets, x, labels)
-        interval = interval_margin_bounds(network, targets, x, labels)
+        backward = backward_margin_bounds(network, param_balls, x, labels)
+        interval = interval_margin_bounds(network, param_balls, x, labels)
         correct = model64(x).argmax(dim=1) == labels
     finite = torch.isfinite(interval)
     assert bool((backward[finite] > interval[finite]).float().mean() > 0.9)
@@ -430,10 +430,10 @@ def test_scale_multiplies_every_radius_per_sample(trained):
     budget = PerturbationBudget(0.2, "row_l1", relative=True, include_bias=True)
     scale = torch.tensor([0.0, 0.5, 1.0, 2.0, 0.1], dtype=torch.float64)
     with torch.no_grad():
-        got = linear_margin_bounds(network, budget.targets(model64, torch.float64), x, labels, scale=scale)
+        got = linear_margin_bounds(network, budget.parameter_balls(model64, torch.float64), x, labels, scale=scale)
         for i, s in enumerate(scale.tolist()):
-            targets = budget.with_eps(0.2 * s).targets(model64, torch.float64)
-            want = linear_margin_bounds(network, targets, x[i : i + 1], labels[i : i + 1])
+            param_balls = budget.with_eps(0.2 * s).parameter_balls(model64, torch.float64)
+            want = linear_margin_bounds(network, param_balls, x[i : i + 1], labels[i : i + 1])
             torch.testing.assert_close(got[i : i + 1], want, rtol=1e-12, atol=1e-12)
 
 
@@ -442,7 +442,9 @@ def test_bound_is_differentiable_in_float32(trained):
     model32 = copy.deepcopy(model64).float().requires_grad_(True)
     network32 = read_network(model32, (64,))
     budget = PerturbationBudget(0.005, "inf")
-    bounds = linear_margin_bounds(network32, budget.targets(model32), x[:8].float(), labels[:8], dtype=torch.float32)
+    bounds = linear_margin_bounds(
+        network32, budget.parameter_balls(model32), x[:8].float(), labels[:8], dtype=torch.float32
+    )
     assert bounds.dtype == torch.float32
     grads = torch.autograd.grad(bounds[torch.isfinite(bounds)].sum(), list(model32.parameters()))
     assert all(bool(torch.isfinite(g).all()) for g in grads) and any(bool(g.abs().sum() > 0) for g in grads)
@@ -450,11 +452,11 @@ def test_bound_is_differentiable_in_float32(trained):
 
 def test_bad_labels_and_scale_are_rejected(trained):
     model64, network, x, labels = trained
-    targets = PerturbationBudget(0.01).targets(model64, torch.float64)
+    param_balls = PerturbationBudget(0.01).parameter_balls(model64, torch.float64)
     with pytest.raises(ValueError, match="labels"):
-        linear_margin_bounds(network, targets, x[:4], labels[:3])
+        linear_margin_bounds(network, param_balls, x[:4], labels[:3])
     with pytest.raises(ValueError, match="scale"):
-        linear_margin_bounds(network, targets, x[:4], labels[:4], scale=torch.ones(3))
+        linear_margin_bounds(network, param_balls, x[:4], labels[:4], scale=torch.ones(3))
 
 
 def test_certifier_linear_method_certifies_at_least_interval(tiny_mlp_classifier, digits):
@@ -498,9 +500,9 @@ def test_certified_radius_of_linear_is_at_least_interval_and_certifies(tiny_mlp_
 def test_bounds_on_cuda_match_cpu(trained):
     model64, network, x, labels = trained
     budget = PerturbationBudget(0.01, "inf", relative=True)
-    cpu = linear_margin_bounds(network, budget.targets(model64, torch.float64), x, labels)
+    cpu = linear_margin_bounds(network, budget.parameter_balls(model64, torch.float64), x, labels)
     model_gpu = copy.deepcopy(model64).cuda()
     gpu = linear_margin_bounds(
-        read_network(model_gpu, (64,)), budget.targets(model_gpu, torch.float64), x.cuda(), labels.cuda()
+        read_network(model_gpu, (64,)), budget.parameter_balls(model_gpu, torch.float64), x.cuda(), labels.cuda()
     )
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-9, atol=1e-9)

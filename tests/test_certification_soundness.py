@@ -109,10 +109,10 @@ def extreme_point_margins(
     model = clf.base_model
     params = {k: v.detach().double() for k, v in model.named_parameters()}
     params.update({k: v.double() for k, v in model.named_buffers() if v.is_floating_point()})
-    targets = WeightPerturbationCertifier(clf, budget, "interval", verbose=False).targets.values()
+    param_balls = WeightPerturbationCertifier(clf, budget, "interval", verbose=False).parameter_balls.values()
     gen = torch.Generator().manual_seed(0)
     points = [
-        {t.param_name: t.ball.sample(t.radius, params[t.param_name].shape, "extreme", gen) for t in targets}
+        {t.param_name: t.ball.sample(t.radius, params[t.param_name].shape, "extreme", gen) for t in param_balls}
         for _ in range(N_EXTREME)
     ]
     names = list(points[0])

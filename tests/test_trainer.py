@@ -154,7 +154,7 @@ def test_robust_term_is_zero_exactly_when_every_sample_is_certified_with_margin_
     x_t, y_t = trained.prepare_inputs(x, y)
     network = read_network(trained.model, (64,))
     with torch.no_grad():
-        lower = interval_margin_bounds(network, budget.targets(trained.model), x_t, y_t, torch.float32)
+        lower = interval_margin_bounds(network, budget.parameter_balls(trained.model), x_t, y_t, torch.float32)
     worst = lower.min(dim=1).values  # "certified with margin κ": every margin lower bound ≥ κ
     good, bad = torch.nonzero(worst >= kappa).flatten(), torch.nonzero(worst < kappa).flatten()
     assert len(good) >= 10 and len(bad) >= 1, "the fixture must have both kinds of samples"
@@ -176,7 +176,7 @@ def test_zero_robust_term_at_kappa_zero_agrees_with_the_certifier(data, budget, 
     x_t, y_t = trained.prepare_inputs(x, y)
     with torch.no_grad():
         network = read_network(trained.model, (64,))
-        per_sample = robust_term(interval_margin_bounds(network, trainer._targets(), x_t, y_t, torch.float32), 0.0)
+        per_sample = robust_term(interval_margin_bounds(network, trainer._param_balls(), x_t, y_t, torch.float32), 0.0)
     certified = WeightPerturbationCertifier(trained, budget, method="interval", verbose=False).certify(x, y)
     assert 0.2 < certified.mean() < 0.9
     agree = np.mean((per_sample.numpy() == 0) == certified)

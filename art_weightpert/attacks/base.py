@@ -8,8 +8,8 @@ A weight attack is an ``art.attacks.Attack`` but never an ``EvasionAttack``: its
 
 Every attack evaluates the *base* (unperturbed) module with ``W + Δ`` through
 :meth:`.PyTorchWeightClassifier.logits` (``torch.func.functional_call``), so the user's weights are never modified,
-whatever happens during the attack. Per-parameter balls come from :meth:`.PerturbationBudget.targets`; the attacks
-contain no norm branches.
+whatever happens during the attack. Per-parameter balls come from
+:meth:`.PerturbationBudget.parameter_balls`; the attacks contain no norm branches.
 
 | Paper link: https://arxiv.org/abs/2103.02200
 """
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 
@@ -108,14 +108,14 @@ class WeightAttack(Attack):
             raise TypeError("`verbose` must be a bool.")
 
     # ------------------------------------------------------------------------------------------ shared helpers
-    def _targets(self) -> list[Target]:
+    def _param_balls(self) -> list[ParameterBall]:
         """The budget resolved on the base model: one ball and radius per perturbed parameter (parameter dtype and
         device)."""
-        return self.budget.targets(self.estimator.base_model)
+        return self.budget.parameter_balls(self.estimator.base_model)
 
-    def _zero_deltas(self, targets: list[Target]) -> dict[str, torch.Tensor]:
+    def _zero_deltas(self, param_balls: list[ParameterBall]) -> dict[str, torch.Tensor]:
         model = self.estimator.base_model
-        return {t.param_name: torch.zeros_like(model.get_parameter(t.param_name)).detach() for t in targets}
+        return {t.param_name: torch.zeros_like(model.get_parameter(t.param_name)).detach() for t in param_balls}
 
     @staticmethod
     def _batches(n: int, batch_size: int) -> Iterator[slice]:
@@ -142,13 +142,13 @@ class WeightAttack(Attack):
 
     @staticmethod
     def _ascent_step(
-        targets: list[Target], deltas: Mapping[str, torch.Tensor], grads: list[torch.Tensor], step: float
+        param_balls: list[ParameterBall], deltas: Mapping[str, torch.Tensor], grads: list[torch.Tensor], step: float
     ) -> dict[str, torch.Tensor]:
         """One projected steepest-ascent step per parameter, ``step`` times its radius (the ball owns the rule)."""
         with torch.no_grad():
             return {
                 t.param_name: t.ball.project(deltas[t.param_name] + t.ball.steepest_step(g, t.radius, step), t.radius)
-                for t, g in zip(targets, grads)
+                for t, g in zip(param_balls, grads)
             }
 
     def _perturbation(self, deltas: Mapping[str, torch.Tensor]) -> WeightPerturbation:

@@ -31,7 +31,7 @@ from art_weightpert.attacks.base import (
     objective,
     success,
 )
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 
@@ -137,12 +137,12 @@ class JointWeightInputPGD(WeightAttack):
         labels = torch.as_tensor(est.check_labels(y, len(x0)), device=est.device) if y is not None else None
         if labels is None:
             labels = self._predict_labels(self._preprocess(x0).detach(), self.batch_size)
-        targets = self._targets()
+        param_balls = self._param_balls()
         with (
             eval_mode(est.base_model),
             tqdm(total=self.max_iter, desc="JointWeightInputPGD", disable=not self.verbose) as bar,
         ):
-            deltas, x_adv = self._ascend(x0, labels, targets, bar)
+            deltas, x_adv = self._ascend(x0, labels, param_balls, bar)
         return x_adv.cpu().numpy().astype(np.float32), self._perturbation(deltas)
 
     # ------------------------------------------------------------------------------------------------ internals
@@ -197,10 +197,10 @@ class JointWeightInputPGD(WeightAttack):
         return x_new
 
     def _ascend(
-        self, x0: torch.Tensor, labels: torch.Tensor, targets: list[Target], bar: tqdm
+        self, x0: torch.Tensor, labels: torch.Tensor, param_balls: list[ParameterBall], bar: tqdm
     ) -> tuple[Deltas, torch.Tensor]:
         scale = 1.0
-        deltas, x_adv = self._zero_deltas(targets), x0.clone()
+        deltas, x_adv = self._zero_deltas(param_balls), x0.clone()
         best_key, best, best_grads = (-1.0, float("-inf")), (deltas, x_adv), None
         best_value, stalled = float("-inf"), 0
         for it in range(self.max_iter + 1):
@@ -219,7 +219,7 @@ class JointWeightInputPGD(WeightAttack):
                     (deltas, x_adv), (grads, x_grad) = best, best_grads
             w_step = scale if self.eps_step is None else float(self.eps_step)
             x_step = self.input_eps_step if self.input_eps_step is not None else w_step * float(self.input_eps)
-            deltas = self._ascent_step(targets, deltas, grads, w_step)
+            deltas = self._ascent_step(param_balls, deltas, grads, w_step)
             x_adv = self._input_step(x_adv, x0, x_grad, float(x_step))
             bar.update(1)
             bar.set_postfix(success=f"{best_key[0]:.3f}", refresh=False)

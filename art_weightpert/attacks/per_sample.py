@@ -32,7 +32,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from art_weightpert.attacks.base import WeightAttack, check_positive_int, check_step, objective
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
 
@@ -107,7 +107,7 @@ class PerSampleWeightPGD(WeightAttack):
         factors = _check_scale(scale, len(x_t))
         dtype = torch.float64 if self.float64 else next(self.estimator.base_model.parameters()).dtype
         params = self._centre(dtype)
-        targets = self._centre_targets(params)
+        param_balls = self._centre_param_balls(params)
         model = self.estimator.base_model
         network = self._chain()
         margins, flipped, labels = [], [], []
@@ -124,7 +124,7 @@ class PerSampleWeightPGD(WeightAttack):
                         network = None  # the chain does not reproduce the module: evaluate the module itself
                 yb = clean.argmax(dim=1) if y_t is None else y_t[s]
                 factor = torch.as_tensor(factors[s], dtype=dtype, device=xb.device)
-                low, flip = self._attack_batch(model, params, targets, xb, yb, factor, network)
+                low, flip = self._attack_batch(model, params, param_balls, xb, yb, factor, network)
                 margins.append(low.cpu().numpy())
                 flipped.append(flip.cpu().numpy())
                 labels.append(yb.cpu().numpy())
@@ -171,27 +171,27 @@ class PerSampleWeightPGD(WeightAttack):
             out[name] = b.to(dtype) if b.is_floating_point() else b
         return out
 
-    def _centre_targets(self, params: dict[str, torch.Tensor]) -> list[Target]:
+    def _centre_param_balls(self, params: dict[str, torch.Tensor]) -> list[ParameterBall]:
         """The budget resolved on the centre weights (relative radii follow the carried perturbation)."""
-        targets = self.budget.targets(self.estimator.base_model)
+        param_balls = self.budget.parameter_balls(self.estimator.base_model)
         return [
             dataclasses.replace(t, radius=t.ball.radius(params[t.param_name], t.eps, self.budget.relative))
-            for t in targets
+            for t in param_balls
         ]
 
     def _attack_batch(
         self,
         model: torch.nn.Module,
         params: dict[str, torch.Tensor],
-        targets: list[Target],
+        param_balls: list[ParameterBall],
         x: torch.Tensor,
         labels: torch.Tensor,
         factor: torch.Tensor,
         network: Network | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x)
-        names = [t.param_name for t in targets]
-        radii = {t.param_name: factor.reshape((n,) + (1,) * t.radius.dim()) * t.radius.to(x.dtype) for t in targets}
+        names = [t.param_name for t in param_balls]
+        radii = {t.param_name: factor.reshape((n,) + (1,) * t.radius.dim()) * t.radius.to(x.dtype) for t in param_balls}
 
         def one_sample(deltas: dict[str, torch.Tensor], x_n: torch.Tensor) -> torch.Tensor:
             p = dict(params)
@@ -206,8 +206,8 @@ class PerSampleWeightPGD(WeightAttack):
             def forward(deltas: dict[str, torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
                 return chain_forward(network, params, deltas, x_b)
 
-        steepest = {t.param_name: _batched(t.ball.steepest_step, radii[t.param_name]) for t in targets}
-        project = {t.param_name: _batched(t.ball.project, radii[t.param_name]) for t in targets}
+        steepest = {t.param_name: _batched(t.ball.steepest_step, radii[t.param_name]) for t in param_balls}
+        project = {t.param_name: _batched(t.ball.project, radii[t.param_name]) for t in param_balls}
         own = labels.unsqueeze(1)
         low = torch.full((n, self.estimator.nb_classes), math.inf, dtype=x.dtype, device=x.device)
         flipped = torch.zeros(n, dtype=torch.bool, device=x.device)
@@ -222,7 +222,8 @@ class PerSampleWeightPGD(WeightAttack):
 
         for restart in range(1 + self.num_random_init):
             deltas = {
-                t.param_name: self._start(t, radii[t.param_name], params[t.param_name], restart, gen) for t in targets
+                t.param_name: self._start(t, radii[t.param_name], params[t.param_name], restart, gen)
+                for t in param_balls
             }
             for it in range(self.max_iter):
                 step = first * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / self.max_iter)))
@@ -236,7 +237,7 @@ class PerSampleWeightPGD(WeightAttack):
                         t.param_name: project[t.param_name](
                             probes[t.param_name].detach() + steepest[t.param_name](g, step)
                         )
-                        for t, g in zip(targets, grads)
+                        for t, g in zip(param_balls, grads)
                     }
             with torch.no_grad():
                 record(forward(deltas, x))
@@ -244,7 +245,7 @@ class PerSampleWeightPGD(WeightAttack):
 
     @staticmethod
     def _start(
-        target: Target, radii: torch.Tensor, param: torch.Tensor, restart: int, gen: torch.Generator
+        target: ParameterBall, radii: torch.Tensor, param: torch.Tensor, restart: int, gen: torch.Generator
     ) -> torch.Tensor:
         """Starting deltas ``(n,) + param.shape`` in the per-sample balls of radii ``radii`` (``(n,) + radius
         shape``): zero for restart 0, then uniform and extreme points in turn."""

@@ -21,7 +21,7 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert.attacks.base import WeightAttack, check_positive_int
-from art_weightpert.budget import DISTRIBUTIONS, PerturbationBudget, Target
+from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
 from art_weightpert.perturbation import WeightPerturbation
 
 logger = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ class RandomWeightPerturbation(WeightAttack):
 
         :return: the draw, carrying the budget.
         """
-        targets = self._targets()
-        return self._perturbation(self._draw(targets, self._generator()))
+        param_balls = self._param_balls()
+        return self._perturbation(self._draw(param_balls, self._generator()))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray | None = None) -> dict[str, Any]:
         """
@@ -99,13 +99,13 @@ class RandomWeightPerturbation(WeightAttack):
         x_t, labels = self.estimator.prepare_inputs(x, y)
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
-        targets = self._targets()
+        param_balls = self._param_balls()
         gen = self._generator()
         clean = self._accuracy(x_t, labels, None, self.batch_size)
         accuracies = np.empty(self.nb_samples)
         with tqdm(total=self.nb_samples, desc="RandomWeightPerturbation", disable=not self.verbose) as bar:
             for i in range(self.nb_samples):
-                accuracies[i] = self._accuracy(x_t, labels, self._draw(targets, gen), self.batch_size)
+                accuracies[i] = self._accuracy(x_t, labels, self._draw(param_balls, gen), self.batch_size)
                 bar.update(1)
         return {
             "mean": float(accuracies.mean()),
@@ -122,9 +122,9 @@ class RandomWeightPerturbation(WeightAttack):
         seed = int(torch.randint(0, 2**62, (1,))) if self.seed is None else int(self.seed)
         return torch.Generator().manual_seed(seed)
 
-    def _draw(self, targets: list[Target], gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _draw(self, param_balls: list[ParameterBall], gen: torch.Generator) -> dict[str, torch.Tensor]:
         model = self.estimator.base_model
         return {
             t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, self.distribution, gen)
-            for t in targets
+            for t in param_balls
         }

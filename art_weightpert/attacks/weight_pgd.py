@@ -28,7 +28,7 @@ from art_weightpert.attacks.base import (
     objective,
     success,
 )
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 
@@ -116,17 +116,17 @@ class WeightPGD(WeightAttack):
         x_t, labels = self.estimator.prepare_inputs(x, y, require_labels=self.targeted)
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
-        targets = self._targets()
+        param_balls = self._param_balls()
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # reproducible via torch.manual_seed
         starts = max(1, self.num_random_init)
-        best_key, best = (-1.0, float("-inf")), self._zero_deltas(targets)
+        best_key, best = (-1.0, float("-inf")), self._zero_deltas(param_balls)
         with (
             eval_mode(self.estimator.base_model),
             tqdm(total=starts * self.max_iter, desc="WeightPGD", disable=not self.verbose) as bar,
         ):
             for _ in range(starts):
-                init = self._start(targets, gen)
-                key, deltas = self._ascend(x_t, labels, targets, init, bar)
+                init = self._start(param_balls, gen)
+                key, deltas = self._ascend(x_t, labels, param_balls, init, bar)
                 if key > best_key:
                     best_key, best = key, deltas
         logger.info("WeightPGD: success rate %.4f, objective %.4f.", *best_key)
@@ -144,13 +144,13 @@ class WeightPGD(WeightAttack):
         return self.estimator.with_weight_perturbation(self.generate(x, y, **kwargs))
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _start(self, targets: list[Target], gen: torch.Generator) -> Deltas:
+    def _start(self, param_balls: list[ParameterBall], gen: torch.Generator) -> Deltas:
         if self.num_random_init == 0:
-            return self._zero_deltas(targets)
+            return self._zero_deltas(param_balls)
         model = self.estimator.base_model
         return {
             t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, "uniform", gen)
-            for t in targets
+            for t in param_balls
         }
 
     def _value_and_grad(
@@ -176,7 +176,7 @@ class WeightPGD(WeightAttack):
         return (float(hits) / max(1, n), float(total)), grads
 
     def _ascend(
-        self, x_t: torch.Tensor, labels: torch.Tensor, targets: list[Target], deltas: Deltas, bar: tqdm
+        self, x_t: torch.Tensor, labels: torch.Tensor, param_balls: list[ParameterBall], deltas: Deltas, bar: tqdm
     ) -> tuple[tuple[float, float], Deltas]:
         """One run of projected ascent from ``deltas``; returns the best (success, objective) and its iterate."""
         step = 1.0 if self.eps_step is None else float(self.eps_step)
@@ -195,7 +195,7 @@ class WeightPGD(WeightAttack):
                     stalled += 1
                 if stalled >= self._patience and best_grads is not None:
                     step, stalled, deltas, grads = step / 2, 0, best, best_grads
-            deltas = self._ascent_step(targets, deltas, grads, step)
+            deltas = self._ascent_step(param_balls, deltas, grads, step)
             bar.update(1)
             bar.set_postfix(success=f"{best_key[0]:.3f}", refresh=False)
         return best_key, best

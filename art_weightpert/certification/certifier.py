@@ -34,7 +34,7 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
 
@@ -48,8 +48,8 @@ _BISECTION_STEPS = 36  # halvings of a [s, 2s] bracket: relative precision 2^-36
 _BRACKET_STEPS = 64  # doublings/halvings allowed to find the bracket (factor 2^64 either way)
 
 
-def _perturbed_layers(network: Network, targets: dict[str, Target]) -> set[str]:
-    names = {t.layer_name for t in targets.values()}
+def _perturbed_layers(network: Network, param_balls: dict[str, ParameterBall]) -> set[str]:
+    names = {t.layer_name for t in param_balls.values()}
     return {layer.name for layer in network.affine_layers if layer.name in names}
 
 
@@ -59,13 +59,14 @@ class BoundMethod:
     One entry of :data:`METHODS`: where its bound function lives and whether its lower bounds are affine in a common
     factor ``s`` of every radius (then the certified radius has a closed form).
 
-    The bound function has the signature ``(network, targets, x, labels, dtype) -> (N, K)`` lower bounds with ``+inf``
-    at the label; an optional ``scale`` keyword (per-sample radius factors) makes the radius search vectorized.
+    The bound function has the signature ``(network, param_balls, x, labels, dtype) -> (N, K)`` lower bounds
+    with ``+inf`` at the label; an optional ``scale`` keyword (per-sample radius factors) makes the radius
+    search vectorized.
     """
 
     module: str
     function: str
-    affine_in_radius: Callable[[Network, dict[str, Target]], bool]
+    affine_in_radius: Callable[[Network, dict[str, ParameterBall]], bool]
 
     def load(self) -> Callable[..., torch.Tensor]:
         """The bound function (``ImportError`` naming the method's module when it is not available)."""
@@ -81,18 +82,18 @@ METHODS: dict[str, BoundMethod] = {
     "paper": BoundMethod(
         "art_weightpert.certification.paper",
         "paper_margin_bounds",
-        lambda network, targets: len(_perturbed_layers(network, targets)) <= 1,
+        lambda network, param_balls: len(_perturbed_layers(network, param_balls)) <= 1,
     ),
     # With only the last layer perturbed every box before it is exact and the bound is m − s·(P_y + P_i).
     "interval": BoundMethod(
         "art_weightpert.certification.interval",
         "interval_margin_bounds",
-        lambda network, targets: _perturbed_layers(network, targets) <= {network.layers[-1].name},
+        lambda network, param_balls: _perturbed_layers(network, param_balls) <= {network.layers[-1].name},
     ),
     "linear": BoundMethod(
         "art_weightpert.certification.linear",
         "linear_margin_bounds",
-        lambda network, targets: False,
+        lambda network, param_balls: False,
     ),
 }
 """Method name → bound function (imported lazily)."""
@@ -162,8 +163,8 @@ class WeightPerturbationCertifier:
                 "classes."
             )
         self._key: tuple | None = None
-        self._targets: dict[str, Target] = {}
-        self._unit_targets: dict[str, Target] = {}
+        self._param_balls: dict[str, ParameterBall] = {}
+        self._unit_param_balls: dict[str, ParameterBall] = {}
 
     @staticmethod
     def _check_params(estimator: Any, budget: Any, method: Any, batch_size: Any, verbose: Any) -> None:
@@ -193,10 +194,10 @@ class WeightPerturbationCertifier:
         return self._network
 
     @property
-    def targets(self) -> dict[str, Target]:
-        """The budget resolved on the centre weights (float64): ``{parameter name: Target}``."""
+    def parameter_balls(self) -> dict[str, ParameterBall]:
+        """The budget resolved on the centre weights (float64): ``{parameter name: ParameterBall}``."""
         self._refresh()
-        return dict(self._targets)
+        return dict(self._param_balls)
 
     # ------------------------------------------------------------------------------------------------ public API
     def margin_lower_bounds(
@@ -220,7 +221,7 @@ class WeightPerturbationCertifier:
         out, start = [], 0
         for x_t, labels, _, _ in self._prepared_batches(x, y, "margin bounds", predict=False):
             factor = torch.as_tensor(factors[start : start + len(x_t)], device=x_t.device)
-            out.append(self._bounds(x_t, labels, self._targets, factor).cpu().numpy())
+            out.append(self._bounds(x_t, labels, self._param_balls, factor).cpu().numpy())
             start += len(x_t)
         return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
 
@@ -254,7 +255,7 @@ class WeightPerturbationCertifier:
         """
         self._refresh()
         unit = self._unit_budget()
-        affine = METHODS[self.method].affine_in_radius(self._network, self._unit_targets)
+        affine = METHODS[self.method].affine_in_radius(self._network, self._unit_param_balls)
         out = []
         for x_t, labels, tol, correct in self._prepared_batches(x, y, "certified radius"):
             if affine:
@@ -291,8 +292,10 @@ class WeightPerturbationCertifier:
         if self._key is not None and any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._model64, self.estimator.input_shape)  # batch-norm constants changed
         self._cache = {}
-        self._targets = {t.param_name: t for t in self.budget.targets(self._model64, torch.float64)}
-        self._unit_targets = {t.param_name: t for t in self._unit_budget_object().targets(self._model64, torch.float64)}
+        self._param_balls = {t.param_name: t for t in self.budget.parameter_balls(self._model64, torch.float64)}
+        self._unit_param_balls = {
+            t.param_name: t for t in self._unit_budget_object().parameter_balls(self._model64, torch.float64)
+        }
         self._key = key
 
     def _unit_budget(self) -> float:
@@ -329,34 +332,40 @@ class WeightPerturbationCertifier:
     def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str, predict: bool = True):
         """``(bounds, tolerance, correct)`` per batch at the budget itself."""
         for x_t, labels, tol, correct in self._prepared_batches(x, y, desc, predict):
-            yield self._bounds(x_t, labels, self._targets), tol, correct
+            yield self._bounds(x_t, labels, self._param_balls), tol, correct
 
     def _bounds(
-        self, x_t: torch.Tensor, labels: torch.Tensor, targets: dict[str, Target], scale: torch.Tensor | None = None
+        self,
+        x_t: torch.Tensor,
+        labels: torch.Tensor,
+        param_balls: dict[str, ParameterBall],
+        scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` in float64; ``scale`` multiplies every radius per sample."""
         extra = {"cache": self._cache} if self._supports_cache else {}
         with torch.no_grad():
             if scale is None:
-                return self._bound_function(self._network, targets, x_t, labels, torch.float64, **extra)
+                return self._bound_function(self._network, param_balls, x_t, labels, torch.float64, **extra)
             if self._supports_scale:
-                return self._bound_function(self._network, targets, x_t, labels, torch.float64, scale=scale, **extra)
+                return self._bound_function(
+                    self._network, param_balls, x_t, labels, torch.float64, scale=scale, **extra
+                )
             out = torch.empty((len(x_t), self.estimator.nb_classes), dtype=torch.float64, device=x_t.device)
             for value in torch.unique(scale):  # a bound without per-sample radii: one call per distinct scale
                 rows = scale == value
-                scaled = {k: dataclasses.replace(t, radius=t.radius * value) for k, t in targets.items()}
+                scaled = {k: dataclasses.replace(t, radius=t.radius * value) for k, t in param_balls.items()}
                 out[rows] = self._bound_function(self._network, scaled, x_t[rows], labels[rows], torch.float64)
             return out
 
     def _min_bound(self, x_t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self._bounds(x_t, labels, self._unit_targets, scale).amin(dim=1)
+        return self._bounds(x_t, labels, self._unit_param_balls, scale).amin(dim=1)
 
     def _closed_form_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Bounds affine in the radius factor ``s``: ``lb(s) = lb(0) − s·(lb(0) − lb(1))``, solved for
         ``lb(s) = tol`` per class."""
         zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
-        at0 = self._bounds(x_t, labels, self._unit_targets, zeros)
-        at1 = self._bounds(x_t, labels, self._unit_targets, zeros + 1)
+        at0 = self._bounds(x_t, labels, self._unit_param_balls, zeros)
+        at1 = self._bounds(x_t, labels, self._unit_param_balls, zeros + 1)
         slope = at0 - at1  # η per unit radius (≥ 0); nan in the label's column (inf − inf)
         room = at0 - tol.unsqueeze(1)
         ratio = torch.where(slope > 0, room / slope.clamp_min(torch.finfo(torch.float64).tiny), math.inf)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from art_weightpert.balls import BoxBall
-from art_weightpert.budget import Target
+from art_weightpert.budget import ParameterBall
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -69,7 +69,9 @@ def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
     return value if bool((radius == value).all()) else None
 
 
-def _uniform_box_term(layer: Affine, m: torch.Tensor, target: Target, dtype, cache: dict | None) -> torch.Tensor | None:
+def _uniform_box_term(
+    layer: Affine, m: torch.Tensor, target: ParameterBall, dtype, cache: dict | None
+) -> torch.Tensor | None:
     """Fast path of the box term ``Σ_c δ_rc m_c`` when every entry has the same radius δ (absolute ``inf``
     budgets): ``δ Σ_c m_c`` over the row's receptive field, a sum instead of a matmul. ``None`` otherwise."""
     if target.radius.dim() < 2 or (layer.is_conv and layer.module.groups != 1):
@@ -88,7 +90,7 @@ def _uniform_box_term(layer: Affine, m: torch.Tensor, target: Target, dtype, cac
 def perturbation_radius(
     layer: Affine,
     m: torch.Tensor,
-    targets: dict[str, Target],
+    param_balls: dict[str, ParameterBall],
     dtype: torch.dtype,
     scale: torch.Tensor | None = None,
     cache: dict | None = None,
@@ -101,12 +103,12 @@ def perturbation_radius(
     :param include_weight: ``False``: the bias term ``β`` only.
     """
     out: torch.Tensor | float = 0.0
-    wt = targets.get(layer.weight_name)
+    wt = param_balls.get(layer.weight_name)
     if wt is not None and include_weight:
         radius = wt.radius.to(dtype)
         term = _uniform_box_term(layer, m, wt, dtype, cache) if isinstance(wt.ball, BoxBall) else None
         out = wt.ball.interval_term(layer, m, radius) if term is None else term
-    bt = targets.get(layer.bias_name) if layer.bias_name else None
+    bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         beta = bt.ball.entry_bound(bt.radius.to(dtype), layer.module.bias.shape)
         out = out + layer.rows_shape(beta)
@@ -115,10 +117,10 @@ def perturbation_radius(
     return out
 
 
-def _relative_box_eps(layer: Affine, weight: torch.Tensor, targets: dict[str, Target], cache: dict | None):
+def _relative_box_eps(layer: Affine, weight: torch.Tensor, param_balls: dict[str, ParameterBall], cache: dict | None):
     """``ε`` when the layer's weight ball is a relative box ``δ = ε|W|`` (then ``|W| r + δ m = |W|(r + ε m)``, one
     product instead of two), else ``None``. Only without gradients: the fold would let them flow through ``δ``."""
-    wt = targets.get(layer.weight_name)
+    wt = param_balls.get(layer.weight_name)
     if wt is None or not isinstance(wt.ball, BoxBall) or (torch.is_grad_enabled() and weight.requires_grad):
         return None
     radius = wt.radius.to(weight.dtype)
@@ -135,7 +137,7 @@ def affine_interval(
     params: dict[str, torch.Tensor],
     lo: torch.Tensor,
     hi: torch.Tensor,
-    targets: dict[str, Target],
+    param_balls: dict[str, ParameterBall],
     exact_input: bool = False,
     scale: torch.Tensor | None = None,
     cache: dict | None = None,
@@ -148,7 +150,7 @@ def affine_interval(
     bias = params[layer.bias_name] if layer.bias_name else None
     if exact_input:
         center = layer.apply(lo, weight, bias)
-        radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), targets, lo.dtype, scale, cache)
+        radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), param_balls, lo.dtype, scale, cache)
     else:
         # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
         # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
@@ -156,14 +158,14 @@ def affine_interval(
         half_abs = cached(cache, ("half_abs", layer.weight_name, weight.dtype), lambda: half.abs())
         center = layer.apply(lo + hi, half, bias)
         m = hi if nonnegative else torch.maximum(lo.neg(), hi)
-        fold = _relative_box_eps(layer, weight, targets, cache)
+        fold = _relative_box_eps(layer, weight, param_balls, cache)
         if fold is not None:  # (|W|/2)(u − l) + ε|W| m = (|W|/2)(u − l + 2ε m)
             factor = 2 * fold if scale is None else (2 * fold) * _per_sample(scale, m.dim())
             radius = layer.apply(torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype)), half_abs)
-            beta = perturbation_radius(layer, m, targets, lo.dtype, scale, cache, include_weight=False)
+            beta = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, include_weight=False)
             radius = radius + beta
         else:
-            radius = perturbation_radius(layer, m, targets, lo.dtype, scale, cache)
+            radius = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache)
             if isinstance(radius, torch.Tensor) and not layer.is_conv:  # P + (|W|/2)(u − l) in one fused product
                 radius = torch.addmm(radius, hi - lo, half_abs.T)
             else:
@@ -181,7 +183,7 @@ def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> 
 
 def interval_preactivation_bounds(
     network: Network,
-    targets: list[Target] | dict[str, Target],
+    param_balls: list[ParameterBall] | dict[str, ParameterBall],
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
     scale: torch.Tensor | None = None,
@@ -189,7 +191,7 @@ def interval_preactivation_bounds(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``);
     ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: see :func:`cached`."""
-    targets = _by_name(targets)
+    param_balls = _by_name(param_balls)
     lo = hi = x
     boxes = []
     exact = True
@@ -197,7 +199,7 @@ def interval_preactivation_bounds(
         boxes.append((lo, hi))
         if isinstance(layer, Affine):
             lo, hi = affine_interval(
-                layer, params, lo, hi, targets, exact, scale, cache, nonnegative_input(network, index)
+                layer, params, lo, hi, param_balls, exact, scale, cache, nonnegative_input(network, index)
             )
             exact = exact and lo is hi
         elif lo is hi:  # an exact activation stays exact through a fixed layer
@@ -242,7 +244,7 @@ def pairwise_spread(
 
 def interval_margin_bounds(
     network: Network,
-    targets: list[Target] | dict[str, Target],
+    param_balls: list[ParameterBall] | dict[str, ParameterBall],
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
@@ -254,7 +256,7 @@ def interval_margin_bounds(
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).
 
     :param network: the model read by :func:`.read_network`.
-    :param targets: the budget resolved on the model (:meth:`.PerturbationBudget.targets`).
+    :param param_balls: the budget resolved on the model (:meth:`.PerturbationBudget.parameter_balls`).
     :param x: preprocessed inputs ``(N, ...)``.
     :param labels: classes ``y`` ``(N,)`` (int64).
     :param dtype: float64 for certificates; float32 keeps the training graph cheap (differentiable either way).
@@ -265,13 +267,13 @@ def interval_margin_bounds(
         see :func:`cached`).
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
-    targets = _by_name(targets)
+    param_balls = _by_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
     if scale is not None:
         scale = scale.to(dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, targets, x, params, scale, cache)
+        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
     last = network.layers[-1]
     lo, hi = boxes[-1]
     weight = params[last.weight_name]
@@ -289,7 +291,7 @@ def interval_margin_bounds(
         m = hi
     else:
         m = lo.abs() if exact_input else torch.maximum(lo.neg(), hi)
-    pert = perturbation_radius(last, m, targets, dtype, scale, cache)  # bound per logit row, (N, K) or (N, 1)
+    pert = perturbation_radius(last, m, param_balls, dtype, scale, cache)  # bound per logit row, (N, K) or (N, 1)
     if not isinstance(pert, float):
         pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
@@ -302,5 +304,5 @@ def _fill_label(bounds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return bounds.scatter(1, labels.unsqueeze(1), inf)
 
 
-def _by_name(targets: list[Target] | dict[str, Target]) -> dict[str, Target]:
-    return targets if isinstance(targets, dict) else {t.param_name: t for t in targets}
+def _by_name(param_balls: list[ParameterBall] | dict[str, ParameterBall]) -> dict[str, ParameterBall]:
+    return param_balls if isinstance(param_balls, dict) else {t.param_name: t for t in param_balls}

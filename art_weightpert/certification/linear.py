@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from art_weightpert.balls import BALLS
-from art_weightpert.budget import Target
+from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.interval import (
     _by_name,
     _fill_label,
@@ -65,7 +65,7 @@ class _Context:
     """What the affine rule needs besides the layer: the (cast) parameters and the perturbed ones."""
 
     params: dict[str, torch.Tensor]
-    targets: dict[str, Target]
+    param_balls: dict[str, ParameterBall]
     scale: torch.Tensor | None = None
 
 
@@ -203,7 +203,7 @@ def _magnitude_term(ball, layer: Affine, a, lo, hi, radius):
 WEIGHT_TERMS = {"inf": _box_term, "row_l1": _row_l1_term, "l2": _frobenius_term}
 
 
-def _bias_term(target: Target, row_sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _bias_term(target: ParameterBall, row_sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Exact ``min_{Δb} Σ_r Δb_r s_r`` with ``s_r = Σ_p λ_{r,p}``: ``−ε‖s‖_2`` (``l2``) or ``−Σ_r β_r |s_r|``."""
     radius = target.radius.to(dtype)
     if target.ball.name == "l2":
@@ -211,7 +211,7 @@ def _bias_term(target: Target, row_sums: torch.Tensor, dtype: torch.dtype) -> to
     return -row_sums.abs() @ target.ball.entry_bound(radius, radius.shape)
 
 
-def _affine_terms(target: Target, layer: Affine, a, lo, hi, radius):
+def _affine_terms(target: ParameterBall, layer: Affine, a, lo, hi, radius):
     """The weight ball's term: its entry in :data:`WEIGHT_TERMS`, else the magnitude constant."""
     term = WEIGHT_TERMS.get(target.ball.name)
     if term is None:
@@ -232,14 +232,14 @@ def _affine_backward(layer: Affine, a, lo, hi, ctx: _Context):
     a_in = layer.apply_transposed(_flat(a), weight, lo.shape[1:]).reshape(a.shape[:2] + lo.shape[1:])
     row_sums = a.flatten(3).sum(dim=3) if a.dim() > 3 else a  # (N, K, rows): λ summed over output positions
     const = row_sums @ ctx.params[layer.bias_name] if layer.bias_name else a.new_zeros(a.shape[:2])
-    wt = ctx.targets.get(layer.weight_name)
+    wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
         change, pert = _affine_terms(wt, layer, a, lo, hi, wt.radius.to(a.dtype))
         if change is not None:
             a_in = a_in + _per_sample(ctx.scale, change)
         if pert is not None:
             const = const + _per_sample(ctx.scale, pert)
-    bt = ctx.targets.get(layer.bias_name) if layer.bias_name else None
+    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         const = const + _per_sample(ctx.scale, _bias_term(bt, row_sums, a.dtype))
     return a_in, const
@@ -251,11 +251,11 @@ def _affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: _Cont
     weight = ctx.params[layer.weight_name]
     bias = ctx.params[layer.bias_name] if layer.bias_name else None
     const = _dot(a, layer.apply(h, weight, bias))
-    wt = ctx.targets.get(layer.weight_name)
+    wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
         _, pert = _affine_terms(wt, layer, a, h, h, wt.radius.to(a.dtype))
         const = const + _per_sample(ctx.scale, pert)
-    bt = ctx.targets.get(layer.bias_name) if layer.bias_name else None
+    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         row_sums = a.flatten(3).sum(dim=3) if a.dim() > 3 else a
         const = const + _per_sample(ctx.scale, _bias_term(bt, row_sums, a.dtype))
@@ -389,7 +389,7 @@ BACKWARD_RULES = {
 # ------------------------------------------------------------------------------------------------------ bounds
 def backward_margin_bounds(
     network: Network,
-    targets: list[Target] | dict[str, Target],
+    param_balls: list[ParameterBall] | dict[str, ParameterBall],
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
@@ -401,16 +401,16 @@ def backward_margin_bounds(
 
     Parameters and return value as :func:`linear_margin_bounds`.
     """
-    targets = _by_name(targets)
+    param_balls = _by_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
     scale = _check_batch(x, labels, scale, dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, targets, x, params, scale)
+        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale)
     nb_classes = params[network.layers[-1].weight_name].shape[0]
     a = margin_matrix(labels, nb_classes, dtype)  # (N, K, K): coefficients on the logits
     const = a.new_zeros(a.shape[:2])
-    ctx = _Context(params, targets, scale)
+    ctx = _Context(params, param_balls, scale)
     first = next(i for i, layer in enumerate(network.layers) if isinstance(layer, Affine))
     for layer, (lo, hi) in zip(reversed(network.layers[first + 1 :]), reversed(boxes[first + 1 :])):
         a, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
@@ -423,7 +423,7 @@ def backward_margin_bounds(
 
 def linear_margin_bounds(
     network: Network,
-    targets: list[Target] | dict[str, Target],
+    param_balls: list[ParameterBall] | dict[str, ParameterBall],
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
@@ -435,7 +435,7 @@ def linear_margin_bounds(
     exact weight absorption (THEORY.md §4b), never looser than the interval bound (§4).
 
     :param network: the model read by :func:`.read_network`.
-    :param targets: the budget resolved on the model (:meth:`.PerturbationBudget.targets`).
+    :param param_balls: the budget resolved on the model (:meth:`.PerturbationBudget.parameter_balls`).
     :param x: preprocessed inputs ``(N, ...)`` on the model's device.
     :param labels: classes ``y`` ``(N,)`` (int64, same device).
     :param dtype: float64 for certificates; the bound is differentiable in any dtype.
@@ -446,13 +446,13 @@ def linear_margin_bounds(
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column: the element-wise maximum of the backward
         linear bound and the interval bound.
     """
-    targets = _by_name(targets)
+    param_balls = _by_name(param_balls)
     x = x.to(dtype)
     scale = _check_batch(x, labels, scale, dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, targets, x, network.params(dtype=dtype), scale)
-    backward = backward_margin_bounds(network, targets, x, labels, dtype, boxes, scale)
-    interval = interval_margin_bounds(network, targets, x, labels, dtype, boxes=boxes, scale=scale)
+        boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale)
+    backward = backward_margin_bounds(network, param_balls, x, labels, dtype, boxes, scale)
+    interval = interval_margin_bounds(network, param_balls, x, labels, dtype, boxes=boxes, scale=scale)
     return torch.maximum(backward, interval)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from art_weightpert.budget import Target
+from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.interval import _by_name, _fill_label, cached
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
@@ -49,29 +49,29 @@ PAPER_RULES = {
 }
 
 
-def layer_constants(layer: Affine, params: dict[str, torch.Tensor], targets: dict[str, Target], dtype):
+def layer_constants(layer: Affine, params: dict[str, torch.Tensor], param_balls: dict[str, ParameterBall], dtype):
     """``(a, ε per row, β per row, ‖b‖_∞)`` of one affine layer; ε and β are zero tensors when unperturbed."""
     weight = params[layer.weight_name]
     rows = weight.reshape(weight.shape[0], -1)
     a = rows.abs().sum(dim=1).max()
-    wt = targets.get(layer.weight_name)
+    wt = param_balls.get(layer.weight_name)
     eps = wt.ball.row_l1_radius(wt.radius.to(dtype), weight.shape) if wt is not None else rows.new_zeros(len(rows))
-    bt = targets.get(layer.bias_name) if layer.bias_name else None
+    bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     beta = bt.ball.entry_bound(bt.radius.to(dtype), (len(rows),)) if bt is not None else rows.new_zeros(len(rows))
     b_norm = params[layer.bias_name].abs().max() if layer.bias_name else rows.new_zeros(())
     return a, eps, beta, b_norm
 
 
-def _constants(layer: Affine, params, targets: dict[str, Target], dtype, cache: dict | None):
+def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dtype, cache: dict | None):
     """:func:`layer_constants`, memoized per layer and radius tensors when a cache is given."""
-    radii = [t.radius for t in (targets.get(layer.weight_name), targets.get(layer.bias_name)) if t is not None]
+    radii = [t.radius for t in (param_balls.get(layer.weight_name), param_balls.get(layer.bias_name)) if t is not None]
     key = ("paper", layer.weight_name, dtype) + tuple(id(r) for r in radii)
-    return cached(cache, key, lambda: layer_constants(layer, params, targets, dtype), *radii)
+    return cached(cache, key, lambda: layer_constants(layer, params, param_balls, dtype), *radii)
 
 
 def paper_margin_bounds(
     network: Network,
-    targets: list[Target] | dict[str, Target],
+    param_balls: list[ParameterBall] | dict[str, ParameterBall],
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
@@ -84,7 +84,7 @@ def paper_margin_bounds(
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional memo of the per-layer constants, see :func:`.interval.cached`).
     """
-    targets = _by_name(targets)
+    param_balls = _by_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
     logits = network.forward(x, params)
@@ -93,14 +93,14 @@ def paper_margin_bounds(
     s = torch.ones_like(n) if scale is None else scale.to(n)
     for layer in network.layers[:-1]:
         if isinstance(layer, Affine):
-            a, eps, beta, b_norm = _constants(layer, params, targets, dtype, cache)
+            a, eps, beta, b_norm = _constants(layer, params, param_balls, dtype, cache)
             eps_max, beta_max = s * eps.max(), s * beta.max()
             d = a * d + eps_max * n + beta_max
             n = (a + eps_max) * n + b_norm + beta_max
         else:
             n, d = PAPER_RULES[type(layer)](layer, n, d)
     last = network.layers[-1]
-    _, eps, beta, _ = _constants(last, params, targets, dtype, cache)
+    _, eps, beta, _ = _constants(last, params, param_balls, dtype, cache)
     weight = params[last.weight_name]
     pair_dw = cached(  # ‖W_y − W_i‖_1, (K, K)
         cache,

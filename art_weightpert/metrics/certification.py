@@ -193,7 +193,7 @@ def _layer_norms(certifier: WeightPerturbationCertifier) -> tuple[list[float], l
                 f"{layer.name!r} is a {type(layer).__name__}."
             )
     params = network.params(dtype=torch.float64)
-    targets = certifier.targets
+    param_balls = certifier.parameter_balls
     norms, eps = [], []
     for layer in network.affine_layers:
         weight = params[layer.weight_name]
@@ -201,10 +201,10 @@ def _layer_norms(certifier: WeightPerturbationCertifier) -> tuple[list[float], l
         if layer.bias_name:
             rows = rows + params[layer.bias_name].abs()
         radius = torch.zeros_like(rows)
-        wt = targets.get(layer.weight_name)
+        wt = param_balls.get(layer.weight_name)
         if wt is not None:
             radius = radius + wt.ball.row_l1_radius(wt.radius, weight.shape)
-        bt = targets.get(layer.bias_name) if layer.bias_name else None
+        bt = param_balls.get(layer.bias_name) if layer.bias_name else None
         if bt is not None:
             radius = radius + bt.ball.entry_bound(bt.radius, (len(rows),))
         norms.append(max(float(rows.max()), 1.0) if has_bias else float(rows.max()))

@@ -34,7 +34,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
-from art_weightpert.budget import PerturbationBudget, Target
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
 
@@ -317,8 +317,8 @@ class WeightRobustTrainer(Trainer):
         x_t = torch.as_tensor(np.asarray(x_pre, dtype=np.float32), device=est.device)
         return x_t, torch.as_tensor(y_idx.astype(np.int64), device=est.device)
 
-    def _targets(self) -> dict[str, Target]:
-        return {t.param_name: t for t in self.budget.targets(self._estimator.base_model)}
+    def _param_balls(self) -> dict[str, ParameterBall]:
+        return {t.param_name: t for t in self.budget.parameter_balls(self._estimator.base_model)}
 
     def _network_now(self) -> Network:
         """The network read once; re-read when it has batch norm (its running statistics change while training)."""
@@ -347,7 +347,7 @@ class WeightRobustTrainer(Trainer):
         x: torch.Tensor,
         labels: torch.Tensor,
         lam: float | None = None,
-        targets: dict[str, Target] | None = None,
+        param_balls: dict[str, ParameterBall] | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         The terms of the loss on a preprocessed batch, differentiable in the model's parameters. The model's mode is
@@ -356,7 +356,7 @@ class WeightRobustTrainer(Trainer):
         :param x: preprocessed inputs on the estimator's device.
         :param labels: int64 class indices.
         :param lam: λ to use (default: the trainer's λ).
-        :param targets: the budget resolved on the model (default: resolved now).
+        :param param_balls: the budget resolved on the model (default: resolved now).
         :return: ``{"loss", "ce", "robust", "norm"}`` scalars; ``robust`` is the batch mean of
             ``max_{i≠y} relu(η − m + κ)`` (not computed, NaN, when both ``lam`` and the trainer's λ are 0), ``norm`` is
             ``Σ_k ‖W^k‖_op∞`` (not computed, NaN, when ``μ = 0``).
@@ -367,9 +367,9 @@ class WeightRobustTrainer(Trainer):
         loss = ce
         network = self._network_now()
         if lam > 0 or self.lam > 0:
-            if targets is None or self.budget.relative:
-                targets = self._targets()
-            bounds = _bound_function(self.bound)(network, targets, x, labels, dtype=torch.float32)
+            if param_balls is None or self.budget.relative:
+                param_balls = self._param_balls()
+            bounds = _bound_function(self.bound)(network, param_balls, x, labels, dtype=torch.float32)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
@@ -392,7 +392,7 @@ class WeightRobustTrainer(Trainer):
         est = self._estimator
         model = est.base_model
         optimizer = self._classifier._optimizer  # pylint: disable=protected-access
-        targets = self._targets()
+        param_balls = self._param_balls()
         warmup_steps = self.warmup * nb_batches
         history: dict[str, list] = {key: [] for key in HISTORY_KEYS}
         if validation is not None:
@@ -412,7 +412,7 @@ class WeightRobustTrainer(Trainer):
                     lam_t = self.lam * min(1.0, step / warmup_steps) if warmup_steps else float(self.lam)
                     model.train()
                     optimizer.zero_grad()
-                    terms = self.loss_terms(x_pre, y_pre, lam=lam_t, targets=targets)
+                    terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=param_balls)
                     terms["loss"].backward()
                     optimizer.step()
                     step += 1
