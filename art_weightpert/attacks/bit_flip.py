@@ -265,7 +265,9 @@ def _batched_logits(
 
     try:
         return vmap(run)(stacked)
-    except (RuntimeError, NotImplementedError) as error:  # an operation without a batching rule
+    except (RuntimeError, NotImplementedError) as error:
+        if "vmap" not in str(error) and "atching rule" not in str(error):
+            raise  # not vmap's: an error of the model itself propagates
         logger.debug("vmap failed (%s); evaluating the candidates one by one.", error)
         return torch.stack([run(value) for value in stacked])
 
