@@ -38,18 +38,13 @@ def bit_flip_curve(
     flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits).
 
     :param classifier: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
-    :param x: evaluation inputs.
-    :param y: their integer or one-hot labels.
-    :param flips: the numbers of flipped bits (positive, increasing order not required).
-    :param x_attack: the attack batch (``None``: the first 128 evaluation inputs, which flatters the attack).
-    :param y_attack: its labels (``None`` with ``x_attack=None``: the first 128 of ``y``).
-    :param n_bits: bits per quantized weight.
-    :param granularity: ``"tensor"`` or ``"channel"``.
-    :param layers: the quantized layers (``None``: every Linear/Conv layer).
-    :param nb_samples: random draws per number of flips.
-    :param seed: seed of the random flips.
-    :param batch_size: samples per forward pass.
-    :param verbose: progress bars.
+    :param x: evaluation inputs; ``y``: their integer or one-hot labels.
+    :param flips: the numbers of flipped bits (positive).
+    :param x_attack: the attack batch and ``y_attack`` its labels (``None``: the first 128 of ``x`` and ``y``).
+    :param n_bits: bits per quantized weight; ``granularity``: ``"tensor"`` or ``"channel"``; ``layers``: the
+        quantized layers (``None``: every Linear/Conv layer).
+    :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
+        pass; ``verbose``: progress bars.
     :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy`` (float model),
         ``quantized_accuracy``, ``flips`` (sorted), ``bfa_accuracy``, ``random_mean``, ``random_std`` (one per entry
         of ``flips``; BFA entries beyond the flips it found repeat its last accuracy), ``bfa_flips`` (each ``layer``,
@@ -67,29 +62,10 @@ def bit_flip_curve(
     found = attack.generate(x_attack, y_attack)
     quantized: QuantizedWeights = attack.quantized_
     x_t, labels = classifier.prepare_inputs(x, y, require_labels=True)
-    curve = [accuracy_with_deltas(classifier, x_t, labels, quantized.deltas(classifier), batch_size)]
-    state = quantized
-    for flip in found:
-        state = state.flip([flip])
-        curve.append(accuracy_with_deltas(classifier, x_t, labels, state.deltas(classifier), batch_size))
-    random_mean, random_std, sensitivity = [], [], {}
-    for k in counts:
-        faults = RandomBitFlips(
-            classifier,
-            nb_flips=k,
-            n_bits=n_bits,
-            granularity=granularity,
-            layers=layers,
-            nb_samples=nb_samples,
-            seed=seed,
-            batch_size=batch_size,
-            verbose=verbose,
-        )
-        stats = faults.evaluate(x, y, per_bit=k == counts[-1])
-        random_mean.append(stats["mean"])
-        random_std.append(stats["std"])
-        if "per_bit" in stats:
-            sensitivity = {int(b): v["mean"] for b, v in stats["per_bit"].items()}
+    curve = _accuracy_after_each_flip(classifier, quantized, found, x_t, labels, batch_size)
+    options = {"n_bits": n_bits, "granularity": granularity, "layers": layers, "batch_size": batch_size}
+    options.update(nb_samples=nb_samples, seed=seed, verbose=verbose)
+    random_stats = [RandomBitFlips(classifier, k, **options).evaluate(x, y, per_bit=k == counts[-1]) for k in counts]
     return {
         "n_bits": int(n_bits),
         "granularity": granularity,
@@ -98,12 +74,23 @@ def bit_flip_curve(
         "quantized_accuracy": curve[0],
         "flips": counts,
         "bfa_accuracy": [curve[min(k, len(found))] for k in counts],
-        "random_mean": random_mean,
-        "random_std": random_std,
+        "random_mean": [r["mean"] for r in random_stats],
+        "random_std": [r["std"] for r in random_stats],
         "bfa_flips": _describe(quantized, found),
         "bfa_attack_accuracy": [h["accuracy"] for h in attack.history_],
-        "bit_sensitivity": sensitivity,
+        "bit_sensitivity": {int(b): v["mean"] for b, v in random_stats[-1]["per_bit"].items()},
     }
+
+
+def _accuracy_after_each_flip(
+    classifier, quantized: QuantizedWeights, found: list, x_t, labels, batch_size: int
+) -> list[float]:
+    """Accuracy on preprocessed ``(x_t, labels)`` after the first k flips of ``found``, k = 0 .. len(found)."""
+    curve = [accuracy_with_deltas(classifier, x_t, labels, quantized.deltas(classifier), batch_size)]
+    for flip in found:
+        quantized = quantized.flip([flip])
+        curve.append(accuracy_with_deltas(classifier, x_t, labels, quantized.deltas(classifier), batch_size))
+    return curve
 
 
 def _describe(quantized: QuantizedWeights, found: list) -> list[dict[str, Any]]:
