@@ -45,12 +45,10 @@ def bit_flip_curve(
         quantized layers (``None``: every Linear/Conv layer).
     :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
         pass; ``verbose``: progress bars.
-    :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy`` (float model),
-        ``quantized_accuracy``, ``flips`` (sorted), ``bfa_accuracy``, ``random_mean``, ``random_std`` (one per entry
-        of ``flips``; BFA entries beyond the flips it found repeat its last accuracy), ``bfa_flips`` (each ``layer``,
-        ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``),
-        ``bfa_attack_accuracy`` (its history on the attack batch) and ``bit_sensitivity`` (``{bit: mean accuracy}``
-        under ``max(flips)`` random flips at that bit position only).
+    :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
+        ``flips`` and per entry ``bfa_accuracy`` / ``random_mean`` / ``random_std``; ``bfa_flips`` (``layer``,
+        ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``), ``bfa_attack_accuracy``
+        and ``bit_sensitivity`` (``{bit: accuracy}`` under ``max(flips)`` random flips at that position only).
     """
     classifier = as_weight_classifier(classifier)
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
