@@ -47,8 +47,8 @@ def bit_flip_curve(
         pass; ``verbose``: progress bars.
     :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
         ``flips`` and per entry ``bfa_accuracy`` / ``random_mean`` / ``random_std``; ``bfa_flips`` (``layer``,
-        ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``), ``bfa_attack_accuracy``
-        and ``bit_sensitivity`` (``{bit: accuracy}`` under ``max(flips)`` random flips at that position only).
+        ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``),
+        ``bfa_attack_accuracy`` and ``bit_sensitivity`` (``{bit: accuracy}``, max(flips) flips at that bit).
     """
     classifier = as_weight_classifier(classifier)
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
