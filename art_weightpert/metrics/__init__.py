@@ -11,6 +11,7 @@ _LAZY = {
     "generalization_bound": "art_weightpert.metrics.certification",
     "weight_robustness_curve": "art_weightpert.metrics.robustness",
     "plot_robustness_curve": "art_weightpert.metrics.robustness",
+    "bit_flip_curve": "art_weightpert.metrics.bit_flips",
 }
 
 __all__ = list(_LAZY)
