@@ -328,3 +328,21 @@ def test_generalization_bound_is_re_exported_where_it_was():
     from art_weightpert.metrics.generalization import generalization_bound
 
     assert from_metrics is generalization_bound and from_certification is generalization_bound
+
+
+def test_generalization_example_runs_end_to_end(tmp_path):
+    """The experiment's script (examples/generalization_measures.py) in its smallest setting: models, τ table, plot."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "generalization_measures.py"
+    env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), "--smoke", "--out", str(tmp_path), "--json", str(tmp_path / "r.json")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Kendall's τ with the gap (2 models)" in result.stdout
+    assert (tmp_path / "generalization_measures_quick.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["models"]) == 2 and "pac_bayes_sigma" in saved["kendall_tau"]
