@@ -8,7 +8,10 @@ from typing import Any
 _LAZY = {
     "weight_certified_accuracy": "art_weightpert.metrics.certification",
     "certified_weight_radius": "art_weightpert.metrics.certification",
-    "generalization_bound": "art_weightpert.metrics.certification",
+    "generalization_bound": "art_weightpert.metrics.generalization",
+    "weight_sharpness": "art_weightpert.metrics.generalization",
+    "pac_bayes_sigma": "art_weightpert.metrics.generalization",
+    "pac_bayes_bound": "art_weightpert.metrics.generalization",
     "weight_robustness_curve": "art_weightpert.metrics.robustness",
     "plot_robustness_curve": "art_weightpert.metrics.robustness",
     "bit_flip_curve": "art_weightpert.metrics.bit_flips",
