@@ -175,13 +175,13 @@ class RowL1Ball(Ball):
         return (_rows(delta).abs().sum(dim=1) - radius).max() if delta.numel() else delta.new_zeros(())
 
     def project(self, delta, radius):
-        # Soft thresholding at the per-row θ of _l1_threshold: sign(v)·max(|v| − θ, 0) = v − clamp(v, −θ, θ); θ = 0
-        # (the identity) for rows already inside their ball.
-        v = _rows(delta)
-        if v.numel() == 0:
+        # Soft thresholding at the per-row θ of _l1_threshold: sign(v)·max(|v| − θ, 0); θ = 0 (the identity) for rows
+        # already inside their ball.
+        if delta.numel() == 0:
             return delta.clone()
-        theta = _l1_threshold(v.abs(), radius)
-        return (v - torch.clamp(v, -theta, theta)).reshape(delta.shape)
+        v = _rows(delta)
+        a = v.abs()
+        return torch.copysign((a - _l1_threshold(a, radius)).clamp_min_(0), v).reshape(delta.shape)
 
     def steepest_step(self, grad, radius, step):
         # Steepest ℓ1 ascent puts the step on the largest |g| coordinates of each row; spreading it over the top ~5%
