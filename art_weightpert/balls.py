@@ -126,26 +126,29 @@ def _l1_threshold(a: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     Sort-free, vectorized over rows: Newton's method on the convex, decreasing, piecewise-linear ``f``, started below
     the root, is Michelot's algorithm (Condat 2016, §2): each step ``θ ← θ + f(θ)/|{a > θ}|`` lands in ``[θ, θ*]``,
     the active set ``{a > θ}`` only shrinks (at most ``n`` steps, a handful in practice), and once its size stops
-    changing ``θ`` is the exact root. Start ``θ_0 = max((Σa − r)/n, max a − r, 0) ≤ θ*``. Rows still moving after
-    ``_MAX_NEWTON_STEPS`` (rounding may make a row alternate between two active sets) get the sort-based ``θ``.
+    changing ``θ`` is the exact root. Start ``θ_0 = max((Σa − r)/n, max a − r, 0) ≤ θ*``. A row is done when its
+    active set is unchanged or its step is not positive: in exact arithmetic θ only increases until the root, so a
+    step ≤ 0 means θ is at the root up to rounding (an entry equal to θ* would otherwise make the set alternate).
+    Rows not done after ``_MAX_NEWTON_STEPS`` get the sort-based ``θ``.
     """
     r = radius.to(a.dtype).reshape(-1, 1)
     total = a.sum(dim=1, keepdim=True)
-    inside = total <= r
     theta = torch.maximum((total - r) / a.shape[1], a.amax(dim=1, keepdim=True) - r).clamp_min(0)
     count = torch.full_like(theta, -1.0)
+    done = total <= r  # inside the ball: θ = 0
     for _ in range(_MAX_NEWTON_STEPS):
         gap = (a - theta).clamp_min_(0)
         new_count = gap.sign().sum(dim=1, keepdim=True)  # |{a > θ}|: a − θ > 0 exactly when a > θ (IEEE)
-        theta = (theta + (gap.sum(dim=1, keepdim=True) - r) / new_count.clamp_min(1)).clamp_min(0)
-        settled = new_count == count  # threshold sets are nested: equal sizes mean equal sets
-        count = new_count
-        if bool(settled.all()):
+        step = (gap.sum(dim=1, keepdim=True) - r) / new_count.clamp_min(1)
+        done |= (new_count == count) | (step <= 0)  # threshold sets are nested: equal sizes mean equal sets
+        if bool(done.all()):
             break
+        theta = torch.where(done, theta, theta + step)
+        count = new_count
     else:
-        moving = (~settled).squeeze(1).nonzero().squeeze(1)
+        moving = (~done).squeeze(1).nonzero().squeeze(1)
         theta[moving] = _l1_threshold_sorted(a[moving], r[moving])
-    return torch.where(inside, torch.zeros_like(theta), theta)
+    return theta
 
 
 def _l1_threshold_sorted(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

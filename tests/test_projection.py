@@ -115,6 +115,26 @@ def test_rows_still_moving_after_the_step_limit_take_the_sorted_threshold(monkey
     np.testing.assert_allclose(got.numpy(), previous_projection(delta, radius).numpy(), rtol=0, atol=1e-13)
 
 
+def test_ascent_iterates_with_an_entry_at_the_threshold_settle_without_the_fallback(monkeypatch):
+    # Steepest row-l1 steps put r·step/k on k entries, so an entry often equals the next θ* exactly; rounding then
+    # made the active set alternate between two sizes and every such row ran into the step limit.
+    fallback_calls = []
+    sorted_threshold = balls._l1_threshold_sorted
+    monkeypatch.setattr(
+        balls, "_l1_threshold_sorted", lambda *args: fallback_calls.append(1) or sorted_threshold(*args)
+    )
+    gen = torch.Generator().manual_seed(5)
+    radius = torch.full((256,), 0.5)
+    direction = torch.randn(256, 256, generator=gen)  # a gradient that drifts slowly, as in an attack
+    delta = torch.zeros(256, 256)
+    for _ in range(8):
+        grad = direction + 0.5 * torch.randn(256, 256, generator=gen)
+        moved = delta + BALL.steepest_step(grad, radius, 0.5)
+        delta = BALL.project(moved, radius)
+        assert float((delta - previous_projection(moved, radius)).abs().max()) <= 1e-7
+    assert not fallback_calls
+
+
 def test_empty_parameter_is_returned_unchanged():
     for delta, radius in [(torch.zeros(0, 5), torch.zeros(0)), (torch.zeros(3, 0, 2), torch.ones(3))]:
         assert BALL.project(delta, radius).shape == delta.shape
