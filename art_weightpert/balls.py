@@ -124,7 +124,7 @@ def _l1_threshold(a: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     ``f(θ) = Σ_c max(a_rc − θ, 0) − r_r`` for ``a = |v| ≥ 0`` of shape ``(rows, n)``, and 0 for rows inside the ball.
 
     Sort-free, vectorized over rows: Newton's method on the convex, decreasing, piecewise-linear ``f``, started below
-    the root, is Michelot's algorithm (Condat 2016, §2): each step ``θ ← θ + f(θ)/|{a > θ}|`` lands in ``[θ, θ*]``,
+    the root, is Michelot's algorithm (see Condat 2016): each step ``θ ← θ + f(θ)/|{a > θ}|`` lands in ``[θ, θ*]``,
     the active set ``{a > θ}`` only shrinks (at most ``n`` steps, a handful in practice), and once its size stops
     changing ``θ`` is the exact root. Start ``θ_0 = max((Σa − r)/n, max a − r, 0) ≤ θ*``. A row is done when its
     active set is unchanged or its step is not positive: in exact arithmetic θ only increases until the root, so a
