@@ -109,9 +109,15 @@ def test_float32_projection_of_a_large_weight_matches_float64():
 
 
 def test_rows_still_moving_after_the_step_limit_take_the_sorted_threshold(monkeypatch):
-    monkeypatch.setattr(balls, "_MAX_NEWTON_STEPS", 1)  # no row settles in one step: every row uses the fallback
+    fallback_rows = []
+    sorted_threshold = balls._l1_threshold_sorted
+    monkeypatch.setattr(
+        balls, "_l1_threshold_sorted", lambda a, r: fallback_rows.append(len(a)) or sorted_threshold(a, r)
+    )
+    monkeypatch.setattr(balls, "_MAX_NEWTON_STEPS", 1)  # one step: rows not at their root yet take the fallback
     delta, radius = hard_case((30, 20), torch.float64, seed=3)
     got = BALL.project(delta, radius)
+    assert fallback_rows and fallback_rows[0] > 0
     np.testing.assert_allclose(got.numpy(), previous_projection(delta, radius).numpy(), rtol=0, atol=1e-13)
 
 
