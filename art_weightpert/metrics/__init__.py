@@ -10,7 +10,9 @@ _LAZY = {
     "certified_weight_radius": "art_weightpert.metrics.certification",
     "generalization_bound": "art_weightpert.metrics.certification",
     "weight_robustness_curve": "art_weightpert.metrics.robustness",
-    "plot_robustness_curve": "art_weightpert.metrics.robustness",
+    "plot_robustness_curve": "art_weightpert.metrics.plots",
+    "plot_robustness_curves": "art_weightpert.metrics.plots",
+    "plot_certified_radius_histogram": "art_weightpert.metrics.plots",
 }
 
 __all__ = list(_LAZY)
