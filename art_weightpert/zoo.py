@@ -132,6 +132,11 @@ class DigitsRecipe:
         """The training ball of this recipe."""
         return PerturbationBudget(self.eps, norm=self.norm)
 
+    def classifier(self, in_features: int = 64, nb_classes: int = 10) -> PyTorchWeightClassifier:
+        """A fresh, untrained :func:`digits_mlp` of this recipe (initialised by ``seed``), with Adam(``lr``)."""
+        model = digits_mlp(self.hidden, bias=False, seed=self.seed, in_features=in_features, nb_classes=nb_classes)
+        return make_classifier(model, (in_features,), nb_classes, lr=self.lr)
+
     def trainer_params(self) -> dict[str, float | int | str]:
         """The keyword arguments of :class:`.WeightRobustTrainer` set by this recipe."""
         return {"lam": self.lam, "mu": self.mu, "kappa": self.kappa, "bound": self.bound, "warmup": self.warmup}
@@ -228,10 +233,7 @@ def train_digits_pair(
         x_train, y_train, _, _ = load_digits_data()
     in_features = int(np.prod(x_train.shape[1:]))
     budget = recipe.budget() if budget is None else budget
-    classifiers = {}
-    for name in ("standard", "robust"):
-        model = digits_mlp(recipe.hidden, bias=False, seed=recipe.seed, in_features=in_features)
-        classifiers[name] = make_classifier(model, (in_features,), lr=recipe.lr)
+    classifiers = {name: recipe.classifier(in_features) for name in ("standard", "robust")}
     trained = {}
     start = time.perf_counter()
     train_standard(

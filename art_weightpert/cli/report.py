@@ -147,6 +147,20 @@ def evaluate_model(
         seed=seed,
         progress=progress,
     )
+    entry = _entry_of_curve(curve, methods)
+    for method in radius_methods:
+        if method in entry["curves"]:
+            start = time.perf_counter()
+            radii = certified_weight_radius(classifier, x, y, budget, method=method, batch_size=batch_size)
+            entry["certified_radius"][method] = radius_summary(radii)
+            entry["seconds"][method] += time.perf_counter() - start
+    if train_data is not None:
+        entry["generalization_bound"] = _generalization_bound(classifier, train_data, budget, eps_grid)
+    return entry
+
+
+def _entry_of_curve(curve: Mapping[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """A model's entry from its robustness curve (methods that could not run go to ``unavailable``)."""
     unavailable = {m: one_line(reason) for m, reason in curve["unavailable"].items()}
     available = [m for m in methods if m not in unavailable]
     entry: dict[str, Any] = {
@@ -159,14 +173,6 @@ def evaluate_model(
     }
     if "random" in methods:
         entry.update({key: curve[key] for key in ("random_std", "random_min", "random_max")})
-    for method in radius_methods:
-        if method in available:
-            start = time.perf_counter()
-            radii = certified_weight_radius(classifier, x, y, budget, method=method, batch_size=batch_size)
-            entry["certified_radius"][method] = radius_summary(radii)
-            entry["seconds"][method] += time.perf_counter() - start
-    if train_data is not None:
-        entry["generalization_bound"] = _generalization_bound(classifier, train_data, budget, eps_grid)
     return entry
 
 

@@ -63,15 +63,12 @@ def weight_robustness_curve(
         :class:`.WeightPGD`), ``"certified"`` (share of samples certified correct by ``certify_method``) and the
         bound method names of :data:`art_weightpert.certification.METHODS` (certified accuracy by that method; several
         at once). At a zero radius, random faults and WeightPGD are not run: they give the clean accuracy.
-    :param layers: perturbed layers for ε values (``None``: all).
-    :param relative: relative radii for ε values.
-    :param include_bias: also perturb biases for ε values.
+    :param layers: perturbed layers for ε values (``None``: all); ``relative``, ``include_bias``: as in the budget.
     :param certify_method: the bound method of ``"certified"``.
-    :param pgd_params: keyword arguments of :class:`.WeightPGD` (default: its own, with ``verbose=False``).
+    :param pgd_params: keyword arguments of :class:`.WeightPGD` (default: its own).
     :param random_params: keyword arguments of :class:`.RandomWeightPerturbation` (default ``nb_samples=10`` and
         ``seed``, or 0 when ``seed`` is ``None``).
-    :param batch_size: samples per forward pass.
-    :param verbose: progress bars of the attacks and the certifier.
+    :param batch_size: samples per forward pass; ``verbose``: progress bars of the attacks and the certifier.
     :param seed: when given, torch's generator is seeded with it before each WeightPGD run, so the results do not
         depend on the order of the work.
     :param progress: called with a short description after each (budget, method) unit of work.
@@ -84,46 +81,56 @@ def weight_robustness_curve(
     classifier = _weight_classifier(classifier)
     methods = _check_methods(methods, certify_method)
     budgets = _budgets(budgets_or_eps_list, norm, layers, relative, include_bias)
-    _, labels_t = classifier.prepare_inputs(x, y)  # validates x and y
-    clean_pred = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
-    labels = clean_pred if labels_t is None else labels_t.cpu().numpy()
-    result: dict[str, Any] = {
-        "eps": [_axis_value(b) for b in budgets],
-        "budgets": [b.to_dict() for b in budgets],
-        "methods": methods,
-        "accuracies": {m: [] for m in methods},
-        "clean_accuracy": float(np.mean(clean_pred == labels)) if len(labels) else math.nan,
-        "norm": budgets[0].norm if len({b.norm for b in budgets}) == 1 else "mixed",
-        "certify_method": certify_method,
-        "nb_samples": len(labels),
-        "unavailable": {},
-        "seconds": {m: 0.0 for m in methods},
-        "notes": [],
-    }
-    if "random" in methods:
-        result.update(random_std=[], random_min=[], random_max=[], random_quantiles=[])
-    run = _Runner(classifier, x, labels, clean_pred, result, batch_size, verbose, seed, pgd_params, random_params)
+    run = _Runner(classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed)
+    run.set_params(pgd_params, random_params)
     for budget in budgets:
         for method in methods:
-            start = time.perf_counter()
-            result["accuracies"][method].append(float(run(method, budget)))
-            result["seconds"][method] += time.perf_counter() - start
+            run.measure(method, budget)
             if progress is not None:
                 progress(f"{method} ε={_axis_value(budget):g}")
-        logger.info("weight_robustness_curve: %s -> %s", budget, {m: v[-1] for m, v in result["accuracies"].items()})
-    return result
+        logger.info(
+            "weight_robustness_curve: %s -> %s", budget, {m: v[-1] for m, v in run.result["accuracies"].items()}
+        )
+    return run.result
 
 
 class _Runner:
     """One accuracy per (method, budget), by the public attacks and certifier; fills the curve's side results."""
 
-    def __init__(self, classifier, x, labels, clean_pred, result, batch_size, verbose, seed, pgd_params, random_params):
-        self.classifier, self.x, self.labels, self.clean_pred, self.result = classifier, x, labels, clean_pred, result
-        self.batch_size, self.seed = batch_size, seed
-        self.pgd_kwargs = {"batch_size": batch_size, "verbose": verbose, **dict(pgd_params or {})}
-        self.random_kwargs = {"nb_samples": 10, "seed": 0 if seed is None else seed, "batch_size": batch_size}
-        self.random_kwargs.update({"verbose": verbose, **dict(random_params or {})})
-        self.certifier_kwargs = {"batch_size": batch_size, "verbose": verbose}
+    def __init__(self, classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed) -> None:
+        self.classifier, self.x, self.batch_size, self.verbose, self.seed = classifier, x, batch_size, verbose, seed
+        _, labels_t = classifier.prepare_inputs(x, y)  # validates x and y
+        self.clean_pred = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
+        self.labels = self.clean_pred if labels_t is None else labels_t.cpu().numpy()
+        self.result: dict[str, Any] = {
+            "eps": [_axis_value(b) for b in budgets],
+            "budgets": [b.to_dict() for b in budgets],
+            "methods": methods,
+            "accuracies": {m: [] for m in methods},
+            "clean_accuracy": float(np.mean(self.clean_pred == self.labels)) if len(self.labels) else math.nan,
+            "norm": budgets[0].norm if len({b.norm for b in budgets}) == 1 else "mixed",
+            "certify_method": certify_method,
+            "nb_samples": len(self.labels),
+            "unavailable": {},
+            "seconds": dict.fromkeys(methods, 0.0),
+            "notes": [],
+        }
+        if "random" in methods:
+            self.result.update(random_std=[], random_min=[], random_max=[], random_quantiles=[])
+
+    def set_params(self, pgd_params: Mapping[str, Any] | None, random_params: Mapping[str, Any] | None) -> None:
+        """The keyword arguments of the attacks: the curve's ``batch_size``, ``verbose`` and ``seed``, then the
+        user's."""
+        self.pgd_kwargs = {"batch_size": self.batch_size, "verbose": self.verbose, **dict(pgd_params or {})}
+        seed = 0 if self.seed is None else self.seed
+        self.random_kwargs = {"nb_samples": 10, "seed": seed, "batch_size": self.batch_size, "verbose": self.verbose}
+        self.random_kwargs.update(dict(random_params or {}))
+
+    def measure(self, method: str, budget: PerturbationBudget) -> None:
+        """Append the accuracy of ``method`` at ``budget`` to the curve, and its time."""
+        start = time.perf_counter()
+        self.result["accuracies"][method].append(float(self(method, budget)))
+        self.result["seconds"][method] += time.perf_counter() - start
 
     def __call__(self, method: str, budget: PerturbationBudget) -> float:
         if method == "clean":
@@ -170,7 +177,8 @@ class _Runner:
         if method in self.result["unavailable"]:
             return math.nan
         try:
-            certifier = WeightPerturbationCertifier(self.classifier, budget, method=bound, **self.certifier_kwargs)
+            kwargs = {"method": bound, "batch_size": self.batch_size, "verbose": self.verbose}
+            certifier = WeightPerturbationCertifier(self.classifier, budget, **kwargs)
             certified = np.asarray(certifier.certify(self.x, self.labels), dtype=bool)
         except (UnsupportedModelError, NotImplementedError) as err:
             self.result["unavailable"][method] = str(err)
