@@ -304,7 +304,7 @@ RUNNERS = {"demo": run_demo, "evaluate": run_evaluate, "train": run_train}
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
-    return f"{PROG}: warning: {' '.join(str(message).split())}\n"
+    return f"{PROG}: warning: {one_line(str(message))}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
