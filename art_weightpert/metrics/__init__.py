@@ -13,7 +13,9 @@ _LAZY = {
     "pac_bayes_sigma": "art_weightpert.metrics.generalization",
     "pac_bayes_bound": "art_weightpert.metrics.generalization",
     "weight_robustness_curve": "art_weightpert.metrics.robustness",
-    "plot_robustness_curve": "art_weightpert.metrics.robustness",
+    "plot_robustness_curve": "art_weightpert.metrics.plots",
+    "plot_robustness_curves": "art_weightpert.metrics.plots",
+    "plot_certified_radius_histogram": "art_weightpert.metrics.plots",
     "bit_flip_curve": "art_weightpert.metrics.bit_flips",
 }
 
