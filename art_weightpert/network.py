@@ -71,6 +71,17 @@ class Affine:
             return F.conv2d(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
         return F.linear(h, weight, bias)
 
+    def apply_per_sample(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer's map without bias where sample ``n`` of ``h`` uses its own ``weight[n]`` (``weight``:
+        ``(N,) + weight shape``): one batched matmul, or one grouped convolution with the samples as groups."""
+        if not self.is_conv:
+            return torch.bmm(weight, h.unsqueeze(2)).squeeze(2)
+        m, n = self.module, len(h)
+        folded = h.reshape((1, -1) + tuple(h.shape[2:]))
+        kernels = weight.reshape((-1,) + tuple(weight.shape[2:]))
+        out = F.conv2d(folded, kernels, None, m.stride, self.padding, m.dilation, n * m.groups)
+        return out.reshape((n, -1) + tuple(out.shape[2:]))
+
     def patch_max(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the max of ``m`` (≥ 0) over the position's receptive field (all input channels):
         ``(N, 1)`` for Linear, ``(N, 1, H', W')`` for a conv."""
@@ -197,15 +208,40 @@ class Network:
                 out[name] = t if dtype is None else t.to(dtype)
         return out
 
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the chain (eval semantics) with the model's parameters or the given ones."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+        sample_deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """
+        Run the chain (eval semantics) with the model's parameters or the given ones.
+
+        :param x: inputs ``(N,) + input shape``.
+        :param params: parameters that replace the model's, by name (cast to ``x``'s dtype).
+        :param sample_deltas: per-sample perturbations ``{parameter name: (N,) + parameter shape}`` of affine
+            parameters: sample ``n`` uses ``W + sample_deltas[name][n]``. The shared weights still take one
+            matmul/convolution; the deltas one batched product per layer (much cheaper than mapping the model over
+            the samples).
+        :return: the logits ``(N, K)``.
+        """
         p = self.params(params, dtype=x.dtype)
+        deltas = dict(sample_deltas or {})
+        unknown = [name for name in deltas if name not in p]
+        if unknown:
+            raise ValueError(f"`sample_deltas` names {unknown}, which are not affine parameters of {list(p)}.")
         h = x
         for layer in self.layers:
-            if isinstance(layer, Affine):
-                h = layer.apply(h, p[layer.weight_name], p.get(layer.bias_name) if layer.bias_name else None)
-            else:
+            if not isinstance(layer, Affine):
                 h = layer.apply(h)
+                continue
+            out = layer.apply(h, p[layer.weight_name], p.get(layer.bias_name) if layer.bias_name else None)
+            if layer.weight_name in deltas:
+                out = out + layer.apply_per_sample(h, deltas[layer.weight_name])
+            if layer.bias_name in deltas:
+                bias = deltas[layer.bias_name]
+                out = out + bias.reshape(bias.shape + (1,) * (out.dim() - 2))
+            h = out
         return h
 
 
