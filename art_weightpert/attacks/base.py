@@ -30,7 +30,7 @@ from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.ascent import Score
+from art_weightpert.attacks.ascent import Score, State, StepSchedule, ascend
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
@@ -203,6 +203,31 @@ class WeightAttack(WeightBudgetAttack):
             total += value.detach()
         return Score(float(hits) / max(1, n), float(total)), grads, x_grad
 
+    def _run_ascent(
+        self,
+        start: Callable[[int], State],
+        evaluate: Callable[[State, bool], tuple[Score, Any]],
+        step: Callable[[State, Any, float], State],
+        schedule: StepSchedule,
+        max_iter: int,
+        restarts: int = 1,
+    ) -> State:
+        """:func:`.ascend` on the base model in eval mode, with a progress bar named after the attack; logs and
+        returns the best state."""
+        name = type(self).__name__
+        with (
+            eval_mode(self.estimator.base_model),
+            tqdm(total=restarts * max_iter, desc=name, disable=not self.verbose) as bar,
+        ):
+
+            def on_step(best: Score) -> None:
+                bar.update(1)
+                bar.set_postfix(success=f"{best.success:.3f}", refresh=False)
+
+            score, best = ascend(start, evaluate, step, schedule, max_iter, restarts, on_step)
+        logger.info("%s: success rate %.4f, objective %.4f.", name, *score)
+        return best
+
     def _perturbation(self, deltas: Mapping[str, torch.Tensor]) -> WeightPerturbation:
         """The attack's result: the deltas projected exactly (float64) by the budget, in the parameters' dtype."""
         projected = self.budget.project({k: v.detach() for k, v in deltas.items()}, self.estimator.base_model)
@@ -256,16 +281,6 @@ def objective(logits: torch.Tensor, labels: torch.Tensor, loss: str, targeted: b
     own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     others = logits.scatter(1, labels.unsqueeze(1), float("-inf")).amax(dim=1)
     return own - others if targeted else others - own
-
-
-def progress_callback(bar: tqdm) -> Callable[[Score], None]:
-    """An ``on_step`` callback for :func:`.ascend` that advances ``bar`` and shows the best success rate."""
-
-    def on_step(best: Score) -> None:
-        bar.update(1)
-        bar.set_postfix(success=f"{best.success:.3f}", refresh=False)
-
-    return on_step
 
 
 def success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:

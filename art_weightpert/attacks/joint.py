@@ -21,12 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
-from tqdm.auto import tqdm
 
-from art_weightpert.attacks.ascent import Score, ascend, radius_fraction_schedule, weight_step
-from art_weightpert.attacks.base import LOSSES, WeightAttack, progress_callback
+from art_weightpert.attacks.ascent import Score, radius_fraction_schedule, weight_step
+from art_weightpert.attacks.base import LOSSES, WeightAttack
 from art_weightpert.budget import PerturbationBudget
-from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import (
     check_choice,
@@ -162,19 +160,13 @@ class JointWeightInputPGD(WeightAttack):
                 self._input_step(x_adv, x0, x_grad, float(x_step)),
             )
 
-        with (
-            eval_mode(est.base_model),
-            tqdm(total=self.max_iter, desc="JointWeightInputPGD", disable=not self.verbose) as bar,
-        ):
-            score, (deltas, x_adv) = ascend(
-                start=lambda _: (self._zero_deltas(param_balls), x0.clone()),
-                evaluate=evaluate,
-                step=step,
-                schedule=radius_fraction_schedule(self.weight_eps_step),
-                max_iter=self.max_iter,
-                on_step=progress_callback(bar),
-            )
-        logger.info("JointWeightInputPGD: success rate %.4f, objective %.4f.", *score)
+        deltas, x_adv = self._run_ascent(
+            start=lambda _: (self._zero_deltas(param_balls), x0.clone()),
+            evaluate=evaluate,
+            step=step,
+            schedule=radius_fraction_schedule(self.weight_eps_step),
+            max_iter=self.max_iter,
+        )
         return x_adv.cpu().numpy().astype(np.float32), self._perturbation(deltas)
 
     # ------------------------------------------------------------------------------------------------ internals

@@ -18,12 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
-from tqdm.auto import tqdm
 
-from art_weightpert.attacks.ascent import Score, ascend, radius_fraction_schedule, weight_step
-from art_weightpert.attacks.base import LOSSES, WeightAttack, progress_callback
+from art_weightpert.attacks.ascent import Score, radius_fraction_schedule, weight_step
+from art_weightpert.attacks.base import LOSSES, WeightAttack
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import (
     check_bool,
@@ -115,7 +114,6 @@ class WeightPGD(WeightAttack):
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # reproducible via torch.manual_seed
-        restarts = max(1, self.num_random_init)
 
         def evaluate(deltas: Deltas, need_grad: bool) -> tuple[Score, list[torch.Tensor] | None]:
             score, grads, _ = self._score_and_grads(
@@ -123,20 +121,14 @@ class WeightPGD(WeightAttack):
             )
             return score, grads
 
-        with (
-            eval_mode(self.estimator.base_model),
-            tqdm(total=restarts * self.max_iter, desc="WeightPGD", disable=not self.verbose) as bar,
-        ):
-            score, best = ascend(
-                start=lambda _: self._start(param_balls, gen),
-                evaluate=evaluate,
-                step=lambda deltas, grads, fraction: weight_step(param_balls, deltas, grads, fraction),
-                schedule=radius_fraction_schedule(self.eps_step),
-                max_iter=self.max_iter,
-                restarts=restarts,
-                on_step=progress_callback(bar),
-            )
-        logger.info("WeightPGD: success rate %.4f, objective %.4f.", *score)
+        best = self._run_ascent(
+            start=lambda _: self._start(param_balls, gen),
+            evaluate=evaluate,
+            step=lambda deltas, grads, fraction: weight_step(param_balls, deltas, grads, fraction),
+            schedule=radius_fraction_schedule(self.eps_step),
+            max_iter=self.max_iter,
+            restarts=max(1, self.num_random_init),
+        )
         return self._perturbation(best)
 
     def generate_estimator(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> PyTorchWeightClassifier:
