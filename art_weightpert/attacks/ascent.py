@@ -28,6 +28,7 @@ from art_weightpert.balls import Ball
 from art_weightpert.budget import ParameterBall
 
 State = TypeVar("State")
+Deltas = dict[str, torch.Tensor]  # parameter name -> perturbation (a weight attack's state)
 
 
 class Score(NamedTuple):

@@ -30,11 +30,11 @@ from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.ascent import Score, State, StepSchedule, ascend
+from art_weightpert.attacks.ascent import Score, ascend
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
-from art_weightpert.validation import check_bool
+from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -203,17 +203,12 @@ class WeightAttack(WeightBudgetAttack):
             total += value.detach()
         return Score(float(hits) / max(1, n), float(total)), grads, x_grad
 
-    def _run_ascent(
-        self,
-        start: Callable[[int], State],
-        evaluate: Callable[[State, bool], tuple[Score, Any]],
-        step: Callable[[State, Any, float], State],
-        schedule: StepSchedule,
-        max_iter: int,
-        restarts: int = 1,
-    ) -> State:
+    def _run_ascent(self, max_iter: int, restarts: int = 1, **loop: Any) -> Any:
         """:func:`.ascend` on the base model in eval mode, with a progress bar named after the attack; logs and
-        returns the best state."""
+        returns the best state.
+
+        :param loop: ``start``, ``evaluate``, ``step`` and ``schedule``, as for :func:`.ascend`.
+        """
         name = type(self).__name__
         with (
             eval_mode(self.estimator.base_model),
@@ -224,7 +219,7 @@ class WeightAttack(WeightBudgetAttack):
                 bar.update(1)
                 bar.set_postfix(success=f"{best.success:.3f}", refresh=False)
 
-            score, best = ascend(start, evaluate, step, schedule, max_iter, restarts, on_step)
+            score, best = ascend(max_iter=max_iter, restarts=restarts, on_step=on_step, **loop)
         logger.info("%s: success rate %.4f, objective %.4f.", name, *score)
         return best
 
@@ -281,6 +276,14 @@ def objective(logits: torch.Tensor, labels: torch.Tensor, loss: str, targeted: b
     own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
     others = logits.scatter(1, labels.unsqueeze(1), float("-inf")).amax(dim=1)
     return own - others if targeted else others - own
+
+
+def check_ascent_params(max_iter: Any, loss: Any, batch_size: Any) -> None:
+    """The parameters every universal gradient attack shares: ``max_iter`` ≥ 0 steps, a known ``loss``, a
+    ``batch_size`` ≥ 1."""
+    check_non_negative_int(max_iter, "max_iter")
+    check_choice(loss, "loss", LOSSES)
+    check_positive_int(batch_size, "batch_size")
 
 
 def success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:

@@ -15,28 +15,18 @@ result to ``art.attacks.evasion.ProjectedGradientDescent``.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 
-from art_weightpert.attacks.ascent import Score, radius_fraction_schedule, weight_step
-from art_weightpert.attacks.base import LOSSES, WeightAttack
+from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
+from art_weightpert.attacks.base import WeightAttack, check_ascent_params
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.perturbation import WeightPerturbation
-from art_weightpert.validation import (
-    check_choice,
-    check_non_negative,
-    check_non_negative_int,
-    check_optional_positive,
-    check_positive_int,
-)
+from art_weightpert.validation import check_choice, check_non_negative, check_optional_positive
 
-logger = logging.getLogger(__name__)
-
-Deltas = dict[str, torch.Tensor]
 State = tuple[Deltas, torch.Tensor]  # (weight deltas, adversarial inputs)
 INPUT_NORMS = {np.inf: np.inf, "inf": np.inf, 2: 2, "2": 2}
 
@@ -111,10 +101,8 @@ class JointWeightInputPGD(WeightAttack):
         check_non_negative(self.input_eps, "input_eps")
         check_choice(self.input_norm, "input_norm", INPUT_NORMS)
         check_optional_positive(self.input_eps_step, "input_eps_step")
-        check_non_negative_int(self.max_iter, "max_iter")
+        check_ascent_params(self.max_iter, self.loss, self.batch_size)
         check_optional_positive(self.weight_eps_step, "weight_eps_step")
-        check_choice(self.loss, "loss", LOSSES)
-        check_positive_int(self.batch_size, "batch_size")
         if not self.estimator.all_framework_preprocessing:
             raise ValueError(
                 "`estimator` has preprocessing that is not written in torch; the joint attack needs its gradient."

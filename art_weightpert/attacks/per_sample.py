@@ -25,7 +25,6 @@ one :class:`.WeightPerturbation`): it shares only the ART plumbing of :class:`.W
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -36,18 +35,13 @@ from art.estimators.classification import PyTorchClassifier
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.ascent import CosineStep, Score, ascend, projected_step
+from art_weightpert.attacks.ascent import CosineStep, Deltas, Score, ascend, projected_step
 from art_weightpert.attacks.base import WeightBudgetAttack, objective
 from art_weightpert.balls import Ball
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Network, UnsupportedModelError, read_network
 from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive, check_positive_int
-
-logger = logging.getLogger(__name__)
-
-
-Deltas = dict[str, torch.Tensor]
 
 
 class PerSampleWeightPGD(WeightBudgetAttack):

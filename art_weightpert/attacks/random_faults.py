@@ -12,7 +12,6 @@ measure of the model at the chosen radius; the gap to :class:`.WeightPGD` shows 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,6 @@ from art_weightpert.attacks.base import WeightAttack
 from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_choice, check_non_negative_int, check_positive_int
-
-logger = logging.getLogger(__name__)
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -12,29 +12,18 @@ lowest measured accuracy (then the highest loss) is kept, so more iterations or 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 
-from art_weightpert.attacks.ascent import Score, radius_fraction_schedule, weight_step
-from art_weightpert.attacks.base import LOSSES, WeightAttack
+from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
+from art_weightpert.attacks.base import WeightAttack, check_ascent_params
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.perturbation import WeightPerturbation
-from art_weightpert.validation import (
-    check_bool,
-    check_choice,
-    check_non_negative_int,
-    check_optional_positive,
-    check_positive_int,
-)
-
-logger = logging.getLogger(__name__)
-
-Deltas = dict[str, torch.Tensor]
+from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive
 
 
 class WeightPGD(WeightAttack):
@@ -92,12 +81,10 @@ class WeightPGD(WeightAttack):
 
     def _check_params(self) -> None:
         super()._check_params()
-        check_non_negative_int(self.max_iter, "max_iter")
+        check_ascent_params(self.max_iter, self.loss, self.batch_size)
         check_optional_positive(self.eps_step, "eps_step")
         check_non_negative_int(self.num_random_init, "num_random_init")
         check_bool(self.targeted, "targeted")
-        check_choice(self.loss, "loss", LOSSES)
-        check_positive_int(self.batch_size, "batch_size")
 
     # ------------------------------------------------------------------------------------------------ public API
     def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> WeightPerturbation:
