@@ -189,8 +189,8 @@ class PerSampleWeightPGD(WeightBudgetAttack):
         """The budget resolved on the centre weights (relative radii follow the carried perturbation)."""
         param_balls = self.budget.parameter_balls(self.estimator.base_model)
         return [
-            dataclasses.replace(t, radius=t.ball.radius(params[t.param_name], t.eps, self.budget.relative))
-            for t in param_balls
+            dataclasses.replace(b, radius=b.ball.radius(params[b.param_name], b.eps, self.budget.relative))
+            for b in param_balls
         ]
 
     def _attack_batch(
