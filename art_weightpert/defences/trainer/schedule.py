@@ -1,5 +1,6 @@
 """
-Warm-up and collapse detection for :class:`.WeightRobustTrainer`.
+The schedule of :class:`.WeightRobustTrainer`: warm-up of λ and ε, the learning-rate scheduler, and the detection of
+runs that collapse.
 
 Warm-up (the standard remedy of certified training, e.g. IBP / CROWN-IBP): the robust term's weight λ *and* the
 radius ε of the ball grow linearly from 0 to their targets over the first ``warmup`` epochs, step by step. With ε = 0
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
-from art_weightpert.budget import ParameterBall
+from art_weightpert.budget import ParameterBall, PerturbationBudget
 
 
 def ramp_factor(step: int, warmup_steps: int) -> float:
@@ -29,6 +31,24 @@ def ramp_factor(step: int, warmup_steps: int) -> float:
     if warmup_steps <= 0:
         return 1.0
     return min(1.0, step / warmup_steps)
+
+
+def check_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``None``, or a ``torch.optim.lr_scheduler.LRScheduler`` of ``optimizer`` (the classifier's own)."""
+    if scheduler is None:
+        return
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise TypeError(f"`scheduler` must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__name__}.")
+    if scheduler.optimizer is not optimizer:
+        raise ValueError("`scheduler` must schedule the classifier's own optimizer.")
+
+
+def step_scheduler(scheduler: torch.optim.lr_scheduler.LRScheduler | None, epoch_loss: float) -> None:
+    """One epoch's step of the learning-rate scheduler (``ReduceLROnPlateau`` gets the epoch's mean loss)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(epoch_loss)
+    elif scheduler is not None:
+        scheduler.step()
 
 
 def scale_param_balls(param_balls: dict[str, ParameterBall], factor: float) -> dict[str, ParameterBall]:
@@ -40,12 +60,6 @@ def scale_param_balls(param_balls: dict[str, ParameterBall], factor: float) -> d
         name: dataclasses.replace(ball, radius=ball.radius * factor, eps=ball.eps * factor)
         for name, ball in param_balls.items()
     }
-
-
-def chance_accuracy(labels: torch.Tensor | np.ndarray, nb_classes: int) -> float:
-    """Accuracy of always predicting the most frequent of ``labels`` (class indices)."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64).reshape(-1), minlength=nb_classes)
-    return float(counts.max() / max(counts.sum(), 1))
 
 
 @dataclass
@@ -85,8 +99,9 @@ class CollapseDetector:
         enough = len(self.accuracies) >= self.patience + (0 if final else self.warmup)
         return "stuck" if enough and max(self.accuracies) <= near_chance else None
 
-    def message(self, verdict: str, eps_description: str, lam: float) -> str:
-        """The warning for a failed run: the numbers and what to change."""
+    def message(self, verdict: str, budget: PerturbationBudget, lam: float, stopped: bool = False) -> str:
+        """The warning for a failed run at ``budget`` and λ = ``lam``: the numbers and what to change."""
+        ball = f"{budget.norm} ε = {budget.eps}{' relative' if budget.relative else ''}"
         epochs = len(self.accuracies)
         best = int(np.argmax(self.accuracies))
         if verdict == "collapsed":
@@ -102,10 +117,10 @@ class CollapseDetector:
                 f"dominated from the start (check that the data are learnable with lam=0)."
             )
         return (
-            f"{what} The ball ({eps_description}) is probably too large for this model to certify. Try a smaller ε "
+            f"{what} The ball ({ball}) is probably too large for this model to certify. Try a smaller ε "
             f"(a row-ℓ1 ε that suits a 64-input layer is huge for a wide conv or linear layer; relative=True scales "
             f"it to the weights), a smaller λ (now {lam:g}) or a longer warm-up (now {self.warmup} epochs)."
-        )
+        ) + (" Training stopped at this epoch (stop_on_collapse=True)." if stopped else "")
 
 
-__all__ = ["CollapseDetector", "chance_accuracy", "ramp_factor", "scale_param_balls"]
+__all__ = ["CollapseDetector", "check_scheduler", "ramp_factor", "scale_param_balls", "step_scheduler"]

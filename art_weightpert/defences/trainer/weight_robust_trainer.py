@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,9 +36,17 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.defences.trainer.batches import shuffled_index_batches
-from art_weightpert.defences.trainer.schedule import CollapseDetector, ramp_factor, scale_param_balls
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
+from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
+from art_weightpert.defences.trainer.monitoring import check_validation_data, validation_metrics
+from art_weightpert.defences.trainer.schedule import (
+    CollapseDetector,
+    check_scheduler,
+    ramp_factor,
+    scale_param_balls,
+    step_scheduler,
+)
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import (
     check_bool,
@@ -70,24 +77,6 @@ def _bound_function(bound: str) -> Callable[..., torch.Tensor]:
         return getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"`bound={bound!r}` is not available in this installation ({err}).") from err
-
-
-def operator_norm_sum(network: Network) -> torch.Tensor:
-    """``Σ_k ‖W^k‖_op∞`` over the affine layers of ``network``: the largest row ℓ1 norm of each weight (a conv's row
-    is one output channel's kernel), differentiable in the live parameters."""
-    params = network.params()
-    total = None
-    for layer in network.affine_layers:
-        weight = params[layer.weight_name]
-        norm = weight.reshape(weight.shape[0], -1).abs().sum(dim=1).max()
-        total = norm if total is None else total + norm
-    return total
-
-
-def robust_term(lower_bounds: torch.Tensor, kappa: float) -> torch.Tensor:
-    """Per sample ``max_{i≠y} relu(κ − (m_{y,i} − η_{y,i}))`` from the ``(N, K)`` margin lower bounds (``+inf`` at the
-    label column, so that column contributes 0). Zero exactly when every margin is certified with margin ``κ``."""
-    return torch.relu(kappa - lower_bounds).amax(dim=1)
 
 
 class WeightRobustTrainer(Trainer):
@@ -242,20 +231,10 @@ class WeightRobustTrainer(Trainer):
         nb_epochs = check_positive_int(nb_epochs, "nb_epochs")
         if len(x) == 0:
             raise ValueError("`x` holds no samples.")
-        self._check_scheduler(scheduler)
-        validation = self._check_validation(validation_data)
-        x_pre, y_pre = self._preprocess(x, labels)
-        loader = shuffled_index_batches(len(x), batch_size)
-
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]]:
-            for index in loader:
-                if self.attack is None:
-                    yield x_pre[index], y_pre[index], None, None
-                else:
-                    idx = index.numpy()
-                    yield x_pre[index], y_pre[index], x[idx], labels[idx]
-
-        return self._train(batches, len(loader), nb_epochs, scheduler, validation)
+        check_scheduler(scheduler, self._classifier._optimizer)  # pylint: disable=protected-access
+        validation = check_validation_data(self._estimator, validation_data)
+        batches, nb_batches = array_batches(self._estimator, x, labels, batch_size, keep_raw=self.attack is not None)
+        return self._train(batches, nb_batches, nb_epochs, scheduler, validation)
 
     def fit_generator(  # pylint: disable=arguments-differ
         self,
@@ -276,57 +255,13 @@ class WeightRobustTrainer(Trainer):
         :param kwargs: ignored (ART trainer signature).
         :return: the history, as in :meth:`fit`.
         """
-        if not isinstance(generator, DataGenerator):
-            raise TypeError(f"`generator` must be an ART DataGenerator, got {type(generator).__name__}.")
-        if generator.size is None:
-            raise ValueError("`generator` must know its size to define an epoch.")
+        batches, nb_batches = generator_batches(self._estimator, generator)
         nb_epochs = check_positive_int(nb_epochs, "nb_epochs")
-        self._check_scheduler(scheduler)
-        validation = self._check_validation(validation_data)
-        est = self._estimator
-        nb_batches = int(math.ceil(generator.size / generator.batch_size))
-
-        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]]:
-            for _ in range(nb_batches):
-                x_batch, y_batch = generator.get_batch()
-                x_batch = est.check_inputs(np.asarray(x_batch))
-                labels = est.check_labels(y_batch, len(x_batch), required=True)
-                x_pre, y_pre = self._preprocess(x_batch, labels)
-                yield x_pre, y_pre, x_batch, labels
-
+        check_scheduler(scheduler, self._classifier._optimizer)  # pylint: disable=protected-access
+        validation = check_validation_data(self._estimator, validation_data)
         return self._train(batches, nb_batches, nb_epochs, scheduler, validation)
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _check_scheduler(self, scheduler: Any) -> None:
-        if scheduler is None:
-            return
-        if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
-            raise TypeError(
-                f"`scheduler` must be a torch.optim.lr_scheduler.LRScheduler, got {type(scheduler).__name__}."
-            )
-        if scheduler.optimizer is not self._classifier._optimizer:  # pylint: disable=protected-access
-            raise ValueError("`scheduler` must schedule the classifier's own optimizer.")
-
-    def _check_validation(self, validation_data: Any) -> tuple[np.ndarray, np.ndarray] | None:
-        if validation_data is None:
-            return None
-        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-            raise ValueError("`validation_data` must be a tuple (x_val, y_val).")
-        x_val = self._estimator.check_inputs(validation_data[0])
-        y_val = self._estimator.check_labels(validation_data[1], len(x_val), required=True)
-        return x_val, y_val
-
-    def _preprocess(self, x: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """ART's preprocessing as in ``PyTorchClassifier.fit`` (``fit=True``, one-hot labels), as tensors on the
-        estimator's device (labels as class indices)."""
-        est = self._estimator
-        one_hot = np.eye(est.nb_classes, dtype=np.float32)[labels]
-        x_pre, y_pre = est._apply_preprocessing(x, one_hot, fit=True)  # pylint: disable=protected-access
-        y_pre = np.asarray(y_pre)
-        y_idx = np.argmax(y_pre, axis=1) if y_pre.ndim == 2 else y_pre
-        x_t = torch.as_tensor(np.asarray(x_pre, dtype=np.float32), device=est.device)
-        return x_t, torch.as_tensor(y_idx.astype(np.int64), device=est.device)
-
     def _param_balls(self) -> dict[str, ParameterBall]:
         return {t.param_name: t for t in self.budget.parameter_balls(self._estimator.base_model)}
 
@@ -335,22 +270,6 @@ class WeightRobustTrainer(Trainer):
         if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._estimator.base_model, self._estimator.input_shape)
         return self._network
-
-    def _adversarial(
-        self, x_pre: torch.Tensor, y_pre: torch.Tensor, x_raw: np.ndarray | None, labels: np.ndarray | None
-    ) -> torch.Tensor:
-        """Replace the first ``round(ratio · n)`` inputs of the batch by the attack's adversarial inputs (generated on
-        the current model from the raw inputs, then preprocessed)."""
-        if self.attack is None or x_raw is None or labels is None:
-            return x_pre
-        nb_adv = int(round(self.ratio * len(x_raw)))
-        if nb_adv == 0:
-            return x_pre
-        one_hot = np.eye(self._estimator.nb_classes, dtype=np.float32)[labels[:nb_adv]]
-        with eval_mode(self._estimator.base_model):
-            x_adv = self.attack.generate(x_raw[:nb_adv], y=one_hot)
-        x_adv_pre, _ = self._preprocess(np.asarray(x_adv, dtype=np.float32), labels[:nb_adv])
-        return torch.cat([x_adv_pre, x_pre[nb_adv:]])
 
     def loss_terms(
         self,
@@ -399,7 +318,7 @@ class WeightRobustTrainer(Trainer):
 
     def _train(
         self,
-        batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]]],
+        batches: Callable[[], Iterator[Batch]],
         nb_batches: int,
         nb_epochs: int,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
@@ -419,21 +338,25 @@ class WeightRobustTrainer(Trainer):
             for epoch in bar:
                 start = time.perf_counter()
                 record, chance = self._epoch(batches, state)
-                if scheduler is not None:
-                    is_plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-                    scheduler.step(record["loss"]) if is_plateau else scheduler.step()
+                step_scheduler(scheduler, record["loss"])
                 record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
                 record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
                 if validation is not None:
-                    record.update(self._validate(*validation))
+                    record.update(validation_metrics(self._estimator, self.budget, *validation))
                 for key, value in record.items():
                     history[key].append(value)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
                 logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
                 final = epoch == nb_epochs - 1
                 verdict = detector.update(record["accuracy"], chance, final=final)
-                if self._robust and verdict is not None and not history["collapsed"]:
-                    self._report_failure(detector, verdict, history, stopped=self.stop_on_collapse and not final)
+                if self.lam > 0 and verdict is not None and not history["collapsed"]:
+                    message = detector.message(
+                        verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
+                    )
+                    history["collapsed"] = True
+                    history["warnings"].append(message)
+                    logger.warning(message)
+                    warnings.warn(message, UserWarning, stacklevel=3)
                     if self.stop_on_collapse:
                         break
         finally:
@@ -441,11 +364,7 @@ class WeightRobustTrainer(Trainer):
                 m.training = flag
         return history
 
-    @property
-    def _robust(self) -> bool:
-        return self.lam > 0
-
-    def _epoch(self, batches: Callable[[], Iterator], state: dict[str, Any]) -> tuple[dict[str, float], float]:
+    def _epoch(self, batches: Callable[[], Iterator[Batch]], state: dict[str, Any]) -> tuple[dict[str, float], float]:
         """One pass over the batches: the epoch's mean terms, λ_t and ε scale at its last step, and the accuracy of
         always predicting its most frequent label."""
         model = self._estimator.base_model
@@ -454,7 +373,7 @@ class WeightRobustTrainer(Trainer):
         label_counts = np.zeros(self._estimator.nb_classes, dtype=np.int64)
         lam_t, eps_scale = 0.0, 0.0
         for x_pre, y_pre, x_raw, labels in batches():
-            x_pre = self._adversarial(x_pre, y_pre, x_raw, labels)
+            x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels)
             factor = ramp_factor(state["step"], state["warmup_steps"])
             lam_t = self.lam * factor
             eps_scale = factor if self.ramp_eps else 1.0
@@ -475,32 +394,6 @@ class WeightRobustTrainer(Trainer):
             record["robust"] = float("nan")
         record.update(norm=norm, lam=lam_t, eps_scale=eps_scale)
         return record, float(label_counts.max() / seen)
-
-    def _report_failure(self, detector: CollapseDetector, verdict: str, history: dict[str, Any], stopped: bool) -> None:
-        """Warn (logger and ``UserWarning``) about a collapsed or stuck run and record it in the history."""
-        budget = self.budget
-        eps = f"{budget.norm} ε = {budget.eps}{' relative' if budget.relative else ''}"
-        message = detector.message(verdict, eps, self.lam)
-        if stopped:
-            message += " Training stopped at this epoch (stop_on_collapse=True)."
-        history["collapsed"] = True
-        history["warnings"].append(message)
-        logger.warning(message)
-        warnings.warn(message, UserWarning, stacklevel=4)
-
-    def _validate(self, x_val: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
-        """Clean accuracy and certified accuracy at the budget (interval bound in float64, THEORY.md §4–§5)."""
-        from art_weightpert.certification.certifier import WeightPerturbationCertifier
-
-        est = self._estimator
-        with eval_mode(est.base_model):
-            predictions = np.argmax(est.predict(x_val, batch_size=512), axis=1)
-            certifier = WeightPerturbationCertifier(est, self.budget, method="interval", verbose=False)
-            certified = certifier.certify(x_val, y_val)
-        return {
-            "val_accuracy": float(np.mean(predictions == y_val)),
-            "val_certified_accuracy": float(np.mean(certified)),
-        }
 
 
 __all__ = ["WeightRobustTrainer", "operator_norm_sum", "robust_term"]
