@@ -56,7 +56,8 @@ def train(images, eps: float, nb_epochs: int = 6, **kwargs):
 
 
 def test_readme_eps_on_a_3x32x32_cnn_ends_well_above_chance(images):
-    history, accuracy = train(images, 0.05)
+    """The README's `train` ε with the trainer's defaults (λ = 1, warm-up of λ and ε over 10 epochs)."""
+    history, accuracy = train(images, 0.05, nb_epochs=12)
     assert accuracy >= 0.6  # chance: 0.1
     assert not history["collapsed"] and history["warnings"] == []
     assert history["eps_scale"][-1] == 1.0  # trained at the full ε in the end
@@ -65,7 +66,7 @@ def test_readme_eps_on_a_3x32x32_cnn_ends_well_above_chance(images):
 def test_full_eps_from_the_first_step_fails_and_is_reported(images):
     """The issue's failure (λ ramped at the full ε) is reproduced, and now it is reported instead of silent."""
     with pytest.warns(UserWarning, match="robust training is stuck at chance|robust training collapsed"):
-        history, accuracy = train(images, 0.05, ramp_eps=False)
+        history, accuracy = train(images, 0.05, nb_epochs=8, warmup=5, ramp_eps=False)
     assert accuracy <= 0.25
     assert history["collapsed"] and "smaller ε" in history["warnings"][0]
 

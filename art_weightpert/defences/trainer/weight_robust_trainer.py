@@ -65,8 +65,8 @@ BOUNDS = {
     "linear": ("art_weightpert.certification.linear", "linear_margin_bounds"),
 }
 
-# default warm-up (epochs), with the ε ramp: enough for the digits MLP and a 3x32x32 CNN (docs/training.md)
-WARMUP_EPOCHS = 5
+# default warm-up (epochs) of λ and ε: 5 is enough for the digits MLP, a 3x32x32 CNN needs ~10 (docs/training.md)
+WARMUP_EPOCHS = 10
 
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "accuracy", "lr", "time")
 
