@@ -5,7 +5,6 @@ to a classifier without ``clip_values``), issued once per call site in the user'
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -13,8 +12,6 @@ from typing import Any
 
 import art
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 # frames in these folders are library frames (ours and ART's: its input filter wraps predict and fit)
 _LIBRARY_DIRS = tuple(
@@ -24,8 +21,9 @@ _WARNED_SITES: set[tuple[str | None, int | None, str]] = set()
 
 
 def warn_once_per_call_site(message: str, kind: str) -> None:
-    """A ``UserWarning`` (and a log record) attributed to the first caller outside this package and ART, issued once
-    per such call site and ``kind``: a loop or an attack that calls ``predict`` many times warns once."""
+    """A ``UserWarning`` attributed to the first caller outside this package and ART, issued once per such call site
+    and ``kind``: a loop or an attack that calls ``predict`` many times warns once. (Not also logged: a program that
+    routes warnings to logging would show it twice.)"""
     frame, level = sys._getframe(1), 2  # pylint: disable=protected-access
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_LIBRARY_DIRS):
         frame, level = frame.f_back, level + 1
@@ -33,7 +31,6 @@ def warn_once_per_call_site(message: str, kind: str) -> None:
     if site in _WARNED_SITES:
         return
     _WARNED_SITES.add(site)
-    logger.warning(message)
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
