@@ -50,6 +50,13 @@ def backend_for(device_type: str) -> str:
     return "nccl" if device_type in ("cuda", "gpu") and torch.cuda.is_available() else "gloo"
 
 
+def collective_device() -> torch.device:
+    """Where tensors handed to a collective must live: the current CUDA device under NCCL, the CPU otherwise."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def my_batches(n: int, batch_size: int) -> Iterator[slice]:
     """This rank's batches of ``range(n)``: batch ``b`` (``[b·batch_size, (b+1)·batch_size)``) belongs to rank
     ``b mod world_size``."""
@@ -109,26 +116,87 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def check_same_data(*arrays: np.ndarray | None, name: str = "x") -> None:
-    """
-    ``ValueError`` unless every rank holds the same arrays (a cheap digest of their shapes and bytes): sharded work
-    assumes every rank was given the whole data set, in the same order.
-    """
-    if not is_distributed():
-        return
+def _digest(*arrays: np.ndarray | None) -> str:
     digest = hashlib.sha1()
     for a in arrays:
         if a is not None:
             a = np.ascontiguousarray(a)
             digest.update(repr((a.shape, a.dtype.str)).encode())
             digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def all_equal(value: Any) -> bool:
+    """True when every rank holds an equal (picklable) ``value``; always True outside a process group."""
+    if not is_distributed():
+        return True
     everyone: list[Any] = [None] * world_size()
-    dist.all_gather_object(everyone, digest.hexdigest())
-    if len(set(everyone)) > 1:
+    dist.all_gather_object(everyone, value)
+    return all(v == everyone[0] for v in everyone)
+
+
+def all_distinct_data(*arrays: np.ndarray | None) -> bool:
+    """True when no two ranks hold the same arrays (the digest of :func:`check_same_data`)."""
+    if not is_distributed():
+        return True
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, _digest(*arrays))
+    return len(set(everyone)) == len(everyone)
+
+
+def check_same_data(*arrays: np.ndarray | None, name: str = "x") -> None:
+    """
+    ``ValueError`` unless every rank holds the same arrays (a cheap digest of their shapes and bytes): sharded work
+    assumes every rank was given the whole data set, in the same order.
+    """
+    if not all_equal(_digest(*arrays)):
         raise ValueError(
             f"`{name}` differs across ranks ({world_size()} processes): every rank must pass the same data in the same "
             "order; the library shards it itself."
         )
+
+
+def map_batches(function: Callable[[slice], np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    """``function`` applied to this rank's batches of ``range(n)`` (:func:`my_batches`), gathered on every rank in
+    single-process order (:func:`gather_batches`): one process computes all the batches itself."""
+    pieces = [np.asarray(function(s)) for s in my_batches(n, batch_size)]
+    return gather_batches(pieces, n, batch_size)
+
+
+def shard_of_batch(size: int) -> slice:
+    """This rank's contiguous slice of a global batch of ``size`` samples: sizes differ by at most one, the first
+    ranks take the extra samples (as ``torch.tensor_split``); empty when ``size < world_size``."""
+    base, extra = divmod(size, world_size())
+    start = rank() * base + min(rank(), extra)
+    return slice(start, start + base + (rank() < extra))
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank, in place (as DDP does at start)."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(tensor.data, src=src)
+
+
+def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
+    """
+    Sum the ``.grad`` of ``parameters`` over the ranks, in place, as one flat collective. A gradient that is None on
+    every rank stays None (an optimizer skips it, as in one process); None on some ranks counts as zero there.
+    """
+    if not is_distributed() or not parameters:
+        return
+    ref = parameters[0]
+    flags = torch.tensor([p.grad is not None for p in parameters], dtype=ref.dtype, device=ref.device)
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    had_grad = (flat[-len(parameters) :] > 0).tolist()
+    offset = 0
+    for p, any_grad in zip(parameters, had_grad):
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone() if any_grad else None
+        offset += p.numel()
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from art.attacks.attack import EvasionAttack
 from art.data_generators import DataGenerator
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from art_weightpert import distributed
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 
 
@@ -40,8 +41,26 @@ def shuffled_index_batches(n: int, batch_size: int) -> DataLoader:
     return DataLoader(_Indices(n), batch_size=None, sampler=sampler)
 
 
-# (preprocessed inputs, int64 labels, raw inputs or None, raw labels or None): raw ones only when an attack needs them
-Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]
+class Shard(NamedTuple):
+    """Where this rank's samples sit in the global batch: from position ``offset`` of ``global_size`` samples (offset
+    0 and the whole batch in one process)."""
+
+    offset: int
+    global_size: int
+
+
+# (preprocessed inputs, int64 labels, raw inputs or None, raw labels or None, shard): raw ones only when an attack
+# needs them; in a process group the tensors hold this rank's part of the global batch only
+Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None, Shard]
+
+
+def epoch_order(loader: DataLoader) -> Iterator[torch.Tensor]:
+    """One epoch's global index batches: the loader's own, or in a process group rank 0's, broadcast (every rank then
+    sees the order a single process seeded like rank 0 draws, whatever the other ranks' random generators hold)."""
+    if not distributed.is_distributed():
+        return iter(loader)
+    order = distributed.broadcast_object([index.numpy() for index in loader] if distributed.is_main_process() else None)
+    return (torch.as_tensor(index) for index in order)
 
 
 def array_batches(
@@ -53,12 +72,14 @@ def array_batches(
     loader = shuffled_index_batches(len(x), batch_size)
 
     def batches() -> Iterator[Batch]:
-        for index in loader:
+        for global_index in epoch_order(loader):
+            part = distributed.shard_of_batch(len(global_index))
+            index, shard = global_index[part], Shard(part.start, len(global_index))
             if keep_raw:
                 idx = index.numpy()
-                yield x_pre[index], y_pre[index], x[idx], labels[idx]
+                yield x_pre[index], y_pre[index], x[idx], labels[idx], shard
             else:
-                yield x_pre[index], y_pre[index], None, None
+                yield x_pre[index], y_pre[index], None, None, shard
 
     return batches, len(loader)
 
@@ -67,22 +88,48 @@ def generator_batches(
     estimator: PyTorchWeightClassifier, generator: DataGenerator
 ) -> tuple[Callable[[], Iterator[Batch]], int]:
     """The epochs of ``fit_generator``: ``ceil(size / batch_size)`` batches of the ART ``DataGenerator`` per epoch (as
-    ART's trainers do), checked and preprocessed."""
+    ART's trainers do), checked and preprocessed. In a process group each rank's generator yields its own part of
+    every global batch (the global batch is the parts in rank order): every rank must count the same number of
+    batches per epoch, and the first batches must differ between ranks (a generator that yields the same batches
+    everywhere would train on copies)."""
     if not isinstance(generator, DataGenerator):
         raise TypeError(f"`generator` must be an ART DataGenerator, got {type(generator).__name__}.")
     if generator.size is None:
         raise ValueError("`generator` must know its size to define an epoch.")
     nb_batches = int(math.ceil(generator.size / generator.batch_size))
+    if not distributed.all_equal(nb_batches):
+        raise ValueError(
+            "`generator`: every rank's generator must yield the same number of batches per epoch "
+            "(ceil(size / batch_size)); in a process group each rank's generator yields its own shard."
+        )
+    first = [True]
 
     def batches() -> Iterator[Batch]:
         for _ in range(nb_batches):
             x_batch, y_batch = generator.get_batch()
             x_batch = estimator.check_inputs(np.asarray(x_batch))
             labels = estimator.check_labels(y_batch, len(x_batch), required=True)
+            if first[0] and not distributed.all_distinct_data(x_batch, labels):
+                raise ValueError(
+                    "`generator` yields the same batch on several ranks: in a process group each rank's generator "
+                    "must yield its own shard of every global batch (docs/distributed.md)."
+                )
+            first[0] = False
             x_pre, y_pre = preprocess_batch(estimator, x_batch, labels)
-            yield x_pre, y_pre, x_batch, labels
+            yield x_pre, y_pre, x_batch, labels, generator_shard(len(x_batch))
 
     return batches, nb_batches
+
+
+def generator_shard(local_size: int) -> Shard:
+    """This rank's :class:`Shard` of a global batch made of every rank's generator batch, in rank order (one small
+    all-reduce of the sizes in a process group)."""
+    if not distributed.is_distributed():
+        return Shard(0, local_size)
+    sizes = torch.zeros(distributed.world_size(), dtype=torch.float64)
+    sizes[distributed.rank()] = local_size
+    sizes = distributed.all_reduce_sum(sizes.to(distributed.collective_device())).cpu()
+    return Shard(int(sizes[: distributed.rank()].sum()), int(sizes.sum()))
 
 
 def preprocess_batch(
@@ -105,12 +152,14 @@ def with_adversarial_inputs(
     x_pre: torch.Tensor,
     x_raw: np.ndarray | None,
     labels: np.ndarray | None,
+    shard: Shard,
 ) -> torch.Tensor:
-    """The batch with its first ``round(ratio · n)`` inputs replaced by ``attack``'s adversarial inputs (generated on
-    the current model, in eval mode, from the raw inputs, then preprocessed)."""
+    """The batch with the first ``round(ratio · n)`` inputs of the global batch of ``n`` replaced by ``attack``'s
+    adversarial inputs (generated on the current model, in eval mode, from the raw inputs, then preprocessed); of
+    these, this rank replaces the ones in its shard."""
     if attack is None or x_raw is None or labels is None:
         return x_pre
-    nb_adv = int(round(ratio * len(x_raw)))
+    nb_adv = min(max(int(round(ratio * shard.global_size)) - shard.offset, 0), len(x_raw))
     if nb_adv == 0:
         return x_pre
     one_hot = np.eye(estimator.nb_classes, dtype=np.float32)[labels[:nb_adv]]
@@ -122,8 +171,11 @@ def with_adversarial_inputs(
 
 __all__ = [
     "Batch",
+    "Shard",
     "array_batches",
+    "epoch_order",
     "generator_batches",
+    "generator_shard",
     "preprocess_batch",
     "shuffled_index_batches",
     "with_adversarial_inputs",

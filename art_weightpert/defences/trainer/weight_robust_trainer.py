@@ -35,7 +35,9 @@ from art.defences.trainer.trainer import Trainer
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
+from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
+from art_weightpert.defences.trainer import data_parallel as dp
 from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
 from art_weightpert.defences.trainer.monitoring import check_validation_data, validation_metrics
@@ -231,6 +233,7 @@ class WeightRobustTrainer(Trainer):
         nb_epochs = check_positive_int(nb_epochs, "nb_epochs")
         if len(x) == 0:
             raise ValueError("`x` holds no samples.")
+        distributed.check_same_data(x, labels, name="x")
         check_scheduler(scheduler, self._classifier._optimizer)  # pylint: disable=protected-access
         validation = check_validation_data(self._estimator, validation_data)
         batches, nb_batches = array_batches(self._estimator, x, labels, batch_size, keep_raw=self.attack is not None)
@@ -333,11 +336,14 @@ class WeightRobustTrainer(Trainer):
         detector = CollapseDetector(self.collapse_patience, self.warmup)
         state = {"step": 0, "warmup_steps": self.warmup * nb_batches, "param_balls": self._param_balls()}
         flags = {m: m.training for m in model.modules()}
+        dp.check_loss_reduction(self._estimator)
+        main = distributed.is_main_process()
         try:
-            bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not self.verbose)
+            bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
             for epoch in bar:
                 start = time.perf_counter()
-                record, chance = self._epoch(batches, state)
+                with dp.data_parallel(model):
+                    record, chance = self._epoch(batches, state)
                 step_scheduler(scheduler, record["loss"])
                 record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
                 record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
@@ -346,7 +352,8 @@ class WeightRobustTrainer(Trainer):
                 for key, value in record.items():
                     history[key].append(value)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
-                logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
+                if main:
+                    logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
                 final = epoch == nb_epochs - 1
                 verdict = detector.update(record["accuracy"], chance, final=final)
                 if self.lam > 0 and verdict is not None and not history["collapsed"]:
@@ -355,8 +362,9 @@ class WeightRobustTrainer(Trainer):
                     )
                     history["collapsed"] = True
                     history["warnings"].append(message)
-                    logger.warning(message)
-                    warnings.warn(message, UserWarning, stacklevel=3)
+                    if main:
+                        logger.warning(message)
+                        warnings.warn(message, UserWarning, stacklevel=3)
                     if self.stop_on_collapse:
                         break
         finally:
@@ -372,20 +380,25 @@ class WeightRobustTrainer(Trainer):
         sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "accuracy": 0.0}
         label_counts = np.zeros(self._estimator.nb_classes, dtype=np.int64)
         lam_t, eps_scale = 0.0, 0.0
-        for x_pre, y_pre, x_raw, labels in batches():
-            x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels)
+        for x_pre, y_pre, x_raw, labels, shard in batches():
+            x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels, shard)
             factor = ramp_factor(state["step"], state["warmup_steps"])
             lam_t = self.lam * factor
             eps_scale = factor if self.ramp_eps else 1.0
             model.train()
             optimizer.zero_grad()
-            terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
-            terms["loss"].backward()
+            if len(y_pre) == 0:  # a global batch smaller than the number of ranks: nothing here, but take part
+                dp.empty_shard_loss(self._estimator.logits(x_pre)).backward()
+            else:
+                terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
+                (terms["loss"] * dp.share(shard, len(y_pre))).backward()
+                for key in sums:
+                    sums[key] += float(terms[key].detach()) * len(y_pre)
+                label_counts += np.bincount(y_pre.cpu().numpy(), minlength=len(label_counts))
+            dp.reduce_gradients(model)
             optimizer.step()
             state["step"] += 1
-            for key in sums:
-                sums[key] += float(terms[key].detach()) * len(y_pre)
-            label_counts += np.bincount(y_pre.cpu().numpy(), minlength=len(label_counts))
+        sums, label_counts = dp.reduce_epoch_sums(sums, label_counts)
         seen = max(int(label_counts.sum()), 1)
         with torch.no_grad():
             norm = float(operator_norm_sum(self._network_now()))
