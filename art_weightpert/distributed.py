@@ -74,7 +74,9 @@ def gather_batches(pieces: Sequence[np.ndarray], n: int, batch_size: int) -> np.
         return mine if mine is not None else np.zeros((0,))
     everyone: list[Any] = [None] * world_size()
     dist.all_gather_object(everyone, mine)
-    template = next(p for p in everyone if p is not None)
+    template = next((p for p in everyone if p is not None), None)
+    if template is None:
+        return np.zeros((0,))
     out = np.empty((n, *template.shape[1:]), dtype=template.dtype)
     for r, part in enumerate(everyone):
         if part is None:
@@ -104,6 +106,25 @@ def all_reduce_sum_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     for name, t in tensors.items():
         out[name] = flat[offset : offset + t.numel()].view_as(t)
         offset += t.numel()
+    return out
+
+
+def all_reduce_sum_list(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The sums over the ranks of ``tensors`` (new tensors, one flat collective per dtype and device); the inputs
+    themselves outside a process group."""
+    if not is_distributed():
+        return list(tensors)
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    out: list[Any] = [None] * len(tensors)
+    for members in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for i in members:
+            out[i] = flat[offset : offset + tensors[i].numel()].view_as(tensors[i])
+            offset += tensors[i].numel()
     return out
 
 

@@ -141,3 +141,73 @@ def test_two_process_training_equals_single_process_training(tmp_path, digits):
             else:  # equal up to the order of floating-point reductions (measured: 1.2e-7 plain, 8e-5 batch norm)
                 atol = 1e-6 if key.startswith("plain") else 5e-4
                 np.testing.assert_allclose(result[key], value, rtol=0, atol=atol, err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def _evaluation_model() -> torch.nn.Module:
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Linear(64, 20), torch.nn.ReLU(), torch.nn.Linear(20, 10))
+
+
+def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Every sharded evaluation on 150 samples in batches of 32 (5 batches: 3 on rank 0, 2 on rank 1)."""
+    from art_weightpert import (
+        BitFlipAttack,
+        PerturbationBudget,
+        PyTorchWeightClassifier,
+        RandomWeightPerturbation,
+        WeightPGD,
+    )
+    from art_weightpert.metrics import weight_robustness_curve
+
+    clf = PyTorchWeightClassifier(_evaluation_model(), torch.nn.CrossEntropyLoss(), (64,), 10)
+    budget = PerturbationBudget(0.02, "inf")
+    torch.manual_seed(5 + distributed.rank())  # the random start must come from rank 0
+    delta = WeightPGD(clf, budget, max_iter=8, num_random_init=1, batch_size=32, verbose=False).generate(x, y)
+    random = RandomWeightPerturbation(clf, budget, nb_samples=4, seed=None, batch_size=32, verbose=False)
+    torch.manual_seed(7 + distributed.rank())
+    stats = random.evaluate(x, y)
+    flips = BitFlipAttack(clf, max_flips=3, batch_size=32, verbose=False).generate(x, y)
+    curve = weight_robustness_curve(
+        clf, x, y, [0.0, 0.01, 0.03], methods=("clean", "random", "pgd"), batch_size=32, seed=0,
+        pgd_params={"max_iter": 5},
+    )  # fmt: skip
+    out = {f"pgd/{name}": value for name, value in delta.items()}
+    out.update(random_accuracies=stats["accuracies"], random_clean=np.array(stats["clean"]))
+    out["flips"] = np.array([str(flip) for flip in flips])
+    for method, values in curve["accuracies"].items():
+        out[f"curve/{method}"] = np.array(values)
+    return out
+
+
+def _evaluation_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
+    from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, RandomWeightPerturbation
+
+    torch.set_num_threads(1)
+    result = _evaluate_all(x, y)
+    clf = PyTorchWeightClassifier(_evaluation_model(), torch.nn.CrossEntropyLoss(), (64,), 10)
+    try:  # rank 1 passes other data: refused on every rank
+        attack = RandomWeightPerturbation(clf, PerturbationBudget(0.01), nb_samples=1, seed=0, verbose=False)
+        attack.evaluate(x[::-1].copy() if distributed.rank() == 1 else x, y)
+        result["mismatch"] = np.array("not detected")
+    except ValueError as error:
+        result["mismatch"] = np.array(str(error))
+    if distributed.is_main_process():
+        np.savez(out_path, **result)
+
+
+def test_two_process_evaluation_equals_single_process_evaluation(tmp_path, digits):
+    x, y = digits[0][:150], digits[1][:150]
+    torch.manual_seed(5)
+    single = _evaluate_all(x, y)
+    out = tmp_path / "evaluate.npz"
+    distributed.launch(_evaluation_worker, 2, args=(str(out), x, y))
+    with np.load(out) as result:
+        assert "`x` differs across ranks" in str(result["mismatch"])
+        np.testing.assert_array_equal(result["random_accuracies"], single["random_accuracies"])  # exact
+        assert float(result["random_clean"]) == float(single["random_clean"])
+        for key in [k for k in single if k.startswith("pgd/")]:  # measured: ≤ 1e-9 (most entries ±eps, identical)
+            np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-6, err_msg=key)
+        assert list(result["flips"]) == list(single["flips"])
+        for key in [k for k in single if k.startswith("curve/")]:
+            np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-12, err_msg=key)

@@ -30,6 +30,7 @@ from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
+from art_weightpert import distributed
 from art_weightpert.attacks.ascent import Score, ascend
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
@@ -176,7 +177,9 @@ class WeightAttack(WeightBudgetAttack):
         """
         Score of the universal ``deltas`` on all of ``x`` (success rate and mean :func:`objective`) and, when
         ``need_grad``, the objective's gradient with respect to the deltas (accumulated over batches of
-        ``batch_size``).
+        ``batch_size``). In a process group each rank computes its batches (:func:`.distributed.my_batches`) and the
+        sums are all-reduced: every rank holds the same score and gradients, the single-process ones up to the order
+        of the floating-point sums.
 
         :param input_map: applied to each batch of ``x`` before the model (e.g. the estimator's torch preprocessing);
             when given, the gradient with respect to ``x`` (per sample) is returned too.
@@ -189,7 +192,7 @@ class WeightAttack(WeightBudgetAttack):
         x_grad = torch.zeros_like(x) if need_grad and input_map is not None else None
         hits = torch.zeros((), device=x.device)
         total = torch.zeros((), device=x.device)
-        for s in self._batches(n, batch_size):
+        for s in distributed.my_batches(n, batch_size):
             xb = x[s] if x_grad is None else x[s].detach().requires_grad_(True)
             with torch.set_grad_enabled(need_grad):
                 out = self.estimator.logits(xb if input_map is None else input_map(xb), probe)
@@ -201,6 +204,11 @@ class WeightAttack(WeightBudgetAttack):
                 grads = g if grads is None else [a.add_(b) for a, b in zip(grads, g)]
             hits += success(out.detach(), labels[s], targeted).sum()
             total += value.detach()
+        if distributed.is_distributed():
+            grads = [torch.zeros_like(leaf) for leaf in leaves] if need_grad and grads is None else grads
+            parts = [hits, total, *(grads or []), *([] if x_grad is None else [x_grad])]
+            hits, total, *rest = distributed.all_reduce_sum_list(parts)
+            grads, x_grad = (rest[: len(leaves)] if need_grad else None), (None if x_grad is None else rest[-1])
         return Score(float(hits) / max(1, n), float(total)), grads, x_grad
 
     def _run_ascent(self, max_iter: int, restarts: int = 1, **loop: Any) -> Any:

@@ -30,6 +30,7 @@ from art.estimators.classification import PyTorchClassifier
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
+from art_weightpert import distributed
 from art_weightpert.attacks.base import WeightAttack
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.quantization import BitFlip, QuantizedWeights, as_weight_classifier, check_quantization_args
@@ -197,12 +198,11 @@ class BitFlipAttack(WeightAttack):
         probes = {name: d.clone().requires_grad_(True) for name, d in deltas.items()}
         grads = {name: torch.zeros_like(d) for name, d in deltas.items()}
         sign = -1.0 if self.targeted else 1.0
-        for start in range(0, len(x_t), self.batch_size):
-            xb, yb = x_t[start : start + self.batch_size], labels[start : start + self.batch_size]
-            loss = sign * F.cross_entropy(self.estimator.logits(xb, probes), yb, reduction="sum") / len(x_t)
+        for s in distributed.my_batches(len(x_t), self.batch_size):  # in a process group: this rank's batches
+            loss = sign * F.cross_entropy(self.estimator.logits(x_t[s], probes), labels[s], reduction="sum") / len(x_t)
             for name, g in zip(probes, torch.autograd.grad(loss, list(probes.values()))):
                 grads[name] += g
-        return grads
+        return distributed.all_reduce_sum_dict(grads)  # the same gradients on every rank
 
     def _candidates(
         self, quantized: QuantizedWeights, grads: Mapping[str, torch.Tensor], flipped: Mapping[str, torch.Tensor]
@@ -245,12 +245,13 @@ class BitFlipAttack(WeightAttack):
                 flat = stacked.view(len(rows), -1)
                 for j, i in enumerate(rows):
                     flat[j, candidates[i][1]] += candidates[i][3]
-                for start in range(0, len(x_t), self.batch_size):
-                    xb, yb = x_t[start : start + self.batch_size], labels[start : start + self.batch_size]
+                for s in distributed.my_batches(len(x_t), self.batch_size):
+                    xb, yb = x_t[s], labels[s]
                     logits = _batched_logits(model, params, name, stacked, xb)  # (C, B, K)
                     ce = F.cross_entropy(logits.flatten(0, 1), yb.repeat(len(rows)), reduction="none")
                     loss[rows] += ce.reshape(len(rows), -1).sum(dim=1).to(torch.float64)
                     correct[rows] += (logits.argmax(dim=2) == yb).sum(dim=1).to(torch.float64)
+        loss, correct = distributed.all_reduce_sum_list([loss, correct])  # every rank ranks the same candidates
         return loss / len(x_t), correct / len(x_t)
 
 

@@ -19,8 +19,10 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
+from art_weightpert import distributed
 from art_weightpert.attacks.base import WeightAttack
 from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
+from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_choice, check_non_negative_int, check_positive_int
 
@@ -86,7 +88,9 @@ class RandomWeightPerturbation(WeightAttack):
 
     def evaluate(self, x: np.ndarray, y: np.ndarray | None = None) -> dict[str, Any]:
         """
-        Accuracy on ``(x, y)`` under ``nb_samples`` random perturbations.
+        Accuracy on ``(x, y)`` under ``nb_samples`` random perturbations. In a process group every rank draws the
+        same perturbations (rank 0's seed), classifies its batches of ``x`` and the counts are summed: the
+        single-process result exactly, on every rank (each rank must pass the same ``x`` and ``y``).
 
         :param x: inputs.
         :param y: integer or one-hot labels (``None``: agreement with the clean predictions).
@@ -94,15 +98,17 @@ class RandomWeightPerturbation(WeightAttack):
             0.95, "accuracies": np.ndarray (nb_samples,), "clean": float}``.
         """
         x_t, labels = self.estimator.prepare_inputs(x, y)
+        distributed.check_same_data(x_t.cpu().numpy(), None if y is None else np.asarray(y), name="x")
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
         gen = self._generator()
-        clean = self._accuracy(x_t, labels, None, self.batch_size)
+        clean = self._sharded_accuracy(x_t, labels, None)
         accuracies = np.empty(self.nb_samples)
-        with tqdm(total=self.nb_samples, desc="RandomWeightPerturbation", disable=not self.verbose) as bar:
+        verbose = self.verbose and distributed.is_main_process()
+        with tqdm(total=self.nb_samples, desc="RandomWeightPerturbation", disable=not verbose) as bar:
             for i in range(self.nb_samples):
-                accuracies[i] = self._accuracy(x_t, labels, self._draw(param_balls, gen), self.batch_size)
+                accuracies[i] = self._sharded_accuracy(x_t, labels, self._draw(param_balls, gen))
                 bar.update(1)
         return {
             "mean": float(accuracies.mean()),
@@ -116,8 +122,22 @@ class RandomWeightPerturbation(WeightAttack):
 
     # ------------------------------------------------------------------------------------------------ internals
     def _generator(self) -> torch.Generator:
-        seed = int(torch.randint(0, 2**62, (1,))) if self.seed is None else int(self.seed)
-        return torch.Generator().manual_seed(seed)
+        seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,)))) if self.seed is None else self.seed
+        return torch.Generator().manual_seed(int(seed))
+
+    def _sharded_accuracy(
+        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: dict[str, torch.Tensor] | None
+    ) -> float:
+        """Share of ``x_t`` classified as ``labels`` with weights ``W + deltas``: this rank's batches, counts summed
+        over the ranks (exact)."""
+        if len(x_t) == 0:
+            return float("nan")
+        correct = torch.zeros((), dtype=torch.float64, device=x_t.device)
+        with torch.no_grad(), eval_mode(self.estimator.base_model):
+            for s in distributed.my_batches(len(x_t), self.batch_size):
+                correct += (self.estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum()
+        (correct,) = distributed.all_reduce_sum_list([correct.to(distributed.collective_device())])
+        return float(correct) / len(x_t)
 
     def _draw(self, param_balls: list[ParameterBall], gen: torch.Generator) -> dict[str, torch.Tensor]:
         model = self.estimator.base_model

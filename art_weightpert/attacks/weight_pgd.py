@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert import distributed
 from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
 from art_weightpert.attacks.base import WeightAttack, check_ascent_params
 from art_weightpert.budget import ParameterBall, PerturbationBudget
@@ -100,7 +101,8 @@ class WeightPGD(WeightAttack):
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # reproducible via torch.manual_seed
+        seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,))))  # rank 0's: the same starts everywhere
+        gen = torch.Generator().manual_seed(seed)  # reproducible via torch.manual_seed
 
         def evaluate(deltas: Deltas, need_grad: bool) -> tuple[Score, list[torch.Tensor] | None]:
             score, grads, _ = self._score_and_grads(

@@ -6,6 +6,10 @@ robustness sweeps. :func:`.plot_robustness_curve` (``metrics/plots.py``) draws t
 
 For every ε: certified ≤ true robust accuracy ≤ PGD accuracy ≤ mean random accuracy ≤ 1 (up to the attack's
 strength), and clean accuracy is the ε = 0 value of all of them.
+
+In a ``torch.distributed`` process group the samples are sharded by whole batches: the predictions here, the random
+faults, the attack's gradients and the certificates are computed by batch on the ranks and gathered or summed, so every
+rank returns the single-process curve (the PGD points up to the order of floating-point sums).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert import distributed
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.certification import METHODS as BOUND_METHODS
 from art_weightpert.certification import WeightPerturbationCertifier
@@ -100,7 +105,8 @@ class _Runner:
     def __init__(self, classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed) -> None:
         self.classifier, self.x, self.batch_size, self.verbose, self.seed = classifier, x, batch_size, verbose, seed
         _, labels_t = classifier.prepare_inputs(x, y)  # validates x and y
-        self.clean_pred = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
+        distributed.check_same_data(np.asarray(x), None if y is None else np.asarray(y), name="x")
+        self.clean_pred = _predicted_labels(classifier, x, batch_size)
         self.labels = self.clean_pred if labels_t is None else labels_t.cpu().numpy()
         self.result: dict[str, Any] = {
             "eps": [_axis_value(b) for b in budgets],
@@ -169,8 +175,7 @@ class _Runner:
         if self.seed is not None:
             torch.manual_seed(self.seed)
         delta = WeightPGD(self.classifier, budget, **self.pgd_kwargs).generate(self.x, self.labels)
-        perturbed = self.classifier.with_weight_perturbation(delta)
-        predictions = perturbed.predict(self.x, batch_size=self.batch_size).argmax(axis=1)
+        predictions = _predicted_labels(self.classifier.with_weight_perturbation(delta), self.x, self.batch_size)
         return float(np.mean(predictions == self.labels)) if len(self.labels) else math.nan
 
     def certified(self, method: str, bound: str, budget: PerturbationBudget) -> float:
@@ -191,6 +196,13 @@ class _Runner:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _predicted_labels(classifier: PyTorchWeightClassifier, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The classifier's labels for ``x``; in a process group each rank predicts its batches and all gather them."""
+    return distributed.map_batches(
+        lambda s: classifier.predict(x[s], batch_size=batch_size).argmax(axis=1), len(x), batch_size
+    ).astype(np.int64)
+
+
 def _budgets(values: Any, norm: str, layers, relative: bool, include_bias: bool) -> list[PerturbationBudget]:
     if isinstance(values, (PerturbationBudget, int, float, np.integer, np.floating)):
         values = [values]
