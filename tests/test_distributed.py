@@ -211,3 +211,31 @@ def test_two_process_evaluation_equals_single_process_evaluation(tmp_path, digit
         assert list(result["flips"]) == list(single["flips"])
         for key in [k for k in single if k.startswith("curve/")]:
             np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-12, err_msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def test_cli_rejects_nproc_below_one(capsys):
+    from art_weightpert.cli.commands import main
+
+    for command in (["train", "--out", "m.pt"], ["evaluate", "--model", "m.pt", "--data", "d.npz"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*command, "--nproc", "0"])
+        assert exit_info.value.code == 2
+        assert "--nproc" in capsys.readouterr().err
+
+
+def test_cli_train_in_two_processes_writes_only_when_every_rank_succeeded(tmp_path, capsys):
+    from art_weightpert.cli.commands import main
+
+    out = tmp_path / "model.pt"
+    failed = main(["train", "--out", str(out), "--data", str(tmp_path / "missing.npz"), "--nproc", "2", "--quiet"])
+    assert failed == 2 and "missing.npz" in capsys.readouterr().err  # the ranks' usage error, as one
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging folder left
+    argv = ["train", "--out", str(out), "--epochs", "1", "--hidden", "8", "--nproc", "2", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"Model saved to {out}" in printed and ".art-weightpert-partial" not in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.history.json", "model.pt"]
+    history = (tmp_path / "model.history.json").read_text()
+    assert str(out) in history and "partial" not in history
+    assert torch.jit.load(str(out))(torch.zeros(1, 64)).shape == (1, 10)

@@ -30,6 +30,7 @@ from torch import nn
 from art_weightpert import zoo
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.cli import inputs
+from art_weightpert.cli.launch import run_command
 from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line
 from art_weightpert.cli.render import summary_text
 from art_weightpert.cli.report import (
@@ -323,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in quiet_loggers:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        return RUNNERS[args.command](args)
+        return run_command(RUNNERS[args.command], args)  # --nproc N: N processes (cli/launch.py)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -64,6 +64,7 @@ non_negative = argument_type(float, check_non_negative, "a finite non-negative n
 _OUT = ("--out", {"default": None, "help": f"report folder (default: ./{DEFAULT_OUT})"})
 _SEED = ("--seed", {"type": non_negative_int, "default": 0, "help": "seed of training and attacks (default 0)"})
 _QUIET = ("--quiet", {"action": "store_true", "help": "no progress bars and no tables (only the report's path)"})
+_NPROC = ("--nproc", {"type": positive_int, "default": 1, "help": "processes (torch.distributed; default 1)"})
 _DEVICE = ("--device", {"choices": ("cpu", "gpu"), "default": "cpu", "help": "where torch runs (default: cpu)"})
 COMMON = [
     _OUT,
@@ -89,6 +90,7 @@ EVALUATE = [
     ("--max-samples", {"type": positive_int, "default": None, "help": "evaluate the first N test points"}),
     ("--pgd-steps", {"type": positive_int, "default": 20, "help": "WeightPGD iterations (default 20)"}),
     ("--random-samples", {"type": positive_int, "default": 10, "help": "random draws per ε (default 10)"}),
+    _NPROC,
 ]  # fmt: skip
 
 _R = DIGITS_RECIPE
@@ -117,6 +119,7 @@ TRAIN = [
                       "help": f"samples per step (default {_R.batch_size})"}),
     _SEED,
     _DEVICE,
+    _NPROC,
     ("--quiet", {"action": "store_true", "help": "no progress bars"}),
 ]  # fmt: skip
 

@@ -1,0 +1,154 @@
+"""
+``art-weightpert train|evaluate --nproc N``: the command in ``N`` processes on this machine, one ``torch.distributed``
+process group (gloo on the CPU, NCCL with ``--device gpu``, one GPU per process), through
+:func:`art_weightpert.distributed.launch`.
+
+Every rank runs the same command on the same data (the library shards the work and keeps the ranks' models equal).
+Rank 0 alone writes, and into staging folders beside the destinations: the files are moved into place, and rank 0's
+output printed, only after every rank has finished. When a rank fails, its error is raised here (a usage error stays
+one: exit code 2), the staging folders are removed and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+
+from art_weightpert import distributed
+from art_weightpert.cli.parser import UsageError, one_line
+
+TEXT_FILES = (".json", ".md", ".txt")
+"""Written files that may name the staging folder (paths in the report or the history): rewritten when moved."""
+
+
+def run_command(runner: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``runner(args)``, in ``args.nproc`` processes when the command has ``--nproc`` > 1."""
+    nproc = getattr(args, "nproc", 1)
+    if nproc == 1 or distributed.is_distributed():
+        return runner(args)
+    if args.device == "gpu":
+        import torch
+
+        if torch.cuda.device_count() < nproc:
+            raise UsageError(f"--nproc {nproc}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    staging = _staging_folders(args)
+    try:
+        rank0 = copy.copy(args)
+        for name, (final, stage) in staging.items():
+            setattr(rank0, name, os.path.join(stage, os.path.basename(final)) if final else None)
+        errors = tempfile.mkdtemp(prefix="art-weightpert-errors-")
+        log = os.path.join(staging["out"][1], ".rank0-output.txt")
+        device_type = "cuda" if args.device == "gpu" else "cpu"
+        try:
+            distributed.launch(_rank_main, nproc, args=(args.command, rank0, log, errors), device_type=device_type)
+        except Exception as err:
+            recorded = _rank_error(errors)  # the rank's own error replaces the launcher's
+            if recorded is None:
+                raise
+            raise recorded from err
+        finally:
+            shutil.rmtree(errors, ignore_errors=True)
+        replacements = {stage: os.path.dirname(final) for final, stage in staging.values() if final}
+        output = _rewrite(open(log, encoding="utf-8").read(), replacements)
+        os.remove(log)
+        _move_into_place(staging, replacements)
+        sys.stdout.write(output)
+        return 0
+    finally:
+        for _, stage in staging.values():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _staging_folders(args: argparse.Namespace) -> dict[str, tuple[str | None, str]]:
+    """``{argument: (final path or None, staging folder)}`` for the paths the command writes: ``--out`` (the report
+    folder of ``evaluate``, the model file of ``train``) and ``train``'s ``--history``."""
+    from art_weightpert.cli import inputs
+
+    if args.command == "evaluate":
+        finals = {"out": os.path.join(os.path.abspath(inputs.out_dir(args)), "")}
+    else:
+        out = os.path.abspath(args.out)
+        if not os.path.isdir(os.path.dirname(out)):
+            raise UsageError(f"--out {args.out}: folder {os.path.dirname(out)} does not exist")
+        finals = {"out": out, "history": os.path.abspath(args.history or os.path.splitext(out)[0] + ".history.json")}
+    staging = {}
+    for name, final in finals.items():
+        parent = os.path.dirname(final.rstrip(os.sep)) or "."
+        os.makedirs(parent, exist_ok=True)
+        staging[name] = (final, tempfile.mkdtemp(prefix=".art-weightpert-partial-", dir=parent))
+    return staging
+
+
+def _rank_main(command: str, args: argparse.Namespace, log: str, errors: str) -> None:
+    """One rank: rank 0 runs the command with its output captured in ``log``; the others quietly, writing into a
+    folder that is thrown away. An error is recorded in ``errors`` for the parent, then raised."""
+    from art_weightpert.cli.commands import RUNNERS
+
+    rank = distributed.rank()
+    scratch = None
+    try:
+        if rank != 0:
+            scratch = tempfile.mkdtemp(prefix="art-weightpert-rank-")
+            args = copy.copy(args)
+            args.quiet = True
+            for name in ("out", "history"):
+                if getattr(args, name, None):
+                    setattr(args, name, os.path.join(scratch, os.path.basename(os.path.normpath(getattr(args, name)))))
+            warnings.simplefilter("ignore")
+        target = open(log if rank == 0 else os.devnull, "w", encoding="utf-8")  # noqa: SIM115
+        with target, contextlib.redirect_stdout(target):
+            code = RUNNERS[command](args)
+        if code != 0:
+            raise RuntimeError(f"the command exited with code {code}")
+    except BaseException as err:
+        kind = "usage" if isinstance(err, UsageError) else "failure"
+        with open(os.path.join(errors, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
+            json.dump({"rank": rank, "kind": kind, "type": type(err).__name__, "message": one_line(err)}, handle)
+        raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _rank_error(errors: str) -> Exception | None:
+    """The first rank's recorded error, as a :class:`.UsageError` or a ``RuntimeError`` naming the rank."""
+    found = sorted(f for f in os.listdir(errors) if f.endswith(".json"))
+    if not found:
+        return None
+    with open(os.path.join(errors, found[0]), encoding="utf-8") as handle:
+        error = json.load(handle)
+    if error["kind"] == "usage":
+        return UsageError(error["message"])
+    return RuntimeError(f"rank {error['rank']} of the process group failed: {error['type']}: {error['message']}")
+
+
+def _rewrite(text: str, replacements: dict[str, str]) -> str:
+    for stage, final in replacements.items():
+        text = text.replace(stage.rstrip(os.sep), final.rstrip(os.sep))
+    return text
+
+
+def _move_into_place(staging: dict[str, tuple[str | None, str]], replacements: dict[str, str]) -> None:
+    """Every staged file into its destination folder (text files with the staging paths rewritten)."""
+    for final, stage in staging.values():
+        destination = final if final.endswith(os.sep) else os.path.dirname(final)
+        os.makedirs(destination, exist_ok=True)
+        for name in sorted(os.listdir(stage)):
+            path = os.path.join(stage, name)
+            if name.endswith(TEXT_FILES):
+                with open(path, encoding="utf-8") as handle:
+                    text = _rewrite(handle.read(), replacements)
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(text)
+            os.replace(path, os.path.join(destination, name))
+
+
+__all__ = ["run_command"]
