@@ -106,11 +106,50 @@ def _train_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def _generator_run(x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[np.ndarray, str]:
+    """``fit_generator`` of the plain model on batches of ``(x, y)`` in order: ``(first weight, error or "")``."""
+    from art.data_generators import NumpyDataGenerator
+
+    from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightRobustTrainer
+
+    model = _training_models()["plain"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+    clf = PyTorchWeightClassifier(model, torch.nn.CrossEntropyLoss(), (64,), 10, optimizer=optimizer)
+    trainer = WeightRobustTrainer(clf, PerturbationBudget(0.001, "row_l1"), lam=0.2, warmup=1, verbose=False)
+    try:
+        trainer.fit_generator(NumpyDataGenerator(x, y, batch_size, drop_remainder=False), nb_epochs=2)
+    except ValueError as error:
+        return model[0].weight.detach().numpy().copy(), str(error)
+    return model[0].weight.detach().numpy().copy(), ""
+
+
+def _generator_checks(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
+    """Each rank's generator yields its shard (rank r: samples [100 r, 100 r + 100), 20 per batch); the same
+    generator on every rank and mismatched arrays in ``fit`` are refused."""
+    from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightRobustTrainer
+
+    r = distributed.rank()
+    weight, error = _generator_run(x[100 * r : 100 * r + 100], y[100 * r : 100 * r + 100], 20)
+    _, same = _generator_run(x[:100], y[:100], 20)
+    model = _training_models()["plain"]
+    clf = PyTorchWeightClassifier(
+        model, torch.nn.CrossEntropyLoss(), (64,), 10, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    try:
+        WeightRobustTrainer(clf, PerturbationBudget(0.001), verbose=False).fit(x[: 50 + r], y[: 50 + r], nb_epochs=1)
+        mismatch = "not detected"
+    except ValueError as err:
+        mismatch = str(err)
+    return {"generator_weight": weight, "generator_error": np.array(error), "same_generator": np.array(same),
+            "fit_mismatch": np.array(mismatch)}  # fmt: skip
+
+
 def _training_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
     torch.set_num_threads(1)
     if distributed.rank() == 1:
         torch.manual_seed(999)  # the data order must come from rank 0, whatever the other ranks' generators hold
     result = _train_all(x, y)
+    result.update(_generator_checks(x, y))
     spread = 0.0
     for key, value in result.items():  # how far the ranks' parameters and running statistics are apart
         if "/" in key:
@@ -129,7 +168,15 @@ def test_two_process_training_equals_single_process_training(tmp_path, digits):
     single = _train_all(x, y)
     out = tmp_path / "train.npz"
     distributed.launch(_training_worker, 2, args=(str(out), x, y))
+    # the single-process run on the global batches the two generators make together (rank 0's 20, then rank 1's 20)
+    x_global = np.concatenate([np.concatenate([x[b : b + 20], x[100 + b : 120 + b]]) for b in range(0, 100, 20)])
+    y_global = np.concatenate([np.concatenate([y[b : b + 20], y[100 + b : 120 + b]]) for b in range(0, 100, 20)])
+    generator_weight, _ = _generator_run(x_global, y_global, 40)
     with np.load(out) as result:
+        assert str(result["generator_error"]) == ""
+        np.testing.assert_allclose(result["generator_weight"], generator_weight, rtol=0, atol=1e-6)
+        assert "yields the same batch on several ranks" in str(result["same_generator"])
+        assert "`x` differs across ranks" in str(result["fit_mismatch"])
         assert float(result["spread"]) == 0.0  # identical on every rank
         assert single["plain_loss"][-1] < single["plain_loss"][0]  # the runs learn
         assert single["bn_loss"][-1] < single["bn_loss"][0]
