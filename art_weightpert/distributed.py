@@ -177,11 +177,16 @@ def check_same_data(*arrays: np.ndarray | None, name: str = "x") -> None:
         )
 
 
-def map_batches(function: Callable[[slice], np.ndarray], n: int, batch_size: int) -> np.ndarray:
-    """``function`` applied to this rank's batches of ``range(n)`` (:func:`my_batches`), gathered on every rank in
-    single-process order (:func:`gather_batches`): one process computes all the batches itself."""
-    pieces = [np.asarray(function(s)) for s in my_batches(n, batch_size)]
-    return gather_batches(pieces, n, batch_size)
+def map_batches(function: Callable[[np.ndarray], np.ndarray], n: int, batch_size: int) -> np.ndarray:
+    """``function`` of the indices of this rank's batches of ``range(n)`` (:func:`my_batches`; ``arange(n)`` in one
+    process), called once, with its per-sample results gathered on every rank in single-process order
+    (:func:`gather_batches`). One call per rank keeps the use of torch's global generator as in one process (every
+    ``DataLoader`` pass, e.g. in ART's ``predict``, draws from it)."""
+    batches = list(my_batches(n, batch_size))
+    if not batches:
+        return gather_batches([], n, batch_size)
+    out = np.asarray(function(np.concatenate([np.arange(s.start, s.stop) for s in batches])))
+    return gather_batches(np.split(out, np.cumsum([s.stop - s.start for s in batches])[:-1]), n, batch_size)
 
 
 def shard_of_batch(size: int) -> slice:

@@ -21,38 +21,51 @@ def test_single_process_helpers_are_the_identity():
     distributed.check_same_data(np.zeros(3), name="x")  # nothing to compare against
 
 
-def _sharding_worker(out_path: str) -> None:
-    n, batch_size = 23, 4
+def _sharding_checks() -> dict[str, np.ndarray]:
+    n, batch_size, r = 23, 4, distributed.rank()
     batches = list(distributed.my_batches(n, batch_size))
-    pieces = [np.stack([np.arange(s.start, s.stop), np.full(s.stop - s.start, distributed.rank())], 1) for s in batches]
+    pieces = [np.stack([np.arange(s.start, s.stop), np.full(s.stop - s.start, r)], 1) for s in batches]
     gathered = distributed.gather_batches(pieces, n, batch_size)
-    total = distributed.all_reduce_sum(torch.tensor([float(distributed.rank() + 1)]))
-    summed = distributed.all_reduce_sum_dict({"a": torch.ones(2, 2) * (distributed.rank() + 1), "b": torch.ones(3)})
+    mapped = distributed.map_batches(lambda index: index * 10, n, batch_size)
+    total = distributed.all_reduce_sum(torch.tensor([float(r + 1)]))
+    summed = distributed.all_reduce_sum_dict({"a": torch.ones(2, 2) * (r + 1), "b": torch.ones(3)})
     x = np.arange(12.0).reshape(3, 4)
     distributed.check_same_data(x, np.arange(3), name="x")
     try:
-        distributed.check_same_data(x + distributed.rank(), name="x")
+        distributed.check_same_data(x + r, name="x")
         mismatch = "not detected"
     except ValueError as error:
         mismatch = str(error)
-    if distributed.is_main_process():
-        np.savez(
-            out_path, gathered=gathered, total=total.numpy(), a=summed["a"].numpy(), b=summed["b"].numpy(),
-            world=distributed.world_size(), mismatch=np.array(mismatch),
-        )  # fmt: skip
+    shards = np.array(
+        [[distributed.shard_of_batch(size).start, distributed.shard_of_batch(size).stop] for size in (1, 5)]
+    )
+    module = torch.nn.Linear(2, 2)
+    torch.nn.init.constant_(module.weight, float(r))
+    module.weight.grad, module.bias.grad = torch.full((2, 2), r + 1.0), None
+    distributed.all_reduce_gradients(list(module.parameters()))
+    distributed.broadcast_module(module)
+    return {
+        "gathered": gathered, "mapped": mapped, "total": total.numpy(), "a": summed["a"].numpy(),
+        "b": summed["b"].numpy(), "world": np.array(distributed.world_size()), "mismatch": np.array(mismatch),
+        "shards": shards, "grad": module.weight.grad.numpy(), "bias_grad_none": np.array(module.bias.grad is None),
+        "broadcast_weight": module.weight.detach().numpy(),
+    }  # fmt: skip
 
 
-def test_two_processes_shard_whole_batches_and_gather_in_order(tmp_path):
-    out = tmp_path / "out.npz"
-    distributed.launch(_sharding_worker, 2, args=(str(out),))
-    with np.load(out) as result:
-        gathered = result["gathered"]
-        np.testing.assert_array_equal(gathered[:, 0], np.arange(23))  # single-process order
-        np.testing.assert_array_equal(gathered[:, 1], (np.arange(23) // 4) % 2)  # batch b computed on rank b mod 2
-        assert float(result["total"][0]) == 3.0 and int(result["world"]) == 2
-        np.testing.assert_array_equal(result["a"], np.full((2, 2), 3.0))
-        np.testing.assert_array_equal(result["b"], np.full(3, 2.0))
-        assert "`x` differs across ranks" in str(result["mismatch"])
+def test_two_processes_shard_whole_batches_and_gather_in_order(evaluation_run):
+    result = evaluation_run
+    gathered = result["gathered"]
+    np.testing.assert_array_equal(gathered[:, 0], np.arange(23))  # single-process order
+    np.testing.assert_array_equal(gathered[:, 1], (np.arange(23) // 4) % 2)  # batch b computed on rank b mod 2
+    np.testing.assert_array_equal(result["mapped"], np.arange(23) * 10)
+    assert float(result["total"][0]) == 3.0 and int(result["world"]) == 2
+    np.testing.assert_array_equal(result["a"], np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(result["b"], np.full(3, 2.0))
+    assert "`x` differs across ranks" in str(result["mismatch"])
+    np.testing.assert_array_equal(result["shards"], [[0, 1], [0, 3]])  # rank 0: all of a batch of 1, 3 of 5
+    np.testing.assert_array_equal(result["grad"], np.full((2, 2), 3.0))  # summed
+    assert bool(result["bias_grad_none"])  # None on every rank stays None
+    np.testing.assert_array_equal(result["broadcast_weight"], np.zeros((2, 2)))  # rank 0's
 
 
 def _failing_worker() -> None:
@@ -219,7 +232,9 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         clf, x, y, [0.0, 0.01, 0.03], methods=("clean", "random", "pgd"), batch_size=32, seed=0,
         pgd_params={"max_iter": 5},
     )  # fmt: skip
+    l2 = WeightPGD(clf, PerturbationBudget(0.3, "l2"), max_iter=5, eps_step=0.2, batch_size=32, verbose=False)
     out = {f"pgd/{name}": value for name, value in delta.items()}
+    out.update({f"pgd_l2/{name}": value for name, value in l2.generate(x, y).items()})
     out.update(random_accuracies=stats["accuracies"], random_clean=np.array(stats["clean"]))
     out["flips"] = np.array([str(flip) for flip in flips])
     for method, values in curve["accuracies"].items():
@@ -232,6 +247,7 @@ def _evaluation_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
 
     torch.set_num_threads(1)
     result = _evaluate_all(x, y)
+    result.update(_sharding_checks())
     clf = PyTorchWeightClassifier(_evaluation_model(), torch.nn.CrossEntropyLoss(), (64,), 10)
     try:  # rank 1 passes other data: refused on every rank
         attack = RandomWeightPerturbation(clf, PerturbationBudget(0.01), nb_samples=1, seed=0, verbose=False)
@@ -243,21 +259,29 @@ def _evaluation_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
         np.savez(out_path, **result)
 
 
-def test_two_process_evaluation_equals_single_process_evaluation(tmp_path, digits):
+@pytest.fixture(scope="module")
+def evaluation_run(tmp_path_factory, digits):
+    """One launch of two processes for every sharded evaluation (start-up costs seconds)."""
+    x, y = digits[0][:150], digits[1][:150]
+    out = tmp_path_factory.mktemp("distributed") / "evaluate.npz"
+    distributed.launch(_evaluation_worker, 2, args=(str(out), x, y))
+    with np.load(out) as result:
+        return dict(result)
+
+
+def test_two_process_evaluation_equals_single_process_evaluation(evaluation_run, digits):
     x, y = digits[0][:150], digits[1][:150]
     torch.manual_seed(5)
     single = _evaluate_all(x, y)
-    out = tmp_path / "evaluate.npz"
-    distributed.launch(_evaluation_worker, 2, args=(str(out), x, y))
-    with np.load(out) as result:
-        assert "`x` differs across ranks" in str(result["mismatch"])
-        np.testing.assert_array_equal(result["random_accuracies"], single["random_accuracies"])  # exact
-        assert float(result["random_clean"]) == float(single["random_clean"])
-        for key in [k for k in single if k.startswith("pgd/")]:  # measured: ≤ 1e-9 (most entries ±eps, identical)
-            np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-6, err_msg=key)
-        assert list(result["flips"]) == list(single["flips"])
-        for key in [k for k in single if k.startswith("curve/")]:
-            np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-12, err_msg=key)
+    result = evaluation_run
+    assert "`x` differs across ranks" in str(result["mismatch"])
+    np.testing.assert_array_equal(result["random_accuracies"], single["random_accuracies"])  # exact
+    assert float(result["random_clean"]) == float(single["random_clean"])
+    for key in [k for k in single if k.startswith("pgd")]:  # measured: box 0 (sign steps), ℓ2 3e-8
+        np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-6, err_msg=key)
+    assert list(result["flips"]) == list(single["flips"])
+    for key in [k for k in single if k.startswith("curve/")]:
+        np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-12, err_msg=key)
 
 
 # ------------------------------------------------------------------------------------------------ command line

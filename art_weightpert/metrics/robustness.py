@@ -199,7 +199,7 @@ class _Runner:
 def _predicted_labels(classifier: PyTorchWeightClassifier, x: np.ndarray, batch_size: int) -> np.ndarray:
     """The classifier's labels for ``x``; in a process group each rank predicts its batches and all gather them."""
     return distributed.map_batches(
-        lambda s: classifier.predict(x[s], batch_size=batch_size).argmax(axis=1), len(x), batch_size
+        lambda index: classifier.predict(x[index], batch_size=batch_size).argmax(axis=1), len(x), batch_size
     ).astype(np.int64)
 
 

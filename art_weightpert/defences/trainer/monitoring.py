@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from art_weightpert import distributed
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 
@@ -27,11 +28,13 @@ def validation_metrics(
     estimator: PyTorchWeightClassifier, budget: PerturbationBudget, x_val: np.ndarray, y_val: np.ndarray
 ) -> dict[str, float]:
     """Clean accuracy and certified accuracy at the budget (interval bound in float64, THEORY.md §4–§5), in eval
-    mode."""
+    mode; in a process group the samples are sharded by whole batches and the results gathered on every rank."""
     from art_weightpert.certification.certifier import WeightPerturbationCertifier
 
     with eval_mode(estimator.base_model):
-        predictions = np.argmax(estimator.predict(x_val, batch_size=512), axis=1)
+        predictions = distributed.map_batches(  # in a process group: each rank its batches, gathered
+            lambda index: np.argmax(estimator.predict(x_val[index], batch_size=512), axis=1), len(x_val), 512
+        )
         certifier = WeightPerturbationCertifier(estimator, budget, method="interval", verbose=False)
         certified = certifier.certify(x_val, y_val)
     return {
