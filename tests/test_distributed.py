@@ -216,6 +216,7 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         PerturbationBudget,
         PyTorchWeightClassifier,
         RandomWeightPerturbation,
+        WeightPerturbationCertifier,
         WeightPGD,
     )
     from art_weightpert.metrics import weight_robustness_curve
@@ -237,6 +238,12 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     out.update({f"pgd_l2/{name}": value for name, value in l2.generate(x, y).items()})
     out.update(random_accuracies=stats["accuracies"], random_clean=np.array(stats["clean"]))
     out["flips"] = np.array([str(flip) for flip in flips])
+    for method in ("interval", "linear", "paper"):
+        certifier = WeightPerturbationCertifier(clf, PerturbationBudget(0.01, "row_l1"), method, 32, verbose=False)
+        out[f"certify/{method}"] = certifier.certify(x, y)
+        out[f"certify_predicted/{method}"] = certifier.certify(x)
+        out[f"margins/{method}"] = certifier.margin_lower_bounds(x, y)
+        out[f"radius/{method}"] = certifier.certified_radius(x, y)
     for method, values in curve["accuracies"].items():
         out[f"curve/{method}"] = np.array(values)
     return out
@@ -280,6 +287,9 @@ def test_two_process_evaluation_equals_single_process_evaluation(evaluation_run,
     for key in [k for k in single if k.startswith("pgd")]:  # measured: box 0 (sign steps), ℓ2 3e-8
         np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-6, err_msg=key)
     assert list(result["flips"]) == list(single["flips"])
+    for key in [k for k in single if k.startswith(("certify", "margins", "radius"))]:
+        np.testing.assert_array_equal(result[key], single[key], err_msg=key)  # exact: the same batches, gathered
+    assert single["certify/interval"].any() and not single["certify/interval"].all()
     for key in [k for k in single if k.startswith("curve/")]:
         np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-12, err_msg=key)
 
