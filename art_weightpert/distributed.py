@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -236,7 +240,8 @@ def launch(function: Callable[..., Any], nproc: int, args: tuple = (), device_ty
     """
     Run ``function(*args)`` in ``nproc`` processes on this machine, each in a process group (gloo on CPU, NCCL on
     CUDA, one GPU per process), as ``torchrun --standalone --nproc-per-node nproc`` would. When one process fails,
-    the others are stopped and its error is raised here (no hang). ``nproc == 1`` runs ``function`` in this process.
+    the others are stopped and the error of the process that failed *first* is raised here (the others typically
+    fail next, on the broken connection), naming its rank: no hang. ``nproc == 1`` runs ``function`` in this process.
 
     :param function: a picklable (module-level) function.
     """
@@ -247,10 +252,33 @@ def launch(function: Callable[..., Any], nproc: int, args: tuple = (), device_ty
     if device_type in ("cuda", "gpu") and torch.cuda.device_count() < nproc:
         raise ValueError(f"`nproc` is {nproc} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
     port = free_port()
-    torch.multiprocessing.spawn(_worker, args=(nproc, port, device_type, function, args), nprocs=nproc, join=True)
+    errors = tempfile.mkdtemp(prefix="art-weightpert-launch-")
+    try:
+        torch.multiprocessing.spawn(
+            _worker, args=(nproc, port, device_type, function, args, errors), nprocs=nproc, join=True
+        )
+    except Exception as err:
+        first = _first_error(errors)
+        if first is None:
+            raise
+        raise RuntimeError(first) from err
+    finally:
+        shutil.rmtree(errors, ignore_errors=True)
 
 
-def _worker(local_rank: int, nproc: int, port: int, device_type: str, function: Callable, args: tuple) -> None:
+def _first_error(errors: str) -> str | None:
+    """The error recorded first by a process of :func:`launch` (its rank and traceback), or None."""
+    recorded = []
+    for name in os.listdir(errors):
+        with open(os.path.join(errors, name), encoding="utf-8") as handle:
+            stamp, text = handle.read().split("\n", 1)
+        recorded.append((float(stamp), text))
+    return min(recorded)[1] if recorded else None
+
+
+def _worker(
+    local_rank: int, nproc: int, port: int, device_type: str, function: Callable, args: tuple, errors: str
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(nproc),
         LOCAL_RANK=str(local_rank),
@@ -261,5 +289,10 @@ def _worker(local_rank: int, nproc: int, port: int, device_type: str, function: 
     dist.init_process_group(backend, rank=local_rank, world_size=nproc)
     try:
         function(*args)
+    except BaseException as err:
+        with open(os.path.join(errors, f"rank{local_rank}.txt"), "w", encoding="utf-8") as handle:
+            handle.write(f"{time.time()!r}\nprocess {local_rank} of {nproc} failed: {type(err).__name__}: {err}\n")
+            handle.write(traceback.format_exc())
+        raise
     finally:
         dist.destroy_process_group()

@@ -50,10 +50,10 @@ def run_command(runner: Callable[[argparse.Namespace], int], args: argparse.Name
         try:
             distributed.launch(_rank_main, nproc, args=(args.command, rank0, log, errors), device_type=device_type)
         except Exception as err:
-            recorded = _rank_error(errors)  # the rank's own error replaces the launcher's
-            if recorded is None:
-                raise
-            raise recorded from err
+            usage = _usage_error(errors)  # a usage error stays one (exit code 2)
+            if usage is not None:
+                raise usage from err
+            raise RuntimeError(str(err).strip().splitlines()[0]) from err  # "process r of n failed: ...", one line
         finally:
             shutil.rmtree(errors, ignore_errors=True)
         replacements = {stage: os.path.dirname(final) for final, stage in staging.values() if final}
@@ -89,7 +89,8 @@ def _staging_folders(args: argparse.Namespace) -> dict[str, tuple[str | None, st
 
 def _rank_main(command: str, args: argparse.Namespace, log: str, errors: str) -> None:
     """One rank: rank 0 runs the command with its output captured in ``log``; the others quietly, writing into a
-    folder that is thrown away. An error is recorded in ``errors`` for the parent, then raised."""
+    folder that is thrown away. A usage error is recorded in ``errors`` for the parent, then raised (any other error
+    reaches the parent through :func:`.distributed.launch`)."""
     from art_weightpert.cli.commands import RUNNERS
 
     rank = distributed.rank()
@@ -108,26 +109,23 @@ def _rank_main(command: str, args: argparse.Namespace, log: str, errors: str) ->
             code = RUNNERS[command](args)
         if code != 0:
             raise RuntimeError(f"the command exited with code {code}")
-    except BaseException as err:
-        kind = "usage" if isinstance(err, UsageError) else "failure"
+    except UsageError as err:
         with open(os.path.join(errors, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
-            json.dump({"rank": rank, "kind": kind, "type": type(err).__name__, "message": one_line(err)}, handle)
+            json.dump({"rank": rank, "kind": "usage", "message": one_line(err)}, handle)
         raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _rank_error(errors: str) -> Exception | None:
-    """The first rank's recorded error, as a :class:`.UsageError` or a ``RuntimeError`` naming the rank."""
-    found = sorted(f for f in os.listdir(errors) if f.endswith(".json"))
-    if not found:
-        return None
-    with open(os.path.join(errors, found[0]), encoding="utf-8") as handle:
-        error = json.load(handle)
-    if error["kind"] == "usage":
-        return UsageError(error["message"])
-    return RuntimeError(f"rank {error['rank']} of the process group failed: {error['type']}: {error['message']}")
+def _usage_error(errors: str) -> UsageError | None:
+    """The usage error a rank recorded, if any."""
+    for name in sorted(os.listdir(errors)):
+        with open(os.path.join(errors, name), encoding="utf-8") as handle:
+            error = json.load(handle)
+        if error["kind"] == "usage":
+            return UsageError(error["message"])
+    return None
 
 
 def _rewrite(text: str, replacements: dict[str, str]) -> str:
