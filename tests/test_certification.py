@@ -4,7 +4,6 @@ invariants between methods, certified radii, the estimator's carried perturbatio
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 
 import numpy as np
@@ -16,45 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, UnsupportedModelError
-from art_weightpert.certification import METHODS, WeightPerturbationCertifier, available_methods
+from art_weightpert.certification import METHODS, WeightPerturbationCertifier
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
-from tests.conftest import make_classifier, make_mlp, random_mlp
-
-HAS_LINEAR = importlib.util.find_spec("art_weightpert.certification.linear") is not None
-METHOD_PARAMS = [
-    "paper",
-    "interval",
-    pytest.param("linear", marks=pytest.mark.skipif(not HAS_LINEAR, reason="certification/linear.py not written yet")),
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread avoids thread contention on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_cnn(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 2),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 2 * 2, 5),
-    )
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.5, 0.5)
-        model[1].running_var.uniform_(0.5, 2.0)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.3, 0.3)
-    return model.eval()
+from art_weightpert.certification.common import BoundCache
+from art_weightpert.network import read_network
+from tests.conftest import make_classifier, make_mlp, random_cnn, random_mlp
 
 
 def classifier(model: nn.Module, input_shape, nb_classes: int) -> PyTorchWeightClassifier:
@@ -200,7 +165,7 @@ def test_interval_matches_direct_section4_on_relu_mlp_with_biases(norm, include_
 )
 def test_interval_never_looser_than_paper_on_row_l1(seed, bias, relative, include_bias, conv, layer_choice):
     if conv:
-        model, shape, k = random_cnn(seed), (1, 6, 6), 5
+        model, shape, k = random_cnn(seed, final_maxpool=False), (1, 6, 6), 5
     else:
         model, shape, k = random_mlp([5, 6, 4, 3], bias=bias, seed=seed), (5,), 3
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -222,7 +187,7 @@ def _certifier_at(clf, budget: PerturbationBudget, factor: float, method: str) -
     return WeightPerturbationCertifier(clf, scaled, method=method, verbose=False)
 
 
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize(
     "budget",
     [
@@ -250,19 +215,75 @@ def test_certify_holds_just_below_the_certified_radius(tiny_mlp_classifier, digi
 
 
 @pytest.mark.parametrize("method", ["paper", "interval"])
-def test_closed_form_radius_agrees_with_bisection(tiny_mlp_classifier, digits, method, monkeypatch):
-    """Where the bound is affine in the radius, the closed form, the vectorized bisection and the per-scale fallback
-    (bounds without a ``scale`` keyword) give the same radii."""
+def test_closed_form_radius_agrees_with_bisection(tiny_mlp_classifier, digits, method):
+    """Where the bound is affine in the radius, the closed form and the vectorized bisection give the same radii."""
     _, _, x_test, _ = digits
     x = x_test[:20]
     budget = PerturbationBudget(0.01, "inf", layers=["2"])
-    closed = WeightPerturbationCertifier(tiny_mlp_classifier, budget, method=method, verbose=False).certified_radius(x)
-    assert (closed > 0).sum() >= 15
-    monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], affine_in_radius=lambda n, t: False))
     certifier = WeightPerturbationCertifier(tiny_mlp_classifier, budget, method=method, verbose=False)
+    assert certifier._method.affine_in_radius(certifier.network, certifier.parameter_balls)
+    closed = certifier.certified_radius(x)
+    assert (closed > 0).sum() >= 15
+    certifier._method = dataclasses.replace(certifier._method, affine_in_radius=lambda network, param_balls: False)
     np.testing.assert_allclose(certifier.certified_radius(x), closed, rtol=1e-9)
-    certifier._supports_scale = False
-    np.testing.assert_allclose(certifier.certified_radius(x[:4]), closed[:4], rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("layers", [None, ["0"], ["2"]], ids=["all", "first", "last"])
+def test_registry_affinity_claims_hold(method, layers):
+    """Where a method declares its bound affine in the radius factor ``s`` (closed-form radius), the bounds at several
+    factors lie on the line through ``s = 0`` and ``s = 1``; everywhere they decrease with ``s``."""
+    model = random_mlp([6, 5, 4], bias=True, seed=2)
+    clf = classifier(model, (6,), 4)
+    budget = PerturbationBudget(0.05, "inf", layers=layers, include_bias=True)
+    certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False)
+    x = np.random.default_rng(4).normal(size=(7, 6)).astype(np.float32)
+    factors = [0.0, 0.3, 1.0, 2.5]
+    bounds = [certifier.margin_lower_bounds(x, scale=np.full(len(x), s)) for s in factors]
+    finite = np.isfinite(bounds[0])
+    for low, high in zip(bounds, bounds[1:]):
+        assert np.all(high[finite] <= low[finite] + 1e-12)
+    if METHODS[method].affine_in_radius(certifier.network, certifier.parameter_balls):
+        at0, slope = bounds[0][finite], bounds[0][finite] - bounds[2][finite]
+        for s, b in zip(factors, bounds):
+            np.testing.assert_allclose(b[finite], at0 - s * slope, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_per_sample_scale_equals_the_scaled_budget(method):
+    """``margin_lower_bounds(x, scale=s)`` bounds sample ``n`` over the ball scaled by ``s[n]``."""
+    model = random_mlp([6, 5, 4], bias=True, seed=3)
+    clf = classifier(model, (6,), 4)
+    budget = PerturbationBudget({"0": 0.04, "2": 0.02}, "row_l1", relative=True, include_bias=True)
+    x = np.random.default_rng(5).normal(size=(5, 6)).astype(np.float32)
+    y = np.arange(5) % 4
+    scale = np.array([0.0, 0.5, 1.0, 2.0, 0.1])
+    got = WeightPerturbationCertifier(clf, budget, method, verbose=False).margin_lower_bounds(x, y, scale=scale)
+    for n, s in enumerate(scale):
+        one = WeightPerturbationCertifier(clf, budget.scaled(s), method, verbose=False)
+        np.testing.assert_allclose(got[n : n + 1], one.margin_lower_bounds(x[n : n + 1], y[n : n + 1]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bound_cache_follows_in_place_weight_changes(method):
+    """The cache key (tensor identity and version) suffices: bounds computed through a warm cache after the weights
+    changed in place equal bounds computed without a cache."""
+    model64 = random_mlp([6, 5, 4], bias=True, seed=6).double().requires_grad_(False)
+    network = read_network(model64, (6,))
+    bounds = METHODS[method].bounds
+    x = torch.randn((5, 6), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels = torch.arange(5) % 4
+    cache = BoundCache()
+    for budget in (PerturbationBudget(0.05, "inf", relative=True), PerturbationBudget(0.02, "row_l1")):
+        param_balls = budget.parameter_balls(model64, torch.float64)
+        before = bounds(network, param_balls, x, labels, torch.float64, None, cache)
+        assert len(cache) > 0
+        with torch.no_grad():
+            for p in model64.parameters():
+                p.mul_(1.5)
+        warm = bounds(network, param_balls, x, labels, torch.float64, None, cache)
+        assert not torch.equal(warm, before)
+        torch.testing.assert_close(warm, bounds(network, param_balls, x, labels, torch.float64), rtol=0, atol=0)
 
 
 def test_radius_is_zero_for_wrong_predictions_and_wrong_predictions_are_never_certified(tiny_mlp_classifier, digits):
@@ -282,7 +303,7 @@ def test_radius_is_zero_for_wrong_predictions_and_wrong_predictions_are_never_ce
 
 
 # ------------------------------------------------------------------------------------------------ semantics
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_margin_bounds_shape_label_column_and_prediction_default(tiny_mlp_classifier, digits, method):
     _, _, x_test, _ = digits
     x = x_test[:10]
@@ -334,7 +355,7 @@ def test_user_weights_are_never_modified_and_updates_are_seen(digits):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
     model.train()
-    for method in available_methods():
+    for method in METHODS:
         certifier = WeightPerturbationCertifier(clf, PerturbationBudget(0.01, "row_l1"), method, verbose=False)
         certifier.certify(x_test[:20])
         certifier.certified_radius(x_test[:5])
@@ -367,25 +388,22 @@ def test_accepts_a_plain_art_classifier_and_shows_progress(digits, capsys):
     assert "Weight certificates" in capsys.readouterr().err
 
 
-def test_tolerance_is_relative_to_the_logit_scale(tiny_mlp_classifier, digits):
-    _, _, x_test, _ = digits
-    certifier = WeightPerturbationCertifier(
-        tiny_mlp_classifier, PerturbationBudget(1e-3, "inf"), "paper", verbose=False
-    )
-    bounds = certifier.margin_lower_bounds(x_test[:30]).min(axis=1)
-    logits = tiny_mlp_classifier.predict(x_test[:30])
-    tol = CERTIFICATION_RTOL * (1 + np.abs(logits).max(axis=1))
-    np.testing.assert_array_equal(certifier.certify(x_test[:30]), bounds > tol)
-
-
-def test_methods_table():
-    assert set(METHODS) == {"paper", "interval", "linear"}
-    assert {"paper", "interval"} <= set(available_methods())
-    assert ("linear" in available_methods()) == HAS_LINEAR
+def test_certificates_need_a_margin_above_float_rounding():
+    """A margin lower bound of exactly 0 or of the order of float64 rounding (1e-12) is not a certificate; a clear
+    margin (1e-6) is. A linear model with eps = 0: the bounds are the exact margins, set by the biases."""
+    model = nn.Linear(4, 3)
+    x = np.ones((1, 4), dtype=np.float32)
+    for gap, certified in [(0.0, False), (2.0**-40, False), (2.0**-20, True)]:
+        with torch.no_grad():
+            model.weight.zero_()
+            model.bias.copy_(torch.tensor([0.0, -gap, -1.0]))
+        certifier = WeightPerturbationCertifier(classifier(model, (4,), 3), PerturbationBudget(0.0), "interval")
+        assert certifier.margin_lower_bounds(x, np.array([0])).min() == gap
+        assert certifier.certify(x, np.array([0]))[0] == certified, gap
 
 
 # ------------------------------------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_empty_batch_gives_empty_arrays(tiny_mlp_classifier, method):
     certifier = WeightPerturbationCertifier(tiny_mlp_classifier, PerturbationBudget(0.01, "inf"), method, verbose=False)
     x = np.zeros((0, 64), dtype=np.float32)
@@ -434,13 +452,6 @@ def test_bad_parameters_raise_before_anything_is_assigned(tiny_mlp_classifier):
         WeightPerturbationCertifier(tiny_mlp_classifier, PerturbationBudget(0.01, "inf", layers=["fc9"]))
 
 
-def test_missing_method_module_gives_a_clear_error(tiny_mlp_classifier, monkeypatch):
-    fake = dataclasses.replace(METHODS["linear"], module="art_weightpert.certification.no_such_module")
-    monkeypatch.setitem(METHODS, "linear", fake)
-    with pytest.raises(ImportError, match="no_such_module"):
-        WeightPerturbationCertifier(tiny_mlp_classifier, PerturbationBudget(0.01, "inf"), "linear")
-
-
 class _Residual(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -479,7 +490,7 @@ def test_all_combinations_of_norm_and_method_run_on_a_cnn(digits_images):
     )
     clf = make_classifier(model, input_shape=(1, 8, 8))
     for (norm, relative), method in itertools.product(
-        [("inf", False), ("row_l1", True), ("l2", False)], available_methods()
+        [("inf", False), ("row_l1", True), ("l2", False)], METHODS
     ):
         budget = PerturbationBudget(1e-3, norm, relative=relative, include_bias=True)
         certifier = WeightPerturbationCertifier(clf, budget, method, verbose=False)

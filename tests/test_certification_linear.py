@@ -14,14 +14,11 @@ from conftest import make_classifier
 from torch import nn
 
 from art_weightpert import PerturbationBudget
+from art_weightpert.balls import abs_chord
+from art_weightpert.certification.activations import kinked, s_shaped
 from art_weightpert.certification.interval import interval_margin_bounds
-from art_weightpert.certification.linear import (
-    _abs_chord,
-    _kinked,
-    _s_shaped,
-    backward_margin_bounds,
-    linear_margin_bounds,
-)
+from art_weightpert.certification.linear import BACKWARD_RULES, backward_margin_bounds, linear_margin_bounds
+from art_weightpert.certification.weight_terms import BackwardContext
 from art_weightpert.network import read_network
 
 NORMS = ["inf", "row_l1", "l2"]
@@ -142,13 +139,13 @@ def random_boxes(seed=0, n=300):
 def test_activation_relaxation_lines_enclose_the_function(name, fn):
     lo, hi = random_boxes()
     if name == "relu":
-        (ls, li), (us, ui) = _kinked(lo, hi, 0.0)
+        (ls, li), (us, ui) = kinked(lo, hi, 0.0)
     elif name.startswith("leaky"):
-        (ls, li), (us, ui) = _kinked(lo, hi, float(name.split("_")[1]))
+        (ls, li), (us, ui) = kinked(lo, hi, float(name.split("_")[1]))
     elif name == "sigmoid":
-        (ls, li), (us, ui) = _s_shaped(torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)), lo, hi)
+        (ls, li), (us, ui) = s_shaped(torch.sigmoid, lambda z: torch.sigmoid(z) * (1 - torch.sigmoid(z)), lo, hi)
     else:
-        (ls, li), (us, ui) = _s_shaped(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, lo, hi)
+        (ls, li), (us, ui) = s_shaped(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, lo, hi)
     z = grid_in(lo, hi)
     f = fn(z)
     assert bool((ls * z + li <= f + 1e-12).all())
@@ -157,7 +154,7 @@ def test_activation_relaxation_lines_enclose_the_function(name, fn):
 
 def test_abs_chord_bounds_magnitude_and_is_identity_on_nonnegative_boxes():
     lo, hi = random_boxes(seed=1)
-    slope, offset = _abs_chord(lo, hi)
+    slope, offset = abs_chord((lo + hi) / 2, (hi - lo) / 2)
     z = grid_in(lo, hi)
     assert bool((slope * z + offset >= z.abs() - 1e-12).all())
     wide_nonneg = (lo >= 0) & (hi > lo)
@@ -184,8 +181,6 @@ FIXED_LAYERS = {
 def test_backward_rule_of_a_fixed_layer_is_a_lower_bound_on_its_box(name):
     """For random coefficients λ on the output and random points h of the input box (vertices included):
     ``λ·layer(h) ≥ A·h + c`` with ``(A, c)`` from the layer's backward rule."""
-    from art_weightpert.certification.linear import BACKWARD_RULES
-
     torch.manual_seed(7)
     module = FIXED_LAYERS[name].double().eval()
     if isinstance(module, nn.BatchNorm2d):
@@ -229,12 +224,8 @@ def _affine_layer(module):
 
 def worst_case_value(module, a, h, budget):
     """``min over the ball of λ·((W + Δ) ⋆ h + b + Δb)`` for a known ``h``, in closed form: ``λ·(W ⋆ h + b)`` minus
-    the balls' support functions at the gradients ``G`` of ``λ·(W ⋆ h + b)`` (THEORY.md §2)."""
-    support = {
-        "inf": lambda g, r: (g.abs() * r).sum(),
-        "row_l1": lambda g, r: (r * g.abs().reshape(len(g), -1).amax(dim=1)).sum(),
-        "l2": lambda g, r: r * g.norm(),
-    }
+    the balls' support functions at the gradients ``G`` of ``λ·(W ⋆ h + b)`` (THEORY.md §2; the support functions are
+    checked against the balls' vertices in test_balls.py)."""
     out = torch.zeros(a.shape[:2], dtype=torch.float64)
     param_balls = {t.kind: t for t in budget.parameter_balls(module, torch.float64)}
     for n in range(a.shape[0]):
@@ -244,7 +235,8 @@ def worst_case_value(module, a, h, budget):
             value.backward()
             total = value.detach()
             for kind, t in param_balls.items():
-                total = total - support[t.ball.name](getattr(module, kind).grad, t.radius)
+                grad = getattr(module, kind).grad
+                total = total - t.ball.support(grad, t.radius, grad.shape)
             out[n, k] = total
     return out
 
@@ -255,8 +247,6 @@ def worst_case_value(module, a, h, budget):
 def test_affine_rule_is_below_the_worst_case_at_every_point_of_the_box(layer_name, norm, relative):
     """The affine rule's ``A·ĥ + c`` never exceeds ``min_Δ λ·ẑ`` (computed exactly for each fixed ``ĥ``), for
     non-negative and signed boxes."""
-    from art_weightpert.certification.linear import BACKWARD_RULES, _Context
-
     factory, shape = AFFINE_LAYERS[layer_name]
     torch.manual_seed(8)
     module = factory().double()
@@ -272,7 +262,7 @@ def test_affine_rule_is_below_the_worst_case_at_every_point_of_the_box(layer_nam
         out_shape = module(lo).shape[1:]
     a = torch.randn((3, 4) + tuple(out_shape), generator=gen, dtype=torch.float64)
     with torch.no_grad():
-        a_in, const = BACKWARD_RULES[type(layer)](layer, a, lo, hi, _Context(params, param_balls))
+        a_in, const = BACKWARD_RULES[type(layer)](layer, a, lo, hi, BackwardContext(params, param_balls))
     for k in range(6):
         t = torch.rand(lo.shape, generator=gen, dtype=torch.float64)
         h = lo + (t.round() if k % 2 else t) * (hi - lo)
@@ -286,8 +276,6 @@ def test_affine_rule_is_below_the_worst_case_at_every_point_of_the_box(layer_nam
 
 
 def test_maxpool_rule_is_exact_where_one_input_dominates_each_window():
-    from art_weightpert.certification.linear import BACKWARD_RULES
-
     module = nn.MaxPool2d(2).double()
     layer = read_network(nn.Sequential(module, nn.Flatten(), nn.Linear(4, 2)).double(), (1, 4, 4)).layers[0]
     lo = torch.zeros((1, 1, 4, 4), dtype=torch.float64)

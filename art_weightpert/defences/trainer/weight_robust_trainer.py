@@ -18,7 +18,6 @@ The paper's exact choice of the terms is not available offline; this loss is the
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
@@ -35,27 +34,13 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 from tqdm.auto import tqdm
 
 from art_weightpert.budget import ParameterBall, PerturbationBudget
+from art_weightpert.certification.registry import METHODS
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
 
 logger = logging.getLogger(__name__)
 
-# bound name -> (module, function) computing (N, K) margin lower bounds over the ball (+inf at the label column)
-BOUNDS = {
-    "interval": ("art_weightpert.certification.interval", "interval_margin_bounds"),
-    "paper": ("art_weightpert.certification.paper", "paper_margin_bounds"),
-    "linear": ("art_weightpert.certification.linear", "linear_margin_bounds"),
-}
-
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "lr", "time")
-
-
-def _bound_function(bound: str) -> Callable[..., torch.Tensor]:
-    module_name, function_name = BOUNDS[bound]
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"`bound={bound!r}` is not available in this installation ({err}).") from err
 
 
 def operator_norm_sum(network: Network) -> torch.Tensor:
@@ -176,9 +161,8 @@ class WeightRobustTrainer(Trainer):
                 raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"`{name}` must be finite and non-negative, got {value}.")
-        if params["bound"] not in BOUNDS:
-            raise ValueError(f"`bound` must be one of {list(BOUNDS)}, got {params['bound']!r}.")
-        _bound_function(params["bound"])
+        if params["bound"] not in METHODS:
+            raise ValueError(f"`bound` must be one of {list(METHODS)}, got {params['bound']!r}.")
         warmup = params["warmup"]
         if isinstance(warmup, bool) or not isinstance(warmup, (int, np.integer)) or warmup < 0:
             raise ValueError(f"`warmup` must be a non-negative integer number of epochs, got {warmup!r}.")
@@ -369,7 +353,7 @@ class WeightRobustTrainer(Trainer):
         if lam > 0 or self.lam > 0:
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
-            bounds = _bound_function(self.bound)(network, param_balls, x, labels, dtype=torch.float32)
+            bounds = METHODS[self.bound].bounds(network, param_balls, x, labels, dtype=torch.float32)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
