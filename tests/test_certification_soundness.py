@@ -282,6 +282,6 @@ def test_per_sample_attack_validates_and_leaves_the_model_alone():
     finite = np.isfinite(zero["margins"])
     np.testing.assert_allclose(zero["margins"][finite], clean[finite], atol=1e-5)
     assert not zero["flipped"].any()
-    assert 0.0 <= attack.robust_accuracy(x, zero["labels"]) <= 1.0
+    assert attack.robust_accuracy(x, (zero["labels"] + 1) % 5) == 0.0  # wrong clean predictions are never robust
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
