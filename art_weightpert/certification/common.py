@@ -19,8 +19,14 @@ from art_weightpert.budget import ParameterBall
 
 T = TypeVar("T")
 
+ParamBalls = Iterable[ParameterBall] | Mapping[str, ParameterBall]
+"""The parameter balls a bound accepts: ``{parameter name: ParameterBall}`` or a list of them."""
 
-def by_param_name(param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall]) -> dict[str, ParameterBall]:
+Boxes = list[tuple[torch.Tensor, torch.Tensor]]
+"""Interval boxes ``(lo, hi)`` of the input of every layer (:func:`.interval_preactivation_bounds`)."""
+
+
+def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:
     """``{parameter name: ParameterBall}`` from a mapping or a list of parameter balls."""
     if isinstance(param_balls, Mapping):
         return param_balls if isinstance(param_balls, dict) else dict(param_balls)

@@ -16,12 +16,18 @@ Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import torch
 
 from art_weightpert.budget import ParameterBall
-from art_weightpert.certification.common import BoundCache, by_param_name, cached, fill_label, sample_factors
+from art_weightpert.certification.common import (
+    BoundCache,
+    Boxes,
+    ParamBalls,
+    by_param_name,
+    cached,
+    fill_label,
+    sample_factors,
+)
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -134,12 +140,12 @@ def affine_interval(
 
 def interval_preactivation_bounds(
     network: Network,
-    param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> Boxes:
     """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``);
     ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`."""
     param_balls = by_param_name(param_balls)
@@ -195,14 +201,14 @@ def pairwise_spread(
 
 def interval_margin_bounds(
     network: Network,
-    param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     *,
-    boxes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    boxes: Boxes | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).

@@ -33,16 +33,15 @@ Everything is plain torch, batched over samples and specifications, on the input
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.activations import relaxation
 from art_weightpert.certification.common import (
     BoundCache,
+    Boxes,
+    ParamBalls,
     batched_dot,
     by_param_name,
     check_batch,
@@ -134,14 +133,14 @@ BACKWARD_RULES = {
 # ------------------------------------------------------------------------------------------------------ bounds
 def backward_margin_bounds(
     network: Network,
-    param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     *,
-    boxes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    boxes: Boxes | None = None,
 ) -> torch.Tensor:
     """
     The backward linear bound alone (THEORY.md §4b), without the maximum with the interval bound.
@@ -170,29 +169,22 @@ def backward_margin_bounds(
 
 def linear_margin_bounds(
     network: Network,
-    param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     *,
-    boxes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    boxes: Boxes | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball by backward linear propagation with
     exact weight absorption (THEORY.md §4b), never looser than the interval bound (§4).
 
-    :param network: the model read by :func:`.read_network`.
-    :param param_balls: the budget resolved on the model (:meth:`.PerturbationBudget.parameter_balls`).
-    :param x: preprocessed inputs ``(N, ...)`` on the model's device.
-    :param labels: classes ``y`` ``(N,)`` (int64, same device).
-    :param dtype: float64 for certificates; the bound is differentiable in any dtype.
-    :param scale: optional per-sample factors ``(N,)`` multiplying every radius of the budget (the certifier's
-        vectorized bisection for the certified radius); ``None`` is a factor of 1.
-    :param cache: optional :class:`.BoundCache` of per-layer constants (certificates; ``None`` when training).
-    :param boxes: precomputed :func:`.interval_preactivation_bounds` (in ``dtype``, with the same ``scale``), shared
-        with the interval bound.
+    Arguments as :func:`.interval_margin_bounds` (the signature of every bound, :mod:`.registry`); ``boxes`` must be
+    computed with the same ``scale``.
+
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column: the element-wise maximum of the backward
         linear bound and the interval bound.
     """

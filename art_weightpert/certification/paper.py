@@ -16,12 +16,10 @@ products and ``‖x‖_∞`` only, not the data-dependent refinement of §3.2.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
 import torch
 
 from art_weightpert.budget import ParameterBall
-from art_weightpert.certification.common import BoundCache, by_param_name, cached, fill_label
+from art_weightpert.certification.common import BoundCache, ParamBalls, by_param_name, cached, fill_label
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -76,7 +74,7 @@ def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dty
 
 def paper_margin_bounds(
     network: Network,
-    param_balls: Iterable[ParameterBall] | Mapping[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 
 from art_weightpert.budget import ParameterBall
-from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.common import BoundCache, ParamBalls
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.certification.paper import paper_margin_bounds
@@ -35,7 +35,7 @@ class BoundFunction(Protocol):
     def __call__(
         self,
         network: Network,
-        param_balls: Mapping[str, ParameterBall],
+        param_balls: ParamBalls,
         x: torch.Tensor,
         labels: torch.Tensor,
         dtype: torch.dtype = torch.float64,
