@@ -35,6 +35,10 @@ class Ball:
     """Interface of a weight ball. Subclasses implement every method."""
 
     name: str = ""
+    label: str = ""
+    """How reports and plots name the ball."""
+    bias_norm: str = ""
+    """The name of the ball a bias gets under this norm (``include_bias``; THEORY.md §2)."""
 
     def radius(self, param: torch.Tensor, eps: float, relative: bool) -> torch.Tensor:
         """Radius tensor for ``param`` (absolute ``eps`` or ``eps`` times the parameter's own norm)."""
@@ -122,6 +126,8 @@ class BoxBall(Ball):
     """Entry-wise box ``|δ_rc| ≤ r_rc`` (``norm="inf"``)."""
 
     name = "inf"
+    label = "box ℓ∞ ball"
+    bias_norm = "inf"
 
     def radius(self, param, eps, relative):
         return eps * param.detach().abs() if relative else torch.full_like(param, eps)
@@ -196,6 +202,8 @@ class RowL1Ball(Ball):
     """Per-row ℓ1 ball ``‖δ_{r,:}‖_1 ≤ r_r`` (``norm="row_l1"``; max over rows = induced ℓ∞→ℓ∞ operator norm)."""
 
     name = "row_l1"
+    label = "row ℓ1 ball"
+    bias_norm = "inf"  # a per-entry box: the row ℓ1 ball of a bias (one entry per row)
 
     def radius(self, param, eps, relative):
         if relative:
@@ -279,6 +287,8 @@ class L2Ball(Ball):
     """Frobenius ball ``‖δ‖_F ≤ r`` over the whole tensor (``norm="l2"``, as in AWP/SAM)."""
 
     name = "l2"
+    label = "Frobenius ℓ2 ball"
+    bias_norm = "l2"
 
     def radius(self, param, eps, relative):
         if relative:
