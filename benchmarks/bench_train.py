@@ -1,6 +1,6 @@
 """
 Cost of the robust loss (THEORY.md §7): time of one training epoch of :class:`.WeightRobustTrainer` with
-``bound="paper"`` and ``bound="interval"`` (and ``"linear"`` when installed), as a ratio to one epoch of ART's plain
+every registered ``bound`` (``"paper"``, ``"interval"``, ``"linear"``), as a ratio to one epoch of ART's plain
 ``PyTorchClassifier.fit`` on the same data and model.
 
 Model: the bias-free ReLU MLP 64-128-64-10 (:func:`.zoo.digits_mlp`), Adam (lr 3e-3), batch 128, the digits training

@@ -489,9 +489,7 @@ def test_all_combinations_of_norm_and_method_run_on_a_cnn(digits_images):
         nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 4 * 4, 10)
     )
     clf = make_classifier(model, input_shape=(1, 8, 8))
-    for (norm, relative), method in itertools.product(
-        [("inf", False), ("row_l1", True), ("l2", False)], METHODS
-    ):
+    for (norm, relative), method in itertools.product([("inf", False), ("row_l1", True), ("l2", False)], METHODS):
         budget = PerturbationBudget(1e-3, norm, relative=relative, include_bias=True)
         certifier = WeightPerturbationCertifier(clf, budget, method, verbose=False)
         bounds = certifier.margin_lower_bounds(x_test[:6], y_test[:6])

@@ -15,14 +15,6 @@ from art_weightpert.metrics import certified_weight_radius, generalization_bound
 from tests.conftest import make_classifier
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def bias_free_classifier(digits):
     """A bias-free digits MLP 64-16-10 trained briefly (the setting of THEORY.md §6)."""

@@ -100,7 +100,7 @@ class WeightRobustTrainer(Trainer):
         :param mu: weight μ ≥ 0 of the operator-norm term ``Σ_k ‖W^k‖_op∞``.
         :param kappa: safety margin κ ≥ 0: the robust term is zero once every margin lower bound exceeds κ.
         :param bound: margin bound used for η: ``"interval"`` (THEORY.md §4, default), ``"paper"`` (§3 formula B) or
-            ``"linear"`` (§4b, when installed).
+            ``"linear"`` (§4b): a name in the registry :data:`.METHODS`.
         :param warmup: number of epochs over which λ grows linearly from 0 (per step); 0 starts at λ.
         :param attack: optional ART ``EvasionAttack``: a ``ratio`` of every batch is replaced by its adversarial inputs,
             generated on the current model.
