@@ -32,7 +32,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class Ball:
-    """Interface of a weight ball. Subclasses implement every method."""
+    """Interface of a weight ball. Subclasses implement every method that raises ``NotImplementedError``;
+    :meth:`linear_term` and :meth:`abs_weight_factor` have sound defaults that a ball may sharpen."""
 
     name: str = ""
     label: str = ""
