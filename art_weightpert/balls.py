@@ -68,8 +68,12 @@ class Ball:
 
     def interval_term(self, layer, m: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """Bound on ``|Δ ĥ|`` at the output of the affine ``layer`` (a :class:`.network.Affine`), for every ``Δ`` in
-        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4)."""
+        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4); ``radius`` as given or as :meth:`compact_radius` made it."""
         raise NotImplementedError
+
+    def compact_radius(self, radius: torch.Tensor) -> torch.Tensor:
+        """A cheaper equivalent of ``radius`` for :meth:`interval_term` (callers may memoize it per radius)."""
+        return radius
 
     def linear_term(
         self, view: AffineBackward, radius: torch.Tensor
@@ -160,16 +164,22 @@ class BoxBall(Ball):
         return torch.where(positive, g / scale, torch.zeros_like(g))
 
     def interval_term(self, layer, m, radius):
-        # Σ_c δ_rc m_c: the layer's map with the δ kernel; with one δ for every entry (absolute budgets) δ Σ_c m_c
-        # over the row's receptive field, a sum instead of a matmul.
-        value = None if radius.dim() < 2 or (layer.is_conv and layer.module.groups != 1) else _uniform_value(radius)
-        if value is None:
+        # Σ_c δ_rc m_c: the layer's map with the δ kernel; with one δ for every entry (a compact radius of absolute
+        # budgets) δ Σ_c m_c over the row's receptive field, a sum instead of a matmul.
+        if radius.dim() > 0:
             return layer.apply(m, radius)
         if not layer.is_conv:
-            return value * m.sum(dim=1, keepdim=True)
+            return radius * m.sum(dim=1, keepdim=True)
         mod = layer.module
+        if mod.groups != 1:
+            return layer.apply(m, radius.expand(mod.weight.shape))
         ones = m.new_ones((1, 1) + tuple(mod.kernel_size))  # sum over the channels first: a one-channel window sum
-        return value * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, layer.padding, mod.dilation)
+        return radius * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, layer.padding, mod.dilation)
+
+    def compact_radius(self, radius):
+        # One value for every entry (absolute budgets): that value, 0-d.
+        value = _uniform_value(radius) if radius.dim() >= 2 else None
+        return radius if value is None else value
 
     def linear_term(self, view, radius):
         # −Σ δ ⊙ |G| (THEORY.md §4b). Linear: |G_rc| = |λ_r| |ĥ_c|, the term −(|λ|δ)·|ĥ|. Convolution: |G| is bounded

@@ -364,26 +364,28 @@ def test_support_function_is_the_maximum_over_the_ball(norm, shape):
 
 @pytest.mark.parametrize("norm", ["inf", "row_l1", "l2"])
 @pytest.mark.parametrize("relative", [False, True])
-@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("conv", [0, 1, 2], ids=["linear", "conv", "grouped-conv"])
 def test_interval_term_bounds_every_perturbation_and_is_attained_by_the_box(norm, relative, conv):
     """``|Δ ĥ| ≤ interval_term(m)`` for every ``Δ`` in the ball and ``|ĥ| ≤ m`` (sampled extreme points); for the box
-    on a Linear layer the bound is attained (absolute radii take the fast path for equal radii)."""
+    on a Linear layer the bound is attained; the compact radius (one value for equal radii) gives the same bound."""
     from art_weightpert.network import Affine
 
     torch.manual_seed(13)
-    module = (torch.nn.Conv2d(2, 3, 2) if conv else torch.nn.Linear(5, 3)).double()
+    module = (torch.nn.Conv2d(2, 4, 2, groups=conv) if conv else torch.nn.Linear(5, 3)).double()
     layer = Affine("", module, "weight", "bias")
     gen = torch.Generator().manual_seed(14)
     ball = BALLS[norm]
     radius = ball.radius(module.weight.detach(), 0.1, relative)
     m = torch.rand((2, 2, 4, 4) if conv else (2, 5), generator=gen, dtype=torch.float64)
     bound = ball.interval_term(layer, m, radius)
+    compact = ball.interval_term(layer, m, ball.compact_radius(radius))
+    torch.testing.assert_close(compact.expand_as(bound), bound, rtol=1e-12, atol=0)
     for _ in range(40):
         delta = ball.sample(radius, module.weight.shape, "extreme", gen)
         h = m * (2 * torch.randint(0, 2, m.shape, generator=gen) - 1)
         assert bool((layer.apply(h, delta).abs() <= bound + 1e-12).all())
     if norm == "inf" and not conv:  # Δ = +radius (a vertex) and ĥ = m ≥ 0 reach it: Δ m = layer(m; radius)
-        torch.testing.assert_close(bound.expand(2, 3), layer.apply(m, radius), rtol=1e-12, atol=0)
+        torch.testing.assert_close(bound, layer.apply(m, radius), rtol=1e-12, atol=0)
 
 
 def test_only_a_relative_box_folds_into_the_weight_product():

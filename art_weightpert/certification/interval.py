@@ -58,17 +58,21 @@ def perturbation_radius(
     param_balls: dict[str, ParameterBall],
     dtype: torch.dtype,
     scale: torch.Tensor | None = None,
+    cache: BoundCache | None = None,
     include_weight: bool = True,
 ) -> torch.Tensor | float:
     """``P(m) + β``: bound on ``|Δ ĥ + Δb|`` at the output of ``layer`` for ``|ĥ| ≤ m`` (0 if not perturbed).
 
     :param scale: optional per-sample factors ``(N,)`` applied to every radius (the bound is linear in the radii).
+    :param cache: optional :class:`.BoundCache` (of the compact radius).
     :param include_weight: ``False``: the bias term ``β`` only.
     """
     out: torch.Tensor | float = 0.0
     wt = param_balls.get(layer.weight_name)
     if wt is not None and include_weight:
-        out = wt.ball.interval_term(layer, m, wt.radius.to(dtype))
+        compact = lambda: wt.ball.compact_radius(wt.radius.to(dtype))  # noqa: E731
+        radius = cached(cache, f"compact_radius/{dtype}", (wt.radius,), compact)
+        out = wt.ball.interval_term(layer, m, radius)
     bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         beta = bt.ball.entry_bound(bt.radius.to(dtype), layer.module.bias.shape)
@@ -113,7 +117,7 @@ def affine_interval(
     bias = params[layer.bias_name] if layer.bias_name else None
     if exact_input:
         center = layer.apply(lo, weight, bias)
-        radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), param_balls, lo.dtype, scale)
+        radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), param_balls, lo.dtype, scale, cache)
     else:
         # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
         # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
@@ -125,10 +129,10 @@ def affine_interval(
         if fold is not None:  # (|W|/2)(u − l) + ε|W| m = (|W|/2)(u − l + 2ε m)
             factor = 2 * fold if scale is None else (2 * fold) * sample_factors(scale, m.dim())
             radius = layer.apply(torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype)), half_abs)
-            beta = perturbation_radius(layer, m, param_balls, lo.dtype, scale, include_weight=False)
+            beta = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, include_weight=False)
             radius = radius + beta
         else:
-            radius = perturbation_radius(layer, m, param_balls, lo.dtype, scale)
+            radius = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache)
             if isinstance(radius, torch.Tensor) and not layer.is_conv:  # P + (|W|/2)(u − l) in one fused product
                 radius = torch.addmm(radius, hi - lo, half_abs.T)
             else:
@@ -248,7 +252,7 @@ def interval_margin_bounds(
         m = hi
     else:
         m = lo.abs() if exact_input else torch.maximum(lo.neg(), hi)
-    pert = perturbation_radius(last, m, param_balls, dtype, scale)  # bound per logit row, (N, K) or (N, 1)
+    pert = perturbation_radius(last, m, param_balls, dtype, scale, cache)  # bound per logit row, (N, K) or (N, 1)
     if not isinstance(pert, float):
         pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
