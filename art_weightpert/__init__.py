@@ -23,6 +23,10 @@ _LAZY = {
     "WeightPGD": "art_weightpert.attacks",
     "RandomWeightPerturbation": "art_weightpert.attacks",
     "JointWeightInputPGD": "art_weightpert.attacks",
+    "BitFlipAttack": "art_weightpert.attacks",
+    "RandomBitFlips": "art_weightpert.attacks",
+    "QuantizedWeights": "art_weightpert.quantization",
+    "BitFlip": "art_weightpert.quantization",
     "WeightPerturbationCertifier": "art_weightpert.certification",
     "WeightRobustTrainer": "art_weightpert.defences.trainer",
 }

@@ -17,13 +17,10 @@ inclusions (§2). Adding a norm is adding one class here and one entry in :data:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:  # the view is built by the linear bound; balls never import the certificates
-    from art_weightpert.certification.weight_terms import AffineBackward
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -75,11 +72,10 @@ class Ball:
         """A cheaper equivalent of ``radius`` for :meth:`interval_term` (callers may memoize it per radius)."""
         return radius
 
-    def linear_term(
-        self, view: AffineBackward, radius: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def linear_term(self, view: Any, radius: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Lower bound of ``min_Δ λ·Δĥ`` over the ball, linear in ``ĥ`` on the layer's input box (THEORY.md §4b):
-        ``(change of the input coefficients, constant)``, either ``None``, both linear in the radius.
+        ``(change of the input coefficients, constant)``, either ``None``, both linear in the radius. ``view`` is the
+        layer at that step of the backward pass (:class:`.AffineBackward`, built by the linear bound).
 
         This default uses the interval term: ``|Δĥ| ≤ P(m)`` per output unit, so ``min_Δ λ·Δĥ ≥ −Σ |λ| ⊙ P(m)``."""
         return None, view.magnitude_term(self.interval_term(view.layer, view.magnitude, radius))
@@ -209,6 +205,51 @@ class BoxBall(Ball):
         return radius.expand(shape)
 
 
+_MAX_NEWTON_STEPS = 64
+
+
+def _l1_threshold(a: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per-row θ, shape ``(rows, 1)``, of the projection onto ``{‖x_r‖_1 ≤ radius_r}``: the root of
+    ``f(θ) = Σ_c max(a_rc − θ, 0) − r_r`` for ``a = |v| ≥ 0`` of shape ``(rows, n)``, and 0 for rows inside the ball.
+
+    Sort-free, vectorized over rows: Newton's method on the convex, decreasing, piecewise-linear ``f``, started below
+    the root, is Michelot's algorithm (see Condat 2016): each step ``θ ← θ + f(θ)/|{a > θ}|`` lands in ``[θ, θ*]``,
+    the active set ``{a > θ}`` only shrinks (at most ``n`` steps, a handful in practice), and once its size stops
+    changing ``θ`` is the exact root. Start ``θ_0 = max((Σa − r)/n, max a − r, 0) ≤ θ*``. A row is done when its
+    active set is unchanged or its step is not positive: in exact arithmetic θ only increases until the root, so a
+    step ≤ 0 means θ is at the root up to rounding (an entry equal to θ* would otherwise make the set alternate).
+    Rows not done after ``_MAX_NEWTON_STEPS`` get the sort-based ``θ``.
+    """
+    r = radius.to(a.dtype).reshape(-1, 1)
+    total = a.sum(dim=1, keepdim=True)
+    theta = torch.maximum((total - r) / a.shape[1], a.amax(dim=1, keepdim=True) - r).clamp_min(0)
+    count = torch.full_like(theta, -1.0)
+    done = total <= r  # inside the ball: θ = 0
+    for _ in range(_MAX_NEWTON_STEPS):
+        gap = (a - theta).clamp_min_(0)
+        new_count = gap.sign().sum(dim=1, keepdim=True)  # |{a > θ}|: a − θ > 0 exactly when a > θ (IEEE)
+        step = (gap.sum(dim=1, keepdim=True) - r) / new_count.clamp_min(1)
+        done |= (new_count == count) | (step <= 0)  # threshold sets are nested: equal sizes mean equal sets
+        if bool(done.all()):
+            break
+        theta = torch.where(done, theta, theta + step)
+        count = new_count
+    else:
+        moving = (~done).squeeze(1).nonzero().squeeze(1)
+        theta[moving] = _l1_threshold_sorted(a[moving], r[moving])
+    return theta
+
+
+def _l1_threshold_sorted(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The same ``θ`` (rows outside their ball) by sorting, Duchi et al. (2008): with ``μ`` the row sorted in
+    decreasing order, ``ρ`` the last index with ``μ_ρ > (Σ_{j≤ρ} μ_j − r)/ρ`` and ``θ = (Σ_{j≤ρ} μ_j − r)/ρ``."""
+    mu, _ = torch.sort(a, dim=1, descending=True)
+    cums = mu.cumsum(dim=1) - r
+    idx = torch.arange(1, a.shape[1] + 1, device=a.device, dtype=a.dtype)
+    rho = (mu - cums / idx > 0).to(a.dtype).mul(idx).argmax(dim=1, keepdim=True)  # last index where it holds
+    return (cums.gather(1, rho) / (rho + 1).to(a.dtype)).clamp_min(0)
+
+
 class RowL1Ball(Ball):
     """Per-row ℓ1 ball ``‖δ_{r,:}‖_1 ≤ r_r`` (``norm="row_l1"``; max over rows = induced ℓ∞→ℓ∞ operator norm)."""
 
@@ -228,19 +269,13 @@ class RowL1Ball(Ball):
         return (_rows(delta).abs().sum(dim=1) - radius).max() if delta.numel() else delta.new_zeros(())
 
     def project(self, delta, radius):
-        # Duchi et al. (2008): sort |v| per row, find the threshold θ with Σ max(|v|-θ, 0) = r.
+        # Soft thresholding at the per-row θ of _l1_threshold: sign(v)·max(|v| − θ, 0); θ = 0 (the identity) for rows
+        # already inside their ball.
+        if delta.numel() == 0:
+            return delta.clone()
         v = _rows(delta)
         a = v.abs()
-        inside = a.sum(dim=1) <= radius
-        mu, _ = torch.sort(a, dim=1, descending=True)
-        cums = mu.cumsum(dim=1) - radius.unsqueeze(1)
-        idx = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype)
-        cond = mu - cums / idx > 0
-        rho = cond.to(v.dtype).mul(idx).argmax(dim=1, keepdim=True)  # last index where cond holds
-        theta = (cums.gather(1, rho) / (rho + 1).to(v.dtype)).clamp_min(0)
-        out = v.sign() * (a - theta).clamp_min(0)
-        out = torch.where(inside.unsqueeze(1), v, out)
-        return out.reshape(delta.shape)
+        return torch.copysign((a - _l1_threshold(a, radius)).clamp_min_(0), v).reshape(delta.shape)
 
     def steepest_step(self, grad, radius, step):
         # Steepest ℓ1 ascent puts the step on the largest |g| coordinates of each row; spreading it over the top ~5%

@@ -1,5 +1,6 @@
 """
-The weight ball: which parameters may move, in which norm, and how far (THEORY.md §2).
+The weight ball: which parameters may move, in which norm, and how far (THEORY.md §2), and the perturbations that
+live in it.
 
 A :class:`PerturbationBudget` is a description. Operations that depend on the weights (relative radii need ``|W|``,
 layer names are checked against the model) take the model. Attacks, certificates and the trainer get the resolved
@@ -9,19 +10,16 @@ per-parameter balls from :meth:`PerturbationBudget.parameter_balls` and never re
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from art_weightpert.balls import BALLS, Ball
 from art_weightpert.network import perturbable_modules
-
-if TYPE_CHECKING:
-    from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.validation import check_bool, check_choice, check_non_negative
 
 NORMS = tuple(BALLS)
 DISTRIBUTIONS = ("uniform", "extreme", "gaussian")
@@ -47,15 +45,6 @@ class ParameterBall:
     eps: float
 
 
-def _check_eps(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{what}` must be a number, got {type(value).__name__}.")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{what}` must be finite and non-negative, got {value}.")
-    return value
-
-
 class PerturbationBudget:
     """
     A norm-bounded ball of weight perturbations.
@@ -78,14 +67,13 @@ class PerturbationBudget:
         relative: bool = False,
         include_bias: bool = False,
     ) -> None:
-        if norm not in BALLS:
-            raise ValueError(f"`norm` must be one of {list(NORMS)}, got {norm!r}.")
+        check_choice(norm, "norm", NORMS)
         if isinstance(eps, Mapping):
             if not eps:
                 raise ValueError("`eps` dict must name at least one layer.")
-            eps_value: float | dict[str, float] = {str(k): _check_eps(v, f"eps[{k!r}]") for k, v in eps.items()}
+            eps_value: float | dict[str, float] = {str(k): check_non_negative(v, f"eps[{k!r}]") for k, v in eps.items()}
         else:
-            eps_value = _check_eps(eps, "eps")
+            eps_value = check_non_negative(eps, "eps")
         if layers is not None:
             if isinstance(layers, str):
                 layers = [layers]
@@ -98,10 +86,8 @@ class PerturbationBudget:
                     raise ValueError(f"`eps` dict has no radius for layers {missing}.")
         elif isinstance(eps_value, dict):
             layers = list(eps_value)
-        if not isinstance(relative, bool):
-            raise TypeError("`relative` must be a bool.")
-        if not isinstance(include_bias, bool):
-            raise TypeError("`include_bias` must be a bool.")
+        relative = check_bool(relative, "relative")
+        include_bias = check_bool(include_bias, "include_bias")
         self.eps = eps_value
         self.norm = norm
         self.layers = None if layers is None else tuple(layers)
@@ -125,7 +111,7 @@ class PerturbationBudget:
 
     def scaled(self, factor: float) -> PerturbationBudget:
         """The same budget with every ε multiplied by ``factor``."""
-        factor = _check_eps(factor, "factor")
+        factor = check_non_negative(factor, "factor")
         eps = {k: v * factor for k, v in self.eps.items()} if isinstance(self.eps, dict) else self.eps * factor
         return PerturbationBudget(eps, self.norm, self.layers, self.relative, self.include_bias)
 
@@ -199,8 +185,6 @@ class PerturbationBudget:
 
     def project(self, delta: Mapping, model: torch.nn.Module) -> WeightPerturbation:
         """Exact Euclidean projection of ``delta`` onto the ball (parameters outside the budget are dropped)."""
-        from art_weightpert.perturbation import WeightPerturbation
-
         deltas = delta_tensors(delta, model, torch.float64)
         projected = {}
         for t in self.parameter_balls(model, torch.float64):
@@ -233,10 +217,7 @@ class PerturbationBudget:
     ) -> WeightPerturbation:
         """One random perturbation in the ball: ``uniform`` in it, its ``extreme`` points (box vertices, one ±r entry
         per row for row_l1, the sphere for l2) or a ``gaussian`` direction rescaled onto the boundary."""
-        from art_weightpert.perturbation import WeightPerturbation
-
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`distribution` must be one of {list(DISTRIBUTIONS)}, got {distribution!r}.")
+        check_choice(distribution, "distribution", DISTRIBUTIONS)
         gen = torch.Generator()
         gen.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]) if seed is None else int(seed))
         out = {}
@@ -248,6 +229,91 @@ class PerturbationBudget:
     def to_json(self) -> str:
         """JSON form of :meth:`to_dict`."""
         return json.dumps(self.to_dict())
+
+
+_BUDGET_KEY = "__budget__"
+
+
+class WeightPerturbation(Mapping[str, np.ndarray]):
+    """
+    An additive perturbation of named parameters, relative to the original weights.
+
+    :param deltas: ``{parameter name: array}``, names as in ``model.named_parameters()``.
+    :param budget: the :class:`.PerturbationBudget` it was made for (``None`` if unknown).
+    """
+
+    def __init__(self, deltas: Mapping[str, np.ndarray], budget: PerturbationBudget | None = None) -> None:
+        if not isinstance(deltas, Mapping):
+            raise TypeError(f"`deltas` must be a mapping of parameter names to arrays, got {type(deltas).__name__}.")
+        if budget is not None and not isinstance(budget, PerturbationBudget):
+            raise TypeError("`budget` must be a PerturbationBudget or None.")
+        arrays = {}
+        for name, value in deltas.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().cpu().numpy()
+            array = np.array(value, dtype=np.float64 if np.asarray(value).dtype == np.float64 else np.float32)
+            if not np.all(np.isfinite(array)):
+                raise ValueError(f"perturbation of {name!r} contains NaN or inf.")
+            arrays[str(name)] = array
+        self._deltas = arrays
+        self._budget = budget
+
+    @property
+    def budget(self) -> PerturbationBudget | None:
+        """The budget this perturbation was made for."""
+        return self._budget
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._deltas[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._deltas)
+
+    def __len__(self) -> int:
+        return len(self._deltas)
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self._deltas.items()}
+        return f"WeightPerturbation({shapes}, budget={self._budget!r})"
+
+    def norms(self) -> dict[str, float]:
+        """Norm of each delta in its budget's ball norm (weights: the budget's norm; biases: the bias ball's);
+        ``inf`` norm when there is no budget."""
+        out = {}
+        for name, value in self._deltas.items():
+            if self._budget is None:
+                ball = BALLS["inf"]
+            else:
+                ball = self._budget.bias_ball if value.ndim == 1 else self._budget.ball
+            out[name] = float(ball.norm(torch.from_numpy(np.asarray(value, dtype=np.float64))))
+        return out
+
+    def scaled(self, factor: float) -> WeightPerturbation:
+        """``factor`` times this perturbation (the budget is scaled too, when ``factor`` ≥ 0)."""
+        factor = float(factor)
+        budget = self._budget.scaled(abs(factor)) if self._budget is not None else None
+        return WeightPerturbation({k: v * factor for k, v in self._deltas.items()}, budget=budget)
+
+    def to_tensors(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict:
+        """``{name: torch.Tensor}`` on ``device``."""
+        return {k: torch.as_tensor(v, device=device, dtype=dtype) for k, v in self._deltas.items()}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as ``.npz`` (the budget travels as JSON)."""
+        extra = {_BUDGET_KEY: np.array(self._budget.to_json() if self._budget is not None else "")}
+        np.savez(path, **self._deltas, **extra)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WeightPerturbation:
+        """Load a perturbation written by :meth:`save` (``np.savez`` appends ``.npz`` to a path without it; so does
+        this)."""
+        if not os.path.exists(path) and not str(path).endswith(".npz") and os.path.exists(f"{path}.npz"):
+            path = f"{path}.npz"
+        with np.load(path, allow_pickle=False) as data:
+            budget_json = str(data[_BUDGET_KEY]) if _BUDGET_KEY in data.files else ""
+            deltas = {k: data[k] for k in data.files if k != _BUDGET_KEY}
+        budget = PerturbationBudget.from_dict(json.loads(budget_json)) if budget_json else None
+        return cls(deltas, budget=budget)
 
 
 def delta_tensors(delta: Mapping, model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -92,5 +92,5 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     """One of ``choices`` (compared with ``==``), listed in the error."""
     choices = tuple(choices)
     if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(repr(c) for c in choices)}; got {value!r}.")
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
     return value

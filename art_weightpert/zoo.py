@@ -5,12 +5,22 @@ the examples, the benchmarks and the tests, so that they all train the same netw
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, replace
+
 import numpy as np
 import torch
 from torch import nn
 
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.validation import (
+    check_choice,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
 
 
 def digits_mlp(
@@ -71,23 +81,100 @@ DIGITS_EPS = 0.1
 (interval bound), a robustly trained one over 80% (docs/results.md)."""
 
 
+@dataclass(frozen=True)
+class DigitsRecipe:
+    """
+    The digits training recipe shared by the demo, ``art-weightpert train``'s defaults, the examples and the
+    benchmarks: a bias-free ReLU MLP, Adam, and :class:`.WeightRobustTrainer`'s robust loss (THEORY.md §7) on a
+    ``norm`` ball of absolute radius ``eps`` on every weight of every layer (biases unperturbed).
+
+    :param hidden: hidden widths of :func:`digits_mlp`.
+    :param eps: radius of the training ball.
+    :param norm: the ball: ``"inf"``, ``"row_l1"`` (the paper's norm, THEORY.md §2) or ``"l2"``.
+    :param epochs: training epochs of each model.
+    :param batch_size: samples per step.
+    :param lr: Adam's learning rate.
+    :param lam: λ, weight of the robust term.
+    :param mu: μ, weight of the operator-norm term.
+    :param kappa: κ, safety margin of the robust term.
+    :param bound: the margin bound η of the robust loss (a name of :data:`art_weightpert.certification.METHODS`).
+    :param warmup: epochs of λ warm-up.
+    :param seed: seed of the initialisation and of the batch order.
+    """
+
+    hidden: tuple[int, ...] = (128, 64)
+    eps: float = DIGITS_EPS
+    norm: str = "row_l1"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    lam: float = 1.0
+    mu: float = 0.0
+    kappa: float = 0.0
+    bound: str = "interval"
+    warmup: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for width in self.hidden:
+            check_positive_int(width, "hidden")
+        check_non_negative(self.eps, "eps")
+        check_choice(self.norm, "norm", ("inf", "row_l1", "l2"))
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive(self.lr, "lr")
+        for name in ("lam", "mu", "kappa"):
+            check_non_negative(getattr(self, name), name)
+        check_non_negative_int(self.warmup, "warmup")
+        check_non_negative_int(self.seed, "seed")
+
+    def budget(self) -> PerturbationBudget:
+        """The training ball of this recipe."""
+        return PerturbationBudget(self.eps, norm=self.norm)
+
+    def classifier(self, in_features: int = 64, nb_classes: int = 10) -> PyTorchWeightClassifier:
+        """A fresh, untrained :func:`digits_mlp` of this recipe (initialised by ``seed``), with Adam(``lr``)."""
+        model = digits_mlp(self.hidden, bias=False, seed=self.seed, in_features=in_features, nb_classes=nb_classes)
+        return make_classifier(model, (in_features,), nb_classes, lr=self.lr)
+
+    def trainer_params(self) -> dict[str, float | int | str]:
+        """The keyword arguments of :class:`.WeightRobustTrainer` set by this recipe."""
+        return {"lam": self.lam, "mu": self.mu, "kappa": self.kappa, "bound": self.bound, "warmup": self.warmup}
+
+
+DIGITS_RECIPE = DigitsRecipe()
+"""The recipe of the demo and of the experiments in docs/results.md."""
+
+
+@dataclass
+class TrainedModel:
+    """A classifier trained by :func:`train_digits_pair`, with the trainer's history (``None`` for plain training)
+    and the training time in seconds."""
+
+    classifier: PyTorchWeightClassifier
+    history: dict[str, list] | None
+    seconds: float
+
+
 def default_digits_budget(eps: float = DIGITS_EPS) -> PerturbationBudget:
-    """The budget of the digits demo and experiments: ``row_l1`` (the paper's norm, THEORY.md §2) of absolute radius
-    ``eps`` on every weight of every layer, biases unperturbed."""
-    return PerturbationBudget(eps, norm="row_l1")
+    """The budget of the digits demo and experiments: :data:`DIGITS_RECIPE`'s ball (``row_l1``, the paper's norm,
+    THEORY.md §2) of absolute radius ``eps`` on every weight of every layer, biases unperturbed."""
+    return replace(DIGITS_RECIPE, eps=eps).budget()
 
 
 def train_standard(
     classifier: PyTorchWeightClassifier,
     x: np.ndarray,
     y: np.ndarray,
-    nb_epochs: int = 20,
-    batch_size: int = 128,
+    nb_epochs: int = DIGITS_RECIPE.epochs,
+    batch_size: int = DIGITS_RECIPE.batch_size,
     seed: int = 0,
+    verbose: bool = False,
 ) -> PyTorchWeightClassifier:
-    """Plain training with ART's ``fit`` (batch order fixed by ``seed``); returns ``classifier``, trained in place."""
+    """Plain training with ART's ``fit`` (batch order fixed by ``seed``; ``verbose``: ART's progress bar); returns
+    ``classifier``, trained in place."""
     torch.manual_seed(seed)
-    classifier.fit(x, y, batch_size=batch_size, nb_epochs=nb_epochs)
+    classifier.fit(x, y, batch_size=batch_size, nb_epochs=nb_epochs, verbose=verbose)
     return classifier
 
 
@@ -96,13 +183,13 @@ def train_robust(
     x: np.ndarray,
     y: np.ndarray,
     budget: PerturbationBudget | None = None,
-    nb_epochs: int = 20,
-    batch_size: int = 128,
-    lam: float = 1.0,
-    mu: float = 0.0,
-    kappa: float = 0.0,
-    bound: str = "interval",
-    warmup: int = 5,
+    nb_epochs: int = DIGITS_RECIPE.epochs,
+    batch_size: int = DIGITS_RECIPE.batch_size,
+    lam: float = DIGITS_RECIPE.lam,
+    mu: float = DIGITS_RECIPE.mu,
+    kappa: float = DIGITS_RECIPE.kappa,
+    bound: str = DIGITS_RECIPE.bound,
+    warmup: int = DIGITS_RECIPE.warmup,
     seed: int = 0,
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     verbose: bool = False,
@@ -122,54 +209,70 @@ def train_robust(
     return trainer.fit(x, y, validation_data=validation_data, batch_size=batch_size, nb_epochs=nb_epochs)
 
 
-def train_digits_models(
+def train_digits_pair(
+    recipe: DigitsRecipe = DIGITS_RECIPE,
     x_train: np.ndarray | None = None,
     y_train: np.ndarray | None = None,
     budget: PerturbationBudget | None = None,
-    nb_epochs: int = 20,
-    hidden: tuple[int, ...] = (128, 64),
-    lam: float = 1.0,
-    bound: str = "interval",
-    warmup: int = 5,
-    seed: int = 0,
     verbose: bool = False,
-) -> dict[str, PyTorchWeightClassifier]:
+) -> dict[str, TrainedModel]:
     """
-    The demo's pair of bias-free ReLU MLPs on digits, from the same initialisation: ``"standard"`` (plain training)
-    and ``"robust"`` (:func:`train_robust` at ``budget``, default :func:`default_digits_budget`).
+    The demo's pair of bias-free ReLU MLPs from the same initialisation, trained by ``recipe``: ``"standard"``
+    (plain training, :func:`train_standard`) and ``"robust"`` (:func:`train_robust`).
 
+    :param recipe: hidden widths, epochs, batch size, learning rate, robust-loss parameters and seed.
     :param x_train: flattened training inputs (default: :func:`.load_digits_data`'s training split).
     :param y_train: their labels.
-    :param budget: the budget of the robust model.
-    :param nb_epochs: epochs of each model (about 0.2 s per epoch for the robust one on a CPU core).
-    :param hidden: hidden widths.
-    :param lam: λ of the robust loss.
-    :param bound: η of the robust loss (``"interval"`` or ``"paper"``).
-    :param warmup: epochs of λ warm-up.
-    :param seed: seed of the initialisation and of the batch order.
-    :param verbose: show the trainer's progress bar.
-    :return: ``{"standard": classifier, "robust": classifier}``.
+    :param budget: the ball of the robust model (default: ``recipe.budget()``).
+    :param verbose: progress bars of both trainings.
+    :return: ``{"standard": TrainedModel, "robust": TrainedModel}``.
     """
     if x_train is None or y_train is None:
         from art_weightpert.data import load_digits_data
 
         x_train, y_train, _, _ = load_digits_data()
     in_features = int(np.prod(x_train.shape[1:]))
-    models = {}
-    for name in ("standard", "robust"):
-        model = digits_mlp(hidden, bias=False, seed=seed, in_features=in_features)
-        models[name] = make_classifier(model, (in_features,))
-    train_standard(models["standard"], x_train, y_train, nb_epochs=nb_epochs, seed=seed)
-    train_robust(
-        models["robust"],
+    budget = recipe.budget() if budget is None else budget
+    classifiers = {name: recipe.classifier(in_features) for name in ("standard", "robust")}
+    trained = {}
+    start = time.perf_counter()
+    train_standard(
+        classifiers["standard"], x_train, y_train, recipe.epochs, recipe.batch_size, recipe.seed, verbose=verbose
+    )
+    trained["standard"] = TrainedModel(classifiers["standard"], None, time.perf_counter() - start)
+    start = time.perf_counter()
+    history = train_robust(
+        classifiers["robust"],
         x_train,
         y_train,
         budget,
-        nb_epochs=nb_epochs,
-        lam=lam,
-        bound=bound,
-        warmup=warmup,
-        seed=seed,
+        nb_epochs=recipe.epochs,
+        batch_size=recipe.batch_size,
+        seed=recipe.seed,
         verbose=verbose,
+        **recipe.trainer_params(),
     )
-    return models
+    trained["robust"] = TrainedModel(classifiers["robust"], history, time.perf_counter() - start)
+    return trained
+
+
+def train_digits_models(
+    x_train: np.ndarray | None = None,
+    y_train: np.ndarray | None = None,
+    budget: PerturbationBudget | None = None,
+    nb_epochs: int = DIGITS_RECIPE.epochs,
+    hidden: tuple[int, ...] = DIGITS_RECIPE.hidden,
+    lam: float = DIGITS_RECIPE.lam,
+    bound: str = DIGITS_RECIPE.bound,
+    warmup: int = DIGITS_RECIPE.warmup,
+    seed: int = 0,
+    verbose: bool = False,
+) -> dict[str, PyTorchWeightClassifier]:
+    """
+    :func:`train_digits_pair` with :data:`DIGITS_RECIPE` changed by the given values; returns the classifiers only:
+    ``{"standard": classifier, "robust": classifier}``.
+    """
+    recipe = replace(
+        DIGITS_RECIPE, epochs=nb_epochs, hidden=tuple(hidden), lam=lam, bound=bound, warmup=warmup, seed=seed
+    )
+    return {name: t.classifier for name, t in train_digits_pair(recipe, x_train, y_train, budget, verbose).items()}

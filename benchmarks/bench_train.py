@@ -3,9 +3,9 @@ Cost of the robust loss (THEORY.md §7): time of one training epoch of :class:`.
 every registered ``bound`` (``"paper"``, ``"interval"``, ``"linear"``), as a ratio to one epoch of ART's plain
 ``PyTorchClassifier.fit`` on the same data and model.
 
-Model: the bias-free ReLU MLP 64-128-64-10 (:func:`.zoo.digits_mlp`), Adam (lr 3e-3), batch 128, the digits training
-split (1347 samples, 11 steps per epoch), budget :func:`.zoo.default_digits_budget` (row_l1, ε = 0.1), λ = 1 with no
-warm-up (the bound is computed at every step), one CPU thread. Each measurement is a ``fit`` of ``--epochs`` epochs
+Model: the digits recipe (:data:`.zoo.DIGITS_RECIPE`: bias-free ReLU MLP 64-128-64-10, Adam lr 3e-3, batch 128, its
+budget row_l1 with ε = 0.1) on the digits training split (1347 samples, 11 steps per epoch), λ = 1 with no warm-up
+(the bound is computed at every step), one CPU thread. Each measurement is a ``fit`` of ``--epochs`` epochs
 divided by the number of epochs; the minimum over ``--repeats`` runs is reported (the runs alternate between the
 methods, so a busy machine slows them alike), as wall-clock time and as the process's CPU time (steadier on a shared
 machine). Targets: paper ≤ 2×, interval ≤ 4×; ``meets_targets`` judges the wall-clock ratios.
@@ -25,20 +25,22 @@ import torch
 from art_weightpert.certification import METHODS
 from art_weightpert.data import load_digits_data
 from art_weightpert.defences.trainer import WeightRobustTrainer
-from art_weightpert.zoo import default_digits_budget, digits_mlp, make_classifier
+from art_weightpert.zoo import DIGITS_RECIPE
 
 TARGETS = {"paper": 2.0, "interval": 4.0}
 
 
 def epoch_time(method: str, x, y, epochs: int) -> tuple[float, float]:
     """(wall, CPU) seconds per epoch of one ``fit`` call of ``epochs`` epochs (``method="art"``: ART's plain fit)."""
-    clf = make_classifier(digits_mlp(seed=0), (64,))
+    clf = DIGITS_RECIPE.classifier()
     torch.manual_seed(0)
     if method == "art":
-        run = lambda: clf.fit(x, y, batch_size=128, nb_epochs=epochs)  # noqa: E731
+        run = lambda: clf.fit(x, y, batch_size=DIGITS_RECIPE.batch_size, nb_epochs=epochs)  # noqa: E731
     else:
-        trainer = WeightRobustTrainer(clf, default_digits_budget(), lam=1.0, warmup=0, bound=method, verbose=False)
-        run = lambda: trainer.fit(x, y, batch_size=128, nb_epochs=epochs)  # noqa: E731
+        trainer = WeightRobustTrainer(
+            clf, DIGITS_RECIPE.budget(), lam=DIGITS_RECIPE.lam, warmup=0, bound=method, verbose=False
+        )
+        run = lambda: trainer.fit(x, y, batch_size=DIGITS_RECIPE.batch_size, nb_epochs=epochs)  # noqa: E731
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     return (time.perf_counter() - wall) / epochs, (time.process_time() - cpu) / epochs
@@ -66,8 +68,8 @@ def main() -> None:
         "benchmark": "train_epoch",
         "model": "digits MLP 64-128-64-10 (bias-free)",
         "samples": int(len(x)),
-        "batch_size": 128,
-        "budget": default_digits_budget().to_dict(),
+        "batch_size": DIGITS_RECIPE.batch_size,
+        "budget": DIGITS_RECIPE.budget().to_dict(),
         "threads": args.threads,
         "epochs_per_measurement": args.epochs,
         "repeats": args.repeats,

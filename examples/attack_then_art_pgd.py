@@ -17,7 +17,7 @@ from art.attacks.evasion import ProjectedGradientDescent
 
 from art_weightpert import PerturbationBudget, RandomWeightPerturbation, WeightPGD
 from art_weightpert.data import load_digits_data
-from art_weightpert.zoo import digits_mlp, make_classifier, train_standard
+from art_weightpert.zoo import DIGITS_RECIPE, train_standard
 
 
 def accuracy(classifier, x: np.ndarray, y: np.ndarray) -> float:
@@ -28,8 +28,8 @@ def main() -> None:
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_digits_data()
     x_test, y_test = x_test[:200], y_test[:200]
-    classifier = make_classifier(digits_mlp(), input_shape=(64,))
-    train_standard(classifier, x_train, y_train, nb_epochs=20)
+    classifier = DIGITS_RECIPE.classifier()
+    train_standard(classifier, x_train, y_train, DIGITS_RECIPE.epochs, DIGITS_RECIPE.batch_size, DIGITS_RECIPE.seed)
     before = {name: p.detach().clone() for name, p in classifier.model.named_parameters()}
 
     budget = PerturbationBudget(0.02, norm="inf", relative=True)

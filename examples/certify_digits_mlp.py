@@ -18,15 +18,15 @@ import torch
 from art_weightpert import PerturbationBudget, WeightPerturbationCertifier, WeightPGD
 from art_weightpert.data import load_digits_data
 from art_weightpert.metrics import certified_weight_radius, weight_certified_accuracy
-from art_weightpert.zoo import digits_mlp, make_classifier, train_standard
+from art_weightpert.zoo import DIGITS_RECIPE, train_standard
 
 
 def main() -> None:
     torch.set_num_threads(1)
     x_train, y_train, x_test, y_test = load_digits_data()
     x_test, y_test = x_test[:200], y_test[:200]
-    classifier = make_classifier(digits_mlp(), input_shape=(64,))  # a PyTorchWeightClassifier
-    train_standard(classifier, x_train, y_train, nb_epochs=20)
+    classifier = DIGITS_RECIPE.classifier()  # a PyTorchWeightClassifier
+    train_standard(classifier, x_train, y_train, DIGITS_RECIPE.epochs, DIGITS_RECIPE.batch_size, DIGITS_RECIPE.seed)
     clean = float(np.mean(classifier.predict(x_test).argmax(1) == y_test))
     print(f"clean accuracy: {clean:.3f}")
 

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from art_weightpert import (
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
 from art_weightpert.data import load_digits_data
 from art_weightpert.metrics import generalization_bound
-from art_weightpert.zoo import default_digits_budget, digits_mlp, make_classifier
+from art_weightpert.zoo import DIGITS_RECIPE, digits_mlp, make_classifier
 
 SETTINGS = {
     "full": {
@@ -84,6 +85,7 @@ ROBUST_MODELS = [
 ]
 GAMMA = 1.0  # margin γ of the generalization bound
 SEED = 0
+RECIPE = replace(DIGITS_RECIPE, seed=SEED)  # the digits recipe's model, optimizer, batch size and budget
 
 
 class CleanInputs(EvasionAttack):
@@ -102,18 +104,18 @@ def accuracy(clf, x: np.ndarray, y: np.ndarray) -> float:
 
 def train_robust(bound: str, lam: float, mu: float, data, budget, settings) -> tuple[Any, dict]:
     x_train, y_train, _, _ = data
-    clf = make_classifier(digits_mlp(seed=SEED), (64,))
+    clf = RECIPE.classifier()
     trainer = WeightRobustTrainer(clf, budget, lam=lam, mu=mu, bound=bound, warmup=settings["warmup"], verbose=False)
     torch.manual_seed(SEED)
-    history = trainer.fit(x_train, y_train, batch_size=128, nb_epochs=settings["epochs"])
+    history = trainer.fit(x_train, y_train, batch_size=RECIPE.batch_size, nb_epochs=settings["epochs"])
     return clf, history
 
 
 def train_awp(gamma: float, data, settings) -> Any:
     """ART's AWP (PGD mode, clean inputs), proxy SGD(lr 0.01), weight perturbation after a quarter of the epochs."""
     x_train, y_train, _, _ = data
-    clf = make_classifier(digits_mlp(seed=SEED), (64,))
-    proxy_model = digits_mlp(seed=SEED)
+    clf = RECIPE.classifier()
+    proxy_model = digits_mlp(RECIPE.hidden, seed=SEED)
     proxy = make_classifier(proxy_model, (64,))
     proxy._optimizer = torch.optim.SGD(proxy_model.parameters(), lr=0.01)  # AWP's usual proxy optimizer
     trainer = AdversarialTrainerAWPPyTorch(
@@ -122,7 +124,7 @@ def train_awp(gamma: float, data, settings) -> Any:
     np.random.seed(SEED)  # AWP shuffles with numpy's global generator
     torch.manual_seed(SEED)
     with contextlib.redirect_stderr(io.StringIO()):  # ART's AWP shows a progress bar that cannot be turned off
-        trainer.fit(x_train, y_train, batch_size=128, nb_epochs=settings["epochs"])
+        trainer.fit(x_train, y_train, batch_size=RECIPE.batch_size, nb_epochs=settings["epochs"])
     return clf
 
 
@@ -360,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     data = load_digits_data(seed=SEED)
-    budget = default_digits_budget()
+    budget = RECIPE.budget()
     results: dict[str, Any] = {"mode": mode, "settings": settings, "budget": budget.to_dict(), "models": {}}
     for name, bound, lam, mu in ROBUST_MODELS:
         clf, history = train_robust(bound, lam, mu, data, budget, settings)

@@ -16,8 +16,9 @@ import torch
 
 from art_weightpert import PerturbationBudget
 from art_weightpert.cli import main
-from art_weightpert.metrics import weight_certified_accuracy
-from art_weightpert.report import METHODS
+from art_weightpert.cli.parser import REPORT_METHODS as METHODS
+from art_weightpert.cli.report import evaluate_model
+from art_weightpert.metrics import certified_weight_radius, weight_certified_accuracy, weight_robustness_curve
 from art_weightpert.zoo import make_classifier
 
 REPORT_KEYS = {"schema", "command", "versions", "seeds", "settings", "data", "budget", "eps_grid", "methods", "models"}
@@ -143,6 +144,26 @@ def test_demo_numbers_are_consistent(demo_report):
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate
+def test_report_entry_is_the_public_robustness_curve(tiny_mlp_classifier, digits):
+    """Every number of a report's model entry is what the public metrics give for the same settings."""
+    _, _, x_test, y_test = digits
+    x, y = x_test[:60], y_test[:60]
+    budget = PerturbationBudget(0.02, "inf")
+    grid = [0.0, 0.01, 0.03]
+    entry = evaluate_model(tiny_mlp_classifier, x, y, budget, grid, METHODS, pgd_steps=3, random_samples=3, seed=4)
+    curve = weight_robustness_curve(
+        tiny_mlp_classifier, x, y, [budget.with_eps(e) for e in grid], methods=METHODS,
+        pgd_params={"max_iter": 3}, random_params={"nb_samples": 3, "seed": 4}, seed=4,
+    )  # fmt: skip
+    assert entry["curves"] == curve["accuracies"] and not entry["unavailable"]
+    assert entry["random_min"] == curve["random_min"] and entry["random_std"] == curve["random_std"]
+    for method in ("paper", "interval"):
+        radii = certified_weight_radius(tiny_mlp_classifier, x, y, budget, method=method)
+        values = [np.inf if v is None else v for v in entry["certified_radius"][method]["values"]]
+        np.testing.assert_array_equal(values, radii)
+    assert set(entry["seconds"]) == set(METHODS) - {"clean"}
+
+
 def certified_accuracies(model_module, folder: Path, report: dict, method: str) -> list[float]:
     """``weight_certified_accuracy`` called directly at every ε of the report's grid."""
     with np.load(folder / "data.npz") as data:

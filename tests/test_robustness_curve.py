@@ -91,7 +91,7 @@ def test_budgets_and_other_norms(clf, test_data):
     assert single["accuracies"] == {"clean": [1.0]}
 
 
-def test_unsupported_model_for_certification_gives_nan_and_a_note(test_data):
+def test_unsupported_model_for_certification_gives_nan_a_note_and_a_reason(test_data):
     from art_weightpert.zoo import make_classifier
 
     x, y = test_data
@@ -103,6 +103,7 @@ def test_unsupported_model_for_certification_gives_nan_and_a_note(test_data):
     assert math.isnan(result["accuracies"]["certified"][0])
     assert not math.isnan(result["accuracies"]["pgd"][0])
     assert any("GELU" in note for note in result["notes"])
+    assert "GELU" in result["unavailable"]["certified"]
 
 
 def test_curve_rejects_bad_arguments(clf, test_data):
@@ -121,3 +122,42 @@ def test_curve_rejects_bad_arguments(clf, test_data):
         weight_robustness_curve(object(), x, y, [0.1])
     with pytest.raises(ValueError, match="NaN"):
         weight_robustness_curve(clf, np.full_like(x, np.nan), y, [0.1], methods=("clean",))
+
+
+def test_several_certificates_at_once_match_the_certified_accuracy_metric(clf, test_data):
+    from art_weightpert.certification import METHODS as BOUND_METHODS
+    from art_weightpert.metrics import weight_certified_accuracy
+
+    x, y = test_data[0][:80], test_data[1][:80]
+    methods = ("pgd", *BOUND_METHODS)
+    result = weight_robustness_curve(clf, x, y, EPS[1:3], methods=methods, pgd_params={"max_iter": 5}, seed=0)
+    assert not result["unavailable"] and set(result["seconds"]) == set(methods)
+    for method in BOUND_METHODS:
+        expected = [weight_certified_accuracy(clf, x, y, PerturbationBudget(e, "inf"), method=method) for e in EPS[1:3]]
+        assert result["accuracies"][method] == pytest.approx(expected, abs=1e-12)
+        # each certificate is sound: below the attack at every ε
+        assert np.all(np.asarray(result["accuracies"][method]) <= np.asarray(result["accuracies"]["pgd"]) + 1e-12)
+
+
+def test_random_fault_statistics_are_those_of_random_weight_perturbation(clf, curve, test_data):
+    from art_weightpert import RandomWeightPerturbation
+
+    x, y = test_data
+    for i, eps in enumerate(EPS):
+        low, mean, high = curve["random_min"][i], curve["accuracies"]["random"][i], curve["random_max"][i]
+        assert low <= mean <= high and curve["random_std"][i] >= 0
+        assert low <= curve["random_quantiles"][i][0.5] <= high
+        if eps > 0:
+            stats = RandomWeightPerturbation(clf, PerturbationBudget(eps, "inf"), nb_samples=5, seed=0).evaluate(x, y)
+            assert (stats["mean"], stats["min"], stats["std"]) == (mean, low, curve["random_std"][i])
+        else:  # a zero-radius ball: every draw is the clean model
+            assert low == mean == high == curve["clean_accuracy"]
+
+
+def test_seeded_pgd_does_not_depend_on_the_other_methods(clf, test_data):
+    x, y = test_data[0][:80], test_data[1][:80]
+    kwargs = {"pgd_params": {"max_iter": 4, "num_random_init": 1}, "seed": 3}
+    alone = weight_robustness_curve(clf, x, y, EPS[1:], methods=("pgd",), **kwargs)
+    torch.manual_seed(123)  # whatever the global generator's state, the seeded attack repeats itself
+    mixed = weight_robustness_curve(clf, x, y, EPS[1:], methods=("random", "pgd", "clean"), **kwargs)
+    assert alone["accuracies"]["pgd"] == mixed["accuracies"]["pgd"]

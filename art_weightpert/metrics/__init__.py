@@ -8,9 +8,15 @@ from typing import Any
 _LAZY = {
     "weight_certified_accuracy": "art_weightpert.metrics.certification",
     "certified_weight_radius": "art_weightpert.metrics.certification",
-    "generalization_bound": "art_weightpert.metrics.certification",
+    "generalization_bound": "art_weightpert.metrics.generalization",
+    "weight_sharpness": "art_weightpert.metrics.generalization",
+    "pac_bayes_sigma": "art_weightpert.metrics.generalization",
+    "pac_bayes_bound": "art_weightpert.metrics.generalization",
     "weight_robustness_curve": "art_weightpert.metrics.robustness",
-    "plot_robustness_curve": "art_weightpert.metrics.robustness",
+    "plot_robustness_curve": "art_weightpert.metrics.plots",
+    "plot_robustness_curves": "art_weightpert.metrics.plots",
+    "plot_certified_radius_histogram": "art_weightpert.metrics.plots",
+    "bit_flip_curve": "art_weightpert.metrics.bit_flips",
 }
 
 __all__ = list(_LAZY)

@@ -1,7 +1,8 @@
 """
 Robustness curves under weight perturbation: accuracy against the radius ε of a weight ball, for the clean model,
 random faults (:class:`.RandomWeightPerturbation`), the universal weight attack (:class:`.WeightPGD`) and the
-certificate (:class:`.WeightPerturbationCertifier`), in the style of Foolbox's robustness sweeps.
+certificates (:class:`.WeightPerturbationCertifier`, one or several bound methods), in the style of Foolbox's
+robustness sweeps. :func:`.plot_robustness_curve` (``metrics/plots.py``) draws them.
 
 For every ε: certified ≤ true robust accuracy ≤ PGD accuracy ≤ mean random accuracy ≤ 1 (up to the attack's
 strength), and clean accuracy is the ε = 0 value of all of them.
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,13 +21,15 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.budget import PerturbationBudget
+from art_weightpert.certification import METHODS as BOUND_METHODS
+from art_weightpert.certification import WeightPerturbationCertifier
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("clean", "random", "pgd", "certified")
-BALL_LABELS = {"inf": "box ℓ∞ ball", "row_l1": "row ℓ1 ball", "l2": "Frobenius ℓ2 ball", "mixed": "several balls"}
+"""The default methods; any bound method name of :data:`art_weightpert.certification.METHODS` is accepted too."""
 
 
 def weight_robustness_curve(
@@ -44,6 +47,8 @@ def weight_robustness_curve(
     random_params: Mapping[str, Any] | None = None,
     batch_size: int = 128,
     verbose: bool = False,
+    seed: int | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """
     Accuracy on ``(x, y)`` for each weight budget of a sweep, by each method.
@@ -55,132 +60,134 @@ def weight_robustness_curve(
         budgets) or :class:`.PerturbationBudget` objects, or a mix.
     :param norm: the ball of the ε values: ``"inf"``, ``"row_l1"`` or ``"l2"``.
     :param methods: any of ``"clean"``, ``"random"`` (mean accuracy over random draws), ``"pgd"`` (universal
-        :class:`.WeightPGD`) and ``"certified"`` (share of samples certified correct).
-    :param layers: perturbed layers for ε values (``None``: all).
-    :param relative: relative radii for ε values.
-    :param include_bias: also perturb biases for ε values.
-    :param certify_method: the certifier's method: ``"paper"``, ``"interval"`` or ``"linear"``.
-    :param pgd_params: keyword arguments of :class:`.WeightPGD` (default: its own, with ``verbose=False``).
-    :param random_params: keyword arguments of :class:`.RandomWeightPerturbation` (default ``nb_samples=10,
-        seed=0``).
-    :param batch_size: samples per forward pass.
-    :param verbose: progress bars of the attacks and the certifier.
+        :class:`.WeightPGD`), ``"certified"`` (share of samples certified correct by ``certify_method``) and the
+        bound method names of :data:`art_weightpert.certification.METHODS` (certified accuracy by that method; several
+        at once). At a zero radius, random faults and WeightPGD are not run: they give the clean accuracy.
+    :param layers: perturbed layers for ε values (``None``: all); ``relative``, ``include_bias``: as in the budget.
+    :param certify_method: the bound method of ``"certified"``.
+    :param pgd_params: keyword arguments of :class:`.WeightPGD` (default: its own).
+    :param random_params: keyword arguments of :class:`.RandomWeightPerturbation` (default ``nb_samples=10`` and
+        ``seed``, or 0 when ``seed`` is ``None``).
+    :param batch_size: samples per forward pass; ``verbose``: progress bars of the attacks and the certifier.
+    :param seed: when given, torch's generator is seeded with it before each WeightPGD run, so the results do not
+        depend on the order of the work.
+    :param progress: called with a short description after each (budget, method) unit of work.
     :return: ``{"eps": [float], "budgets": [budget.to_dict()], "methods": [str], "accuracies": {method: [float]},
-        "random_std", "random_min", "random_max": [float] (with "random"), "norm", "certify_method",
-        "nb_samples": int, "notes": [str]}``. A certificate that cannot handle the model gives NaN and a note.
+        "clean_accuracy": float, "random_std", "random_min", "random_max": [float] and "random_quantiles":
+        [{q: float}] (with "random"), "norm", "certify_method", "nb_samples": int, "unavailable": {method: reason},
+        "seconds": {method: float}, "notes": [str]}``. A certificate that cannot handle the model gives NaN, a note
+        and its reason under "unavailable".
     """
-    from art_weightpert.attacks import RandomWeightPerturbation, WeightPGD
-
-    if isinstance(classifier, PyTorchClassifier) and not isinstance(classifier, PyTorchWeightClassifier):
-        classifier = PyTorchWeightClassifier.from_classifier(classifier)
-    if not isinstance(classifier, PyTorchWeightClassifier):
-        raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
-    if isinstance(methods, str):
-        methods = [methods]
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"`methods` must be a non-empty subset of {list(METHODS)}, got {methods}.")
-    if "certified" in methods:
-        from art_weightpert.certification import METHODS as CERTIFY_METHODS
-
-        if certify_method not in CERTIFY_METHODS:
-            raise ValueError(f"`certify_method` must be one of {list(CERTIFY_METHODS)}, got {certify_method!r}.")
+    classifier = _weight_classifier(classifier)
+    methods = _check_methods(methods, certify_method)
     budgets = _budgets(budgets_or_eps_list, norm, layers, relative, include_bias)
-    pgd_kwargs = {"batch_size": batch_size, "verbose": verbose, **dict(pgd_params or {})}
-    random_kwargs = {"nb_samples": 10, "seed": 0, "batch_size": batch_size, "verbose": verbose}
-    random_kwargs.update(dict(random_params or {}))
-
-    x_t, labels_t = classifier.prepare_inputs(x, y)
-    clean_pred = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
-    labels = clean_pred if labels_t is None else labels_t.cpu().numpy()
-    labels_t = torch.as_tensor(labels, dtype=torch.long, device=x_t.device)
-    clean_acc = float(np.mean(clean_pred == labels)) if len(labels) else float("nan")
-
-    result: dict[str, Any] = {
-        "eps": [_axis_value(b) for b in budgets],
-        "budgets": [b.to_dict() for b in budgets],
-        "methods": methods,
-        "accuracies": {m: [] for m in methods},
-        "norm": budgets[0].norm if len({b.norm for b in budgets}) == 1 else "mixed",
-        "certify_method": certify_method,
-        "nb_samples": len(labels),
-        "notes": [],
-    }
-    if "random" in methods:
-        result.update(random_std=[], random_min=[], random_max=[])
+    run = _Runner(classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed)
+    run.set_params(pgd_params, random_params)
     for budget in budgets:
         for method in methods:
-            if method == "clean":
-                acc = clean_acc
-            elif method == "random":
-                stats = RandomWeightPerturbation(classifier, budget, **random_kwargs).evaluate(x, labels)
-                acc = stats["mean"]
-                result["random_std"].append(stats["std"])
-                result["random_min"].append(stats["min"])
-                result["random_max"].append(stats["max"])
-            elif method == "pgd":
-                attack = WeightPGD(classifier, budget, **pgd_kwargs)
-                deltas = classifier.check_deltas(attack.generate(x, labels))
-                acc = attack._accuracy(x_t, labels_t, deltas, batch_size)
-            else:
-                certifier_kwargs = {"method": certify_method, "batch_size": batch_size, "verbose": verbose}
-                acc = _certified_accuracy(classifier, budget, x, labels, clean_pred, certifier_kwargs, result["notes"])
-            result["accuracies"][method].append(float(acc))
-        logger.info("weight_robustness_curve: %s -> %s", budget, {m: v[-1] for m, v in result["accuracies"].items()})
-    return result
-
-
-def plot_robustness_curve(result: Mapping[str, Any], path: str | os.PathLike, title: str | None = None) -> str:
-    """
-    Plot a :func:`weight_robustness_curve` result (accuracy against ε, one line per method; the random faults' min-max
-    range shaded) and save it.
-
-    :param result: the dict returned by :func:`weight_robustness_curve`.
-    :param path: output file (the extension picks the format, e.g. ``.png``, ``.pdf``, ``.svg``).
-    :param title: figure title (default: names the norm).
-    :return: the path written.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not isinstance(result, Mapping) or "eps" not in result or "accuracies" not in result:
-        raise ValueError("`result` must be the dict returned by weight_robustness_curve.")
-    eps = np.asarray(result["eps"], dtype=float)
-    fig = Figure(figsize=(6, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    styles = {
-        "clean": ("k", "--"),
-        "random": ("tab:blue", "-"),
-        "pgd": ("tab:red", "-"),
-        "certified": ("tab:green", "-"),
-    }
-    for method, values in result["accuracies"].items():
-        color, line = styles.get(method, (None, "-"))
-        ax.plot(
-            eps,
-            np.asarray(values, dtype=float),
-            line,
-            color=color,
-            marker="o",
-            markersize=3,
-            label=method,
-            zorder=3 if method == "clean" else 2,  # the clean line often lies on the random one
+            run.measure(method, budget)
+            if progress is not None:
+                progress(f"{method} ε={_axis_value(budget):g}")
+        logger.info(
+            "weight_robustness_curve: %s -> %s", budget, {m: v[-1] for m, v in run.result["accuracies"].items()}
         )
-    if "random_min" in result and len(result["random_min"]) == len(eps):
-        ax.fill_between(eps, result["random_min"], result["random_max"], color="tab:blue", alpha=0.15, linewidth=0)
-    ax.set_xlabel("ε (relative)" if _all_relative(result) else "ε")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    ball = BALL_LABELS.get(result.get("norm", ""), str(result.get("norm", "")))
-    ax.set_title(title if title is not None else f"Accuracy under weight perturbation ({ball})")
-    fig.tight_layout()
-    path = os.fspath(path)
-    fig.savefig(path)
-    return path
+    return run.result
+
+
+class _Runner:
+    """One accuracy per (method, budget), by the public attacks and certifier; fills the curve's side results."""
+
+    def __init__(self, classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed) -> None:
+        self.classifier, self.x, self.batch_size, self.verbose, self.seed = classifier, x, batch_size, verbose, seed
+        _, labels_t = classifier.prepare_inputs(x, y)  # validates x and y
+        self.clean_pred = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
+        self.labels = self.clean_pred if labels_t is None else labels_t.cpu().numpy()
+        self.result: dict[str, Any] = {
+            "eps": [_axis_value(b) for b in budgets],
+            "budgets": [b.to_dict() for b in budgets],
+            "methods": methods,
+            "accuracies": {m: [] for m in methods},
+            "clean_accuracy": float(np.mean(self.clean_pred == self.labels)) if len(self.labels) else math.nan,
+            "norm": budgets[0].norm if len({b.norm for b in budgets}) == 1 else "mixed",
+            "certify_method": certify_method,
+            "nb_samples": len(self.labels),
+            "unavailable": {},
+            "seconds": dict.fromkeys(methods, 0.0),
+            "notes": [],
+        }
+        if "random" in methods:
+            self.result.update(random_std=[], random_min=[], random_max=[], random_quantiles=[])
+
+    def set_params(self, pgd_params: Mapping[str, Any] | None, random_params: Mapping[str, Any] | None) -> None:
+        """The keyword arguments of the attacks: the curve's ``batch_size``, ``verbose`` and ``seed``, then the
+        user's."""
+        self.pgd_kwargs = {"batch_size": self.batch_size, "verbose": self.verbose, **dict(pgd_params or {})}
+        seed = 0 if self.seed is None else self.seed
+        self.random_kwargs = {"nb_samples": 10, "seed": seed, "batch_size": self.batch_size, "verbose": self.verbose}
+        self.random_kwargs.update(dict(random_params or {}))
+
+    def measure(self, method: str, budget: PerturbationBudget) -> None:
+        """Append the accuracy of ``method`` at ``budget`` to the curve, and its time."""
+        start = time.perf_counter()
+        self.result["accuracies"][method].append(float(self(method, budget)))
+        self.result["seconds"][method] += time.perf_counter() - start
+
+    def __call__(self, method: str, budget: PerturbationBudget) -> float:
+        if method == "clean":
+            return self.result["clean_accuracy"]
+        if method == "random":
+            return self.random(budget)
+        if method == "pgd":
+            return self.result["clean_accuracy"] if _zero_radius(budget) else self.pgd(budget)
+        bound = self.result["certify_method"] if method == "certified" else method
+        return self.certified(method, bound, budget)
+
+    def random(self, budget: PerturbationBudget) -> float:
+        from art_weightpert.attacks import RandomWeightPerturbation
+        from art_weightpert.attacks.random_faults import QUANTILES
+
+        clean = self.result["clean_accuracy"]
+        if _zero_radius(budget):
+            stats = {
+                "mean": clean,
+                "std": 0.0,
+                "min": clean,
+                "max": clean,
+                "quantiles": dict.fromkeys(QUANTILES, clean),
+            }
+        else:
+            stats = RandomWeightPerturbation(self.classifier, budget, **self.random_kwargs).evaluate(
+                self.x, self.labels
+            )
+        for key in ("std", "min", "max", "quantiles"):
+            self.result[f"random_{key}"].append(stats[key])
+        return stats["mean"]
+
+    def pgd(self, budget: PerturbationBudget) -> float:
+        from art_weightpert.attacks import WeightPGD
+
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
+        delta = WeightPGD(self.classifier, budget, **self.pgd_kwargs).generate(self.x, self.labels)
+        perturbed = self.classifier.with_weight_perturbation(delta)
+        predictions = perturbed.predict(self.x, batch_size=self.batch_size).argmax(axis=1)
+        return float(np.mean(predictions == self.labels)) if len(self.labels) else math.nan
+
+    def certified(self, method: str, bound: str, budget: PerturbationBudget) -> float:
+        if method in self.result["unavailable"]:
+            return math.nan
+        try:
+            kwargs = {"method": bound, "batch_size": self.batch_size, "verbose": self.verbose}
+            certifier = WeightPerturbationCertifier(self.classifier, budget, **kwargs)
+            certified = np.asarray(certifier.certify(self.x, self.labels), dtype=bool)
+        except (UnsupportedModelError, NotImplementedError) as err:
+            self.result["unavailable"][method] = str(err)
+            note = f"certified accuracy by {bound!r} unavailable: {err}"
+            self.result["notes"].append(note)
+            logger.warning(note)
+            return math.nan
+        # A certificate covers the label's margins; count a sample only if it is also classified correctly.
+        return float(np.mean(certified & (self.clean_pred == self.labels))) if len(self.labels) else math.nan
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -203,30 +210,26 @@ def _axis_value(budget: PerturbationBudget) -> float:
     return float(max(budget.eps.values())) if isinstance(budget.eps, dict) else float(budget.eps)
 
 
-def _all_relative(result: Mapping[str, Any]) -> bool:
-    budgets = result.get("budgets") or []
-    return bool(budgets) and all(b.get("relative") for b in budgets)
+def _zero_radius(budget: PerturbationBudget) -> bool:
+    """True for a ball of radius 0 (every perturbation in it is zero)."""
+    values = budget.eps.values() if isinstance(budget.eps, dict) else [budget.eps]
+    return all(v == 0 for v in values)
 
 
-def _certified_accuracy(
-    classifier: PyTorchWeightClassifier,
-    budget: PerturbationBudget,
-    x: np.ndarray,
-    labels: np.ndarray,
-    clean_pred: np.ndarray,
-    certifier_kwargs: dict[str, Any],
-    notes: list[str],
-) -> float:
-    from art_weightpert.certification import WeightPerturbationCertifier
+def _weight_classifier(classifier: Any) -> PyTorchWeightClassifier:
+    if isinstance(classifier, PyTorchClassifier) and not isinstance(classifier, PyTorchWeightClassifier):
+        classifier = PyTorchWeightClassifier.from_classifier(classifier)
+    if not isinstance(classifier, PyTorchWeightClassifier):
+        raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
+    return classifier
 
-    try:
-        certifier = WeightPerturbationCertifier(classifier, budget, **certifier_kwargs)
-        certified = np.asarray(certifier.certify(x, labels), dtype=bool)
-    except UnsupportedModelError as err:
-        note = f"certified accuracy unavailable: {err}"
-        if note not in notes:
-            notes.append(note)
-            logger.warning(note)
-        return math.nan
-    # A certificate covers the label's margins; count a sample only if it is also classified correctly.
-    return float(np.mean(certified & (clean_pred == labels))) if len(labels) else math.nan
+
+def _check_methods(methods: Sequence[str] | str, certify_method: str) -> list[str]:
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    allowed = list(METHODS) + [m for m in BOUND_METHODS if m not in METHODS]
+    unknown = [m for m in methods if m not in allowed]
+    if unknown or not methods:
+        raise ValueError(f"`methods` must be a non-empty subset of {allowed}, got {methods}.")
+    if "certified" in methods and certify_method not in BOUND_METHODS:
+        raise ValueError(f"`certify_method` must be one of {list(BOUND_METHODS)}, got {certify_method!r}.")
+    return methods

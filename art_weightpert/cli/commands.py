@@ -1,0 +1,343 @@
+"""
+The commands of ``art-weightpert``: thin clients of the library.
+
+* ``demo`` trains the digits recipe's pair of models (:func:`.zoo.train_digits_pair`) and reports on both.
+* ``evaluate`` reports on the user's model and data.
+* ``train`` trains with :class:`.WeightRobustTrainer` (defaults: :data:`.zoo.DIGITS_RECIPE`) and saves the model
+  (TorchScript) and its training history (JSON).
+
+Exit codes: 0 success, 2 usage error (bad arguments, missing or malformed files, model and data that do not fit),
+1 failure during the run. Errors are printed as one line on stderr (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from art_weightpert import zoo
+from art_weightpert.budget import PerturbationBudget
+from art_weightpert.cli import inputs
+from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line
+from art_weightpert.cli.render import summary_text
+from art_weightpert.cli.report import (
+    build_report,
+    clean_only_entry,
+    default_eps_grid,
+    evaluate_model,
+    jsonable,
+    versions,
+    write_report,
+)
+from art_weightpert.data import load_digits_data
+from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.network import UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo: the digits recipe it trains, its ε grid (multiples of the recipe's ε), the attacks' strength and the
+    number of test points (``None``: all)."""
+
+    recipe: zoo.DigitsRecipe
+    eps_multiples: tuple[float, ...]
+    pgd_steps: int
+    random_samples: int
+    test_points: int | None
+
+    def report_settings(self) -> dict[str, Any]:
+        """The settings as written into the report."""
+        r = self.recipe
+        return {
+            "hidden": list(r.hidden),
+            **{k: getattr(r, k) for k in ("epochs", "batch_size", "lam", "mu", "kappa", "bound", "warmup")},
+            "pgd_steps": self.pgd_steps,
+            "random_samples": self.random_samples,
+            "test_points": self.test_points,
+            "eps_multiples_of_training_eps": list(self.eps_multiples),
+        }
+
+
+DEMO = DemoSettings(zoo.DIGITS_RECIPE, (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), 20, 10, None)
+DEMO_QUICK = DemoSettings(replace(zoo.DIGITS_RECIPE, epochs=10, warmup=3), (0.0, 0.5, 1.0, 2.0), 10, 5, 200)
+"""``demo --quick``: under a minute on 2 CPU cores."""
+
+
+def _finish(report: dict[str, Any], out: str, quiet: bool) -> None:
+    paths = write_report(report, out)
+    if not quiet:
+        print(summary_text(report))
+        print()
+    print(f"Report written to {paths['markdown']} (numbers in {os.path.basename(paths['json'])}, plots alongside).")
+
+
+def _evaluate_all(classifiers, x, y, budget, eps_grid, methods, args, **options) -> dict[str, dict[str, Any]]:
+    """:func:`.evaluate_model` of each classifier, under one progress bar."""
+    entries = {}
+    with inputs.progress_bar(len(classifiers) * len(eps_grid) * len(methods), "Evaluating", args.quiet) as bar:
+        for name, classifier in classifiers.items():
+            entries[name] = evaluate_model(
+                classifier, x, y, budget, eps_grid, methods, seed=args.seed, batch_size=args.batch_size,
+                progress=lambda what, n=name: (bar.set_postfix_str(f"{n}: {what}"), bar.update(1)), **options,
+            )  # fmt: skip
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def run_demo(args: argparse.Namespace) -> int:
+    """``art-weightpert demo``."""
+    start = time.perf_counter()
+    out = inputs.out_dir(args)
+    demo = DEMO_QUICK if args.quick else DEMO
+    recipe = replace(demo.recipe, seed=args.seed)
+    budget = recipe.budget()
+    eps_grid = [float(f"{m * budget.eps:.6g}") for m in demo.eps_multiples]
+    x_train, y_train, x_test, y_test = load_digits_data()
+    x_test, y_test = x_test[: demo.test_points], y_test[: demo.test_points]
+    if not args.quiet:
+        print(f"Training the standard and the robust model ({recipe.epochs} epochs each) ...", file=sys.stderr)
+    trained = zoo.train_digits_pair(recipe, x_train, y_train, verbose=not args.quiet)
+    classifiers = {name: t.classifier for name, t in trained.items()}
+    methods = list(REPORT_METHODS)
+    options = {"pgd_steps": demo.pgd_steps, "random_samples": demo.random_samples}
+    entries = _evaluate_all(classifiers, x_test, y_test, budget, eps_grid, methods, args, **options)
+    hidden = "-".join(map(str, recipe.hidden))
+    descriptions = {
+        "standard": f"bias-free ReLU MLP 64-{hidden}-10, standard training (ART fit)",
+        "robust": f"bias-free ReLU MLP 64-{hidden}-10, WeightRobustTrainer (λ = {recipe.lam}, μ = {recipe.mu}, "
+        f"κ = {recipe.kappa}, {recipe.bound} bound, λ warm-up {recipe.warmup} epochs) at the report's budget",
+    }
+    models = {
+        name: {
+            "description": descriptions[name],
+            "model": inputs.model_summary(t.classifier.model),
+            "training": {"epochs": recipe.epochs, "batch_size": recipe.batch_size, "seconds": t.seconds},
+            "history": t.history,
+            **entries[name],
+        }
+        for name, t in trained.items()
+    }
+    data = {
+        "description": f"scikit-learn digits (8×8, 10 classes): {len(x_train)} training and {len(x_test)} test "
+        "points, features scaled to [0, 1]",
+        "source": "sklearn.datasets.load_digits",
+        "n_train": len(x_train),
+        "n_test": len(x_test),
+        "input_shape": [64],
+        "nb_classes": 10,
+    }
+    seeds = {"model_init_and_batch_order": args.seed, "attacks": args.seed, "data_split": 0}
+    command = "demo" + (" --quick" if args.quick else "")
+    report = build_report(command, models, budget, eps_grid, methods, data, demo.report_settings(), seeds, 0.0)
+    report["seconds"] = time.perf_counter() - start
+    _finish(report, out, args.quiet)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``art-weightpert evaluate``."""
+    start = time.perf_counter()
+    out = inputs.out_dir(args)
+    device = inputs.check_device(args.device)
+    arrays = inputs.load_data(args.data)
+    x, y = arrays["x"][: args.max_samples], arrays["y"][: args.max_samples]
+    train_data = (arrays["x_train"], arrays["y_train"]) if "x_train" in arrays else None
+    loaded, module, unsupported, nb_classes = _user_model(args, x, y, train_data)
+    input_shape = tuple(int(d) for d in x.shape[1:])
+    methods = list(dict.fromkeys(args.methods))
+    budget = PerturbationBudget(1.0, args.norm, args.layers, args.relative, args.include_bias)
+    if unsupported is None:
+        budget = inputs.make_budget(module, 1.0, args.norm, args.layers, args.relative, args.include_bias)
+        classifier = PyTorchWeightClassifier(module, nn.CrossEntropyLoss(), input_shape, nb_classes, device_type=device)
+        eps_grid = sorted(set(args.eps)) if args.eps else default_eps_grid(module, budget)
+        inputs.seed_everything(args.seed)
+        options = {"pgd_steps": args.pgd_steps, "random_samples": args.random_samples, "train_data": train_data}
+        entry = _evaluate_all({"model": classifier}, x, y, budget, eps_grid, methods, args, **options)["model"]
+    else:
+        eps_grid = sorted(set(args.eps)) if args.eps else [0.0]
+        logits = [inputs.forward(module, x[i : i + 256]) for i in range(0, len(x), 256)]
+        clean = float(np.mean(np.concatenate([t.argmax(1).cpu().numpy() for t in logits]) == y))
+        entry = clean_only_entry(clean, methods, len(eps_grid), unsupported)
+    entry["description"] = f"`{args.model}` ({loaded.kind}{'; ' + loaded.note if loaded.note else ''})"
+    entry["model"] = inputs.model_summary(module)
+    name = os.path.splitext(os.path.basename(args.model))[0] if loaded.kind != "callable" else args.model
+    data = {
+        "description": f"`{args.data}`: {len(x)} test points of shape {input_shape}, {nb_classes} classes"
+        + (f", {len(train_data[0])} training points" if train_data is not None else ""),
+        "path": os.path.abspath(args.data),
+        "n_test": len(x),
+        "n_train": None if train_data is None else len(train_data[0]),
+        "input_shape": list(input_shape),
+        "nb_classes": nb_classes,
+    }
+    settings = {
+        "device": device,
+        "pgd_steps": args.pgd_steps,
+        "random_samples": args.random_samples,
+        "batch_size": args.batch_size,
+        "eps_grid_source": "--eps" if args.eps else "default (fractions of the typical weight size)",
+    }
+    command = "evaluate " + " ".join(inputs.quote(a) for a in (args.argv or []))
+    report = build_report(command, {name: entry}, budget, eps_grid, methods, data, settings, {"seed": args.seed}, 0.0)
+    report["seconds"] = time.perf_counter() - start
+    _finish(report, out, args.quiet)
+    return 0
+
+
+def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Module, str | None, int]:
+    """The user's model checked against the data: ``(loaded model, module to evaluate, why its weights cannot be
+    perturbed or None, number of classes)``."""
+    from art_weightpert.cli.models import check_same_outputs
+
+    loaded = inputs.load_user_model(args.model)
+    module = loaded.module.eval()
+    logits = inputs.check_forward(module, x[:64], args.model)
+    if train_data is not None and tuple(train_data[0].shape[1:]) != tuple(x.shape[1:]):
+        raise UsageError(f"x_train has samples of shape {train_data[0].shape[1:]} but x has {x.shape[1:]}")
+    unsupported = loaded.unsupported_reason
+    if loaded.eager and loaded.scripted is not None:
+        try:
+            check_same_outputs(module, loaded.scripted, torch.as_tensor(x[:256]))
+        except UnsupportedModelError as err:
+            unsupported, module = str(err), loaded.scripted
+    nb_classes = int(logits.shape[1])
+    inputs.check_labels(nb_classes, y=y, y_train=None if train_data is None else train_data[1])
+    return loaded, module, unsupported, nb_classes
+
+
+# ------------------------------------------------------------------------------------------------ train
+def run_train(args: argparse.Namespace) -> int:
+    """``art-weightpert train``."""
+    from art_weightpert import WeightRobustTrainer
+
+    start = time.perf_counter()
+    device = inputs.check_device(args.device)
+    history_path = args.history or os.path.splitext(args.out)[0] + ".history.json"
+    out_parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_parent):
+        raise UsageError(f"--out {args.out}: folder {out_parent} does not exist")
+    x_train, y_train, x_test, y_test, data_desc = _training_data(args)
+    eps, norm, relative = _training_ball(args)
+    input_shape = tuple(int(d) for d in x_train.shape[1:])
+    inputs.seed_everything(args.seed)
+    labels_seen = int(max(y_train.max(), -1 if y_test is None else y_test.max()) + 1)
+    module = inputs.build_architecture(args, input_shape, labels_seen)
+    nb_classes = int(inputs.check_forward(module, x_train[:8], args.model).shape[1])
+    inputs.check_labels(nb_classes, y_train=y_train)
+    budget = inputs.make_budget(module, eps, norm, args.layers, relative)
+    classifier = zoo.make_classifier(module, input_shape, nb_classes, lr=args.lr, device_type=device, clip_values=None)
+    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "bound": args.bound, "warmup": args.warmup}
+    try:
+        trainer = WeightRobustTrainer(classifier, budget, verbose=not args.quiet, **params)
+    except UnsupportedModelError as err:
+        raise UsageError(f"--model {args.model} cannot be trained with weight bounds: {err}") from err
+    validation = (x_test, y_test) if x_test is not None else None
+    history = trainer.fit(
+        x_train, y_train, validation_data=validation, batch_size=args.batch_size, nb_epochs=args.epochs
+    )
+    saved_as = inputs.save_model(classifier.model.cpu().eval(), args.out)
+    final = {}
+    if x_test is not None:
+        final["test_accuracy"] = float(np.mean(classifier.predict(x_test).argmax(1) == y_test))
+    document = {
+        "model_file": os.path.abspath(args.out),
+        "saved_as": saved_as,
+        "architecture": args.model,
+        "data": data_desc,
+        "budget": budget.to_dict(),
+        "trainer": params,
+        **{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        "final": final,
+        "history": history,
+        "versions": versions(),
+        "seconds": time.perf_counter() - start,
+    }
+    with open(history_path, "w", encoding="utf-8") as handle:
+        json.dump(jsonable(document), handle, indent=1)
+    print(f"Model saved to {args.out} ({saved_as}); training history in {history_path}.")
+    if final:
+        print("Final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    return 0
+
+
+def _training_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
+    """``(x_train, y_train, x_test, y_test, description)`` of ``train --data`` (test arrays ``None`` when the .npz
+    has no separate training split), or the digits split."""
+    if args.data is None:
+        return (*load_digits_data(seed=args.seed, flatten=args.model != "cnn"), "scikit-learn digits")
+    arrays = inputs.load_data(args.data)
+    if "x_train" in arrays:
+        return arrays["x_train"], arrays["y_train"], arrays["x"], arrays["y"], args.data
+    return arrays["x"], arrays["y"], None, None, args.data
+
+
+def _training_ball(args: argparse.Namespace) -> tuple[float, str, bool]:
+    """``(eps, norm, relative)`` of ``train``: the flags, or the digits recipe's ball when no ``--eps`` is given."""
+    recipe = zoo.DIGITS_RECIPE
+    norm = args.norm or recipe.norm
+    if args.eps is not None:
+        return args.eps, norm, args.relative
+    if norm != recipe.norm or args.relative:
+        raise UsageError(f"--eps is required with --norm {norm}{' --relative' if args.relative else ''}")
+    if args.data is not None:
+        logger.warning("no --eps given: using the digits recipe's ε = %s (%s ball)", recipe.eps, norm)
+    return recipe.eps, norm, False
+
+
+# ------------------------------------------------------------------------------------------------ main
+RUNNERS = {"demo": run_demo, "evaluate": run_evaluate, "train": run_train}
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
+    return f"{PROG}: warning: {one_line(str(message))}\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 success, 2 usage error, 1 failure)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    args.argv = argv[argv.index(args.command) + 1 :] if args.command in argv else []
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    quiet_loggers = {name: logging.getLogger(name).level for name in ("art", "matplotlib")}
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _format_warning
+    for name in quiet_loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return RUNNERS[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except UsageError as err:
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit code 1
+        if args.debug:
+            raise
+        print(f"{PROG} {args.command}: failed: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = format_warning
+        for name, level in quiet_loggers.items():
+            logging.getLogger(name).setLevel(level)

@@ -1,0 +1,165 @@
+"""
+The argument parser of ``art-weightpert``: declarative tables of the three commands, argparse types built on the
+library's validators (:mod:`art_weightpert.validation`), and the usage error of the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from art_weightpert import __version__
+from art_weightpert.certification import METHODS as BOUND_METHODS
+from art_weightpert.validation import check_non_negative, check_non_negative_int, check_positive_int
+from art_weightpert.zoo import DIGITS_RECIPE
+
+PROG = "art-weightpert"
+DEFAULT_OUT = "art-weightpert-report"
+NORMS = ("inf", "row_l1", "l2")
+REPORT_METHODS = ("clean", "random", "pgd", *BOUND_METHODS)
+"""The methods of a report: clean accuracy, random faults, WeightPGD and every certificate."""
+
+
+class UsageError(Exception):
+    """A problem with what the user passed (exit code 2)."""
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error (or a message) as one line; the exception's class name when it has no message."""
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split())
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def argument_type(convert: Callable[[str], Any], check: Callable[[Any, str], Any], what: str) -> Callable[[str], Any]:
+    """
+    An argparse type: ``convert`` the text, then ``check`` it with a validator of :mod:`art_weightpert.validation`.
+
+    :param convert: ``int`` or ``float``.
+    :param check: a validator ``check(value, name)``.
+    :param what: the expected value, for the error (``"a positive integer"``).
+    """
+
+    def parse(text: str) -> Any:
+        try:
+            return check(convert(text), "value")
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+positive_int = argument_type(int, check_positive_int, "a positive integer")
+non_negative_int = argument_type(int, check_non_negative_int, "a non-negative integer")
+non_negative = argument_type(float, check_non_negative, "a finite non-negative number")
+
+_OUT = ("--out", {"default": None, "help": f"report folder (default: ./{DEFAULT_OUT})"})
+_SEED = ("--seed", {"type": non_negative_int, "default": 0, "help": "seed of training and attacks (default 0)"})
+_QUIET = ("--quiet", {"action": "store_true", "help": "no progress bars and no tables (only the report's path)"})
+_DEVICE = ("--device", {"choices": ("cpu", "gpu"), "default": "cpu", "help": "where torch runs (default: cpu)"})
+COMMON = [
+    _OUT,
+    _SEED,
+    ("--batch-size", {"type": positive_int, "default": 128, "help": "samples per forward pass"}),
+    _QUIET,
+]
+
+DEMO = [("--quick", {"action": "store_true", "help": "smaller run (under a minute on 2 CPU cores)"})]
+
+EVALUATE = [
+    ("--model", {"required": True, "help": "TorchScript file, torch.save'd module or module:callable"}),
+    ("--data", {"required": True, "help": ".npz with x, y (optional x_train, y_train)"}),
+    ("--norm", {"choices": NORMS, "default": "inf", "help": "weight ball (default: inf, entry-wise box)"}),
+    ("--eps", {"type": non_negative, "nargs": "+", "default": None,
+               "help": "ε grid (default: 0 to 10%% of the typical weight size in the chosen norm)"}),
+    ("--layers", {"nargs": "+", "default": None, "help": "Linear/Conv layers to perturb (default: all)"}),
+    ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
+    ("--include-bias", {"action": "store_true", "help": "also perturb the biases"}),
+    ("--methods", {"nargs": "+", "choices": REPORT_METHODS, "default": list(REPORT_METHODS),
+                   "help": "methods to run (default: all)"}),
+    _DEVICE,
+    ("--max-samples", {"type": positive_int, "default": None, "help": "evaluate the first N test points"}),
+    ("--pgd-steps", {"type": positive_int, "default": 20, "help": "WeightPGD iterations (default 20)"}),
+    ("--random-samples", {"type": positive_int, "default": 10, "help": "random draws per ε (default 10)"}),
+]  # fmt: skip
+
+_R = DIGITS_RECIPE
+TRAIN = [
+    ("--data", {"default": None, "help": ".npz with x, y (optional x_train, y_train); default: digits"}),
+    ("--out", {"required": True, "help": "model file to write (e.g. model.pt)"}),
+    ("--history", {"default": None, "help": "history JSON (default: <out>.history.json)"}),
+    ("--model", {"default": "mlp",
+                 "help": "'mlp' (bias-free ReLU MLP), 'cnn' (digits CNN) or package.module:callable"}),
+    ("--hidden", {"type": positive_int, "nargs": "+", "default": list(_R.hidden),
+                  "help": f"MLP hidden widths (default: {' '.join(map(str, _R.hidden))})"}),
+    ("--norm", {"choices": NORMS, "default": None, "help": f"weight ball (default: the digits recipe's, {_R.norm})"}),
+    ("--eps", {"type": non_negative, "default": None, "help": f"ε of the ball (default: the recipe's, {_R.eps})"}),
+    ("--relative", {"action": "store_true", "help": "radii relative to the weights"}),
+    ("--layers", {"nargs": "+", "default": None, "help": "layers to perturb (default: all)"}),
+    ("--lam", {"type": non_negative, "default": _R.lam, "help": f"weight λ of the robust term (default {_R.lam})"}),
+    ("--mu", {"type": non_negative, "default": _R.mu, "help": f"weight μ of the operator-norm term (default {_R.mu})"}),
+    ("--kappa", {"type": non_negative, "default": _R.kappa, "help": f"safety margin κ (default {_R.kappa})"}),
+    ("--bound", {"choices": tuple(BOUND_METHODS), "default": _R.bound,
+                 "help": f"margin bound for η (default {_R.bound})"}),
+    ("--warmup", {"type": non_negative_int, "default": _R.warmup,
+                  "help": f"epochs of λ warm-up (default {_R.warmup})"}),
+    ("--epochs", {"type": positive_int, "default": _R.epochs, "help": f"training epochs (default {_R.epochs})"}),
+    ("--lr", {"type": non_negative, "default": _R.lr, "help": f"Adam learning rate (default {_R.lr})"}),
+    ("--batch-size", {"type": positive_int, "default": _R.batch_size,
+                      "help": f"samples per step (default {_R.batch_size})"}),
+    _SEED,
+    _DEVICE,
+    ("--quiet", {"action": "store_true", "help": "no progress bars"}),
+]  # fmt: skip
+
+COMMANDS = {
+    "demo": {
+        "arguments": COMMON + DEMO,
+        "help": "train a standard and a robust MLP on the digits data and report on both",
+        "description": "Train a standard and a weight-robust bias-free MLP on scikit-learn's digits (the digits "
+        "recipe, art_weightpert.zoo.DIGITS_RECIPE), evaluate both across an ε grid (clean, random faults, WeightPGD, "
+        "certified by the paper's closed-form bound, by interval bounds and by linear bounds) and write report.md, "
+        "report.json and PNG plots.",
+    },
+    "evaluate": {
+        "arguments": COMMON + EVALUATE,
+        "help": "report on your model and data",
+        "description": "Evaluate a model under weight perturbations: accuracy across an ε grid by each method, "
+        "certified radii, plots. MODEL is a TorchScript file, a file saved with torch.save(module) (loaded with "
+        "weights_only=False after a warning: it runs pickled code) or package.module:callable returning an "
+        "nn.Module. DATA is an .npz with x and y (and optionally x_train, y_train for the generalization bound).",
+    },
+    "train": {
+        "arguments": TRAIN,
+        "help": "train a weight-robust model and save it",
+        "description": "Train with WeightRobustTrainer (the robust loss of docs/training.md) on an .npz (x_train, "
+        "y_train if present, else x, y) or on the digits data, then save the model as TorchScript (torch.jit.script; "
+        "a torch.save'd whole module when the model cannot be scripted) and its training history as JSON. The "
+        "defaults are the digits recipe (art_weightpert.zoo.DIGITS_RECIPE).",
+    },
+}
+"""Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``art-weightpert`` (the command's name is ``args.command``)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Attack, certify and harden PyTorch classifiers against weight perturbations (an ART plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, spec in COMMANDS.items():
+        command = sub.add_parser(name, help=spec["help"], description=spec["description"])
+        for flag, keywords in spec["arguments"]:
+            command.add_argument(flag, **keywords)
+    return parser

@@ -1,0 +1,116 @@
+"""
+Accuracy of a quantized classifier against the number of flipped bits: the bit-flip attack next to random flips
+(the data of the report's "Bit flips" section).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from art.estimators.classification import PyTorchClassifier
+
+from art_weightpert.attacks.bit_flip import BitFlipAttack, accuracy_with_deltas
+from art_weightpert.attacks.random_bit_flips import RandomBitFlips
+from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
+from art_weightpert.validation import check_int
+
+
+def bit_flip_curve(
+    classifier: PyTorchClassifier,
+    x: np.ndarray,
+    y: np.ndarray,
+    flips: Iterable[int] = (1, 2, 5, 10, 20),
+    x_attack: np.ndarray | None = None,
+    y_attack: np.ndarray | None = None,
+    n_bits: int = 8,
+    granularity: str = "tensor",
+    layers: list[str] | None = None,
+    nb_samples: int = 20,
+    seed: int = 0,
+    batch_size: int = 128,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """
+    Accuracy on ``(x, y)`` of the ``n_bits`` quantized classifier after ``k`` flipped bits, for each ``k`` in
+    ``flips``: the :class:`.BitFlipAttack` (run once on the attack batch for ``max(flips)`` flips; its first ``k``
+    flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits).
+
+    :param classifier: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+    :param x: evaluation inputs; ``y``: their integer or one-hot labels.
+    :param flips: the numbers of flipped bits (positive).
+    :param x_attack: the attack batch and ``y_attack`` its labels (``None``: the first 128 of ``x`` and ``y``).
+    :param n_bits: bits per quantized weight; ``granularity``: ``"tensor"`` or ``"channel"``; ``layers``: the
+        quantized layers (``None``: every Linear/Conv layer).
+    :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
+        pass; ``verbose``: progress bars.
+    :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
+        ``flips`` and per entry ``bfa_accuracy`` / ``random_mean`` / ``random_std``; ``bfa_flips`` (``layer``,
+        ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``),
+        ``bfa_attack_accuracy`` and ``bit_sensitivity`` (``{bit: accuracy}``, max(flips) flips at that bit).
+    """
+    classifier = as_weight_classifier(classifier)
+    counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
+    if not counts:
+        raise ValueError("`flips` must hold at least one number of flips.")
+    if x_attack is None:
+        x_attack, y_attack = x[:128], y[:128]
+    attack = BitFlipAttack(classifier, max(counts), n_bits, granularity, layers, batch_size=batch_size, verbose=verbose)
+    found = attack.generate(x_attack, y_attack)
+    quantized: QuantizedWeights = attack.quantized_
+    x_t, labels = classifier.prepare_inputs(x, y, require_labels=True)
+    curve = _accuracy_after_each_flip(classifier, quantized, found, x_t, labels, batch_size)
+    options = {"n_bits": n_bits, "granularity": granularity, "layers": layers, "batch_size": batch_size}
+    options.update(nb_samples=nb_samples, seed=seed, verbose=verbose)
+    random_stats = [RandomBitFlips(classifier, k, **options).evaluate(x, y, per_bit=k == counts[-1]) for k in counts]
+    return {
+        "n_bits": int(n_bits),
+        "granularity": granularity,
+        "layers": None if layers is None else list(layers),
+        "clean_accuracy": accuracy_with_deltas(classifier, x_t, labels, None, batch_size),
+        "quantized_accuracy": curve[0],
+        "flips": counts,
+        "bfa_accuracy": [curve[min(k, len(found))] for k in counts],
+        "random_mean": [r["mean"] for r in random_stats],
+        "random_std": [r["std"] for r in random_stats],
+        "bfa_flips": _describe(quantized, found),
+        "bfa_attack_accuracy": [h["accuracy"] for h in attack.history_],
+        "bit_sensitivity": {int(b): v["mean"] for b, v in random_stats[-1]["per_bit"].items()},
+    }
+
+
+def _accuracy_after_each_flip(
+    classifier, quantized: QuantizedWeights, found: list, x_t, labels, batch_size: int
+) -> list[float]:
+    """Accuracy on preprocessed ``(x_t, labels)`` after the first k flips of ``found``, k = 0 .. len(found)."""
+    curve = [accuracy_with_deltas(classifier, x_t, labels, quantized.deltas(classifier), batch_size)]
+    for flip in found:
+        quantized = quantized.flip([flip])
+        curve.append(accuracy_with_deltas(classifier, x_t, labels, quantized.deltas(classifier), batch_size))
+    return curve
+
+
+def _describe(quantized: QuantizedWeights, found: list) -> list[dict[str, Any]]:
+    """Each flip with its layer, old and new code and weight value (flips applied in order)."""
+    out = []
+    state = quantized
+    for flip in found:
+        after = state.flip([flip])
+        old, new = int(state.codes[flip.param_name][flip.index]), int(after.codes[flip.param_name][flip.index])
+        scale = float(state.scale_like(flip.param_name).expand(state.codes[flip.param_name].shape)[flip.index])
+        layer = flip.param_name.rsplit(".", 1)[0] if "." in flip.param_name else ""
+        out.append(
+            {
+                "layer": layer,
+                "param": flip.param_name,
+                "index": list(flip.index),
+                "bit": flip.bit,
+                "old_code": old,
+                "new_code": new,
+                "old_value": old * scale,
+                "new_value": new * scale,
+            }
+        )
+        state = after
+    return out

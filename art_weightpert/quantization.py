@@ -1,0 +1,317 @@
+"""
+:class:`QuantizedWeights` and :class:`BitFlip`: the integer codes of a quantized model's weights and their bits.
+
+Quantization is simulated as in the bit-flip attack (Rakin et al., ICCV 2019): symmetric, uniform, ``n_bits`` two's
+complement codes ``c`` and a float scale ``s`` per tensor or per output channel, ``w = s·c`` (THEORY.md §8). Only the
+weights of the selected Linear/Conv layers are quantized; biases, batch norm and every other parameter stay float.
+The quantized model is the user's estimator with the perturbation ``s·c − W`` applied through
+:meth:`.PyTorchWeightClassifier.with_weight_perturbation`, so ART's attacks, the certifiers and the metrics see it
+unchanged, and the user's module is never touched.
+
+| Paper link: https://arxiv.org/abs/1903.12269
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from art.estimators.classification import PyTorchClassifier
+
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.network import perturbable_modules
+from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.validation import check_choice, check_int
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("tensor", "channel")
+MIN_BITS, MAX_BITS = 2, 16
+
+
+@dataclass(frozen=True)
+class BitFlip:
+    """
+    One flipped bit of one quantized weight.
+
+    :param param_name: the weight's name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
+    :param index: the entry of the weight tensor (a tuple of ints, one per dimension).
+    :param bit: 0 (least significant) to ``n_bits - 1`` (the sign bit).
+    """
+
+    param_name: str
+    index: tuple[int, ...]
+    bit: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.param_name, str):
+            raise TypeError(f"`param_name` must be a str, got {type(self.param_name).__name__}.")
+        index = (self.index,) if isinstance(self.index, (int, np.integer)) else self.index
+        if not isinstance(index, Iterable):
+            raise TypeError(f"`index` must be a tuple of ints, got {type(self.index).__name__}.")
+        object.__setattr__(self, "index", tuple(check_int(i, "index", minimum=0) for i in index))
+        object.__setattr__(self, "bit", check_int(self.bit, "bit", minimum=0, maximum=MAX_BITS - 1))
+
+
+def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: torch.nn.Module) -> list[str]:
+    """
+    Validate the quantization arguments against ``model``.
+
+    :return: the names of the quantized layers (every Linear/Conv layer when ``layers`` is ``None``).
+    :raises ValueError: ``n_bits`` outside 2–16, an unknown granularity, unknown layer names (the valid ones are
+        listed) or a model without Linear/Conv layers.
+    """
+    check_int(n_bits, "n_bits", minimum=MIN_BITS, maximum=MAX_BITS)
+    check_choice(granularity, "granularity", GRANULARITIES)
+    valid = list(perturbable_modules(model))
+    if not valid:
+        raise ValueError("`estimator`'s model has no Linear or Conv layer whose weights could be quantized.")
+    if layers is None:
+        return valid
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, Iterable) or not all(isinstance(name, str) for name in layers):
+        raise TypeError("`layers` must be a list of layer names or None.")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("`layers` must name at least one layer, or be None for every layer.")
+    unknown = [name for name in layers if name not in valid]
+    if unknown:
+        raise ValueError(f"`layers`: unknown layer name(s) {unknown}; the Linear/Conv layers are {valid}.")
+    return layers
+
+
+def as_weight_classifier(estimator: Any) -> PyTorchWeightClassifier:
+    """``estimator`` as a :class:`.PyTorchWeightClassifier` (an ART ``PyTorchClassifier`` is wrapped, not copied)."""
+    if isinstance(estimator, PyTorchWeightClassifier):
+        return estimator
+    if isinstance(estimator, PyTorchClassifier):
+        return PyTorchWeightClassifier.from_classifier(estimator)
+    raise TypeError(f"`estimator` must be an ART PyTorchClassifier, got {type(estimator).__name__}.")
+
+
+def _unsigned(codes: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Two's complement bit pattern of signed ``codes`` as a non-negative integer < 2^n_bits."""
+    return codes & ((1 << n_bits) - 1)
+
+
+def _signed(pattern: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Signed value of an ``n_bits`` two's complement bit pattern."""
+    return torch.where(pattern >= (1 << (n_bits - 1)), pattern - (1 << n_bits), pattern)
+
+
+class QuantizedWeights:
+    """
+    Integer codes and scales of the quantized weights of a model (THEORY.md §8): ``w = s·c`` with ``c`` an
+    ``n_bits`` two's complement integer. Immutable: :meth:`flip` returns a new object. Build it with
+    :meth:`from_estimator`.
+
+    :param codes: ``{weight name: int64 tensor}`` of codes in ``[-2^(n_bits-1), 2^(n_bits-1) - 1]``.
+    :param scales: ``{weight name: float64 tensor}``, a scalar (per tensor) or one per output channel.
+    :param n_bits: bits per code.
+    :param granularity: ``"tensor"`` or ``"channel"``.
+    """
+
+    def __init__(
+        self, codes: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], n_bits: int, granularity: str
+    ) -> None:
+        self._n_bits = check_int(n_bits, "n_bits", minimum=MIN_BITS, maximum=MAX_BITS)
+        self._granularity = check_choice(granularity, "granularity", GRANULARITIES)
+        if set(codes) != set(scales):
+            raise ValueError("`codes` and `scales` must name the same weights.")
+        low, high = -(1 << (self._n_bits - 1)), (1 << (self._n_bits - 1)) - 1
+        self._codes = {}
+        for name, c in codes.items():
+            c = torch.as_tensor(c).detach()
+            if c.is_floating_point() or int(c.min()) < low or int(c.max()) > high:
+                raise ValueError(f"codes of {name!r} must be integers in [{low}, {high}].")
+            self._codes[name] = c.to(torch.int64)
+        self._scales = {name: torch.as_tensor(s).detach().to(torch.float64) for name, s in scales.items()}
+
+    # ------------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_estimator(
+        cls,
+        estimator: PyTorchClassifier,
+        n_bits: int = 8,
+        granularity: str = "tensor",
+        layers: Iterable[str] | None = None,
+    ) -> QuantizedWeights:
+        """
+        Quantize the weights of the selected layers of ``estimator``'s original (unperturbed) model: scale
+        ``max|W| / (2^(n_bits-1) - 1)`` per tensor or per output channel, codes ``round(W / scale)``. An all-zero
+        tensor (or channel) gets codes 0 and scale 0.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+        :param n_bits: bits per code, 2 to 16.
+        :param granularity: ``"tensor"`` (one scale per weight tensor) or ``"channel"`` (one per output channel).
+        :param layers: names of the Linear/Conv layers to quantize (``None``: all of them).
+        :return: the codes and scales.
+        """
+        estimator = as_weight_classifier(estimator)
+        model = estimator.base_model
+        names = check_quantization_args(n_bits, granularity, layers, model)
+        if estimator.weight_perturbation is not None:
+            logger.info("The estimator carries a weight perturbation; its original weights are quantized.")
+        level = (1 << (n_bits - 1)) - 1
+        codes, scales = {}, {}
+        for layer in names:
+            name = f"{layer}.weight" if layer else "weight"
+            w = model.get_parameter(name).detach().to(torch.float64)
+            if granularity == "tensor":
+                scale = w.abs().max() / level
+            else:
+                scale = w.abs().reshape(len(w), -1).amax(dim=1) / level
+            safe = _broadcast(torch.where(scale > 0, scale, torch.ones_like(scale)), w.ndim)
+            codes[name] = torch.round(w / safe).clamp(-level, level).to(torch.int64)
+            scales[name] = scale
+        return cls(codes, scales, n_bits, granularity)
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def codes(self) -> dict[str, torch.Tensor]:
+        """``{weight name: int64 code tensor}`` (copies)."""
+        return {k: v.clone() for k, v in self._codes.items()}
+
+    @property
+    def scales(self) -> dict[str, torch.Tensor]:
+        """``{weight name: float64 scale}``: a scalar per tensor, or one per output channel (copies)."""
+        return {k: v.clone() for k, v in self._scales.items()}
+
+    @property
+    def n_bits(self) -> int:
+        """Bits per code."""
+        return self._n_bits
+
+    @property
+    def granularity(self) -> str:
+        """``"tensor"`` or ``"channel"``."""
+        return self._granularity
+
+    @property
+    def param_names(self) -> list[str]:
+        """The quantized weights' names."""
+        return list(self._codes)
+
+    @property
+    def nb_bits_total(self) -> int:
+        """Number of flippable bits (codes times ``n_bits``)."""
+        return self._n_bits * sum(c.numel() for c in self._codes.values())
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self._codes.items()}
+        return f"QuantizedWeights({shapes}, n_bits={self._n_bits}, granularity={self._granularity!r})"
+
+    # ------------------------------------------------------------------------------------------------ values
+    def scale_like(self, name: str) -> torch.Tensor:
+        """The scale of every entry of weight ``name``, broadcastable to its shape (float64)."""
+        return _broadcast(self._scales[name], self._codes[name].ndim)
+
+    def dequantize(self) -> dict[str, torch.Tensor]:
+        """``{weight name: s·c}`` in float64 (the quantized weights' values)."""
+        return {name: c.to(torch.float64) * self.scale_like(name) for name, c in self._codes.items()}
+
+    def bit_changes(self, name: str, flat_index: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Change of the entries of weight ``name`` if one of their bits were flipped alone (THEORY.md §8):
+        ``s·d_b(c)`` with ``d_b(c) = (1 − 2β_b)·2^b`` for ``b < n−1`` and ``(2β_{n−1} − 1)·2^{n−1}`` for the sign bit.
+
+        :param name: a quantized weight.
+        :param flat_index: indices into the flattened weight (``None``: every entry).
+        :return: float64 tensor of shape ``(n_bits,) + weight shape``, or ``(n_bits, len(flat_index))``.
+        """
+        codes = self._codes[name]
+        scale = self.scale_like(name).expand(codes.shape)
+        if flat_index is not None:
+            codes, scale = codes.reshape(-1)[flat_index], scale.reshape(-1)[flat_index]
+        pattern = _unsigned(codes, self._n_bits)
+        bits = torch.arange(self._n_bits, device=pattern.device).reshape((-1,) + (1,) * pattern.ndim)
+        beta = (pattern.unsqueeze(0) >> bits) & 1
+        d = (1 - 2 * beta) * (1 << bits)
+        d[-1] = -d[-1]  # the sign bit weighs −2^(n−1)
+        return d.to(torch.float64) * scale.unsqueeze(0)
+
+    # ------------------------------------------------------------------------------------------------ bits
+    def flip(self, flips: Iterable[BitFlip]) -> QuantizedWeights:
+        """
+        A new :class:`QuantizedWeights` with ``flips`` applied (each bit XOR 1; a bit named twice flips back).
+
+        :param flips: :class:`BitFlip` objects naming quantized weights, valid indices and bits below ``n_bits``.
+        :return: the flipped codes (same scales).
+        """
+        masks: dict[str, torch.Tensor] = {}
+        for flip, count in Counter(self._check_flip(f) for f in flips).items():
+            if count % 2:
+                mask = masks.setdefault(flip.param_name, torch.zeros_like(self._codes[flip.param_name]))
+                mask[flip.index] |= 1 << flip.bit
+        return self.xor(masks)
+
+    def xor(self, masks: Mapping[str, torch.Tensor]) -> QuantizedWeights:
+        """A new :class:`QuantizedWeights` whose bit patterns are these XOR ``masks`` (``{weight name: int tensor}``
+        of the weight's shape, values below ``2^n_bits``): the vectorized form of :meth:`flip`."""
+        codes = dict(self._codes)
+        for name, mask in masks.items():
+            pattern = _unsigned(self._codes[name], self._n_bits) ^ mask.to(device=codes[name].device)
+            codes[name] = _signed(pattern, self._n_bits)
+        return QuantizedWeights(codes, self._scales, self._n_bits, self._granularity)
+
+    def flipped_bits(self, other: QuantizedWeights) -> int:
+        """Hamming distance between the codes of ``self`` and ``other`` (same weights, shapes and ``n_bits``)."""
+        if not isinstance(other, QuantizedWeights):
+            raise TypeError(f"`other` must be a QuantizedWeights, got {type(other).__name__}.")
+        same = other.n_bits == self._n_bits and set(other._codes) == set(self._codes)
+        if not same or any(other._codes[k].shape != c.shape for k, c in self._codes.items()):
+            raise ValueError("`other` must quantize the same weights with the same shapes and n_bits.")
+        total = 0
+        for name, c in self._codes.items():
+            diff = _unsigned(c, self._n_bits) ^ _unsigned(other._codes[name].to(c.device), self._n_bits)
+            total += sum(int(((diff >> b) & 1).sum()) for b in range(self._n_bits))
+        return total
+
+    def _check_flip(self, flip: Any) -> BitFlip:
+        if not isinstance(flip, BitFlip):
+            raise TypeError(f"`flips` must hold BitFlip objects, got {type(flip).__name__}.")
+        if flip.param_name not in self._codes:
+            raise ValueError(
+                f"`flips`: {flip.param_name!r} is not quantized; quantized weights are {self.param_names}."
+            )
+        shape = tuple(self._codes[flip.param_name].shape)
+        if len(flip.index) != len(shape) or any(i >= n for i, n in zip(flip.index, shape)):
+            raise ValueError(f"`flips`: index {flip.index} is outside {flip.param_name!r} of shape {shape}.")
+        if flip.bit >= self._n_bits:
+            raise ValueError(f"`flips`: bit {flip.bit} does not exist in {self._n_bits}-bit codes.")
+        return flip
+
+    # ------------------------------------------------------------------------------------------------ estimators
+    def deltas(self, estimator: PyTorchClassifier) -> dict[str, torch.Tensor]:
+        """``{weight name: s·c − W}`` as tensors in each weight's dtype and device, ``W`` the estimator's original
+        weights (torch form of :meth:`perturbation`)."""
+        model = as_weight_classifier(estimator).base_model
+        params = dict(model.named_parameters())
+        out = {}
+        for name, value in self.dequantize().items():
+            if name not in params or tuple(params[name].shape) != tuple(value.shape):
+                raise ValueError(f"`estimator` has no weight {name!r} of shape {tuple(value.shape)}.")
+            w = params[name].detach()
+            out[name] = (value.to(w.device) - w.to(torch.float64)).to(w.dtype)
+        return out
+
+    def perturbation(self, estimator: PyTorchClassifier) -> WeightPerturbation:
+        """The :class:`.WeightPerturbation` (budget ``None``) from ``estimator``'s original weights to these values."""
+        return WeightPerturbation({k: v.cpu().numpy() for k, v in self.deltas(estimator).items()})
+
+    def apply(self, estimator: PyTorchClassifier) -> PyTorchWeightClassifier:
+        """A new estimator whose quantized weights take these values (the others keep their float values); neither
+        ``estimator`` nor its module changes."""
+        estimator = as_weight_classifier(estimator)
+        return estimator.with_weight_perturbation(self.perturbation(estimator))
+
+
+def _broadcast(scale: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A scalar or per-channel scale reshaped to broadcast against a weight with ``ndim`` dimensions."""
+    return scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (ndim - 1))
