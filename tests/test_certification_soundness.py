@@ -9,7 +9,6 @@ edge of what the certificate claims."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import numpy as np
 import pytest
@@ -21,51 +20,16 @@ from torch.func import functional_call, vmap
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
-from art_weightpert.certification import WeightPerturbationCertifier, available_methods
+from art_weightpert.certification import METHODS, WeightPerturbationCertifier
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
-from tests.conftest import random_mlp
+from tests.conftest import random_cnn, random_mlp
 
-HAS_LINEAR = importlib.util.find_spec("art_weightpert.certification.linear") is not None
-METHOD_PARAMS = [
-    "paper",
-    "interval",
-    pytest.param("linear", marks=pytest.mark.skipif(not HAS_LINEAR, reason="certification/linear.py not written yet")),
-]
 N_SAMPLES = 16
 N_EXTREME = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------ models and cases
 MLP_SIZES = (8, 10, 8, 5)
-
-
-def random_cnn(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    )
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.3, 0.3)
-        model[1].running_var.uniform_(0.5, 2.0)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 MODELS = {
@@ -146,11 +110,11 @@ def extreme_point_margins(
 
 
 def certify_and_attack(clf: PyTorchWeightClassifier, budget: PerturbationBudget, x: np.ndarray, y: np.ndarray) -> dict:
-    """Certify every sample with every available method, then attack each sample at 0.99 × its own certified radius
+    """Certify every sample with every registered method, then attack each sample at 0.99 × its own certified radius
     (one batched per-sample attack and one set of extreme points for all methods)."""
     per_method = {}
     tol = CERTIFICATION_RTOL * (1 + np.abs(clf.predict(x).astype(np.float64)).max(axis=1))
-    for method in available_methods():
+    for method in METHODS:
         certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False)
         radius = certifier.certified_radius(x, y)
         positive = (radius > 0) & np.isfinite(radius)
@@ -194,7 +158,7 @@ def _violations(observed: np.ndarray, bounds: np.ndarray, tol: np.ndarray) -> in
     return int((observed[finite] < bounds[finite] - slack).sum())
 
 
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_certified_samples_survive_per_sample_attack_and_extreme_points(case, method):
     out = run_case(case)[method]
@@ -206,7 +170,7 @@ def test_certified_samples_survive_per_sample_attack_and_extreme_points(case, me
     assert not np.any(out["extreme_flipped"] & certified)
 
 
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_no_observed_margin_falls_below_its_lower_bound(case, method):
     out = run_case(case)[method]
