@@ -139,3 +139,16 @@ def trained_digits_mlp(digits):
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return zoo_classifier(model, (64,))
+
+
+@pytest.fixture(scope="module")
+def clf(trained_digits_mlp):
+    """The reference digits MLP under the name most attack tests use (read-only, like ``trained_digits_mlp``)."""
+    return trained_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def test_data(digits):
+    """The digits test split ``(x_test, y_test)``."""
+    _, _, x_test, y_test = digits
+    return x_test, y_test
