@@ -6,10 +6,12 @@ one clear line when they do not fit), budgets, folders, seeds, progress bars, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,6 +84,26 @@ def make_budget(model: nn.Module, eps: float, norm: str, layers, relative: bool,
     except (TypeError, ValueError) as err:
         raise UsageError(str(err).replace("in the budget", "in --layers")) from err
     return budget
+
+
+class _DropUnavailable(logging.Filter):
+    """Drops the library's per-method "... unavailable: reason" warnings (the command line logs each reason once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unavailable" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def grouped_warnings() -> Iterator[None]:
+    """While evaluating: silence the robustness curve's per-method "unavailable" warnings, which the report groups
+    by reason and logs once (:func:`.unavailable_lines`)."""
+    target = logging.getLogger("art_weightpert.metrics.robustness")
+    drop = _DropUnavailable()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def progress_bar(total: int, desc: str, quiet: bool):

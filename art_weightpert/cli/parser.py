@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 from art_weightpert import __version__
 from art_weightpert.certification import METHODS as BOUND_METHODS
-from art_weightpert.validation import check_non_negative, check_non_negative_int, check_positive_int
+from art_weightpert.validation import check_int, check_non_negative, check_non_negative_int, check_positive_int
 from art_weightpert.zoo import DIGITS_RECIPE
 
 PROG = "art-weightpert"
@@ -60,6 +60,7 @@ def argument_type(convert: Callable[[str], Any], check: Callable[[Any, str], Any
 positive_int = argument_type(int, check_positive_int, "a positive integer")
 non_negative_int = argument_type(int, check_non_negative_int, "a non-negative integer")
 non_negative = argument_type(float, check_non_negative, "a finite non-negative number")
+bits_per_weight = argument_type(int, lambda v, n: check_int(v, n, minimum=2, maximum=16), "an integer from 2 to 16")
 
 _OUT = ("--out", {"default": None, "help": f"report folder (default: ./{DEFAULT_OUT})"})
 _SEED = ("--seed", {"type": non_negative_int, "default": 0, "help": "seed of training and attacks (default 0)"})
@@ -72,14 +73,57 @@ COMMON = [
     _QUIET,
 ]
 
-DEMO = [("--quick", {"action": "store_true", "help": "smaller run (under a minute on 2 CPU cores)"})]
+_MEASURES = (
+    "--measures",
+    {
+        "action": "store_true",
+        "help": "add generalization measures: worst- and average-case adaptive sharpness, PAC-Bayes "
+        "σ and bound (on x_train when the .npz has it, with the generalization gap)",
+    },
+)
+BIT_FLIPS = [
+    (
+        "--bit-flips",
+        {
+            "type": non_negative_int,
+            "default": None,
+            "metavar": "N",
+            "help": "add a 'Bit flips' section: accuracy of the quantized model after up to N bits flipped "
+            "by the bit-flip attack and at random (default: off for evaluate)",
+        },
+    ),
+    ("--n-bits", {"type": bits_per_weight, "default": 8, "help": "bits per quantized weight, 2 to 16 (default 8)"}),
+    (
+        "--granularity",
+        {
+            "choices": ("tensor", "channel"),
+            "default": "tensor",
+            "help": "quantization scale per weight tensor or per output channel (default: tensor)",
+        },
+    ),
+]
+DEMO = [
+    ("--quick", {"action": "store_true", "help": "smaller run (seconds on 2 CPU cores; what CI runs)"}),
+    _MEASURES,
+    (
+        "--bit-flips",
+        {
+            "type": non_negative_int,
+            "default": None,
+            "metavar": "N",
+            "help": "most flipped bits of the 'Bit flips' section (default 20, 10 with --quick; 0: off)",
+        },
+    ),
+]
 
 EVALUATE = [
     ("--model", {"required": True, "help": "TorchScript file, torch.save'd module or module:callable"}),
     ("--data", {"required": True, "help": ".npz with x, y (optional x_train, y_train)"}),
     ("--norm", {"choices": NORMS, "default": "inf", "help": "weight ball (default: inf, entry-wise box)"}),
     ("--eps", {"type": non_negative, "nargs": "+", "default": None,
-               "help": "ε grid (default: 0 to 10%% of the typical weight size in the chosen norm)"}),
+               "help": "ε grid (default: scaled to the model: 0, 0.2, 0.5, 1, 2, 5 and 10%% of its typical weight "
+                       "size in the chosen norm — mean |W| entry, mean row ℓ1 norm or mean Frobenius norm; with "
+                       "--relative, those fractions)"}),
     ("--layers", {"nargs": "+", "default": None, "help": "Linear/Conv layers to perturb (default: all)"}),
     ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--include-bias", {"action": "store_true", "help": "also perturb the biases"}),
@@ -88,7 +132,10 @@ EVALUATE = [
     _DEVICE,
     ("--max-samples", {"type": positive_int, "default": None, "help": "evaluate the first N test points"}),
     ("--pgd-steps", {"type": positive_int, "default": 20, "help": "WeightPGD iterations (default 20)"}),
-    ("--random-samples", {"type": positive_int, "default": 10, "help": "random draws per ε (default 10)"}),
+    ("--random-samples", {"type": positive_int, "default": 10,
+                          "help": "random draws per ε and per number of bit flips (default 10)"}),
+    _MEASURES,
+    *BIT_FLIPS,
 ]  # fmt: skip
 
 _R = DIGITS_RECIPE

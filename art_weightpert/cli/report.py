@@ -33,7 +33,7 @@ from art_weightpert.cli.parser import REPORT_METHODS, one_line
 from art_weightpert.cli.render import markdown_report
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.metrics import certified_weight_radius, generalization_bound, weight_robustness_curve
-from art_weightpert.metrics.plots import plot_certified_radius_histogram, plot_robustness_curves
+from art_weightpert.metrics.plots import plot_bit_flip_curves, plot_certified_radius_histogram, plot_robustness_curves
 from art_weightpert.network import UnsupportedModelError
 
 SCHEMA_VERSION = 1
@@ -148,6 +148,8 @@ def evaluate_model(
         progress=progress,
     )
     entry = _entry_of_curve(curve, methods)
+    if any(m in entry["curves"] for m in radius_methods):  # to plot misclassified points apart from small radii
+        entry["correct"] = (classifier.predict(x, batch_size=batch_size).argmax(axis=1) == y).tolist()
     for method in radius_methods:
         if method in entry["curves"]:
             start = time.perf_counter()
@@ -280,9 +282,18 @@ def write_plots(report: Mapping[str, Any], out_dir: str) -> dict[str, str]:
         if any(method in e["certified_radius"] for e in entries)
     }
     reasons = [r for e in entries for m, r in e["unavailable"].items() if m in BOUND_METHODS]
+    wrong = {name: [not c for c in e["correct"]] for name, e in report["models"].items() if e.get("correct")}
     path = os.path.join(out_dir, "certified_radius_hist.png")
-    plot_certified_radius_histogram(radii, path, report["budget"]["relative"], reasons, dpi=PLOT_DPI)
-    return {"accuracy vs ε": "accuracy_vs_eps.png", "certified radius histogram": "certified_radius_hist.png"}
+    relative = report["budget"]["relative"]
+    plot_certified_radius_histogram(radii, path, relative, reasons, dpi=PLOT_DPI, misclassified=wrong or None)
+    plots = {"accuracy vs ε": "accuracy_vs_eps.png", "certified radius histogram": "certified_radius_hist.png"}
+    flips = {
+        name: e["bit_flips"] for name, e in report["models"].items() if "bfa_accuracy" in (e.get("bit_flips") or {})
+    }
+    if flips:
+        plot_bit_flip_curves(flips, os.path.join(out_dir, "bit_flips.png"), dpi=PLOT_DPI)
+        plots["accuracy vs flipped bits"] = "bit_flips.png"
+    return plots
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:
