@@ -276,7 +276,8 @@ def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Mod
     unsupported = loaded.unsupported_reason
     if loaded.eager and loaded.scripted is not None:
         try:
-            check_same_outputs(module, loaded.scripted, torch.as_tensor(x[:256]))
+            n = getattr(loaded.scripted, "static_batch", None) or 256  # an exported program may fix its batch size
+            check_same_outputs(module, loaded.scripted, torch.as_tensor(x[:n]))
         except UnsupportedModelError as err:
             unsupported, module = str(err), loaded.scripted
     nb_classes = int(logits.shape[1])
