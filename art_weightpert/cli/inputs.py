@@ -181,16 +181,27 @@ def build_architecture(args: argparse.Namespace, input_shape: tuple[int, ...], n
     return loaded.module
 
 
-def save_model(module: nn.Module, path: str) -> str:
-    """Save as TorchScript when possible (loads without the training code and without running pickled code), else
-    with ``torch.save``; returns how it was saved."""
+def save_model(module: nn.Module, path: str, example: np.ndarray | None = None) -> str:
+    """Save as a ``torch.export`` program with a dynamic batch dimension when possible (the preferred format: it loads
+    with ``torch.export.load`` without the training code and without running pickled code), else as TorchScript,
+    else with ``torch.save``; returns how it was saved."""
+    if example is not None:
+        try:
+            inputs = (torch.as_tensor(example[:2], dtype=torch.float32),)
+            program = torch.export.export(module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
+            torch.export.save(program, path)
+            return "torch.export program (torch.export.save; load with torch.export.load)"
+        except Exception as err:  # noqa: BLE001 - not exportable: TorchScript next
+            logger.info("the model cannot be exported (%s); trying TorchScript", str(err).splitlines()[0])
     try:
         with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; it still loads without the code
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(torch.jit.script(module), path)
         return "TorchScript (torch.jit.script)"
     except Exception as err:  # noqa: BLE001 - not scriptable: fall back to pickling the module
-        logger.warning("the model cannot be scripted (%s); saving it with torch.save", str(err).splitlines()[0])
+        logger.warning(
+            "the model cannot be exported nor scripted (%s); saving it with torch.save", str(err).splitlines()[0]
+        )
         torch.save(module, path)
         return "torch.save of the whole module"
 

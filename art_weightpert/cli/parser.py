@@ -117,7 +117,9 @@ DEMO = [
 ]
 
 EVALUATE = [
-    ("--model", {"required": True, "help": "TorchScript file, torch.save'd module or module:callable"}),
+    ("--model", {"required": True,
+                 "help": "torch.export program (.pt2, preferred), TorchScript file, torch.save'd module or "
+                         "package.module:callable"}),
     ("--data", {"required": True, "help": ".npz with x, y (optional x_train, y_train)"}),
     ("--norm", {"choices": NORMS, "default": "inf", "help": "weight ball (default: inf, entry-wise box)"}),
     ("--eps", {"type": non_negative, "nargs": "+", "default": None,
@@ -148,8 +150,11 @@ TRAIN = [
     ("--hidden", {"type": positive_int, "nargs": "+", "default": list(_R.hidden),
                   "help": f"MLP hidden widths (default: {' '.join(map(str, _R.hidden))})"}),
     ("--norm", {"choices": NORMS, "default": None, "help": f"weight ball (default: the digits recipe's, {_R.norm})"}),
-    ("--eps", {"type": non_negative, "default": None, "help": f"ε of the ball (default: the recipe's, {_R.eps})"}),
-    ("--relative", {"action": "store_true", "help": "radii relative to the weights"}),
+    ("--eps", {"type": non_negative, "default": None,
+               "help": f"ε of the ball (default: scaled to the model — with --data, a relative ball of 2%% of each "
+                       f"row's ℓ1 norm (--norm: of each weight or layer norm); on the digits data, the recipe's "
+                       f"absolute ε = {_R.eps})"}),
+    ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--layers", {"nargs": "+", "default": None, "help": "layers to perturb (default: all)"}),
     ("--lam", {"type": non_negative, "default": _R.lam, "help": f"weight λ of the robust term (default {_R.lam})"}),
     ("--mu", {"type": non_negative, "default": _R.mu, "help": f"weight μ of the operator-norm term (default {_R.mu})"}),
@@ -180,17 +185,21 @@ COMMANDS = {
         "arguments": COMMON + EVALUATE,
         "help": "report on your model and data",
         "description": "Evaluate a model under weight perturbations: accuracy across an ε grid by each method, "
-        "certified radii, plots. MODEL is a TorchScript file, a file saved with torch.save(module) (loaded with "
-        "weights_only=False after a warning: it runs pickled code) or package.module:callable returning an "
-        "nn.Module. DATA is an .npz with x and y (and optionally x_train, y_train for the generalization bound).",
+        "certified radii, plots (and with --bit-flips, --measures: bit flips of the quantized model, generalization "
+        "measures). MODEL is a torch.export program (.pt2 of torch.export.save; the preferred format), a TorchScript "
+        "file, a file saved with torch.save(module) (loaded with weights_only=False after a warning: it runs pickled "
+        "code) or package.module:callable returning an nn.Module. DATA is an .npz with x and y (and optionally "
+        "x_train, y_train: the training split, for the generalization bound, the measures and the gap, and the "
+        "bit-flip attack's batch). The default ε grid is scaled to the model (fractions of its typical weight size).",
     },
     "train": {
         "arguments": TRAIN,
         "help": "train a weight-robust model and save it",
         "description": "Train with WeightRobustTrainer (the robust loss of docs/training.md) on an .npz (x_train, "
-        "y_train if present, else x, y) or on the digits data, then save the model as TorchScript (torch.jit.script; "
-        "a torch.save'd whole module when the model cannot be scripted) and its training history as JSON. The "
-        "defaults are the digits recipe (art_weightpert.zoo.DIGITS_RECIPE).",
+        "y_train if present, else x, y) or on the digits data, then save the model as a torch.export program "
+        "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be exported) and its training history as "
+        "JSON. The defaults are the digits recipe (art_weightpert.zoo.DIGITS_RECIPE); on your data, without --eps, "
+        "a relative ball scaled to the model.",
     },
 }
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""
