@@ -197,9 +197,9 @@ COMMANDS = {
         "help": "train a weight-robust model and save it",
         "description": "Train with WeightRobustTrainer (the robust loss of docs/training.md) on an .npz (x_train, "
         "y_train if present, else x, y) or on the digits data, then save the model as a torch.export program "
-        "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be exported) and its training history as "
-        "JSON. The defaults are the digits recipe (art_weightpert.zoo.DIGITS_RECIPE); on your data, without --eps, "
-        "a relative ball scaled to the model.",
+        "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be "
+        "exported) and its training history as JSON. The defaults are the digits recipe "
+        "(art_weightpert.zoo.DIGITS_RECIPE); on your data, without --eps, a relative ball scaled to the model.",
     },
 }
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""
