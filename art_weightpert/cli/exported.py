@@ -13,6 +13,7 @@ on the user's data before it is used. Any other program is run as its ``.module(
 from __future__ import annotations
 
 import operator
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,16 @@ from torch import nn
 from art_weightpert.network import UnsupportedModelError
 
 aten = torch.ops.aten
+
+
+def is_exported_archive(path: str) -> bool:
+    """True when ``path`` is a zip archive written by ``torch.export.save`` (it holds an ``archive_format`` record;
+    TorchScript archives do not), so that other files are never handed to ``torch.export.load``, which logs a
+    traceback for them."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.rsplit("/", 1)[-1] == "archive_format" for name in archive.namelist())
 
 
 def load_exported(path: str) -> Any:

@@ -121,14 +121,16 @@ def load_model(spec: str) -> LoadedModel:
 def _load_exported(spec: str) -> LoadedModel | None:
     """A ``torch.export`` program (``None`` when ``spec`` is not one): rebuilt as the same eager ``nn.Sequential``
     when its graph is a chain of standard layers, else run as its graph module (clean accuracy only)."""
-    from art_weightpert.cli.exported import ExportedModule, exported_to_eager, load_exported
+    from art_weightpert.cli.exported import ExportedModule, exported_to_eager, is_exported_archive, load_exported
 
+    if not is_exported_archive(spec):
+        if spec.endswith(".pt2"):
+            raise ModelSpecError(f"{spec} is not a torch.export archive (written by torch.export.save).")
+        return None
     try:
         program = load_exported(spec)
-    except Exception as err:  # noqa: BLE001 - not an exported program: try the other formats
-        if spec.endswith(".pt2"):
-            raise ModelSpecError(f"cannot load {spec} with torch.export.load: {type(err).__name__}: {err}") from err
-        return None
+    except Exception as err:  # noqa: BLE001 - reported as one line
+        raise ModelSpecError(f"cannot load {spec} with torch.export.load: {type(err).__name__}: {err}") from err
     reference = ExportedModule(program)
     try:
         eager = exported_to_eager(program)
