@@ -2,9 +2,11 @@
 Reads a torch model as a chain of layers (THEORY.md §1), for the certificates.
 
 :func:`read_network` traces the model with ``torch.fx`` and returns a :class:`Network`: a list of layer descriptions
-(:class:`Affine`, :class:`Activation`, :class:`BatchNorm`, :class:`AvgPool`, :class:`MaxPool`, :class:`Flatten`).
-Anything that is not a chain of supported layers raises :class:`UnsupportedModelError` naming the module and the
-reason. Attacks and the estimator do not need this reader: they work on any differentiable model.
+(:class:`Affine`, :class:`Activation`, :class:`BatchNorm`, :class:`AvgPool`, :class:`MaxPool`, :class:`Flatten`;
+defined in :mod:`art_weightpert.layers` and re-exported here). Anything that is not a chain of supported layers raises
+:class:`UnsupportedModelError` naming the module and the reason. :meth:`Network.forward` is the one forward of a read
+network, also with per-sample weight deltas (the per-sample attack). The estimator and the universal attacks do not
+need this reader: they work on any differentiable model.
 
 :func:`perturbable_modules` is the single definition of which layers a weight budget can select.
 """
@@ -20,158 +22,40 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from art_weightpert.layers import (
+    Activation,
+    Affine,
+    AvgPool,
+    BatchNorm,
+    Flatten,
+    Layer,
+    MaxPool,
+    UnsupportedModelError,
+    conv_padding,
+)
+
+__all__ = [
+    "PERTURBABLE_TYPES",
+    "Activation",
+    "Affine",
+    "AvgPool",
+    "BatchNorm",
+    "Flatten",
+    "Layer",
+    "MaxPool",
+    "Network",
+    "UnsupportedModelError",
+    "conv_padding",
+    "perturbable_modules",
+    "read_network",
+]
+
 PERTURBABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-class UnsupportedModelError(ValueError):
-    """The model cannot be read as a chain of supported layers; the message names the module and the reason."""
 
 
 def perturbable_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every Linear/Conv module of ``model`` by its name in ``model.named_modules()``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, PERTURBABLE_TYPES)}
-
-
-def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
-    """The padding of ``module`` as two integers; ``padding="same"`` must be symmetric (odd kernel extents)."""
-    if module.padding == "valid":
-        return (0, 0)
-    if module.padding == "same":
-        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
-        if any(t % 2 for t in total):
-            raise UnsupportedModelError(f"Conv2d with padding='same' and an even kernel extent ({module}).")
-        return (total[0] // 2, total[1] // 2)
-    return tuple(module.padding)
-
-
-# ---------------------------------------------------------------------------------------------- layer descriptions
-@dataclass(eq=False)
-class Affine:
-    """``z = W h + b``: a Linear layer or a Conv2d seen as the linear map it defines."""
-
-    name: str
-    module: nn.Module
-    weight_name: str
-    bias_name: str | None
-
-    @property
-    def is_conv(self) -> bool:
-        return isinstance(self.module, nn.Conv2d)
-
-    @property
-    def padding(self) -> tuple[int, int]:
-        """A conv's zero padding as two integers (``"valid"`` is 0; ``"same"`` is symmetric, checked by the
-        reader)."""
-        return conv_padding(self.module)
-
-    def apply(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
-        if self.is_conv:
-            m = self.module
-            return F.conv2d(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
-        return F.linear(h, weight, bias)
-
-    def patch_max(self, m: torch.Tensor) -> torch.Tensor:
-        """Per output position, the max of ``m`` (≥ 0) over the position's receptive field (all input channels):
-        ``(N, 1)`` for Linear, ``(N, 1, H', W')`` for a conv."""
-        if not self.is_conv:
-            return m.amax(dim=1, keepdim=True)
-        mod = self.module
-        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, self.padding, mod.dilation)
-
-    def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
-        """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
-        if not self.is_conv:
-            return m.norm(dim=1, keepdim=True)
-        mod = self.module
-        ones = m.new_ones((1, m.shape[1]) + tuple(mod.kernel_size))
-        sq = F.conv2d(m * m, ones, None, mod.stride, self.padding, mod.dilation)
-        return sq.clamp_min(0).sqrt()
-
-    def rows_shape(self, per_row: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-output-unit tensor ``(rows,)`` against the layer's output ``(N, rows[, H', W'])``."""
-        return per_row.reshape((1, -1, 1, 1) if self.is_conv else (1, -1))
-
-    def apply_transposed(self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-        """The adjoint map (for backward bounds): ``Wᵀ g``, or the transposed convolution onto ``input_shape``
-        (``(C, H, W)`` of one sample) with its output padding computed up front."""
-        if not self.is_conv:
-            return g @ weight
-        m, padding = self.module, self.padding
-        extra = []
-        for i in range(2):
-            size = (g.shape[2 + i] - 1) * m.stride[i] - 2 * padding[i] + m.dilation[i] * (weight.shape[2 + i] - 1) + 1
-            extra.append(input_shape[1 + i] - size)
-        return F.conv_transpose2d(g, weight, None, m.stride, padding, tuple(extra), m.groups, m.dilation)
-
-
-@dataclass(eq=False)
-class Activation:
-    """A coordinatewise monotone activation: ``relu``, ``leaky_relu`` (with ``negative_slope``), ``sigmoid``,
-    ``tanh``."""
-
-    name: str
-    kind: str
-    negative_slope: float = 0.0
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        if self.kind == "relu":
-            return torch.relu(h)
-        if self.kind == "leaky_relu":
-            return F.leaky_relu(h, self.negative_slope)
-        if self.kind == "sigmoid":
-            return torch.sigmoid(h)
-        return torch.tanh(h)
-
-
-@dataclass(eq=False)
-class BatchNorm:
-    """Eval-mode batch norm, a fixed per-channel affine map ``scale * h + shift`` (channels on dim 1)."""
-
-    name: str
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-    def shaped(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return t.to(h).reshape((1, -1) + (1,) * (h.dim() - 2))
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return h * self.shaped(self.scale, h) + self.shaped(self.shift, h)
-
-
-@dataclass(eq=False)
-class AvgPool:
-    """2-D average pooling (linear)."""
-
-    name: str
-    module: nn.Module
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return self.module(h)
-
-
-@dataclass(eq=False)
-class MaxPool:
-    """2-D max pooling (monotone; 1-Lipschitz in ℓ∞)."""
-
-    name: str
-    module: nn.Module
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return self.module(h)
-
-
-@dataclass(eq=False)
-class Flatten:
-    """Flattens every dimension after the batch."""
-
-    name: str
-
-    def apply(self, h: torch.Tensor) -> torch.Tensor:
-        return h.flatten(1)
-
-
-Layer = Affine | Activation | BatchNorm | AvgPool | MaxPool | Flatten
 
 
 @dataclass(eq=False)
@@ -197,15 +81,40 @@ class Network:
                 out[name] = t if dtype is None else t.to(dtype)
         return out
 
-    def forward(self, x: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Run the chain (eval semantics) with the model's parameters or the given ones."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+        sample_deltas: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """
+        Run the chain (eval semantics) with the model's parameters or the given ones.
+
+        :param x: inputs ``(N,) + input shape``.
+        :param params: parameters that replace the model's, by name (cast to ``x``'s dtype).
+        :param sample_deltas: per-sample perturbations ``{parameter name: (N,) + parameter shape}`` of affine
+            parameters: sample ``n`` uses ``W + sample_deltas[name][n]``. The shared weights still take one
+            matmul/convolution; the deltas one batched product per layer (much cheaper than mapping the model over
+            the samples).
+        :return: the logits ``(N, K)``.
+        """
         p = self.params(params, dtype=x.dtype)
+        deltas = dict(sample_deltas or {})
+        unknown = [name for name in deltas if name not in p]
+        if unknown:
+            raise ValueError(f"`sample_deltas` names {unknown}, which are not affine parameters of {list(p)}.")
         h = x
         for layer in self.layers:
-            if isinstance(layer, Affine):
-                h = layer.apply(h, p[layer.weight_name], p.get(layer.bias_name) if layer.bias_name else None)
-            else:
+            if not isinstance(layer, Affine):
                 h = layer.apply(h)
+                continue
+            out = layer.apply(h, p[layer.weight_name], p.get(layer.bias_name) if layer.bias_name else None)
+            if layer.weight_name in deltas:
+                out = out + layer.apply_per_sample(h, deltas[layer.weight_name])
+            if layer.bias_name in deltas:
+                bias = deltas[layer.bias_name]
+                out = out + bias.reshape(bias.shape + (1,) * (out.dim() - 2))
+            h = out
         return h
 
 
@@ -338,34 +247,11 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
             raise UnsupportedModelError(f"the forward reads the tensor attribute {node.target!r} directly.")
         if _is_shape_query(node):
             continue  # only an argument of a later view/reshape
-        inputs = [a for a in node.all_input_nodes if not _is_shape_query(a)]
-        if node.op == "call_module":
-            what = f"module {node.target!r}"
-        else:
-            what = f"{getattr(node.target, '__name__', node.target)} (node {node.name!r})"
-        if len(inputs) > 1:
-            raise UnsupportedModelError(f"{what} combines several branches (residual or parallel paths).")
-        if len(inputs) != 1 or inputs[0] is not current:
-            raise UnsupportedModelError(f"{what} does not continue a single chain of layers.")
-        if len([u for u in current.users if not _is_shape_query(u)]) > 1:
-            raise UnsupportedModelError(
-                f"the output of {current.name!r} feeds several layers (a residual or parallel branch)."
-            )
-        if node.op == "call_module":
-            layer = _module_layer(str(node.target), modules[str(node.target)])
-        elif node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
-            kind = _ACTIVATION_FUNCTIONS[node.target]
-            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-            layer = _activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
-        elif node.op == "call_method" and node.target in _ACTIVATION_METHODS:
-            layer = Activation(node.name, _ACTIVATION_METHODS[node.target])
-        elif _is_flatten_call(node):
-            layer = Flatten(node.name)
-        elif _is_batch_reshape(node):
-            layer = Flatten(node.name)
+        what = _describe(node)
+        _check_continues(node, current, what)
+        layer = _node_layer(node, modules, what)
+        if _is_batch_reshape(node):
             reshapes.append((len(layers), node))
-        else:
-            raise UnsupportedModelError(f"{what} is not a supported layer for certification.")
         if layer is not None:
             layers.append(layer)
         current = node
@@ -379,6 +265,41 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
     if reshapes:
         _check_reshapes(network, reshapes, input_shape)
     return network
+
+
+def _describe(node: torch.fx.Node) -> str:
+    """How error messages name a node: the module, or the function and the node."""
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    return f"{getattr(node.target, '__name__', node.target)} (node {node.name!r})"
+
+
+def _check_continues(node: torch.fx.Node, current: torch.fx.Node | None, what: str) -> None:
+    """``node`` must take the single output of ``current``, and nothing else may read that output."""
+    inputs = [a for a in node.all_input_nodes if not _is_shape_query(a)]
+    if len(inputs) > 1:
+        raise UnsupportedModelError(f"{what} combines several branches (residual or parallel paths).")
+    if len(inputs) != 1 or inputs[0] is not current:
+        raise UnsupportedModelError(f"{what} does not continue a single chain of layers.")
+    if len([u for u in current.users if not _is_shape_query(u)]) > 1:
+        raise UnsupportedModelError(
+            f"the output of {current.name!r} feeds several layers (a residual or parallel branch)."
+        )
+
+
+def _node_layer(node: torch.fx.Node, modules: dict[str, nn.Module], what: str) -> Layer | None:
+    """The layer description of one node of the chain (``None`` for an identity)."""
+    if node.op == "call_module":
+        return _module_layer(str(node.target), modules[str(node.target)])
+    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
+        kind = _ACTIVATION_FUNCTIONS[node.target]
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return _activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
+    if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
+        return Activation(node.name, _ACTIVATION_METHODS[node.target])
+    if _is_flatten_call(node) or _is_batch_reshape(node):
+        return Flatten(node.name)
+    raise UnsupportedModelError(f"{what} is not a supported layer for certification.")
 
 
 def _check_reshapes(network: Network, reshapes, input_shape) -> None:

@@ -9,7 +9,8 @@ are measured alternately, so that a change of machine load hits both; the script
 per ball. On the CPU the ratio is also given in process CPU time (``ratio_cpu_time_median``), which other processes
 on a shared machine do not inflate; on a GPU only wall-clock time is meaningful.
 
-Usage: ``python benchmarks/bench_attack.py [--repeats 5] [--iters 10] [--threads N] [--device cpu|cuda]``
+Usage: ``python benchmarks/bench_attack.py [--repeats 5] [--iters 10] [--threads N] [--device cpu|cuda] [--quick]``
+(``--quick``: 2 repeats of 3 iterations, a smoke run of a few seconds).
 """
 
 from __future__ import annotations
@@ -71,13 +72,45 @@ def attack_time(attack: WeightPGD, x: np.ndarray, y: np.ndarray, device: str) ->
     return clocks() - start
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="2 repeats of 3 iterations (a smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.iters = 2, 3
+    return args
+
+
+def measure_ball(clf, model, x, y, norm: str, eps: float, args: argparse.Namespace) -> dict:
+    """Median times of the plain step and of one attack iteration, alternating, for one ball."""
+    device = args.device
+    x_t, y_t = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
+    budget = PerturbationBudget(eps, norm)
+    long = WeightPGD(clf, budget, max_iter=args.iters, batch_size=BATCH, verbose=False)
+    short = WeightPGD(clf, budget, max_iter=0, batch_size=BATCH, verbose=False)
+    attack_time(long, x, y, device)  # warm-up
+    plain, per_iter = [], []
+    for _ in range(args.repeats):
+        plain.append(plain_step(model, x_t, y_t, device, args.iters))
+        per_iter.append((attack_time(long, x, y, device) - attack_time(short, x, y, device)) / args.iters)
+    ratios = [float(a[0] / b[0]) for a, b in zip(per_iter, plain)]
+    result = {
+        "plain_forward_backward_ms": 1e3 * statistics.median(float(b[0]) for b in plain),
+        "weight_pgd_iteration_ms": 1e3 * statistics.median(float(a[0]) for a in per_iter),
+        "ratio_median": statistics.median(ratios),
+        "ratios": [round(r, 3) for r in ratios],
+    }
+    if device == "cpu":
+        result["ratio_cpu_time_median"] = statistics.median(float(a[1] / b[1]) for a, b in zip(per_iter, plain))
+    return result
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.disable(logging.INFO)
@@ -89,7 +122,6 @@ def main() -> None:
     gen = np.random.default_rng(0)
     x = gen.random((BATCH, 784), dtype=np.float32)
     y = gen.integers(0, 10, BATCH)
-    x_t, y_t = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
     clf = PyTorchWeightClassifier(
         model,
         nn.CrossEntropyLoss(),
@@ -98,29 +130,9 @@ def main() -> None:
         clip_values=(0.0, 1.0),
         device_type="gpu" if device == "cuda" else "cpu",
     )
-
+    x_t, y_t = torch.as_tensor(x, device=device), torch.as_tensor(y, device=device)
     plain_step(model, x_t, y_t, device, 3)  # warm-up
-    results = {}
-    for norm, eps in EPS.items():
-        budget = PerturbationBudget(eps, norm)
-        long = WeightPGD(clf, budget, max_iter=args.iters, batch_size=BATCH, verbose=False)
-        short = WeightPGD(clf, budget, max_iter=0, batch_size=BATCH, verbose=False)
-        attack_time(long, x, y, device)  # warm-up
-        plain, per_iter = [], []
-        for _ in range(args.repeats):
-            plain.append(plain_step(model, x_t, y_t, device, args.iters))
-            per_iter.append((attack_time(long, x, y, device) - attack_time(short, x, y, device)) / args.iters)
-        ratios = [float(a[0] / b[0]) for a, b in zip(per_iter, plain)]
-        results[norm] = {
-            "plain_forward_backward_ms": 1e3 * statistics.median(float(b[0]) for b in plain),
-            "weight_pgd_iteration_ms": 1e3 * statistics.median(float(a[0]) for a in per_iter),
-            "ratio_median": statistics.median(ratios),
-            "ratios": [round(r, 3) for r in ratios],
-        }
-        if device == "cpu":
-            results[norm]["ratio_cpu_time_median"] = statistics.median(
-                float(a[1] / b[1]) for a, b in zip(per_iter, plain)
-            )
+    results = {norm: measure_ball(clf, model, x, y, norm, eps, args) for norm, eps in EPS.items()}
     report = {
         "benchmark": "WeightPGD iteration / plain forward+backward",
         "model": "784-512-512-10 MLP",

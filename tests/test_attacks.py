@@ -1,4 +1,5 @@
-"""Tests of the weight attacks: WeightAttack plumbing, WeightPGD and RandomWeightPerturbation."""
+"""Tests of the weight attacks: WeightAttack plumbing, WeightPGD and RandomWeightPerturbation (the shared ascent
+loop: test_ascent.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from art.exceptions import EstimatorError
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, RandomWeightPerturbation, WeightPGD
-from art_weightpert.attacks import WeightAttack
-from art_weightpert.attacks import weight_pgd as weight_pgd_module
+from art_weightpert.attacks import base as attacks_base
 
 LAYERS = ["0", "2", "4"]  # the Linear layers of the reference MLP
 
@@ -115,7 +115,7 @@ def test_weights_unchanged_when_the_loss_raises_half_way(clf, test_data, monkeyp
     model = clf.base_model
     before = snapshot(model)
     calls = {"n": 0}
-    real_objective = weight_pgd_module.objective
+    real_objective = attacks_base.objective
 
     def failing_objective(*args, **kwargs):
         calls["n"] += 1
@@ -123,7 +123,7 @@ def test_weights_unchanged_when_the_loss_raises_half_way(clf, test_data, monkeyp
             raise error("boom")
         return real_objective(*args, **kwargs)
 
-    monkeypatch.setattr(weight_pgd_module, "objective", failing_objective)
+    monkeypatch.setattr(attacks_base, "objective", failing_objective)
     model.train()
     try:
         attack = WeightPGD(clf, PerturbationBudget(0.05, "inf"), max_iter=10, batch_size=64, verbose=False)
@@ -245,17 +245,18 @@ def test_any_art_pytorch_classifier_is_wrapped(clf, test_data):
     plain = PyTorchClassifier(clf.model, nn.CrossEntropyLoss(), (64,), 10, clip_values=(0.0, 1.0))
     attack = WeightPGD(plain, PerturbationBudget(0.01, "inf"), max_iter=2, verbose=False)
     assert isinstance(attack.estimator, PyTorchWeightClassifier)
-    assert isinstance(attack, WeightAttack)
     assert isinstance(attack.generate_estimator(x[:50], y[:50]), PyTorchWeightClassifier)
     with pytest.raises(EstimatorError):
         WeightPGD(object(), PerturbationBudget(0.01, "inf"))
 
 
-def test_not_an_evasion_attack(clf):
-    from art.attacks.attack import EvasionAttack
+def test_art_input_space_tooling_refuses_a_weight_attack(clf):
+    """ART's adversarial training accepts only evasion attacks; a weight attack, whose ``generate`` returns no
+    inputs, must be refused there rather than break half way (ART_NOTES.md)."""
+    from art.defences.trainer import AdversarialTrainer
 
-    assert not isinstance(WeightPGD(clf, PerturbationBudget(0.01, "inf"), verbose=False), EvasionAttack)
-    assert "max_iter=20" in repr(WeightPGD(clf, PerturbationBudget(0.01, "inf"), verbose=False))
+    with pytest.raises(ValueError, match="EvasionAttack"):
+        AdversarialTrainer(clf, WeightPGD(clf, PerturbationBudget(0.01, "inf"), verbose=False))
 
 
 def test_set_params_validates_before_assigning(clf):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from conftest import make_mlp
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbation
-from art_weightpert.estimators import eval_mode
+from art_weightpert.estimators import eval_mode, input_warnings
 
 
 @pytest.fixture(scope="module")
@@ -324,6 +325,78 @@ def test_bad_inputs_and_labels(perturbed, data):
         perturbed.prepare_inputs(x, None, require_labels=True)
     x_t, y_t = perturbed.prepare_inputs(x, one_hot(y))
     assert x_t.dtype == torch.float32 and y_t.dtype == torch.int64 and torch.equal(y_t.cpu(), torch.from_numpy(y))
+
+
+# ------------------------------------------------------------------------------------------ likely mistakes
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    """Forget the call sites already warned about, and show every warning (the once-per-site rule is ours)."""
+    monkeypatch.setattr(input_warnings, "_WARNED_SITES", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+def messages(caught, match):
+    return [str(w.message) for w in caught if match in str(w.message)]
+
+
+def test_inputs_outside_clip_values_warn_once_per_call_site(tiny_mlp_classifier, data, fresh_warnings):
+    x, _ = data
+    assert tiny_mlp_classifier.clip_values is not None
+    tiny_mlp_classifier.predict(x)  # inside [0, 1]: silent
+    assert messages(fresh_warnings, "clip_values") == []
+    for _ in range(3):
+        tiny_mlp_classifier.predict(x * 16)  # one call site, three calls: one warning
+    found = messages(fresh_warnings, "clip_values")
+    assert len(found) == 1 and "[0, 16]" in found[0] and "(0, 1)" in found[0]
+    assert fresh_warnings[0].filename == __file__  # attributed to the caller, not to the library
+    tiny_mlp_classifier.prepare_inputs(x - 0.5)  # another call site (the library's own entry point): warns again
+    assert len(messages(fresh_warnings, "clip_values")) == 2
+
+
+def test_8bit_images_without_clip_values_warn(data, fresh_warnings):
+    x, _ = data
+    clf = PyTorchWeightClassifier(make_mlp(seed=0), nn.CrossEntropyLoss(), (64,), 10)
+    assert clf.clip_values is None
+    clf.predict(x)
+    clf.predict((x - 0.5) * 40.0)  # standardized-looking floats: not images, silent
+    assert messages(fresh_warnings, "8-bit") == []
+    clf.predict(np.round(x * 255.0))
+    clf.prepare_inputs(np.round(x * 255.0).astype(np.uint8))
+    found = messages(fresh_warnings, "8-bit")
+    assert len(found) == 2 and "Divide by 255" in found[0] and "[0, 255]" in found[0]
+
+
+class FailsOnZeros(nn.Module):
+    """A model whose forward cannot run on the probe's zero input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(x.any()):
+            raise RuntimeError("needs non-zero inputs")
+        return self.fc(x)
+
+
+def test_nb_classes_that_disagree_with_the_model_are_an_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.ReLU(), nn.Linear(16, 5))
+    model.train()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"`nb_classes=10` disagrees with the model, which outputs 5 values"):
+        PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (64,), 10)
+    assert all(m.training for m in model.modules())  # train flags as they were
+    for name, value in model.state_dict().items():  # weights and running statistics untouched
+        assert torch.equal(value, state[name]), name
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (64,), 5)
+    assert clf.nb_classes == 5 and all(m.training for m in model.modules())
+    plain = PyTorchClassifier(model, nn.CrossEntropyLoss(), (64,), 10)  # ART itself does not check
+    with pytest.raises(ValueError, match="disagrees"):
+        PyTorchWeightClassifier.from_classifier(plain)
+    assert PyTorchWeightClassifier(FailsOnZeros(), nn.CrossEntropyLoss(), (64,), 7).nb_classes == 7  # probe skipped
 
 
 # ------------------------------------------------------------------------------------------------ at the end

@@ -8,7 +8,7 @@ import torch
 from art.attacks.evasion import ProjectedGradientDescent
 
 from art_weightpert import JointWeightInputPGD, PerturbationBudget, PyTorchWeightClassifier, WeightPGD
-from art_weightpert.attacks import joint as joint_module
+from art_weightpert.attacks import base as attacks_base
 
 WEIGHT_BUDGET = PerturbationBudget(0.005, "inf")  # weight-only PGD leaves ~85% accuracy on the reference MLP
 
@@ -94,7 +94,7 @@ def test_joint_keeps_weights_when_interrupted(clf, test_data, monkeypatch):
     x, y = test_data
     before = {k: v.clone() for k, v in clf.model.state_dict().items()}
     calls = {"n": 0}
-    real = joint_module.objective
+    real = attacks_base.objective
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -102,12 +102,49 @@ def test_joint_keeps_weights_when_interrupted(clf, test_data, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(joint_module, "objective", failing)
+    monkeypatch.setattr(attacks_base, "objective", failing)
     with pytest.raises(KeyboardInterrupt):
         JointWeightInputPGD(clf, WEIGHT_BUDGET, 0.1, batch_size=64, verbose=False).generate(x[:256], y[:256])
     for name, value in clf.model.state_dict().items():
         assert torch.equal(value, before[name])
     assert not clf.model.training
+
+
+@pytest.mark.parametrize("input_norm", [np.inf, 2])
+def test_step_units_weights_relative_inputs_absolute(clf, test_data, input_norm):
+    """``weight_eps_step`` is a fraction of each weight radius, ``input_eps_step`` an absolute input step, and without
+    it the input step is ``input_eps`` times the weight fraction: after one step the sizes show the units (up to the
+    clipping of the inputs to [0, 1], which shortens some ℓ2 steps)."""
+    x, y = test_data
+    x, y = x[:100], y[:100]
+    budget = PerturbationBudget(0.01, "inf")
+    input_eps = 0.2 if input_norm == np.inf else 1.0
+
+    def one_step(**steps):
+        attack = JointWeightInputPGD(clf, budget, input_eps, input_norm=input_norm, max_iter=1, verbose=False, **steps)
+        x_adv, delta = attack.generate(x, y)
+        diff = (x_adv - x).reshape(len(x), -1)
+        size = np.abs(diff).max(axis=1) if input_norm == np.inf else np.linalg.norm(diff, axis=1)
+        return size.max(), max(np.abs(v).max() for v in delta.values())
+
+    input_size, weight_size = one_step(weight_eps_step=0.25, input_eps_step=0.03)
+    assert input_size == pytest.approx(0.03, rel=0.05) and weight_size == pytest.approx(0.0025, rel=1e-4)
+    input_size, weight_size = one_step(weight_eps_step=0.5)
+    assert input_size == pytest.approx(0.5 * input_eps, rel=0.05) and weight_size == pytest.approx(0.005, rel=1e-4)
+
+
+def test_joint_more_iterations_never_weaker(clf, test_data):
+    x, y = test_data
+    x, y = x[:300], y[:300]
+
+    def joint_accuracy(max_iter):
+        attack = JointWeightInputPGD(clf, WEIGHT_BUDGET, 0.03, max_iter=max_iter, verbose=False)
+        x_adv, delta = attack.generate(x, y)
+        return accuracy(clf.with_weight_perturbation(delta), x_adv, y)
+
+    short, long = joint_accuracy(3), joint_accuracy(10)
+    assert long <= short < accuracy(clf, x, y)
+    assert joint_accuracy(0) == accuracy(clf, x, y)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +155,7 @@ def test_joint_keeps_weights_when_interrupted(clf, test_data, monkeypatch):
         ({"input_eps": "0.1"}, TypeError, "input_eps"),
         ({"input_eps": 0.1, "input_norm": 1}, ValueError, "input_norm"),
         ({"input_eps": 0.1, "input_eps_step": 0}, ValueError, "input_eps_step"),
-        ({"input_eps": 0.1, "eps_step": -1.0}, ValueError, "eps_step"),
+        ({"input_eps": 0.1, "weight_eps_step": -1.0}, ValueError, "weight_eps_step"),
         ({"input_eps": 0.1, "max_iter": -2}, ValueError, "max_iter"),
     ],
 )

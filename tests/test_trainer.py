@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.defences.trainer import WeightRobustTrainer
-from art_weightpert.defences.trainer.weight_robust_trainer import BOUNDS, operator_norm_sum, robust_term
+from art_weightpert.defences.trainer.weight_robust_trainer import BOUNDS, HISTORY_KEYS, operator_norm_sum, robust_term
 from art_weightpert.network import read_network
 
 N_TRAIN = 256  # a small training set keeps every test fast
@@ -183,18 +183,42 @@ def test_zero_robust_term_at_kappa_zero_agrees_with_the_certifier(data, budget, 
     assert agree >= 0.99  # float32 vs float64 + tolerance may differ on samples at the boundary
 
 
-def test_warmup_ramps_lambda_linearly_per_step(data, budget):
+@pytest.mark.filterwarnings("ignore:robust training collapsed")  # λ = 2 on 256 points: a real, reported collapse
+def test_warmup_ramps_lambda_and_eps_linearly_per_step(data, budget):
     x, y, _, _ = data
     history = WeightRobustTrainer(classifier(mlp()), budget, lam=2.0, warmup=4, verbose=False).fit(
         x, y, batch_size=64, nb_epochs=6
     )
     steps = 4  # 256 samples / 64 per batch
-    expected = [2.0 * min(1.0, (steps * (e + 1) - 1) / (4 * steps)) for e in range(6)]
-    np.testing.assert_allclose(history["lam"], expected)
+    ramp = [min(1.0, (steps * (e + 1) - 1) / (4 * steps)) for e in range(6)]
+    np.testing.assert_allclose(history["lam"], 2.0 * np.array(ramp))
+    np.testing.assert_allclose(history["eps_scale"], ramp)
+    lam_only = WeightRobustTrainer(classifier(mlp()), budget, lam=2.0, warmup=4, ramp_eps=False, verbose=False).fit(
+        x, y, batch_size=64, nb_epochs=2
+    )
+    assert lam_only["eps_scale"] == [1.0, 1.0] and lam_only["lam"] == pytest.approx(2.0 * np.array(ramp[:2]))
     no_warmup = WeightRobustTrainer(classifier(mlp()), budget, lam=2.0, warmup=0, verbose=False).fit(
         x, y, batch_size=64, nb_epochs=1
     )
-    assert no_warmup["lam"] == [2.0]
+    assert no_warmup["lam"] == [2.0] and no_warmup["eps_scale"] == [1.0]
+
+
+@pytest.mark.parametrize("bound", ["interval", "paper"])
+def test_eps_scale_scales_the_ball_of_the_robust_term(data, budget, trained, bound):
+    """ε scale 0 leaves the plain margins (the robust term is the hinge on the network's own margins); scale s gives
+    the robust term of the budget scaled by s."""
+    x, y, _, _ = data
+    trainer = WeightRobustTrainer(trained, budget, bound=bound, kappa=0.5, verbose=False)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    with torch.no_grad():
+        logits = trained.logits(xt)
+        margins = logits.gather(1, yt[:, None]) - logits
+        margins[torch.arange(len(yt)), yt] = float("inf")
+        plain = torch.relu(0.5 - margins).amax(dim=1).mean()
+        assert float(trainer.loss_terms(xt, yt, eps_scale=0.0)["robust"]) == pytest.approx(float(plain), rel=1e-5)
+        half = trainer.loss_terms(xt, yt, eps_scale=0.5)["robust"]
+        trainer.set_params(budget=budget.scaled(0.5))
+        assert float(half) == pytest.approx(float(trainer.loss_terms(xt, yt)["robust"]), rel=1e-6)
 
 
 def test_mu_shrinks_operator_norms(data, budget):
@@ -280,8 +304,9 @@ def test_validation_history_and_nothing_written_to_disk(data, budget, tmp_path):
     finally:
         art.config.set_data_path(old)
     assert os.listdir(tmp_path) == []
-    for key in ("epoch", "loss", "ce", "robust", "norm", "lam", "lr", "time", "val_accuracy", "val_certified_accuracy"):
+    for key in (*HISTORY_KEYS, "val_accuracy", "val_certified_accuracy"):
         assert len(history[key]) == 2, key
+    assert history["collapsed"] is False and history["warnings"] == []
     predicted = clf.predict(x_test).argmax(1)
     assert history["val_accuracy"][-1] == pytest.approx(np.mean(predicted == y_test))
     certified = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False).certify(x_test, y_test)
@@ -344,7 +369,10 @@ def test_batchnorm_cnn_trains_with_eval_semantics_bounds(digits_images):
         ({"lam": "1"}, TypeError, "lam"),
         ({"bound": "crown"}, ValueError, "bound"),
         ({"warmup": -1}, ValueError, "warmup"),
-        ({"warmup": 1.5}, ValueError, "warmup"),
+        ({"warmup": 1.5}, TypeError, "warmup"),
+        ({"ramp_eps": 1}, TypeError, "ramp_eps"),
+        ({"collapse_patience": 0}, ValueError, "collapse_patience"),
+        ({"stop_on_collapse": None}, TypeError, "stop_on_collapse"),
         ({"ratio": 1.5}, ValueError, "ratio"),
         ({"attack": "pgd"}, TypeError, "attack"),
         ({"budget": 0.1}, TypeError, "budget"),

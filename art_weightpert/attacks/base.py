@@ -1,5 +1,6 @@
 """
-:class:`WeightAttack`: the plugin's base class for attacks on the *weights* of a classifier.
+:class:`WeightAttack`: the plugin's base class for attacks on the *weights* of a classifier, and
+:class:`WeightBudgetAttack`, the ART plumbing it shares with the per-sample attack.
 
 A weight attack is an ``art.attacks.Attack`` but never an ``EvasionAttack``: its ``generate`` returns a
 :class:`.WeightPerturbation`, not adversarial inputs, so ART's input-space tooling (``AdversarialTrainer``,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import abc
 import copy
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,24 +28,27 @@ import torch
 import torch.nn.functional as F
 from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
+from tqdm.auto import tqdm
 
+from art_weightpert.attacks.ascent import Score, ascend
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "margin")
 
 
-class WeightAttack(Attack):
+class WeightBudgetAttack(Attack):
     """
-    Abstract base of the weight attacks: ART plumbing (estimator requirements, parameter checks, ``verbose``) and
-    the torch helpers the attacks share.
+    ART plumbing shared by every attack on the weights inside a :class:`.PerturbationBudget`: the estimator (any ART
+    ``PyTorchClassifier``, wrapped on the fly with :meth:`.PyTorchWeightClassifier.from_classifier`; nothing is
+    copied), the budget checked against its model, ``verbose``, and a ``set_params`` that validates on a copy first.
 
-    Any ART ``PyTorchClassifier`` is accepted and wrapped on the fly with
-    :meth:`.PyTorchWeightClassifier.from_classifier` (nothing is copied). Perturbations are always relative to the
-    estimator's :attr:`~.PyTorchWeightClassifier.base_model`: a perturbation the estimator already carries is ignored.
+    It says nothing about what :meth:`generate` returns: :class:`WeightAttack` returns perturbations of the base
+    weights, :class:`.PerSampleWeightPGD` per-sample margins.
     """
 
     attack_params = Attack.attack_params + ["budget", "verbose"]
@@ -52,7 +56,7 @@ class WeightAttack(Attack):
 
     def __init__(self, estimator: PyTorchClassifier, budget: PerturbationBudget, verbose: bool = True) -> None:
         """
-        Create a :class:`.WeightAttack` instance.
+        Create a :class:`.WeightBudgetAttack` instance.
 
         :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
         :param budget: the ball of weight perturbations, checked against the estimator's model.
@@ -61,8 +65,6 @@ class WeightAttack(Attack):
         if isinstance(estimator, PyTorchClassifier) and not isinstance(estimator, PyTorchWeightClassifier):
             estimator = PyTorchWeightClassifier.from_classifier(estimator)
         super().__init__(estimator=estimator)
-        if estimator.weight_perturbation is not None:
-            logger.info("The estimator carries a weight perturbation; the attack perturbs its base weights instead.")
         self.budget = budget
         self.verbose = verbose
 
@@ -70,17 +72,6 @@ class WeightAttack(Attack):
     def estimator(self) -> PyTorchWeightClassifier:
         """The (wrapped) estimator."""
         return self._estimator
-
-    @abc.abstractmethod
-    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> Any:
-        """
-        Run the attack.
-
-        :param x: inputs of shape ``(N,) + input_shape``.
-        :param y: integer or one-hot labels (or targets), if the attack uses them.
-        :return: a :class:`.WeightPerturbation` (or, for joint attacks, adversarial inputs and one).
-        """
-        raise NotImplementedError
 
     def set_params(self, **kwargs: Any) -> None:
         """
@@ -104,8 +95,43 @@ class WeightAttack(Attack):
         if not isinstance(self.budget, PerturbationBudget):
             raise TypeError(f"`budget` must be a PerturbationBudget, got {type(self.budget).__name__}.")
         self.budget.layer_names(self.estimator.base_model)  # unknown layer names: ValueError listing valid ones
-        if not isinstance(self.verbose, (bool, np.bool_)):
-            raise TypeError("`verbose` must be a bool.")
+        check_bool(self.verbose, "verbose")
+
+    @staticmethod
+    def _batches(n: int, batch_size: int) -> Iterator[slice]:
+        for start in range(0, n, batch_size):
+            yield slice(start, min(n, start + batch_size))
+
+
+class WeightAttack(WeightBudgetAttack):
+    """
+    Abstract base of the attacks that return a perturbation of the weights (:class:`.WeightPerturbation`), in the
+    budget centred at the estimator's :attr:`~.PyTorchWeightClassifier.base_model`: a perturbation the estimator
+    already carries is ignored, as in :meth:`.PyTorchWeightClassifier.with_weight_perturbation`.
+    """
+
+    def __init__(self, estimator: PyTorchClassifier, budget: PerturbationBudget, verbose: bool = True) -> None:
+        """
+        Create a :class:`.WeightAttack` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+        :param budget: the ball of weight perturbations, checked against the estimator's model.
+        :param verbose: show progress bars.
+        """
+        super().__init__(estimator, budget, verbose=verbose)
+        if self.estimator.weight_perturbation is not None:
+            logger.info("The estimator carries a weight perturbation; the attack perturbs its base weights instead.")
+
+    @abc.abstractmethod
+    def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> Any:
+        """
+        Run the attack.
+
+        :param x: inputs of shape ``(N,) + input_shape``.
+        :param y: integer or one-hot labels (or targets), if the attack uses them.
+        :return: a :class:`.WeightPerturbation` (or, for joint attacks, adversarial inputs and one).
+        """
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ shared helpers
     def _param_balls(self) -> list[ParameterBall]:
@@ -116,11 +142,6 @@ class WeightAttack(Attack):
     def _zero_deltas(self, param_balls: list[ParameterBall]) -> dict[str, torch.Tensor]:
         model = self.estimator.base_model
         return {t.param_name: torch.zeros_like(model.get_parameter(t.param_name)).detach() for t in param_balls}
-
-    @staticmethod
-    def _batches(n: int, batch_size: int) -> Iterator[slice]:
-        for start in range(0, n, batch_size):
-            yield slice(start, min(n, start + batch_size))
 
     def _predict_labels(self, x_t: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Clean predictions of the base model on preprocessed ``x_t``."""
@@ -140,16 +161,67 @@ class WeightAttack(Attack):
                 correct += int((self.estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum())
         return correct / len(x_t)
 
-    @staticmethod
-    def _ascent_step(
-        param_balls: list[ParameterBall], deltas: Mapping[str, torch.Tensor], grads: list[torch.Tensor], step: float
-    ) -> dict[str, torch.Tensor]:
-        """One projected steepest-ascent step per parameter, ``step`` times its radius (the ball owns the rule)."""
-        with torch.no_grad():
-            return {
-                t.param_name: t.ball.project(deltas[t.param_name] + t.ball.steepest_step(g, t.radius, step), t.radius)
-                for t, g in zip(param_balls, grads)
-            }
+    def _score_and_grads(
+        self,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        deltas: Mapping[str, torch.Tensor],
+        need_grad: bool,
+        *,
+        loss: str,
+        targeted: bool,
+        batch_size: int,
+        input_map: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[Score, list[torch.Tensor] | None, torch.Tensor | None]:
+        """
+        Score of the universal ``deltas`` on all of ``x`` (success rate and mean :func:`objective`) and, when
+        ``need_grad``, the objective's gradient with respect to the deltas (accumulated over batches of
+        ``batch_size``).
+
+        :param input_map: applied to each batch of ``x`` before the model (e.g. the estimator's torch preprocessing);
+            when given, the gradient with respect to ``x`` (per sample) is returned too.
+        :return: ``(score, weight gradients in the order of deltas, input gradient or None)``.
+        """
+        n = len(x)
+        leaves = [d.detach().requires_grad_(need_grad) for d in deltas.values()]
+        probe = dict(zip(deltas, leaves))
+        grads: list[torch.Tensor] | None = None
+        x_grad = torch.zeros_like(x) if need_grad and input_map is not None else None
+        hits = torch.zeros((), device=x.device)
+        total = torch.zeros((), device=x.device)
+        for s in self._batches(n, batch_size):
+            xb = x[s] if x_grad is None else x[s].detach().requires_grad_(True)
+            with torch.set_grad_enabled(need_grad):
+                out = self.estimator.logits(xb if input_map is None else input_map(xb), probe)
+                value = objective(out, labels[s], loss, targeted).sum() / n
+            if need_grad:
+                g = list(torch.autograd.grad(value, leaves if x_grad is None else leaves + [xb]))
+                if x_grad is not None:
+                    x_grad[s] = g.pop()
+                grads = g if grads is None else [a.add_(b) for a, b in zip(grads, g)]
+            hits += success(out.detach(), labels[s], targeted).sum()
+            total += value.detach()
+        return Score(float(hits) / max(1, n), float(total)), grads, x_grad
+
+    def _run_ascent(self, max_iter: int, restarts: int = 1, **loop: Any) -> Any:
+        """:func:`.ascend` on the base model in eval mode, with a progress bar named after the attack; logs and
+        returns the best state.
+
+        :param loop: ``start``, ``evaluate``, ``step`` and ``schedule``, as for :func:`.ascend`.
+        """
+        name = type(self).__name__
+        with (
+            eval_mode(self.estimator.base_model),
+            tqdm(total=restarts * max_iter, desc=name, disable=not self.verbose) as bar,
+        ):
+
+            def on_step(best: Score) -> None:
+                bar.update(1)
+                bar.set_postfix(success=f"{best.success:.3f}", refresh=False)
+
+            score, best = ascend(max_iter=max_iter, restarts=restarts, on_step=on_step, **loop)
+        logger.info("%s: success rate %.4f, objective %.4f.", name, *score)
+        return best
 
     def _perturbation(self, deltas: Mapping[str, torch.Tensor]) -> WeightPerturbation:
         """The attack's result: the deltas projected exactly (float64) by the budget, in the parameters' dtype."""
@@ -206,25 +278,15 @@ def objective(logits: torch.Tensor, labels: torch.Tensor, loss: str, targeted: b
     return own - others if targeted else others - own
 
 
+def check_ascent_params(max_iter: Any, loss: Any, batch_size: Any) -> None:
+    """The parameters every universal gradient attack shares: ``max_iter`` ≥ 0 steps, a known ``loss``, a
+    ``batch_size`` ≥ 1."""
+    check_non_negative_int(max_iter, "max_iter")
+    check_choice(loss, "loss", LOSSES)
+    check_positive_int(batch_size, "batch_size")
+
+
 def success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch.Tensor:
     """Per-sample success of an attack: prediction ≠ label (untargeted) or = target (targeted)."""
     hit = logits.argmax(dim=1) == labels
     return hit if targeted else ~hit
-
-
-def check_positive_int(value: Any, name: str, minimum: int = 1) -> None:
-    """``TypeError``/``ValueError`` naming ``name`` unless ``value`` is an int ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
-
-
-def check_step(value: Any, name: str) -> None:
-    """``eps_step``-like values: ``None`` or a finite number > 0."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"`{name}` must be a positive number or None, got {type(value).__name__}.")
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a finite number > 0 (or None for the schedule), got {value}.")

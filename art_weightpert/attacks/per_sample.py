@@ -4,8 +4,9 @@
 Every sample gets its *own* perturbation ``Δ_n`` in the ball, and projected gradient descent drives its worst
 pairwise margin ``min_{i≠y} f_y − f_i`` down. Samples are processed together: the deltas carry a leading batch
 dimension. A model that reads as a chain of layers (:func:`.read_network`) is evaluated with one batched product per
-layer (:func:`chain_forward`, checked against the module on the clean batch); any other model per sample with
-``torch.func.vmap`` over ``torch.func.functional_call``. The user's module is never modified.
+layer (:meth:`.Network.forward` with ``sample_deltas``, checked against the module on the clean batch); any other
+model per sample with ``torch.func.vmap`` over ``torch.func.functional_call``. The steps are those of
+:func:`.ascend`, the loop every weight attack shares. The user's module is never modified.
 
 A certified sample must never flip under this attack, and no margin it observes may fall below a certified lower
 bound; the share of samples it cannot flip is an upper bound on the robust accuracy.
@@ -14,32 +15,36 @@ Like the certifier, the attack works on the estimator *as it is*: the ball is ce
 (base weights plus any carried perturbation), relative radii are relative to those weights, and by default the model
 is evaluated in float64, so that observed margins can be compared with float64 bounds.
 
+It is therefore not a :class:`.WeightAttack` (whose perturbations are relative to the *base* weights and returned as
+one :class:`.WeightPerturbation`): it shares only the ART plumbing of :class:`.WeightBudgetAttack`, and its
+:meth:`~PerSampleWeightPGD.generate` returns the margins it observed.
+
 | Paper link: https://arxiv.org/abs/2103.02200
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from art.estimators.classification import PyTorchClassifier
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import WeightAttack, check_positive_int, check_step, objective
+from art_weightpert.attacks.ascent import CosineStep, Deltas, Score, ascend, projected_step
+from art_weightpert.attacks.base import WeightBudgetAttack, objective
+from art_weightpert.balls import Ball
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import eval_mode
-from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
+from art_weightpert.network import Network, UnsupportedModelError, read_network
+from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive, check_positive_int
 
-logger = logging.getLogger(__name__)
 
-
-class PerSampleWeightPGD(WeightAttack):
+class PerSampleWeightPGD(WeightBudgetAttack):
     """
     Per-sample projected gradient descent on the worst pairwise margin (one ``Δ_n`` per sample).
 
@@ -50,7 +55,13 @@ class PerSampleWeightPGD(WeightAttack):
     is kept.
     """
 
-    attack_params = WeightAttack.attack_params + ["max_iter", "num_random_init", "eps_step", "batch_size", "float64"]
+    attack_params = WeightBudgetAttack.attack_params + [
+        "max_iter",
+        "num_random_init",
+        "eps_step",
+        "batch_size",
+        "float64",
+    ]
 
     def __init__(
         self,
@@ -75,7 +86,6 @@ class PerSampleWeightPGD(WeightAttack):
         :param float64: evaluate the model in float64 (for comparisons with float64 certificates).
         :param verbose: show a progress bar over batches.
         """
-        _check_own_params(max_iter, num_random_init, eps_step, batch_size, float64)
         super().__init__(estimator, budget, verbose=verbose)
         self.max_iter = max_iter
         self.num_random_init = num_random_init
@@ -86,7 +96,11 @@ class PerSampleWeightPGD(WeightAttack):
 
     def _check_params(self) -> None:
         super()._check_params()
-        _check_own_params(self.max_iter, self.num_random_init, self.eps_step, self.batch_size, self.float64)
+        check_positive_int(self.max_iter, "max_iter")
+        check_non_negative_int(self.num_random_init, "num_random_init")
+        check_optional_positive(self.eps_step, "eps_step")
+        check_positive_int(self.batch_size, "batch_size")
+        check_bool(self.float64, "float64")
 
     # ------------------------------------------------------------------------------------------------ public API
     def generate(
@@ -109,7 +123,7 @@ class PerSampleWeightPGD(WeightAttack):
         params = self._centre(dtype)
         param_balls = self._centre_param_balls(params)
         model = self.estimator.base_model
-        network = self._chain()
+        network = self._network()
         margins, flipped, labels = [], [], []
         with eval_mode(model):
             for s in tqdm(
@@ -152,7 +166,7 @@ class PerSampleWeightPGD(WeightAttack):
         return float(np.mean(~result["flipped"]))
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _chain(self) -> Network | None:
+    def _network(self) -> Network | None:
         """The model read as a chain of layers (the fast batched path), or ``None`` when it cannot be read."""
         try:
             return read_network(self.estimator.base_model, self.estimator.input_shape)
@@ -175,8 +189,8 @@ class PerSampleWeightPGD(WeightAttack):
         """The budget resolved on the centre weights (relative radii follow the carried perturbation)."""
         param_balls = self.budget.parameter_balls(self.estimator.base_model)
         return [
-            dataclasses.replace(t, radius=t.ball.radius(params[t.param_name], t.eps, self.budget.relative))
-            for t in param_balls
+            dataclasses.replace(b, radius=b.ball.radius(params[b.param_name], b.eps, self.budget.relative))
+            for b in param_balls
         ]
 
     def _attack_batch(
@@ -189,129 +203,104 @@ class PerSampleWeightPGD(WeightAttack):
         factor: torch.Tensor,
         network: Network | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest margins ``(n, K)`` observed on the batch and whether each sample flipped."""
         n = len(x)
-        names = [t.param_name for t in param_balls]
-        radii = {t.param_name: factor.reshape((n,) + (1,) * t.radius.dim()) * t.radius.to(x.dtype) for t in param_balls}
-
-        def one_sample(deltas: dict[str, torch.Tensor], x_n: torch.Tensor) -> torch.Tensor:
-            p = dict(params)
-            for name in names:
-                p[name] = params[name] + deltas[name]
-            return functional_call(model, p, (x_n.unsqueeze(0),), strict=False).squeeze(0)
-
-        if network is None:
-            forward = vmap(one_sample)
-        else:
-
-            def forward(deltas: dict[str, torch.Tensor], x_b: torch.Tensor) -> torch.Tensor:
-                return chain_forward(network, params, deltas, x_b)
-
-        steepest = {t.param_name: _batched(t.ball.steepest_step, radii[t.param_name]) for t in param_balls}
-        project = {t.param_name: _batched(t.ball.project, radii[t.param_name]) for t in param_balls}
-        own = labels.unsqueeze(1)
-        low = torch.full((n, self.estimator.nb_classes), math.inf, dtype=x.dtype, device=x.device)
-        flipped = torch.zeros(n, dtype=torch.bool, device=x.device)
-        first = 0.5 if self.eps_step is None else float(self.eps_step)
+        radii = {b.param_name: factor.reshape((n,) + (1,) * b.radius.dim()) * b.radius.to(x.dtype) for b in param_balls}
+        forward = _per_sample_forward(model, params, network)
+        record = _LowestMargins(labels, self.estimator.nb_classes, x.dtype)
         gen = torch.Generator(device="cpu").manual_seed(0)
 
-        def record(logits: torch.Tensor) -> None:
-            nonlocal low, flipped
-            margins = (logits.gather(1, own) - logits).detach().scatter(1, own, math.inf)
-            low = torch.minimum(low, margins)
-            flipped = flipped | (logits.detach().argmax(dim=1) != labels)
-
-        for restart in range(1 + self.num_random_init):
-            deltas = {
-                t.param_name: self._start(t, radii[t.param_name], params[t.param_name], restart, gen)
-                for t in param_balls
+        def start(restart: int) -> Deltas:
+            return {
+                b.param_name: self._start(b, radii[b.param_name], params[b.param_name], restart, gen)
+                for b in param_balls
             }
-            for it in range(self.max_iter):
-                step = first * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * it / self.max_iter)))
-                probes = {k: v.requires_grad_(True) for k, v in deltas.items()}
-                logits = forward(probes, x)
-                record(logits)
-                loss = objective(logits, labels, "margin", targeted=False).sum()
-                grads = torch.autograd.grad(loss, list(probes.values()))
-                with torch.no_grad():
-                    deltas = {
-                        t.param_name: project[t.param_name](
-                            probes[t.param_name].detach() + steepest[t.param_name](g, step)
-                        )
-                        for t, g in zip(param_balls, grads)
-                    }
+
+        def evaluate(deltas: Deltas, need_grad: bool) -> tuple[Score, list[torch.Tensor] | None]:
+            leaves = [d.detach().requires_grad_(need_grad) for d in deltas.values()]
+            with torch.set_grad_enabled(need_grad):
+                logits = forward(dict(zip(deltas, leaves)), x)
+                value = objective(logits, labels, "margin", targeted=False).sum()
+            flipped = record.add(logits.detach())
+            grads = list(torch.autograd.grad(value, leaves)) if need_grad else None
+            return Score(float(flipped.float().mean()), float(value.detach()) / n), grads
+
+        def step(deltas: Deltas, grads: list[torch.Tensor], fraction: float) -> Deltas:
             with torch.no_grad():
-                record(forward(deltas, x))
-        return low, flipped
+                return {
+                    b.param_name: _per_sample_step(b.ball, deltas[b.param_name], g, radii[b.param_name], fraction)
+                    for b, g in zip(param_balls, grads)
+                }
+
+        first = 0.5 if self.eps_step is None else float(self.eps_step)
+        ascend(start, evaluate, step, CosineStep(first, self.max_iter), self.max_iter, 1 + self.num_random_init)
+        return record.low, record.flipped
 
     @staticmethod
     def _start(
-        target: ParameterBall, radii: torch.Tensor, param: torch.Tensor, restart: int, gen: torch.Generator
+        param_ball: ParameterBall, radii: torch.Tensor, param: torch.Tensor, restart: int, gen: torch.Generator
     ) -> torch.Tensor:
         """Starting deltas ``(n,) + param.shape`` in the per-sample balls of radii ``radii`` (``(n,) + radius
         shape``): zero for restart 0, then uniform and extreme points in turn."""
         if restart == 0:
             return torch.zeros((len(radii),) + tuple(param.shape), dtype=param.dtype, device=param.device)
         distribution = "uniform" if restart % 2 else "extreme"
-        points = [target.ball.sample(r, param.shape, distribution, gen) for r in radii.detach().cpu()]
+        points = [param_ball.ball.sample(r, param.shape, distribution, gen) for r in radii.detach().cpu()]
         return torch.stack(points).to(dtype=param.dtype, device=param.device)
 
 
-def chain_forward(
-    network: Network, params: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor], x: torch.Tensor
+class _LowestMargins:
+    """The lowest margin ``f_y − f_i`` observed for each sample and class (``+inf`` at the label), and whether the
+    prediction ever left the label."""
+
+    def __init__(self, labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> None:
+        self.own = labels.unsqueeze(1)
+        self.labels = labels
+        self.low = torch.full((len(labels), nb_classes), math.inf, dtype=dtype, device=labels.device)
+        self.flipped = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+
+    def add(self, logits: torch.Tensor) -> torch.Tensor:
+        """Record one evaluation; returns which samples it flips."""
+        margins = (logits.gather(1, self.own) - logits).scatter(1, self.own, math.inf)
+        self.low = torch.minimum(self.low, margins)
+        flipped = logits.argmax(dim=1) != self.labels
+        self.flipped = self.flipped | flipped
+        return flipped
+
+
+def _per_sample_forward(
+    model: torch.nn.Module, params: dict[str, torch.Tensor], network: Network | None
+) -> Callable[[Deltas, torch.Tensor], torch.Tensor]:
+    """``forward(deltas, x)``: the logits where sample ``n`` uses the weights ``params + deltas[.][n]``: one batched
+    forward of the read network, or the module mapped over the samples with ``torch.func.vmap``."""
+    if network is not None:
+        return lambda deltas, x: network.forward(x, params, sample_deltas=deltas)
+
+    def one_sample(deltas: Deltas, x_n: torch.Tensor) -> torch.Tensor:
+        p = dict(params)
+        for name, delta in deltas.items():
+            p[name] = params[name] + delta
+        return functional_call(model, p, (x_n.unsqueeze(0),), strict=False).squeeze(0)
+
+    return vmap(one_sample)
+
+
+def _per_sample_step(
+    ball: Ball, delta: torch.Tensor, grad: torch.Tensor, radii: torch.Tensor, fraction: float
 ) -> torch.Tensor:
-    """Logits of a chain of layers where sample ``n`` uses the weights ``W + deltas[name][n]``: the shared weights
-    in one matmul/convolution, the per-sample deltas in one batched product (Linear) or one grouped convolution
-    (Conv2d). Much cheaper than mapping the module over the samples."""
-    h = x
-    n = len(x)
-    for layer in network.layers:
-        if not isinstance(layer, Affine):
-            h = layer.apply(h)
-            continue
-        out = layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
-        dw = deltas.get(layer.weight_name)
-        if dw is not None:
-            if layer.is_conv:
-                mod = layer.module
-                grouped = F.conv2d(
-                    h.reshape((1, -1) + tuple(h.shape[2:])),
-                    dw.reshape((-1,) + tuple(dw.shape[2:])),
-                    None,
-                    mod.stride,
-                    layer.padding,
-                    mod.dilation,
-                    n * mod.groups,
-                )
-                out = out + grouped.reshape(out.shape)
-            else:
-                out = out + torch.bmm(dw, h.unsqueeze(2)).squeeze(2)
-        db = deltas.get(layer.bias_name) if layer.bias_name else None
-        if db is not None:
-            out = out + db.reshape(db.shape + (1,) * (out.dim() - 2))
-        h = out
-    return h
+    """:func:`.projected_step` for deltas stacked on a leading sample dimension, each with its own radius (``radii``:
+    ``(n,) + radius shape``).
 
-
-def _batched(operation, radii: torch.Tensor):
-    """A ball operation ``operation(delta, radius, *args)`` applied to deltas stacked on a leading dimension, each
-    with its own radius (``radii``: ``(n,) + radius shape``).
-
-    Balls whose radius has a leading row dimension (box, row_l1) act on each row independently: the batch is folded
-    into the rows (one call). A radius over the whole tensor (l2) is mapped with ``torch.func.vmap``.
+    Balls whose radius has a leading row dimension (box, row_l1) act on each row independently: the samples are
+    folded into the rows (one call). A radius over the whole tensor (l2) is mapped with ``torch.func.vmap``.
     """
     if radii.dim() == 1:
+        return vmap(lambda d, g, r: projected_step(ball, d, g, r, fraction))(delta, grad, radii)
 
-        def apply_vmap(delta: torch.Tensor, *args: Any) -> torch.Tensor:
-            return vmap(lambda d, r: operation(d, r, *args))(delta, radii)
+    def fold(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape((-1,) + tuple(t.shape[2:]))
 
-        return apply_vmap
-    folded_radii = radii.reshape((-1,) + tuple(radii.shape[2:]))
-
-    def apply_folded(delta: torch.Tensor, *args: Any) -> torch.Tensor:
-        folded = delta.reshape((-1,) + tuple(delta.shape[2:]))
-        return operation(folded, folded_radii, *args).reshape(delta.shape)
-
-    return apply_folded
+    return projected_step(ball, fold(delta), fold(grad), fold(radii), fraction).reshape(delta.shape)
 
 
 def _check_scale(scale: Any, n: int) -> np.ndarray:
@@ -325,12 +314,3 @@ def _check_scale(scale: Any, n: int) -> np.ndarray:
     if not np.all(np.isfinite(values)) or np.any(values < 0):
         raise ValueError("`scale` must hold finite factors ≥ 0.")
     return values
-
-
-def _check_own_params(max_iter: Any, num_random_init: Any, eps_step: Any, batch_size: Any, float64: Any) -> None:
-    check_positive_int(max_iter, "max_iter")
-    check_positive_int(num_random_init, "num_random_init", minimum=0)
-    check_step(eps_step, "eps_step")
-    check_positive_int(batch_size, "batch_size")
-    if not isinstance(float64, (bool, np.bool_)):
-        raise TypeError("`float64` must be a bool.")

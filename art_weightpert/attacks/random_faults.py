@@ -12,7 +12,6 @@ measure of the model at the chosen radius; the gap to :class:`.WeightPGD` shows 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -20,11 +19,10 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import WeightAttack, check_positive_int
+from art_weightpert.attacks.base import WeightAttack
 from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
 from art_weightpert.perturbation import WeightPerturbation
-
-logger = logging.getLogger(__name__)
+from art_weightpert.validation import check_choice, check_non_negative_int, check_positive_int
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -72,10 +70,9 @@ class RandomWeightPerturbation(WeightAttack):
     def _check_params(self) -> None:
         super()._check_params()
         check_positive_int(self.nb_samples, "nb_samples")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(f"`distribution` must be one of {list(DISTRIBUTIONS)}, got {self.distribution!r}.")
+        check_choice(self.distribution, "distribution", DISTRIBUTIONS)
         if self.seed is not None:
-            check_positive_int(self.seed, "seed", minimum=0)
+            check_non_negative_int(self.seed, "seed")
         check_positive_int(self.batch_size, "batch_size")
 
     def generate(self, x: np.ndarray | None = None, y: np.ndarray | None = None, **kwargs: Any) -> WeightPerturbation:

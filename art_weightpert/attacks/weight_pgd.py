@@ -12,29 +12,18 @@ lowest measured accuracy (then the highest loss) is kept, so more iterations or 
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
-from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import (
-    LOSSES,
-    WeightAttack,
-    check_positive_int,
-    check_step,
-    objective,
-    success,
-)
+from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
+from art_weightpert.attacks.base import WeightAttack, check_ascent_params
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.perturbation import WeightPerturbation
-
-logger = logging.getLogger(__name__)
-
-Deltas = dict[str, torch.Tensor]
+from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive
 
 
 class WeightPGD(WeightAttack):
@@ -55,8 +44,6 @@ class WeightPGD(WeightAttack):
         "loss",
         "batch_size",
     ]
-
-    _patience = 2  # iterations without improvement before the scheduled step is halved
 
     def __init__(
         self,
@@ -94,14 +81,10 @@ class WeightPGD(WeightAttack):
 
     def _check_params(self) -> None:
         super()._check_params()
-        check_positive_int(self.max_iter, "max_iter", minimum=0)
-        check_step(self.eps_step, "eps_step")
-        check_positive_int(self.num_random_init, "num_random_init", minimum=0)
-        if not isinstance(self.targeted, (bool, np.bool_)):
-            raise TypeError("`targeted` must be a bool.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"`loss` must be one of {list(LOSSES)}, got {self.loss!r}.")
-        check_positive_int(self.batch_size, "batch_size")
+        check_ascent_params(self.max_iter, self.loss, self.batch_size)
+        check_optional_positive(self.eps_step, "eps_step")
+        check_non_negative_int(self.num_random_init, "num_random_init")
+        check_bool(self.targeted, "targeted")
 
     # ------------------------------------------------------------------------------------------------ public API
     def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> WeightPerturbation:
@@ -118,18 +101,21 @@ class WeightPGD(WeightAttack):
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))  # reproducible via torch.manual_seed
-        starts = max(1, self.num_random_init)
-        best_key, best = (-1.0, float("-inf")), self._zero_deltas(param_balls)
-        with (
-            eval_mode(self.estimator.base_model),
-            tqdm(total=starts * self.max_iter, desc="WeightPGD", disable=not self.verbose) as bar,
-        ):
-            for _ in range(starts):
-                init = self._start(param_balls, gen)
-                key, deltas = self._ascend(x_t, labels, param_balls, init, bar)
-                if key > best_key:
-                    best_key, best = key, deltas
-        logger.info("WeightPGD: success rate %.4f, objective %.4f.", *best_key)
+
+        def evaluate(deltas: Deltas, need_grad: bool) -> tuple[Score, list[torch.Tensor] | None]:
+            score, grads, _ = self._score_and_grads(
+                x_t, labels, deltas, need_grad, loss=self.loss, targeted=self.targeted, batch_size=self.batch_size
+            )
+            return score, grads
+
+        best = self._run_ascent(
+            start=lambda _: self._start(param_balls, gen),
+            evaluate=evaluate,
+            step=lambda deltas, grads, fraction: weight_step(param_balls, deltas, grads, fraction),
+            schedule=radius_fraction_schedule(self.eps_step),
+            max_iter=self.max_iter,
+            restarts=max(1, self.num_random_init),
+        )
         return self._perturbation(best)
 
     def generate_estimator(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> PyTorchWeightClassifier:
@@ -152,50 +138,3 @@ class WeightPGD(WeightAttack):
             t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, "uniform", gen)
             for t in param_balls
         }
-
-    def _value_and_grad(
-        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: Deltas, need_grad: bool
-    ) -> tuple[tuple[float, float], list[torch.Tensor] | None]:
-        """Success rate and mean objective at ``deltas`` over all of ``x_t``, and the objective's gradient with
-        respect to the deltas (accumulated over batches) when ``need_grad``."""
-        n = len(x_t)
-        leaves = [d.detach().requires_grad_(need_grad) for d in deltas.values()]
-        probe = dict(zip(deltas, leaves))
-        grads: list[torch.Tensor] | None = None
-        hits = torch.zeros((), device=x_t.device)
-        total = torch.zeros((), device=x_t.device)
-        for s in self._batches(n, self.batch_size):
-            with torch.set_grad_enabled(need_grad):
-                out = self.estimator.logits(x_t[s], probe)
-                value = objective(out, labels[s], self.loss, self.targeted).sum() / n
-            if need_grad:
-                g = torch.autograd.grad(value, leaves)
-                grads = list(g) if grads is None else [a.add_(b) for a, b in zip(grads, g)]
-            hits += success(out.detach(), labels[s], self.targeted).sum()
-            total += value.detach()
-        return (float(hits) / max(1, n), float(total)), grads
-
-    def _ascend(
-        self, x_t: torch.Tensor, labels: torch.Tensor, param_balls: list[ParameterBall], deltas: Deltas, bar: tqdm
-    ) -> tuple[tuple[float, float], Deltas]:
-        """One run of projected ascent from ``deltas``; returns the best (success, objective) and its iterate."""
-        step = 1.0 if self.eps_step is None else float(self.eps_step)
-        best_key, best, best_grads = (-1.0, float("-inf")), deltas, None
-        best_value, stalled = float("-inf"), 0
-        for it in range(self.max_iter + 1):
-            key, grads = self._value_and_grad(x_t, labels, deltas, need_grad=it < self.max_iter)
-            if key > best_key:
-                best_key, best, best_grads = key, deltas, grads
-            if grads is None:
-                break
-            if self.eps_step is None:  # APGD-style control: halve on stagnation, resume from the best iterate
-                if key[1] > best_value:
-                    best_value, stalled = key[1], 0
-                else:
-                    stalled += 1
-                if stalled >= self._patience and best_grads is not None:
-                    step, stalled, deltas, grads = step / 2, 0, best, best_grads
-            deltas = self._ascent_step(param_balls, deltas, grads, step)
-            bar.update(1)
-            bar.set_postfix(success=f"{best_key[0]:.3f}", refresh=False)
-        return best_key, best

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from art_weightpert.budget import delta_tensors
+from art_weightpert.estimators.input_warnings import out_of_range_warning, warn_once_per_call_site
 from art_weightpert.network import perturbable_modules
 from art_weightpert.perturbation import WeightPerturbation
 
@@ -94,6 +95,28 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         if not isinstance(model, nn.Module):
             raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}.")
         super().__init__(model, loss, input_shape, nb_classes, optimizer=optimizer, **kwargs)
+        self._check_output_size()
+
+    def _check_output_size(self) -> None:
+        """``ValueError`` when the model's output size disagrees with ``nb_classes``, probed with one forward on a zero
+        input of ``input_shape`` in eval mode without gradients (the weights, running statistics and train flags stay
+        as they were). Skipped when that forward cannot run (e.g. a model that needs other inputs)."""
+        model = self.model
+        try:
+            with eval_mode(model), torch.no_grad():
+                output = model(torch.zeros((1, *self.input_shape), device=self._device))
+        except Exception as err:  # pylint: disable=broad-except  # the probe is a courtesy, not a requirement
+            logger.debug("output-size check skipped: the model's forward on a zero input failed (%s)", err)
+            return
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            return
+        size = int(output.shape[1])
+        if size != self.nb_classes and not (size == 1 and self.nb_classes == 2):
+            raise ValueError(
+                f"`nb_classes={self.nb_classes}` disagrees with the model, which outputs {size} values per input "
+                f"(probed with a zero input of shape {tuple(self.input_shape)}); pass nb_classes={size} or fix the "
+                "model's last layer."
+            )
 
     # --------------------------------------------------------------------------------------- construction
     @classmethod
@@ -181,6 +204,31 @@ class PyTorchWeightClassifier(PyTorchClassifier):
             self._model.to(self._device)
         super().set_params(**kwargs)
 
+    def predict(self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs: Any) -> np.ndarray:
+        """
+        ART's ``predict``, warning first (once per call site) about inputs outside ``clip_values`` or 8-bit images
+        without ``clip_values`` (see :meth:`warn_if_out_of_range`).
+
+        :param x: inputs ``(N,) + input_shape``.
+        :param batch_size: samples per forward.
+        :param training_mode: run the model in train mode.
+        :return: the logits ``(N, nb_classes)``.
+        """
+        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.number):
+            self.warn_if_out_of_range(x, x.dtype == np.uint8)
+        return super().predict(x, batch_size=batch_size, training_mode=training_mode, **kwargs)
+
+    def fit(self, x: np.ndarray, y: np.ndarray, *args: Any, **kwargs: Any) -> None:  # pylint: disable=arguments-differ
+        """
+        ART's ``fit``, warning first (once per call site) about inputs that are probably wrong, as :meth:`predict`.
+
+        :param x: training inputs.
+        :param y: labels.
+        """
+        if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.number):
+            self.warn_if_out_of_range(x, x.dtype == np.uint8)
+        super().fit(x, y, *args, **kwargs)
+
     def reduce_labels(self, y: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """ART's label reduction, also accepting integer class indices of shape ``(N,)`` (ART 1.20.1 takes their
         ``argmax(dim=1)`` and fails, e.g. in ``loss_gradient``)."""
@@ -217,10 +265,24 @@ class PyTorchWeightClassifier(PyTorchClassifier):
             raise TypeError(f"`x` must be numeric, got dtype {x.dtype}.")
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             raise ValueError(f"`x` has shape {x.shape}; expected (N, {', '.join(map(str, self.input_shape))}).")
+        is_uint8 = x.dtype == np.uint8
         x = x.astype(np.float32, copy=False)
         if not np.all(np.isfinite(x)):
             raise ValueError("`x` contains NaN or inf values.")
+        self.warn_if_out_of_range(x, is_uint8)
         return x
+
+    def warn_if_out_of_range(self, x: np.ndarray, is_uint8: bool = False) -> None:
+        """Warn (once per call site) about inputs that are probably wrong: values outside the classifier's
+        ``clip_values``, or, without ``clip_values``, what looks like 8-bit images in 0–255 (models are usually
+        trained on [0, 1]).
+
+        :param x: raw (unpreprocessed) inputs.
+        :param is_uint8: ``x`` was given as ``uint8``.
+        """
+        warning = out_of_range_warning(x, self.clip_values, is_uint8)
+        if warning is not None:
+            warn_once_per_call_site(*warning)
 
     def check_labels(self, y: Any, n: int, required: bool = False) -> np.ndarray | None:
         """Integer class indices from integer or one-hot labels, checked against ``n`` samples and the class

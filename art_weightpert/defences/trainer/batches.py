@@ -1,0 +1,130 @@
+"""
+Batches of :class:`.WeightRobustTrainer`: drawn with the same random numbers as ``PyTorchClassifier.fit``'s shuffling
+``DataLoader`` and preprocessed as it preprocesses them, so that plain training through the trainer reproduces ART's
+``fit`` step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from art.attacks.attack import EvasionAttack
+from art.data_generators import DataGenerator
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
+
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+
+
+class _Indices(Dataset):
+    """The indices ``0..n-1``; indexing with a list of indices returns them as one tensor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return torch.as_tensor(index, dtype=torch.long)
+
+
+def shuffled_index_batches(n: int, batch_size: int) -> DataLoader:
+    """A loader of index batches ``(≤ batch_size,)`` over ``0..n-1``, reshuffled at every pass on torch's global random
+    generator: the index sampler of ``DataLoader(..., shuffle=True)`` drawing whole batches at once (the same random
+    numbers as ``PyTorchClassifier.fit``'s loader, without its per-sample indexing)."""
+    sampler = BatchSampler(RandomSampler(range(n)), batch_size, drop_last=False)
+    return DataLoader(_Indices(n), batch_size=None, sampler=sampler)
+
+
+# (preprocessed inputs, int64 labels, raw inputs or None, raw labels or None): raw ones only when an attack needs them
+Batch = tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]
+
+
+def array_batches(
+    estimator: PyTorchWeightClassifier, x: np.ndarray, labels: np.ndarray, batch_size: int, keep_raw: bool
+) -> tuple[Callable[[], Iterator[Batch]], int]:
+    """The epochs of ``fit`` on arrays: a function that yields one epoch's shuffled batches (preprocessed once, on the
+    estimator's device), and the number of batches per epoch."""
+    x_pre, y_pre = preprocess_batch(estimator, x, labels)
+    loader = shuffled_index_batches(len(x), batch_size)
+
+    def batches() -> Iterator[Batch]:
+        for index in loader:
+            if keep_raw:
+                idx = index.numpy()
+                yield x_pre[index], y_pre[index], x[idx], labels[idx]
+            else:
+                yield x_pre[index], y_pre[index], None, None
+
+    return batches, len(loader)
+
+
+def generator_batches(
+    estimator: PyTorchWeightClassifier, generator: DataGenerator
+) -> tuple[Callable[[], Iterator[Batch]], int]:
+    """The epochs of ``fit_generator``: ``ceil(size / batch_size)`` batches of the ART ``DataGenerator`` per epoch (as
+    ART's trainers do), checked and preprocessed."""
+    if not isinstance(generator, DataGenerator):
+        raise TypeError(f"`generator` must be an ART DataGenerator, got {type(generator).__name__}.")
+    if generator.size is None:
+        raise ValueError("`generator` must know its size to define an epoch.")
+    nb_batches = int(math.ceil(generator.size / generator.batch_size))
+
+    def batches() -> Iterator[Batch]:
+        for _ in range(nb_batches):
+            x_batch, y_batch = generator.get_batch()
+            x_batch = estimator.check_inputs(np.asarray(x_batch))
+            labels = estimator.check_labels(y_batch, len(x_batch), required=True)
+            x_pre, y_pre = preprocess_batch(estimator, x_batch, labels)
+            yield x_pre, y_pre, x_batch, labels
+
+    return batches, nb_batches
+
+
+def preprocess_batch(
+    estimator: PyTorchWeightClassifier, x: np.ndarray, labels: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ART's preprocessing as in ``PyTorchClassifier.fit`` (``fit=True``, one-hot labels), as tensors on the
+    estimator's device (labels as int64 class indices)."""
+    one_hot = np.eye(estimator.nb_classes, dtype=np.float32)[labels]
+    x_pre, y_pre = estimator._apply_preprocessing(x, one_hot, fit=True)  # pylint: disable=protected-access
+    y_pre = np.asarray(y_pre)
+    y_idx = np.argmax(y_pre, axis=1) if y_pre.ndim == 2 else y_pre
+    x_t = torch.as_tensor(np.asarray(x_pre, dtype=np.float32), device=estimator.device)
+    return x_t, torch.as_tensor(y_idx.astype(np.int64), device=estimator.device)
+
+
+def with_adversarial_inputs(
+    attack: EvasionAttack | None,
+    ratio: float,
+    estimator: PyTorchWeightClassifier,
+    x_pre: torch.Tensor,
+    x_raw: np.ndarray | None,
+    labels: np.ndarray | None,
+) -> torch.Tensor:
+    """The batch with its first ``round(ratio · n)`` inputs replaced by ``attack``'s adversarial inputs (generated on
+    the current model, in eval mode, from the raw inputs, then preprocessed)."""
+    if attack is None or x_raw is None or labels is None:
+        return x_pre
+    nb_adv = int(round(ratio * len(x_raw)))
+    if nb_adv == 0:
+        return x_pre
+    one_hot = np.eye(estimator.nb_classes, dtype=np.float32)[labels[:nb_adv]]
+    with eval_mode(estimator.base_model):
+        x_adv = attack.generate(x_raw[:nb_adv], y=one_hot)
+    x_adv_pre, _ = preprocess_batch(estimator, np.asarray(x_adv, dtype=np.float32), labels[:nb_adv])
+    return torch.cat([x_adv_pre, x_pre[nb_adv:]])
+
+
+__all__ = [
+    "Batch",
+    "array_batches",
+    "generator_batches",
+    "preprocess_batch",
+    "shuffled_index_batches",
+    "with_adversarial_inputs",
+]
