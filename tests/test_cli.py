@@ -351,6 +351,7 @@ def test_errors_give_exit_code_and_one_line(user_files, args, code, words):
         (["evaluate", "--model", "model_ts.pt", "--data", "labels.npz"], 2, ["label 12", "10 classes"]),
         (["train", "--out", "m.pt", "--epochs", "0"], 2, ["--epochs"]),
         (["train", "--out", "no/such/folder/m.pt"], 2, ["does not exist"]),
+        (["train", "--out", "m.pt", "--norm", "l2"], 2, ["--eps is required"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--n-bits", "1"], 2, ["--n-bits", "2 to 16"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--granularity", "row"], 2, ["--granularity", "row"]),
         (["demo", "--out", "user_models.py"], 2, ["not a folder"]),

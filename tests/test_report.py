@@ -153,3 +153,49 @@ def test_settings_have_readable_labels_and_reasons_are_grouped():
         "S": ["certified (linear)"],
         "T": ["PAC-Bayes σ and bound"],
     }
+
+
+def learnable_images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable 3x32x32 images in [0, 1]: a coarse random pattern per class plus pixel noise."""
+    coarse = np.random.default_rng(1234).uniform(-1, 1, size=(10, 3, 4, 4))
+    patterns = np.kron(coarse, np.ones((1, 1, 8, 8)))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n)
+    x = 0.5 + 0.15 * patterns[y] + rng.normal(0.0, 0.3, size=(n, 3, 32, 32))
+    return np.clip(x, 0.0, 1.0).astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "images.npz"
+    (x_train, y_train), (x, y) = learnable_images(300, 0), learnable_images(200, 1)
+    np.savez(path, x_train=x_train, y_train=y_train, x=x, y=y)
+    return path
+
+
+@pytest.mark.parametrize("eps", [["--eps", "0.05"], []], ids=["readme-eps", "default-eps"])
+def test_readme_train_command_on_3x32x32_images_ends_well_above_chance(images, tmp_path, eps, capsys):
+    """The README's `train --eps 0.05 --norm row_l1 --epochs 20` (and the default ε scaled to the 3,072 inputs)."""
+    out = tmp_path / "robust.pt"
+    argv = ["train", "--data", str(images), "--out", str(out), "--norm", "row_l1", "--epochs", "20", "--quiet", *eps]
+    assert main(argv) == 0, capsys.readouterr().err
+    history = json.loads((tmp_path / "robust.history.json").read_text())
+    assert history["final"]["test_accuracy"] > 0.6 and not history["collapsed"]  # chance: about 0.1
+    assert history["budget"]["eps"] == (0.05 if eps else 0.0144) and history["trainer"]["warmup"] == 10
+    program = torch.export.load(out)
+    assert program.module()(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+
+
+def test_impossible_eps_is_reported_and_not_saved(images, tmp_path, capsys, caplog):
+    out = tmp_path / "collapsed.pt"
+    argv = ["train", "--data", str(images), "--out", str(out), "--eps", "50", "--epochs", "6", "--warmup", "1"]
+    with caplog.at_level(logging.WARNING):
+        assert main([*argv, "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert not out.exists() and "NOT saved" in err and "--keep-collapsed" in err
+    history = json.loads((tmp_path / "collapsed.history.json").read_text())
+    (warning,) = history["warnings"]
+    assert history["collapsed"] and history["model_file"] is None and "ε = 50" in warning
+    assert sum(warning in r.getMessage() for r in caplog.records) == 1  # logged once, not again as a UserWarning
+    assert main([*argv, "--quiet", "--keep-collapsed"]) == 0 and out.exists()
+    assert "training collapsed" in capsys.readouterr().out

@@ -7,7 +7,8 @@ The commands of ``art-weightpert``: thin clients of the library.
   (TorchScript) and its training history (JSON).
 
 Exit codes: 0 success, 2 usage error (bad arguments, missing or malformed files, model and data that do not fit),
-1 failure during the run. Errors are printed as one line on stderr (``--debug`` shows the traceback).
+1 failure during the run, 3 ``train``: training collapsed (the model is not saved unless ``--keep-collapsed``).
+Errors are printed as one line on stderr (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from art_weightpert.cli.report import (
     write_report,
 )
 from art_weightpert.cli.sections import BitFlipSettings, bit_flip_section, measures_section
-from art_weightpert.cli.train import run_train
+from art_weightpert.cli.train import TrainingCollapsed, run_train
 from art_weightpert.data import load_digits_data
 from art_weightpert.estimators import PyTorchWeightClassifier
 from art_weightpert.network import UnsupportedModelError
@@ -319,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingCollapsed as err:
+        print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 3
     except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit code 1
         if args.debug:
             raise

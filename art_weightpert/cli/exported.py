@@ -37,8 +37,10 @@ def is_exported_archive(path: str) -> bool:
 
 
 def load_exported(path: str) -> Any:
-    """``torch.export.load(path)`` (no pickled code is run)."""
-    return torch.export.load(path)
+    """``torch.export.load`` of the file (no pickled code is run; opened as a file object, which torch accepts
+    whatever the file's extension)."""
+    with open(path, "rb") as handle:
+        return torch.export.load(handle)
 
 
 def _arg(args: tuple, i: int, default: Any) -> Any:

@@ -189,7 +189,8 @@ def save_model(module: nn.Module, path: str, example: np.ndarray | None = None) 
         try:
             inputs = (torch.as_tensor(example[:2], dtype=torch.float32),)
             program = torch.export.export(module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
-            torch.export.save(program, path)
+            with open(path, "wb") as handle:  # a file object: torch warns about names not ending in .pt2
+                torch.export.save(program, handle)
             return "torch.export program (torch.export.save; load with torch.export.load)"
         except Exception as err:  # noqa: BLE001 - not exportable: TorchScript next
             logger.info("the model cannot be exported (%s); trying TorchScript", str(err).splitlines()[0])

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from art_weightpert import __version__
 from art_weightpert.certification import METHODS as BOUND_METHODS
+from art_weightpert.defences.trainer.weight_robust_trainer import WARMUP_EPOCHS
 from art_weightpert.validation import check_int, check_non_negative, check_non_negative_int, check_positive_int
 from art_weightpert.zoo import DIGITS_RECIPE
 
@@ -151,9 +152,9 @@ TRAIN = [
                   "help": f"MLP hidden widths (default: {' '.join(map(str, _R.hidden))})"}),
     ("--norm", {"choices": NORMS, "default": None, "help": f"weight ball (default: the digits recipe's, {_R.norm})"}),
     ("--eps", {"type": non_negative, "default": None,
-               "help": f"ε of the ball (default: scaled to the model — with --data, a relative ball of 2%% of each "
-                       f"row's ℓ1 norm (--norm: of each weight or layer norm); on the digits data, the recipe's "
-                       f"absolute ε = {_R.eps})"}),
+               "help": f"ε of the ball (default: scaled to the model's input width, {_R.eps}·sqrt(64/n_inputs) in "
+                       f"the {_R.norm} ball — the recipe's {_R.eps} on the 64 digits features, 0.0144 on 3x32x32 "
+                       "images; required with another --norm or --relative)"}),
     ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--layers", {"nargs": "+", "default": None, "help": "layers to perturb (default: all)"}),
     ("--lam", {"type": non_negative, "default": _R.lam, "help": f"weight λ of the robust term (default {_R.lam})"}),
@@ -161,12 +162,16 @@ TRAIN = [
     ("--kappa", {"type": non_negative, "default": _R.kappa, "help": f"safety margin κ (default {_R.kappa})"}),
     ("--bound", {"choices": tuple(BOUND_METHODS), "default": _R.bound,
                  "help": f"margin bound for η (default {_R.bound})"}),
-    ("--warmup", {"type": non_negative_int, "default": _R.warmup,
-                  "help": f"epochs of λ warm-up (default {_R.warmup})"}),
+    ("--warmup", {"type": non_negative_int, "default": None,
+                  "help": f"epochs over which λ and ε grow from 0 (default: the trainer's {WARMUP_EPOCHS} on your "
+                          f"data, the recipe's {_R.warmup} on the digits data)"}),
     ("--epochs", {"type": positive_int, "default": _R.epochs, "help": f"training epochs (default {_R.epochs})"}),
     ("--lr", {"type": non_negative, "default": _R.lr, "help": f"Adam learning rate (default {_R.lr})"}),
     ("--batch-size", {"type": positive_int, "default": _R.batch_size,
                       "help": f"samples per step (default {_R.batch_size})"}),
+    ("--keep-collapsed", {"action": "store_true",
+                          "help": "save the model even when training collapsed to chance accuracy (by default it "
+                                  "is not saved and the exit code is 3)"}),
     _SEED,
     _DEVICE,
     ("--quiet", {"action": "store_true", "help": "no progress bars"}),
@@ -199,7 +204,8 @@ COMMANDS = {
         "y_train if present, else x, y) or on the digits data, then save the model as a torch.export program "
         "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be "
         "exported) and its training history as JSON. The defaults are the digits recipe "
-        "(art_weightpert.zoo.DIGITS_RECIPE); on your data, without --eps, a relative ball scaled to the model.",
+        "(art_weightpert.zoo.DIGITS_RECIPE), with ε scaled to the input width on your data. A run that collapses "
+        "to chance accuracy is reported and not saved (exit code 3) unless --keep-collapsed.",
     },
 }
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""

@@ -90,6 +90,11 @@ def _budget_text(budget: Mapping[str, Any]) -> str:
     return f"`{budget['norm']}` ball, {kind} radii, {bias}, layers: {layers}"
 
 
+def training_warnings(entry: Mapping[str, Any]) -> list[str]:
+    """The trainer's warnings of a model trained for the report (``history["warnings"]``: a collapsed run)."""
+    return list((entry.get("history") or {}).get("warnings") or [])
+
+
 def summary_text(report: Mapping[str, Any]) -> str:
     """The readable summary printed by the command line (a table per model)."""
     out = [f"Budget: {_budget_text(report['budget'])}", f"Data: {report['data'].get('description', '')}"]
@@ -107,6 +112,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
                 )  # fmt: skip
             )
         out += [f"  {line}" for line in unavailable_lines(entry)]
+        out += [f"  warning: {warning}" for warning in training_warnings(entry)]
     return "\n".join(out)
 
 
@@ -153,6 +159,8 @@ def _model_section(report: Mapping[str, Any], name: str) -> list[str]:
     lines = ["", f"## Model `{name}`", ""]
     if entry.get("description"):
         lines += [entry["description"], ""]
+    for warning in training_warnings(entry):
+        lines += [f"**Warning — {warning}**", ""]
     lines += [f"Clean accuracy: **{_fmt(entry['clean_accuracy'])}**", ""]
     lines.append(_markdown_table(*results_table(report, name)))
     unavailable = unavailable_lines(entry)

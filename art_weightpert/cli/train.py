@@ -1,7 +1,8 @@
 """
 ``art-weightpert train``: trains with :class:`.WeightRobustTrainer` (defaults: :data:`.zoo.DIGITS_RECIPE`) and saves
 the model (a ``torch.export`` program; TorchScript or a pickled module when it cannot be exported) and its training
-history (JSON).
+history (JSON). A run that collapses (the trainer's ``history["collapsed"]``: training accuracy near chance) is not
+saved and exits with code 3, unless ``--keep-collapsed``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -36,8 +38,8 @@ def run_train(args: argparse.Namespace) -> int:
     if not os.path.isdir(out_parent):
         raise UsageError(f"--out {args.out}: folder {out_parent} does not exist")
     x_train, y_train, x_test, y_test, data_desc = _training_data(args)
-    eps, norm, relative = _training_ball(args)
     input_shape = tuple(int(d) for d in x_train.shape[1:])
+    eps, norm, relative = _training_ball(args, input_shape)
     inputs.seed_everything(args.seed)
     labels_seen = int(max(y_train.max(), -1 if y_test is None else y_test.max()) + 1)
     module = inputs.build_architecture(args, input_shape, labels_seen)
@@ -45,22 +47,27 @@ def run_train(args: argparse.Namespace) -> int:
     inputs.check_labels(nb_classes, y_train=y_train)
     budget = inputs.make_budget(module, eps, norm, args.layers, relative)
     classifier = zoo.make_classifier(module, input_shape, nb_classes, lr=args.lr, device_type=device, clip_values=None)
-    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "bound": args.bound, "warmup": args.warmup}
+    warmup = args.warmup if args.warmup is not None else (zoo.DIGITS_RECIPE.warmup if args.data is None else None)
+    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "bound": args.bound}
+    params.update({} if warmup is None else {"warmup": warmup})  # None: the trainer's default
     try:
         trainer = WeightRobustTrainer(classifier, budget, verbose=not args.quiet, **params)
     except UnsupportedModelError as err:
         raise UsageError(f"--model {args.model} cannot be trained with weight bounds: {err}") from err
+    params["warmup"] = trainer.warmup
     validation = (x_test, y_test) if x_test is not None else None
-    history = trainer.fit(
-        x_train, y_train, validation_data=validation, batch_size=args.batch_size, nb_epochs=args.epochs
-    )
-    saved_as = inputs.save_model(classifier.model.cpu().eval(), args.out, x_train)
+    history = _fit(trainer, x_train, y_train, validation, args)
+    collapsed = bool(history.get("collapsed"))
+    keep = not collapsed or args.keep_collapsed
+    saved_as = inputs.save_model(classifier.model.cpu().eval(), args.out, x_train) if keep else None
     final = {}
     if x_test is not None:
         final["test_accuracy"] = float(np.mean(classifier.predict(x_test).argmax(1) == y_test))
     document = {
-        "model_file": os.path.abspath(args.out),
-        "saved_as": saved_as,
+        "model_file": os.path.abspath(args.out) if keep else None,
+        "saved_as": saved_as or "not saved: training collapsed (--keep-collapsed saves it)",
+        "collapsed": collapsed,
+        "warnings": list(history.get("warnings", [])),
         "architecture": args.model,
         "data": data_desc,
         "budget": budget.to_dict(),
@@ -73,10 +80,33 @@ def run_train(args: argparse.Namespace) -> int:
     }
     with open(history_path, "w", encoding="utf-8") as handle:
         json.dump(jsonable(document), handle, indent=1)
-    print(f"Model saved to {args.out} ({saved_as}); training history in {history_path}.")
     if final:
         print("Final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    if not keep:
+        raise TrainingCollapsed(
+            f"training collapsed (see the warning above); the model was NOT saved to {args.out}; the history is in "
+            f"{history_path}. Pass --keep-collapsed to save it anyway."
+        )
+    note = " — training collapsed (see the warning above), kept by --keep-collapsed" if collapsed else ""
+    print(f"Model saved to {args.out} ({saved_as}); training history in {history_path}{note}.")
     return 0
+
+
+class TrainingCollapsed(Exception):
+    """Robust training ended near chance accuracy (exit code 3 unless ``--keep-collapsed``)."""
+
+
+def _fit(trainer: Any, x_train, y_train, validation, args: argparse.Namespace) -> dict[str, Any]:
+    """``trainer.fit``; the trainer's collapse message is shown once (its log line), not again as a UserWarning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(
+            x_train, y_train, validation_data=validation, batch_size=args.batch_size, nb_epochs=args.epochs
+        )
+    for warning in caught:
+        if str(warning.message) not in history.get("warnings", []):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return history
 
 
 def _training_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
@@ -90,24 +120,31 @@ def _training_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
     return arrays["x"], arrays["y"], None, None, args.data
 
 
-RELATIVE_EPS = 0.02
-"""``train --data`` without ``--eps``: the ball scales with the model, ε = 2 % of each row's ℓ1 norm (relative
-row-ℓ1; on the digits MLP at initialization, mean row ℓ1 norm ≈ 4.5, this is the digits recipe's absolute ε = 0.1)."""
+REFERENCE_INPUTS = 64
+"""Input features of the digits data, for which the recipe's ε was chosen."""
 
 
-def _training_ball(args: argparse.Namespace) -> tuple[float, str, bool]:
-    """``(eps, norm, relative)`` of ``train``: the flags; without ``--eps``, the digits recipe's ball on the digits
-    data and a relative ball of :data:`RELATIVE_EPS` on the user's data (an absolute ε that suits a 64-input MLP is
-    far too large for a wide convolutional network)."""
+def default_eps(input_shape: tuple[int, ...]) -> float:
+    """``train``'s ε when none is given: the digits recipe's ε scaled to the input width, ``ε_recipe ·
+    sqrt(64 / n_inputs)`` (at most ε_recipe): the interval bounds that training tightens grow with the fan-in, so a
+    row-ℓ1 ε that suits a 64-input MLP is far too large for 3x32x32 images (3,072 inputs: 0.0144 instead of 0.1)."""
+    features = int(np.prod(input_shape))
+    return float(f"{zoo.DIGITS_RECIPE.eps * min(1.0, (REFERENCE_INPUTS / features) ** 0.5):.3g}")
+
+
+def _training_ball(args: argparse.Namespace, input_shape: tuple[int, ...]) -> tuple[float, str, bool]:
+    """``(eps, norm, relative)`` of ``train``: the flags, or the digits recipe's ball scaled to the input width
+    (:func:`default_eps`) when no ``--eps`` is given."""
     recipe = zoo.DIGITS_RECIPE
     norm = args.norm or recipe.norm
     if args.eps is not None:
         return args.eps, norm, args.relative
-    if args.data is None and norm == recipe.norm and not args.relative:
-        return recipe.eps, norm, False
-    unit = {"inf": "weight's magnitude", "row_l1": "row's ℓ1 norm", "l2": "layer's Frobenius norm"}[norm]
-    logger.warning(
-        "no --eps given: training in a relative %s ball of ε = %g (%g %% of each %s), scaled to the model",
-        norm, RELATIVE_EPS, 100 * RELATIVE_EPS, unit,
-    )  # fmt: skip
-    return RELATIVE_EPS, norm, True
+    if norm != recipe.norm or args.relative:
+        raise UsageError(f"--eps is required with --norm {norm}{' --relative' if args.relative else ''}")
+    eps = default_eps(input_shape)
+    if eps != recipe.eps:
+        logger.warning(
+            "no --eps given: training at ε = %g (%s ball), the digits recipe's ε = %g scaled to the %d input features",
+            eps, norm, recipe.eps, int(np.prod(input_shape)),
+        )  # fmt: skip
+    return eps, norm, False
