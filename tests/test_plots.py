@@ -31,7 +31,7 @@ CURVE = {
     "random_max": [0.9, 0.9, 0.85],
     "unavailable": {"paper": "a GELU layer"},
 }
-GEOMETRIC = [0.0, 0.000583, 0.00146, 0.00292, 0.00583, 0.0146, 0.0292]  # the evaluate command's default grid
+GEOMETRIC = [0.0, 9.1e-05, 0.000228, 0.000455, 0.00091, 0.00228, 0.00455]  # a default grid of evaluate
 FULL = {
     "eps": GEOMETRIC,
     "budgets": [{"relative": False}],

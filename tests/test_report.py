@@ -49,7 +49,8 @@ def test_exported_program_is_evaluated_like_the_eager_model(files, tiny_mlp_clas
     classifier = make_classifier(tiny_mlp_classifier.model.cpu(), (64,))
     expected = [weight_certified_accuracy(classifier, x, y, PerturbationBudget(e, "row_l1")) for e in (0.0, 0.01)]
     assert entry["curves"]["interval"] == pytest.approx(expected, abs=1e-12)
-    assert "### Generalization bound" in markdown
+    assert "### Generalization bound" in markdown and "| 2 (`2`) |" in markdown  # layers named as in the model
+    assert report["models"]["mlp"]["generalization_bound"]["layers"] == ["0", "2"]
 
 
 def test_exported_graph_that_is_not_a_chain_gets_clean_accuracy_and_one_reason(files, tmp_path, caplog, capsys):
@@ -133,6 +134,8 @@ def test_generalization_bound_names_its_terms_and_says_vacuous():
     }  # fmt: skip
     text = "\n".join(bound_lines(bound))
     assert "| 1 | 0.1574 | 0.01 |" in text and "| 3 | 23.88 | 0.03 |" in text  # per layer, rounded
+    named = "\n".join(bound_lines({**bound, "layers": ["fc1", "fc2", "out"]}))
+    assert "| 1 (`fc1`) | 0.1574 | 0.01 |" in named and "| 3 (`out`) | 23.88 | 0.03 |" in named
     assert "0.15741000000000002" not in text and "3.74e+04 — vacuous (> 1)" in text
     assert "ℓ∞ operator norm" in text and "row-ℓ1 radius" in text and "shares of points" in text
     assert verdict(0.42) == "0.420" and verdict(None) == "n/a"

@@ -80,7 +80,7 @@ def bound_lines(bound: Mapping[str, Any]) -> list[str]:
         markdown_table(
             ["layer", "M_k (ℓ∞ operator norm)", "ε_k (row-ℓ1 radius)"],
             [
-                [str(k + 1), f"{m:.4g}", f"{e:.4g}"]
+                [_layer(bound, k), f"{m:.4g}", f"{e:.4g}"]
                 for k, (m, e) in enumerate(zip(bound["operator_norms"], bound["eps"]))
             ],
         ),
@@ -96,6 +96,12 @@ def bound_lines(bound: Mapping[str, Any]) -> list[str]:
         f"* **total** (the model): {verdict(total)}; for every network in the ball: {verdict(certified)}",
     ]
     return lines
+
+
+def _layer(bound: Mapping[str, Any], k: int) -> str:
+    """The k-th affine layer's number and module name (``"2 (`fc1`)"``)."""
+    names = bound.get("layers") or []
+    return f"{k + 1} (`{names[k]}`)" if k < len(names) and names[k] else str(k + 1)
 
 
 def verdict(bound: float | None) -> str:

@@ -34,7 +34,7 @@ from art_weightpert.cli.render import markdown_report
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.metrics import certified_weight_radius, generalization_bound, weight_robustness_curve
 from art_weightpert.metrics.plots import plot_bit_flip_curves, plot_certified_radius_histogram, plot_robustness_curves
-from art_weightpert.network import UnsupportedModelError
+from art_weightpert.network import UnsupportedModelError, read_network
 
 SCHEMA_VERSION = 1
 PLOT_DPI = 110
@@ -215,7 +215,8 @@ def _generalization_bound(classifier, train_data, budget, eps_grid) -> dict[str,
         value = generalization_bound(classifier, *train_data, budget.with_eps(eps))
     except (UnsupportedModelError, NotImplementedError, ValueError) as err:
         return {"unavailable": one_line(err)}
-    return {"budget_eps": eps, **jsonable(value if isinstance(value, Mapping) else {"bound": value})}
+    layers = [layer.name for layer in read_network(classifier.base_model, classifier.input_shape).affine_layers]
+    return {"budget_eps": eps, "layers": layers, **jsonable(value if isinstance(value, Mapping) else {"bound": value})}
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -11,6 +11,7 @@ clean line under the random faults' mean) stay visible.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -244,7 +245,7 @@ def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
     log = is_geometric(eps)
     if log:
         ax.set_xscale("symlog", linthresh=float(min(e for e in eps if e > 0)))
-    _readable_ticks(ax, log)
+    _readable_ticks(ax, log, eps)
     budgets = result.get("budgets") or []
     relative = budgets and all(b.get("relative") for b in budgets)
     ax.set_xlabel(("ε (relative)" if relative else "ε") + (", log scale" if log else ""))
@@ -254,12 +255,19 @@ def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
     return handles
 
 
-def _readable_ticks(ax: Any, log: bool) -> None:
-    """At most 5 x ticks, printed as short numbers (``%g``), so that the labels never run together."""
+def _readable_ticks(ax: Any, log: bool, values: Sequence[float] = ()) -> None:
+    """At most 5 x ticks, printed as short numbers (``.3g``), so that the labels never run together: on a
+    symmetric-log axis 0 and the powers of 10 from the linear threshold on (or the smallest and largest value when
+    fewer than two powers of 10 fall in the range)."""
     from matplotlib import ticker
 
     if log:
-        ax.xaxis.set_major_locator(ticker.SymmetricalLogLocator(base=10, linthresh=ax.xaxis.get_transform().linthresh))
+        linthresh = ax.xaxis.get_transform().linthresh
+        top = max(values) if len(values) else linthresh
+        decades = [10.0**k for k in range(math.ceil(math.log10(linthresh)), math.floor(math.log10(top)) + 1)]
+        if len(decades) < 2:
+            decades = sorted({linthresh, top})
+        ax.xaxis.set_major_locator(ticker.FixedLocator([0.0, *decades[-4:]]))
         ax.xaxis.set_minor_locator(ticker.NullLocator())
     else:
         ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=5))
