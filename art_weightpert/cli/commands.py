@@ -223,45 +223,45 @@ def run_evaluate(args: argparse.Namespace) -> int:
         logits = [inputs.forward(module, x[i : i + 256]) for i in range(0, len(x), 256)]
         clean = float(np.mean(np.concatenate([t.argmax(1).cpu().numpy() for t in logits]) == y))
         entry = clean_only_entry(clean, methods, len(eps_grid), unsupported)
-        entry.update(
-            {
-                k: {"unavailable": unsupported}
-                for k, on in (("bit_flips", args.bit_flips), ("measures", args.measures))
-                if on
-            }
-        )
+        sections = {"bit_flips": args.bit_flips, "measures": args.measures}
+        entry.update({k: {"unavailable": unsupported} for k, on in sections.items() if on})
     entry["description"] = f"`{args.model}` ({loaded.kind}{'; ' + loaded.note if loaded.note else ''})"
     entry["model"] = inputs.model_summary(module)
     name = os.path.splitext(os.path.basename(args.model))[0] if loaded.kind != "callable" else args.model
-    data = {
-        "description": f"`{args.data}`: {len(x)} test points of shape {input_shape}, {nb_classes} classes"
-        + (f", {len(train_data[0])} training points" if train_data is not None else ""),
-        "path": os.path.abspath(args.data),
-        "n_test": len(x),
-        "n_train": None if train_data is None else len(train_data[0]),
-        "input_shape": list(input_shape),
-        "nb_classes": nb_classes,
-    }
-    settings = {
-        "device": device,
-        "pgd_steps": args.pgd_steps,
-        "random_samples": args.random_samples,
-        "eval_batch_size": args.batch_size,
-        "eps_grid_source": "given by --eps"
-        if args.eps
-        else "default, scaled to the model (0 to 10 % of the typical weight size in the chosen norm)",
-        "bit_flips": f"up to {args.bit_flips}, {args.n_bits} bits per weight, per-{args.granularity} scales"
-        if args.bit_flips
-        else "off",
-        "measures": ("on the training split" if train_data is not None else "on the test data")
-        if args.measures
-        else "off",
-    }
+    data, settings = _evaluate_metadata(args, x, train_data, nb_classes, device)
     command = "evaluate " + " ".join(inputs.quote(a) for a in (args.argv or []))
     report = build_report(command, {name: entry}, budget, eps_grid, methods, data, settings, {"seed": args.seed}, 0.0)
     report["seconds"] = time.perf_counter() - start
     _finish(report, out, args.quiet)
     return 0
+
+
+def _evaluate_metadata(args: argparse.Namespace, x, train_data, nb_classes: int, device: str) -> tuple[dict, dict]:
+    """The ``data`` and ``settings`` entries of an ``evaluate`` report."""
+    input_shape = tuple(int(d) for d in x.shape[1:])
+    n_train = None if train_data is None else len(train_data[0])
+    data = {
+        "description": f"`{args.data}`: {len(x)} test points of shape {input_shape}, {nb_classes} classes"
+        + (f", {n_train} training points" if n_train is not None else ""),
+        "path": os.path.abspath(args.data),
+        "n_test": len(x),
+        "n_train": n_train,
+        "input_shape": list(input_shape),
+        "nb_classes": nb_classes,
+    }
+    grid = "default, scaled to the model (0 to 10 % of the typical weight size in the chosen norm)"
+    flips = f"up to {args.bit_flips}, {args.n_bits} bits per weight, per-{args.granularity} scales"
+    measures = "on the training split" if train_data is not None else "on the test data"
+    settings = {
+        "device": device,
+        "pgd_steps": args.pgd_steps,
+        "random_samples": args.random_samples,
+        "eval_batch_size": args.batch_size,
+        "eps_grid_source": "given by --eps" if args.eps else grid,
+        "bit_flips": flips if args.bit_flips else "off",
+        "measures": measures if args.measures else "off",
+    }
+    return data, settings
 
 
 def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Module, str | None, int]:

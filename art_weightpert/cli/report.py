@@ -118,8 +118,7 @@ def evaluate_model(
     certified radius per test point and the generalization bound.
 
     :param classifier: the model.
-    :param x: test inputs.
-    :param y: integer test labels.
+    :param x: test inputs; ``y``: their integer labels.
     :param budget: the ball; its ε is replaced by each grid value (and sets the units of the certified radii).
     :param eps_grid: radii ε to evaluate.
     :param methods: subset of :data:`.REPORT_METHODS`.
@@ -130,10 +129,10 @@ def evaluate_model(
     :param train_data: ``(x_train, y_train)`` for the generalization bound (THEORY.md §6), or ``None``.
     :param radius_methods: certification methods whose per-sample certified radius is computed (a bisection over
         the radius for most bounds: costly for ``"linear"``, hence not in the default).
-    :param progress: called with a description after each unit of work (for a progress bar).
+    :param progress: called after each unit of work with its description (for a progress bar).
     :return: ``{"clean_accuracy", "curves": {method: [accuracy per ε]}, "random_std", "random_min", "random_max",
         "certified_radius": {method: summary}, "unavailable": {method: reason}, "generalization_bound", "seconds":
-        {method: float}}``.
+        {method: float}, "correct": [per test point]}``.
     """
     curve = weight_robustness_curve(
         classifier,

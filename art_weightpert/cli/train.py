@@ -66,16 +66,7 @@ def run_train(args: argparse.Namespace) -> int:
     document = {
         "model_file": os.path.abspath(args.out) if keep else None,
         "saved_as": saved_as or "not saved: training collapsed (--keep-collapsed saves it)",
-        "collapsed": collapsed,
-        "warnings": list(history.get("warnings", [])),
-        "architecture": args.model,
-        "data": data_desc,
-        "budget": budget.to_dict(),
-        "trainer": params,
-        **{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
-        "final": final,
-        "history": history,
-        "versions": versions(),
+        **_history_document(args, data_desc, budget, params, final, history),
         "seconds": time.perf_counter() - start,
     }
     with open(history_path, "w", encoding="utf-8") as handle:
@@ -90,6 +81,22 @@ def run_train(args: argparse.Namespace) -> int:
     note = " — training collapsed (see the warning above), kept by --keep-collapsed" if collapsed else ""
     print(f"Model saved to {args.out} ({saved_as}); training history in {history_path}{note}.")
     return 0
+
+
+def _history_document(args, data_desc: str, budget, params, final, history) -> dict[str, Any]:
+    """The content of the history JSON besides the model file and the time."""
+    return {
+        "collapsed": bool(history.get("collapsed")),
+        "warnings": list(history.get("warnings", [])),
+        "architecture": args.model,
+        "data": data_desc,
+        "budget": budget.to_dict(),
+        "trainer": params,
+        **{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        "final": final,
+        "history": history,
+        "versions": versions(),
+    }
 
 
 class TrainingCollapsed(Exception):
