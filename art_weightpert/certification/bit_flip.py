@@ -17,7 +17,6 @@ in float64 (THEORY.md §5), from :mod:`.bit_flip_bounds`:
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch

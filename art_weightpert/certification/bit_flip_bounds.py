@@ -76,8 +76,8 @@ def _coefficient_box(layer: Affine, a: torch.Tensor, lo, hi) -> tuple[torch.Tens
         centre, spread = _kernel_gradient_box(layer, a, lo, hi)
         return (centre - spread).flatten(2), (centre + spread).flatten(2)
     pos, neg = a.clamp_min(0).unsqueeze(3), a.clamp_max(0).unsqueeze(3)
-    l, u = lo.unsqueeze(1).unsqueeze(2), hi.unsqueeze(1).unsqueeze(2)
-    return (pos * l + neg * u).flatten(2), (pos * u + neg * l).flatten(2)
+    low, high = lo.unsqueeze(1).unsqueeze(2), hi.unsqueeze(1).unsqueeze(2)
+    return (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
 
 
 def layer_flip_terms(layer: Affine, table: FlipTable, a: torch.Tensor, lo, hi, k: int) -> torch.Tensor:

@@ -30,9 +30,8 @@ from art_weightpert.certification.bit_flip_bounds import (
     interval_margins,
     layer_flip_terms,
 )
-from art_weightpert.certification.bit_flip_terms import FlipTable, chunked, neuron_flip_box
 from art_weightpert.certification.bit_flip_enumeration import single_flip_margins
-from art_weightpert.certification.bit_flip_terms import sum_smallest
+from art_weightpert.certification.bit_flip_terms import FlipTable, chunked, neuron_flip_box, sum_smallest
 from art_weightpert.certification.interval import margin_matrix
 from art_weightpert.certification.linear import concretize
 from art_weightpert.network import Activation, Affine, Network

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Affine, Network, read_network
