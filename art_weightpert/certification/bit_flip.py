@@ -200,11 +200,16 @@ class BitFlipCertifier:
     def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
-        with torch.no_grad():
-            case = dict.fromkeys(self._names, k)
-            boxes = flip_boxes(net, params, tables, case, x64, x64)
-            bound = interval_margins(net, params, tables, case, boxes, labels, nb)
-            if self.method == "linear" and k > 0:
-                cases = [case_margins(net, params, tables, c, k, x64, labels, nb) for c in flip_cases(self._names, k)]
-                bound = torch.maximum(bound, torch.stack(cases).amin(dim=0))
+        try:
+            with torch.no_grad():
+                case = dict.fromkeys(self._names, k)
+                boxes = flip_boxes(net, params, tables, case, x64, x64)
+                bound = interval_margins(net, params, tables, case, boxes, labels, nb)
+                if self.method == "linear" and k > 0:
+                    cases = flip_cases(self._names, k)
+                    split = torch.stack([case_margins(net, params, tables, c, k, x64, labels, nb) for c in cases])
+                    bound = torch.maximum(bound, split.amin(dim=0))
+        finally:
+            for table in tables.values():  # the memo of neuron boxes holds for this computation only
+                table.memo.clear()
         return bound.scatter(1, labels.unsqueeze(1), float("inf"))

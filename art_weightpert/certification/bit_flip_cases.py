@@ -80,7 +80,7 @@ def case_margins(
             return _enumerated_margins(network, params, tables, x, labels, first)
         if k == 1:
             return _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, first)
-        if _next_linear(network, first) is not None:
+        if _next_affine(network, first) is not None:
             return _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first)
     boxes = flip_boxes(network, params, tables, case, x, x)
     return torch.maximum(
@@ -119,34 +119,53 @@ def _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, 
     return chunked(run, len(x), per_sample, z, down, up, labels)
 
 
-def _next_linear(network: Network, first: int) -> int | None:
-    """Index of the Linear layer fed by the Linear layer ``first`` through at most one activation, else ``None``."""
+def _next_affine(network: Network, first: int) -> int | None:
+    """Index of the affine layer ``g`` fed by the affine layer ``first`` through at most one activation (Linear to
+    Linear, or convolution to an ungrouped convolution), else ``None``."""
     layers = network.layers
-    if not isinstance(layers[first], Affine) or layers[first].is_conv:
-        return None
     nxt = first + 2 if isinstance(layers[first + 1], Activation) else first + 1
-    if nxt < len(layers) and isinstance(layers[nxt], Affine) and not layers[nxt].is_conv:
-        return nxt
-    return None
+    if nxt >= len(layers) or not isinstance(layers[nxt], Affine) or layers[nxt].is_conv != layers[first].is_conv:
+        return None
+    return nxt if not layers[nxt].is_conv or layers[nxt].module.groups == 1 else None
 
 
-def _sparse_sum(mu: torch.Tensor, e_lo: torch.Tensor, e_hi: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` most negative of ``min(μ_r e_lo_r, μ_r e_hi_r)`` over the last dimension (``≤ 0``, ``(..., ≤ k)``)."""
-    terms = torch.minimum(mu * e_lo, mu * e_hi).clamp_max(0)
-    return terms.topk(min(k, terms.shape[-1]), dim=-1, largest=False).values
+def _unit_contributions(g: Affine, weight: torch.Tensor, e_lo: torch.Tensor, e_hi: torch.Tensor):
+    """Per input unit ``c`` of ``g`` (an entry, or a channel of a convolution), the box of its contribution
+    ``V[:, c] ⋆ e_c`` to ``g``'s output over ``e_c ∈ [e_lo, e_hi]``: ``(N, C) + output shape`` each."""
+    if not g.is_conv:
+        w = weight.T.unsqueeze(0)  # (1, C, S)
+        at_lo, at_hi = w * e_lo.unsqueeze(2), w * e_hi.unsqueeze(2)
+        return torch.minimum(at_lo, at_hi), torch.maximum(at_lo, at_hi)
+    mod, channels = g.module, weight.shape[1]
+    per_channel = weight.transpose(0, 1).reshape((-1, 1) + tuple(weight.shape[2:]))  # one group per input channel
+
+    def conv(t, w):
+        return torch.nn.functional.conv2d(t, w, None, mod.stride, g.padding, mod.dilation, channels)
+
+    centre, radius = conv((e_lo + e_hi) / 2, per_channel), conv((e_hi - e_lo) / 2, per_channel.abs())
+    shape = (len(e_lo), channels, weight.shape[0]) + tuple(centre.shape[2:])
+    return (centre - radius).reshape(shape), (centre + radius).reshape(shape)
+
+
+def _sparse_units(g: Affine, weight, a, e_lo, e_hi, k: int) -> torch.Tensor:
+    """The ``k`` most negative per-unit terms ``min over e_c of (λ ⋆ V)_c · e_c``: ``(N, K, ≤ k)``."""
+    mu = g.apply_transposed(a.flatten(0, 1), weight, e_lo.shape[1:]).reshape(a.shape[:2] + e_lo.shape[1:])
+    terms = torch.minimum(mu * e_lo.unsqueeze(1), mu * e_hi.unsqueeze(1))
+    terms = (terms.flatten(3).sum(3) if terms.dim() > 3 else terms).clamp_max(0)
+    return terms.topk(min(k, terms.shape[2]), dim=2, largest=False).values
 
 
 def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first: int) -> torch.Tensor:
-    """Case bound when the first flipped layer ``f`` (``k_f`` flips) is Linear and feeds a Linear layer ``g`` through
-    at most one activation: its ``k_f`` flips move at most ``k_f`` of its output units, so ``g``'s input is the clean
-    activation plus a vector ``e`` with at most ``k_f`` non-zero entries, each in the box of that unit's own worst
+    """Case bound when the first flipped layer ``f`` (``k_f`` flips) feeds an affine layer ``g`` through at most one
+    activation: its flips move at most ``k_f`` of its output units (Linear) or channels (convolution), so ``g``'s input
+    is the clean activation plus ``e`` with at most ``k_f`` non-zero units, each in the box of that unit's own worst
     ``k_f`` flips. ``g``'s output box and the backward pass's term ``(λ V)·e`` are then top-``k_f`` sums over the
-    units, the activation after ``f`` needs no relaxation."""
+    units; the activation after ``f`` needs no relaxation."""
     layers = network.layers
     h = x
     for layer in layers[:first]:
         h = _apply(layer, params, h)
-    layer, g_index = layers[first], _next_linear(network, first)
+    layer, g_index = layers[first], _next_affine(network, first)
     k_f = case[layer.weight_name]
     z = _apply(layer, params, h)
     down, up = neuron_flip_box(layer, tables[layer.weight_name], h, h, k_f)
@@ -157,9 +176,10 @@ def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, fir
     weight = params[g.weight_name]
     centre = _apply(g, params, clean)
     lo_in, hi_in = clean + e_lo, clean + e_hi
-    rows_lo, rows_hi = e_lo.unsqueeze(1), e_hi.unsqueeze(1)
-    box_lo = centre + _sparse_sum(weight, rows_lo, rows_hi, k_f).sum(-1)
-    box_hi = centre - _sparse_sum(-weight, rows_lo, rows_hi, k_f).sum(-1)
+    lower, upper = _unit_contributions(g, weight, e_lo, e_hi)
+    nb = min(k_f, lower.shape[1])
+    box_lo = centre + lower.clamp_max(0).topk(nb, dim=1, largest=False).values.sum(1)
+    box_hi = centre + upper.clamp_min(0).topk(nb, dim=1).values.sum(1)
     table, k_g = tables.get(g.weight_name), case.get(g.weight_name, 0)
     if table is not None and k_g:
         moved_down, moved_up = neuron_flip_box(g, table, lo_in, hi_in, k_g)
@@ -174,7 +194,7 @@ def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, fir
         interval = interval_margins(suffix, params, tables, case, boxes, labels, nb_classes)
         a, const, candidates = backward_pass(suffix, params, tables, case, boxes, labels, nb_classes)
     const = const + concretize(a, centre, centre)  # λ·(V·clean + b)
-    candidates.append(_sparse_sum(a @ weight, e_lo.unsqueeze(1), e_hi.unsqueeze(1), k_f))  # (λV)·e
+    candidates.append(_sparse_units(g, weight, a, e_lo, e_hi, k_f))  # (λV)·e
     if table is not None and k_g:
         candidates.append(layer_flip_terms(g, table, a, lo_in, hi_in, k_g))
     linear = const + sum_smallest(candidates, k, const.shape, const)

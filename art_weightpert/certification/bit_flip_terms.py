@@ -13,7 +13,7 @@ has all its terms above the ``k``-th of these maxima), so only their ``k·n_bits
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -31,11 +31,14 @@ class FlipTable:
     :param changes: ``(rows, fan_in, n_bits)`` float64, ``s·d_b(c)`` of every weight and bit.
     :param largest: ``(rows, fan_in)``, the largest positive change of each weight (0 if none).
     :param smallest: ``(rows, fan_in)``, the most negative change of each weight (0 if none).
+    :param memo: :func:`neuron_flip_box` results by input box and budget, valid for one bound computation (the owner
+        clears it).
     """
 
     changes: torch.Tensor
     largest: torch.Tensor
     smallest: torch.Tensor
+    memo: dict = field(default_factory=dict)
 
 
 def flip_tables(quantized: QuantizedWeights, layers: list[Affine], device: torch.device) -> dict[str, FlipTable]:
@@ -144,8 +147,12 @@ def neuron_flip_box(
     layer: Affine, table: FlipTable, lo: torch.Tensor, hi: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(down, up)``: per output unit, how far at most ``k`` flips of this layer can move it down (≤ 0) and up (≥ 0)
-    for inputs in ``[lo, hi]``. Moving up by ``D ĥ`` is moving ``−z`` down by the negated changes."""
-    down = neuron_flip_terms(layer, table, lo, hi, k)
-    negated = FlipTable(-table.changes, -table.smallest, -table.largest)
-    up = -neuron_flip_terms(layer, negated, lo, hi, k)
-    return down, up
+    for inputs in ``[lo, hi]``. Moving up by ``D ĥ`` is moving ``−z`` down by the negated changes. Memoized in
+    ``table.memo`` by the identity of the input tensors (kept alive there) and ``k``."""
+    key = (id(lo), id(hi), k)
+    if key not in table.memo:
+        down = neuron_flip_terms(layer, table, lo, hi, k)
+        negated = FlipTable(-table.changes, -table.smallest, -table.largest)
+        up = -neuron_flip_terms(layer, negated, lo, hi, k)
+        table.memo[key] = ((down, up), (lo, hi))
+    return table.memo[key][0]
