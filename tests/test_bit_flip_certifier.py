@@ -169,3 +169,39 @@ def test_bad_estimator_and_inputs(tiny_mlp_classifier, digits):
         certifier.certify(np.zeros((2, 5), dtype=np.float32))
     with pytest.raises(ValueError, match="y"):
         certifier.certify(digits[2][:3], digits[3][:2])
+
+
+@pytest.fixture(scope="module")
+def conv_chain(digits_images):
+    """The zoo's conv-ReLU-conv-ReLU-linear-ReLU-linear CNN, small and briefly trained: the sparse case bound for
+    convolutions feeding convolutions runs on it."""
+    from art_weightpert import zoo
+
+    x_train, y_train, _, _ = digits_images
+    clf = zoo.make_classifier(zoo.digits_cnn(channels=(4, 8), seed=1), (1, 8, 8), lr=0.01)
+    clf.fit(x_train, y_train, batch_size=128, nb_epochs=4, verbose=False)
+    return clf
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_conv_chain_bound_below_attacked_and_random_flips(conv_chain, digits_images, monkeypatch, k):
+    """Row split (k = 1, enumeration switched off) and the sparse channel bound (k = 2) on a conv chain: every margin
+    after BFA's flips or random sign-bit flips stays above the certified lower bound."""
+    monkeypatch.setattr("art_weightpert.certification.bit_flip_cases.MAX_ENUMERATED_FLIPS", 0)
+    _, _, x, y = digits_images
+    x, y = x[:8], y[:8]
+    bound = BitFlipCertifier(conv_chain, k, method="linear", verbose=False).margin_lower_bounds(x, y).min(axis=1)
+    if k == 1:
+        exact = single_flip_robustness(conv_chain, x, y)
+        assert not np.any((bound > 1e-9) & ~exact)
+    attack = BitFlipAttack(conv_chain, max_flips=k, top_k=30, nb_candidates=5, verbose=False)
+    codes = QuantizedWeights.from_estimator(conv_chain).codes
+    rng = np.random.default_rng(k)
+    for i in range(len(x)):
+        flip_sets = [attack.generate(x[i : i + 1], y[i : i + 1])]
+        for _ in range(5):
+            names = rng.choice(list(codes), size=k)
+            flip_sets.append([BitFlip(n, tuple(int(rng.integers(s)) for s in codes[n].shape), 7) for n in names])
+        for flips in flip_sets:
+            attacked = _margins(_quantized_logits(conv_chain, x[i : i + 1], flips), y[i : i + 1])[0]
+            assert attacked >= bound[i] - 1e-4
