@@ -28,6 +28,7 @@ _LAZY = {
     "QuantizedWeights": "art_weightpert.quantization",
     "BitFlip": "art_weightpert.quantization",
     "WeightPerturbationCertifier": "art_weightpert.certification",
+    "BitFlipCertifier": "art_weightpert.certification",
     "WeightRobustTrainer": "art_weightpert.defences.trainer",
 }
 

@@ -8,14 +8,19 @@ Its radius is a tensor of a ball-specific shape:
 * :class:`RowL1Ball` (``"row_l1"``): one radius per row, shape ``(rows,)``;
 * :class:`L2Ball` (``"l2"``): one radius for the whole tensor, shape ``()``.
 
-Every operation is vectorized over the tensor and keeps its device and dtype.
+Every operation is vectorized over the tensor and keeps its device and dtype. A ball owns every norm-specific term of
+the bounds: its interval term (THEORY.md §4), its term of the backward linear bound (§4b, read through the
+:class:`.AffineBackward` view of the layer that the ``"linear"`` method passes), its support function and its
+inclusions (§2). Adding a norm is adding one class here and one entry in :data:`BALLS`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -24,9 +29,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class Ball:
-    """Interface of a weight ball. Subclasses implement every method."""
+    """Interface of a weight ball. Subclasses implement every method that raises ``NotImplementedError``;
+    :meth:`linear_term` and :meth:`abs_weight_factor` have sound defaults that a ball may sharpen."""
 
     name: str = ""
+    label: str = ""
+    """How reports and plots name the ball."""
+    bias_norm: str = ""
+    """The name of the ball a bias gets under this norm (``include_bias``; THEORY.md §2)."""
 
     def radius(self, param: torch.Tensor, eps: float, relative: bool) -> torch.Tensor:
         """Radius tensor for ``param`` (absolute ``eps`` or ``eps`` times the parameter's own norm)."""
@@ -55,8 +65,30 @@ class Ball:
 
     def interval_term(self, layer, m: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
         """Bound on ``|Δ ĥ|`` at the output of the affine ``layer`` (a :class:`.network.Affine`), for every ``Δ`` in
-        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4)."""
+        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4); ``radius`` as given or as :meth:`compact_radius` made it."""
         raise NotImplementedError
+
+    def compact_radius(self, radius: torch.Tensor) -> torch.Tensor:
+        """A cheaper equivalent of ``radius`` for :meth:`interval_term` (callers may memoize it per radius)."""
+        return radius
+
+    def linear_term(self, view: Any, radius: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Lower bound of ``min_Δ λ·Δĥ`` over the ball, linear in ``ĥ`` on the layer's input box (THEORY.md §4b):
+        ``(change of the input coefficients, constant)``, either ``None``, both linear in the radius. ``view`` is the
+        layer at that step of the backward pass (:class:`.AffineBackward`, built by the linear bound).
+
+        This default uses the interval term: ``|Δĥ| ≤ P(m)`` per output unit, so ``min_Δ λ·Δĥ ≥ −Σ |λ| ⊙ P(m)``."""
+        return None, view.magnitude_term(self.interval_term(view.layer, view.magnitude, radius))
+
+    def support(self, g: torch.Tensor, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Support function ``max_{Δ in the ball} ⟨Δ, g⟩`` for a batch of ``g`` of shape ``(..., *shape)`` (``shape``:
+        the parameter's), shape ``(...)``."""
+        raise NotImplementedError
+
+    def abs_weight_factor(self, radius: torch.Tensor, weight: torch.Tensor, eps: float) -> float | None:
+        """``eps`` when the ball's interval term is ``eps·|W|`` applied to ``m`` (a box of radius ``eps·|W|``), so that
+        interval propagation can share the ``|W|`` product; ``None`` otherwise."""
+        return None
 
     def row_l1_radius(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Per-row ℓ1 radius of a row_l1 ball that contains this ball (THEORY.md §2 inclusions)."""
@@ -65,6 +97,25 @@ class Ball:
     def entry_bound(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Bound on ``|δ|`` per entry (shape ``shape``) implied by the ball: the box containing it."""
         raise NotImplementedError
+
+
+def abs_chord(centre: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chord of ``|·|`` on ``[c − r, c + r]``: ``(s, t)`` with ``|v| ≤ s v + t`` there, ``s = clamp(c / r, −1, 1)``,
+    ``t = r (1 − s²)``. It is ``v`` itself when the box is non-negative (``s = 1, t = 0``), ``−v`` when it is
+    non-positive, and ``sign(c)·v`` on a point."""
+    slope = (centre / radius.clamp_min(torch.finfo(radius.dtype).tiny)).clamp(-1.0, 1.0)
+    return slope, radius * (1 - slope * slope)
+
+
+def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
+    """The common value of every entry of ``radius``, or ``None`` when they differ."""
+    value = radius.reshape(-1)[0]
+    return value if bool((radius == value).all()) else None
+
+
+def _support_rows(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``g`` ``(..., *shape)`` as ``(..., rows, fan-in)``."""
+    return g.reshape(g.shape[: g.dim() - len(shape)] + (shape[0], -1))
 
 
 def _uniform_sign(shape: torch.Size, like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -76,6 +127,8 @@ class BoxBall(Ball):
     """Entry-wise box ``|δ_rc| ≤ r_rc`` (``norm="inf"``)."""
 
     name = "inf"
+    label = "box ℓ∞ ball"
+    bias_norm = "inf"
 
     def radius(self, param, eps, relative):
         return eps * param.detach().abs() if relative else torch.full_like(param, eps)
@@ -107,7 +160,43 @@ class BoxBall(Ball):
         return torch.where(positive, g / scale, torch.zeros_like(g))
 
     def interval_term(self, layer, m, radius):
-        return layer.apply(m, radius)  # Σ_c δ_rc m_c: the layer's map with the δ kernel
+        # Σ_c δ_rc m_c: the layer's map with the δ kernel; with one δ for every entry (a compact radius of absolute
+        # budgets) δ Σ_c m_c over the row's receptive field, a sum instead of a matmul.
+        if radius.dim() > 0:
+            return layer.apply(m, radius)
+        if not layer.is_conv:
+            return radius * m.sum(dim=1, keepdim=True)
+        mod = layer.module
+        if mod.groups != 1:
+            return layer.apply(m, radius.expand(mod.weight.shape))
+        ones = m.new_ones((1, 1) + tuple(mod.kernel_size))  # sum over the channels first: a one-channel window sum
+        return radius * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, layer.padding, mod.dilation)
+
+    def compact_radius(self, radius):
+        # One value for every entry (absolute budgets): that value, 0-d.
+        value = _uniform_value(radius) if radius.dim() >= 2 else None
+        return radius if value is None else value
+
+    def linear_term(self, view, radius):
+        # −Σ δ ⊙ |G| (THEORY.md §4b). Linear: |G_rc| = |λ_r| |ĥ_c|, the term −(|λ|δ)·|ĥ|. Convolution: |G| is bounded
+        # by its chord over the box of G (G itself where its sign is fixed), which keeps the kernel shared.
+        if view.layer.is_conv:
+            centre, spread = view.gradient_box()
+            delta = radius.reshape(centre.shape[2:])
+            if view.known_input:  # G known: the exact −Σ δ |G|
+                return None, -(delta * centre.abs()).flatten(2).sum(dim=2)
+            slope, offset = abs_chord(centre, spread)
+            return -view.kernel_to_input(delta * slope), -(delta * offset).flatten(2).sum(dim=2)
+        a = view.coefficients
+        value = _uniform_value(radius)
+        g = value * a.abs().sum(dim=2, keepdim=True) if value is not None else view.transposed(a.abs(), radius)
+        return view.minus_abs_input(g)
+
+    def support(self, g, radius, shape):
+        return g.abs().flatten(g.dim() - len(shape)) @ radius.reshape(-1)  # Σ r |g|
+
+    def abs_weight_factor(self, radius, weight, eps):
+        return eps if radius.shape == weight.shape and torch.equal(radius, eps * weight.abs()) else None
 
     def row_l1_radius(self, radius, shape):
         return _rows(radius).sum(dim=1)
@@ -165,6 +254,8 @@ class RowL1Ball(Ball):
     """Per-row ℓ1 ball ``‖δ_{r,:}‖_1 ≤ r_r`` (``norm="row_l1"``; max over rows = induced ℓ∞→ℓ∞ operator norm)."""
 
     name = "row_l1"
+    label = "row ℓ1 ball"
+    bias_norm = "inf"  # a per-entry box: the row ℓ1 ball of a bias (one entry per row)
 
     def radius(self, param, eps, relative):
         if relative:
@@ -219,6 +310,18 @@ class RowL1Ball(Ball):
     def interval_term(self, layer, m, radius):
         return layer.rows_shape(radius) * layer.patch_max(m)  # ε_r ‖m‖_∞ over the row's receptive field
 
+    def linear_term(self, view, radius):
+        # −Σ_r ε_r ‖G_r‖_∞ (Hölder). Linear: ‖G_r‖_∞ = |λ_r| ‖ĥ‖_∞ ≤ |λ_r| max_c m_c, the interval term's bound;
+        # convolution: ‖G_r‖_∞ ≤ max_j (|G_c| + G_r)_{rj} over the box G_c ± G_r of G.
+        if not view.layer.is_conv:
+            return super().linear_term(view, radius)
+        centre, spread = view.gradient_box()
+        top = (centre.abs() + spread).amax(dim=-1).flatten(2)  # max |G| per entry, then per row: (N, K, rows)
+        return None, -top @ radius
+
+    def support(self, g, radius, shape):
+        return _support_rows(g.abs(), shape).amax(dim=-1) @ radius  # Σ_r ε_r ‖g_r‖_∞
+
     def row_l1_radius(self, radius, shape):
         return radius
 
@@ -230,6 +333,8 @@ class L2Ball(Ball):
     """Frobenius ball ``‖δ‖_F ≤ r`` over the whole tensor (``norm="l2"``, as in AWP/SAM)."""
 
     name = "l2"
+    label = "Frobenius ℓ2 ball"
+    bias_norm = "l2"
 
     def radius(self, param, eps, relative):
         if relative:
@@ -259,6 +364,16 @@ class L2Ball(Ball):
 
     def interval_term(self, layer, m, radius):
         return radius * layer.patch_norm2(m)  # |Δ_r·ĥ| ≤ ‖Δ_r‖_2 ‖m‖_2 ≤ ε ‖m‖_2 (Cauchy–Schwarz per row)
+
+    def linear_term(self, view, radius):
+        # −ε ‖G‖_F. Linear: ‖G‖_F = ‖λ‖_2 ‖ĥ‖_2 ≤ ‖λ‖_2 ‖m‖_2; convolution: |G| ≤ |G_c| + G_r entry-wise.
+        if not view.layer.is_conv:
+            return None, -radius * view.coefficients.norm(dim=2) * view.magnitude.norm(dim=1, keepdim=True)
+        centre, spread = view.gradient_box()
+        return None, -radius * (centre.abs() + spread).flatten(2).norm(dim=2)
+
+    def support(self, g, radius, shape):
+        return radius * g.flatten(g.dim() - len(shape)).norm(dim=-1)  # ε ‖g‖_F
 
     def row_l1_radius(self, radius, shape):
         fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else 1

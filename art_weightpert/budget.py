@@ -103,7 +103,7 @@ class PerturbationBudget:
     @property
     def bias_ball(self) -> Ball:
         """The ball of the biases (a box for ``inf``/``row_l1``, Euclidean for ``l2``)."""
-        return BALLS["l2"] if self.norm == "l2" else BALLS["inf"]
+        return BALLS[self.ball.bias_norm]
 
     def layer_eps(self, layer_name: str) -> float:
         """The ε of one layer."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
-from art_weightpert.certification import available_methods
+from art_weightpert.certification import METHODS
 from art_weightpert.data import load_digits_data
 from art_weightpert.metrics import generalization_bound, weight_certified_accuracy
 
@@ -53,7 +53,7 @@ def main() -> None:
     clf = trained_mlp()
     x_train, y_train, x_test, y_test = load_digits_data()
     clean = float(np.mean(clf.predict(x_test).argmax(axis=1) == y_test))
-    methods = available_methods()
+    methods = list(METHODS)
     table: dict = {}
     for norm, grid in GRIDS.items():
         table[norm] = {}

@@ -59,6 +59,30 @@ def random_mlp(sizes, bias: bool, seed: int, act: type[nn.Module] = nn.ReLU) -> 
     return nn.Sequential(*layers)
 
 
+def random_cnn(seed: int, final_maxpool: bool = True) -> nn.Sequential:
+    """A randomly initialised CNN on 1×6×6 inputs with 5 classes: conv, batch norm (random eval statistics), ReLU,
+    average pooling, conv, ReLU, optionally max pooling, and a Linear layer; in eval mode."""
+    torch.manual_seed(seed)
+    pool: list[nn.Module] = [nn.MaxPool2d(2)] if final_maxpool else []
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(3, 4, 2),
+        nn.ReLU(),
+        *pool,
+        nn.Flatten(),
+        nn.Linear(4 if final_maxpool else 4 * 2 * 2, 5),
+    )
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.3, 0.3)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 def make_cnn(seed: int = 0) -> nn.Sequential:
     """A small CNN on 1×8×8 inputs with a fixed initialisation."""
     torch.manual_seed(seed)
@@ -115,3 +139,16 @@ def trained_digits_mlp(digits):
     optimizer.zero_grad(set_to_none=True)
     model.eval()
     return zoo_classifier(model, (64,))
+
+
+@pytest.fixture(scope="module")
+def clf(trained_digits_mlp):
+    """The reference digits MLP under the name most attack tests use (read-only, like ``trained_digits_mlp``)."""
+    return trained_digits_mlp
+
+
+@pytest.fixture(scope="module")
+def test_data(digits):
+    """The digits test split ``(x_test, y_test)``."""
+    _, _, x_test, y_test = digits
+    return x_test, y_test

@@ -16,17 +16,6 @@ from art_weightpert.attacks import base as attacks_base
 LAYERS = ["0", "2", "4"]  # the Linear layers of the reference MLP
 
 
-@pytest.fixture(scope="module")
-def clf(trained_digits_mlp):
-    return trained_digits_mlp
-
-
-@pytest.fixture(scope="module")
-def test_data(digits):
-    _, _, x_test, y_test = digits
-    return x_test, y_test
-
-
 def accuracy(classifier, x, y, delta=None):
     if delta is not None:
         classifier = classifier.with_weight_perturbation(delta)

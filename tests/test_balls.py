@@ -3,6 +3,7 @@ steepest steps and the inclusions between balls."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -320,3 +321,76 @@ def test_inclusion_table_of_the_docs():
     np.testing.assert_allclose(
         RowL1Ball().entry_bound(torch.full((3,), 0.2, dtype=f64), shape).numpy(), np.full(shape, 0.2)
     )
+
+
+# ------------------------------------------------------------------------------------------------ bound terms
+def vertices(norm: str, radius: torch.Tensor, shape) -> torch.Tensor:
+    """Every vertex of a box or row_l1 ball on a tiny parameter, ``(V, *shape)``."""
+    n = int(np.prod(shape))
+    if norm == "inf":
+        signs = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=n)), dtype=torch.float64)
+        return signs.reshape((-1, *shape)) * radius
+    rows, fan_in = shape[0], n // shape[0]
+    per_row = [[(s * float(radius[r]), c) for s in (-1.0, 1.0) for c in range(fan_in)] for r in range(rows)]
+    out = []
+    for choice in itertools.product(*per_row):
+        v = torch.zeros((rows, fan_in), dtype=torch.float64)
+        for r, (value, c) in enumerate(choice):
+            v[r, c] = value
+        out.append(v.reshape(shape))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("norm", ["inf", "row_l1", "l2"])
+@pytest.mark.parametrize("shape", [(2, 3), (3,), (2, 1, 2, 1)])
+def test_support_function_is_the_maximum_over_the_ball(norm, shape):
+    """``support(g) = max_Δ ⟨Δ, g⟩``: attained at a vertex for the polytopes, at ``r g / ‖g‖`` for l2, never exceeded
+    by sampled points; batched over leading dimensions."""
+    ball = BALLS[norm]
+    gen = torch.Generator().manual_seed(12)
+    radius = random_radius(norm, shape, gen)
+    g = torch.randn((4, *shape), generator=gen, dtype=torch.float64)
+    got = ball.support(g, radius, torch.Size(shape))
+    assert got.shape == (4,)
+    if norm == "l2":
+        best = torch.stack([(radius * gi / gi.norm() * gi).sum() for gi in g])
+    else:
+        points = vertices(norm, radius, shape)
+        best = torch.einsum("v...,n...->nv", points, g).amax(dim=1)
+    torch.testing.assert_close(got, best, rtol=1e-12, atol=1e-12)
+    samples = torch.stack([ball.sample(radius, torch.Size(shape), "uniform", gen) for _ in range(50)])
+    assert bool((torch.einsum("v...,n...->nv", samples, g) <= got.unsqueeze(1) + 1e-12).all())
+
+
+@pytest.mark.parametrize("norm", ["inf", "row_l1", "l2"])
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("conv", [0, 1, 2], ids=["linear", "conv", "grouped-conv"])
+def test_interval_term_bounds_every_perturbation_and_is_attained_by_the_box(norm, relative, conv):
+    """``|Δ ĥ| ≤ interval_term(m)`` for every ``Δ`` in the ball and ``|ĥ| ≤ m`` (sampled extreme points); for the box
+    on a Linear layer the bound is attained; the compact radius (one value for equal radii) gives the same bound."""
+    from art_weightpert.network import Affine
+
+    torch.manual_seed(13)
+    module = (torch.nn.Conv2d(2, 4, 2, groups=conv) if conv else torch.nn.Linear(5, 3)).double()
+    layer = Affine("", module, "weight", "bias")
+    gen = torch.Generator().manual_seed(14)
+    ball = BALLS[norm]
+    radius = ball.radius(module.weight.detach(), 0.1, relative)
+    m = torch.rand((2, 2, 4, 4) if conv else (2, 5), generator=gen, dtype=torch.float64)
+    bound = ball.interval_term(layer, m, radius)
+    compact = ball.interval_term(layer, m, ball.compact_radius(radius))
+    torch.testing.assert_close(compact.expand_as(bound), bound, rtol=1e-12, atol=0)
+    for _ in range(40):
+        delta = ball.sample(radius, module.weight.shape, "extreme", gen)
+        h = m * (2 * torch.randint(0, 2, m.shape, generator=gen) - 1)
+        assert bool((layer.apply(h, delta).abs() <= bound + 1e-12).all())
+    if norm == "inf" and not conv:  # Δ = +radius (a vertex) and ĥ = m ≥ 0 reach it: Δ m = layer(m; radius)
+        torch.testing.assert_close(bound, layer.apply(m, radius), rtol=1e-12, atol=0)
+
+
+def test_only_a_relative_box_folds_into_the_weight_product():
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    assert BoxBall().abs_weight_factor(BoxBall().radius(w, 0.2, True), w, 0.2) == 0.2
+    assert BoxBall().abs_weight_factor(BoxBall().radius(w, 0.2, False), w, 0.2) is None
+    for ball in (RowL1Ball(), L2Ball()):
+        assert ball.abs_weight_factor(ball.radius(w, 0.2, True), w, 0.2) is None

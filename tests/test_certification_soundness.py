@@ -9,63 +9,27 @@ edge of what the certificate claims."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call, vmap
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
-from art_weightpert.certification import WeightPerturbationCertifier, available_methods
+from art_weightpert.certification import METHODS, WeightPerturbationCertifier
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
-from tests.conftest import random_mlp
+from tests.conftest import random_cnn, random_mlp
 
-HAS_LINEAR = importlib.util.find_spec("art_weightpert.certification.linear") is not None
-METHOD_PARAMS = [
-    "paper",
-    "interval",
-    pytest.param("linear", marks=pytest.mark.skipif(not HAS_LINEAR, reason="certification/linear.py not written yet")),
-]
 N_SAMPLES = 16
 N_EXTREME = 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ------------------------------------------------------------------------------------------------ models and cases
 MLP_SIZES = (8, 10, 8, 5)
-
-
-def random_cnn(seed: int) -> nn.Sequential:
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, padding=1),
-        nn.BatchNorm2d(3),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Conv2d(3, 4, 2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(4, 5),
-    )
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-0.3, 0.3)
-        model[1].running_var.uniform_(0.5, 2.0)
-        model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.2, 0.2)
-    return model.eval()
 
 
 MODELS = {
@@ -146,18 +110,21 @@ def extreme_point_margins(
 
 
 def certify_and_attack(clf: PyTorchWeightClassifier, budget: PerturbationBudget, x: np.ndarray, y: np.ndarray) -> dict:
-    """Certify every sample with every available method, then attack each sample at 0.99 × its own certified radius
+    """Certify every sample with every registered method, then attack each sample at 0.99 × its own certified radius
     (one batched per-sample attack and one set of extreme points for all methods)."""
     per_method = {}
     tol = CERTIFICATION_RTOL * (1 + np.abs(clf.predict(x).astype(np.float64)).max(axis=1))
-    for method in available_methods():
+    for method in METHODS:
         certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False)
         radius = certifier.certified_radius(x, y)
         positive = (radius > 0) & np.isfinite(radius)
         fallback = np.median(radius[positive]) if positive.any() else 1e-3
         scale = np.where(positive, 0.99 * np.where(np.isfinite(radius), radius, 0), fallback)
         bounds = certifier.margin_lower_bounds(x, y, scale=scale)
-        per_method[method] = {"certified": positive, "scale": scale, "bounds": bounds, "tol": tol}
+        at_radius = certifier.margin_lower_bounds(x, y, scale=np.where(positive, radius, 0.0))
+        per_method[method] = {
+            "certified": positive, "scale": scale, "bounds": bounds, "bounds_at_radius": at_radius, "tol": tol,
+        }  # fmt: skip
     methods = list(per_method)
     x_all = np.concatenate([x] * len(methods))
     y_all = np.concatenate([y] * len(methods))
@@ -194,7 +161,7 @@ def _violations(observed: np.ndarray, bounds: np.ndarray, tol: np.ndarray) -> in
     return int((observed[finite] < bounds[finite] - slack).sum())
 
 
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_certified_samples_survive_per_sample_attack_and_extreme_points(case, method):
     out = run_case(case)[method]
@@ -206,7 +173,7 @@ def test_certified_samples_survive_per_sample_attack_and_extreme_points(case, me
     assert not np.any(out["extreme_flipped"] & certified)
 
 
-@pytest.mark.parametrize("method", METHOD_PARAMS)
+@pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_no_observed_margin_falls_below_its_lower_bound(case, method):
     out = run_case(case)[method]
@@ -228,6 +195,11 @@ def test_the_attack_reaches_the_bound_where_the_bound_is_exact():
     assert np.all(found[finite] >= bounds[finite] - 1e-9)
 
 
+# Methods whose bound can only grow when the ball shrinks. "linear" is not among them: CROWN picks its relaxation lines
+# from the intermediate boxes, so a smaller ball can select other lines and a (still sound) lower bound; hypothesis
+# found a sigmoid MLP certified at radius r whose linear bound at 0.99·r is negative.
+INCLUSION_MONOTONE = ("paper", "interval")
+
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
@@ -240,6 +212,7 @@ ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "tanh": nn.Tanh, "si
     relative=st.booleans(),
     layers=st.sampled_from(["all", "first", "last"]),
 )
+@example(seed=2612, activation="sigmoid", bias=False, norm="row_l1", relative=True, layers="first")  # non-monotone
 def test_random_architectures_and_activations(seed, activation, bias, norm, relative, layers):
     """Hypothesis: other monotone activations (the paper bound's Lipschitz and range rules, the interval's monotone
     maps, the linear relaxations), random widths and budgets; every method's bounds hold against the attack and the
@@ -254,6 +227,9 @@ def test_random_architectures_and_activations(seed, activation, bias, norm, rela
     for method, out in certify_and_attack(clf, budget, x, y).items():
         certified = out["certified"]
         assert not np.any((out["attack_flipped"] | out["extreme_flipped"]) & certified), method
-        assert np.all(out["bounds"][certified].min(axis=1) > 0), method
+        # The certified radius is one where the bound is positive; the smaller balls are certified by inclusion.
+        assert np.all(out["bounds_at_radius"][certified].min(axis=1) > 0), method
+        if method in INCLUSION_MONOTONE:  # a smaller ball gives smaller boxes, so a bound at least as large
+            assert np.all(out["bounds"][certified].min(axis=1) > 0), method
         assert _violations(out["attack_margins"], out["bounds"], out["tol"]) == 0, method
         assert _violations(out["extreme_margins"], out["bounds"], out["tol"]) == 0, method

@@ -13,17 +13,6 @@ from art_weightpert.attacks import base as attacks_base
 WEIGHT_BUDGET = PerturbationBudget(0.005, "inf")  # weight-only PGD leaves ~85% accuracy on the reference MLP
 
 
-@pytest.fixture(scope="module")
-def clf(trained_digits_mlp):
-    return trained_digits_mlp
-
-
-@pytest.fixture(scope="module")
-def test_data(digits):
-    _, _, x_test, y_test = digits
-    return x_test, y_test
-
-
 def accuracy(classifier, x, y):
     return float(np.mean(classifier.predict(x).argmax(axis=1) == y))
 

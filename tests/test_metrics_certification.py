@@ -7,18 +7,9 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from art_weightpert import PerturbationBudget, WeightPerturbationCertifier
 from art_weightpert.metrics import certified_weight_radius, weight_certified_accuracy
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("method", ["paper", "interval"])

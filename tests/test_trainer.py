@@ -16,9 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
+from art_weightpert.certification import METHODS
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.defences.trainer import WeightRobustTrainer
-from art_weightpert.defences.trainer.weight_robust_trainer import BOUNDS, HISTORY_KEYS, operator_norm_sum, robust_term
+from art_weightpert.defences.trainer.weight_robust_trainer import HISTORY_KEYS, operator_norm_sum, robust_term
 from art_weightpert.network import read_network
 
 N_TRAIN = 256  # a small training set keeps every test fast
@@ -117,7 +118,7 @@ def test_one_hot_labels_give_the_same_training(data, budget):
 
 
 # ------------------------------------------------------------------------------------------------ the loss
-@pytest.mark.parametrize("bound", list(BOUNDS))
+@pytest.mark.parametrize("bound", list(METHODS))
 def test_loss_is_finite_and_differentiable_at_initialisation(data, budget, bound):
     x, y, _, _ = data
     clf = classifier(mlp(seed=0, bias=True))

@@ -2,17 +2,21 @@
 :class:`WeightPerturbationCertifier`: which predictions no weight perturbation in a ball can change.
 
 The certifier reads the estimator's model once as a chain of layers (:func:`.read_network`) and evaluates one of the
-margin bounds of :data:`METHODS` in float64 on the estimator's device (THEORY.md §3–§5):
+margin bounds of the registry :data:`.METHODS` in float64 on the estimator's device (THEORY.md §3–§5):
 
 * ``"paper"``: the closed-form bound of THEORY.md §3 (formula B with the bias terms of §3.4), in the setting of
   Tsai et al.;
 * ``"interval"``: interval bound propagation with weight intervals, THEORY.md §4 (never looser than ``"paper"`` on
   ``row_l1`` budgets);
-* ``"linear"``: backward linear bounds with exact weight absorption, THEORY.md §4b (imported on first use).
+* ``"linear"``: backward linear bounds with exact weight absorption, THEORY.md §4b (never looser than ``"interval"``).
 
 What is certified is the estimator *as it is*: the centre of the ball is the weights the estimator predicts with, its
 base weights plus the perturbation it carries (if any), and relative budgets are relative to those centre weights.
 Certificates hold for exact arithmetic with eval-mode semantics (batch-norm running statistics, no dropout).
+
+In a ``torch.distributed`` process group the samples are sharded by whole batches (batch ``b`` on rank ``b mod R``)
+and the results gathered on every rank: each batch is computed as one process computes it, so the results equal the
+single-process ones exactly (docs/distributed.md).
 
 | Paper link: https://arxiv.org/abs/2103.02200
 """
@@ -20,13 +24,8 @@ Certificates hold for exact arithmetic with eval-mode semantics (batch-norm runn
 from __future__ import annotations
 
 import copy
-import dataclasses
-import importlib
-import inspect
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +33,13 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
+from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
+from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.registry import METHODS
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
+from art_weightpert.validation import check_bool, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -46,69 +49,6 @@ safety margin, relative to the logit scale, far above the rounding error of the 
 
 _BISECTION_STEPS = 36  # halvings of a [s, 2s] bracket: relative precision 2^-36 ≈ 1.5e-11
 _BRACKET_STEPS = 64  # doublings/halvings allowed to find the bracket (factor 2^64 either way)
-
-
-def _perturbed_layers(network: Network, param_balls: dict[str, ParameterBall]) -> set[str]:
-    names = {t.layer_name for t in param_balls.values()}
-    return {layer.name for layer in network.affine_layers if layer.name in names}
-
-
-@dataclass(frozen=True)
-class BoundMethod:
-    """
-    One entry of :data:`METHODS`: where its bound function lives and whether its lower bounds are affine in a common
-    factor ``s`` of every radius (then the certified radius has a closed form).
-
-    The bound function has the signature ``(network, param_balls, x, labels, dtype) -> (N, K)`` lower bounds
-    with ``+inf`` at the label; an optional ``scale`` keyword (per-sample radius factors) makes the radius
-    search vectorized.
-    """
-
-    module: str
-    function: str
-    affine_in_radius: Callable[[Network, dict[str, ParameterBall]], bool]
-
-    def load(self) -> Callable[..., torch.Tensor]:
-        """The bound function (``ImportError`` naming the method's module when it is not available)."""
-        try:
-            module = importlib.import_module(self.module)
-        except ImportError as err:
-            raise ImportError(f"this bound needs the module {self.module!r}, which cannot be imported: {err}") from err
-        return getattr(module, self.function)
-
-
-METHODS: dict[str, BoundMethod] = {
-    # Formula B is affine in the radii when a single affine layer is perturbed (THEORY.md §3.1, A and A').
-    "paper": BoundMethod(
-        "art_weightpert.certification.paper",
-        "paper_margin_bounds",
-        lambda network, param_balls: len(_perturbed_layers(network, param_balls)) <= 1,
-    ),
-    # With only the last layer perturbed every box before it is exact and the bound is m − s·(P_y + P_i).
-    "interval": BoundMethod(
-        "art_weightpert.certification.interval",
-        "interval_margin_bounds",
-        lambda network, param_balls: _perturbed_layers(network, param_balls) <= {network.layers[-1].name},
-    ),
-    "linear": BoundMethod(
-        "art_weightpert.certification.linear",
-        "linear_margin_bounds",
-        lambda network, param_balls: False,
-    ),
-}
-"""Method name → bound function (imported lazily)."""
-
-
-def available_methods() -> list[str]:
-    """The names in :data:`METHODS` whose module imports."""
-    out = []
-    for name, method in METHODS.items():
-        try:
-            method.load()
-        except ImportError:
-            continue
-        out.append(name)
-    return out
 
 
 class WeightPerturbationCertifier:
@@ -134,7 +74,7 @@ class WeightPerturbationCertifier:
         :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` (wrapped, nothing
             copied) whose model is a chain of Linear/Conv2d layers with fixed layers between them.
         :param budget: the ball of weight perturbations (its layer names are checked against the model).
-        :param method: ``"paper"``, ``"interval"`` or ``"linear"`` (see :data:`METHODS`).
+        :param method: a name in the registry :data:`.METHODS`: ``"paper"``, ``"interval"`` or ``"linear"``.
         :param batch_size: samples per bound computation.
         :param verbose: show a progress bar over batches.
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
@@ -147,11 +87,8 @@ class WeightPerturbationCertifier:
         self.method = method
         self.batch_size = int(batch_size)
         self.verbose = bool(verbose)
-        self._bound_function = METHODS[method].load()
-        keywords = inspect.signature(self._bound_function).parameters
-        self._supports_scale = "scale" in keywords
-        self._supports_cache = "cache" in keywords
-        self._cache: dict = {}  # per-layer constants of the bound, valid while the weights are unchanged
+        self._method = METHODS[method]
+        self._cache = BoundCache()  # per-layer constants of the bound (keyed by tensor identity and version)
         read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError before anything is copied
         # A private float64 copy of the model holds the centre weights; the user's module is never written to.
         self._model64 = copy.deepcopy(estimator.base_model).to(torch.float64).requires_grad_(False)
@@ -173,14 +110,9 @@ class WeightPerturbationCertifier:
         if not isinstance(budget, PerturbationBudget):
             raise TypeError(f"`budget` must be a PerturbationBudget, got {type(budget).__name__}.")
         budget.layer_names(estimator.base_model)  # unknown layer names: ValueError listing the valid ones
-        if not isinstance(method, str) or method not in METHODS:
-            raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-            raise TypeError(f"`batch_size` must be an int, got {type(batch_size).__name__}.")
-        if batch_size < 1:
-            raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
-        if not isinstance(verbose, (bool, np.bool_)):
-            raise TypeError("`verbose` must be a bool.")
+        check_choice(method, "method", tuple(METHODS))
+        check_positive_int(batch_size, "batch_size")
+        check_bool(verbose, "verbose")
 
     @property
     def estimator(self) -> PyTorchWeightClassifier:
@@ -212,18 +144,19 @@ class WeightPerturbationCertifier:
             is bounded over the ball scaled by ``scale[n]``).
         :return: ``(N, nb_classes)`` float64 lower bounds, ``+inf`` in the label's own column.
         """
+        empty = np.zeros((0, self.estimator.nb_classes))
         if scale is None:
             out = [bounds.cpu().numpy() for bounds, _, _ in self._batches(x, y, "margin bounds", predict=False)]
-            return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
+            return self._gathered(out, len(x), empty)
         factors = np.asarray(scale, dtype=np.float64)
         if factors.shape != (len(x),) or not np.all(np.isfinite(factors)) or np.any(factors < 0):
             raise ValueError(f"`scale` must hold {len(x)} finite factors ≥ 0, got shape {factors.shape}.")
-        out, start = [], 0
-        for x_t, labels, _, _ in self._prepared_batches(x, y, "margin bounds", predict=False):
-            factor = torch.as_tensor(factors[start : start + len(x_t)], device=x_t.device)
+        out = []
+        batches = self._prepared_batches(x, y, "margin bounds", predict=False)
+        for rows, (x_t, labels, _, _) in zip(distributed.my_batches(len(x), self.batch_size), batches):
+            factor = torch.as_tensor(factors[rows], device=x_t.device)
             out.append(self._bounds(x_t, labels, self._param_balls, factor).cpu().numpy())
-            start += len(x_t)
-        return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
+        return self._gathered(out, len(x), empty)
 
     def certify(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """
@@ -237,7 +170,7 @@ class WeightPerturbationCertifier:
         out = []
         for bounds, tol, correct in self._batches(x, y, "certify"):
             out.append((correct & (bounds.amin(dim=1) > tol)).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+        return self._gathered(out, len(x), np.zeros(0, dtype=bool))
 
     def certified_radius(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """
@@ -254,8 +187,8 @@ class WeightPerturbationCertifier:
         :return: ``(N,)`` float64 radii.
         """
         self._refresh()
-        unit = self._unit_budget()
-        affine = METHODS[self.method].affine_in_radius(self._network, self._unit_param_balls)
+        unit = self._unit_eps()
+        affine = self._method.affine_in_radius(self._network, self._unit_param_balls)
         out = []
         for x_t, labels, tol, correct in self._prepared_batches(x, y, "certified radius"):
             if affine:
@@ -263,7 +196,7 @@ class WeightPerturbationCertifier:
             else:
                 radius = self._bisection_radius(x_t, labels, tol, start=unit)
             out.append(torch.where(correct, radius, torch.zeros_like(radius)).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+        return self._gathered(out, len(x), np.zeros(0))
 
     def __repr__(self) -> str:
         return (
@@ -291,18 +224,19 @@ class WeightPerturbationCertifier:
                 b.copy_(base.get_buffer(name))
         if self._key is not None and any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._model64, self.estimator.input_shape)  # batch-norm constants changed
-        self._cache = {}
+        self._cache = BoundCache()  # the radius tensors below are new: drop the old entries (memory only)
         self._param_balls = {t.param_name: t for t in self.budget.parameter_balls(self._model64, torch.float64)}
         self._unit_param_balls = {
-            t.param_name: t for t in self._unit_budget_object().parameter_balls(self._model64, torch.float64)
+            t.param_name: t for t in self._unit_budget().parameter_balls(self._model64, torch.float64)
         }
         self._key = key
 
-    def _unit_budget(self) -> float:
-        """The budget's own position on the radius scale searched by :meth:`certified_radius`."""
+    def _unit_eps(self) -> float:
+        """The budget's own position on the radius scale searched by :meth:`certified_radius` (its ``eps``; 1 for a
+        per-layer dict)."""
         return 1.0 if isinstance(self.budget.eps, dict) else float(self.budget.eps)
 
-    def _unit_budget_object(self) -> PerturbationBudget:
+    def _unit_budget(self) -> PerturbationBudget:
         """The budget at scale 1 (``eps = 1``; a per-layer dict as it is): radii scale linearly with it."""
         return self.budget if isinstance(self.budget.eps, dict) else self.budget.with_eps(1.0)
 
@@ -313,12 +247,14 @@ class WeightPerturbationCertifier:
         None and the tolerance; without ``predict`` (bounds for given labels) it is skipped and both are ``None``."""
         self._refresh()
         x_t, y_t = self.estimator.prepare_inputs(x, y)
+        distributed.check_same_data(np.asarray(x), None if y is None else np.asarray(y), name="x")
         base = self.estimator.base_model
         carried = self.estimator.current_deltas()
-        starts = range(0, len(x_t), self.batch_size)
-        for start in tqdm(starts, desc=f"Weight certificates ({desc})", disable=not self.verbose):
-            xb = x_t[start : start + self.batch_size]
-            labels = None if y_t is None else y_t[start : start + self.batch_size]
+        mine = list(distributed.my_batches(len(x_t), self.batch_size))  # in a process group: this rank's batches
+        verbose = self.verbose and distributed.is_main_process()
+        for rows in tqdm(mine, desc=f"Weight certificates ({desc})", disable=not verbose):
+            xb = x_t[rows]
+            labels = None if y_t is None else y_t[rows]
             tol = correct = None
             if predict or labels is None:
                 with torch.no_grad(), eval_mode(base):
@@ -328,6 +264,11 @@ class WeightPerturbationCertifier:
                 tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
                 correct = pred == labels
             yield xb.to(torch.float64), labels, tol, correct
+
+    def _gathered(self, pieces: list[np.ndarray], n: int, empty: np.ndarray) -> np.ndarray:
+        """The per-batch results in sample order (``empty`` for no sample); in a process group each rank computed its
+        own batches (:func:`.distributed.my_batches`) and every rank receives all of them, in single-process order."""
+        return distributed.gather_batches(pieces, n, self.batch_size) if n else empty
 
     def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str, predict: bool = True):
         """``(bounds, tolerance, correct)`` per batch at the budget itself."""
@@ -342,20 +283,8 @@ class WeightPerturbationCertifier:
         scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` in float64; ``scale`` multiplies every radius per sample."""
-        extra = {"cache": self._cache} if self._supports_cache else {}
         with torch.no_grad():
-            if scale is None:
-                return self._bound_function(self._network, param_balls, x_t, labels, torch.float64, **extra)
-            if self._supports_scale:
-                return self._bound_function(
-                    self._network, param_balls, x_t, labels, torch.float64, scale=scale, **extra
-                )
-            out = torch.empty((len(x_t), self.estimator.nb_classes), dtype=torch.float64, device=x_t.device)
-            for value in torch.unique(scale):  # a bound without per-sample radii: one call per distinct scale
-                rows = scale == value
-                scaled = {k: dataclasses.replace(t, radius=t.radius * value) for k, t in param_balls.items()}
-                out[rows] = self._bound_function(self._network, scaled, x_t[rows], labels[rows], torch.float64)
-            return out
+            return self._method.bounds(self._network, param_balls, x_t, labels, torch.float64, scale, self._cache)
 
     def _min_bound(self, x_t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return self._bounds(x_t, labels, self._unit_param_balls, scale).amin(dim=1)

@@ -17,10 +17,17 @@ Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from art_weightpert.balls import BoxBall
 from art_weightpert.budget import ParameterBall
+from art_weightpert.certification.common import (
+    BoundCache,
+    Boxes,
+    ParamBalls,
+    by_param_name,
+    cached,
+    fill_label,
+    sample_factors,
+)
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -45,90 +52,50 @@ INTERVAL_RULES = {
 }
 
 
-def cached(cache: dict | None, key: tuple, compute, *keep: torch.Tensor):
-    """``compute()``, memoized in ``cache`` under ``key`` when a cache is given.
-
-    A cache belongs to one state of the weights and radii (the certifier makes a fresh one whenever they change; the
-    training path passes none, so gradients always flow). ``keep`` holds the tensors whose ``id`` is part of ``key``
-    alive, so that an id cannot be reused by another tensor while the entry exists."""
-    if cache is None:
-        return compute()
-    hit = cache.get(key)
-    if hit is None:
-        hit = cache[key] = (compute(), keep)
-    return hit[0]
-
-
-def _per_sample(scale: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    """Per-sample radius factors ``(N,)`` shaped to broadcast against ``(N, ...)`` tensors of ``ndim`` dimensions."""
-    return None if scale is None else scale.reshape((-1,) + (1,) * (ndim - 1))
-
-
-def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
-    value = radius.reshape(-1)[0]
-    return value if bool((radius == value).all()) else None
-
-
-def _uniform_box_term(
-    layer: Affine, m: torch.Tensor, target: ParameterBall, dtype, cache: dict | None
-) -> torch.Tensor | None:
-    """Fast path of the box term ``Σ_c δ_rc m_c`` when every entry has the same radius δ (absolute ``inf``
-    budgets): ``δ Σ_c m_c`` over the row's receptive field, a sum instead of a matmul. ``None`` otherwise."""
-    if target.radius.dim() < 2 or (layer.is_conv and layer.module.groups != 1):
-        return None
-    key = ("uniform", id(target.radius), dtype)
-    value = cached(cache, key, lambda: _uniform_value(target.radius.to(dtype)), target.radius)
-    if value is None:
-        return None
-    if not layer.is_conv:
-        return value * m.sum(dim=1, keepdim=True)
-    mod = layer.module
-    ones = m.new_ones((1, 1) + tuple(mod.kernel_size))  # sum over the channels first: a one-channel window sum
-    return value * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, mod.padding, mod.dilation)
-
-
 def perturbation_radius(
     layer: Affine,
     m: torch.Tensor,
     param_balls: dict[str, ParameterBall],
     dtype: torch.dtype,
     scale: torch.Tensor | None = None,
-    cache: dict | None = None,
+    cache: BoundCache | None = None,
     include_weight: bool = True,
 ) -> torch.Tensor | float:
     """``P(m) + β``: bound on ``|Δ ĥ + Δb|`` at the output of ``layer`` for ``|ĥ| ≤ m`` (0 if not perturbed).
 
     :param scale: optional per-sample factors ``(N,)`` applied to every radius (the bound is linear in the radii).
-    :param cache: optional memo of per-layer constants (see :func:`cached`).
+    :param cache: optional :class:`.BoundCache` (of the compact radius).
     :param include_weight: ``False``: the bias term ``β`` only.
     """
     out: torch.Tensor | float = 0.0
     wt = param_balls.get(layer.weight_name)
     if wt is not None and include_weight:
-        radius = wt.radius.to(dtype)
-        term = _uniform_box_term(layer, m, wt, dtype, cache) if isinstance(wt.ball, BoxBall) else None
-        out = wt.ball.interval_term(layer, m, radius) if term is None else term
+        compact = lambda: wt.ball.compact_radius(wt.radius.to(dtype))  # noqa: E731
+        radius = cached(cache, f"compact_radius/{dtype}", (wt.radius,), compact)
+        out = wt.ball.interval_term(layer, m, radius)
     bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         beta = bt.ball.entry_bound(bt.radius.to(dtype), layer.module.bias.shape)
         out = out + layer.rows_shape(beta)
     if scale is not None and not isinstance(out, float):
-        out = out * _per_sample(scale, out.dim())
+        out = out * sample_factors(scale, out.dim())
     return out
 
 
-def _relative_box_eps(layer: Affine, weight: torch.Tensor, param_balls: dict[str, ParameterBall], cache: dict | None):
-    """``ε`` when the layer's weight ball is a relative box ``δ = ε|W|`` (then ``|W| r + δ m = |W|(r + ε m)``, one
-    product instead of two), else ``None``. Only without gradients: the fold would let them flow through ``δ``."""
+def _abs_weight_factor(
+    layer: Affine, weight: torch.Tensor, param_balls: dict[str, ParameterBall], cache: BoundCache | None
+) -> float | None:
+    """``ε`` when the layer's weight ball's interval term is ``ε|W| m`` (a relative box; then ``|W| r + ε|W| m =
+    |W|(r + ε m)``, one product instead of two), else ``None``. Only without gradients: the fold would let them flow
+    through the radius."""
     wt = param_balls.get(layer.weight_name)
-    if wt is None or not isinstance(wt.ball, BoxBall) or (torch.is_grad_enabled() and weight.requires_grad):
+    if wt is None or (torch.is_grad_enabled() and weight.requires_grad):
         return None
-    radius = wt.radius.to(weight.dtype)
     return cached(
         cache,
-        ("relative_box", layer.weight_name, id(wt.radius), weight.dtype),
-        lambda: wt.eps if radius.shape == weight.shape and torch.equal(radius, wt.eps * weight.abs()) else None,
-        wt.radius,
+        "abs_weight_factor",
+        (weight, wt.radius),
+        lambda: wt.ball.abs_weight_factor(wt.radius.to(weight.dtype), weight, wt.eps),
     )
 
 
@@ -140,12 +107,12 @@ def affine_interval(
     param_balls: dict[str, ParameterBall],
     exact_input: bool = False,
     scale: torch.Tensor | None = None,
-    cache: dict | None = None,
+    cache: BoundCache | None = None,
     nonnegative: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Box of ``(W + Δ) ĥ + b + Δb`` over the ball and ``ĥ ∈ [lo, hi]`` (``exact_input``: ``lo == hi``, the
-    ``|W| r`` term is skipped); ``scale``: per-sample radius factors ``(N,)``; ``cache``: see :func:`cached`;
-    ``nonnegative``: ``lo ≥ 0`` is known (after a ReLU), so ``max(|lo|, |hi|) = hi``."""
+    ``|W| r`` term is skipped); ``scale``: per-sample radius factors ``(N,)``; ``cache``: an optional
+    :class:`.BoundCache`; ``nonnegative``: ``lo ≥ 0`` is known (after a ReLU), so ``max(|lo|, |hi|) = hi``."""
     weight = params[layer.weight_name]
     bias = params[layer.bias_name] if layer.bias_name else None
     if exact_input:
@@ -154,13 +121,13 @@ def affine_interval(
     else:
         # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
         # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
-        half = cached(cache, ("half", layer.weight_name, weight.dtype), lambda: weight * 0.5)
-        half_abs = cached(cache, ("half_abs", layer.weight_name, weight.dtype), lambda: half.abs())
+        half = cached(cache, "half", (weight,), lambda: weight * 0.5)
+        half_abs = cached(cache, "half_abs", (weight,), lambda: half.abs())
         center = layer.apply(lo + hi, half, bias)
         m = hi if nonnegative else torch.maximum(lo.neg(), hi)
-        fold = _relative_box_eps(layer, weight, param_balls, cache)
+        fold = _abs_weight_factor(layer, weight, param_balls, cache)
         if fold is not None:  # (|W|/2)(u − l) + ε|W| m = (|W|/2)(u − l + 2ε m)
-            factor = 2 * fold if scale is None else (2 * fold) * _per_sample(scale, m.dim())
+            factor = 2 * fold if scale is None else (2 * fold) * sample_factors(scale, m.dim())
             radius = layer.apply(torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype)), half_abs)
             beta = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, include_weight=False)
             radius = radius + beta
@@ -175,23 +142,17 @@ def affine_interval(
     return center - radius, center + radius
 
 
-def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> torch.Tensor:
-    """Specification ``C`` of shape ``(N, K, K)``: row ``i`` is ``e_y − e_i`` (the row ``i = y`` is zero)."""
-    eye = torch.eye(nb_classes, dtype=dtype, device=labels.device)
-    return eye[labels].unsqueeze(1) - eye.unsqueeze(0)
-
-
 def interval_preactivation_bounds(
     network: Network,
-    param_balls: list[ParameterBall] | dict[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     params: dict[str, torch.Tensor],
     scale: torch.Tensor | None = None,
-    cache: dict | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    cache: BoundCache | None = None,
+) -> Boxes:
     """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``);
-    ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: see :func:`cached`."""
-    param_balls = _by_name(param_balls)
+    ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`."""
+    param_balls = by_param_name(param_balls)
     lo = hi = x
     boxes = []
     exact = True
@@ -224,7 +185,7 @@ def nonnegative_input(network: Network, index: int) -> bool:
 
 
 def pairwise_spread(
-    weight: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, cache: dict | None = None
+    weight: torch.Tensor, labels: torch.Tensor, r: torch.Tensor, cache: BoundCache | None = None
 ) -> torch.Tensor:
     """``|W_y − W_i| · r`` for every sample and class, ``(N, K)``, without materializing ``(N, K, n)`` when the
     class count is small (one ``(N, n) × (n, K·K)`` product instead)."""
@@ -232,9 +193,9 @@ def pairwise_spread(
     if nb_classes <= 32:
         pair_abs = cached(
             cache,
-            ("pair_abs", id(weight)),
+            "pair_abs",
+            (weight,),
             lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().reshape(nb_classes * nb_classes, -1),
-            weight,
         )
         spread = (r @ pair_abs.T).reshape(len(r), nb_classes, nb_classes)
         return spread.gather(1, labels.reshape(-1, 1, 1).expand(-1, 1, nb_classes)).squeeze(1)
@@ -244,13 +205,14 @@ def pairwise_spread(
 
 def interval_margin_bounds(
     network: Network,
-    param_balls: list[ParameterBall] | dict[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
-    boxes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     scale: torch.Tensor | None = None,
-    cache: dict | None = None,
+    cache: BoundCache | None = None,
+    *,
+    boxes: Boxes | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).
@@ -260,14 +222,13 @@ def interval_margin_bounds(
     :param x: preprocessed inputs ``(N, ...)``.
     :param labels: classes ``y`` ``(N,)`` (int64).
     :param dtype: float64 for certificates; float32 keeps the training graph cheap (differentiable either way).
-    :param boxes: precomputed :func:`interval_preactivation_bounds` (in ``dtype``), to share them with other methods.
     :param scale: optional per-sample factors ``(N,)`` multiplying every radius of the budget (the certifier's
         vectorized bisection for the certified radius); ``None`` is a factor of 1.
-    :param cache: optional memo of per-layer constants, valid for one state of the weights and radii (the certifier's;
-        see :func:`cached`).
+    :param cache: optional :class:`.BoundCache` of per-layer constants (certificates; ``None`` when training).
+    :param boxes: precomputed :func:`interval_preactivation_bounds` (in ``dtype``), to share them with other methods.
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
-    param_balls = _by_name(param_balls)
+    param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
     if scale is not None:
@@ -283,7 +244,7 @@ def interval_margin_bounds(
     if exact_input:
         z = last.apply(lo, weight, bias)
     else:  # W c + b
-        z = last.apply(lo + hi, cached(cache, ("half", last.weight_name, weight.dtype), lambda: weight * 0.5), bias)
+        z = last.apply(lo + hi, cached(cache, "half", (weight,), lambda: weight * 0.5), bias)
     value = z.gather(1, labels.unsqueeze(1)) - z
     if not exact_input:
         value = value - 0.5 * pairwise_spread(weight, labels, hi - lo, cache)
@@ -295,14 +256,4 @@ def interval_margin_bounds(
     if not isinstance(pert, float):
         pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
-    return _fill_label(value, labels)
-
-
-def _fill_label(bounds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Set the label's own column to ``+inf``."""
-    inf = torch.full_like(labels, 0, dtype=bounds.dtype).unsqueeze(1) + float("inf")
-    return bounds.scatter(1, labels.unsqueeze(1), inf)
-
-
-def _by_name(param_balls: list[ParameterBall] | dict[str, ParameterBall]) -> dict[str, ParameterBall]:
-    return param_balls if isinstance(param_balls, dict) else {t.param_name: t for t in param_balls}
+    return fill_label(value, labels)

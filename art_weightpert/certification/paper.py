@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from art_weightpert.budget import ParameterBall
-from art_weightpert.certification.interval import _by_name, _fill_label, cached
+from art_weightpert.certification.common import BoundCache, ParamBalls, by_param_name, cached, fill_label
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -62,29 +62,32 @@ def layer_constants(layer: Affine, params: dict[str, torch.Tensor], param_balls:
     return a, eps, beta, b_norm
 
 
-def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dtype, cache: dict | None):
-    """:func:`layer_constants`, memoized per layer and radius tensors when a cache is given."""
-    radii = [t.radius for t in (param_balls.get(layer.weight_name), param_balls.get(layer.bias_name)) if t is not None]
-    key = ("paper", layer.weight_name, dtype) + tuple(id(r) for r in radii)
-    return cached(cache, key, lambda: layer_constants(layer, params, param_balls, dtype), *radii)
+def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dtype, cache: BoundCache | None):
+    """:func:`layer_constants`, memoized on the layer's parameters and radius tensors when a cache is given."""
+    names = (layer.weight_name, layer.bias_name)
+    radii = [t.radius for t in (param_balls.get(name) for name in names if name) if t is not None]
+    tensors = [params[name] for name in names if name] + radii
+    return cached(
+        cache, f"paper_constants/{dtype}", tensors, lambda: layer_constants(layer, params, param_balls, dtype)
+    )
 
 
 def paper_margin_bounds(
     network: Network,
-    param_balls: list[ParameterBall] | dict[str, ParameterBall],
+    param_balls: ParamBalls,
     x: torch.Tensor,
     labels: torch.Tensor,
     dtype: torch.dtype = torch.float64,
     scale: torch.Tensor | None = None,
-    cache: dict | None = None,
+    cache: BoundCache | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
 
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
-    multiplying every radius; ``cache``: optional memo of the per-layer constants, see :func:`.interval.cached`).
+    multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).
     """
-    param_balls = _by_name(param_balls)
+    param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
     logits = network.forward(x, params)
@@ -103,13 +106,11 @@ def paper_margin_bounds(
     _, eps, beta, _ = _constants(last, params, param_balls, dtype, cache)
     weight = params[last.weight_name]
     pair_dw = cached(  # ‖W_y − W_i‖_1, (K, K)
-        cache,
-        ("pair_dw", last.weight_name, dtype),
-        lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2),
+        cache, "pair_dw", (weight,), lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)
     )
     dw = pair_dw[labels]
     pair_eps = (eps[labels].unsqueeze(1) + eps.unsqueeze(0)) * s.unsqueeze(1)  # ε_y + ε_i
     pair_beta = (beta[labels].unsqueeze(1) + beta.unsqueeze(0)) * s.unsqueeze(1)
     eta = dw * d.unsqueeze(1) + pair_eps * n.unsqueeze(1) + pair_beta
     margins = logits.gather(1, labels.unsqueeze(1)) - logits
-    return _fill_label(margins - eta, labels)
+    return fill_label(margins - eta, labels)

@@ -7,13 +7,13 @@ The commands of ``art-weightpert``: thin clients of the library.
   (TorchScript) and its training history (JSON).
 
 Exit codes: 0 success, 2 usage error (bad arguments, missing or malformed files, model and data that do not fit),
-1 failure during the run. Errors are printed as one line on stderr (``--debug`` shows the traceback).
+1 failure during the run, 3 ``train``: training collapsed (the model is not saved unless ``--keep-collapsed``).
+Errors are printed as one line on stderr (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -33,15 +33,16 @@ from art_weightpert.cli import inputs
 from art_weightpert.cli.launch import run_command
 from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line
 from art_weightpert.cli.render import summary_text
+from art_weightpert.cli.render_sections import unavailable_lines
 from art_weightpert.cli.report import (
     build_report,
     clean_only_entry,
     default_eps_grid,
     evaluate_model,
-    jsonable,
-    versions,
     write_report,
 )
+from art_weightpert.cli.sections import BitFlipSettings, bit_flip_section, measures_section
+from art_weightpert.cli.train import TrainingCollapsed, run_train
 from art_weightpert.data import load_digits_data
 from art_weightpert.estimators import PyTorchWeightClassifier
 from art_weightpert.network import UnsupportedModelError
@@ -51,34 +52,40 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo: the digits recipe it trains, its ε grid (multiples of the recipe's ε), the attacks' strength and the
-    number of test points (``None``: all)."""
+    """The demo: the digits recipe it trains, its ε grid (multiples of the recipe's ε), the attacks' strength, the
+    number of test points (``None``: all) and the most flipped bits of its "Bit flips" section."""
 
     recipe: zoo.DigitsRecipe
     eps_multiples: tuple[float, ...]
     pgd_steps: int
     random_samples: int
     test_points: int | None
+    bit_flips: int
 
-    def report_settings(self) -> dict[str, Any]:
+    def report_settings(self, n_test: int, bit_flips: int) -> dict[str, Any]:
         """The settings as written into the report."""
         r = self.recipe
         return {
+            "training_eps": f"ε = {r.eps:g}, {r.norm} ball, absolute radii, every weight",
             "hidden": list(r.hidden),
             **{k: getattr(r, k) for k in ("epochs", "batch_size", "lam", "mu", "kappa", "bound", "warmup")},
             "pgd_steps": self.pgd_steps,
             "random_samples": self.random_samples,
-            "test_points": self.test_points,
+            "test_points": n_test,
             "eps_multiples_of_training_eps": list(self.eps_multiples),
+            "bit_flips": f"up to {bit_flips}, 8 bits per weight, per-tensor scales" if bit_flips else "off",
         }
 
 
-DEMO = DemoSettings(zoo.DIGITS_RECIPE, (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), 20, 10, None)
-DEMO_QUICK = DemoSettings(replace(zoo.DIGITS_RECIPE, epochs=10, warmup=3), (0.0, 0.5, 1.0, 2.0), 10, 5, 200)
-"""``demo --quick``: under a minute on 2 CPU cores."""
+DEMO = DemoSettings(zoo.DIGITS_RECIPE, (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0), 20, 10, None, 20)
+DEMO_QUICK = DemoSettings(replace(zoo.DIGITS_RECIPE, epochs=10, warmup=3), (0.0, 0.5, 1.0, 2.0), 10, 5, 200, 10)
+"""``demo --quick``: seconds on 2 CPU cores."""
 
 
 def _finish(report: dict[str, Any], out: str, quiet: bool) -> None:
+    for name, entry in report["models"].items():  # each reason once, as in the summary and the report
+        for line in unavailable_lines(entry):
+            logger.warning("model %r: %s", name, line)
     paths = write_report(report, out)
     if not quiet:
         print(summary_text(report))
@@ -86,16 +93,48 @@ def _finish(report: dict[str, Any], out: str, quiet: bool) -> None:
     print(f"Report written to {paths['markdown']} (numbers in {os.path.basename(paths['json'])}, plots alongside).")
 
 
-def _evaluate_all(classifiers, x, y, budget, eps_grid, methods, args, **options) -> dict[str, dict[str, Any]]:
-    """:func:`.evaluate_model` of each classifier, under one progress bar."""
+def _evaluate_all(classifiers, x, y, budget, eps_grid, methods, args, extras=None, **options) -> dict[str, dict]:
+    """:func:`.evaluate_model` of each classifier under one progress bar, then the optional sections of
+    ``extras`` (:class:`Extras`), with the library's per-method "unavailable" warnings replaced by one per reason."""
     entries = {}
-    with inputs.progress_bar(len(classifiers) * len(eps_grid) * len(methods), "Evaluating", args.quiet) as bar:
+    extras = extras or Extras()
+    units = len(eps_grid) * len(methods) + (4 if extras.measures else 0) + (1 if extras.bit_flips else 0)
+    with inputs.progress_bar(len(classifiers) * units, "Evaluating", args.quiet) as bar, inputs.grouped_warnings():
         for name, classifier in classifiers.items():
+            tick = lambda what, n=name: (bar.set_postfix_str(f"{n}: {what}"), bar.update(1))  # noqa: E731
             entries[name] = evaluate_model(
                 classifier, x, y, budget, eps_grid, methods, seed=args.seed, batch_size=args.batch_size,
-                progress=lambda what, n=name: (bar.set_postfix_str(f"{n}: {what}"), bar.update(1)), **options,
+                progress=tick, **options,
             )  # fmt: skip
+            entries[name].update(extras.compute(classifier, x, y, args, tick))
     return entries
+
+
+@dataclass(frozen=True)
+class Extras:
+    """The optional sections of a report: bit flips (``None``: off) and generalization measures, with the data they
+    use (``train``: the training split, or ``None``)."""
+
+    bit_flips: BitFlipSettings | None = None
+    measures: bool = False
+    train: tuple[np.ndarray, np.ndarray] | None = None
+
+    def compute(self, classifier, x, y, args: argparse.Namespace, tick) -> dict[str, Any]:
+        """``{"bit_flips": ..., "measures": ...}`` for the sections that are on."""
+        out: dict[str, Any] = {}
+        if self.bit_flips is not None:
+            attack_data = self.train if self.train is not None else (x, y)
+            out["bit_flips"] = bit_flip_section(
+                classifier, x, y, attack_data, self.bit_flips, args.seed, args.batch_size
+            )
+            tick("bit flips")
+        if self.measures:
+            data = self.train if self.train is not None else (x, y)
+            out["measures"] = measures_section(
+                classifier, data, (x, y), self.train is not None, seed=args.seed, batch_size=args.batch_size,
+                progress=tick,
+            )  # fmt: skip
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -114,13 +153,17 @@ def run_demo(args: argparse.Namespace) -> int:
     trained = zoo.train_digits_pair(recipe, x_train, y_train, verbose=not args.quiet)
     classifiers = {name: t.classifier for name, t in trained.items()}
     methods = list(REPORT_METHODS)
+    max_flips = demo.bit_flips if args.bit_flips is None else args.bit_flips
+    flips = BitFlipSettings(max_flips, nb_samples=demo.random_samples) if max_flips else None
+    extras = Extras(flips, args.measures, (x_train, y_train))
     options = {"pgd_steps": demo.pgd_steps, "random_samples": demo.random_samples}
-    entries = _evaluate_all(classifiers, x_test, y_test, budget, eps_grid, methods, args, **options)
+    entries = _evaluate_all(classifiers, x_test, y_test, budget, eps_grid, methods, args, extras, **options)
     hidden = "-".join(map(str, recipe.hidden))
     descriptions = {
         "standard": f"bias-free ReLU MLP 64-{hidden}-10, standard training (ART fit)",
-        "robust": f"bias-free ReLU MLP 64-{hidden}-10, WeightRobustTrainer (λ = {recipe.lam}, μ = {recipe.mu}, "
-        f"κ = {recipe.kappa}, {recipe.bound} bound, λ warm-up {recipe.warmup} epochs) at the report's budget",
+        "robust": f"bias-free ReLU MLP 64-{hidden}-10, WeightRobustTrainer at ε = {recipe.eps:g} ({recipe.norm} "
+        f"ball on every weight, the report's budget; λ = {recipe.lam}, μ = {recipe.mu}, κ = {recipe.kappa}, "
+        f"{recipe.bound} bound, λ warm-up {recipe.warmup} epochs)",
     }
     models = {
         name: {
@@ -142,8 +185,9 @@ def run_demo(args: argparse.Namespace) -> int:
         "nb_classes": 10,
     }
     seeds = {"model_init_and_batch_order": args.seed, "attacks": args.seed, "data_split": 0}
-    command = "demo" + (" --quick" if args.quick else "")
-    report = build_report(command, models, budget, eps_grid, methods, data, demo.report_settings(), seeds, 0.0)
+    command = "demo " + " ".join(inputs.quote(a) for a in (args.argv or []))
+    settings = demo.report_settings(len(x_test), max_flips)
+    report = build_report(command.strip(), models, budget, eps_grid, methods, data, settings, seeds, 0.0)
     report["seconds"] = time.perf_counter() - start
     _finish(report, out, args.quiet)
     return 0
@@ -168,36 +212,57 @@ def run_evaluate(args: argparse.Namespace) -> int:
         eps_grid = sorted(set(args.eps)) if args.eps else default_eps_grid(module, budget)
         inputs.seed_everything(args.seed)
         options = {"pgd_steps": args.pgd_steps, "random_samples": args.random_samples, "train_data": train_data}
-        entry = _evaluate_all({"model": classifier}, x, y, budget, eps_grid, methods, args, **options)["model"]
+        flips = (
+            BitFlipSettings(args.bit_flips, args.n_bits, args.granularity, args.random_samples)
+            if args.bit_flips
+            else None
+        )
+        extras = Extras(flips, args.measures, train_data)
+        entry = _evaluate_all({"model": classifier}, x, y, budget, eps_grid, methods, args, extras, **options)["model"]
     else:
         eps_grid = sorted(set(args.eps)) if args.eps else [0.0]
         logits = [inputs.forward(module, x[i : i + 256]) for i in range(0, len(x), 256)]
         clean = float(np.mean(np.concatenate([t.argmax(1).cpu().numpy() for t in logits]) == y))
         entry = clean_only_entry(clean, methods, len(eps_grid), unsupported)
+        sections = {"bit_flips": args.bit_flips, "measures": args.measures}
+        entry.update({k: {"unavailable": unsupported} for k, on in sections.items() if on})
     entry["description"] = f"`{args.model}` ({loaded.kind}{'; ' + loaded.note if loaded.note else ''})"
     entry["model"] = inputs.model_summary(module)
     name = os.path.splitext(os.path.basename(args.model))[0] if loaded.kind != "callable" else args.model
-    data = {
-        "description": f"`{args.data}`: {len(x)} test points of shape {input_shape}, {nb_classes} classes"
-        + (f", {len(train_data[0])} training points" if train_data is not None else ""),
-        "path": os.path.abspath(args.data),
-        "n_test": len(x),
-        "n_train": None if train_data is None else len(train_data[0]),
-        "input_shape": list(input_shape),
-        "nb_classes": nb_classes,
-    }
-    settings = {
-        "device": device,
-        "pgd_steps": args.pgd_steps,
-        "random_samples": args.random_samples,
-        "batch_size": args.batch_size,
-        "eps_grid_source": "--eps" if args.eps else "default (fractions of the typical weight size)",
-    }
+    data, settings = _evaluate_metadata(args, x, train_data, nb_classes, device)
     command = "evaluate " + " ".join(inputs.quote(a) for a in (args.argv or []))
     report = build_report(command, {name: entry}, budget, eps_grid, methods, data, settings, {"seed": args.seed}, 0.0)
     report["seconds"] = time.perf_counter() - start
     _finish(report, out, args.quiet)
     return 0
+
+
+def _evaluate_metadata(args: argparse.Namespace, x, train_data, nb_classes: int, device: str) -> tuple[dict, dict]:
+    """The ``data`` and ``settings`` entries of an ``evaluate`` report."""
+    input_shape = tuple(int(d) for d in x.shape[1:])
+    n_train = None if train_data is None else len(train_data[0])
+    data = {
+        "description": f"`{args.data}`: {len(x)} test points of shape {input_shape}, {nb_classes} classes"
+        + (f", {n_train} training points" if n_train is not None else ""),
+        "path": os.path.abspath(args.data),
+        "n_test": len(x),
+        "n_train": n_train,
+        "input_shape": list(input_shape),
+        "nb_classes": nb_classes,
+    }
+    grid = "default, scaled to the model (0 to 10 % of the typical weight size in the chosen norm)"
+    flips = f"up to {args.bit_flips}, {args.n_bits} bits per weight, per-{args.granularity} scales"
+    measures = "on the training split" if train_data is not None else "on the test data"
+    settings = {
+        "device": device,
+        "pgd_steps": args.pgd_steps,
+        "random_samples": args.random_samples,
+        "eval_batch_size": args.batch_size,
+        "eps_grid_source": "given by --eps" if args.eps else grid,
+        "bit_flips": flips if args.bit_flips else "off",
+        "measures": measures if args.measures else "off",
+    }
+    return data, settings
 
 
 def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Module, str | None, int]:
@@ -213,7 +278,8 @@ def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Mod
     unsupported = loaded.unsupported_reason
     if loaded.eager and loaded.scripted is not None:
         try:
-            check_same_outputs(module, loaded.scripted, torch.as_tensor(x[:256]))
+            n = getattr(loaded.scripted, "static_batch", None) or 256  # an exported program may fix its batch size
+            check_same_outputs(module, loaded.scripted, torch.as_tensor(x[:n]))
         except UnsupportedModelError as err:
             unsupported, module = str(err), loaded.scripted
     nb_classes = int(logits.shape[1])
@@ -221,87 +287,9 @@ def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Mod
     return loaded, module, unsupported, nb_classes
 
 
-# ------------------------------------------------------------------------------------------------ train
-def run_train(args: argparse.Namespace) -> int:
-    """``art-weightpert train``."""
-    from art_weightpert import WeightRobustTrainer
-
-    start = time.perf_counter()
-    device = inputs.check_device(args.device)
-    history_path = args.history or os.path.splitext(args.out)[0] + ".history.json"
-    out_parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_parent):
-        raise UsageError(f"--out {args.out}: folder {out_parent} does not exist")
-    x_train, y_train, x_test, y_test, data_desc = _training_data(args)
-    eps, norm, relative = _training_ball(args)
-    input_shape = tuple(int(d) for d in x_train.shape[1:])
-    inputs.seed_everything(args.seed)
-    labels_seen = int(max(y_train.max(), -1 if y_test is None else y_test.max()) + 1)
-    module = inputs.build_architecture(args, input_shape, labels_seen)
-    nb_classes = int(inputs.check_forward(module, x_train[:8], args.model).shape[1])
-    inputs.check_labels(nb_classes, y_train=y_train)
-    budget = inputs.make_budget(module, eps, norm, args.layers, relative)
-    classifier = zoo.make_classifier(module, input_shape, nb_classes, lr=args.lr, device_type=device, clip_values=None)
-    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "bound": args.bound, "warmup": args.warmup}
-    try:
-        trainer = WeightRobustTrainer(classifier, budget, verbose=not args.quiet, **params)
-    except UnsupportedModelError as err:
-        raise UsageError(f"--model {args.model} cannot be trained with weight bounds: {err}") from err
-    validation = (x_test, y_test) if x_test is not None else None
-    history = trainer.fit(
-        x_train, y_train, validation_data=validation, batch_size=args.batch_size, nb_epochs=args.epochs
-    )
-    saved_as = inputs.save_model(classifier.model.cpu().eval(), args.out)
-    final = {}
-    if x_test is not None:
-        final["test_accuracy"] = float(np.mean(classifier.predict(x_test).argmax(1) == y_test))
-    document = {
-        "model_file": os.path.abspath(args.out),
-        "saved_as": saved_as,
-        "architecture": args.model,
-        "data": data_desc,
-        "budget": budget.to_dict(),
-        "trainer": params,
-        **{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
-        "final": final,
-        "history": history,
-        "versions": versions(),
-        "seconds": time.perf_counter() - start,
-    }
-    with open(history_path, "w", encoding="utf-8") as handle:
-        json.dump(jsonable(document), handle, indent=1)
-    print(f"Model saved to {args.out} ({saved_as}); training history in {history_path}.")
-    if final:
-        print("Final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    return 0
-
-
-def _training_data(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, str]:
-    """``(x_train, y_train, x_test, y_test, description)`` of ``train --data`` (test arrays ``None`` when the .npz
-    has no separate training split), or the digits split."""
-    if args.data is None:
-        return (*load_digits_data(seed=args.seed, flatten=args.model != "cnn"), "scikit-learn digits")
-    arrays = inputs.load_data(args.data)
-    if "x_train" in arrays:
-        return arrays["x_train"], arrays["y_train"], arrays["x"], arrays["y"], args.data
-    return arrays["x"], arrays["y"], None, None, args.data
-
-
-def _training_ball(args: argparse.Namespace) -> tuple[float, str, bool]:
-    """``(eps, norm, relative)`` of ``train``: the flags, or the digits recipe's ball when no ``--eps`` is given."""
-    recipe = zoo.DIGITS_RECIPE
-    norm = args.norm or recipe.norm
-    if args.eps is not None:
-        return args.eps, norm, args.relative
-    if norm != recipe.norm or args.relative:
-        raise UsageError(f"--eps is required with --norm {norm}{' --relative' if args.relative else ''}")
-    if args.data is not None:
-        logger.warning("no --eps given: using the digits recipe's ε = %s (%s ball)", recipe.eps, norm)
-    return recipe.eps, norm, False
-
-
 # ------------------------------------------------------------------------------------------------ main
 RUNNERS = {"demo": run_demo, "evaluate": run_evaluate, "train": run_train}
+"""The function of each command."""
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ARG001
@@ -333,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingCollapsed as err:
+        print(f"{PROG} {args.command}: error: {one_line(err)}", file=sys.stderr)
+        return 3
     except Exception as err:  # noqa: BLE001 - every failure becomes one line and exit code 1
         if args.debug:
             raise

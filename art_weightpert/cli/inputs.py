@@ -6,10 +6,12 @@ one clear line when they do not fit), budgets, folders, seeds, progress bars, an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -82,6 +84,26 @@ def make_budget(model: nn.Module, eps: float, norm: str, layers, relative: bool,
     except (TypeError, ValueError) as err:
         raise UsageError(str(err).replace("in the budget", "in --layers")) from err
     return budget
+
+
+class _DropUnavailable(logging.Filter):
+    """Drops the library's per-method "... unavailable: reason" warnings (the command line logs each reason once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unavailable" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def grouped_warnings() -> Iterator[None]:
+    """While evaluating: silence the robustness curve's per-method "unavailable" warnings, which the report groups
+    by reason and logs once (:func:`.unavailable_lines`)."""
+    target = logging.getLogger("art_weightpert.metrics.robustness")
+    drop = _DropUnavailable()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
 
 
 def progress_bar(total: int, desc: str, quiet: bool):
@@ -159,16 +181,28 @@ def build_architecture(args: argparse.Namespace, input_shape: tuple[int, ...], n
     return loaded.module
 
 
-def save_model(module: nn.Module, path: str) -> str:
-    """Save as TorchScript when possible (loads without the training code and without running pickled code), else
-    with ``torch.save``; returns how it was saved."""
+def save_model(module: nn.Module, path: str, example: np.ndarray | None = None) -> str:
+    """Save as a ``torch.export`` program with a dynamic batch dimension when possible (the preferred format: it loads
+    with ``torch.export.load`` without the training code and without running pickled code), else as TorchScript,
+    else with ``torch.save``; returns how it was saved."""
+    if example is not None:
+        try:
+            inputs = (torch.as_tensor(example[:2], dtype=torch.float32),)
+            program = torch.export.export(module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
+            with open(path, "wb") as handle:  # a file object: torch warns about names not ending in .pt2
+                torch.export.save(program, handle)
+            return "torch.export program (torch.export.save; load with torch.export.load)"
+        except Exception as err:  # noqa: BLE001 - not exportable: TorchScript next
+            logger.info("the model cannot be exported (%s); trying TorchScript", str(err).splitlines()[0])
     try:
         with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; it still loads without the code
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.jit.save(torch.jit.script(module), path)
         return "TorchScript (torch.jit.script)"
     except Exception as err:  # noqa: BLE001 - not scriptable: fall back to pickling the module
-        logger.warning("the model cannot be scripted (%s); saving it with torch.save", str(err).splitlines()[0])
+        logger.warning(
+            "the model cannot be exported nor scripted (%s); saving it with torch.save", str(err).splitlines()[0]
+        )
         torch.save(module, path)
         return "torch.save of the whole module"
 

@@ -6,7 +6,8 @@ process group (gloo on the CPU, NCCL with ``--device gpu``, one GPU per process)
 Every rank runs the same command on the same data (the library shards the work and keeps the ranks' models equal).
 Rank 0 alone writes, and into staging folders beside the destinations: the files are moved into place, and rank 0's
 output printed, only after every rank has finished. When a rank fails, its error is raised here (a usage error stays
-one: exit code 2), the staging folders are removed and nothing is written.
+one: exit code 2), the staging folders are removed and nothing is written. A ``train`` run that collapsed (decided alike
+on every rank) keeps its history and exits with code 3, as in one process.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 from art_weightpert import distributed
 from art_weightpert.cli.parser import UsageError, one_line
+from art_weightpert.cli.train import TrainingCollapsed
 
 TEXT_FILES = (".json", ".md", ".txt")
 """Written files that may name the staging folder (paths in the report or the history): rewritten when moved."""
@@ -49,10 +51,11 @@ def run_command(runner: Callable[[argparse.Namespace], int], args: argparse.Name
         device_type = "cuda" if args.device == "gpu" else "cpu"
         try:
             distributed.launch(_rank_main, nproc, args=(args.command, rank0, log, errors), device_type=device_type)
+            collapsed = _recorded(errors, "collapsed")
         except Exception as err:
-            usage = _usage_error(errors)  # a usage error stays one (exit code 2)
+            usage = _recorded(errors, "usage")  # a usage error stays one (exit code 2)
             if usage is not None:
-                raise usage from err
+                raise UsageError(usage) from err
             raise RuntimeError(str(err).strip().splitlines()[0]) from err  # "process r of n failed: ...", one line
         finally:
             shutil.rmtree(errors, ignore_errors=True)
@@ -61,6 +64,8 @@ def run_command(runner: Callable[[argparse.Namespace], int], args: argparse.Name
         os.remove(log)
         _move_into_place(staging, replacements)
         sys.stdout.write(output)
+        if collapsed is not None:  # train: the history is written, the model is not (exit code 3)
+            raise TrainingCollapsed(_rewrite(collapsed, replacements))
         return 0
     finally:
         for _, stage in staging.values():
@@ -106,25 +111,32 @@ def _rank_main(command: str, args: argparse.Namespace, log: str, errors: str) ->
             warnings.simplefilter("ignore")
         target = open(log if rank == 0 else os.devnull, "w", encoding="utf-8")  # noqa: SIM115
         with target, contextlib.redirect_stdout(target):
-            code = RUNNERS[command](args)
+            try:
+                code = RUNNERS[command](args)
+            except TrainingCollapsed as err:  # decided alike on every rank, at the end: rank 0's files are kept
+                _record(errors, rank, "collapsed", err)
+                code = 0
         if code != 0:
             raise RuntimeError(f"the command exited with code {code}")
     except UsageError as err:
-        with open(os.path.join(errors, f"rank{rank}.json"), "w", encoding="utf-8") as handle:
-            json.dump({"rank": rank, "kind": "usage", "message": one_line(err)}, handle)
+        _record(errors, rank, "usage", err)
         raise
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _usage_error(errors: str) -> UsageError | None:
-    """The usage error a rank recorded, if any."""
+def _record(errors: str, rank: int, kind: str, err: BaseException) -> None:
+    with open(os.path.join(errors, f"{kind}{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump({"rank": rank, "kind": kind, "message": one_line(err)}, handle)
+
+
+def _recorded(errors: str, kind: str) -> str | None:
+    """The message of the first rank's recorded ``kind`` of outcome (``"usage"``, ``"collapsed"``), if any."""
     for name in sorted(os.listdir(errors)):
-        with open(os.path.join(errors, name), encoding="utf-8") as handle:
-            error = json.load(handle)
-        if error["kind"] == "usage":
-            return UsageError(error["message"])
+        if name.startswith(kind):
+            with open(os.path.join(errors, name), encoding="utf-8") as handle:
+                return json.load(handle)["message"]
     return None
 
 

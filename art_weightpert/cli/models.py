@@ -1,6 +1,7 @@
 """
-Loading a user's model for the command line: a TorchScript file, a whole module saved with ``torch.save``, or a
-``package.module:callable`` that returns an ``nn.Module``.
+Loading a user's model for the command line: a ``torch.export`` program (``.pt2``, the preferred format; see
+:mod:`.exported`), a TorchScript file, a whole module saved with ``torch.save``, or a ``package.module:callable`` that
+returns an ``nn.Module``.
 
 Weight attacks and certificates need an eager ``nn.Module``: ``torch.func.functional_call`` refuses TorchScript
 modules and ``torch.fx`` cannot trace them. A TorchScript model that is an ``nn.Sequential`` of standard layers
@@ -44,7 +45,7 @@ class LoadedModel:
 
     :param module: the module to evaluate (eager when possible, else the TorchScript module itself).
     :param source: the argument as given.
-    :param kind: ``"torchscript"``, ``"pickle"`` or ``"callable"``.
+    :param kind: ``"exported"``, ``"torchscript"``, ``"pickle"`` or ``"callable"``.
     :param eager: True when ``module`` is an eager module (attacks and certificates can run).
     :param note: how the model was read (shown in the report).
     :param unsupported_reason: why attacks and certificates cannot run on it (``None`` when they can).
@@ -57,6 +58,7 @@ class LoadedModel:
     note: str = ""
     unsupported_reason: str | None = None
     scripted: torch.jit.ScriptModule | None = None
+    """The TorchScript module or the exported program's module that an eager rebuild must reproduce."""
 
 
 def is_callable_spec(spec: str) -> bool:
@@ -81,8 +83,13 @@ def load_model(spec: str) -> LoadedModel:
         return LoadedModel(_load_callable(spec), spec, "callable", eager=True, note=f"built by {spec}()")
     if not os.path.isfile(spec):
         raise FileNotFoundError(f"model file not found: {spec} (nor a package.module:callable)")
+    exported = _load_exported(spec)
+    if exported is not None:
+        return exported
     try:
-        scripted = torch.jit.load(spec, map_location="cpu")
+        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; .pt2 is the preferred format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            scripted = torch.jit.load(spec, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - not a TorchScript archive: try a pickled module next
         logger.debug("torch.jit.load(%s) failed: %s", spec, err)
     else:
@@ -109,6 +116,38 @@ def load_model(spec: str) -> LoadedModel:
         )
         raise ModelSpecError(f"model file {spec} holds a {type(obj).__name__}, not a torch.nn.Module{hint}.")
     return LoadedModel(obj, spec, "pickle", eager=True, note="whole module loaded with torch.load(weights_only=False)")
+
+
+def _load_exported(spec: str) -> LoadedModel | None:
+    """A ``torch.export`` program (``None`` when ``spec`` is not one): rebuilt as the same eager ``nn.Sequential``
+    when its graph is a chain of standard layers, else run as its graph module (clean accuracy only)."""
+    from art_weightpert.cli.exported import ExportedModule, exported_to_eager, is_exported_archive, load_exported
+
+    if not is_exported_archive(spec):
+        if spec.endswith(".pt2"):
+            raise ModelSpecError(f"{spec} is not a torch.export archive (written by torch.export.save).")
+        return None
+    try:
+        program = load_exported(spec)
+    except Exception as err:  # noqa: BLE001 - reported as one line
+        raise ModelSpecError(f"cannot load {spec} with torch.export.load: {type(err).__name__}: {err}") from err
+    reference = ExportedModule(program)
+    try:
+        eager = exported_to_eager(program)
+    except UnsupportedModelError as err:
+        if reference.static_batch is not None:
+            raise ModelSpecError(
+                f"{spec} was exported with a fixed batch size of {reference.static_batch} and is not a chain of layers "
+                f"that can be rebuilt ({err}); export it with a dynamic batch dimension: torch.export.export(model, "
+                "(x,), dynamic_shapes=({0: torch.export.Dim('batch')},))"
+            ) from err
+        reason = (
+            f"{err} Weight attacks and certificates need the model's Linear/Conv modules, which an exported graph "
+            "of other calls does not keep: pass the eager model as package.module:callable to analyse it."
+        )
+        return LoadedModel(reference, spec, "exported", eager=False, unsupported_reason=reason)
+    note = "torch.export program rebuilt as the same eager nn.Sequential (outputs checked on the data)"
+    return LoadedModel(eager, spec, "exported", eager=True, note=note, scripted=reference)
 
 
 def _import_from_cwd() -> None:
@@ -340,7 +379,9 @@ def check_same_outputs(eager: nn.Module, scripted: torch.jit.ScriptModule, x: to
     try:
         with torch.no_grad():
             expected, got = scripted(x), eager(x)
+    except Exception as err:  # noqa: BLE001 - e.g. an exported program's guard on the batch size
+        raise UnsupportedModelError(f"the saved model cannot be compared with its eager rebuild: {err}") from err
     finally:
         scripted.train(was_training)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
-        raise UnsupportedModelError("the eager rebuild of the TorchScript model does not reproduce its outputs.")
+        raise UnsupportedModelError("the eager rebuild of the saved model does not reproduce its outputs.")

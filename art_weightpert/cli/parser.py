@@ -11,7 +11,8 @@ from typing import Any, NoReturn
 
 from art_weightpert import __version__
 from art_weightpert.certification import METHODS as BOUND_METHODS
-from art_weightpert.validation import check_non_negative, check_non_negative_int, check_positive_int
+from art_weightpert.defences.trainer.weight_robust_trainer import WARMUP_EPOCHS
+from art_weightpert.validation import check_int, check_non_negative, check_non_negative_int, check_positive_int
 from art_weightpert.zoo import DIGITS_RECIPE
 
 PROG = "art-weightpert"
@@ -60,6 +61,7 @@ def argument_type(convert: Callable[[str], Any], check: Callable[[Any, str], Any
 positive_int = argument_type(int, check_positive_int, "a positive integer")
 non_negative_int = argument_type(int, check_non_negative_int, "a non-negative integer")
 non_negative = argument_type(float, check_non_negative, "a finite non-negative number")
+bits_per_weight = argument_type(int, lambda v, n: check_int(v, n, minimum=2, maximum=16), "an integer from 2 to 16")
 
 _OUT = ("--out", {"default": None, "help": f"report folder (default: ./{DEFAULT_OUT})"})
 _SEED = ("--seed", {"type": non_negative_int, "default": 0, "help": "seed of training and attacks (default 0)"})
@@ -73,14 +75,59 @@ COMMON = [
     _QUIET,
 ]
 
-DEMO = [("--quick", {"action": "store_true", "help": "smaller run (under a minute on 2 CPU cores)"})]
+_MEASURES = (
+    "--measures",
+    {
+        "action": "store_true",
+        "help": "add generalization measures: worst- and average-case adaptive sharpness, PAC-Bayes "
+        "σ and bound (on x_train when the .npz has it, with the generalization gap)",
+    },
+)
+BIT_FLIPS = [
+    (
+        "--bit-flips",
+        {
+            "type": non_negative_int,
+            "default": None,
+            "metavar": "N",
+            "help": "add a 'Bit flips' section: accuracy of the quantized model after up to N bits flipped "
+            "by the bit-flip attack and at random (default: off for evaluate)",
+        },
+    ),
+    ("--n-bits", {"type": bits_per_weight, "default": 8, "help": "bits per quantized weight, 2 to 16 (default 8)"}),
+    (
+        "--granularity",
+        {
+            "choices": ("tensor", "channel"),
+            "default": "tensor",
+            "help": "quantization scale per weight tensor or per output channel (default: tensor)",
+        },
+    ),
+]
+DEMO = [
+    ("--quick", {"action": "store_true", "help": "smaller run (seconds on 2 CPU cores; what CI runs)"}),
+    _MEASURES,
+    (
+        "--bit-flips",
+        {
+            "type": non_negative_int,
+            "default": None,
+            "metavar": "N",
+            "help": "most flipped bits of the 'Bit flips' section (default 20, 10 with --quick; 0: off)",
+        },
+    ),
+]
 
 EVALUATE = [
-    ("--model", {"required": True, "help": "TorchScript file, torch.save'd module or module:callable"}),
+    ("--model", {"required": True,
+                 "help": "torch.export program (.pt2, preferred), TorchScript file, torch.save'd module or "
+                         "package.module:callable"}),
     ("--data", {"required": True, "help": ".npz with x, y (optional x_train, y_train)"}),
     ("--norm", {"choices": NORMS, "default": "inf", "help": "weight ball (default: inf, entry-wise box)"}),
     ("--eps", {"type": non_negative, "nargs": "+", "default": None,
-               "help": "ε grid (default: 0 to 10%% of the typical weight size in the chosen norm)"}),
+               "help": "ε grid (default: scaled to the model: 0, 0.2, 0.5, 1, 2, 5 and 10%% of its typical weight "
+                       "size in the chosen norm — mean |W| entry, mean row ℓ1 norm or mean Frobenius norm; with "
+                       "--relative, those fractions)"}),
     ("--layers", {"nargs": "+", "default": None, "help": "Linear/Conv layers to perturb (default: all)"}),
     ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--include-bias", {"action": "store_true", "help": "also perturb the biases"}),
@@ -89,7 +136,10 @@ EVALUATE = [
     _DEVICE,
     ("--max-samples", {"type": positive_int, "default": None, "help": "evaluate the first N test points"}),
     ("--pgd-steps", {"type": positive_int, "default": 20, "help": "WeightPGD iterations (default 20)"}),
-    ("--random-samples", {"type": positive_int, "default": 10, "help": "random draws per ε (default 10)"}),
+    ("--random-samples", {"type": positive_int, "default": 10,
+                          "help": "random draws per ε and per number of bit flips (default 10)"}),
+    _MEASURES,
+    *BIT_FLIPS,
     _NPROC,
 ]  # fmt: skip
 
@@ -103,20 +153,27 @@ TRAIN = [
     ("--hidden", {"type": positive_int, "nargs": "+", "default": list(_R.hidden),
                   "help": f"MLP hidden widths (default: {' '.join(map(str, _R.hidden))})"}),
     ("--norm", {"choices": NORMS, "default": None, "help": f"weight ball (default: the digits recipe's, {_R.norm})"}),
-    ("--eps", {"type": non_negative, "default": None, "help": f"ε of the ball (default: the recipe's, {_R.eps})"}),
-    ("--relative", {"action": "store_true", "help": "radii relative to the weights"}),
+    ("--eps", {"type": non_negative, "default": None,
+               "help": f"ε of the ball (default: scaled to the model's input width, {_R.eps}·sqrt(64/n_inputs) in "
+                       f"the {_R.norm} ball — the recipe's {_R.eps} on the 64 digits features, 0.0144 on 3x32x32 "
+                       "images; required with another --norm or --relative)"}),
+    ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--layers", {"nargs": "+", "default": None, "help": "layers to perturb (default: all)"}),
     ("--lam", {"type": non_negative, "default": _R.lam, "help": f"weight λ of the robust term (default {_R.lam})"}),
     ("--mu", {"type": non_negative, "default": _R.mu, "help": f"weight μ of the operator-norm term (default {_R.mu})"}),
     ("--kappa", {"type": non_negative, "default": _R.kappa, "help": f"safety margin κ (default {_R.kappa})"}),
     ("--bound", {"choices": tuple(BOUND_METHODS), "default": _R.bound,
                  "help": f"margin bound for η (default {_R.bound})"}),
-    ("--warmup", {"type": non_negative_int, "default": _R.warmup,
-                  "help": f"epochs of λ warm-up (default {_R.warmup})"}),
+    ("--warmup", {"type": non_negative_int, "default": None,
+                  "help": f"epochs over which λ and ε grow from 0 (default: the trainer's {WARMUP_EPOCHS} on your "
+                          f"data, the recipe's {_R.warmup} on the digits data)"}),
     ("--epochs", {"type": positive_int, "default": _R.epochs, "help": f"training epochs (default {_R.epochs})"}),
     ("--lr", {"type": non_negative, "default": _R.lr, "help": f"Adam learning rate (default {_R.lr})"}),
     ("--batch-size", {"type": positive_int, "default": _R.batch_size,
                       "help": f"samples per step (default {_R.batch_size})"}),
+    ("--keep-collapsed", {"action": "store_true",
+                          "help": "save the model even when training collapsed to chance accuracy (by default it "
+                                  "is not saved and the exit code is 3)"}),
     _SEED,
     _DEVICE,
     _NPROC,
@@ -136,17 +193,22 @@ COMMANDS = {
         "arguments": COMMON + EVALUATE,
         "help": "report on your model and data",
         "description": "Evaluate a model under weight perturbations: accuracy across an ε grid by each method, "
-        "certified radii, plots. MODEL is a TorchScript file, a file saved with torch.save(module) (loaded with "
-        "weights_only=False after a warning: it runs pickled code) or package.module:callable returning an "
-        "nn.Module. DATA is an .npz with x and y (and optionally x_train, y_train for the generalization bound).",
+        "certified radii, plots (and with --bit-flips, --measures: bit flips of the quantized model, generalization "
+        "measures). MODEL is a torch.export program (.pt2 of torch.export.save; the preferred format), a TorchScript "
+        "file, a file saved with torch.save(module) (loaded with weights_only=False after a warning: it runs pickled "
+        "code) or package.module:callable returning an nn.Module. DATA is an .npz with x and y (and optionally "
+        "x_train, y_train: the training split, for the generalization bound, the measures and the gap, and the "
+        "bit-flip attack's batch). The default ε grid is scaled to the model (fractions of its typical weight size).",
     },
     "train": {
         "arguments": TRAIN,
         "help": "train a weight-robust model and save it",
         "description": "Train with WeightRobustTrainer (the robust loss of docs/training.md) on an .npz (x_train, "
-        "y_train if present, else x, y) or on the digits data, then save the model as TorchScript (torch.jit.script; "
-        "a torch.save'd whole module when the model cannot be scripted) and its training history as JSON. The "
-        "defaults are the digits recipe (art_weightpert.zoo.DIGITS_RECIPE).",
+        "y_train if present, else x, y) or on the digits data, then save the model as a torch.export program "
+        "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be "
+        "exported) and its training history as JSON. The defaults are the digits recipe "
+        "(art_weightpert.zoo.DIGITS_RECIPE), with ε scaled to the input width on your data. A run that collapses "
+        "to chance accuracy is reported and not saved (exit code 3) unless --keep-collapsed.",
     },
 }
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""

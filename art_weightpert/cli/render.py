@@ -5,17 +5,56 @@ dictionary of :func:`.build_report`; labels from :mod:`art_weightpert.metrics.pl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from art_weightpert.cli.render_sections import (
+    bit_flip_comparison,
+    bit_flip_lines,
+    bound_lines,
+    fmt,
+    markdown_table,
+    measures_lines,
+    unavailable_lines,
+)
 from art_weightpert.metrics.plots import method_label
 
+SETTING_LABELS = {
+    "training_eps": "training budget (robust model)",
+    "hidden": "hidden layer widths",
+    "epochs": "training epochs",
+    "batch_size": "training batch size",
+    "lam": "λ, weight of the robust loss term",
+    "mu": "μ, weight of the operator-norm term",
+    "kappa": "κ, safety margin of the robust term",
+    "bound": "margin bound used in training",
+    "warmup": "warm-up epochs (λ ramped from 0)",
+    "pgd_steps": "WeightPGD steps",
+    "random_samples": "random draws per ε (and per number of bit flips)",
+    "test_points": "test points evaluated",
+    "eps_multiples_of_training_eps": "ε grid as multiples of the training ε",
+    "device": "device",
+    "eval_batch_size": "evaluation batch size",
+    "eps_grid_source": "ε grid",
+    "bit_flips": "bit flips (most flips, bits per weight, scales)",
+    "measures": "generalization measures",
+}
+"""Readable labels of the report's settings (``report.json`` keeps the keys)."""
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return format(value, spec) if isinstance(value, float) else str(value)
+_fmt = fmt
+_markdown_table = markdown_table
+
+
+def setting_lines(settings: Mapping[str, Any]) -> list[str]:
+    """The settings as ``* label: value`` lines (lists joined, ``None`` as "none")."""
+    lines = []
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(fmt(v, "g") for v in value)
+        lines.append(
+            f"* {SETTING_LABELS.get(key, key.replace('_', ' '))}: {'none' if value is None else fmt(value, 'g')}"
+        )
+    return lines
 
 
 def results_table(report: Mapping[str, Any], name: str) -> tuple[list[str], list[list[str]]]:
@@ -44,17 +83,16 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _budget_text(budget: Mapping[str, Any]) -> str:
     layers = "all Linear/Conv layers" if budget["layers"] is None else ", ".join(budget["layers"])
     kind = "relative" if budget["relative"] else "absolute"
     bias = "weights and biases" if budget["include_bias"] else "weights only (biases fixed)"
     return f"`{budget['norm']}` ball, {kind} radii, {bias}, layers: {layers}"
+
+
+def training_warnings(entry: Mapping[str, Any]) -> list[str]:
+    """The trainer's warnings of a model trained for the report (``history["warnings"]``: a collapsed run)."""
+    return list((entry.get("history") or {}).get("warnings") or [])
 
 
 def summary_text(report: Mapping[str, Any]) -> str:
@@ -64,8 +102,17 @@ def summary_text(report: Mapping[str, Any]) -> str:
         out.append("")
         out.append(f"Model {name!r}: clean accuracy {_fmt(entry['clean_accuracy'])}")
         out.append(text_table(*results_table(report, name)))
-        for method, reason in entry["unavailable"].items():
-            out.append(f"  {method_label(method)} unavailable: {reason}")
+        flips = entry.get("bit_flips") or {}
+        if "bfa_accuracy" in flips:
+            out.append(
+                f"Bit flips ({flips['n_bits']}-bit, quantized accuracy {fmt(flips['quantized_accuracy'])}): after "
+                + ", ".join(
+                    f"{k}: BFA {b:.3f} / random {r:.3f}"
+                    for k, b, r in zip(flips["flips"], flips["bfa_accuracy"], flips["random_mean"])
+                )  # fmt: skip
+            )
+        out += [f"  {line}" for line in unavailable_lines(entry)]
+        out += [f"  warning: {warning}" for warning in training_warnings(entry)]
     return "\n".join(out)
 
 
@@ -86,16 +133,19 @@ def markdown_report(report: Mapping[str, Any]) -> str:
         "* ε grid: " + ", ".join(f"{e:.4g}" for e in report["eps_grid"]),
         "* Methods: " + ", ".join(method_label(m) for m in report["methods"]),
     ]
-    lines += [f"* {key}: {value}" for key, value in report["settings"].items()]
+    lines += setting_lines(report["settings"])
     lines += [
         "",
-        "Reading the table: *certified* is the share of test points whose prediction is correct and provably unchanged "
+        "Reading the tables: accuracies are shares of the test points (0 to 1); ε is the radius of the weight ball in "
+        "the units of the budget above (absolute: the weights' own units; relative: a fraction of each weight, row "
+        "or layer norm). *certified* is the share of test points whose prediction is correct and provably unchanged "
         "by **every** weight perturbation in the ball (sound bounds in float64); *WeightPGD* is the accuracy under one "
         "adversarial perturbation found for the whole test set; *random faults* is the mean accuracy over random "
         "perturbations in the ball. Certified ≤ true robust accuracy ≤ WeightPGD ≤ random ≤ clean.",
     ]
     for name in report["models"]:
         lines += _model_section(report, name)
+    lines += bit_flip_comparison(report["models"])
     if report["plots"]:
         lines += ["", "## Plots", ""]
         lines += [f"![{title}]({path})" for title, path in report["plots"].items()]
@@ -109,21 +159,31 @@ def _model_section(report: Mapping[str, Any], name: str) -> list[str]:
     lines = ["", f"## Model `{name}`", ""]
     if entry.get("description"):
         lines += [entry["description"], ""]
+    for warning in training_warnings(entry):
+        lines += [f"**Warning — {warning}**", ""]
     lines += [f"Clean accuracy: **{_fmt(entry['clean_accuracy'])}**", ""]
     lines.append(_markdown_table(*results_table(report, name)))
-    if entry["unavailable"]:
-        lines += ["", "Unavailable:", ""]
-        lines += [f"* {method_label(m)}: {reason}" for m, reason in entry["unavailable"].items()]
+    unavailable = unavailable_lines(entry)
+    if unavailable:
+        lines += ["", "Not computed for this model (each reason once, with what it affects):", ""]
+        lines += [f"* {line}" for line in unavailable]
     if entry["certified_radius"]:
-        lines += ["", "Certified radius per test point (largest ε certified; 0 where the prediction is wrong):", ""]
+        lines += [
+            "",
+            "Certified radius per test point: the largest ε (in the units of the ε grid) at which the point is "
+            "certified; 0 where the prediction is wrong, never broken = certified at every radius tried:",
+            "",
+        ]
         lines.append(_markdown_table(*_radius_table(entry["certified_radius"])))
-    bound = entry.get("generalization_bound")
-    if bound:
-        lines += ["", "Generalization bound under weight perturbation (docs/theory.md; standard constants):", ""]
-        lines += [f"* {k}: {_fmt(v, '.4g') if not isinstance(v, (dict, list)) else v}" for k, v in bound.items()]
+    if entry.get("generalization_bound"):
+        lines += bound_lines(entry["generalization_bound"])
+    if entry.get("measures"):
+        lines += measures_lines(entry["measures"])
+    if entry.get("bit_flips"):
+        lines += bit_flip_lines(entry["bit_flips"])
     training = {k: v for k, v in (entry.get("training") or {}).items() if not isinstance(v, (dict, list))}
     if training:
-        lines += ["", "Training: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in training.items())]
+        lines += ["", "Training: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v, '.3g')}" for k, v in training.items())]
     return lines
 
 

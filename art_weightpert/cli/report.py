@@ -33,8 +33,8 @@ from art_weightpert.cli.parser import REPORT_METHODS, one_line
 from art_weightpert.cli.render import markdown_report
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.metrics import certified_weight_radius, generalization_bound, weight_robustness_curve
-from art_weightpert.metrics.plots import plot_certified_radius_histogram, plot_robustness_curves
-from art_weightpert.network import UnsupportedModelError
+from art_weightpert.metrics.plots import plot_bit_flip_curves, plot_certified_radius_histogram, plot_robustness_curves
+from art_weightpert.network import UnsupportedModelError, read_network
 
 SCHEMA_VERSION = 1
 PLOT_DPI = 110
@@ -118,8 +118,7 @@ def evaluate_model(
     certified radius per test point and the generalization bound.
 
     :param classifier: the model.
-    :param x: test inputs.
-    :param y: integer test labels.
+    :param x: test inputs; ``y``: their integer labels.
     :param budget: the ball; its ε is replaced by each grid value (and sets the units of the certified radii).
     :param eps_grid: radii ε to evaluate.
     :param methods: subset of :data:`.REPORT_METHODS`.
@@ -130,10 +129,10 @@ def evaluate_model(
     :param train_data: ``(x_train, y_train)`` for the generalization bound (THEORY.md §6), or ``None``.
     :param radius_methods: certification methods whose per-sample certified radius is computed (a bisection over
         the radius for most bounds: costly for ``"linear"``, hence not in the default).
-    :param progress: called with a description after each unit of work (for a progress bar).
+    :param progress: called after each unit of work with its description (for a progress bar).
     :return: ``{"clean_accuracy", "curves": {method: [accuracy per ε]}, "random_std", "random_min", "random_max",
         "certified_radius": {method: summary}, "unavailable": {method: reason}, "generalization_bound", "seconds":
-        {method: float}}``.
+        {method: float}, "correct": [per test point]}``.
     """
     curve = weight_robustness_curve(
         classifier,
@@ -148,6 +147,8 @@ def evaluate_model(
         progress=progress,
     )
     entry = _entry_of_curve(curve, methods)
+    if any(m in entry["curves"] for m in radius_methods):  # to plot misclassified points apart from small radii
+        entry["correct"] = (classifier.predict(x, batch_size=batch_size).argmax(axis=1) == y).tolist()
     for method in radius_methods:
         if method in entry["curves"]:
             start = time.perf_counter()
@@ -213,7 +214,8 @@ def _generalization_bound(classifier, train_data, budget, eps_grid) -> dict[str,
         value = generalization_bound(classifier, *train_data, budget.with_eps(eps))
     except (UnsupportedModelError, NotImplementedError, ValueError) as err:
         return {"unavailable": one_line(err)}
-    return {"budget_eps": eps, **jsonable(value if isinstance(value, Mapping) else {"bound": value})}
+    layers = [layer.name for layer in read_network(classifier.base_model, classifier.input_shape).affine_layers]
+    return {"budget_eps": eps, "layers": layers, **jsonable(value if isinstance(value, Mapping) else {"bound": value})}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -280,9 +282,18 @@ def write_plots(report: Mapping[str, Any], out_dir: str) -> dict[str, str]:
         if any(method in e["certified_radius"] for e in entries)
     }
     reasons = [r for e in entries for m, r in e["unavailable"].items() if m in BOUND_METHODS]
+    wrong = {name: [not c for c in e["correct"]] for name, e in report["models"].items() if e.get("correct")}
     path = os.path.join(out_dir, "certified_radius_hist.png")
-    plot_certified_radius_histogram(radii, path, report["budget"]["relative"], reasons, dpi=PLOT_DPI)
-    return {"accuracy vs ε": "accuracy_vs_eps.png", "certified radius histogram": "certified_radius_hist.png"}
+    relative = report["budget"]["relative"]
+    plot_certified_radius_histogram(radii, path, relative, reasons, dpi=PLOT_DPI, misclassified=wrong or None)
+    plots = {"accuracy vs ε": "accuracy_vs_eps.png", "certified radius histogram": "certified_radius_hist.png"}
+    flips = {
+        name: e["bit_flips"] for name, e in report["models"].items() if "bfa_accuracy" in (e.get("bit_flips") or {})
+    }
+    if flips:
+        plot_bit_flip_curves(flips, os.path.join(out_dir, "bit_flips.png"), dpi=PLOT_DPI)
+        plots["accuracy vs flipped bits"] = "bit_flips.png"
+    return plots
 
 
 def write_report(report: dict[str, Any], out_dir: str) -> dict[str, str]:

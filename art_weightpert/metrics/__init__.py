@@ -16,6 +16,7 @@ _LAZY = {
     "plot_robustness_curve": "art_weightpert.metrics.plots",
     "plot_robustness_curves": "art_weightpert.metrics.plots",
     "plot_certified_radius_histogram": "art_weightpert.metrics.plots",
+    "plot_bit_flip_curves": "art_weightpert.metrics.plots",
     "bit_flip_curve": "art_weightpert.metrics.bit_flips",
 }
 

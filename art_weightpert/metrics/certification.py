@@ -39,7 +39,7 @@ def weight_certified_accuracy(
     :param x: inputs ``(N,) + input_shape``.
     :param y: integer or one-hot labels.
     :param budget: the ball of weight perturbations.
-    :param method: ``"paper"``, ``"interval"`` or ``"linear"`` (:data:`.METHODS`).
+    :param method: a bound method of the registry :data:`.METHODS` (``"paper"``, ``"interval"``, ``"linear"``).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
     :return: the certified accuracy (``nan`` for an empty set).
@@ -66,7 +66,7 @@ def certified_weight_radius(
     :param x: inputs.
     :param y: integer or one-hot labels.
     :param budget: the ball (its ``eps`` sets the starting point of the search and the units of a dict).
-    :param method: the certification method.
+    :param method: a bound method of the registry :data:`.METHODS`.
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
     :return: ``(N,)`` radii.

@@ -124,13 +124,40 @@ def weight_sharpness(
     budget = PerturbationBudget(rho, norm, layers=layers, relative=adaptive, include_bias=include_bias)
     unit_balls = budget.with_eps(1.0).parameter_balls(est.base_model, torch.float64)
     if kind == "worst":
-        attack = WeightPGD(est, budget, max_iter, num_random_init=num_random_init, loss="ce", batch_size=batch_size,
-                           verbose=False)  # fmt: skip
-        draw = lambda i, xb, yb: [est.check_deltas(attack.generate(xb, yb))]  # noqa: E731
+        draw = _worst_case_draw(est, budget, max_iter, num_random_init, batch_size)
     else:
-        params = {t.param_name: est.base_model.get_parameter(t.param_name) for t in unit_balls}
-        std = (lambda p: rho * p.abs()) if adaptive else (lambda p: rho)
-        draw = lambda i, xb, yb: [gaussian_deltas(params, std, seeded_generator(seed, i, j)) for j in range(nb_draws)]  # noqa: E731
+        draw = _gaussian_draws(est, unit_balls, rho, adaptive, nb_draws, seed)
+    sums, sizes = _sharpness_sums(est, x, labels, m, batch_size, seed, draw, unit_balls, verbose)
+    n = len(x)
+    clean_loss, loss, clean_error, error = (float(v) / n for v in sums)
+    return {
+        "loss_increase": loss - clean_loss, "error_increase": error - clean_error,
+        "perturbation_norm": float(np.mean(sizes)), "perturbation_norm_max": float(np.max(sizes)),
+        "clean_loss": clean_loss, "perturbed_loss": loss, "clean_error": clean_error, "perturbed_error": error,
+        "rho": rho, "norm": norm, "adaptive": adaptive, "kind": kind, "m": m, "n_samples": n,
+        "n_batches": math.ceil(n / m),
+    }  # fmt: skip
+
+
+def _worst_case_draw(est, budget: PerturbationBudget, max_iter: int, num_random_init: int, batch_size: int):
+    """``draw(i, xb, yb)``: the one perturbation of batch ``i``, by :class:`.WeightPGD` on the cross-entropy."""
+    attack = WeightPGD(
+        est, budget, max_iter, num_random_init=num_random_init, loss="ce", batch_size=batch_size, verbose=False
+    )
+    return lambda i, xb, yb: [est.check_deltas(attack.generate(xb, yb))]
+
+
+def _gaussian_draws(est, unit_balls: list[ParameterBall], rho: float, adaptive: bool, nb_draws: int, seed: int):
+    """``draw(i, xb, yb)``: ``nb_draws`` Gaussian perturbations of batch ``i`` (standard deviation ``ρ·|w|`` when
+    adaptive, else ``ρ``), each seeded by ``(seed, i, j)``."""
+    params = {t.param_name: est.base_model.get_parameter(t.param_name) for t in unit_balls}
+    std = (lambda p: rho * p.abs()) if adaptive else (lambda p: rho)
+    return lambda i, xb, yb: [gaussian_deltas(params, std, seeded_generator(seed, i, j)) for j in range(nb_draws)]
+
+
+def _sharpness_sums(est, x, labels, m, batch_size, seed, draw, unit_balls, verbose) -> tuple[np.ndarray, list[float]]:
+    """Sum, over the shuffled batches of ``m`` samples, of the clean and perturbed loss and errors (the perturbed ones
+    averaged over the batch's ``draw``), and the size of every perturbation drawn."""
     order = np.random.default_rng(seed).permutation(len(x))
     sums = np.zeros(4)  # clean loss, perturbed loss, clean errors, perturbed errors
     sizes = []
@@ -144,25 +171,7 @@ def weight_sharpness(
             perturbed = np.mean([loss_and_errors(est, x_t, y_t, d, batch_size) for d in draws], axis=0)
             sums += (clean_loss, perturbed[0], clean_errors, perturbed[1])
             sizes += [ball_size(unit_balls, d) for d in draws]
-    n = len(x)
-    clean_loss, loss, clean_error, error = (float(v) / n for v in sums)
-    return {
-        "loss_increase": loss - clean_loss,
-        "error_increase": error - clean_error,
-        "perturbation_norm": float(np.mean(sizes)),
-        "perturbation_norm_max": float(np.max(sizes)),
-        "clean_loss": clean_loss,
-        "perturbed_loss": loss,
-        "clean_error": clean_error,
-        "perturbed_error": error,
-        "rho": rho,
-        "norm": norm,
-        "adaptive": adaptive,
-        "kind": kind,
-        "m": m,
-        "n_samples": n,
-        "n_batches": math.ceil(n / m),
-    }
+    return sums, sizes
 
 
 def ball_size(unit_balls: list[ParameterBall], deltas: Mapping[str, torch.Tensor], rel_tol: float = 1e-9) -> float:
@@ -242,12 +251,7 @@ def generalization_bound(
     network = certifier.network
     norms, eps = _layer_norms(certifier)
     nb_classes = estimator.nb_classes
-    with torch.no_grad():
-        logits = torch.cat(
-            [network.forward(x_t[s : s + batch_size].to(torch.float64)) for s in range(0, n, batch_size)]
-        )
-    own = logits.gather(1, y_t.unsqueeze(1)).squeeze(1)
-    clean_margin = own - logits.scatter(1, y_t.unsqueeze(1), -math.inf).amax(dim=1)
+    clean_margin = _clean_margins(network, x_t, y_t, batch_size)
     certified_margin = certifier.margin_lower_bounds(x_train, y_train).min(axis=1)
     input_bound = float(x_t.abs().amax()) if x_t.numel() else 0.0
     input_dim = int(np.prod(estimator.input_shape))
@@ -284,6 +288,16 @@ def generalization_bound(
         "delta": delta,
         "method": certifier.method,
     }
+
+
+def _clean_margins(network, x_t: torch.Tensor, y_t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``f_y(x) − max_{i≠y} f_i(x)`` per sample, in float64."""
+    with torch.no_grad():
+        logits = torch.cat(
+            [network.forward(x_t[s : s + batch_size].to(torch.float64)) for s in range(0, len(x_t), batch_size)]
+        )
+    own = logits.gather(1, y_t.unsqueeze(1)).squeeze(1)
+    return own - logits.scatter(1, y_t.unsqueeze(1), -math.inf).amax(dim=1)
 
 
 def _layer_norms(certifier: WeightPerturbationCertifier) -> tuple[list[float], list[float]]:

@@ -20,7 +20,6 @@ The paper's exact choice of the terms is not available offline; this loss is the
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 import warnings
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
+from art_weightpert.certification.registry import METHODS
 from art_weightpert.defences.trainer import data_parallel as dp
 from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
@@ -60,25 +60,10 @@ from art_weightpert.validation import (
 
 logger = logging.getLogger(__name__)
 
-# bound name -> (module, function) computing (N, K) margin lower bounds over the ball (+inf at the label column)
-BOUNDS = {
-    "interval": ("art_weightpert.certification.interval", "interval_margin_bounds"),
-    "paper": ("art_weightpert.certification.paper", "paper_margin_bounds"),
-    "linear": ("art_weightpert.certification.linear", "linear_margin_bounds"),
-}
-
 # default warm-up (epochs) of λ and ε: 5 is enough for the digits MLP, a 3x32x32 CNN needs ~10 (docs/training.md)
 WARMUP_EPOCHS = 10
 
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "accuracy", "lr", "time")
-
-
-def _bound_function(bound: str) -> Callable[..., torch.Tensor]:
-    module_name, function_name = BOUNDS[bound]
-    try:
-        return getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"`bound={bound!r}` is not available in this installation ({err}).") from err
 
 
 class WeightRobustTrainer(Trainer):
@@ -126,7 +111,7 @@ class WeightRobustTrainer(Trainer):
         :param mu: weight μ ≥ 0 of the operator-norm term ``Σ_k ‖W^k‖_op∞``.
         :param kappa: safety margin κ ≥ 0: the robust term is zero once every margin lower bound exceeds κ.
         :param bound: margin bound used for η: ``"interval"`` (THEORY.md §4, default), ``"paper"`` (§3 formula B) or
-            ``"linear"`` (§4b, when installed).
+            ``"linear"`` (§4b): a name in the registry :data:`.METHODS`.
         :param warmup: number of epochs over which λ (and, with ``ramp_eps``, the ball's radii) grow linearly from 0
             (per step); 0 starts at the full λ and ε. Each call of ``fit`` restarts the warm-up.
         :param ramp_eps: also ramp the radii of the ball from 0 to the budget's during the warm-up (the standard
@@ -182,9 +167,8 @@ class WeightRobustTrainer(Trainer):
         budget.layer_names(estimator.base_model)  # unknown layer names: ValueError listing the valid ones
         for name in ("lam", "mu", "kappa"):
             params[name] = check_non_negative(params[name], name)
-        if params["bound"] not in BOUNDS:
-            raise ValueError(f"`bound` must be one of {list(BOUNDS)}, got {params['bound']!r}.")
-        _bound_function(params["bound"])
+        if params["bound"] not in METHODS:
+            raise ValueError(f"`bound` must be one of {list(METHODS)}, got {params['bound']!r}.")
         params["warmup"] = check_non_negative_int(params["warmup"], "warmup")
         params["collapse_patience"] = check_positive_int(params["collapse_patience"], "collapse_patience")
         attack = params["attack"]
@@ -306,7 +290,7 @@ class WeightRobustTrainer(Trainer):
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            bounds = _bound_function(self.bound)(network, balls, x, labels, dtype=torch.float32)
+            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:

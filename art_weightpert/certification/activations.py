@@ -1,0 +1,73 @@
+"""
+Linear relaxations of the activations for the backward linear bound (THEORY.md §4b): per element of a pre-activation
+box ``[lo, hi]``, a lower and an upper line ``slope·z + intercept`` enclosing the activation there.
+
+* ReLU / LeakyReLU (:func:`kinked`): CROWN's relaxation, the chord on one side and a line through the origin (slope
+  chosen by ``hi > −lo``) on the other; exact on stable boxes.
+* sigmoid / tanh (:func:`s_shaped`): lines through the box's end points with slope ``min(σ'(end), chord)``, tangents at
+  the midpoint where the box lies in the convex or concave part.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from art_weightpert.network import Activation
+
+
+def kinked(lo: torch.Tensor, hi: torch.Tensor, slope: float):
+    """ReLU (``slope = 0``) and LeakyReLU: ``f(z) = z`` for ``z ≥ 0``, ``slope·z`` below. Returns the (slope,
+    intercept) of a lower and an upper line valid on ``[lo, hi]``: the chord on one side, a line through the origin
+    with slope 1 or ``slope`` (1 when ``hi > −lo``, as CROWN) on the other."""
+    active, inactive = lo >= 0, hi <= 0
+    width = torch.where(active | inactive, torch.ones_like(hi), hi - lo)
+    chord = (hi - slope * lo) / width
+    chord_icpt = (slope - chord) * lo  # f(lo) − chord·lo with f(lo) = slope·lo for a crossing box
+    one, leak = torch.ones_like(lo), torch.full_like(lo, slope)  # in lo's dtype: no float32 rounding of slope
+    alpha = torch.where(hi > -lo, one, leak)
+    if slope <= 1:  # convex: the chord is above, lines through 0 with slope in [slope, 1] below
+        low, up = (alpha, torch.zeros_like(lo)), (chord, chord_icpt)
+    else:  # concave
+        low, up = (chord, chord_icpt), (alpha, torch.zeros_like(lo))
+    fixed = torch.where(active, one, leak)  # exact on stable boxes
+
+    def exact(line):
+        stable = active | inactive
+        return torch.where(stable, fixed, line[0]), torch.where(stable, 0.0, line[1])
+
+    return exact(low), exact(up)
+
+
+def s_shaped(fn, dfn, lo: torch.Tensor, hi: torch.Tensor):
+    """Sigmoid / tanh (convex below 0, concave above, ``σ'`` unimodal): ``σ(z) ≥ σ(lo) + k_l (z − lo)`` and
+    ``σ(z) ≤ σ(hi) + k_u (z − hi)`` with ``k = min(σ'(end), chord)`` (the smallest mean slope on sub-intervals
+    from that end); the tangent at the midpoint replaces the lower line where ``hi ≤ 0`` and the upper where
+    ``lo ≥ 0``."""
+    f_lo, f_hi = fn(lo), fn(hi)
+    mid = (lo + hi) / 2
+    width = hi - lo
+    wide = width > 0
+    chord = torch.where(wide, (f_hi - f_lo) / torch.where(wide, width, torch.ones_like(width)), dfn(mid))
+    k_lo, k_hi = torch.minimum(dfn(lo), chord), torch.minimum(dfn(hi), chord)
+    t_slope = dfn(mid)
+    t_icpt = fn(mid) - t_slope * mid
+    convex, concave = hi <= 0, lo >= 0
+    low = torch.where(convex, t_slope, k_lo), torch.where(convex, t_icpt, f_lo - k_lo * lo)
+    up = torch.where(concave, t_slope, k_hi), torch.where(concave, t_icpt, f_hi - k_hi * hi)
+    return low, up
+
+
+def _dsigmoid(z):
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
+def relaxation(layer: Activation, lo: torch.Tensor, hi: torch.Tensor):
+    """``((lower slope, intercept), (upper slope, intercept))`` of lines enclosing the activation on ``[lo, hi]``."""
+    if layer.kind == "relu":
+        return kinked(lo, hi, 0.0)
+    if layer.kind == "leaky_relu":
+        return kinked(lo, hi, layer.negative_slope)
+    if layer.kind == "sigmoid":
+        return s_shaped(torch.sigmoid, _dsigmoid, lo, hi)
+    return s_shaped(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, lo, hi)

@@ -1,0 +1,215 @@
+"""
+:class:`BitFlipCertifier`: which predictions of a quantized model no set of at most ``k`` flipped weight bits can
+change (THEORY.md §8).
+
+What is certified is the quantized model of :meth:`.QuantizedWeights.from_estimator` (the estimator's original weights
+quantized; biases, batch norm and unselected layers stay float), in exact arithmetic with eval-mode semantics. The
+threat set is every set of at most ``k`` distinct bits of the codes of the selected layers, sign bits included. Bounds
+in float64 (THEORY.md §5), from :mod:`.bit_flip_bounds`:
+
+* ``"interval"``: boxes where every unit takes its own worst ``k`` flips, the last layer folded into the margins;
+* ``"linear"``: the backward pass from the margins with one top-``k`` over the pair terms of all layers, for every case
+  of :func:`.flip_cases` (where the flips land), the minimum over the cases; never looser than ``"interval"``.
+
+| Paper link: https://arxiv.org/abs/1903.12269 (the bit-flip threat model)
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from art.estimators.classification import PyTorchClassifier
+from tqdm.auto import tqdm
+
+from art_weightpert.certification.bit_flip_bounds import flip_boxes, interval_margins
+from art_weightpert.certification.bit_flip_cases import case_margins, flip_cases
+from art_weightpert.certification.bit_flip_terms import flip_tables
+from art_weightpert.certification.certifier import CERTIFICATION_RTOL
+from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.network import read_network
+from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
+from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
+
+BIT_FLIP_METHODS = ("interval", "linear")
+
+
+class BitFlipCertifier:
+    """
+    Certificates of a quantized classifier against at most ``max_flips`` flipped bits of its weight codes.
+
+    A sample is certified when every pairwise margin lower bound of the quantized model's label (or the given label,
+    if the quantized model predicts it) exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``.
+    """
+
+    def __init__(
+        self,
+        estimator: PyTorchClassifier,
+        max_flips: int = 1,
+        n_bits: int = 8,
+        granularity: str = "tensor",
+        layers: list[str] | None = None,
+        method: str = "interval",
+        batch_size: int = 128,
+        verbose: bool = True,
+    ) -> None:
+        """
+        Create a :class:`.BitFlipCertifier` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` (wrapped, not copied)
+            whose model is a chain of Linear/Conv2d layers with fixed layers between them.
+        :param max_flips: most flipped bits certified against (0: only the quantized prediction itself).
+        :param n_bits: bits per quantized weight, 2 to 16.
+        :param granularity: one quantization scale per ``"tensor"`` or per output ``"channel"``.
+        :param layers: names of the Linear/Conv layers whose weights are quantized and may flip (``None``: all).
+        :param method: ``"interval"`` or ``"linear"`` (tighter, slower).
+        :param batch_size: samples per bound computation (pair terms are further chunked to bound the memory).
+        :param verbose: show a progress bar over batches.
+        :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
+        """
+        estimator = as_weight_classifier(estimator)
+        check_non_negative_int(max_flips, "max_flips")
+        check_quantization_args(n_bits, granularity, layers, estimator.base_model)
+        check_choice(method, "method", BIT_FLIP_METHODS)
+        check_positive_int(batch_size, "batch_size")
+        check_bool(verbose, "verbose")
+        read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError before anything is copied
+        self._estimator = estimator
+        self.max_flips = int(max_flips)
+        self.n_bits = int(n_bits)
+        self.granularity = granularity
+        self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        self.method = method
+        self.batch_size = int(batch_size)
+        self.verbose = bool(verbose)
+        self._key: tuple | None = None
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def estimator(self):
+        """The (wrapped) estimator."""
+        return self._estimator
+
+    @property
+    def quantized_(self) -> QuantizedWeights:
+        """The quantized weights certified (of the estimator's current original weights)."""
+        self._refresh()
+        return self._quantized
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def certify(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """
+        Which predictions of the quantized model provably survive every set of at most ``max_flips`` flipped bits.
+
+        :param x: inputs ``(N,) + input_shape`` (ART's preprocessing is applied).
+        :param y: integer or one-hot labels: a sample the quantized model misclassifies is never certified. ``None``:
+            certify the quantized model's predictions.
+        :return: ``(N,)`` bool.
+        """
+        out = []
+        for x64, labels, tol, correct in self._batches(x, y, "certify"):
+            ok = self._certified(x64, labels, tol, self.max_flips)
+            out.append((correct & ok).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=bool)
+
+    def certified_flips(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """
+        Per sample, the largest ``k ≤ max_flips`` for which the quantized prediction is certified against every set of
+        at most ``k`` flipped bits (certifying ``k`` covers every smaller number); 0 where none is; −1 where the
+        quantized model misclassifies the sample (with labels).
+
+        :param x: inputs ``(N,) + input_shape``.
+        :param y: labels, or ``None`` for the quantized model's predictions.
+        :return: ``(N,)`` int64.
+        """
+        out = []
+        for x64, labels, tol, correct in self._batches(x, y, "certified flips"):
+            flips = torch.zeros(len(x64), dtype=torch.int64, device=x64.device)
+            todo = correct.clone()
+            for k in range(self.max_flips, 0, -1):  # downwards: each sample is decided at its largest certified k
+                rows = todo.nonzero().flatten()
+                if len(rows) == 0:
+                    break
+                ok = self._certified(x64[rows], labels[rows], tol[rows], k)
+                flips[rows[ok]] = k
+                todo[rows[ok]] = False
+            out.append(torch.where(correct, flips, -1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+    def margin_lower_bounds(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+        """
+        Lower bounds of every pairwise margin ``f_y(x) − f_i(x)`` of the quantized model over every set of at most
+        ``max_flips`` flipped bits.
+
+        :param x: inputs ``(N,) + input_shape``.
+        :param y: labels ``y``; ``None``: the quantized model's predictions.
+        :return: ``(N, nb_classes)`` float64, ``+inf`` in the label's own column.
+        """
+        out = [self._bounds(x64, labels, self.max_flips).cpu().numpy() for x64, labels, _, _ in self._batches(x, y)]
+        return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(max_flips={self.max_flips}, n_bits={self.n_bits}, "
+            f"granularity={self.granularity!r}, layers={self.layers!r}, method={self.method!r}, "
+            f"batch_size={self.batch_size}, verbose={self.verbose})"
+        )
+
+    # ------------------------------------------------------------------------------------------------ internals
+    def _refresh(self) -> None:
+        """Quantize the estimator's original weights into a private float64 copy of the model, when they changed."""
+        base = self.estimator.base_model
+        tensors = list(base.parameters()) + list(base.buffers())
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if key == self._key:
+            return
+        quantized = QuantizedWeights.from_estimator(self.estimator, self.n_bits, self.granularity, self.layers)
+        model64 = copy.deepcopy(base).to(torch.float64).requires_grad_(False)
+        with torch.no_grad():
+            for name, value in quantized.dequantize().items():
+                model64.get_parameter(name).copy_(value)
+        self._network = read_network(model64, self.estimator.input_shape)
+        self._params = self._network.params(dtype=torch.float64)
+        device = next(iter(self._params.values())).device
+        self._tables = flip_tables(quantized, self._network.affine_layers, device)
+        self._names = [layer.weight_name for layer in self._network.affine_layers if layer.weight_name in self._tables]
+        self._deltas = quantized.deltas(self.estimator)
+        self._quantized = quantized
+        self._key = key
+
+    def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str = "margin bounds"):
+        """Float64 batches ``(x, labels, tolerance, quantized prediction correct)``."""
+        self._refresh()
+        x_t, y_t = self.estimator.prepare_inputs(x, y)
+        base = self.estimator.base_model
+        for start in tqdm(
+            range(0, len(x_t), self.batch_size), desc=f"Bit-flip certificates ({desc})", disable=not self.verbose
+        ):
+            xb = x_t[start : start + self.batch_size]
+            with torch.no_grad(), eval_mode(base):
+                logits = self.estimator.logits(xb, self._deltas)
+            pred = logits.argmax(dim=1)
+            labels = pred if y_t is None else y_t[start : start + self.batch_size]
+            tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
+            yield xb.to(torch.float64), labels, tol, pred == labels
+
+    def _certified(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
+        return self._bounds(x64, labels, k).amin(dim=1) > tol
+
+    def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
+        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        try:
+            with torch.no_grad():
+                case = dict.fromkeys(self._names, k)
+                boxes = flip_boxes(net, params, tables, case, x64, x64)
+                bound = interval_margins(net, params, tables, case, boxes, labels, nb)
+                if self.method == "linear" and k > 0:
+                    cases = flip_cases(self._names, k)
+                    split = torch.stack([case_margins(net, params, tables, c, k, x64, labels, nb) for c in cases])
+                    bound = torch.maximum(bound, split.amin(dim=0))
+        finally:
+            for table in tables.values():  # the memo of neuron boxes holds for this computation only
+                table.memo.clear()
+        return bound.scatter(1, labels.unsqueeze(1), float("inf"))

@@ -1,0 +1,170 @@
+"""
+Margin lower bounds of a quantized network under at most ``k`` flipped bits of its weight codes (THEORY.md §8).
+
+A *case* gives every quantized layer a flip budget ``k_l`` and a total ``k``: it covers the flip sets with at most
+``k_l`` flips in layer ``l`` and at most ``k`` in all. Within a case:
+
+* :func:`flip_boxes` (the ``"interval"`` method): boxes of every layer's input; each output unit of a flippable layer
+  takes its own worst ``k_l`` flips against the input box (a superset: the true flips are shared by all units). A
+  layer whose input is exact and that cannot flip stays exact.
+* :func:`interval_margins`: the last layer folded into the margin specification, its pair terms against its input box.
+* :func:`backward_margins` (the ``"linear"`` method): the CROWN backward pass from the margins (relaxations of the
+  fixed layers from :mod:`.linear`), each affine layer contributing its ``k_l`` most negative pair terms
+  ``min(λ_r s d_b ĥ_c)`` over the box; the ``k`` most negative over all layers together are added (the budget shared
+  exactly at the specification). The first affine layer sees the known input: its terms are exact.
+
+The cases themselves (where the flips land) are in :mod:`.bit_flip_cases`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from art_weightpert.certification.bit_flip_terms import (
+    FlipTable,
+    chunked,
+    neuron_flip_box,
+    smallest_terms,
+    sum_smallest,
+)
+from art_weightpert.certification.common import margin_matrix
+from art_weightpert.certification.interval import INTERVAL_RULES
+from art_weightpert.certification.linear import BACKWARD_RULES, concretize
+from art_weightpert.certification.weight_terms import AffineBackward
+from art_weightpert.network import Affine, Network
+
+Case = dict  # {weight name: flips allowed in that layer}
+
+
+def _affine_box(layer: Affine, params: dict, lo, hi, table: FlipTable | None, k: int):
+    weight = params[layer.weight_name]
+    bias = params[layer.bias_name] if layer.bias_name else None
+    if lo is hi:
+        center = layer.apply(lo, weight, bias)
+        if table is None or k == 0:
+            return center, center
+        lower = upper = center
+    else:
+        center = layer.apply((lo + hi) / 2, weight, bias)
+        radius = layer.apply((hi - lo) / 2, weight.abs())
+        lower, upper = center - radius, center + radius
+        if table is None or k == 0:
+            return lower, upper
+    down, up = neuron_flip_box(layer, table, lo, hi, k)
+    return lower + down, upper + up
+
+
+def flip_boxes(
+    network: Network, params: dict, tables: dict[str, FlipTable], case: Case, lo: torch.Tensor, hi: torch.Tensor
+) -> list:
+    """Boxes ``(lo, hi)`` of the input of every layer (``lo is hi`` where exact) under the case's budgets, from the
+    box ``[lo, hi]`` of the network's input (pass the same tensor twice for a known input)."""
+    boxes = []
+    for layer in network.layers:
+        boxes.append((lo, hi))
+        if isinstance(layer, Affine):
+            lo, hi = _affine_box(layer, params, lo, hi, tables.get(layer.weight_name), case.get(layer.weight_name, 0))
+        elif lo is hi:
+            lo = hi = layer.apply(lo)
+        else:
+            lo, hi = INTERVAL_RULES[type(layer)](layer, lo, hi)
+    return boxes
+
+
+def _coefficient_box(layer: Affine, a: torch.Tensor, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box of the coefficient ``G_w`` of every weight in ``λ·ẑ`` over ``ĥ ∈ [lo, hi]``, ``(N, K, rows·fan_in)``:
+    Linear ``G_rc = λ_r ĥ_c``; convolution ``G_r = Σ_p λ_{r,p} patch_p(ĥ)``."""
+    if layer.is_conv:
+        centre, spread = AffineBackward(layer, a, lo, hi).gradient_box()
+        return (centre - spread).flatten(2), (centre + spread).flatten(2)
+    pos, neg = a.clamp_min(0).unsqueeze(3), a.clamp_max(0).unsqueeze(3)
+    low, high = lo.unsqueeze(1).unsqueeze(2), hi.unsqueeze(1).unsqueeze(2)
+    return (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
+
+
+def layer_flip_terms(layer: Affine, table: FlipTable, a: torch.Tensor, lo, hi, k: int) -> torch.Tensor:
+    """The ``k`` most negative pair terms of ``layer`` in ``λ·ẑ`` (``a`` = λ, ``(N, K, ...)``): ``(N, K, ≤ k)``."""
+    changes = table.changes.flatten(0, 1)
+    largest, smallest = table.largest.flatten(), table.smallest.flatten()
+
+    def run(a_, lo_, hi_):
+        gmin, gmax = _coefficient_box(layer, a_, lo_, hi_ if lo is not hi else lo_)
+        return smallest_terms(gmin, gmax, changes, largest, smallest, k)
+
+    per_sample = a.shape[1] * changes.shape[0]
+    return chunked(run, len(a), per_sample, a, lo, hi)
+
+
+def _affine_backward(layer: Affine, params: dict, a: torch.Tensor, lo, hi):
+    weight = params[layer.weight_name]
+    flat = a.reshape((-1,) + tuple(a.shape[2:]))
+    a_in = layer.apply_transposed(flat, weight, lo.shape[1:]).reshape(a.shape[:2] + lo.shape[1:])
+    row_sums = a.flatten(3).sum(dim=3) if a.dim() > 3 else a
+    const = row_sums @ params[layer.bias_name] if layer.bias_name else a.new_zeros(a.shape[:2])
+    return a_in, const
+
+
+def _terms(layer, tables, case, a, lo, hi, candidates: list) -> None:
+    table, k = tables.get(layer.weight_name), case.get(layer.weight_name, 0)
+    if table is not None and k > 0:
+        candidates.append(layer_flip_terms(layer, table, a, lo, hi, k))
+
+
+def interval_margins(
+    network: Network, params: dict, tables: dict, case: Case, boxes: list, labels: torch.Tensor, nb_classes: int
+) -> torch.Tensor:
+    """Margin lower bounds ``(N, K)`` with the last layer folded into the specification (label column included)."""
+    last = network.layers[-1]
+    lo, hi = boxes[-1]
+    a = margin_matrix(labels, nb_classes, lo.dtype)
+    a_in, const = _affine_backward(last, params, a, lo, hi)
+    candidates: list = []
+    _terms(last, tables, case, a, lo, hi, candidates)
+    flips = sum_smallest(candidates, case.get(last.weight_name, 0), const.shape, const)
+    return const + concretize(a_in, lo, hi) + flips
+
+
+def backward_pass(
+    network: Network, params: dict, tables: dict, case: Case, boxes: list, labels: torch.Tensor, nb_classes: int
+) -> tuple[torch.Tensor | None, torch.Tensor, list]:
+    """The backward pass from the margins: ``(a, const, candidates)`` with ``a`` the coefficients on the network's
+    input box (``None`` where the pass ended at a layer with an exact input, evaluated there with exact pair terms),
+    ``const`` ``(N, K)`` and the per-layer lists of the most negative pair terms."""
+    a = margin_matrix(labels, nb_classes, boxes[0][0].dtype)
+    const = a.new_zeros(a.shape[:2])
+    candidates: list = []
+    for index in range(len(network.layers) - 1, -1, -1):
+        layer, (lo, hi) = network.layers[index], boxes[index]
+        if lo is hi:  # known input: λ·(W h + b) with exact pair terms, or the fixed layer's exact output
+            if isinstance(layer, Affine):
+                _terms(layer, tables, case, a, lo, lo, candidates)
+                weight, bias = params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None
+                out = layer.apply(lo, weight, bias)
+            else:
+                out = layer.apply(lo)
+            return None, const + concretize(a, out, out), candidates
+        if isinstance(layer, Affine):
+            _terms(layer, tables, case, a, lo, hi, candidates)
+            a, c = _affine_backward(layer, params, a, lo, hi)
+        else:
+            a, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, None)
+        const = const + c
+    return a, const, candidates
+
+
+def backward_margins(
+    network: Network,
+    params: dict,
+    tables: dict,
+    case: Case,
+    k: int,
+    boxes: list,
+    labels: torch.Tensor,
+    nb_classes: int,
+) -> torch.Tensor:
+    """Margin lower bounds ``(N, K)`` of the backward pass (:func:`backward_pass`), the ``k`` most negative pair
+    terms over all layers added, concretized over the box of the network's input where the pass reached it."""
+    a, const, candidates = backward_pass(network, params, tables, case, boxes, labels, nb_classes)
+    if a is not None:
+        const = const + concretize(a, *boxes[0])
+    return const + sum_smallest(candidates, k, const.shape, const)

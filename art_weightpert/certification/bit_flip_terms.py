@@ -1,0 +1,158 @@
+"""
+Pair terms of bit flips (THEORY.md §8): per quantized weight and bit, the change ``s·d_b(c)`` of the weight, and the
+selection of the ``k`` most negative terms ``min(G_w s d_b)`` over a box ``G_w ∈ [gmin, gmax]`` of the weight's
+coefficient ``G_w`` in a bound.
+
+A flip of bit ``b`` of weight ``w`` adds ``D_{w,b} G_w`` to a bound that is linear in the weights with coefficient
+``G_w``; over the box its minimum is ``D⁺ gmin + D⁻ gmax`` (``D⁺ = max(D, 0)``, ``D⁻ = min(D, 0)``). The ``n_bits``
+terms of every weight are never materialized for every weight: the most negative term of weight ``w`` is
+``min(P_w gmin, N_w gmax, 0)`` with ``P_w`` its largest positive change and ``N_w`` its most negative one; the ``k``
+weights with the most negative such term hold every one of the ``k`` most negative pair terms (a weight outside them
+has all its terms above the ``k``-th of these maxima), so only their ``k·n_bits`` pair terms are expanded. Exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from art_weightpert.network import Affine
+from art_weightpert.quantization import QuantizedWeights
+
+# Elements of a (samples, specifications, weights) tensor processed at once; bounds the memory of the pair terms.
+CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(eq=False)
+class FlipTable:
+    """The single-flip changes of one quantized weight, rows (output units) by flattened fan-in.
+
+    :param changes: ``(rows, fan_in, n_bits)`` float64, ``s·d_b(c)`` of every weight and bit.
+    :param largest: ``(rows, fan_in)``, the largest positive change of each weight (0 if none).
+    :param smallest: ``(rows, fan_in)``, the most negative change of each weight (0 if none).
+    :param memo: :func:`neuron_flip_box` results by input box and budget, valid for one bound computation (the owner
+        clears it).
+    """
+
+    changes: torch.Tensor
+    largest: torch.Tensor
+    smallest: torch.Tensor
+    memo: dict = field(default_factory=dict)
+
+
+def flip_tables(quantized: QuantizedWeights, layers: list[Affine], device: torch.device) -> dict[str, FlipTable]:
+    """``{weight name: FlipTable}`` for the quantized weights among ``layers``."""
+    tables = {}
+    for layer in layers:
+        if layer.weight_name not in quantized.param_names:
+            continue
+        changes = quantized.bit_changes(layer.weight_name).to(device)  # (n_bits,) + weight shape
+        rows = changes.shape[1]
+        changes = changes.reshape(len(changes), rows, -1).permute(1, 2, 0).contiguous()
+        tables[layer.weight_name] = FlipTable(
+            changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2)
+        )
+    return tables
+
+
+def smallest_terms(
+    gmin: torch.Tensor, gmax: torch.Tensor, changes: torch.Tensor, largest: torch.Tensor, smallest: torch.Tensor, k: int
+) -> torch.Tensor:
+    """
+    The ``k`` most negative pair terms ``D⁺ gmin + D⁻ gmax`` over the last dimension (the weights), 0 where fewer
+    are negative.
+
+    :param gmin: ``(..., W)`` lower ends of the coefficient box of every weight.
+    :param gmax: ``(..., W)`` upper ends.
+    :param changes: ``(..., W, n_bits)`` (broadcastable) single-flip changes.
+    :param largest: ``(..., W)`` (broadcastable) largest positive change per weight.
+    :param smallest: ``(..., W)`` (broadcastable) most negative change per weight.
+    :param k: flips.
+    :return: ``(..., min(k, W·n_bits))`` terms ≤ 0, ascending.
+    """
+    worst = torch.minimum(largest * gmin, smallest * gmax).clamp_max(0)
+    nb = min(k, worst.shape[-1])
+    idx = worst.topk(nb, dim=-1, largest=False).indices  # the weights holding the k most negative terms
+    lo, hi = gmin.expand_as(worst).gather(-1, idx), gmax.expand_as(worst).gather(-1, idx)
+    n_bits = changes.shape[-1]
+    d = changes.expand(worst.shape + (n_bits,)).gather(-2, idx.unsqueeze(-1).expand(idx.shape + (n_bits,)))
+    terms = (d.clamp_min(0) * lo.unsqueeze(-1) + d.clamp_max(0) * hi.unsqueeze(-1)).flatten(-2).clamp_max(0)
+    return terms.topk(min(k, terms.shape[-1]), dim=-1, largest=False).values
+
+
+def sum_smallest(candidates: list[torch.Tensor], k: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Sum of the ``k`` most negative entries among the candidate lists ``(..., m_i)`` (0 for no candidate)."""
+    if not candidates or k == 0:
+        return like.new_zeros(shape)
+    pool = torch.cat(candidates, dim=-1)
+    return pool.topk(min(k, pool.shape[-1]), dim=-1, largest=False).values.sum(dim=-1)
+
+
+def chunked(fn, n: int, per_sample: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` evaluated on slices of the first dimension so that each slice holds at most
+    :data:`CHUNK_ELEMENTS` elements of size ``per_sample`` per sample."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
+    if n <= step:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i : i + step] for t in tensors)) for i in range(0, n, step)])
+
+
+def _patch_boxes(layer: Affine, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input patches of a convolution for every output channel: ``(N, O, P, fan_in)`` lower and upper ends."""
+    mod = layer.module
+    out_channels, groups = mod.out_channels, mod.groups
+    group_of = torch.arange(out_channels, device=lo.device) // (out_channels // groups)
+
+    def patches(t):
+        cols = torch.nn.functional.unfold(t, mod.kernel_size, mod.dilation, layer.padding, mod.stride)
+        cols = cols.reshape(len(t), groups, -1, cols.shape[-1]).index_select(1, group_of)  # (N, O, J, P)
+        return cols.transpose(2, 3)
+
+    return patches(lo), patches(hi)
+
+
+def neuron_flip_terms(layer: Affine, table: FlipTable, lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """
+    Per output unit of ``layer``, the sum of its own ``k`` most negative pair terms over the input box ``[lo, hi]``
+    (THEORY.md §8, interval method): a lower bound of the change of that unit by at most ``k`` flips of this layer.
+    The upper bound is ``−neuron_flip_terms(layer, negated table, ...)``: see :func:`neuron_flip_box`.
+
+    :return: a tensor shaped like the layer's output, ≤ 0.
+    """
+    changes, largest, smallest = table.changes, table.largest, table.smallest
+    if not layer.is_conv:  # (N, 1, in) against rows (out, in)
+        per_sample = changes.shape[0] * changes.shape[1]
+
+        def run(a, b):
+            return smallest_terms(a.unsqueeze(1), b.unsqueeze(1), changes, largest, smallest, k).sum(-1)
+
+        return chunked(run, len(lo), per_sample, lo, hi)
+    rows = changes.shape[0]
+    out_shape = None
+
+    def run_conv(a, b):
+        nonlocal out_shape
+        pl, ph = _patch_boxes(layer, a, b)  # (n, O, P, J)
+        terms = smallest_terms(pl, ph, changes.unsqueeze(1), largest.unsqueeze(1), smallest.unsqueeze(1), k)
+        return terms.sum(-1)
+
+    spatial = layer.apply(lo[:1], torch.zeros_like(layer.module.weight, dtype=lo.dtype)).shape[2:]
+    per_sample = rows * spatial.numel() * changes.shape[1]
+    out = chunked(run_conv, len(lo), per_sample, lo, hi)
+    return out.reshape((len(lo), rows) + tuple(spatial))
+
+
+def neuron_flip_box(
+    layer: Affine, table: FlipTable, lo: torch.Tensor, hi: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(down, up)``: per output unit, how far at most ``k`` flips of this layer can move it down (≤ 0) and up (≥ 0)
+    for inputs in ``[lo, hi]``. Moving up by ``D ĥ`` is moving ``−z`` down by the negated changes. Memoized in
+    ``table.memo`` by the identity of the input tensors (kept alive there) and ``k``."""
+    key = (id(lo), id(hi), k)
+    if key not in table.memo:
+        down = neuron_flip_terms(layer, table, lo, hi, k)
+        negated = FlipTable(-table.changes, -table.smallest, -table.largest)
+        up = -neuron_flip_terms(layer, negated, lo, hi, k)
+        table.memo[key] = ((down, up), (lo, hi))
+    return table.memo[key][0]

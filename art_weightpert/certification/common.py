@@ -1,0 +1,123 @@
+"""
+Plumbing shared by the margin bounds (THEORY.md §3–§4b): the margin specification, per-sample radius factors, batched
+contractions, and the memo of per-layer constants.
+
+Every bound function of :data:`.METHODS` has the signature ``(network, param_balls, x, labels, dtype, scale, cache)``:
+``param_balls`` maps parameter names to :class:`.ParameterBall` (a list is accepted too), ``scale`` holds optional
+per-sample factors ``(N,)`` multiplying every radius (every perturbation term is linear in the radii), ``cache`` an
+optional :class:`BoundCache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
+
+import torch
+
+from art_weightpert.budget import ParameterBall
+
+T = TypeVar("T")
+
+ParamBalls = Iterable[ParameterBall] | Mapping[str, ParameterBall]
+"""The parameter balls a bound accepts: ``{parameter name: ParameterBall}`` or a list of them."""
+
+Boxes = list[tuple[torch.Tensor, torch.Tensor]]
+"""Interval boxes ``(lo, hi)`` of the input of every layer (:func:`.interval_preactivation_bounds`)."""
+
+
+def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:
+    """``{parameter name: ParameterBall}`` from a mapping or a list of parameter balls."""
+    if isinstance(param_balls, Mapping):
+        return param_balls if isinstance(param_balls, dict) else dict(param_balls)
+    return {t.param_name: t for t in param_balls}
+
+
+def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """Specification ``C`` of shape ``(N, K, K)``: row ``i`` is ``e_y − e_i`` (the row ``i = y`` is zero)."""
+    eye = torch.eye(nb_classes, dtype=dtype, device=labels.device)
+    return eye[labels].unsqueeze(1) - eye.unsqueeze(0)
+
+
+def fill_label(bounds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``bounds`` ``(N, K)`` with the label's own column set to ``+inf``."""
+    inf = torch.full_like(labels, 0, dtype=bounds.dtype).unsqueeze(1) + float("inf")
+    return bounds.scatter(1, labels.unsqueeze(1), inf)
+
+
+def sample_factors(scale: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """Per-sample radius factors ``(N,)`` shaped to broadcast against ``(N, ...)`` tensors of ``ndim`` dimensions."""
+    return None if scale is None else scale.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def times_sample_factors(t: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` ``(N, ...)`` times the per-sample radius factors (``t`` itself when there are none or ``t`` is None)."""
+    if scale is None or t is None:
+        return t
+    return t * sample_factors(scale, t.dim())
+
+
+def check_batch(
+    x: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """Check the labels (and per-sample factors) against the batch; return the factors in ``dtype``."""
+    if labels.dim() != 1 or len(labels) != len(x):
+        raise ValueError(f"`labels` must have shape ({len(x)},), got {tuple(labels.shape)}.")
+    if scale is None:
+        return None
+    if scale.shape != (len(x),):
+        raise ValueError(f"`scale` must have shape ({len(x)},), got {tuple(scale.shape)}.")
+    return scale.to(dtype)
+
+
+# ------------------------------------------------------------------------------- contractions over specifications
+def flatten_specs(a: torch.Tensor) -> torch.Tensor:
+    """Coefficients ``(N, K, ...)`` as ``(N·K, ...)``: one row per sample and specification."""
+    return a.reshape((-1,) + tuple(a.shape[2:]))
+
+
+def sum_features(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension after ``(N, K)``."""
+    return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
+
+
+def batched_dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``Σ_j a[n, k, j] v[n, j]`` over every feature dimension: ``(N, K, ...) × (N, ...) → (N, K)`` (one bmm)."""
+    return torch.bmm(a.flatten(2), v.reshape(len(v), -1, 1)).squeeze(2)
+
+
+# ------------------------------------------------------------------------------------------------------ the memo
+class BoundCache:
+    """
+    Memo of per-layer constants of the bounds (``|W|/2``, ``‖W_y − W_i‖_1``, operator norms, …).
+
+    An entry is keyed by a label and the *identity* of the tensors it is computed from, and it is valid for their
+    *version*: a tensor changed in place (an optimizer step, the certifier copying new centre weights) has a new
+    version and the entry is recomputed; a new tensor has a new identity. The entry keeps its tensors alive, so an
+    identity cannot be reused by another tensor while the entry exists. No caller has to clear the cache when the
+    weights change; dropping it only frees memory (the certifier starts a new one whenever it re-resolves the budget,
+    whose radius tensors are then new).
+
+    Pass ``None`` instead of a cache where gradients must flow through every constant (training).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple[int, ...], object, tuple[torch.Tensor, ...]]] = {}
+
+    def get(self, label: str, tensors: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
+        """``compute()``, memoized under ``label`` for the current versions of ``tensors``."""
+        tensors = tuple(tensors)
+        key = (label,) + tuple(id(t) for t in tensors)
+        versions = tuple(t._version for t in tensors)
+        hit = self._entries.get(key)
+        if hit is None or hit[0] != versions:
+            hit = self._entries[key] = (versions, compute(), tensors)
+        return hit[1]  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def cached(cache: BoundCache | None, label: str, tensors: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
+    """``compute()``, memoized in ``cache`` (see :class:`BoundCache`) when one is given."""
+    return compute() if cache is None else cache.get(label, tensors, compute)

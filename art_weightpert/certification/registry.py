@@ -1,0 +1,111 @@
+"""
+The registry of margin-bound methods: each method is declared once, here, with everything its users need. The
+certifier, the trainer, the metrics and the command line read :data:`METHODS` (``tuple(METHODS)`` is the list of
+names, in this order).
+
+Every bound function has one signature (see :mod:`.common`)::
+
+    bounds(network, param_balls, x, labels, dtype=torch.float64, scale=None, cache=None) -> (N, K) tensor
+
+lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball, ``+inf`` in the label's own column,
+differentiable in any ``dtype``; ``scale`` multiplies every radius per sample, ``cache`` is an optional
+:class:`.BoundCache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
+
+import torch
+
+from art_weightpert.budget import ParameterBall
+from art_weightpert.certification.common import BoundCache, ParamBalls
+from art_weightpert.certification.interval import interval_margin_bounds
+from art_weightpert.certification.linear import linear_margin_bounds
+from art_weightpert.certification.paper import paper_margin_bounds
+from art_weightpert.network import Network
+
+
+class BoundFunction(Protocol):
+    """The signature shared by every bound function of :data:`METHODS`."""
+
+    def __call__(
+        self,
+        network: Network,
+        param_balls: ParamBalls,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        dtype: torch.dtype = torch.float64,
+        scale: torch.Tensor | None = None,
+        cache: BoundCache | None = None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class BoundMethod:
+    """
+    One margin-bound method.
+
+    :param name: its name (``method=`` of the certifier and the metrics, ``bound=`` of the trainer, CLI choices).
+    :param bounds: the bound function (:class:`BoundFunction`).
+    :param affine_in_radius: ``(network, param_balls) -> bool``: whether the lower bounds are affine in a common
+        factor ``s`` of every radius for that network and budget; then the certified radius has a closed form (the
+        root of ``lb(0) − s·(lb(0) − lb(1))``) instead of a bisection.
+    :param description: one line for the docs and ``--help``.
+    """
+
+    name: str
+    bounds: BoundFunction
+    affine_in_radius: Callable[[Network, Mapping[str, ParameterBall]], bool]
+    description: str
+
+
+def perturbed_layers(network: Network, param_balls: Mapping[str, ParameterBall]) -> set[str]:
+    """Names of the affine layers of ``network`` with a perturbed weight or bias."""
+    names = {t.layer_name for t in param_balls.values()}
+    return {layer.name for layer in network.affine_layers if layer.name in names}
+
+
+def _single_layer(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
+    # Formula B is affine in the radii when a single affine layer is perturbed (THEORY.md §3.1, A and A').
+    return len(perturbed_layers(network, param_balls)) <= 1
+
+
+def _last_layer_only(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
+    # With only the last layer perturbed every box before it is exact and the bound is m − s·(P_y + P_i).
+    return perturbed_layers(network, param_balls) <= {network.layers[-1].name}
+
+
+def _never(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
+    return False
+
+
+METHODS: Mapping[str, BoundMethod] = MappingProxyType(
+    {
+        method.name: method
+        for method in (
+            BoundMethod(
+                "paper",
+                paper_margin_bounds,
+                _single_layer,
+                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3)",
+            ),
+            BoundMethod(
+                "interval",
+                interval_margin_bounds,
+                _last_layer_only,
+                "interval bound propagation with weight intervals, last layer folded into the margins (§4)",
+            ),
+            BoundMethod(
+                "linear",
+                linear_margin_bounds,
+                _never,
+                "backward linear bounds with exact weight absorption, never looser than interval (§4b)",
+            ),
+        )
+    }
+)
+"""Method name → :class:`BoundMethod`, read-only."""

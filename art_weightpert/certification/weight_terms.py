@@ -1,0 +1,162 @@
+"""
+The affine layer in the backward linear bound (THEORY.md §4b): ``ẑ = (W + Δ) ĥ + b + Δb``.
+
+For coefficients ``λ`` on ``ẑ``: ``λ·ẑ = (λW)·ĥ + λ·b + ⟨Δ, G⟩ + Δb·s`` with ``G`` the gradient of ``λ·ẑ`` in the
+weights (Linear: ``G = λ ĥᵀ``; convolution: ``G_r = Σ_p λ_{r,p} patch_p(ĥ)``, the kernel shared by all positions) and
+``s_r = Σ_p λ_{r,p}``. The weight ball bounds ``min_Δ ⟨Δ, G⟩`` by a linear function of ``ĥ`` on the input box
+(:meth:`.Ball.linear_term`, reading the layer through :class:`AffineBackward`); the bias term is exact, minus the bias
+ball's support function at ``s`` (:meth:`.Ball.support`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from art_weightpert.balls import abs_chord
+from art_weightpert.budget import ParameterBall
+from art_weightpert.certification.common import batched_dot, flatten_specs, sum_features, times_sample_factors
+from art_weightpert.network import Affine
+
+
+@dataclass
+class BackwardContext:
+    """What the backward rules need besides the layer: the (cast) parameters, the parameter balls and the per-sample
+    radius factors."""
+
+    params: dict[str, torch.Tensor]
+    param_balls: dict[str, ParameterBall]
+    scale: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class AffineBackward:
+    """One affine layer at one step of the backward pass, as the balls' linear terms read it: the coefficients ``λ``
+    ``(N, K, rows[, H', W'])`` on its output and the box ``[lo, hi]`` ``(N, ...)`` of its input (``lo is hi``: the
+    input is known)."""
+
+    layer: Affine
+    coefficients: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    @property
+    def known_input(self) -> bool:
+        return self.lo is self.hi
+
+    @cached_property
+    def magnitude(self) -> torch.Tensor:
+        """``m = max(|lo|, |hi|)``, a bound on ``|ĥ|``."""
+        return torch.maximum(self.lo.abs(), self.hi.abs())
+
+    def transposed(self, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Coefficients ``a`` on the output mapped onto the input through the layer's adjoint with ``weight``:
+        ``(N, K) + input shape``."""
+        out = self.layer.apply_transposed(flatten_specs(a), weight, self.lo.shape[1:])
+        return out.reshape(a.shape[:2] + self.lo.shape[1:])
+
+    def magnitude_term(self, bound: torch.Tensor) -> torch.Tensor:
+        """``−Σ |λ| ⊙ P`` for a bound ``P`` ``(N, rows[, H', W'])`` on ``|Δĥ|`` per output unit: ``(N, K)``."""
+        return -sum_features(self.coefficients.abs() * bound.unsqueeze(1))
+
+    def minus_abs_input(self, g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The term ``−g·|ĥ|`` (``g ≥ 0``, ``(N, K) + input shape`` or broadcastable) as ``(coefficients, constant)``:
+        exact for ``ĥ ≥ 0`` (absorbed into the coefficients) and for a known input (a constant), the chord of ``|ĥ|``
+        otherwise."""
+        lo, hi = self.lo, self.hi
+        if bool((lo >= 0).all()) and lo is not hi:  # after a ReLU: exact absorption A ← λW − |λ|δ
+            return -g, None
+        g = g.expand(self.coefficients.shape[:2] + lo.shape[1:])
+        if lo is hi:  # a known input: the exact constant −(|λ|δ)·|x|
+            return None, -batched_dot(g, lo.abs())
+        slope, offset = abs_chord((lo + hi) / 2, (hi - lo) / 2)
+        return -g * slope.unsqueeze(1), -batched_dot(g, offset)
+
+    # ------------------------------------------------------------------------------------------- convolutions
+    def _patches(self, t: torch.Tensor) -> torch.Tensor:
+        """The convolution's input patches ``(N, groups, C/groups·kh·kw, P)``."""
+        mod = self.layer.module
+        cols = F.unfold(t, mod.kernel_size, mod.dilation, self.layer.padding, mod.stride)
+        return cols.reshape(len(t), mod.groups, -1, cols.shape[-1])
+
+    def _grouped(self) -> torch.Tensor:
+        """The coefficients ``(N, K, rows, H', W')`` as ``(N, K, groups, rows/groups, P)``."""
+        a = self.coefficients
+        n, k, rows = a.shape[:3]
+        return a.reshape(n, k, self.layer.module.groups, rows // self.layer.module.groups, -1)
+
+    def gradient_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre and radius of a box of the kernel gradient ``G`` of a convolution over ``ĥ ∈ [lo, hi]``, each
+        ``(N, K, groups, rows/groups, C/groups·kh·kw)`` (the radius is 0 for a known input)."""
+        return self._gradient_box
+
+    @cached_property
+    def _gradient_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lam = self._grouped()
+        if self.known_input:
+            centre = torch.einsum("nkgrp,ngjp->nkgrj", lam, self._patches(self.lo))
+            return centre, torch.zeros_like(centre)
+        centre = torch.einsum("nkgrp,ngjp->nkgrj", lam, self._patches((self.lo + self.hi) / 2))
+        spread = torch.einsum("nkgrp,ngjp->nkgrj", lam.abs(), self._patches((self.hi - self.lo) / 2))
+        return centre, spread
+
+    def kernel_to_input(self, coef: torch.Tensor) -> torch.Tensor:
+        """The linear function ``ĥ ↦ ⟨coef, G(ĥ)⟩`` of the input, for ``coef`` shaped like :meth:`gradient_box`'s
+        tensors, as coefficients ``(N, K) + input shape`` (the patches' adjoint)."""
+        a, lo, mod = self.coefficients, self.lo, self.layer.module
+        per_patch = torch.einsum("nkgrj,nkgrp->nkgjp", coef, self._grouped())
+        cols = per_patch.reshape(a.shape[0] * a.shape[1], -1, per_patch.shape[-1])
+        folded = F.fold(cols, lo.shape[2:], mod.kernel_size, mod.dilation, self.layer.padding, mod.stride)
+        return folded.reshape(a.shape[:2] + lo.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------------ affine rules
+def _row_sums(a: torch.Tensor) -> torch.Tensor:
+    """``(N, K, rows)``: ``λ`` summed over the output positions (the coefficient of the bias)."""
+    return a.flatten(3).sum(dim=3) if a.dim() > 3 else a
+
+
+def _bias_term(target: ParameterBall, row_sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``min_{Δb} Σ_r Δb_r s_r``: minus the bias ball's support function at ``s``."""
+    radius = target.radius.to(dtype)
+    return -target.ball.support(row_sums, radius, row_sums.shape[2:])
+
+
+def affine_backward(
+    layer: Affine, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: BackwardContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward rule of an affine layer: ``(λ on the input, constant)`` over the ball and the input box."""
+    view = AffineBackward(layer, a, lo, hi)
+    a_in = view.transposed(a, ctx.params[layer.weight_name])
+    row_sums = _row_sums(a)
+    const = row_sums @ ctx.params[layer.bias_name] if layer.bias_name else a.new_zeros(a.shape[:2])
+    wt = ctx.param_balls.get(layer.weight_name)
+    if wt is not None:
+        change, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
+        if change is not None:
+            a_in = a_in + times_sample_factors(change, ctx.scale)
+        if pert is not None:
+            const = const + times_sample_factors(pert, ctx.scale)
+    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
+    if bt is not None:
+        const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype), ctx.scale)
+    return a_in, const
+
+
+def affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: BackwardContext) -> torch.Tensor:
+    """``min λ·ẑ`` over the ball for the first affine layer, whose input ``h`` is known: ``λ·(W h + b)`` plus the
+    ball's term at ``ĥ = h`` (exact for every ball: the minimum of ``⟨Δ, G⟩`` with ``G`` known)."""
+    weight = ctx.params[layer.weight_name]
+    bias = ctx.params[layer.bias_name] if layer.bias_name else None
+    const = batched_dot(a, layer.apply(h, weight, bias))
+    wt = ctx.param_balls.get(layer.weight_name)
+    if wt is not None:
+        _, pert = wt.ball.linear_term(AffineBackward(layer, a, h, h), wt.radius.to(a.dtype))
+        const = const + times_sample_factors(pert, ctx.scale)
+    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
+    if bt is not None:
+        const = const + times_sample_factors(_bias_term(bt, _row_sums(a), a.dtype), ctx.scale)
+    return const

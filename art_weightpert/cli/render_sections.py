@@ -1,0 +1,234 @@
+"""
+The report's sections beyond the accuracy table, as markdown lines: the generalization bound term by term, the
+generalization measures, the bit flips, and what could not be computed (each reason once, with everything it
+affects). Every section says what its numbers mean and in which units.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from art_weightpert.metrics.plots import method_label
+
+SECTION_LABELS = {
+    "bit_flips": "bit flips",
+    "generalization_bound": "generalization bound",
+    "sharpness_worst": "worst-case sharpness",
+    "sharpness_average": "average-case sharpness",
+    "pac_bayes": "PAC-Bayes σ and bound",
+    "pac_bayes_magnitude_aware": "magnitude-aware PAC-Bayes σ′ and bound",
+}
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A number for a table (``n/a`` for missing or non-finite values)."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table, right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def unavailable_by_reason(entry: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Everything of a model's entry that could not be computed, grouped by reason: ``{reason: [labels]}`` (each
+    reason once, listing the methods and sections it affects)."""
+    found: list[tuple[str, str]] = [(method_label(m), r) for m, r in (entry.get("unavailable") or {}).items()]
+    for key in ("bit_flips", "generalization_bound"):
+        section = entry.get(key)
+        if isinstance(section, Mapping) and "unavailable" in section:
+            found.append((SECTION_LABELS[key], section["unavailable"]))
+    measures = entry.get("measures") or {}
+    if "unavailable" in measures:
+        found.append(("generalization measures", measures["unavailable"]))
+    for key in ("sharpness_worst", "sharpness_average", "pac_bayes", "pac_bayes_magnitude_aware"):
+        if isinstance(measures.get(key), Mapping) and "unavailable" in measures[key]:
+            found.append((SECTION_LABELS[key], measures[key]["unavailable"]))
+    groups: dict[str, list[str]] = {}
+    for label, reason in found:
+        groups.setdefault(reason, []).append(label)
+    return groups
+
+
+def unavailable_lines(entry: Mapping[str, Any]) -> list[str]:
+    """One line per reason: ``"<labels> unavailable: <reason>"`` (the text of the log, the summary and the report)."""
+    return [f"{', '.join(labels)} unavailable: {reason}" for reason, labels in unavailable_by_reason(entry).items()]
+
+
+def bound_lines(bound: Mapping[str, Any]) -> list[str]:
+    """The generalization bound of THEORY.md §6 term by term, per layer, rounded, with its verdict."""
+    if "unavailable" in bound:
+        return []
+    total, certified = bound["total"], bound["total_certified"]
+    lines = [
+        "",
+        "### Generalization bound",
+        "",
+        f"The margin bound of docs/theory.md §7 on the test error, with probability ≥ {1 - bound['delta']:.2f} over "
+        f"the {bound['n_samples']} training points, for every network of the class (ℓ∞ operator norms M_k of the "
+        f"trained model, each perturbed within the row-ℓ1 radius ε_k of the report's largest ε = "
+        f"{bound['budget_eps']:.4g}). "
+        "Errors are shares of points (0 to 1); a bound above 1 says nothing (vacuous), as norm-product bounds "
+        "usually are.",
+        "",
+        markdown_table(
+            ["layer", "M_k (ℓ∞ operator norm)", "ε_k (row-ℓ1 radius)"],
+            [
+                [_layer(bound, k), f"{m:.4g}", f"{e:.4g}"]
+                for k, (m, e) in enumerate(zip(bound["operator_norms"], bound["eps"]))
+            ],
+        ),
+        "",
+        f"* empirical margin loss (training points with margin ≤ γ = {bound['margin']:g}): "
+        f"{bound['empirical_margin_loss']:.4f}; certified margin loss (same, with the certified margin at the "
+        f"budget, {bound['method']} bound): {bound['certified_margin_loss']:.4f}",
+        f"* Rademacher term: 4K/γ = {bound['margin_factor']:.4g} (K = {bound['nb_classes']} classes) × R = "
+        f"{bound['rademacher_complexity']:.4g} (2^(d−1) Π_k (M_k + ε_k) · B · sqrt(2 ln(2n₀)/n), d = "
+        f"{bound['depth']} layers, B = max ‖x‖∞ = {bound['input_bound']:.4g}, n₀ = {bound['input_dim']} inputs) = "
+        f"{bound['rademacher_term']:.4g}",
+        f"* confidence term sqrt(ln(1/δ)/(2n)): {bound['confidence_term']:.4f}",
+        f"* **total** (the model): {verdict(total)}; for every network in the ball: {verdict(certified)}",
+    ]
+    return lines
+
+
+def _layer(bound: Mapping[str, Any], k: int) -> str:
+    """The k-th affine layer's number and module name (``"2 (`fc1`)"``)."""
+    names = bound.get("layers") or []
+    return f"{k + 1} (`{names[k]}`)" if k < len(names) and names[k] else str(k + 1)
+
+
+def verdict(bound: float | None) -> str:
+    """A bound on an error rate, rounded, and called vacuous when it exceeds 1."""
+    if bound is None or not math.isfinite(bound):
+        return "n/a"
+    return f"{bound:.3g} — vacuous (> 1)" if bound > 1 else f"{bound:.3f}"
+
+
+def measures_lines(measures: Mapping[str, Any]) -> list[str]:
+    """The generalization measures of a model (sharpness, PAC-Bayes) and the generalization gap."""
+    if "unavailable" in measures:
+        return []
+    s = measures["settings"]
+    where = "training set" if measures["on"] == "training" else "test data (the .npz has no x_train)"
+    lines = [
+        "",
+        "### Generalization measures",
+        "",
+        f"Computed on the {where} ({measures['n_samples']} points; docs/generalization.md). Losses are mean "
+        "cross-entropies in nats, errors shares of points (0 to 1). Larger sharpness and smaller σ mean a sharper "
+        "minimum, which tends to go with a larger generalization gap.",
+        "",
+    ]
+    rows = []
+    worst, average = measures.get("sharpness_worst", {}), measures.get("sharpness_average", {})
+    if "loss_increase" in worst:
+        rows.append(
+            [
+                f"worst-case adaptive sharpness (ℓ∞ ball \\|δ\\| ≤ {s['rho_worst']:g}·\\|w\\|, {s['pgd_steps']} "
+                "WeightPGD steps)",
+                f"loss +{worst['loss_increase']:.4f}, error +{worst['error_increase']:.4f}",
+            ]
+        )
+    if "loss_increase" in average:
+        rows.append([f"average-case adaptive sharpness (Gaussian δ ~ N(0, ({s['rho_average']:g}·w)²), "
+                     f"{s['nb_draws']} draws)", f"loss +{average['loss_increase']:.4f}, error "
+                     f"+{average['error_increase']:.4f}"])  # fmt: skip
+    for key, what in (("pac_bayes", "σ (Gaussian N(0, σ²) on every weight)"),
+                      ("pac_bayes_magnitude_aware", "σ′ (magnitude-aware N(0, σ′²w² + 10⁻⁶))")):  # fmt: skip
+        pb = measures.get(key, {})
+        if "sigma" in pb:
+            rows.append([f"PAC-Bayes {what}: noise that lowers the accuracy by {s['target_deviation']:g}",
+                         f"{pb['sigma']:.4g}"])  # fmt: skip
+            rows.append([f"PAC-Bayes bound with that {what.split()[0]} (prior centred at 0, δ = {pb['delta']:g})",
+                         f"{verdict(pb['bound'])} (noisy training error {pb['expected_error']:.4f} + complexity "
+                         f"{pb['complexity_term']:.4g}, KL {pb['kl']:.4g})"])  # fmt: skip
+    lines.append(markdown_table(["measure", "value"], rows))
+    gap = measures.get("gap")
+    if gap:
+        lines += ["", f"Generalization gap (test − training): error {gap['error_gap']:+.4f} (test "
+                  f"{gap['test_error']:.4f}, training {gap['train_error']:.4f}); cross-entropy "
+                  f"{gap['loss_gap']:+.4f} nats (test {gap['test_loss']:.4f}, training "
+                  f"{gap['train_loss']:.4f})."]  # fmt: skip
+    return lines
+
+
+def bit_flip_lines(flips: Mapping[str, Any], max_rows: int = 20) -> list[str]:
+    """The bit-flip section of a model: accuracies against flips, the flips BFA chose, per-bit sensitivity."""
+    if "unavailable" in flips:
+        return []
+    n = flips["n_bits"]
+    halve = flips["flips_to_halve"]
+    lines = [
+        "",
+        "### Bit flips",
+        "",
+        f"The weights quantized to {n}-bit two's complement integers ({flips['granularity']} scales; "
+        f"docs/bit_flips.md). Accuracy of the float model {flips['clean_accuracy']:.3f}, of the quantized model "
+        f"**{flips['quantized_accuracy']:.3f}**. Test accuracy after k flipped bits: chosen by the bit-flip attack "
+        f"(BFA, on an attack batch of {flips['attack_points']} points), or drawn at random (mean ± standard deviation "
+        "over the draws). Each flip is one fault injection: the more flips an accuracy drop needs, the more robust.",
+        "",
+        markdown_table(
+            ["flips", "BFA", "random (mean ± std)"],
+            [
+                [str(k), f"{b:.3f}", f"{m:.3f} ± {s:.3f}"]
+                for k, b, m, s in zip(flips["flips"], flips["bfa_accuracy"], flips["random_mean"], flips["random_std"])
+            ],
+        ),  # fmt: skip
+        "",
+        "Flips BFA needs to halve the accuracy (on its attack batch, to half the quantized test accuracy): "
+        + (f"**{halve}**." if halve is not None else f"**more than {max(flips['flips'])}** (not reached)."),
+        "",
+        f"The flips BFA chose, in order (bit 0 is the least significant, bit {n - 1} the sign; weight values in the "
+        "model's units):",
+        "",
+    ]
+    rows = [[str(i + 1), f["layer"] or f["param"], str(tuple(f["index"])), str(f["bit"]),
+             f"{f['old_code']} → {f['new_code']}", f"{f['old_value']:.4g} → {f['new_value']:.4g}"]
+            for i, f in enumerate(flips["bfa_flips"][:max_rows])]  # fmt: skip
+    lines.append(markdown_table(["#", "layer", "index", "bit", "code", "weight"], rows))
+    if len(flips["bfa_flips"]) > max_rows:
+        lines.append(f"\n({len(flips['bfa_flips']) - max_rows} more in report.json.)")
+    sensitivity = flips["bit_sensitivity"]
+    lines += [
+        "",
+        f"Per-bit sensitivity: test accuracy when {max(flips['flips'])} random flips all hit one bit position "
+        "(low bits are harmless, the sign and top bits are not):",
+        "",
+        markdown_table(
+            ["bit"] + [str(b) for b in sensitivity], [["accuracy"] + [f"{v:.3f}" for v in sensitivity.values()]]
+        ),
+    ]
+    return lines
+
+
+def bit_flip_comparison(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Across models (e.g. the demo's standard and robust ones): how many flips BFA needs and the accuracy left."""
+    flips = {name: e["bit_flips"] for name, e in models.items() if "bfa_accuracy" in (e.get("bit_flips") or {})}
+    if len(flips) < 2:
+        return []
+    rows = []
+    for name, f in flips.items():
+        most = max(f["flips"])
+        halve = str(f["flips_to_halve"]) if f["flips_to_halve"] is not None else f"> {most}"
+        rows.append([name, f"{f['quantized_accuracy']:.3f}", f"{f['bfa_accuracy'][-1]:.3f}",
+                     f"{f['random_mean'][-1]:.3f}", halve])  # fmt: skip
+    most = max(max(f["flips"]) for f in flips.values())
+    return [
+        "",
+        "## Bit flips across models",
+        "",
+        "Does weight-robust training change how many bit flips an attacker needs? Test accuracy of each quantized "
+        f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust):",
+        "",
+        markdown_table(
+            ["model", "quantized", f"BFA, {most} flips", f"random, {most} flips", "BFA flips to halve"], rows
+        ),
+    ]

@@ -1,0 +1,151 @@
+"""
+The optional sections of a report, each computed by one public function of the library:
+
+* "Bit flips" (``--bit-flips N``): :func:`.bit_flip_curve` — the quantized model's accuracy against the number of
+  flipped bits, for the bit-flip attack (BFA) and for random flips, the flips BFA chose and the per-bit sensitivity;
+* "Generalization measures" (``--measures``): :func:`.weight_sharpness` (worst and average case, adaptive),
+  :func:`.pac_bayes_bound` (σ by :func:`.pac_bayes_sigma`, isotropic and magnitude-aware) and, when the data has a
+  training split, the generalization gap (test minus training error and loss, from the classifier's
+  ``compute_loss`` and predictions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from art_weightpert.cli.parser import one_line
+from art_weightpert.metrics import bit_flip_curve, pac_bayes_bound, weight_sharpness
+from art_weightpert.network import UnsupportedModelError
+
+FLIP_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
+ATTACK_BATCH = 128
+"""Training points (else test points) the bit-flip attack sees."""
+
+
+@dataclass(frozen=True)
+class BitFlipSettings:
+    """``--bit-flips``, ``--n-bits``, ``--granularity`` and the random draws per number of flips."""
+
+    max_flips: int
+    n_bits: int = 8
+    granularity: str = "tensor"
+    nb_samples: int = 10
+
+    def counts(self) -> list[int]:
+        """The numbers of flips of the curve: 1, 2, 5, 10, 20, 50, ... up to and including ``max_flips``."""
+        return sorted({k for k in FLIP_STEPS if k < self.max_flips} | {self.max_flips})
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """The radii of the sharpness measures (adaptive ℓ∞ ball for the worst case, relative Gaussian noise for the
+    average case; the values of ``examples/generalization_measures.py``), WeightPGD steps and Monte Carlo draws."""
+
+    rho_worst: float = 0.05
+    rho_average: float = 0.2
+    pgd_steps: int = 10
+    nb_draws: int = 10
+    target_deviation: float = 0.1
+
+
+def flips_to_halve(attack_accuracy: Sequence[float], start: float) -> int | None:
+    """The number of BFA flips after which the attack batch's accuracy (the attack's history) is at most half of
+    ``start``, the quantized model's test accuracy (``None`` when the history never gets there)."""
+    return next((i + 1 for i, a in enumerate(attack_accuracy) if a <= start / 2), None)
+
+
+def bit_flip_section(
+    classifier: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    attack_data: tuple[np.ndarray, np.ndarray],
+    settings: BitFlipSettings,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """
+    The "Bit flips" entry of a model: :func:`.bit_flip_curve` on the test data ``(x, y)`` with the attack batch
+    ``attack_data``, plus ``flips_to_halve`` (BFA flips until the attack batch's accuracy is at most half the
+    quantized model's test accuracy; ``None``: not within ``max_flips``) and ``attack_points`` (the attack batch's
+    size).
+
+    :return: the JSON-able dict, or ``{"unavailable": reason}`` when the model has no quantizable weights.
+    """
+    x_attack, y_attack = (a[:ATTACK_BATCH] for a in attack_data)
+    try:
+        curve = bit_flip_curve(
+            classifier, x, y, flips=settings.counts(), x_attack=x_attack, y_attack=y_attack,
+            n_bits=settings.n_bits, granularity=settings.granularity, nb_samples=settings.nb_samples, seed=seed,
+            batch_size=batch_size,
+        )  # fmt: skip
+    except (UnsupportedModelError, NotImplementedError, TypeError, ValueError) as err:
+        return {"unavailable": one_line(err)}
+    curve["flips_to_halve"] = flips_to_halve(curve["bfa_attack_accuracy"], curve["quantized_accuracy"])
+    curve["attack_points"] = int(min(len(x_attack), ATTACK_BATCH))
+    return curve
+
+
+def measures_section(
+    classifier: Any,
+    data: tuple[np.ndarray, np.ndarray],
+    test_data: tuple[np.ndarray, np.ndarray],
+    on_training_data: bool,
+    settings: MeasureSettings = MeasureSettings(),
+    seed: int = 0,
+    batch_size: int = 128,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """
+    The "Generalization measures" entry of a model, computed on ``data`` (the training set when
+    ``on_training_data``, as the measures are defined; else the test data): worst- and average-case adaptive
+    sharpness, PAC-Bayes σ and bound (isotropic and magnitude-aware, prior centred at 0), and the generalization gap
+    (test − training error and cross-entropy) when ``on_training_data``.
+
+    :return: ``{"on": "training"|"test", "n_samples", "sharpness_worst", "sharpness_average", "pac_bayes",
+        "pac_bayes_magnitude_aware", "gap"}`` (the dicts of the library), or ``{"unavailable": reason}``.
+    """
+    x, y = data
+    s = settings
+    common = {"batch_size": batch_size, "seed": seed}
+    steps: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("sharpness_worst", lambda: weight_sharpness(classifier, x, y, s.rho_worst, kind="worst", max_iter=s.pgd_steps,
+                                                     **common)),
+        ("sharpness_average", lambda: weight_sharpness(classifier, x, y, s.rho_average, kind="average",
+                                                       nb_draws=s.nb_draws, **common)),
+        ("pac_bayes", lambda: pac_bayes_bound(classifier, x, y, target_deviation=s.target_deviation,
+                                              nb_draws=s.nb_draws, **common)),
+        ("pac_bayes_magnitude_aware", lambda: pac_bayes_bound(classifier, x, y, magnitude_aware=True,
+                                                              target_deviation=s.target_deviation,
+                                                              nb_draws=s.nb_draws, **common)),
+    ]  # fmt: skip
+    entry: dict[str, Any] = {"on": "training" if on_training_data else "test", "n_samples": int(len(x))}
+    entry["settings"] = {"rho_worst": s.rho_worst, "rho_average": s.rho_average, "pgd_steps": s.pgd_steps,
+                         "nb_draws": s.nb_draws, "target_deviation": s.target_deviation}  # fmt: skip
+    for key, compute in steps:
+        try:
+            entry[key] = compute()
+        except (UnsupportedModelError, NotImplementedError, ValueError) as err:
+            entry[key] = {"unavailable": one_line(err)}
+        if progress is not None:
+            progress(key)
+    entry["gap"] = generalization_gap(classifier, data, test_data, batch_size) if on_training_data else None
+    return entry
+
+
+def generalization_gap(
+    classifier: Any, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], batch_size: int
+) -> dict[str, float]:
+    """Test minus training error and mean cross-entropy of the unperturbed classifier (ART's ``predict`` and
+    ``compute_loss``)."""
+    values = {}
+    for name, (x, y) in (("train", train), ("test", test)):
+        predictions = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
+        values[f"{name}_error"] = float(np.mean(predictions != y))
+        values[f"{name}_loss"] = float(np.mean(classifier.compute_loss(x, y, reduction="mean")))
+    values["error_gap"] = values["test_error"] - values["train_error"]
+    values["loss_gap"] = values["test_loss"] - values["train_loss"]
+    return values
