@@ -61,6 +61,19 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def check_backend(device: torch.device | str) -> None:
+    """``ValueError`` when the process group cannot reduce tensors on ``device`` (NCCL and CPU tensors): the group
+    must be initialized with the backend of the device the model lives on (gloo for the CPU, NCCL for CUDA)."""
+    if not is_distributed():
+        return
+    backend = str(dist.get_backend()).lower()
+    if torch.device(device).type == "cpu" and backend == "nccl":
+        raise ValueError(
+            "the process group's backend is 'nccl', which cannot reduce CPU tensors, but the model is on the CPU: "
+            "initialize the group with 'gloo' (or 'cpu:gloo,cuda:nccl'), or move the model to the GPU."
+        )
+
+
 def my_batches(n: int, batch_size: int) -> Iterator[slice]:
     """This rank's batches of ``range(n)``: batch ``b`` (``[b·batch_size, (b+1)·batch_size)``) belongs to rank
     ``b mod world_size``."""

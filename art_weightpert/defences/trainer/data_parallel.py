@@ -29,7 +29,9 @@ from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 
 def check_loss_reduction(estimator: PyTorchWeightClassifier) -> None:
     """In a process group the classifier's loss must average over the batch (ART's default ``CrossEntropyLoss()``):
-    the ranks' losses are weighted by their share of the global batch."""
+    the ranks' losses are weighted by their share of the global batch; and the group's backend must reduce tensors on
+    the estimator's device."""
+    distributed.check_backend(estimator.device)
     reduction = getattr(estimator._loss, "reduction", "mean")  # pylint: disable=protected-access
     if distributed.is_distributed() and reduction != "mean":
         raise ValueError(
