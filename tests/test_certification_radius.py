@@ -13,6 +13,7 @@ import torch
 
 from art_weightpert import PerturbationBudget
 from art_weightpert.certification import METHODS, WeightPerturbationCertifier
+from art_weightpert.certification.certifier import CERTIFICATION_RTOL
 from art_weightpert.certification.common import BoundCache
 from art_weightpert.network import read_network
 from tests.conftest import make_classifier, random_mlp
@@ -136,3 +137,54 @@ def test_radius_is_zero_for_wrong_predictions_and_wrong_predictions_are_never_ce
     # eps = 0: exactly the correctly classified samples (with a non-negligible margin) are certified.
     assert certifier.certify(x_test[wrong]).all()
     assert np.array_equal(certifier.certify(x_test[:50], y_test[:50]), pred[:50] == y_test[:50])
+
+
+def _old_bisection(certifier: WeightPerturbationCertifier, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The previous search (doubling/halving bracket, then 36 halvings) on the public per-sample scale API: the
+    reference the new search is compared with."""
+    logits = certifier.estimator.predict(x)
+    tol = CERTIFICATION_RTOL * (1 + np.abs(logits).max(axis=1).astype(np.float64))
+
+    def ok(s):
+        return certifier.margin_lower_bounds(x, y, scale=s).min(axis=1) > tol
+
+    unit = certifier.budget.eps
+    eligible = ok(np.zeros(len(x)))
+    lo, hi, s = np.zeros(len(x)), np.full(len(x), np.inf), np.full(len(x), unit)
+    for _ in range(64):
+        active = eligible & ((lo == 0) | np.isinf(hi))
+        if not active.any():
+            break
+        good = ok(s / unit)
+        lo, hi = np.where(active & good, s, lo), np.where(active & ~good, s, hi)
+        s = np.where(np.isinf(hi), s * 2, s / 2)
+    for _ in range(36):
+        mid = np.where(eligible & np.isfinite(hi) & (lo > 0), (lo + hi) / 2, lo)
+        good = ok(mid / unit)
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
+    return np.where(eligible, lo, 0.0)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [PerturbationBudget(0.01, "row_l1"), PerturbationBudget(0.02, "inf", relative=True, include_bias=True)],
+    ids=["row_l1", "inf-relative-bias"],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_radius_is_certified_and_beats_the_interval_radius(budget, seed):
+    """The searched ``"linear"`` radius is certified there (every margin bound above the tolerance), at least the
+    ``"interval"`` radius (its warm start), and equal to the previous bisection's to its precision."""
+    model = random_mlp([8, 16, 12, 5], bias=True, seed=seed)
+    clf = make_classifier(model, input_shape=(8,), nb_classes=5)
+    x = np.random.default_rng(seed).random((16, 8), dtype=np.float32)
+    y = clf.predict(x).argmax(axis=1)
+    linear = WeightPerturbationCertifier(clf, budget, method="linear", verbose=False)
+    radius = linear.certified_radius(x, y)
+    interval = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False).certified_radius(x, y)
+    assert np.all(np.isfinite(radius)) and (radius > 0).sum() >= 12
+    assert np.all(radius >= interval * (1 - 1e-9))
+    tol = CERTIFICATION_RTOL * (1 + np.abs(clf.predict(x)).max(axis=1).astype(np.float64))
+    bounds = linear.margin_lower_bounds(x, y, scale=radius / budget.eps)
+    assert np.all(bounds.min(axis=1)[radius > 0] > tol[radius > 0])
+    old = _old_bisection(linear, x, y)
+    np.testing.assert_allclose(radius, old, rtol=1e-9)
