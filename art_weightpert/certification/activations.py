@@ -87,5 +87,5 @@ def activation_backward(layer: Activation, a: torch.Tensor, lo: torch.Tensor, hi
     a_in = a_in * a if a.requires_grad or a_in.requires_grad else a_in.mul_(a)  # in place: one pass fewer
     kinked_convex = layer.kind == "relu" or (layer.kind == "leaky_relu" and layer.negative_slope <= 1)
     if kinked_convex:  # lower line through the origin: only λ⁻ meets an intercept
-        return a_in, batched_dot(torch.where(positive, 0.0, a), u_icpt)
-    return a_in, batched_dot(torch.where(positive, a, 0.0), l_icpt) + batched_dot(torch.where(positive, 0.0, a), u_icpt)
+        return a_in, batched_dot(a.clamp_max(0), u_icpt)
+    return a_in, batched_dot(a.clamp_min(0), l_icpt) + batched_dot(a.clamp_max(0), u_icpt)

@@ -28,8 +28,9 @@ def _coefficients(lam: torch.Tensor, dominant: torch.Tensor, u_max: torch.Tensor
     """The coefficient on ``h_{j*}`` per window (``λ⁺``, and ``λ⁻`` where ``y = h_{j*}``) and the constant
     ``Σ λ⁻ max_j u_j`` of the other windows."""
     pos, neg = lam.clamp_min(0), lam.clamp_max(0)
-    selected = pos + torch.where(dominant, neg, 0.0)  # coefficient on h_{j*} (y ≥ h_{j*})
-    const = sum_features(torch.where(dominant, 0.0, neg) * u_max.unsqueeze(1))  # y ≤ max_j u_j
+    exact = dominant.to(lam.dtype)  # 1 where y = h_{j*}: a product by 0/1 (faster than a broadcast select)
+    selected = pos + neg * exact  # coefficient on h_{j*} (y ≥ h_{j*})
+    const = sum_features(neg * (1 - exact) * u_max.unsqueeze(1))  # y ≤ max_j u_j
     return selected, const
 
 
