@@ -11,8 +11,8 @@ Rows (ratios, as in the issue):
 
 * ``radius_linear_<ball>``: ``certified_radius(method="linear")`` on 100 points of the MLP 784-512-512-10 / one
   ``margin_lower_bounds`` call on the same points (target ≤ 5);
-* ``linear_<model>``: one ``"linear"`` ``margin_lower_bounds`` call at batch ``--batch`` / one float32 forward
-  (target ≤ 30);
+* ``linear_<model>``: one ``"linear"`` (``inf``, 1e-3) ``margin_lower_bounds`` call at batch ``--batch`` (the CNN:
+  ``--cnn-batch``) / one float32 forward of the same batch (target ≤ 30);
 * ``train_<bound>``: one epoch of :class:`.WeightRobustTrainer` / one epoch of ART's ``fit``
   (``benchmarks/bench_train.py``'s set-up; targets interval ≤ 1.5, paper ≤ 1.3).
 
@@ -103,14 +103,15 @@ def child(row: str, args: argparse.Namespace) -> float:
     if row.startswith("radius_linear_"):
         return _radius_row(row[len("radius_linear_") :], args.repeats)
     if row.startswith("linear_"):
-        return _linear_row(row[len("linear_") :], args.batch, args.repeats)
+        name = row[len("linear_") :]
+        return _linear_row(name, args.batch if name == "mlp" else args.cnn_batch, args.repeats)
     return _train_row(row[len("train_") :], args.repeats)
 
 
 def run_child(row: str, root: Path, args: argparse.Namespace) -> float:
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS=str(args.threads), MPLBACKEND="Agg")
     cmd = [sys.executable, str(HERE / "bench_hot_paths.py"), "--row", row, "--threads", str(args.threads)]
-    cmd += ["--repeats", str(args.repeats), "--batch", str(args.batch)]
+    cmd += ["--repeats", str(args.repeats), "--batch", str(args.batch), "--cnn-batch", str(args.cnn_batch)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{row} under {root} failed:\n{done.stderr[-3000:]}")
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--cnn-batch", type=int, default=256, help="the CNN's batch (1024 takes minutes per call)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--row", help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
