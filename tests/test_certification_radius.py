@@ -6,6 +6,7 @@ changes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -188,3 +189,27 @@ def test_linear_radius_is_certified_and_beats_the_interval_radius(budget, seed):
     assert np.all(bounds.min(axis=1)[radius > 0] > tol[radius > 0])
     old = _old_bisection(linear, x, y)
     np.testing.assert_allclose(radius, old, rtol=1e-9)
+
+
+def test_pruned_search_falls_back_where_a_pruned_class_is_not_monotone():
+    """The linear radius search drops the classes certified at the first failing radius; where one of them fails
+    below it (a non-monotone bound), the verification returns a radius evaluated certified for every class."""
+    from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
+
+    def margins(s):  # (n, 3): label 0; class 1 certified below 1; class 2 fails only on [0.9, 1.5)
+        other = torch.where((s >= 0.9) & (s < 1.5), -1.0, 1.0)
+        return torch.stack([torch.full_like(s, math.inf), 1 - s, other], dim=1)
+
+    def bounds(idx, s, classes):
+        return margins(s).gather(1, classes)
+
+    labels = torch.zeros(2, dtype=torch.long)
+    evaluate = PrunedEvaluator(bounds, labels, 3, torch.zeros(2, dtype=torch.float64))
+    g0 = torch.ones(2, dtype=torch.float64)
+    found = search_radius(evaluate, g0, start=2.0)
+    assert torch.allclose(found, torch.ones(2, dtype=torch.float64))  # class 2 pruned at s = 2, where it passes
+    assert evaluate.failures(found).all()  # ... and fails at 1
+    evaluate = PrunedEvaluator(bounds, labels, 3, torch.zeros(2, dtype=torch.float64))
+    radius = search_pruned(evaluate, g0, 2.0, torch.zeros(2, dtype=torch.float64))
+    assert torch.all(radius < 0.9) and torch.all(radius > 0.9 * (1 - 1e-9))
+    assert torch.all(margins(radius)[:, 1:].amin(dim=1) > 0)

@@ -20,6 +20,7 @@ Certificates hold for exact arithmetic with eval-mode semantics (batch-norm runn
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from typing import Any
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache
-from art_weightpert.certification.radius_search import search_radius
+from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
@@ -316,4 +317,17 @@ class WeightPerturbationCertifier:
         warm = METHODS.get(_WARM_START.get(self.method, ""))
         g0 = g(warm or self._method)(everyone, zeros)  # at s = 0 every method gives the exact margins
         lower = None if warm is None else search_radius(g(warm), g0, self._unit_eps(), relative_width=_WARM_WIDTH)
-        return search_radius(g(self._method), g0, self._unit_eps(), lower)
+        if "classes" not in inspect.signature(self._method.bounds).parameters:
+            return search_radius(g(self._method), g0, self._unit_eps(), lower)
+
+        def bounds(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                lb = self._method.bounds(
+                    self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
+                    classes=classes,
+                )  # fmt: skip
+            return lb - (tol[idx] * (1 + _SEARCH_MARGIN)).unsqueeze(1)
+
+        nb_classes = self.estimator.nb_classes
+        lower = zeros if lower is None else lower
+        return search_pruned(PrunedEvaluator(bounds, labels, nb_classes, lower), g0, self._unit_eps(), lower)

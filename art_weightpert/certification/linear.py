@@ -101,6 +101,7 @@ def backward_margin_bounds(
     cache: BoundCache | None = None,
     *,
     boxes: Boxes | None = None,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     The backward linear bound alone (THEORY.md §4b), without the maximum with the interval bound.
@@ -115,6 +116,8 @@ def backward_margin_bounds(
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
     nb_classes = params[network.layers[-1].weight_name].shape[0]
     a = margin_matrix(labels, nb_classes, dtype)  # (N, K, K): coefficients on the logits
+    if classes is not None:  # only the rows e_y − e_i of these classes
+        a = a.gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
     const = a.new_zeros(a.shape[:2])
     ctx = BackwardContext(params, param_balls, scale)
     first = next(i for i, layer in enumerate(network.layers) if isinstance(layer, Affine))
@@ -124,7 +127,8 @@ def backward_margin_bounds(
     h = x  # the input of the first affine layer is known exactly: evaluate there
     for layer in network.layers[:first]:
         h = layer.apply(h)
-    return fill_label(const + affine_at_input(network.layers[first], a, h, ctx), labels)
+    bounds = const + affine_at_input(network.layers[first], a, h, ctx)
+    return bounds if classes is not None else fill_label(bounds, labels)
 
 
 def linear_margin_bounds(
@@ -137,22 +141,26 @@ def linear_margin_bounds(
     cache: BoundCache | None = None,
     *,
     boxes: Boxes | None = None,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball by backward linear propagation with
     exact weight absorption (THEORY.md §4b), never looser than the interval bound (§4).
 
     Arguments as :func:`.interval_margin_bounds` (the signature of every bound, :mod:`.registry`); ``boxes`` must be
-    computed with the same ``scale``.
+    computed with the same ``scale``; ``classes`` ``(N, J)``: bound only the margins ``f_y − f_i`` of these classes.
 
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column: the element-wise maximum of the backward
-        linear bound and the interval bound.
+        linear bound and the interval bound; ``(N, J)`` with ``classes``.
     """
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale, cache)
-    backward = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes)
+    backward = backward_margin_bounds(
+        network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=classes
+    )
     interval = interval_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes)
+    interval = interval if classes is None else interval.gather(1, classes)
     return torch.maximum(backward, interval)

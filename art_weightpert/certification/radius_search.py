@@ -12,7 +12,8 @@ positive even where ``g`` is not monotone (CROWN's adaptive slopes make the line
   preserving minmax optimality"): regula falsi steps, perturbed and kept inside a shrinking ball around the midpoint,
   so the bracket reaches the target width in at most one step more than bisection and superlinearly fast on
   piecewise-smooth ``g``. Stopping width: ``2^-36 · lo`` (the precision of the previous bisection).
-* Only the samples still searching are evaluated (the batch is compacted at every step).
+* Only the samples still searching are evaluated (the batch is compacted at every step); with a bound that takes
+  ``classes`` (``"linear"``), only the margins that can still decide (:class:`PrunedEvaluator`).
 """
 
 from __future__ import annotations
@@ -128,3 +129,88 @@ def search_radius(
     lo = _refine(evaluate, lo, glo, hi, ghi, relative_width)
     radius = torch.where((g0 > 0) & torch.isinf(hi) & (lo > 0), math.inf, lo)
     return torch.where(unbroken, math.inf, torch.where(g0 > 0, radius, torch.zeros_like(radius)))
+
+
+class PrunedEvaluator:
+    """
+    ``g`` of a bound that accepts ``classes`` (:func:`.linear_margin_bounds`), evaluating only the margins that can
+    still decide: every class but the label until the sample's first failing point ``s_f``, then only the classes
+    that failed there (``lb_i(s_f) ≤ tol``). Every later point of the search lies below ``s_f``, where a class certified
+    at ``s_f`` is certified too *if* its bound decreases with the radius — usual, not guaranteed (CROWN's adaptive
+    slopes): :func:`search_pruned` therefore re-evaluates every class at the radius found and, where one fails,
+    searches again from the largest radius evaluated certified with every class.
+
+    :param bounds: ``(sample indices, radius factors, classes (n, J)) -> (n, J)`` margin lower bounds minus the
+        tolerance.
+    :param labels: ``(N,)`` labels.
+    :param nb_classes: ``K``.
+    :param lower: ``(N,)`` radius factors certified for every class without evaluation (the warm start), or zeros.
+    """
+
+    def __init__(self, bounds, labels: torch.Tensor, nb_classes: int, lower: torch.Tensor) -> None:
+        self._bounds = bounds
+        n = len(labels)
+        every = torch.arange(nb_classes, device=labels.device).expand(n, -1)
+        self._others = every[every != labels.unsqueeze(1)].reshape(n, nb_classes - 1)  # the label's row dropped
+        self._critical = torch.zeros((n, nb_classes), dtype=torch.bool, device=labels.device)
+        self._pruned = torch.zeros(n, dtype=torch.bool, device=labels.device)
+        self.verified = torch.where(torch.isfinite(lower), lower, torch.zeros_like(lower)).clone()
+
+    def _every_class(self, idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        lb = self._bounds(idx, s, self._others[idx])
+        g = lb.amin(dim=1)
+        self.verified[idx] = torch.where(g > 0, torch.maximum(self.verified[idx], s), self.verified[idx])
+        return g, lb
+
+    def __call__(self, idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        g = torch.empty_like(s)
+        full = ~self._pruned[idx]
+        if bool(full.any()):
+            sub = idx[full]
+            g[full], lb = self._every_class(sub, s[full])
+            failed = g[full] <= 0
+            critical = torch.zeros_like(self._critical[sub]).scatter(1, self._others[sub], lb <= 0)
+            self._critical[sub[failed]] = critical[failed]
+            self._pruned[sub[failed]] = True
+        if not bool(full.all()):
+            sub = idx[~full]
+            critical = self._critical[sub]
+            count = critical.sum(dim=1, keepdim=True)
+            order = torch.argsort(critical.to(torch.int8), dim=1, descending=True, stable=True)[:, : int(count.max())]
+            present = torch.arange(order.shape[1], device=order.device) < count
+            classes = torch.where(present, order, order[:, :1])  # padded with the first critical class
+            g[~full] = self._bounds(sub, s[~full], classes).amin(dim=1)
+        return g
+
+    def failures(self, radius: torch.Tensor) -> torch.Tensor:
+        """Evaluate every class at ``radius`` where only some were; ``(N,)`` True where one fails there (its failing
+        classes join the sample's critical ones)."""
+        todo = self._pruned & (radius > self.verified) & torch.isfinite(radius)
+        idx = torch.nonzero(todo).squeeze(1)
+        failed = torch.zeros_like(todo)
+        if len(idx) > 0:
+            g, lb = self._every_class(idx, radius[idx])
+            failed[idx] = g <= 0
+            critical = torch.zeros_like(self._critical[idx]).scatter(1, self._others[idx], lb <= 0)
+            self._critical[idx] |= critical & failed[idx].unsqueeze(1)
+        return failed
+
+
+def search_pruned(
+    evaluate: PrunedEvaluator, g0: torch.Tensor, start: float, lower: torch.Tensor, rounds: int = 3
+) -> torch.Tensor:
+    """:func:`search_radius` with a :class:`PrunedEvaluator`, then every class evaluated at the radius found; where
+    one fails (a non-monotone bound) the search runs again from the largest radius certified with every class, with
+    that class kept, up to ``rounds`` times, after which that largest radius is returned."""
+    radius = search_radius(evaluate, g0, start, lower)
+    for _ in range(rounds):
+        failed = evaluate.failures(radius)
+        if not bool(failed.any()):
+            return radius
+        idx = torch.nonzero(failed).squeeze(1)
+        subset = lambda sub, s, idx=idx: evaluate(idx[sub], s)  # noqa: E731
+        again = search_radius(subset, g0[idx], start, evaluate.verified[idx].clone())
+        radius = radius.clone()
+        radius[idx] = again
+    failed = evaluate.failures(radius)
+    return torch.where(failed, evaluate.verified, radius)
