@@ -5,7 +5,8 @@ Each row is measured in a child process (``--row NAME``) that imports ``art_weig
 is given, so that one run compares a base checkout (``--base DIR``, e.g. a ``git worktree`` of the commit before the
 change) with this checkout, alternating base / new for ``--rounds`` rounds. The children pin nothing themselves; run
 the whole script under ``taskset -c 1`` with ``--threads 1`` on a shared machine. Reported per row and code version:
-the ratio's minimum and median over the rounds, with the load average at the start and end.
+the ratio's minimum and median over the rounds (each ratio from process CPU times, minimum over ``--repeats``), with
+the load average at the start and end.
 
 Rows (ratios, as in the issue):
 
@@ -37,12 +38,14 @@ TARGETS = {"radius": 5.0, "linear": 30.0, "train_interval": 1.5, "train_paper": 
 
 
 def _best(fn, repeats: int) -> float:
+    """The minimum process CPU time of ``fn()`` over ``repeats`` calls after a warm-up (one thread: its compute time,
+    steadier than wall-clock time on a shared machine)."""
     fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return min(times)
 
 
