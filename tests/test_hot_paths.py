@@ -109,3 +109,22 @@ def test_new_rules_give_the_previous_bounds(model_name, budget_name):
     # activations: the same value in exact arithmetic, float64 rounding apart
     scale = old[torch.isfinite(old)].abs().max()
     torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12 * float(scale))
+
+
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool"])
+def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budget_name):
+    """The backward pass without the label's own (zero) specification row gives, in every other column, the bounds
+    of the full ``(N, K, K)`` specification, bit for bit (the rows are independent)."""
+    model, shape = MODELS[model_name]()
+    model = model.double().eval().requires_grad_(False)
+    x = torch.rand((12,) + shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    network = read_network(model, shape)
+    balls = BUDGETS[budget_name].parameter_balls(model, torch.float64)
+    labels = torch.arange(12) % 5
+    dropped = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    every = torch.arange(5).expand(12, -1)
+    full = linear.backward_margin_bounds(network, balls, x, labels, torch.float64, classes=every)
+    others = labels.unsqueeze(1) != every
+    assert torch.isinf(dropped[~others]).all()
+    torch.testing.assert_close(dropped[others], full[others], rtol=0, atol=0)

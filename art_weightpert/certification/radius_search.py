@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from art_weightpert.certification.linear import other_classes
+
 RELATIVE_WIDTH = 2.0**-36
 """Target relative width ``(hi − lo) / lo`` of the final bracket."""
 
@@ -150,8 +152,7 @@ class PrunedEvaluator:
     def __init__(self, bounds, labels: torch.Tensor, nb_classes: int, lower: torch.Tensor) -> None:
         self._bounds = bounds
         n = len(labels)
-        every = torch.arange(nb_classes, device=labels.device).expand(n, -1)
-        self._others = every[every != labels.unsqueeze(1)].reshape(n, nb_classes - 1)  # the label's row dropped
+        self._others = other_classes(labels, nb_classes)  # the label's row dropped
         self._critical = torch.zeros((n, nb_classes), dtype=torch.bool, device=labels.device)
         self._pruned = torch.zeros(n, dtype=torch.bool, device=labels.device)
         self.verified = torch.where(torch.isfinite(lower), lower, torch.zeros_like(lower)).clone()
