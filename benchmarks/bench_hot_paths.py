@@ -122,7 +122,7 @@ def run_child(row: str, root: Path, args: argparse.Namespace) -> float:
 
 
 def target(row: str) -> float:
-    return TARGETS.get(row, TARGETS[row.split("_")[0]])
+    return TARGETS[row] if row in TARGETS else TARGETS[row.split("_")[0]]
 
 
 def main() -> None:
