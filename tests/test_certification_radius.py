@@ -6,6 +6,7 @@ changes."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 from art_weightpert import PerturbationBudget
 from art_weightpert.certification import METHODS, WeightPerturbationCertifier
+from art_weightpert.certification.certifier import CERTIFICATION_RTOL
 from art_weightpert.certification.common import BoundCache
 from art_weightpert.network import read_network
 from tests.conftest import make_classifier, random_mlp
@@ -136,3 +138,78 @@ def test_radius_is_zero_for_wrong_predictions_and_wrong_predictions_are_never_ce
     # eps = 0: exactly the correctly classified samples (with a non-negligible margin) are certified.
     assert certifier.certify(x_test[wrong]).all()
     assert np.array_equal(certifier.certify(x_test[:50], y_test[:50]), pred[:50] == y_test[:50])
+
+
+def _old_bisection(certifier: WeightPerturbationCertifier, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The previous search (doubling/halving bracket, then 36 halvings) on the public per-sample scale API: the
+    reference the new search is compared with."""
+    logits = certifier.estimator.predict(x)
+    tol = CERTIFICATION_RTOL * (1 + np.abs(logits).max(axis=1).astype(np.float64))
+
+    def ok(s):
+        return certifier.margin_lower_bounds(x, y, scale=s).min(axis=1) > tol
+
+    unit = certifier.budget.eps
+    eligible = ok(np.zeros(len(x)))
+    lo, hi, s = np.zeros(len(x)), np.full(len(x), np.inf), np.full(len(x), unit)
+    for _ in range(64):
+        active = eligible & ((lo == 0) | np.isinf(hi))
+        if not active.any():
+            break
+        good = ok(s / unit)
+        lo, hi = np.where(active & good, s, lo), np.where(active & ~good, s, hi)
+        s = np.where(np.isinf(hi), s * 2, s / 2)
+    for _ in range(36):
+        mid = np.where(eligible & np.isfinite(hi) & (lo > 0), (lo + hi) / 2, lo)
+        good = ok(mid / unit)
+        lo, hi = np.where(good, mid, lo), np.where(good, hi, mid)
+    return np.where(eligible, lo, 0.0)
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [PerturbationBudget(0.01, "row_l1"), PerturbationBudget(0.02, "inf", relative=True, include_bias=True)],
+    ids=["row_l1", "inf-relative-bias"],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_linear_radius_is_certified_and_beats_the_interval_radius(budget, seed):
+    """The searched ``"linear"`` radius is certified there (every margin bound above the tolerance), at least the
+    ``"interval"`` radius (its warm start), and equal to the previous bisection's to its precision."""
+    model = random_mlp([8, 16, 12, 5], bias=True, seed=seed)
+    clf = make_classifier(model, input_shape=(8,), nb_classes=5)
+    x = np.random.default_rng(seed).random((16, 8), dtype=np.float32)
+    y = clf.predict(x).argmax(axis=1)
+    linear = WeightPerturbationCertifier(clf, budget, method="linear", verbose=False)
+    radius = linear.certified_radius(x, y)
+    interval = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False).certified_radius(x, y)
+    assert np.all(np.isfinite(radius)) and (radius > 0).sum() >= 12
+    assert np.all(radius >= interval * (1 - 1e-9))
+    tol = CERTIFICATION_RTOL * (1 + np.abs(clf.predict(x)).max(axis=1).astype(np.float64))
+    bounds = linear.margin_lower_bounds(x, y, scale=radius / budget.eps)
+    assert np.all(bounds.min(axis=1)[radius > 0] > tol[radius > 0])
+    old = _old_bisection(linear, x, y)
+    np.testing.assert_allclose(radius, old, rtol=1e-9)
+
+
+def test_pruned_search_falls_back_where_a_pruned_class_is_not_monotone():
+    """The linear radius search drops the classes certified at the first failing radius; where one of them fails
+    below it (a non-monotone bound), the verification returns a radius evaluated certified for every class."""
+    from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
+
+    def margins(s):  # (n, 3): label 0; class 1 certified below 1; class 2 fails only on [0.9, 1.5)
+        other = torch.where((s >= 0.9) & (s < 1.5), -1.0, 1.0)
+        return torch.stack([torch.full_like(s, math.inf), 1 - s, other], dim=1)
+
+    def bounds(idx, s, classes):
+        return margins(s).gather(1, classes)
+
+    labels = torch.zeros(2, dtype=torch.long)
+    evaluate = PrunedEvaluator(bounds, labels, 3, torch.zeros(2, dtype=torch.float64))
+    g0 = torch.ones(2, dtype=torch.float64)
+    found = search_radius(evaluate, g0, start=2.0)
+    assert torch.allclose(found, torch.ones(2, dtype=torch.float64))  # class 2 pruned at s = 2, where it passes
+    assert evaluate.failures(found).all()  # ... and fails at 1
+    evaluate = PrunedEvaluator(bounds, labels, 3, torch.zeros(2, dtype=torch.float64))
+    radius = search_pruned(evaluate, g0, 2.0, torch.zeros(2, dtype=torch.float64))
+    assert torch.all(radius < 0.9) and torch.all(radius > 0.9 * (1 - 1e-9))
+    assert torch.all(margins(radius)[:, 1:].amin(dim=1) > 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from art_weightpert.certification.common import batched_dot
 from art_weightpert.network import Activation
 
 
@@ -71,3 +72,20 @@ def relaxation(layer: Activation, lo: torch.Tensor, hi: torch.Tensor):
     if layer.kind == "sigmoid":
         return s_shaped(torch.sigmoid, _dsigmoid, lo, hi)
     return s_shaped(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, lo, hi)
+
+
+def activation_backward(layer: Activation, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx=None):
+    """The backward rule of an activation: ``λ = λ⁺ + λ⁻``, ``λ⁺`` takes the lower line and ``λ⁻`` the upper one;
+    returns ``(λ on the input, constant)``.
+
+    One select of the slopes by the sign of ``λ`` and one product (instead of ``λ·u + λ⁺·(l − u)``: the same value in
+    exact arithmetic, with fewer roundings); a constant only from the lines with a non-zero intercept (ReLU's lower
+    line and, for a convex LeakyReLU, its lower line pass through the origin)."""
+    (l_slope, l_icpt), (u_slope, u_icpt) = relaxation(layer, lo, hi)
+    positive = a >= 0
+    a_in = torch.where(positive, l_slope.unsqueeze(1), u_slope.unsqueeze(1))
+    a_in = a_in * a if a.requires_grad or a_in.requires_grad else a_in.mul_(a)  # in place: one pass fewer
+    kinked_convex = layer.kind == "relu" or (layer.kind == "leaky_relu" and layer.negative_slope <= 1)
+    if kinked_convex:  # lower line through the origin: only λ⁻ meets an intercept
+        return a_in, batched_dot(a.clamp_max(0), u_icpt)
+    return a_in, batched_dot(a.clamp_min(0), l_icpt) + batched_dot(a.clamp_max(0), u_icpt)

@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache
-from art_weightpert.certification.registry import METHODS
+from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
+from art_weightpert.certification.registry import METHODS, BoundMethod
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import check_bool, check_choice, check_positive_int
@@ -47,8 +48,11 @@ CERTIFICATION_RTOL = 1e-9
 """A sample is certified when every margin lower bound exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``: a
 safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (THEORY.md §5)."""
 
-_BISECTION_STEPS = 36  # halvings of a [s, 2s] bracket: relative precision 2^-36 ≈ 1.5e-11
-_BRACKET_STEPS = 64  # doublings/halvings allowed to find the bracket (factor 2^64 either way)
+_SEARCH_MARGIN = 2.0**-10
+"""The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
+scale, far above float64 rounding), so re-evaluating the bound there in another batch composition — other rounding in
+the last bits — still certifies it; it lowers the radius by ~1e-12 relative, below the search's precision."""
+_WARM_WIDTH = 2.0**-6  # relative precision of the warm start's radius (the search goes on from it)
 
 
 class WeightPerturbationCertifier:
@@ -179,22 +183,23 @@ class WeightPerturbationCertifier:
         prediction is wrong or not certified at any radius, ``inf`` where no radius breaks the certificate.
 
         Closed form where the bound is affine in the radius (``paper`` with one perturbed layer, ``interval`` with
-        only the last layer perturbed: THEORY.md §3.1), otherwise a bisection vectorized over the batch (bracket by
-        doubling or halving, then halvings to a relative precision of about 1e-11; the certified end is returned).
+        only the last layer perturbed: THEORY.md §3.1), otherwise a search vectorized over the batch
+        (:mod:`.radius_search`: bracket by secant extrapolation, then ITP steps to a relative precision of about
+        1.5e-11; the returned radius is one at which the bound was evaluated certified). ``"linear"`` starts from the
+        ``"interval"`` radius.
 
         :param x: inputs ``(N,) + input_shape``.
         :param y: labels (wrong clean predictions get 0); ``None``: the predicted classes.
         :return: ``(N,)`` float64 radii.
         """
         self._refresh()
-        unit = self._unit_eps()
         affine = self._method.affine_in_radius(self._network, self._unit_param_balls)
         out = []
         for x_t, labels, tol, correct in self._prepared_batches(x, y, "certified radius"):
             if affine:
                 radius = self._closed_form_radius(x_t, labels, tol)
             else:
-                radius = self._bisection_radius(x_t, labels, tol, start=unit)
+                radius = self._searched_radius(x_t, labels, tol)
             out.append(torch.where(correct, radius, torch.zeros_like(radius)).cpu().numpy())
         return self._gathered(out, len(x), np.zeros(0))
 
@@ -302,31 +307,36 @@ class WeightPerturbationCertifier:
         radius = ratio.amin(dim=1).clamp_min(0)
         return torch.where(at0.amin(dim=1) > tol, radius, torch.zeros_like(radius))
 
-    def _bisection_radius(
-        self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, start: float
-    ) -> torch.Tensor:
-        """Largest certified radius factor per sample by bracketing then bisection (bounds decrease with it)."""
-        n = len(x_t)
-        zeros = torch.zeros(n, dtype=torch.float64, device=x_t.device)
-        eligible = self._min_bound(x_t, labels, zeros) > tol
-        lo = zeros.clone()  # certified
-        hi = torch.full_like(zeros, math.inf)  # not certified
-        s = torch.full_like(zeros, start if start > 0 else 1.0)
-        for _ in range(_BRACKET_STEPS):
-            active = eligible & ((lo == 0) | torch.isinf(hi))
-            if not bool(active.any()):
-                break
-            ok = self._min_bound(x_t, labels, s) > tol
-            lo = torch.where(active & ok, s, lo)
-            hi = torch.where(active & ~ok, s, hi)
-            s = torch.where(torch.isinf(hi), s * 2, s / 2)
-        bracketed = eligible & (lo > 0) & torch.isfinite(hi)
-        for _ in range(_BISECTION_STEPS):
-            if not bool(bracketed.any()):
-                break
-            mid = torch.where(bracketed, (lo + hi) / 2, lo)
-            ok = self._min_bound(x_t, labels, mid) > tol
-            lo = torch.where(bracketed & ok, mid, lo)
-            hi = torch.where(bracketed & ~ok, mid, hi)
-        radius = torch.where(eligible & torch.isinf(hi) & (lo > 0), math.inf, lo)  # never broken within 2^64
-        return torch.where(eligible, radius, zeros)
+    def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+        """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
+        cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
+
+        def g(method: BoundMethod):
+            def evaluate(idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    bounds = method.bounds(
+                        self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache
+                    )
+                return bounds.amin(dim=1) - tol[idx] * (1 + _SEARCH_MARGIN)
+
+            return evaluate
+
+        everyone = torch.arange(len(x_t), device=x_t.device)
+        zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
+        warm = METHODS.get(self._method.never_above or "")
+        g0 = g(warm or self._method)(everyone, zeros)  # at s = 0 every method gives the exact margins
+        lower = None if warm is None else search_radius(g(warm), g0, self._unit_eps(), relative_width=_WARM_WIDTH)
+        if not self._method.per_class:
+            return search_radius(g(self._method), g0, self._unit_eps(), lower)
+
+        def bounds(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                lb = self._method.bounds(
+                    self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
+                    classes=classes,
+                )  # fmt: skip
+            return lb - (tol[idx] * (1 + _SEARCH_MARGIN)).unsqueeze(1)
+
+        nb_classes = self.estimator.nb_classes
+        lower = zeros if lower is None else lower
+        return search_pruned(PrunedEvaluator(bounds, labels, nb_classes, lower), g0, self._unit_eps(), lower)

@@ -34,10 +34,8 @@ Everything is plain torch, batched over samples and specifications, on the input
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
-from art_weightpert.certification.activations import relaxation
+from art_weightpert.certification.activations import activation_backward
 from art_weightpert.certification.common import (
     BoundCache,
     Boxes,
@@ -48,9 +46,9 @@ from art_weightpert.certification.common import (
     fill_label,
     flatten_specs,
     margin_matrix,
-    sum_features,
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
+from art_weightpert.certification.pooling import maxpool_backward
 from art_weightpert.certification.weight_terms import BackwardContext, affine_at_input, affine_backward
 from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
@@ -63,13 +61,6 @@ def concretize(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Ten
 
 
 # ------------------------------------------------------------------------------------------------ backward rules
-def _activation_backward(layer: Activation, a, lo, hi, ctx):
-    (l_slope, l_icpt), (u_slope, u_icpt) = relaxation(layer, lo, hi)
-    pos = a.clamp_min(0)  # λ = λ⁺ + λ⁻: λ⁺ takes the lower line, λ⁻ the upper one
-    a_in = a * u_slope.unsqueeze(1) + pos * (l_slope - u_slope).unsqueeze(1)
-    return a_in, batched_dot(a, u_icpt) + batched_dot(pos, l_icpt - u_icpt)
-
-
 def _batchnorm_backward(layer: BatchNorm, a, lo, hi, ctx):
     scale, shift = layer.shaped(layer.scale, lo), layer.shaped(layer.shift, lo)
     return a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
@@ -88,49 +79,24 @@ def _flatten_backward(layer: Flatten, a, lo, hi, ctx):
     return a.reshape(a.shape[:2] + lo.shape[1:]), a.new_zeros(a.shape[:2])
 
 
-def _maxpool_backward(layer: MaxPool, a, lo, hi, ctx):
-    mod = layer.module
-    n, k = a.shape[:2]
-    if mod.ceil_mode:  # stop here: concretize with the interval box of the output
-        return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, layer.apply(lo), layer.apply(hi))
-    kernel, stride = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
-    pad, dil = _pair(mod.padding), _pair(mod.dilation)
-    channels, height, width = lo.shape[1:]
-    border = (pad[1], pad[1], pad[0], pad[0])
-
-    def windows(t):  # (N, C, kh·kw, P), padding at -inf as in max pooling
-        t = F.pad(t, border, value=float("-inf"))
-        return F.unfold(t, kernel, dil, 0, stride).reshape(n, channels, kernel[0] * kernel[1], -1)
-
-    lw, uw = windows(lo), windows(hi)
-    best = lw.argmax(dim=2, keepdim=True)  # j*: the input with the largest lower bound
-    l_best = lw.gather(2, best).squeeze(2)
-    others = uw.scatter(2, best, float("-inf")).amax(dim=2)
-    dominant = (others <= l_best).unsqueeze(1)  # y = h_{j*} exactly
-    lam = a.reshape(n, k, channels, -1)
-    pos, neg = lam.clamp_min(0), lam.clamp_max(0)
-    selected = pos + torch.where(dominant, neg, 0.0)  # coefficient on h_{j*} (y ≥ h_{j*})
-    const = sum_features(torch.where(dominant, 0.0, neg) * uw.amax(dim=2).unsqueeze(1))  # y ≤ max_j u_j
-    spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
-    spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
-    size = (height + 2 * pad[0], width + 2 * pad[1])
-    folded = F.fold(spread.reshape(n * k, -1, lam.shape[-1]), size, kernel, dil, 0, stride)
-    a_in = folded[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
-    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
-
-
 # One rule per layer type: (layer, λ on the output, box of the input, context) -> (λ on the input, constant).
 BACKWARD_RULES = {
     Affine: affine_backward,
-    Activation: _activation_backward,
+    Activation: activation_backward,
     BatchNorm: _batchnorm_backward,
     AvgPool: _avgpool_backward,
-    MaxPool: _maxpool_backward,
+    MaxPool: maxpool_backward,
     Flatten: _flatten_backward,
 }
 
 
 # ------------------------------------------------------------------------------------------------------ bounds
+def other_classes(labels: torch.Tensor, nb_classes: int) -> torch.Tensor:
+    """``(N, K − 1)``: every class but the label, in increasing order."""
+    every = torch.arange(nb_classes, device=labels.device).expand(len(labels), -1)
+    return every[every != labels.unsqueeze(1)].reshape(len(labels), nb_classes - 1)
+
+
 def backward_margin_bounds(
     network: Network,
     param_balls: ParamBalls,
@@ -141,6 +107,7 @@ def backward_margin_bounds(
     cache: BoundCache | None = None,
     *,
     boxes: Boxes | None = None,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     The backward linear bound alone (THEORY.md §4b), without the maximum with the interval bound.
@@ -154,7 +121,13 @@ def backward_margin_bounds(
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
     nb_classes = params[network.layers[-1].weight_name].shape[0]
+    if classes is None:  # every class but the label (its row e_y − e_y is zero; +inf there): 1/K less work
+        others = other_classes(labels, nb_classes)
+        rows = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others)
+        return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
     a = margin_matrix(labels, nb_classes, dtype)  # (N, K, K): coefficients on the logits
+    if classes is not None:  # only the rows e_y − e_i of these classes
+        a = a.gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
     const = a.new_zeros(a.shape[:2])
     ctx = BackwardContext(params, param_balls, scale)
     first = next(i for i, layer in enumerate(network.layers) if isinstance(layer, Affine))
@@ -164,7 +137,7 @@ def backward_margin_bounds(
     h = x  # the input of the first affine layer is known exactly: evaluate there
     for layer in network.layers[:first]:
         h = layer.apply(h)
-    return fill_label(const + affine_at_input(network.layers[first], a, h, ctx), labels)
+    return const + affine_at_input(network.layers[first], a, h, ctx)
 
 
 def linear_margin_bounds(
@@ -177,22 +150,26 @@ def linear_margin_bounds(
     cache: BoundCache | None = None,
     *,
     boxes: Boxes | None = None,
+    classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball by backward linear propagation with
     exact weight absorption (THEORY.md §4b), never looser than the interval bound (§4).
 
     Arguments as :func:`.interval_margin_bounds` (the signature of every bound, :mod:`.registry`); ``boxes`` must be
-    computed with the same ``scale``.
+    computed with the same ``scale``; ``classes`` ``(N, J)``: bound only the margins ``f_y − f_i`` of these classes.
 
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column: the element-wise maximum of the backward
-        linear bound and the interval bound.
+        linear bound and the interval bound; ``(N, J)`` with ``classes``.
     """
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale, cache)
-    backward = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes)
+    backward = backward_margin_bounds(
+        network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=classes
+    )
     interval = interval_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes)
+    interval = interval if classes is None else interval.gather(1, classes)
     return torch.maximum(backward, interval)

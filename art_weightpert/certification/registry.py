@@ -55,12 +55,18 @@ class BoundMethod:
         factor ``s`` of every radius for that network and budget; then the certified radius has a closed form (the
         root of ``lb(0) − s·(lb(0) − lb(1))``) instead of a bisection.
     :param description: one line for the docs and ``--help``.
+    :param never_above: the name of a method whose bounds never exceed this one's (``"linear"`` takes the maximum
+        with ``"interval"``): its certified radius, cheaper to find, starts the radius search.
+    :param per_class: the bound function also takes ``classes=`` (``(N, J)`` class indices) and then bounds only
+        those margins, ``(N, J)``; the radius search then re-evaluates only the margins that can still decide.
     """
 
     name: str
     bounds: BoundFunction
     affine_in_radius: Callable[[Network, Mapping[str, ParameterBall]], bool]
     description: str
+    never_above: str | None = None
+    per_class: bool = False
 
 
 def perturbed_layers(network: Network, param_balls: Mapping[str, ParameterBall]) -> set[str]:
@@ -75,12 +81,10 @@ def _single_layer(network: Network, param_balls: Mapping[str, ParameterBall]) ->
 
 
 def _last_layer_only(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
-    # With only the last layer perturbed every box before it is exact and the bound is m − s·(P_y + P_i).
+    # With only the last layer perturbed every box before it is exact and the bound is m − s·(P_y + P_i). For
+    # "linear" the backward bound is then affine too (every relaxation is exact on the point boxes) and both lines
+    # start at the exact margin m at s = 0, so their maximum is the line of the smaller slope: affine as well.
     return perturbed_layers(network, param_balls) <= {network.layers[-1].name}
-
-
-def _never(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
-    return False
 
 
 METHODS: Mapping[str, BoundMethod] = MappingProxyType(
@@ -102,8 +106,10 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
             BoundMethod(
                 "linear",
                 linear_margin_bounds,
-                _never,
+                _last_layer_only,
                 "backward linear bounds with exact weight absorption, never looser than interval (§4b)",
+                never_above="interval",
+                per_class=True,
             ),
         )
     }

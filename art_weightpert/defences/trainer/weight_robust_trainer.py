@@ -361,15 +361,16 @@ class WeightRobustTrainer(Trainer):
         always predicting its most frequent label."""
         model = self._estimator.base_model
         optimizer = self._classifier._optimizer  # pylint: disable=protected-access
-        sums = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "accuracy": 0.0}
-        label_counts = np.zeros(self._estimator.nb_classes, dtype=np.int64)
+        sums: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "accuracy": 0.0}  # tensors: no sync per step
+        label_counts = torch.zeros(self._estimator.nb_classes, dtype=torch.long, device=self._estimator.device)
         lam_t, eps_scale = 0.0, 0.0
         for x_pre, y_pre, x_raw, labels, shard in batches():
             x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels, shard)
             factor = ramp_factor(state["step"], state["warmup_steps"])
             lam_t = self.lam * factor
             eps_scale = factor if self.ramp_eps else 1.0
-            model.train()
+            if not model.training:  # set once (an adversarial batch's eval mode is restored by its context)
+                model.train()
             optimizer.zero_grad()
             if len(y_pre) == 0:  # a global batch smaller than the number of ranks: nothing here, but take part
                 dp.empty_shard_loss(self._estimator.logits(x_pre)).backward()
@@ -377,12 +378,13 @@ class WeightRobustTrainer(Trainer):
                 terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
                 (terms["loss"] * dp.share(shard, len(y_pre))).backward()
                 for key in sums:
-                    sums[key] += float(terms[key].detach()) * len(y_pre)
-                label_counts += np.bincount(y_pre.cpu().numpy(), minlength=len(label_counts))
+                    sums[key] = sums[key] + terms[key].detach().to(torch.float64) * len(y_pre)
+                label_counts = label_counts + torch.bincount(y_pre, minlength=self._estimator.nb_classes)
             dp.reduce_gradients(model)
             optimizer.step()
             state["step"] += 1
-        sums, label_counts = dp.reduce_epoch_sums(sums, label_counts)
+        sums = {key: float(value) for key, value in sums.items()}  # one host sync per epoch
+        sums, label_counts = dp.reduce_epoch_sums(sums, label_counts.cpu().numpy())
         seen = max(int(label_counts.sum()), 1)
         with torch.no_grad():
             norm = float(operator_norm_sum(self._network_now()))

@@ -1,0 +1,90 @@
+"""
+Max pooling in the backward linear bound (THEORY.md §4b): ``y ≥ h_{j*}`` for the window's input with the largest lower
+bound and ``y ≤ max_j u_j``; ``y = h_{j*}`` exactly when that input dominates the window (every other upper bound at
+most ``l_{j*}``). With ``ceil_mode=True`` the backward pass stops at the pooling: the bound is concretized with the
+interval box of its output.
+
+Windows that do not overlap (stride ≥ the dilated kernel, the usual ``MaxPool2d(k)``) take ``j*`` from the native
+``max_pool2d(..., return_indices=True)`` and put the coefficients back with one scatter into the input; overlapping
+windows unfold the boxes. Both give the same values (the first maximum in the window wins ties in both).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from art_weightpert.certification.common import sum_features
+from art_weightpert.network import MaxPool
+
+
+def _geometry(mod):
+    kernel, stride = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
+    return kernel, stride, _pair(mod.padding), _pair(mod.dilation)
+
+
+def _coefficients(lam: torch.Tensor, dominant: torch.Tensor, u_max: torch.Tensor):
+    """The coefficient on ``h_{j*}`` per window (``λ⁺``, and ``λ⁻`` where ``y = h_{j*}``) and the constant
+    ``Σ λ⁻ max_j u_j`` of the other windows."""
+    pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+    exact = dominant.to(lam.dtype)  # 1 where y = h_{j*}: a product by 0/1 (faster than a broadcast select)
+    selected = pos + neg * exact  # coefficient on h_{j*} (y ≥ h_{j*})
+    const = sum_features(neg * (1 - exact) * u_max.unsqueeze(1))  # y ≤ max_j u_j
+    return selected, const
+
+
+def _native(layer: MaxPool, a, lo, hi):
+    mod = layer.module
+    kernel, stride, pad, dil = _geometry(mod)
+    n, k = a.shape[:2]
+    channels = lo.shape[1]
+    l_best, best = F.max_pool2d(lo, kernel, stride, pad, dil, return_indices=True)  # j*: largest lower bound
+    flat_best = best.flatten(2)
+    u_max = F.max_pool2d(hi, kernel, stride, pad, dil)
+    others_hi = hi.flatten(2).scatter(2, flat_best, float("-inf")).reshape(hi.shape)  # each j* in one window only
+    others = F.max_pool2d(others_hi, kernel, stride, pad, dil)
+    dominant = (others <= l_best).flatten(2).unsqueeze(1)  # y = h_{j*} exactly
+    lam = a.reshape(n, k, channels, -1)
+    selected, const = _coefficients(lam, dominant, u_max.flatten(2))
+    a_in = lam.new_zeros((n, k, channels, lo[0, 0].numel()))
+    a_in.scatter_(3, flat_best.unsqueeze(1).expand(n, k, -1, -1), selected)
+    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
+
+
+def _unfolded(layer: MaxPool, a, lo, hi):
+    mod = layer.module
+    kernel, stride, pad, dil = _geometry(mod)
+    n, k = a.shape[:2]
+    channels, height, width = lo.shape[1:]
+    border = (pad[1], pad[1], pad[0], pad[0])
+
+    def windows(t):  # (N, C, kh·kw, P), padding at -inf as in max pooling
+        t = F.pad(t, border, value=float("-inf"))
+        return F.unfold(t, kernel, dil, 0, stride).reshape(n, channels, kernel[0] * kernel[1], -1)
+
+    lw, uw = windows(lo), windows(hi)
+    best = lw.argmax(dim=2, keepdim=True)  # j*: the input with the largest lower bound
+    l_best = lw.gather(2, best).squeeze(2)
+    others = uw.scatter(2, best, float("-inf")).amax(dim=2)
+    dominant = (others <= l_best).unsqueeze(1)  # y = h_{j*} exactly
+    lam = a.reshape(n, k, channels, -1)
+    selected, const = _coefficients(lam, dominant, uw.amax(dim=2))
+    spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
+    spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
+    size = (height + 2 * pad[0], width + 2 * pad[1])
+    folded = F.fold(spread.reshape(n * k, -1, lam.shape[-1]), size, kernel, dil, 0, stride)
+    a_in = folded[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
+    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
+
+
+def maxpool_backward(layer: MaxPool, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx=None):
+    """The backward rule of a max pooling: ``(λ on the input, constant)`` over the input box ``[lo, hi]``."""
+    mod = layer.module
+    if mod.ceil_mode:  # stop here: concretize with the interval box of the output
+        from art_weightpert.certification.linear import concretize  # (linear imports this module)
+
+        return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, layer.apply(lo), layer.apply(hi))
+    kernel, stride, _, dil = _geometry(mod)
+    disjoint = all(s >= d * (kk - 1) + 1 for s, d, kk in zip(stride, dil, kernel))
+    return (_native if disjoint else _unfolded)(layer, a, lo, hi)

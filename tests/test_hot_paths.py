@@ -1,0 +1,130 @@
+"""Issue 17: the faster backward rules of the linear certificate give the bounds of the previous rules.
+
+The previous rules are kept here as the reference. The max-pool rule is bit-identical (same windows, same tie-break,
+the scatter writes exactly the entries the fold summed). The activation rule computes ``λ·where(λ ≥ 0, l, u)``
+instead of ``λ·u + λ⁺·(l − u)``: equal in exact arithmetic, so equal up to float64 rounding of the bound."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from art_weightpert import PerturbationBudget
+from art_weightpert.certification import linear
+from art_weightpert.certification.activations import relaxation
+from art_weightpert.certification.common import batched_dot, sum_features
+from art_weightpert.network import Activation, MaxPool, read_network
+from tests.conftest import random_cnn, random_mlp
+
+
+def _old_activation_backward(layer, a, lo, hi, ctx):
+    (l_slope, l_icpt), (u_slope, u_icpt) = relaxation(layer, lo, hi)
+    pos = a.clamp_min(0)
+    a_in = a * u_slope.unsqueeze(1) + pos * (l_slope - u_slope).unsqueeze(1)
+    return a_in, batched_dot(a, u_icpt) + batched_dot(pos, l_icpt - u_icpt)
+
+
+def _old_maxpool_backward(layer, a, lo, hi, ctx):
+    mod = layer.module
+    n, k = a.shape[:2]
+    if mod.ceil_mode:
+        return a.new_zeros(a.shape[:2] + lo.shape[1:]), linear.concretize(a, layer.apply(lo), layer.apply(hi))
+    kernel, stride = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
+    pad, dil = _pair(mod.padding), _pair(mod.dilation)
+    channels, height, width = lo.shape[1:]
+    border = (pad[1], pad[1], pad[0], pad[0])
+
+    def windows(t):
+        t = F.pad(t, border, value=float("-inf"))
+        return F.unfold(t, kernel, dil, 0, stride).reshape(n, channels, kernel[0] * kernel[1], -1)
+
+    lw, uw = windows(lo), windows(hi)
+    best = lw.argmax(dim=2, keepdim=True)
+    l_best = lw.gather(2, best).squeeze(2)
+    others = uw.scatter(2, best, float("-inf")).amax(dim=2)
+    dominant = (others <= l_best).unsqueeze(1)
+    lam = a.reshape(n, k, channels, -1)
+    pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+    selected = pos + torch.where(dominant, neg, 0.0)
+    const = sum_features(torch.where(dominant, 0.0, neg) * uw.amax(dim=2).unsqueeze(1))
+    spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
+    spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
+    size = (height + 2 * pad[0], width + 2 * pad[1])
+    folded = F.fold(spread.reshape(n * k, -1, lam.shape[-1]), size, kernel, dil, 0, stride)
+    a_in = folded[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
+    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
+
+
+def _cnn_pool(seed: int, pool: nn.Module) -> nn.Sequential:
+    """Conv 1×7×7 → 3×7×7, ReLU, ``pool`` (to 3×4×4), two Linear layers."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), pool, nn.Flatten(), nn.Linear(48, 4), nn.ReLU(), nn.Linear(4, 5)
+    )
+
+
+MODELS = {
+    "mlp": lambda: (random_mlp([10, 12, 9, 5], bias=True, seed=0), (10,)),
+    "mlp_leaky": lambda: (random_mlp([10, 12, 9, 5], bias=True, seed=1, act=nn.LeakyReLU), (10,)),
+    "mlp_tanh": lambda: (random_mlp([10, 12, 9, 5], bias=True, seed=2, act=nn.Tanh), (10,)),
+    "cnn_bn_maxpool": lambda: (random_cnn(3), (1, 6, 6)),
+    "cnn_overlapping_pool": lambda: (_cnn_pool(4, nn.MaxPool2d(3, stride=2, padding=1)), (1, 7, 7)),
+    "cnn_padded_pool": lambda: (_cnn_pool(5, nn.MaxPool2d(2, padding=1)), (1, 7, 7)),
+}
+BUDGETS = {
+    "inf": PerturbationBudget(0.02, "inf"),
+    "l2_relative_bias": PerturbationBudget(0.05, "l2", relative=True, include_bias=True),
+    "row_l1": PerturbationBudget(0.03, "row_l1"),
+    "inf_first_layer_bias": PerturbationBudget(0.03, "inf", layers=["0"], include_bias=True),
+}
+
+
+def _bounds(model_name: str, budget_name: str, rules: dict) -> torch.Tensor:
+    model, shape = MODELS[model_name]()
+    model = model.double().eval().requires_grad_(False)
+    x = torch.rand((12,) + shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    network = read_network(model, shape)
+    balls = BUDGETS[budget_name].parameter_balls(model, torch.float64)
+    labels = torch.arange(12) % 5
+    saved = dict(linear.BACKWARD_RULES)
+    linear.BACKWARD_RULES.update(rules)
+    try:
+        return linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    finally:
+        linear.BACKWARD_RULES.update(saved)
+
+
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_new_rules_give_the_previous_bounds(model_name, budget_name):
+    new = _bounds(model_name, budget_name, {})
+    with_old_pool = _bounds(model_name, budget_name, {MaxPool: _old_maxpool_backward})
+    old = _bounds(model_name, budget_name, {MaxPool: _old_maxpool_backward, Activation: _old_activation_backward})
+    assert torch.isfinite(new[new != float("inf")]).all()
+    # max pooling: bit-identical
+    torch.testing.assert_close(new, with_old_pool, rtol=0, atol=0)
+    # activations: the same value in exact arithmetic, float64 rounding apart
+    scale = old[torch.isfinite(old)].abs().max()
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12 * float(scale))
+
+
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool"])
+def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budget_name):
+    """The backward pass without the label's own (zero) specification row gives, in every other column, the bounds
+    of the full ``(N, K, K)`` specification, bit for bit (the rows are independent)."""
+    model, shape = MODELS[model_name]()
+    model = model.double().eval().requires_grad_(False)
+    x = torch.rand((12,) + shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    network = read_network(model, shape)
+    balls = BUDGETS[budget_name].parameter_balls(model, torch.float64)
+    labels = torch.arange(12) % 5
+    dropped = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    every = torch.arange(5).expand(12, -1)
+    full = linear.backward_margin_bounds(network, balls, x, labels, torch.float64, classes=every)
+    others = labels.unsqueeze(1) != every
+    assert torch.isinf(dropped[~others]).all()
+    torch.testing.assert_close(dropped[others], full[others], rtol=0, atol=0)
