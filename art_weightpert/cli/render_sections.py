@@ -212,11 +212,11 @@ def certified_intro(flips: Mapping[str, Any]) -> str:
         return f" No certificate against bit flips for this model: {reason}." if reason else ""
     n, method = flips["certified_points"], flips["certify_method"]
     return (
-        f" Certified: the share of the first {n} test points whose quantized prediction is correct and provably "
-        f"survives every set of at most k flipped bits ({method!r} BitFlipCertifier; a lower bound of the accuracy "
-        "under k flips, as the attack is an upper bound). The certificate covers flips of the selected layers' weight "
-        "codes (at most k distinct bits, sign bits included), not of biases, batch-norm parameters or activations "
-        "(docs/bit_flips.md)."
+        f" Certified (BitFlipCertifier, method {method!r}, on the first {n} test points only: the certificate costs "
+        "more than a forward pass): the share of points whose quantized prediction is correct and provably survives "
+        "every set of at most k flipped bits, a lower bound of the accuracy under k flips where the attack gives an "
+        "upper bound. It covers flips of the selected layers' weight codes (at most k distinct bits, sign bits "
+        "included), not flips of biases, batch-norm parameters or activations (docs/bit_flips.md)."
     )
 
 
@@ -264,21 +264,29 @@ def bit_flip_comparison(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     flips = {name: e["bit_flips"] for name, e in models.items() if "bfa_accuracy" in (e.get("bit_flips") or {})}
     if len(flips) < 2:
         return []
+    at_one = {
+        name: f["certified_accuracy"][0]
+        for name, f in flips.items()
+        if "certified_accuracy" in f and f["flips"][0] == 1
+    }
+    certified = bool(at_one)
     rows = []
     for name, f in flips.items():
         most = max(f["flips"])
         halve = str(f["flips_to_halve"]) if f["flips_to_halve"] is not None else f"> {most}"
         rows.append([name, f"{f['quantized_accuracy']:.3f}", f"{f['bfa_accuracy'][-1]:.3f}",
                      f"{f['random_mean'][-1]:.3f}", halve])  # fmt: skip
+        if certified:
+            rows[-1].append(f"{at_one[name]:.3f}" if name in at_one else "–")
     most = max(max(f["flips"]) for f in flips.values())
+    header = ["model", "quantized", f"BFA, {most} flips", f"random, {most} flips", "BFA flips to halve"]
     return [
         "",
         "## Bit flips across models",
         "",
         "Does weight-robust training change how many bit flips an attacker needs? Test accuracy of each quantized "
-        f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust):",
+        f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust)"
+        + (", and the share certified against any single flip:" if certified else ":"),
         "",
-        markdown_table(
-            ["model", "quantized", f"BFA, {most} flips", f"random, {most} flips", "BFA flips to halve"], rows
-        ),
+        markdown_table(header + (["certified, 1 flip"] if certified else []), rows),
     ]
