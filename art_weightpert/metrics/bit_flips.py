@@ -66,13 +66,8 @@ def bit_flip_curve(
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
     if not counts:
         raise ValueError("`flips` must hold at least one number of flips.")
-    certifier = None
-    if certify_method is not None:
-        check_choice(certify_method, "certify_method", BIT_FLIP_METHODS)
-        check_positive_int(certify_points, "certify_points")
-        certifier = BitFlipCertifier(
-            classifier, max(counts), n_bits, granularity, layers, certify_method, batch_size, verbose
-        )  # checks the model before the attack runs
+    quantization = (n_bits, granularity, layers)
+    certifier = _certifier(classifier, max(counts), quantization, certify_method, certify_points, batch_size, verbose)
     if x_attack is None:
         x_attack, y_attack = x[:128], y[:128]
     attack = BitFlipAttack(classifier, max(counts), n_bits, granularity, layers, batch_size=batch_size, verbose=verbose)
@@ -100,6 +95,17 @@ def bit_flip_curve(
     if certifier is not None:
         result.update(_certified_curve(certifier, x[:certify_points], y[:certify_points], counts))
     return result
+
+
+def _certifier(
+    classifier, max_flips: int, quantization: tuple, method: str | None, points: int, batch_size: int, verbose: bool
+) -> BitFlipCertifier | None:
+    """The certifier of the certified curve (``None`` without ``method``); it checks the model before the attack."""
+    if method is None:
+        return None
+    check_choice(method, "certify_method", BIT_FLIP_METHODS)
+    check_positive_int(points, "certify_points")
+    return BitFlipCertifier(classifier, max_flips, *quantization, method, batch_size, verbose)
 
 
 def _certified_curve(certifier: BitFlipCertifier, x: np.ndarray, y: np.ndarray, counts: list[int]) -> dict[str, Any]:
