@@ -18,6 +18,7 @@ from art_weightpert import PerturbationBudget
 from art_weightpert.cli import main
 from art_weightpert.cli.render import setting_lines
 from art_weightpert.cli.render_sections import (
+    bit_flip_comparison,
     bit_flip_lines,
     bound_lines,
     unavailable_by_reason,
@@ -155,6 +156,9 @@ def test_bit_flip_lines_without_or_with_an_unavailable_certificate():
     text = "\n".join(bit_flip_lines({**flips, **certified}))
     assert "| 1 | 0.800 | 0.900 ± 0.000 | 0.700 |" in text and "none for more than 1" in text
     assert "| points | 1 | 2 | 7 |" in text
+    models = {"a": {"bit_flips": {**flips, **certified}}, "b": {"bit_flips": flips}}
+    text = "\n".join(bit_flip_comparison(models))
+    assert "| certified, 1 flip (10 points) |" in text and "| 0.700 |" in text and "| – |" in text
 
 
 def test_generalization_bound_names_its_terms_and_says_vacuous():

@@ -270,6 +270,7 @@ def bit_flip_comparison(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         if "certified_accuracy" in f and f["flips"][0] == 1
     }
     certified = bool(at_one)
+    points = "/".join(sorted({str(f["certified_points"]) for name, f in flips.items() if name in at_one}))
     rows = []
     for name, f in flips.items():
         most = max(f["flips"])
@@ -288,5 +289,5 @@ def bit_flip_comparison(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
         f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust)"
         + (", and the share certified against any single flip:" if certified else ":"),
         "",
-        markdown_table(header + (["certified, 1 flip"] if certified else []), rows),
+        markdown_table(header + ([f"certified, 1 flip ({points} points)"] if certified else []), rows),
     ]
