@@ -13,6 +13,7 @@ from conftest import make_classifier, make_cnn, random_mlp
 from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.certification.bit_flip import BitFlipCertifier
 from art_weightpert.certification.bit_flip_enumeration import single_flip_robustness
+from art_weightpert.metrics import bit_flip_curve
 from art_weightpert.quantization import BitFlip, QuantizedWeights
 
 METHODS = ("interval", "linear")
@@ -205,3 +206,29 @@ def test_conv_chain_bound_below_attacked_and_random_flips(conv_chain, digits_ima
         for flips in flip_sets:
             attacked = _margins(_quantized_logits(conv_chain, x[i : i + 1], flips), y[i : i + 1])[0]
             assert attacked >= bound[i] - 1e-4
+
+
+def test_bit_flip_curve_certified_matches_certify_and_stays_below_the_attack(tiny_mlp_classifier, digits):
+    _, _, x_test, y_test = digits
+    x, y = x_test[:60], y_test[:60]
+    curve = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1, 2, 3], x_attack=x, y_attack=y, nb_samples=2,
+                           certify_method="linear", certify_points=100)  # fmt: skip
+    assert curve["certify_method"] == "linear" and curve["certified_points"] == len(x)
+    for k, certified, bfa, random in zip(
+        curve["flips"], curve["certified_accuracy"], curve["bfa_accuracy"], curve["random_mean"]
+    ):
+        expected = BitFlipCertifier(tiny_mlp_classifier, k, method="linear", verbose=False).certify(x, y).mean()
+        assert certified == pytest.approx(expected, abs=1e-12), k
+        assert certified <= bfa and certified <= random, k  # the certificate lies below the attack and random flips
+    histogram = curve["certified_flips_histogram"]
+    assert list(histogram) == [-1, 0, 1, 2, 3] and sum(histogram.values()) == len(x)
+    assert histogram[-1] == round((1 - curve["quantized_accuracy"]) * len(x))
+    assert curve["certified_accuracy"][0] > 0  # something is certified: the comparison above is not vacuous
+    fewer = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], x_attack=x, y_attack=y, nb_samples=1,
+                           certify_method="interval", certify_points=25)  # fmt: skip
+    assert fewer["certified_points"] == 25 and sum(fewer["certified_flips_histogram"].values()) == 25
+    assert "certified_accuracy" not in bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], nb_samples=1)
+    with pytest.raises(ValueError, match="certify_method"):
+        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="exact")
+    with pytest.raises(ValueError, match="certify_points"):
+        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="linear", certify_points=0)

@@ -164,6 +164,20 @@ def test_bit_flip_curves(tmp_path):
         bit_flip_figure({"m": {"flips": [1]}})
 
 
+def test_bit_flip_curves_with_the_certified_curve():
+    certified = {**FLIPS, "certify_method": "linear", "certified_points": 200,
+                 "certified_accuracy": [0.9, 0.7, 0.2, 0.0, 0.0],
+                 "certified_flips_histogram": {"-1": 8, "0": 12, "1": 40, "2": 100, "3": 40}}  # fmt: skip
+    fig = bit_flip_figure({"standard": certified, "robust": FLIPS})
+    legend_inside_figure(fig)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert "robust: certified (linear, 200 points)" not in lines and "robust: bit-flip attack" in lines
+    curve = lines["standard: certified (linear, 200 points)"]
+    assert list(curve.get_xdata()) == [0, 1, 2, 5, 10, 20]
+    assert list(curve.get_ydata()) == pytest.approx([1 - 8 / 200, 0.9, 0.7, 0.2, 0.0, 0.0])
+    assert curve.get_linestyle() == ":" and curve.get_color() == lines["standard: bit-flip attack"].get_color()
+
+
 def test_labels_name_the_certificate_of_a_curve():
     assert method_label("certified", {"certify_method": "linear"}) == "certified (linear)"
     assert method_label("certified") == "certified"

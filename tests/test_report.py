@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ from torch import nn
 from art_weightpert import PerturbationBudget
 from art_weightpert.cli import main
 from art_weightpert.cli.render import setting_lines
-from art_weightpert.cli.render_sections import bound_lines, unavailable_by_reason, unavailable_lines, verdict
+from art_weightpert.cli.render_sections import (
+    bit_flip_comparison,
+    bit_flip_lines,
+    bound_lines,
+    unavailable_by_reason,
+    unavailable_lines,
+    verdict,
+)
 from art_weightpert.cli.sections import BitFlipSettings, bit_flip_section, flips_to_halve
 from art_weightpert.metrics import bit_flip_curve, weight_certified_accuracy
 from art_weightpert.zoo import make_classifier
@@ -93,6 +101,13 @@ def test_bit_flips_and_measures_sections(files, tmp_path):
     assert flips["flips"] == [1, 2, 3] and len(flips["bfa_flips"]) == 3 and flips["attack_points"] == 128
     assert flips["bfa_accuracy"][-1] < flips["quantized_accuracy"]
     assert report["plots"]["accuracy vs flipped bits"] == "bit_flips.png" and (tmp_path / "bit_flips.png").is_file()
+    # the certified curve: 100 test points (at most CERTIFY_POINTS), each in one bin of the certified flips
+    assert flips["certify_method"] == "linear" and flips["certified_points"] == 100
+    assert list(flips["certified_flips_histogram"]) == ["-1", "0", "1", "2", "3"]
+    assert sum(flips["certified_flips_histogram"].values()) == 100
+    assert all(c <= b for c, b in zip(flips["certified_accuracy"], flips["bfa_accuracy"]))
+    assert "| flips | BFA | random (mean ± std) | certified (100 points) |" in markdown
+    assert "| certified flips | misclassified | 0 |" in markdown and "not flips of biases" in markdown
     measures = entry["measures"]
     assert measures["on"] == "training" and measures["n_samples"] == 200
     assert measures["sharpness_worst"]["loss_increase"] > measures["sharpness_average"]["loss_increase"] > 0
@@ -121,7 +136,29 @@ def test_bit_flip_section_is_bit_flip_curve(tiny_mlp_classifier, digits):
     direct = bit_flip_curve(tiny_mlp_classifier, x_test[:80], y_test[:80], flips=[1, 2, 4], x_attack=x_train[:128],
                             y_attack=y_train[:128], n_bits=6, granularity="channel", nb_samples=2, seed=3)  # fmt: skip
     assert {k: section[k] for k in direct} == direct
+    assert section["certified_points"] == 80 and sum(section["certified_flips_histogram"].values()) == 80
+    plain = bit_flip_section(tiny_mlp_classifier, x_test[:80], y_test[:80], (x_train, y_train),
+                             replace(settings, certify_method=None), seed=3)  # fmt: skip
+    assert {k: section[k] for k in plain} == plain and "certified_accuracy" not in plain
     assert flips_to_halve([0.9, 0.6, 0.4], 0.9) == 3 and flips_to_halve([0.9, 0.8], 0.9) is None
+
+
+def test_bit_flip_lines_without_or_with_an_unavailable_certificate():
+    flips = {"n_bits": 8, "granularity": "tensor", "clean_accuracy": 0.9, "quantized_accuracy": 0.9, "flips": [1, 2],
+             "attack_points": 128, "bfa_accuracy": [0.8, 0.7], "random_mean": [0.9, 0.9], "random_std": [0.0, 0.0],
+             "flips_to_halve": None, "bfa_flips": [], "bit_sensitivity": {0: 0.9}}  # fmt: skip
+    text = "\n".join(bit_flip_lines(flips))
+    assert "| flips | BFA | random (mean ± std) |\n" in text and "Certified" not in text
+    text = "\n".join(bit_flip_lines({**flips, "certified_unavailable": "R: residual"}))
+    assert "No certificate against bit flips for this model: R: residual." in text
+    certified = {"certify_method": "linear", "certified_points": 10, "certified_accuracy": [0.7, 0.0],
+                 "certified_flips_histogram": {-1: 1, 0: 2, 1: 7, 2: 0}}  # fmt: skip
+    text = "\n".join(bit_flip_lines({**flips, **certified}))
+    assert "| 1 | 0.800 | 0.900 ± 0.000 | 0.700 |" in text and "none for more than 1" in text
+    assert "| points | 1 | 2 | 7 |" in text
+    models = {"a": {"bit_flips": {**flips, **certified}}, "b": {"bit_flips": flips}}
+    text = "\n".join(bit_flip_comparison(models))
+    assert "| certified, 1 flip (10 points) |" in text and "| 0.700 |" in text and "| – |" in text
 
 
 def test_generalization_bound_names_its_terms_and_says_vacuous():

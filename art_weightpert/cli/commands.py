@@ -41,7 +41,13 @@ from art_weightpert.cli.report import (
     evaluate_model,
     write_report,
 )
-from art_weightpert.cli.sections import BitFlipSettings, bit_flip_section, measures_section
+from art_weightpert.cli.sections import (
+    CERTIFY_POINTS,
+    QUICK_CERTIFY_POINTS,
+    BitFlipSettings,
+    bit_flip_section,
+    measures_section,
+)
 from art_weightpert.cli.train import TrainingCollapsed, run_train
 from art_weightpert.data import load_digits_data
 from art_weightpert.estimators import PyTorchWeightClassifier
@@ -154,7 +160,10 @@ def run_demo(args: argparse.Namespace) -> int:
     classifiers = {name: t.classifier for name, t in trained.items()}
     methods = list(REPORT_METHODS)
     max_flips = demo.bit_flips if args.bit_flips is None else args.bit_flips
-    flips = BitFlipSettings(max_flips, nb_samples=demo.random_samples) if max_flips else None
+    certify_points = QUICK_CERTIFY_POINTS if args.quick else CERTIFY_POINTS
+    flips = (
+        BitFlipSettings(max_flips, nb_samples=demo.random_samples, certify_points=certify_points) if max_flips else None
+    )
     extras = Extras(flips, args.measures, (x_train, y_train))
     options = {"pgd_steps": demo.pgd_steps, "random_samples": demo.random_samples}
     entries = _evaluate_all(classifiers, x_test, y_test, budget, eps_grid, methods, args, extras, **options)

@@ -173,15 +173,11 @@ def bit_flip_lines(flips: Mapping[str, Any], max_rows: int = 20) -> list[str]:
         f"docs/bit_flips.md). Accuracy of the float model {flips['clean_accuracy']:.3f}, of the quantized model "
         f"**{flips['quantized_accuracy']:.3f}**. Test accuracy after k flipped bits: chosen by the bit-flip attack "
         f"(BFA, on an attack batch of {flips['attack_points']} points), or drawn at random (mean ± standard deviation "
-        "over the draws). Each flip is one fault injection: the more flips an accuracy drop needs, the more robust.",
+        "over the draws). Each flip is one fault injection: the more flips an accuracy drop needs, the more robust."
+        + certified_intro(flips),
         "",
-        markdown_table(
-            ["flips", "BFA", "random (mean ± std)"],
-            [
-                [str(k), f"{b:.3f}", f"{m:.3f} ± {s:.3f}"]
-                for k, b, m, s in zip(flips["flips"], flips["bfa_accuracy"], flips["random_mean"], flips["random_std"])
-            ],
-        ),  # fmt: skip
+        flip_table(flips),
+        *certified_flips_lines(flips),
         "",
         "Flips BFA needs to halve the accuracy (on its attack batch, to half the quantized test accuracy): "
         + (f"**{halve}**." if halve is not None else f"**more than {max(flips['flips'])}** (not reached)."),
@@ -209,26 +205,89 @@ def bit_flip_lines(flips: Mapping[str, Any], max_rows: int = 20) -> list[str]:
     return lines
 
 
+def certified_intro(flips: Mapping[str, Any]) -> str:
+    """What the certified column covers (empty without a certificate; the reason when it was unavailable)."""
+    if "certified_accuracy" not in flips:
+        reason = flips.get("certified_unavailable")
+        return f" No certificate against bit flips for this model: {reason}." if reason else ""
+    n, method = flips["certified_points"], flips["certify_method"]
+    return (
+        f" Certified (BitFlipCertifier, method {method!r}, on the first {n} test points only: the certificate costs "
+        "more than a forward pass): the share of points whose quantized prediction is correct and provably survives "
+        "every set of at most k flipped bits, a lower bound of the accuracy under k flips where the attack gives an "
+        "upper bound. It covers flips of the selected layers' weight codes (at most k distinct bits, sign bits "
+        "included), not flips of biases, batch-norm parameters or activations (docs/bit_flips.md)."
+    )
+
+
+def flip_table(flips: Mapping[str, Any]) -> str:
+    """Accuracy after k flips: BFA, random and (when computed) certified."""
+    certified = flips.get("certified_accuracy")
+    header = ["flips", "BFA", "random (mean ± std)"]
+    if certified is not None:
+        header.append(f"certified ({flips['certified_points']} points)")
+    rows = []
+    for i, k in enumerate(flips["flips"]):
+        row = [
+            str(k),
+            f"{flips['bfa_accuracy'][i]:.3f}",
+            f"{flips['random_mean'][i]:.3f} ± {flips['random_std'][i]:.3f}",
+        ]
+        rows.append(row + ([f"{certified[i]:.3f}"] if certified is not None else []))
+    return markdown_table(header, rows)
+
+
+def certified_flips_lines(flips: Mapping[str, Any]) -> list[str]:
+    """The distribution of the certified flips: test points per largest number of flips certified (−1: misclassified
+    by the quantized model), up to the largest one reached."""
+    histogram = {int(k): int(v) for k, v in (flips.get("certified_flips_histogram") or {}).items()}
+    if not histogram:
+        return []
+    most = max(histogram)
+    reached = max([0] + [k for k, v in histogram.items() if v])
+    labels = {-1: "misclassified", most: f"{most} (most tested)"}
+    note = f"; none for more than {reached}" if reached < most else ""
+    return [
+        "",
+        "Certified flips: test points by the largest number of flipped bits their prediction is certified against "
+        f"(misclassified: wrong before any flip{note}):",
+        "",
+        markdown_table(
+            ["certified flips"] + [labels.get(k, str(k)) for k in range(-1, reached + 1)],
+            [["points"] + [str(histogram[k]) for k in range(-1, reached + 1)]],
+        ),
+    ]
+
+
 def bit_flip_comparison(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Across models (e.g. the demo's standard and robust ones): how many flips BFA needs and the accuracy left."""
     flips = {name: e["bit_flips"] for name, e in models.items() if "bfa_accuracy" in (e.get("bit_flips") or {})}
     if len(flips) < 2:
         return []
+    at_one = {
+        name: f["certified_accuracy"][0]
+        for name, f in flips.items()
+        if "certified_accuracy" in f and f["flips"][0] == 1
+    }
+    certified = bool(at_one)
+    points = "/".join(sorted({str(f["certified_points"]) for name, f in flips.items() if name in at_one}))
     rows = []
     for name, f in flips.items():
         most = max(f["flips"])
         halve = str(f["flips_to_halve"]) if f["flips_to_halve"] is not None else f"> {most}"
         rows.append([name, f"{f['quantized_accuracy']:.3f}", f"{f['bfa_accuracy'][-1]:.3f}",
                      f"{f['random_mean'][-1]:.3f}", halve])  # fmt: skip
+        if certified:
+            rows[-1].append(f"{at_one[name]:.3f}" if name in at_one else "–")
     most = max(max(f["flips"]) for f in flips.values())
+    header = ["model", "quantized", f"BFA, {most} flips", f"random, {most} flips", "BFA flips to halve"]
     return [
         "",
         "## Bit flips across models",
         "",
         "Does weight-robust training change how many bit flips an attacker needs? Test accuracy of each quantized "
-        f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust):",
+        f"model after {most} flips, and the flips BFA needs to halve it (more flips: more robust)"
+        + (", and the share certified against any single flip:" if certified else ":"),
         "",
-        markdown_table(
-            ["model", "quantized", f"BFA, {most} flips", f"random, {most} flips", "BFA flips to halve"], rows
-        ),
+        markdown_table(header + ([f"certified, 1 flip ({points} points)"] if certified else []), rows),
     ]

@@ -2,7 +2,9 @@
 The optional sections of a report, each computed by one public function of the library:
 
 * "Bit flips" (``--bit-flips N``): :func:`.bit_flip_curve` — the quantized model's accuracy against the number of
-  flipped bits, for the bit-flip attack (BFA) and for random flips, the flips BFA chose and the per-bit sensitivity;
+  flipped bits, for the bit-flip attack (BFA), for random flips and certified by :class:`.BitFlipCertifier`
+  (``"linear"``, on at most ``CERTIFY_POINTS`` test points), the flips BFA chose, the per-bit sensitivity and the
+  distribution of the certified flips;
 * "Generalization measures" (``--measures``): :func:`.weight_sharpness` (worst and average case, adaptive),
   :func:`.pac_bayes_bound` (σ by :func:`.pac_bayes_sigma`, isotropic and magnitude-aware) and, when the data has a
   training split, the generalization gap (test minus training error and loss, from the classifier's
@@ -24,16 +26,23 @@ from art_weightpert.network import UnsupportedModelError
 FLIP_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 ATTACK_BATCH = 128
 """Training points (else test points) the bit-flip attack sees."""
+CERTIFY_POINTS = 200
+"""Test points the bit-flip certificate sees (the first ones; it costs more than a forward pass)."""
+QUICK_CERTIFY_POINTS = 50
+"""Test points the bit-flip certificate sees in ``demo --quick`` (its cost grows with the points and the flips)."""
 
 
 @dataclass(frozen=True)
 class BitFlipSettings:
-    """``--bit-flips``, ``--n-bits``, ``--granularity`` and the random draws per number of flips."""
+    """``--bit-flips``, ``--n-bits``, ``--granularity``, the random draws per number of flips, and the method and
+    number of test points of the certified curve (``certify_method=None``: no certificate)."""
 
     max_flips: int
     n_bits: int = 8
     granularity: str = "tensor"
     nb_samples: int = 10
+    certify_method: str | None = "linear"
+    certify_points: int = CERTIFY_POINTS
 
     def counts(self) -> list[int]:
         """The numbers of flips of the curve: 1, 2, 5, 10, 20, 50, ... up to and including ``max_flips``."""
@@ -71,19 +80,30 @@ def bit_flip_section(
     The "Bit flips" entry of a model: :func:`.bit_flip_curve` on the test data ``(x, y)`` with the attack batch
     ``attack_data``, plus ``flips_to_halve`` (BFA flips until the attack batch's accuracy is at most half the
     quantized model's test accuracy; ``None``: not within ``max_flips``) and ``attack_points`` (the attack batch's
-    size).
+    size). When the certificate does not support the model, the entry has the attack and random curves and
+    ``certified_unavailable`` (the reason).
 
     :return: the JSON-able dict, or ``{"unavailable": reason}`` when the model has no quantizable weights.
     """
     x_attack, y_attack = (a[:ATTACK_BATCH] for a in attack_data)
+    options = {
+        "flips": settings.counts(), "x_attack": x_attack, "y_attack": y_attack, "n_bits": settings.n_bits,
+        "granularity": settings.granularity, "nb_samples": settings.nb_samples, "seed": seed, "batch_size": batch_size,
+    }  # fmt: skip
+    certify = {"certify_method": settings.certify_method, "certify_points": settings.certify_points}
+    uncertified = None
     try:
-        curve = bit_flip_curve(
-            classifier, x, y, flips=settings.counts(), x_attack=x_attack, y_attack=y_attack,
-            n_bits=settings.n_bits, granularity=settings.granularity, nb_samples=settings.nb_samples, seed=seed,
-            batch_size=batch_size,
-        )  # fmt: skip
+        try:
+            curve = bit_flip_curve(classifier, x, y, **options, **certify)
+        except UnsupportedModelError as err:  # raised before the attack runs: retry without the certificate
+            if settings.certify_method is None:
+                raise
+            uncertified = one_line(err)
+            curve = bit_flip_curve(classifier, x, y, **options)
     except (UnsupportedModelError, NotImplementedError, TypeError, ValueError) as err:
         return {"unavailable": one_line(err)}
+    if uncertified is not None:
+        curve["certified_unavailable"] = uncertified
     curve["flips_to_halve"] = flips_to_halve(curve["bfa_attack_accuracy"], curve["quantized_accuracy"])
     curve["attack_points"] = int(min(len(x_attack), ATTACK_BATCH))
     return curve

@@ -1,6 +1,6 @@
 """
-Accuracy of a quantized classifier against the number of flipped bits: the bit-flip attack next to random flips
-(the data of the report's "Bit flips" section).
+Accuracy of a quantized classifier against the number of flipped bits: the bit-flip attack next to random flips and,
+optionally, the certified accuracy of :class:`.BitFlipCertifier` (the data of the report's "Bit flips" section).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.bit_flip import BitFlipAttack, accuracy_with_deltas
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
+from art_weightpert.certification.bit_flip import BIT_FLIP_METHODS, BitFlipCertifier
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
-from art_weightpert.validation import check_int
+from art_weightpert.validation import check_choice, check_int, check_positive_int
 
 
 def bit_flip_curve(
@@ -31,11 +32,15 @@ def bit_flip_curve(
     seed: int = 0,
     batch_size: int = 128,
     verbose: bool = False,
+    certify_method: str | None = None,
+    certify_points: int = 200,
 ) -> dict[str, Any]:
     """
     Accuracy on ``(x, y)`` of the ``n_bits`` quantized classifier after ``k`` flipped bits, for each ``k`` in
     ``flips``: the :class:`.BitFlipAttack` (run once on the attack batch for ``max(flips)`` flips; its first ``k``
-    flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits).
+    flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits). With ``certify_method``, also
+    the share of the first ``certify_points`` points whose quantized prediction is correct and provably survives every
+    set of at most ``k`` flipped bits (:meth:`.BitFlipCertifier.certified_flips`, computed once for ``max(flips)``).
 
     :param classifier: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
     :param x: evaluation inputs; ``y``: their integer or one-hot labels.
@@ -45,15 +50,24 @@ def bit_flip_curve(
         quantized layers (``None``: every Linear/Conv layer).
     :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
         pass; ``verbose``: progress bars.
+    :param certify_method: ``"interval"`` or ``"linear"`` for the certified curve (``None``: no certificate).
+    :param certify_points: the certified points, the first of ``(x, y)`` (the certificate costs more than a forward).
+    :raises UnsupportedModelError: with ``certify_method``, when the certificate does not support the model (raised
+        before the attack runs).
     :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
         ``flips`` and per entry ``bfa_accuracy`` / ``random_mean`` / ``random_std``; ``bfa_flips`` (``layer``,
         ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``),
-        ``bfa_attack_accuracy`` and ``bit_sensitivity`` (``{bit: accuracy}``, max(flips) flips at that bit).
+        ``bfa_attack_accuracy`` and ``bit_sensitivity`` (``{bit: accuracy}``, max(flips) flips at that bit); with
+        ``certify_method`` also ``certify_method``, ``certified_points``, ``certified_accuracy`` (per entry of
+        ``flips``) and ``certified_flips_histogram`` (``{k: number of points}`` for k = −1 (misclassified by the
+        quantized model), 0, 1, ..., max(flips); it sums to ``certified_points``).
     """
     classifier = as_weight_classifier(classifier)
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
     if not counts:
         raise ValueError("`flips` must hold at least one number of flips.")
+    quantization = (n_bits, granularity, layers)
+    certifier = _certifier(classifier, max(counts), quantization, certify_method, certify_points, batch_size, verbose)
     if x_attack is None:
         x_attack, y_attack = x[:128], y[:128]
     attack = BitFlipAttack(classifier, max(counts), n_bits, granularity, layers, batch_size=batch_size, verbose=verbose)
@@ -64,7 +78,7 @@ def bit_flip_curve(
     options = {"n_bits": n_bits, "granularity": granularity, "layers": layers, "batch_size": batch_size}
     options.update(nb_samples=nb_samples, seed=seed, verbose=verbose)
     random_stats = [RandomBitFlips(classifier, k, **options).evaluate(x, y, per_bit=k == counts[-1]) for k in counts]
-    return {
+    result = {
         "n_bits": int(n_bits),
         "granularity": granularity,
         "layers": None if layers is None else list(layers),
@@ -77,6 +91,32 @@ def bit_flip_curve(
         "bfa_flips": _describe(quantized, found),
         "bfa_attack_accuracy": [h["accuracy"] for h in attack.history_],
         "bit_sensitivity": {int(b): v["mean"] for b, v in random_stats[-1]["per_bit"].items()},
+    }
+    if certifier is not None:
+        result.update(_certified_curve(certifier, x[:certify_points], y[:certify_points], counts))
+    return result
+
+
+def _certifier(
+    classifier, max_flips: int, quantization: tuple, method: str | None, points: int, batch_size: int, verbose: bool
+) -> BitFlipCertifier | None:
+    """The certifier of the certified curve (``None`` without ``method``); it checks the model before the attack."""
+    if method is None:
+        return None
+    check_choice(method, "certify_method", BIT_FLIP_METHODS)
+    check_positive_int(points, "certify_points")
+    return BitFlipCertifier(classifier, max_flips, *quantization, method, batch_size, verbose)
+
+
+def _certified_curve(certifier: BitFlipCertifier, x: np.ndarray, y: np.ndarray, counts: list[int]) -> dict[str, Any]:
+    """Certified accuracy at each ``k`` of ``counts`` and the histogram of the certified flips, from one
+    :meth:`.BitFlipCertifier.certified_flips` call (a point certified for ``k`` flips is certified for fewer)."""
+    flips = certifier.certified_flips(x, y)
+    return {
+        "certify_method": certifier.method,
+        "certified_points": len(flips),
+        "certified_accuracy": [float(np.mean(flips >= k)) if len(flips) else 0.0 for k in counts],
+        "certified_flips_histogram": {k: int(np.sum(flips == k)) for k in range(-1, certifier.max_flips + 1)},
     }
 
 

@@ -171,8 +171,10 @@ def plot_bit_flip_curves(
     curves: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, dpi: int | None = None
 ) -> str:
     """
-    Accuracy against the number of flipped bits (log axis) for the bit-flip attack (solid) and random flips (dashed,
-    ± one standard deviation shaded), one colour per model; the quantized model's accuracy is the point at 0 flips.
+    Accuracy against the number of flipped bits (log axis) for the bit-flip attack (solid), random flips (dashed,
+    ± one standard deviation shaded) and, where the curve has one, the certified accuracy (dotted; at 0 flips the
+    quantized accuracy on the certified points), one colour per model; the quantized model's accuracy is the point at
+    0 flips.
 
     :param curves: ``{model name: the dict of bit_flip_curve}``.
     :param path: output file.
@@ -201,6 +203,11 @@ def bit_flip_figure(curves: Mapping[str, Mapping[str, Any]]) -> Any:
             flips, mean, "--", color=f"C{i}", marker="s", markersize=6, markerfacecolor="none", label=random_label
         )
         ax.fill_between(flips, mean - std, mean + std, color=f"C{i}", alpha=0.12, lw=0)
+        if curve.get("certified_accuracy") is not None:
+            label = f"{name}: certified ({curve['certify_method']}, {curve['certified_points']} points)"
+            (legend[label],) = ax.plot(
+                flips, _certified_points(curve), ":", color=f"C{i}", marker="^", markersize=5, lw=1.8, label=label
+            )
     ax.set_xscale("symlog", linthresh=1.0)
     _readable_ticks(ax, log=True)
     counts = sorted({0, *(k for c in curves.values() for k in c["flips"])})
@@ -213,11 +220,19 @@ def bit_flip_figure(curves: Mapping[str, Mapping[str, Any]]) -> Any:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title("Accuracy of the quantized model against flipped bits", fontsize=10)
-    _figure_legend(fig, legend)
+    certified = any(c.get("certified_accuracy") is not None for c in curves.values())
+    _figure_legend(fig, legend, columns=2 if certified else 3)  # the certified labels are long
     return fig
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _certified_points(curve: Mapping[str, Any]) -> np.ndarray:
+    """The certified curve from 0 flips: the quantized accuracy on the certified points, then per number of flips."""
+    histogram = {int(k): v for k, v in curve["certified_flips_histogram"].items()}
+    start = 1.0 - histogram.get(-1, 0) / max(curve["certified_points"], 1)
+    return np.asarray([start, *curve["certified_accuracy"]], dtype=float)
+
+
 def _check_curve(result: Any) -> None:
     if not isinstance(result, Mapping) or "eps" not in result or "accuracies" not in result:
         raise ValueError("`result` must be the dict returned by weight_robustness_curve.")
@@ -313,10 +328,11 @@ def _figure(ncols: int, width: float = 5.0, height: float = 3.8, bar_panels: boo
     ]
 
 
-def _figure_legend(fig: Any, handles: Mapping[str, Any]) -> None:
-    """One legend below the panels, inside the figure (constrained layout reserves its room)."""
+def _figure_legend(fig: Any, handles: Mapping[str, Any], columns: int = 3) -> None:
+    """One legend below the panels, inside the figure (constrained layout reserves its room), at most ``columns``
+    entries per row."""
     if handles:
-        ncol = min(3, len(handles))
+        ncol = min(columns, len(handles))
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=ncol, fontsize=8)
 
 
