@@ -26,7 +26,7 @@ from art_weightpert.certification.common import BoundCache, ParamBalls
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.certification.paper import paper_margin_bounds
-from art_weightpert.network import Network
+from art_weightpert.network import Network, UnsupportedModelError
 
 
 class BoundFunction(Protocol):
@@ -55,12 +55,21 @@ class BoundMethod:
         factor ``s`` of every radius for that network and budget; then the certified radius has a closed form (the
         root of ``lb(0) − s·(lb(0) − lb(1))``) instead of a bisection.
     :param description: one line for the docs and ``--help``.
+    :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
+        the certifier, the trainer and the metrics call :meth:`check`.
     """
 
     name: str
     bounds: BoundFunction
     affine_in_radius: Callable[[Network, Mapping[str, ParameterBall]], bool]
     description: str
+    applies_to: Callable[[Network], str | None] = lambda network: None
+
+    def check(self, network: Network) -> None:
+        """Raise :class:`.UnsupportedModelError` (with the reason) when the method does not apply to ``network``."""
+        reason = self.applies_to(network)
+        if reason is not None:
+            raise UnsupportedModelError(f"method {self.name!r} cannot bound this model: {reason}")
 
 
 def perturbed_layers(network: Network, param_balls: Mapping[str, ParameterBall]) -> set[str]:
@@ -79,6 +88,16 @@ def _last_layer_only(network: Network, param_balls: Mapping[str, ParameterBall])
     return perturbed_layers(network, param_balls) <= {network.layers[-1].name}
 
 
+def chains_only(network: Network) -> str | None:
+    """``None`` for a chain; for a network with branches, why formula B (THEORY.md §3, §9) does not apply."""
+    if network.is_chain:
+        return None
+    return (
+        "formula B multiplies operator norms along one chain of layers and is defined for chains only; this model "
+        "has branches (residual additions): use method 'interval' or 'linear'."
+    )
+
+
 def _never(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
     return False
 
@@ -91,7 +110,8 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 "paper",
                 paper_margin_bounds,
                 _single_layer,
-                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3)",
+                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3), chains only",
+                chains_only,
             ),
             BoundMethod(
                 "interval",
