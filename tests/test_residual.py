@@ -297,3 +297,31 @@ def test_radius_metrics_and_trainer_run_on_the_digits_resnet(digits_resnet_class
         assert np.isfinite(history["loss"]).all()
     with pytest.raises(UnsupportedModelError, match="formula B"):
         WeightRobustTrainer(clf, budget, bound="paper", verbose=False)
+
+
+class Shared(nn.Module):
+    """One Linear layer used at two nodes (weight sharing) on a residual path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.inp, self.shared, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.shared(h) + h)
+        return self.out(torch.relu(self.shared(h)))
+
+
+def test_a_module_used_twice_is_one_independent_perturbation_per_use_and_stays_sound():
+    model = Shared().eval()
+    network = read_network(model, (6,))
+    assert [layer.name for layer in network.affine_layers] == ["inp", "shared", "shared", "out"]
+    clf = _classifier(model, (6,), 4)
+    x = np.random.default_rng(9).normal(size=(12, 6)).astype(np.float32)
+    y = clf.predict(x).argmax(axis=1)
+    out = certify_and_attack(clf, PerturbationBudget(1.0, "inf"), x, y, methods=("interval", "linear"))
+    for res in out.values():
+        assert res["certified"].mean() >= 0.5
+        assert not np.any((res["attack_flipped"] | res["extreme_flipped"]) & res["certified"])
+        assert _violations(res["attack_margins"], res["bounds"], res["tol"]) == 0
