@@ -1,8 +1,9 @@
 """
 The layer descriptions of a network read by :func:`.read_network` (THEORY.md §1): :class:`Affine` (a Linear layer or
 a Conv2d, with its maps and the per-receptive-field helpers the bounds use), :class:`Activation`, :class:`BatchNorm`,
-:class:`AvgPool`, :class:`MaxPool` and :class:`Flatten`. Each one knows how to apply itself; the reader and the chain
-(:class:`.Network`) live in :mod:`art_weightpert.network`, which re-exports these names.
+:class:`AvgPool` (also adaptive and global average pooling), :class:`MaxPool`, :class:`Flatten` and :class:`Add` (a
+residual addition, THEORY.md §9). Each one knows how to apply itself; the fx reader lives in :mod:`.graph`, the network
+(:class:`.Network`) in :mod:`art_weightpert.network`, which re-exports these names.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 
 class UnsupportedModelError(ValueError):
-    """The model cannot be read as a chain of supported layers; the message names the module and the reason."""
+    """The model cannot be read as a graph of supported layers; the message names the module or node and the
+    reason."""
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -136,9 +138,21 @@ class BatchNorm:
         return h * self.shaped(self.scale, h) + self.shaped(self.shift, h)
 
 
+class SpatialMean(nn.Module):
+    """``h.mean((2, 3))``: global average pooling written as a mean over the spatial dimensions."""
+
+    def __init__(self, keepdim: bool = False) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean((2, 3), keepdim=self.keepdim)
+
+
 @dataclass(eq=False)
 class AvgPool:
-    """2-D average pooling (linear)."""
+    """2-D average pooling, adaptive average pooling or a spatial mean (:class:`SpatialMean`): linear, with
+    non-negative weights."""
 
     name: str
     module: nn.Module
@@ -168,4 +182,17 @@ class Flatten:
         return h.flatten(1)
 
 
-Layer = Affine | Activation | BatchNorm | AvgPool | MaxPool | Flatten
+@dataclass(eq=False)
+class Add:
+    """A residual addition ``a + b`` of same-shape values (THEORY.md §9): the one node that combines branches."""
+
+    name: str
+
+    def apply(self, *hs: torch.Tensor) -> torch.Tensor:
+        out = hs[0]
+        for h in hs[1:]:
+            out = out + h
+        return out
+
+
+Layer = Affine | Activation | BatchNorm | AvgPool | MaxPool | Flatten | Add

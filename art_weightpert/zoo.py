@@ -1,6 +1,7 @@
 """
 Small reference models for the embedded digits data, wrapped as :class:`.PyTorchWeightClassifier`. Used by the demo,
-the examples, the benchmarks and the tests, so that they all train the same networks.
+the examples, the benchmarks and the tests, so that they all train the same networks. The residual networks
+(:func:`digits_resnet`, :func:`resnet18_cifar`, torchvision's structure) live in :mod:`.resnets`, re-exported here.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from torch import nn
 
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.resnets import digits_resnet
+from art_weightpert.resnets import resnet18_cifar as resnet18_cifar  # re-exported
 from art_weightpert.validation import (
     check_choice,
     check_non_negative,
@@ -276,3 +279,35 @@ def train_digits_models(
         DIGITS_RECIPE, epochs=nb_epochs, hidden=tuple(hidden), lam=lam, bound=bound, warmup=warmup, seed=seed
     )
     return {name: t.classifier for name, t in train_digits_pair(recipe, x_train, y_train, budget, verbose).items()}
+
+
+DIGITS_RESNET_EPOCHS = 30
+"""Epochs of :func:`train_digits_resnet` (test accuracy 0.98 on the embedded digits)."""
+
+
+def train_digits_resnet(
+    x_train: np.ndarray | None = None,
+    y_train: np.ndarray | None = None,
+    nb_epochs: int = DIGITS_RESNET_EPOCHS,
+    budget: PerturbationBudget | None = None,
+    bound: str = "interval",
+    seed: int = 0,
+    verbose: bool = False,
+) -> PyTorchWeightClassifier:
+    """
+    The digits ResNet recipe: :func:`digits_resnet` on ``(1, 8, 8)`` images, Adam(3e-3), batches of 64; plain
+    training (:func:`train_standard`) without ``budget``, else :func:`train_robust` at ``budget`` with ``bound``.
+
+    :param x_train: training images ``(N, 1, 8, 8)`` (default: :func:`.load_digits_data`'s training split).
+    :param y_train: their labels.
+    :return: the trained classifier.
+    """
+    if x_train is None or y_train is None:
+        from art_weightpert.data import load_digits_data
+
+        x_train, y_train, _, _ = load_digits_data(flatten=False)
+    classifier = make_classifier(digits_resnet(seed=seed), (1, 8, 8), lr=3e-3)
+    if budget is None:
+        return train_standard(classifier, x_train, y_train, nb_epochs, 64, seed, verbose)
+    train_robust(classifier, x_train, y_train, budget, nb_epochs, 64, bound=bound, seed=seed, verbose=verbose)
+    return classifier

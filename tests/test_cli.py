@@ -90,6 +90,14 @@ def user_files(tmp_path_factory, tiny_mlp_classifier, digits):
                 torch.manual_seed(0)
                 return Residual()
 
+            class Gated(Residual):
+                def forward(self, x):
+                    return self.head(torch.relu(self.inner(x)) * x)
+
+            def gated():
+                torch.manual_seed(0)
+                return Gated()
+
             def broken():
                 raise RuntimeError("the model factory crashed")
             """
@@ -245,16 +253,28 @@ def test_evaluate_module_callable_matches_weight_certified_accuracy(user_files, 
 def test_evaluate_unsupported_model_still_reports_attacks(user_files, tmp_path):
     out = tmp_path / "report"
     result = run_cli(
-        "evaluate", "--model", "user_models:residual", "--data", "test_only.npz", "--eps", "0.01", "--pgd-steps", "3",
+        "evaluate", "--model", "user_models:gated", "--data", "test_only.npz", "--eps", "0.01", "--pgd-steps", "3",
         "--random-samples", "2", "--methods", "clean", "random", "pgd", "interval", "--out", str(out), "--quiet",
         cwd=user_files,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     (entry,) = read_report(out)["models"].values()
     assert set(entry["curves"]) == {"clean", "random", "pgd"}
-    assert "residual" in entry["unavailable"]["interval"]
+    assert "combines branches" in entry["unavailable"]["interval"]
     assert "unavailable" in (out / "report.md").read_text().lower()
     assert "interval" in result.stderr  # the user is told on the console too
+
+
+def test_evaluate_residual_model_reports_certificates_and_paper_unavailable(user_files, tmp_path):
+    out = tmp_path / "report"
+    result = run_cli(
+        "evaluate", "--model", "user_models:residual", "--data", "test_only.npz", "--eps", "0", "0.001",
+        "--methods", "clean", "paper", "interval", "linear", "--out", str(out), "--quiet", cwd=user_files,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (entry,) = read_report(out)["models"].values()
+    assert set(entry["curves"]) == {"clean", "interval", "linear"}
+    assert "chains" in entry["unavailable"]["paper"]
 
 
 def test_evaluate_pickled_module_warns_before_loading(user_files, tmp_path, monkeypatch, capsys):

@@ -169,14 +169,14 @@ def test_reading_leaves_the_training_flags_alone():
 
 
 # ------------------------------------------------------------------------------------------------ unsupported
-class Residual(nn.Module):
+class Product(nn.Module):  # a residual sum is read (tests/test_residual.py); a product of branches is not
     def __init__(self) -> None:
         super().__init__()
         self.fc1 = nn.Linear(8, 8)
         self.fc2 = nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc2(x + torch.relu(self.fc1(x)))
+        return self.fc2(x * torch.relu(self.fc1(x)))
 
 
 class Attention(nn.Module):
@@ -235,7 +235,7 @@ class PartialFlatten(nn.Module):
 @pytest.mark.parametrize(
     ("model", "input_shape", "pattern"),
     [
-        (Residual(), (8,), r"(residual|several)"),
+        (Product(), (8,), r"mul \(node 'mul'\) combines branches"),
         (Attention(), (5, 8), r"module 'attn' \(MultiheadAttention\) is an attention layer"),
         (Recurrent(), (5, 8), r"module 'lstm' \(LSTM\) is a recurrent layer"),
         (BadReshape(), (8,), r"view \(node 'view'\) is not a flatten"),
@@ -248,7 +248,7 @@ class PartialFlatten(nn.Module):
         (nn.Sequential(nn.Flatten(0), nn.Linear(8, 3)), (8,), r"module '0': Flatten"),
         (nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular")), (1, 4, 4), r"module '0'.*circular"),
     ],
-    ids=["residual", "attention", "lstm", "bad-view", "transpose", "partial-flatten", "no-final-linear", "softmax",
+    ids=["product", "attention", "lstm", "bad-view", "transpose", "partial-flatten", "no-final-linear", "softmax",
          "final-conv", "conv1d", "flatten0", "circular"],
 )  # fmt: skip
 def test_unsupported_models_name_the_module(model, input_shape, pattern):

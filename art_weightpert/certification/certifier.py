@@ -93,7 +93,8 @@ class WeightPerturbationCertifier:
         self.verbose = bool(verbose)
         self._method = METHODS[method]
         self._cache = BoundCache()  # per-layer constants of the bound (keyed by tensor identity and version)
-        read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError before anything is copied
+        # UnsupportedModelError (unreadable model, or a method that does not apply to it) before anything is copied
+        self._method.check(read_network(estimator.base_model, estimator.input_shape))
         # A private float64 copy of the model holds the centre weights; the user's module is never written to.
         self._model64 = copy.deepcopy(estimator.base_model).to(torch.float64).requires_grad_(False)
         self._network = read_network(self._model64, estimator.input_shape)

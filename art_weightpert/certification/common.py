@@ -23,7 +23,8 @@ ParamBalls = Iterable[ParameterBall] | Mapping[str, ParameterBall]
 """The parameter balls a bound accepts: ``{parameter name: ParameterBall}`` or a list of them."""
 
 Boxes = list[tuple[torch.Tensor, torch.Tensor]]
-"""Interval boxes ``(lo, hi)`` of the input of every layer (:func:`.interval_preactivation_bounds`)."""
+"""Interval boxes ``(lo, hi)`` of the network's values: its input, then the output of every layer but the last (on a
+chain, the input of every layer; :func:`.interval_preactivation_bounds`)."""
 
 
 def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:

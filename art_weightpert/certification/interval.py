@@ -1,9 +1,9 @@
 """
 Interval bound propagation with weight intervals (THEORY.md §4, the ``"interval"`` method; beyond the paper).
 
-Boxes ``[l, u]`` of every activation of the perturbed network are propagated layer by layer with the rules in
-:data:`INTERVAL_RULES` (one entry per layer type). For an affine layer ``ẑ = (W + Δ) ĥ + (b + Δb)`` with
-``ĥ ∈ [c − r, c + r]`` and ``|ĥ| ≤ m``::
+Boxes ``[l, u]`` of every activation of the perturbed network are propagated layer by layer, in topological order,
+with the rules in :data:`INTERVAL_RULES` (one entry per layer type); at a residual addition the boxes add (§9). For
+an affine layer ``ẑ = (W + Δ) ĥ + (b + Δb)`` with ``ĥ ∈ [c − r, c + r]`` and ``|ĥ| ≤ m``::
 
     ẑ ∈ W c + b ± ( |W| r + P(m) + β )
 
@@ -28,7 +28,7 @@ from art_weightpert.certification.common import (
     fill_label,
     sample_factors,
 )
-from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
 def _monotone(fn):
@@ -150,38 +150,60 @@ def interval_preactivation_bounds(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
 ) -> Boxes:
-    """Boxes of the input of every layer of ``network`` (index ``i``: the input of ``network.layers[i]``);
-    ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`."""
+    """Boxes of the values of ``network`` (index 0: its input; index ``i + 1``: the output of ``network.layers[i]``,
+    for every layer but the last; on a chain, index ``i`` is the input of ``network.layers[i]``). A box ``(lo, hi)``
+    with ``lo is hi`` is an exact value (it depends on no perturbed weight). Residual additions add boxes (THEORY.md
+    §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`."""
     param_balls = by_param_name(param_balls)
-    lo = hi = x
-    boxes = []
-    exact = True
-    for index, layer in enumerate(network.layers):
-        boxes.append((lo, hi))
+    boxes = [(x, x)]
+    nonnegative = nonnegative_values(network)
+    for layer, reads in zip(network.layers[:-1], network.inputs):
+        lo, hi = boxes[reads[0]]
         if isinstance(layer, Affine):
-            lo, hi = affine_interval(
-                layer, params, lo, hi, param_balls, exact, scale, cache, nonnegative_input(network, index)
-            )
-            exact = exact and lo is hi
+            lo, hi = affine_interval(layer, params, lo, hi, param_balls, lo is hi, scale, cache, nonnegative[reads[0]])
+        elif isinstance(layer, Add):
+            lo, hi = _add_boxes([boxes[v] for v in reads])
         elif lo is hi:  # an exact activation stays exact through a fixed layer
             lo = hi = layer.apply(lo)
         else:
             lo, hi = INTERVAL_RULES[type(layer)](layer, lo, hi)
+        boxes.append((lo, hi))
     return boxes
+
+
+def _add_boxes(boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box of a sum: the sum of the boxes (exact when every term is)."""
+    lo, hi = boxes[0]
+    for term_lo, term_hi in boxes[1:]:
+        if lo is hi and term_lo is term_hi:
+            lo = hi = lo + term_lo
+        else:
+            lo, hi = lo + term_lo, hi + term_hi
+    return lo, hi
 
 
 _NONNEGATIVE_ACTIVATIONS = ("relu", "sigmoid")
 
 
-def nonnegative_input(network: Network, index: int) -> bool:
-    """Whether the input of ``network.layers[index]`` is non-negative by construction (a ReLU or sigmoid, possibly
-    followed by pooling or flattening)."""
-    for layer in reversed(network.layers[:index]):
+def nonnegative_values(network: Network) -> list[bool]:
+    """Per value of ``network`` (as :func:`interval_preactivation_bounds` indexes them), whether it is non-negative by
+    construction: the output of a ReLU or sigmoid, possibly followed by pooling or flattening, or a sum of such."""
+    out = [False]
+    for layer, reads in zip(network.layers, network.inputs):
         if isinstance(layer, Activation):
-            return layer.kind in _NONNEGATIVE_ACTIVATIONS
-        if not isinstance(layer, (MaxPool, AvgPool, Flatten)):
-            return False
-    return False
+            out.append(layer.kind in _NONNEGATIVE_ACTIVATIONS)
+        elif isinstance(layer, (MaxPool, AvgPool, Flatten)):
+            out.append(out[reads[0]])
+        elif isinstance(layer, Add):
+            out.append(all(out[v] for v in reads))
+        else:
+            out.append(False)
+    return out
+
+
+def nonnegative_input(network: Network, index: int) -> bool:
+    """Whether the input of ``network.layers[index]`` is non-negative by construction (:func:`nonnegative_values`)."""
+    return nonnegative_values(network)[network.inputs[index][0]]
 
 
 def pairwise_spread(
@@ -236,7 +258,7 @@ def interval_margin_bounds(
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
     last = network.layers[-1]
-    lo, hi = boxes[-1]
+    lo, hi = boxes[network.inputs[-1][0]]
     weight = params[last.weight_name]
     bias = params[last.bias_name] if last.bias_name else None
     # Last layer folded into the specification (rows e_y − e_i): centre margins, minus |W_y − W_i|·r, minus P_y + P_i.

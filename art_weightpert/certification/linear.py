@@ -23,9 +23,12 @@ for every weight perturbation in the ball and every ``ĥ`` in the interval box o
   exactly when that input dominates the window. With ``ceil_mode=True`` the backward pass stops there: the bound is
   concretized with the interval box of the pooling's output (sound, as tight as §4 from there on).
 
-The input of the first affine layer is known (``x``): there the layer is evaluated forward and every ball's term is
-exact. :func:`linear_margin_bounds` returns the element-wise maximum of this bound and the interval bound (both
-sound), so it is never looser than ``"interval"``.
+On a network with branches (THEORY.md §9) the coefficients are accumulated per value in reverse topological order: a
+residual addition passes its coefficients to every term, and they are summed where the paths meet again. Every affine
+layer whose input depends on no perturbed weight (its box is exact: the first affine layer, or later ones when only
+deeper layers are perturbed) is evaluated forward on that known input, where every ball's term is exact; coefficients
+reaching any other exact value are concretized on it. :func:`linear_margin_bounds` returns the element-wise maximum
+of this bound and the interval bound (both sound), so it is never looser than ``"interval"``.
 
 Everything is plain torch, batched over samples and specifications, on the input's device; float64 for certificates
 (THEORY.md §5), differentiable in any dtype.
@@ -50,7 +53,7 @@ from art_weightpert.certification.common import (
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
 from art_weightpert.certification.pooling import maxpool_backward
 from art_weightpert.certification.weight_terms import BackwardContext, affine_at_input, affine_backward
-from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
 def concretize(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
@@ -125,19 +128,40 @@ def backward_margin_bounds(
         others = other_classes(labels, nb_classes)
         rows = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others)
         return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
-    a = margin_matrix(labels, nb_classes, dtype)  # (N, K, K): coefficients on the logits
-    if classes is not None:  # only the rows e_y − e_i of these classes
-        a = a.gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
+    a = margin_matrix(labels, nb_classes, dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
+    pending = {len(network.layers): a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
     ctx = BackwardContext(params, param_balls, scale)
-    first = next(i for i, layer in enumerate(network.layers) if isinstance(layer, Affine))
-    for layer, (lo, hi) in zip(reversed(network.layers[first + 1 :]), reversed(boxes[first + 1 :])):
-        a, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
-        const = const + c
-    h = x  # the input of the first affine layer is known exactly: evaluate there
-    for layer in network.layers[:first]:
-        h = layer.apply(h)
-    return const + affine_at_input(network.layers[first], a, h, ctx)
+    for index in range(len(network.layers) - 1, -1, -1):  # reverse topological order (THEORY.md §9)
+        a = pending.pop(index + 1, None)
+        if a is None:
+            continue
+        const = const + _backward_step(network, index, a, boxes, ctx, pending)
+    if 0 in pending:  # coefficients on the input itself (a shortcut from the input)
+        const = const + batched_dot(pending.pop(0), x)
+    return const
+
+
+def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, ctx: BackwardContext, pending: dict):
+    """Move the coefficients ``a`` on the output of ``network.layers[index]`` onto the values it reads (accumulated in
+    ``pending``); return the constant collected on the way, ``(N, K)``."""
+    layer, reads = network.layers[index], network.inputs[index]
+    if index + 1 < len(boxes) and boxes[index + 1][0] is boxes[index + 1][1]:  # an exact value: concretize
+        return batched_dot(a, boxes[index + 1][0])
+    if isinstance(layer, Add):  # the same coefficients on every term, summed where the paths meet again
+        for v in reads:
+            _accumulate(pending, v, a)
+        return a.new_zeros(a.shape[:2])
+    lo, hi = boxes[reads[0]]
+    if isinstance(layer, Affine) and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
+        return affine_at_input(layer, a, lo, ctx)
+    a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
+    _accumulate(pending, reads[0], a_in)
+    return c
+
+
+def _accumulate(pending: dict, value: int, a: torch.Tensor) -> None:
+    pending[value] = pending[value] + a if value in pending else a
 
 
 def linear_margin_bounds(

@@ -20,7 +20,16 @@ import torch
 
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import BoundCache, ParamBalls, by_param_name, cached, fill_label
-from art_weightpert.network import Activation, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+from art_weightpert.network import (
+    Activation,
+    Affine,
+    AvgPool,
+    BatchNorm,
+    Flatten,
+    MaxPool,
+    Network,
+    UnsupportedModelError,
+)
 
 
 def _activation(layer: Activation, n: torch.Tensor, d: torch.Tensor):
@@ -87,6 +96,10 @@ def paper_margin_bounds(
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).
     """
+    if not network.is_chain:  # the registry's check (chains_only) says why; also for direct calls
+        raise UnsupportedModelError(
+            "formula B (method 'paper') is defined for chains of layers; this model has branches (residual additions)."
+        )
     param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)

@@ -26,7 +26,7 @@ from art_weightpert.certification.common import BoundCache, ParamBalls
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.certification.paper import paper_margin_bounds
-from art_weightpert.network import Network
+from art_weightpert.network import Network, UnsupportedModelError
 
 
 class BoundFunction(Protocol):
@@ -59,6 +59,8 @@ class BoundMethod:
         with ``"interval"``): its certified radius, cheaper to find, starts the radius search.
     :param per_class: the bound function also takes ``classes=`` (``(N, J)`` class indices) and then bounds only
         those margins, ``(N, J)``; the radius search then re-evaluates only the margins that can still decide.
+    :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
+        the certifier, the trainer and the metrics call :meth:`check`.
     """
 
     name: str
@@ -67,6 +69,13 @@ class BoundMethod:
     description: str
     never_above: str | None = None
     per_class: bool = False
+    applies_to: Callable[[Network], str | None] = lambda network: None
+
+    def check(self, network: Network) -> None:
+        """Raise :class:`.UnsupportedModelError` (with the reason) when the method does not apply to ``network``."""
+        reason = self.applies_to(network)
+        if reason is not None:
+            raise UnsupportedModelError(f"method {self.name!r} cannot bound this model: {reason}")
 
 
 def perturbed_layers(network: Network, param_balls: Mapping[str, ParameterBall]) -> set[str]:
@@ -87,6 +96,16 @@ def _last_layer_only(network: Network, param_balls: Mapping[str, ParameterBall])
     return perturbed_layers(network, param_balls) <= {network.layers[-1].name}
 
 
+def chains_only(network: Network) -> str | None:
+    """``None`` for a chain; for a network with branches, why formula B (THEORY.md §3, §9) does not apply."""
+    if network.is_chain:
+        return None
+    return (
+        "formula B multiplies operator norms along one chain of layers and is defined for chains only; this model "
+        "has branches (residual additions): use method 'interval' or 'linear'."
+    )
+
+
 METHODS: Mapping[str, BoundMethod] = MappingProxyType(
     {
         method.name: method
@@ -95,7 +114,8 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 "paper",
                 paper_margin_bounds,
                 _single_layer,
-                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3)",
+                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3), chains only",
+                applies_to=chains_only,
             ),
             BoundMethod(
                 "interval",

@@ -243,6 +243,8 @@ def generalization_bound(
     margin = check_positive(margin, "margin")
     delta = check_probability(delta, "delta", open_interval=True)
     certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=False)
+    if not certifier.network.is_chain:
+        raise UnsupportedModelError("generalization_bound (THEORY.md §6) is for chains; this model has branches.")
     estimator = certifier.estimator
     x_t, y_t = estimator.prepare_inputs(x_train, y_train, require_labels=True)
     n = len(x_t)

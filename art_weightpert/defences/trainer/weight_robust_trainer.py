@@ -137,6 +137,7 @@ class WeightRobustTrainer(Trainer):
         super().__init__(classifier)
         self._estimator = estimator
         self._network = read_network(estimator.base_model, estimator.input_shape)
+        METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}

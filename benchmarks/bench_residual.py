@@ -1,0 +1,169 @@
+"""
+Benchmark of the certificates on residual networks (issue 11, THEORY.md §9).
+
+1. Cost: for the digits ResNet (:func:`.digits_resnet`, 1x8x8) and ResNet-18 (:func:`.resnet18_cifar`, torchvision's
+   structure, 3x32x32), the time per sample of ``"interval"`` and ``"linear"`` (float64 bound functions, box ball on
+   every weight) as a ratio to one float32 forward pass of the model, and the top entries of torch's profiler for
+   each (where the time goes). Targets on the digits ResNet: interval ≤ 10× a forward, linear ≤ 100×.
+2. Tightness: the digits ResNet trained by :func:`.train_digits_resnet` (30 epochs, seed 0); on the first ``--points``
+   test points, at a few absolute box radii on every weight: clean accuracy, certified accuracy of both methods, the
+   accuracy under the per-sample weight attack (:class:`.PerSampleWeightPGD`: an upper bound of every per-sample
+   certificate) and under the universal :class:`.WeightPGD` (one perturbation for all points); ``violations`` counts
+   attack margins below the linear lower bound (must be 0).
+
+Run: ``python benchmarks/bench_residual.py [--points 200] [--threads 2] [--repeats 5] [--skip-resnet18]
+[--skip-tightness]``; prints one JSON line per row, then markdown tables. The cost table times the whole digits test
+set (450 samples) per call and 4 samples of ResNet-18.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier, WeightPGD
+from art_weightpert.attacks.per_sample import PerSampleWeightPGD
+from art_weightpert.certification import METHODS
+from art_weightpert.certification.common import BoundCache
+from art_weightpert.data import load_digits_data
+from art_weightpert.network import read_network
+from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resnet
+
+RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def top_entries(fn, k: int = 5) -> list[str]:
+    """The ``k`` torch operators with the largest self CPU time in one call of ``fn``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
+    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events]
+
+
+def cost(name: str, model: nn.Module, shape: tuple[int, ...], n: int, eps: float, repeats: int) -> dict:
+    """Time per sample of each bound method, as a ratio to a float32 forward pass (and of a float64 forward, the
+    arithmetic the bounds run in)."""
+    model = model.eval()
+    x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        forward = median_time(lambda: model(x), max(repeats, 10)) / n
+        labels = model(x).argmax(dim=1)
+    model64 = _float64_copy(model)
+    network = read_network(model64, shape)
+    balls = PerturbationBudget(eps, "inf", relative=True).parameter_balls(model64, torch.float64)
+    x64 = x.double()
+    with torch.no_grad():
+        forward64 = median_time(lambda: model64(x64), max(repeats, 10)) / n
+    row = {"model": name, "samples": n, "forward_ms": 1e3 * forward, "forward64_ratio": forward64 / forward}
+    for method in ("interval", "linear"):
+        cache = BoundCache()
+
+        def bound(method=method, cache=cache):
+            with torch.no_grad():
+                return METHODS[method].bounds(network, balls, x64, labels, cache=cache)
+
+        per_sample = median_time(bound, repeats) / n
+        row[f"{method}_ms"] = 1e3 * per_sample
+        row[f"{method}_ratio"] = per_sample / forward
+        row[f"{method}_top"] = top_entries(bound)
+    return row
+
+
+def _warmed_state(model: nn.Module, x: np.ndarray) -> dict:
+    """Untrained weights with batch-norm statistics of the data (for the cost table alone)."""
+    model.train()
+    with torch.no_grad():
+        model(torch.as_tensor(x))
+    return model.state_dict()
+
+
+def _float64_copy(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).double().requires_grad_(False)
+
+
+def tightness(clf: PyTorchWeightClassifier, x: np.ndarray, y: np.ndarray, eps: float) -> dict:
+    budget = PerturbationBudget(eps, "inf")
+    correct = clf.predict(x).argmax(axis=1) == y
+    row = {"eps": eps, "clean": float(correct.mean())}
+    bounds = {}
+    for method in ("interval", "linear"):
+        certifier = WeightPerturbationCertifier(clf, budget, method, batch_size=100, verbose=False)
+        row[method] = float(certifier.certify(x, y).mean())
+        bounds[method] = certifier.margin_lower_bounds(x, y)
+    attack = PerSampleWeightPGD(clf, budget, max_iter=100, num_random_init=2, verbose=False).generate(x, y)
+    row["per_sample_pgd"] = float((correct & ~attack["flipped"]).mean())
+    finite = np.isfinite(bounds["linear"])
+    row["violations"] = int((attack["margins"][finite] < bounds["linear"][finite] - 1e-9).sum())
+    delta = WeightPGD(clf, budget, max_iter=50, verbose=False).generate(x, y)
+    row["weight_pgd"] = float((clf.with_weight_perturbation(delta).predict(x).argmax(axis=1) == y).mean())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-resnet18", action="store_true")
+    parser.add_argument("--skip-tightness", action="store_true", help="only the cost table (trains nothing)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    x_train, y_train, x_test, y_test = load_digits_data(flatten=False)
+    if args.skip_tightness:
+        digits_model = digits_resnet()
+        digits_model.load_state_dict(_warmed_state(digits_model, x_train))
+    else:
+        start = time.perf_counter()
+        clf = train_digits_resnet(x_train, y_train)
+        print(json.dumps({"digits_resnet_training_s": time.perf_counter() - start}), flush=True)
+        digits_model = clf.base_model
+    costs = [cost("digits ResNet (1x8x8)", digits_model, (1, 8, 8), len(x_test), 1e-3, args.repeats)]
+    if not args.skip_resnet18:
+        costs.append(cost("ResNet-18 (3x32x32)", resnet18_cifar(), (3, 32, 32), 4, 1e-3, 1))
+    for row in costs:
+        print(json.dumps(row), flush=True)
+    rows = []
+    if not args.skip_tightness:
+        rows = [tightness(clf, x_test[: args.points], y_test[: args.points], eps) for eps in RADII]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    print(
+        "\n| model | forward (ms/sample) | float64 forward | interval (ms/sample, × fwd) | linear (ms/sample, × fwd) |"
+    )
+    print("|---|---|---|---|---|")
+    for r in costs:
+        print(
+            f"| {r['model']} | {r['forward_ms']:.3f} | {r['forward64_ratio']:.1f}× "
+            f"| {r['interval_ms']:.2f} ({r['interval_ratio']:.1f}×) "
+            f"| {r['linear_ms']:.1f} ({r['linear_ratio']:.0f}×) |"
+        )
+    print("\n| box radius δ (every weight) | clean | interval | linear | PerSampleWeightPGD | WeightPGD |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['eps']:g} | {r['clean']:.3f} | {r['interval']:.3f} | {r['linear']:.3f} | "
+            f"{r['per_sample_pgd']:.3f} | {r['weight_pgd']:.3f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
