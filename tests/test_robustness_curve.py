@@ -17,12 +17,8 @@ EPS = [0.0, 0.002, 0.005, 0.01]
 
 
 @pytest.fixture(scope="module")
-def clf(trained_digits_mlp):
-    return trained_digits_mlp
-
-
-@pytest.fixture(scope="module")
 def test_data(digits):
+    """The first 200 test points (the curve evaluates every method at every radius)."""
     _, _, x_test, y_test = digits
     return x_test[:200], y_test[:200]
 
