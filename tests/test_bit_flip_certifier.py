@@ -232,3 +232,16 @@ def test_bit_flip_curve_certified_matches_certify_and_stays_below_the_attack(tin
         bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="exact")
     with pytest.raises(ValueError, match="certify_points"):
         bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="linear", certify_points=0)
+
+
+def test_a_network_with_branches_is_refused_not_read_as_a_chain():
+    from art_weightpert.network import UnsupportedModelError
+    from art_weightpert.zoo import digits_resnet, make_classifier
+
+    classifier = make_classifier(digits_resnet(seed=0), (1, 8, 8))
+    before = {k: v.clone() for k, v in classifier.model.state_dict().items()}
+    with pytest.raises(UnsupportedModelError, match="chains of layers only"):
+        BitFlipCertifier(classifier, max_flips=1)
+    with pytest.raises(UnsupportedModelError, match="chains of layers only"):
+        single_flip_robustness(classifier, np.zeros((2, 1, 8, 8), np.float32), np.zeros(2, int))
+    assert all(torch.equal(v, before[k]) for k, v in classifier.model.state_dict().items())

@@ -28,11 +28,22 @@ from art_weightpert.certification.bit_flip_cases import case_margins, flip_cases
 from art_weightpert.certification.bit_flip_terms import flip_tables
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
 from art_weightpert.estimators.weight_classifier import eval_mode
-from art_weightpert.network import read_network
+from art_weightpert.network import Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
 from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 BIT_FLIP_METHODS = ("interval", "linear")
+
+
+def check_chain(network: Network) -> Network:
+    """The bit-flip bounds propagate through a chain of layers (THEORY.md §8); a network with branches (THEORY.md §9)
+    is refused rather than read as a chain, which would be unsound."""
+    if not network.is_chain:
+        raise UnsupportedModelError(
+            "the bit-flip certificate reads chains of layers only; this model has branches (residual additions). "
+            "The weight-ball certificates (WeightPerturbationCertifier) cover it; the bit-flip attacks work on it."
+        )
+    return network
 
 
 class BitFlipCertifier:
@@ -74,7 +85,7 @@ class BitFlipCertifier:
         check_choice(method, "method", BIT_FLIP_METHODS)
         check_positive_int(batch_size, "batch_size")
         check_bool(verbose, "verbose")
-        read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError before anything is copied
+        check_chain(read_network(estimator.base_model, estimator.input_shape))  # before anything is copied
         self._estimator = estimator
         self.max_flips = int(max_flips)
         self.n_bits = int(n_bits)

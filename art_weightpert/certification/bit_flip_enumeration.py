@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from art_weightpert.estimators.weight_classifier import eval_mode
-from art_weightpert.network import Affine, Network, read_network
+from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
 from art_weightpert.validation import check_positive_int
 
@@ -113,6 +113,8 @@ def single_flip_robustness(
         for name, value in quantized.dequantize().items():
             model64.get_parameter(name).copy_(value)
     network = read_network(model64, estimator.input_shape)
+    if not network.is_chain:
+        raise UnsupportedModelError("single_flip_robustness enumerates flips on chains of layers only.")
     params = network.params(dtype=torch.float64)
     x_t, y_t = estimator.prepare_inputs(x, y)
     out = []
