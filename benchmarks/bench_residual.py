@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import numpy as np
 import torch
+from bench_certify import median_time
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier, WeightPGD
@@ -36,16 +36,6 @@ from art_weightpert.network import read_network
 from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resnet
 
 RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def top_entries(fn, k: int = 5) -> list[str]:
