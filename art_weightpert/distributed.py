@@ -114,16 +114,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_sum_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:func:`all_reduce_sum` of every value, as one flat collective."""
+    """:func:`all_reduce_sum_list` of the values, keyed as ``tensors``."""
     if not is_distributed() or not tensors:
         return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    out, offset = {}, 0
-    for name, t in tensors.items():
-        out[name] = flat[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return out
+    return dict(zip(tensors, all_reduce_sum_list(list(tensors.values()))))
 
 
 def all_reduce_sum_list(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
