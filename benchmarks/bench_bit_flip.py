@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from art_weightpert import zoo
-from art_weightpert.attacks.bit_flip import BitFlipAttack, accuracy_with_deltas
+from art_weightpert.attacks.base import accuracy_with_deltas
+from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.data import load_digits_data
 from art_weightpert.estimators.weight_classifier import eval_mode

@@ -35,6 +35,7 @@ from art_weightpert.attacks.ascent import Score, ascend
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.quantization import as_weight_classifier
 from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -146,21 +147,7 @@ class WeightAttack(WeightBudgetAttack):
 
     def _predict_labels(self, x_t: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Clean predictions of the base model on preprocessed ``x_t``."""
-        with torch.no_grad(), eval_mode(self.estimator.base_model):
-            out = [self.estimator.logits(x_t[s]).argmax(dim=1) for s in self._batches(len(x_t), batch_size)]
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_t.device)
-
-    def _accuracy(
-        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None, batch_size: int
-    ) -> float:
-        """Share of ``x_t`` classified as ``labels`` with weights ``W + deltas`` (eval mode, no gradients)."""
-        if len(x_t) == 0:
-            return float("nan")
-        correct = 0
-        with torch.no_grad(), eval_mode(self.estimator.base_model):
-            for s in self._batches(len(x_t), batch_size):
-                correct += int((self.estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum())
-        return correct / len(x_t)
+        return predict_labels(self.estimator, x_t, None, batch_size)
 
     def _score_and_grads(
         self,
@@ -298,3 +285,26 @@ def success(logits: torch.Tensor, labels: torch.Tensor, targeted: bool) -> torch
     """Per-sample success of an attack: prediction ≠ label (untargeted) or = target (targeted)."""
     hit = logits.argmax(dim=1) == labels
     return hit if targeted else ~hit
+
+
+def predict_labels(
+    estimator: PyTorchWeightClassifier, x_t: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None, batch_size: int
+) -> torch.Tensor:
+    """Predictions of ``estimator``'s base model with weights ``W + deltas`` on preprocessed ``x_t`` (eval mode)."""
+    estimator = as_weight_classifier(estimator)
+    with torch.no_grad(), eval_mode(estimator.base_model):
+        out = [estimator.logits(x_t[s : s + batch_size], deltas).argmax(dim=1) for s in range(0, len(x_t), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_t.device)
+
+
+def accuracy_with_deltas(
+    estimator: PyTorchWeightClassifier,
+    x_t: torch.Tensor,
+    labels: torch.Tensor,
+    deltas: Mapping[str, torch.Tensor] | None,
+    batch_size: int,
+) -> float:
+    """Share of preprocessed ``x_t`` classified as ``labels`` with weights ``W + deltas`` (nan for no input)."""
+    if len(x_t) == 0:
+        return float("nan")
+    return float((predict_labels(estimator, x_t, deltas, batch_size) == labels).double().mean())

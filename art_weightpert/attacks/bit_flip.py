@@ -31,9 +31,9 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from art_weightpert import distributed
-from art_weightpert.attacks.base import WeightAttack
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
-from art_weightpert.quantization import BitFlip, QuantizedWeights, as_weight_classifier, check_quantization_args
+from art_weightpert.attacks.base import WeightAttack, predict_labels
+from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args
 from art_weightpert.validation import check_bool, check_non_negative_int, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
@@ -271,26 +271,3 @@ def _batched_logits(
             raise  # not vmap's: an error of the model itself propagates
         logger.debug("vmap failed (%s); evaluating the candidates one by one.", error)
         return torch.stack([run(value) for value in stacked])
-
-
-def predict_labels(
-    estimator: PyTorchWeightClassifier, x_t: torch.Tensor, deltas: Mapping[str, torch.Tensor] | None, batch_size: int
-) -> torch.Tensor:
-    """Predictions of ``estimator``'s base model with weights ``W + deltas`` on preprocessed ``x_t`` (eval mode)."""
-    estimator = as_weight_classifier(estimator)
-    with torch.no_grad(), eval_mode(estimator.base_model):
-        out = [estimator.logits(x_t[s : s + batch_size], deltas).argmax(dim=1) for s in range(0, len(x_t), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_t.device)
-
-
-def accuracy_with_deltas(
-    estimator: PyTorchWeightClassifier,
-    x_t: torch.Tensor,
-    labels: torch.Tensor,
-    deltas: Mapping[str, torch.Tensor] | None,
-    batch_size: int,
-) -> float:
-    """Share of preprocessed ``x_t`` classified as ``labels`` with weights ``W + deltas`` (nan for no input)."""
-    if len(x_t) == 0:
-        return float("nan")
-    return float((predict_labels(estimator, x_t, deltas, batch_size) == labels).double().mean())

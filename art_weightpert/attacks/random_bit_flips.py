@@ -21,8 +21,7 @@ from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import WeightAttack
-from art_weightpert.attacks.bit_flip import accuracy_with_deltas, predict_labels
+from art_weightpert.attacks.base import WeightAttack, accuracy_with_deltas, predict_labels
 from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args
 from art_weightpert.validation import check_bool, check_int, check_positive_int, check_probability
 

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from art.estimators.classification import PyTorchClassifier
 
-from art_weightpert.attacks.bit_flip import BitFlipAttack, accuracy_with_deltas
+from art_weightpert.attacks.base import accuracy_with_deltas
+from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.certification.bit_flip import BIT_FLIP_METHODS, BitFlipCertifier
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
