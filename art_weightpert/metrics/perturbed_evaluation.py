@@ -19,9 +19,8 @@ Deltas = dict[str, torch.Tensor]
 
 
 def weight_estimator(classifier: PyTorchClassifier) -> PyTorchWeightClassifier:
-    """``classifier`` as a :class:`.PyTorchWeightClassifier` (wrapped on the fly, nothing copied)."""
-    if not isinstance(classifier, PyTorchClassifier):
-        raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
+    """``classifier`` as a :class:`.PyTorchWeightClassifier` (wrapped on the fly, nothing copied; ``TypeError`` for
+    anything but an ART ``PyTorchClassifier``)."""
     return PyTorchWeightClassifier.from_classifier(classifier)
 
 

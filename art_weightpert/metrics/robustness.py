@@ -83,7 +83,7 @@ def weight_robustness_curve(
         "seconds": {method: float}, "notes": [str]}``. A certificate that cannot handle the model gives NaN, a note
         and its reason under "unavailable".
     """
-    classifier = _weight_classifier(classifier)
+    classifier = PyTorchWeightClassifier.from_classifier(classifier)  # TypeError for anything else
     methods = _check_methods(methods, certify_method)
     budgets = _budgets(budgets_or_eps_list, norm, layers, relative, include_bias)
     run = _Runner(classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed)
@@ -226,14 +226,6 @@ def _zero_radius(budget: PerturbationBudget) -> bool:
     """True for a ball of radius 0 (every perturbation in it is zero)."""
     values = budget.eps.values() if isinstance(budget.eps, dict) else [budget.eps]
     return all(v == 0 for v in values)
-
-
-def _weight_classifier(classifier: Any) -> PyTorchWeightClassifier:
-    if isinstance(classifier, PyTorchClassifier) and not isinstance(classifier, PyTorchWeightClassifier):
-        classifier = PyTorchWeightClassifier.from_classifier(classifier)
-    if not isinstance(classifier, PyTorchWeightClassifier):
-        raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
-    return classifier
 
 
 def _check_methods(methods: Sequence[str] | str, certify_method: str) -> list[str]:
