@@ -184,9 +184,10 @@ class BoxBall(Ball):
             centre, spread = view.gradient_box()
             delta = radius.reshape(centre.shape[2:])
             if view.known_input:  # G known: the exact −Σ δ |G|
-                return None, -(delta * centre.abs()).flatten(2).sum(dim=2)
+                return None, -(centre.abs().flatten(2) @ delta.reshape(-1))
             slope, offset = abs_chord(centre, spread)
-            return -view.kernel_to_input(delta * slope), -(delta * offset).flatten(2).sum(dim=2)
+            view.add_to_kernel(slope * delta.neg())  # joins the layer's adjoint (one per-sample kernel)
+            return None, -(offset.flatten(2) @ delta.reshape(-1))
         a = view.coefficients
         value = _uniform_value(radius)
         g = value * a.abs().sum(dim=2, keepdim=True) if value is not None else view.transposed(a.abs(), radius)

@@ -72,6 +72,7 @@ class Network:
     model: nn.Module
     layers: list = field(default_factory=list)
     inputs: list | None = None
+    _sizes: dict = field(default_factory=dict, init=False, repr=False)  # memo of value_sizes
 
     def __post_init__(self) -> None:
         if self.inputs is None:
@@ -120,6 +121,11 @@ class Network:
         unknown = [name for name in deltas if name not in p]
         if unknown:
             raise ValueError(f"`sample_deltas` names {unknown}, which are not affine parameters of {list(p)}.")
+        return self._values(x, p, deltas, keep=False)[-1]
+
+    def _values(self, x: torch.Tensor, p: dict, deltas: dict, keep: bool) -> list:
+        """Every value: the input, then each layer's output (``keep=False``: values no later layer reads are dropped
+        on the way, for the memory of deep networks)."""
         values = [x]
         last_use = self._last_uses()
         for index, (layer, reads) in enumerate(zip(self.layers, self.inputs)):
@@ -128,11 +134,23 @@ class Network:
                 out = _affine_forward(layer, h, p, deltas)
             else:
                 out = layer.apply(*(values[v] for v in reads))
-            for v in reads:  # drop values no later layer reads (memory on deep networks)
-                if last_use[v] == index:
+            for v in reads:
+                if not keep and last_use[v] == index:
                     values[v] = None
             values.append(out)
-        return values[-1]
+        return values
+
+    def value_sizes(self, input_shape: tuple[int, ...]) -> list[int]:
+        """Entries per sample of every value (the input, then each layer's output) for inputs of ``input_shape``
+        (one sample through the network, once per shape)."""
+        key = tuple(input_shape)
+        if key not in self._sizes:
+            p = self.params()
+            like = next(iter(p.values()))
+            with torch.no_grad():
+                x = torch.zeros((1, *key), dtype=like.dtype, device=like.device)
+                self._sizes[key] = [v[0].numel() for v in self._values(x, p, {}, keep=True)]
+        return self._sizes[key]
 
     def _last_uses(self) -> list[int]:
         """Per value, the index of the last layer that reads it."""

@@ -118,17 +118,80 @@ def backward_margin_bounds(
     Parameters and return value as :func:`linear_margin_bounds`.
     """
     param_balls = by_param_name(param_balls)
-    params = network.params(dtype=dtype)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
+    nb_classes = network.layers[-1].module.out_features
+    size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
+    if size < len(x):
+        fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
+        return in_chunks(backward_margin_bounds, size, x, labels, scale, boxes, classes, **fixed)
+    params = network.params(dtype=dtype)
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
-    nb_classes = params[network.layers[-1].weight_name].shape[0]
     if classes is None:  # every class but the label (its row e_y − e_y is zero; +inf there): 1/K less work
         others = other_classes(labels, nb_classes)
         rows = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others)
         return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
-    a = margin_matrix(labels, nb_classes, dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
+    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes)
+
+
+CHUNK_BYTES = 8 * 2**20
+"""Bytes of the largest coefficient tensor ``(samples, specifications) + value shape`` of one chunk of the backward
+pass. Every rule makes several tensors of that size; small ones stay in the processor's cache and are reused from the
+heap, where large ones (above glibc's mmap threshold, 32 MiB at most) are page-faulted in afresh at each allocation.
+Measured on one CPU core: 1.5-2.3x faster than one chunk of 256 samples on a CNN, 1.5x on an MLP of 1,024."""
+
+
+def chunk_size(network: Network, x: torch.Tensor, nb_rows: int, dtype: torch.dtype) -> int:
+    """Samples per chunk of the linear bound: :data:`CHUNK_BYTES` over the largest tensor per sample and specification
+    (``nb_rows`` of them): the coefficients on a value, or a convolution's kernel-gradient box (a kernel's entries),
+    at least 1."""
+    kernels = [layer.module.weight.numel() for layer in network.affine_layers if layer.is_conv]
+    largest = max(network.value_sizes(tuple(x.shape[1:])) + kernels)
+    return max(1, CHUNK_BYTES // (max(nb_rows, 1) * largest * torch.finfo(dtype).bits // 8))
+
+
+def in_chunks(bound, size: int, x, labels, scale, boxes, classes, **fixed) -> torch.Tensor:
+    """``bound`` (a margin bound with keyword arguments) on ``size`` samples at a time, concatenated: the same values,
+    with every tensor of the pass ``size`` samples long."""
+    parts = []
+    for start in range(0, len(x), size):
+        rows = slice(start, start + size)
+        parts.append(
+            bound(
+                x=x[rows],
+                labels=labels[rows],
+                scale=None if scale is None else scale[rows],
+                boxes=None if boxes is None else slice_boxes(boxes, rows),
+                classes=None if classes is None else classes[rows],
+                **fixed,
+            )
+        )
+    return torch.cat(parts)
+
+
+def slice_boxes(boxes: Boxes, rows: slice) -> Boxes:
+    """The boxes of the samples ``rows``; an exact value (``lo is hi``) stays one tensor."""
+    out = []
+    for lo, hi in boxes:
+        part = lo[rows]
+        out.append((part, part) if lo is hi else (part, hi[rows]))
+    return out
+
+
+def _backward_chunk(
+    network: Network,
+    params: dict[str, torch.Tensor],
+    param_balls: dict,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    scale: torch.Tensor | None,
+    boxes: Boxes,
+    classes: torch.Tensor,
+) -> torch.Tensor:
+    """The backward pass of :func:`backward_margin_bounds` on one chunk of samples: ``(N, J)``."""
+    nb_classes = params[network.layers[-1].weight_name].shape[0]
+    a = margin_matrix(labels, nb_classes, x.dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
     pending = {len(network.layers): a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
     ctx = BackwardContext(params, param_balls, scale)
@@ -189,6 +252,11 @@ def linear_margin_bounds(
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
+    nb_classes = network.layers[-1].module.out_features
+    size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
+    if size < len(x):  # the same bound, a chunk of samples at a time (CHUNK_BYTES)
+        fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
+        return in_chunks(linear_margin_bounds, size, x, labels, scale, boxes, classes, **fixed)
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale, cache)
     backward = backward_margin_bounds(

@@ -42,6 +42,8 @@ class AffineBackward:
     coefficients: torch.Tensor
     lo: torch.Tensor
     hi: torch.Tensor
+    scale: torch.Tensor | None = None  # per-sample radius factors (N,) of the terms given to add_to_kernel
+    kernel_offset: torch.Tensor | None = None  # see add_to_kernel
 
     @property
     def known_input(self) -> bool:
@@ -103,6 +105,22 @@ class AffineBackward:
         spread = torch.einsum("nkgrp,ngjp->nkgrj", lam.abs(), self._patches((self.hi - self.lo) / 2))
         return centre, spread
 
+    def add_to_kernel(self, coef: torch.Tensor) -> None:
+        """Add the term ``ĥ ↦ ⟨coef, G(ĥ)⟩`` (``coef`` shaped like :meth:`gradient_box`'s tensors) to the input
+        coefficients. Since ``λ·(W ĥ) = ⟨W, G(ĥ)⟩``, it joins the layer's adjoint: :meth:`input_coefficients` maps
+        ``λ`` through the per-sample kernel ``W + coef`` once instead of through ``W`` and ``coef`` separately. The
+        term is linear in the ball's radius: it is multiplied by the per-sample factors :attr:`scale` here."""
+        coef = times_sample_factors(coef, self.scale)
+        self.kernel_offset = coef if self.kernel_offset is None else self.kernel_offset + coef
+
+    def input_coefficients(self, weight: torch.Tensor) -> torch.Tensor:
+        """``λ`` mapped onto the input through the adjoint of the layer with ``weight`` plus the terms recorded by
+        :meth:`add_to_kernel`: ``(N, K) + input shape``."""
+        if self.kernel_offset is None:
+            return self.transposed(self.coefficients, weight)
+        groups = self.layer.module.groups
+        return self.kernel_to_input(self.kernel_offset + weight.reshape(groups, len(weight) // groups, -1))
+
     def kernel_to_input(self, coef: torch.Tensor) -> torch.Tensor:
         """The linear function ``ĥ ↦ ⟨coef, G(ĥ)⟩`` of the input, for ``coef`` shaped like :meth:`gradient_box`'s
         tensors, as coefficients ``(N, K) + input shape`` (the patches' adjoint)."""
@@ -129,17 +147,18 @@ def affine_backward(
     layer: Affine, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: BackwardContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward rule of an affine layer: ``(λ on the input, constant)`` over the ball and the input box."""
-    view = AffineBackward(layer, a, lo, hi)
-    a_in = view.transposed(a, ctx.params[layer.weight_name])
+    view = AffineBackward(layer, a, lo, hi, ctx.scale)
     row_sums = _row_sums(a)
     const = row_sums @ ctx.params[layer.bias_name] if layer.bias_name else a.new_zeros(a.shape[:2])
+    change = None
     wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
         change, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
-        if change is not None:
-            a_in = a_in + times_sample_factors(change, ctx.scale)
         if pert is not None:
             const = const + times_sample_factors(pert, ctx.scale)
+    a_in = view.input_coefficients(ctx.params[layer.weight_name])
+    if change is not None:
+        a_in = a_in + times_sample_factors(change, ctx.scale)
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype), ctx.scale)
