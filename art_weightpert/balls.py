@@ -103,8 +103,8 @@ def abs_chord(centre: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor,
     """The chord of ``|·|`` on ``[c − r, c + r]``: ``(s, t)`` with ``|v| ≤ s v + t`` there, ``s = clamp(c / r, −1, 1)``,
     ``t = r (1 − s²)``. It is ``v`` itself when the box is non-negative (``s = 1, t = 0``), ``−v`` when it is
     non-positive, and ``sign(c)·v`` on a point."""
-    slope = (centre / radius.clamp_min(torch.finfo(radius.dtype).tiny)).clamp(-1.0, 1.0)
-    return slope, radius * (1 - slope * slope)
+    slope = torch.div(centre, radius.clamp_min(torch.finfo(radius.dtype).tiny)).clamp_(-1.0, 1.0)
+    return slope, torch.addcmul(radius, radius * slope, slope, value=-1)  # r − (r s) s: two passes, not three
 
 
 def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
@@ -186,7 +186,7 @@ class BoxBall(Ball):
             if view.known_input:  # G known: the exact −Σ δ |G|
                 return None, -(centre.abs().flatten(2) @ delta.reshape(-1))
             slope, offset = abs_chord(centre, spread)
-            view.add_to_kernel(slope * delta.neg())  # joins the layer's adjoint (one per-sample kernel)
+            view.add_to_kernel(slope, delta.neg())  # joins the layer's adjoint (one per-sample kernel)
             return None, -(offset.flatten(2) @ delta.reshape(-1))
         a = view.coefficients
         value = _uniform_value(radius)

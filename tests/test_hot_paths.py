@@ -13,11 +13,13 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from art_weightpert import PerturbationBudget
-from art_weightpert.certification import linear
+from art_weightpert.certification import linear, weight_terms
 from art_weightpert.certification.activations import relaxation
 from art_weightpert.certification.common import batched_dot, sum_features
 from art_weightpert.network import Activation, MaxPool, read_network
+from art_weightpert.zoo import digits_resnet
 from tests.conftest import random_cnn, random_mlp
+from tests.test_residual import warmed
 
 
 def _old_activation_backward(layer, a, lo, hi, ctx):
@@ -128,3 +130,68 @@ def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budge
     others = labels.unsqueeze(1) != every
     assert torch.isinf(dropped[~others]).all()
     torch.testing.assert_close(dropped[others], full[others], rtol=0, atol=0)
+
+
+RESIDUAL = {"digits_resnet": lambda: (warmed(digits_resnet(seed=3), (1, 8, 8)), (1, 8, 8))}
+
+
+@pytest.mark.parametrize("budget_name", list(BUDGETS))
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool", "cnn_overlapping_pool", "digits_resnet"])
+def test_chunks_of_samples_give_the_bounds_of_one_pass(model_name, budget_name, monkeypatch):
+    """The linear bound a sample at a time (``CHUNK_BYTES`` and ``KERNEL_CHUNK_BYTES`` of 1 byte) equals the bound of
+    the whole batch at once, with per-sample radius factors and a subset of classes too."""
+    model, shape = (RESIDUAL | MODELS)[model_name]()
+    model = model.double().eval().requires_grad_(False)
+    x = torch.rand((7,) + shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    network = read_network(model, shape)
+    budget = BUDGETS[budget_name]
+    if model_name == "digits_resnet" and list(budget.layers or []) == ["0"]:
+        budget = PerturbationBudget(budget.eps, budget.norm, layers=["conv1"], include_bias=True)
+    balls = budget.parameter_balls(model, torch.float64)
+    nb_classes = network.layers[-1].module.out_features
+    labels = torch.arange(7) % nb_classes
+    scale = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
+    classes = (labels.unsqueeze(1) + torch.tensor([1, 2])) % nb_classes
+
+    def bounds():
+        return (
+            linear.linear_margin_bounds(network, balls, x, labels, torch.float64),
+            linear.linear_margin_bounds(network, balls, x, labels, torch.float64, scale, classes=classes),
+            linear.backward_margin_bounds(network, balls, x, labels, torch.float64, scale),
+        )
+
+    monkeypatch.setattr(linear, "CHUNK_BYTES", 2**40)
+    monkeypatch.setattr(weight_terms, "KERNEL_CHUNK_BYTES", 2**40)
+    whole = bounds()
+    monkeypatch.setattr(linear, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(weight_terms, "KERNEL_CHUNK_BYTES", 1)
+    assert linear.chunk_size(network, x, nb_classes - 1, torch.float64) == 1
+    for one_pass, chunked in zip(whole, bounds()):
+        assert torch.isfinite(one_pass[one_pass != float("inf")]).all()
+        scale_of = one_pass[torch.isfinite(one_pass)].abs().max()
+        torch.testing.assert_close(chunked, one_pass, rtol=1e-12, atol=1e-12 * float(scale_of))
+
+
+@pytest.mark.parametrize("stride, groups", [(1, 1), (2, 1), (1, 2)])
+def test_a_kernel_term_joins_the_adjoint_of_the_convolution(stride, groups):
+    """``add_to_kernel(coef, factor)`` then ``input_coefficients(W)`` maps the coefficients through ``W + coef·factor``:
+    the layer's adjoint plus the term ``⟨coef·factor, G(ĥ)⟩`` computed on its own (with per-sample factors)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=1, groups=groups).double()
+    layer = read_network(
+        nn.Sequential(conv, nn.Flatten(), nn.Linear(6 * (5 // stride + stride - 1) ** 2, 3)).double(), (4, 5, 5)
+    ).layers[0]
+    lo = torch.rand(3, 4, 5, 5, dtype=torch.float64)
+    hi = lo + torch.rand(3, 4, 5, 5, dtype=torch.float64)
+    out_shape = conv(lo).shape[1:]
+    a = torch.randn((3, 2) + out_shape, dtype=torch.float64)
+    scale = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
+    coef = torch.randn(3, 2, groups, 6 // groups, 4 // groups * 9, dtype=torch.float64)
+    factor = torch.rand(groups, 6 // groups, 4 // groups * 9, dtype=torch.float64)
+    joined = weight_terms.AffineBackward(layer, a, lo, hi, scale)
+    joined.add_to_kernel(coef, factor)
+    apart = weight_terms.AffineBackward(layer, a, lo, hi)
+    expected = apart.transposed(a, conv.weight.detach()) + apart.kernel_to_input(
+        coef * factor * scale.reshape(-1, 1, 1, 1, 1)
+    )
+    torch.testing.assert_close(joined.input_coefficients(conv.weight.detach()), expected, rtol=1e-12, atol=1e-12)

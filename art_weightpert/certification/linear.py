@@ -143,11 +143,10 @@ Measured on one CPU core: 1.5-2.3x faster than one chunk of 256 samples on a CNN
 
 
 def chunk_size(network: Network, x: torch.Tensor, nb_rows: int, dtype: torch.dtype) -> int:
-    """Samples per chunk of the linear bound: :data:`CHUNK_BYTES` over the largest tensor per sample and specification
-    (``nb_rows`` of them): the coefficients on a value, or a convolution's kernel-gradient box (a kernel's entries),
-    at least 1."""
-    kernels = [layer.module.weight.numel() for layer in network.affine_layers if layer.is_conv]
-    largest = max(network.value_sizes(tuple(x.shape[1:])) + kernels)
+    """Samples per chunk of the linear bound: :data:`CHUNK_BYTES` over the coefficients per sample of the largest value
+    (``nb_rows`` specifications), at least 1 (the kernel-gradient boxes are chunked further:
+    :data:`.KERNEL_CHUNK_BYTES`)."""
+    largest = max(network.value_sizes(tuple(x.shape[1:])))
     return max(1, CHUNK_BYTES // (max(nb_rows, 1) * largest * torch.finfo(dtype).bits // 8))
 
 
