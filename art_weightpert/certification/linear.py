@@ -51,7 +51,7 @@ from art_weightpert.certification.common import (
     margin_matrix,
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
-from art_weightpert.certification.pooling import maxpool_backward
+from art_weightpert.certification.pooling import disjoint_windows, maxpool_activation_backward, maxpool_backward
 from art_weightpert.certification.weight_terms import BackwardContext, affine_at_input, affine_backward
 from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
@@ -135,7 +135,7 @@ def backward_margin_bounds(
     return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes)
 
 
-CHUNK_BYTES = 8 * 2**20
+CHUNK_BYTES = 4 * 2**20
 """Bytes of the largest coefficient tensor ``(samples, specifications) + value shape`` of one chunk of the backward
 pass. Every rule makes several tensors of that size; small ones stay in the processor's cache and are reused from the
 heap, where large ones (above glibc's mmap threshold, 32 MiB at most) are page-faulted in afresh at each allocation.
@@ -217,9 +217,26 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
     lo, hi = boxes[reads[0]]
     if isinstance(layer, Affine) and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
         return affine_at_input(layer, a, lo, ctx)
+    activation = _activation_before_pool(network, index)
+    if activation is not None:  # both rules at once, on the windows' maxima only
+        pre = network.inputs[activation][0]
+        a_in, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
+        _accumulate(pending, pre, a_in)
+        return c
     a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
     _accumulate(pending, reads[0], a_in)
     return c
+
+
+def _activation_before_pool(network: Network, index: int) -> int | None:
+    """The index of the activation whose output only ``network.layers[index]`` reads, when that layer is a max pooling
+    with :func:`.disjoint_windows` (their rules then run together: :func:`.maxpool_activation_backward`)."""
+    layer, value = network.layers[index], network.inputs[index][0]
+    if not isinstance(layer, MaxPool) or value == 0 or not disjoint_windows(layer):
+        return None
+    if not isinstance(network.layers[value - 1], Activation):
+        return None
+    return value - 1 if sum(reads.count(value) for reads in network.inputs) == 1 else None
 
 
 def _accumulate(pending: dict, value: int, a: torch.Tensor) -> None:

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from art_weightpert.certification.activations import activation_backward
 from art_weightpert.certification.common import sum_features
-from art_weightpert.network import MaxPool
+from art_weightpert.network import Activation, MaxPool
 
 
 def _geometry(mod):
@@ -34,7 +35,10 @@ def _coefficients(lam: torch.Tensor, dominant: torch.Tensor, u_max: torch.Tensor
     return selected, const
 
 
-def _native(layer: MaxPool, a, lo, hi):
+def _native_selection(layer: MaxPool, a, lo, hi):
+    """The rule on non-overlapping windows, before the coefficients are put back into the input: the coefficient on
+    each window's ``h_{j*}`` ``(N, K, C, P)``, the flat index of ``j*`` in its channel's map ``(N, C, P)``, and the
+    constant ``(N, K)``."""
     mod = layer.module
     kernel, stride, pad, dil = _geometry(mod)
     n, k = a.shape[:2]
@@ -45,11 +49,22 @@ def _native(layer: MaxPool, a, lo, hi):
     others_hi = hi.flatten(2).scatter(2, flat_best, float("-inf")).reshape(hi.shape)  # each j* in one window only
     others = F.max_pool2d(others_hi, kernel, stride, pad, dil)
     dominant = (others <= l_best).flatten(2).unsqueeze(1)  # y = h_{j*} exactly
-    lam = a.reshape(n, k, channels, -1)
-    selected, const = _coefficients(lam, dominant, u_max.flatten(2))
-    a_in = lam.new_zeros((n, k, channels, lo[0, 0].numel()))
+    selected, const = _coefficients(a.reshape(n, k, channels, -1), dominant, u_max.flatten(2))
+    return selected, flat_best, const
+
+
+def _put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The coefficients ``selected`` ``(N, K, C, P)`` scattered to the window maxima ``flat_best`` of an input of
+    ``shape`` ``(N, C, H, W)``: ``(N, K, C, H, W)`` (zero elsewhere)."""
+    n, k, channels = selected.shape[:3]
+    a_in = selected.new_zeros((n, k, channels, shape[2:].numel()))
     a_in.scatter_(3, flat_best.unsqueeze(1).expand(n, k, -1, -1), selected)
-    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
+    return a_in.reshape((n, k) + tuple(shape[1:]))
+
+
+def _native(layer: MaxPool, a, lo, hi):
+    selected, flat_best, const = _native_selection(layer, a, lo, hi)
+    return _put_back(selected, flat_best, lo.shape), const
 
 
 def _unfolded(layer: MaxPool, a, lo, hi):
@@ -78,6 +93,28 @@ def _unfolded(layer: MaxPool, a, lo, hi):
     return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
 
 
+def disjoint_windows(layer: MaxPool) -> bool:
+    """Whether the pooling's windows do not overlap (stride ≥ the dilated kernel) and it floors its output size."""
+    mod = layer.module
+    kernel, stride, _, dil = _geometry(mod)
+    return not mod.ceil_mode and all(s >= d * (kk - 1) + 1 for s, d, kk in zip(stride, dil, kernel))
+
+
+def maxpool_activation_backward(
+    layer: MaxPool, activation: Activation, a: torch.Tensor, boxes: tuple, pre_boxes: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The max-pooling rule then the activation's rule, for a pooling with :func:`disjoint_windows` whose input is the
+    output of ``activation`` (and of nothing else). ``boxes``: the pooling's input box, ``pre_boxes``: the activation's.
+
+    The pooling puts coefficients on one input per window only, so the activation's rule (element-wise; a zero
+    coefficient takes nothing) runs on those entries alone, ``1/(kh·kw)`` of the map, before they are put back: the
+    same values as the two rules one after the other. Returns ``(λ on the activation's input, constant)``."""
+    selected, flat_best, const = _native_selection(layer, a, *boxes)
+    pre_lo, pre_hi = (t.flatten(2).gather(2, flat_best) for t in pre_boxes)
+    a_in, const_activation = activation_backward(activation, selected, pre_lo, pre_hi)
+    return _put_back(a_in, flat_best, pre_boxes[0].shape), const + const_activation
+
+
 def maxpool_backward(layer: MaxPool, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx=None):
     """The backward rule of a max pooling: ``(λ on the input, constant)`` over the input box ``[lo, hi]``."""
     mod = layer.module
@@ -85,6 +122,4 @@ def maxpool_backward(layer: MaxPool, a: torch.Tensor, lo: torch.Tensor, hi: torc
         from art_weightpert.certification.linear import concretize  # (linear imports this module)
 
         return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, layer.apply(lo), layer.apply(hi))
-    kernel, stride, _, dil = _geometry(mod)
-    disjoint = all(s >= d * (kk - 1) + 1 for s, d, kk in zip(stride, dil, kernel))
-    return (_native if disjoint else _unfolded)(layer, a, lo, hi)
+    return (_native if disjoint_windows(layer) else _unfolded)(layer, a, lo, hi)
