@@ -190,7 +190,11 @@ class BoxBall(Ball):
             return None, -(offset.flatten(2) @ delta.reshape(-1))
         a = view.coefficients
         value = _uniform_value(radius)
-        g = value * a.abs().sum(dim=2, keepdim=True) if value is not None else view.transposed(a.abs(), radius)
+        g = (
+            value * torch.linalg.vector_norm(a, 1, dim=2, keepdim=True)
+            if value is not None
+            else view.transposed(a.abs(), radius)
+        )
         return view.minus_abs_input(g)
 
     def support(self, g, radius, shape):

@@ -206,9 +206,12 @@ def affine_backward(
         change, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
         if pert is not None:
             const = const + times_sample_factors(pert, ctx.scale)
-    a_in = view.input_coefficients(ctx.params[layer.weight_name])
-    if change is not None:
-        a_in = a_in + times_sample_factors(change, ctx.scale)
+    weight, change = ctx.params[layer.weight_name], times_sample_factors(change, ctx.scale)
+    if change is not None and not layer.is_conv:  # λW + change in one product (the change broadcast into its output)
+        a_in = torch.addmm(change.reshape(-1, change.shape[-1]), flatten_specs(a), weight).reshape(a.shape[:2] + (-1,))
+    else:
+        a_in = view.input_coefficients(weight)
+        a_in = a_in if change is None else a_in + change
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype), ctx.scale)
