@@ -142,10 +142,10 @@ class AffineBackward:
     def _gradient_box(self) -> tuple[torch.Tensor, torch.Tensor]:
         lam = self._grouped()
         if self.known_input:
-            centre = torch.einsum("nkgrp,ngjp->nkgrj", lam, self._patches(self.lo))
+            centre = _per_sample_kernel_gradient(lam, self._patches(self.lo))
             return centre, torch.zeros_like(centre)
-        centre = torch.einsum("nkgrp,ngjp->nkgrj", lam, self._patches((self.lo + self.hi) / 2))
-        spread = torch.einsum("nkgrp,ngjp->nkgrj", lam.abs(), self._patches((self.hi - self.lo) / 2))
+        centre = _per_sample_kernel_gradient(lam, self._patches((self.lo + self.hi) / 2))
+        spread = _per_sample_kernel_gradient(lam.abs(), self._patches((self.hi - self.lo) / 2))
         return centre, spread
 
     def add_to_kernel(self, coef: torch.Tensor, factor: torch.Tensor | None = None) -> None:
@@ -174,10 +174,24 @@ class AffineBackward:
         """The linear function ``ĥ ↦ ⟨coef, G(ĥ)⟩`` of the input, for ``coef`` shaped like :meth:`gradient_box`'s
         tensors, as coefficients ``(N, K) + input shape`` (the patches' adjoint)."""
         a, lo, mod = self.coefficients, self.lo, self.layer.module
-        per_patch = torch.einsum("nkgrj,nkgrp->nkgjp", coef, self._grouped())
-        cols = per_patch.reshape(a.shape[0] * a.shape[1], -1, per_patch.shape[-1])
+        lam = self._grouped()
+        n, k, g, r, p = lam.shape
+        coef = coef.expand(n, k, g, r, coef.shape[-1])
+        # per sample, class and group: coefᵀ λ, (j × r)(r × p); explicit bmm on views (einsum copies operands)
+        per_patch = torch.bmm(coef.reshape(n * k * g, r, -1).transpose(1, 2), lam.reshape(n * k * g, r, p))
+        cols = per_patch.reshape(n * k, -1, p)
         folded = F.fold(cols, lo.shape[2:], mod.kernel_size, mod.dilation, self.layer.padding, mod.stride)
         return folded.reshape(a.shape[:2] + lo.shape[1:])
+
+
+def _per_sample_kernel_gradient(lam: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """``Σ_p λ_{n,k,g,r,p} patch_{n,g,j,p}``, ``(N, K, groups, rows/groups, C/groups·kh·kw)``, from ``λ`` ``(N, K,
+    groups, rows/groups, P)`` and the patches ``(N, groups, C/groups·kh·kw, P)``: one bmm per sample and group over
+    its ``K·rows`` (explicit bmm on views: einsum copies operands)."""
+    n, k, g, r, p = lam.shape
+    left = lam.permute(0, 2, 1, 3, 4).reshape(n * g, k * r, p)  # a view when groups = 1
+    out = torch.bmm(left, patches.reshape(n * g, -1, p).transpose(1, 2))
+    return out.reshape(n, g, k, r, -1).permute(0, 2, 1, 3, 4)
 
 
 # ------------------------------------------------------------------------------------------------ affine rules
