@@ -52,7 +52,12 @@ from art_weightpert.certification.common import (
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
 from art_weightpert.certification.pooling import disjoint_windows, maxpool_activation_backward, maxpool_backward
-from art_weightpert.certification.weight_terms import BackwardContext, affine_at_input, affine_backward
+from art_weightpert.certification.weight_terms import (
+    BackwardContext,
+    affine_at_input,
+    affine_backward,
+    convolution_at_input_on_entries,
+)
 from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 
 
@@ -220,6 +225,13 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
         pre = network.inputs[activation][0]
+        conv = _convolution_at_input(network, pre, boxes)
+        if conv is not None:  # and the convolution on the input before them, on those entries too
+            a_in, where, c = maxpool_activation_backward(
+                layer, network.layers[activation], a, (lo, hi), boxes[pre], False
+            )
+            h = boxes[network.inputs[conv][0]][0]
+            return c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, ctx)
         a_in, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
         _accumulate(pending, pre, a_in)
         return c
@@ -237,6 +249,18 @@ def _activation_before_pool(network: Network, index: int) -> int | None:
     if not isinstance(network.layers[value - 1], Activation):
         return None
     return value - 1 if sum(reads.count(value) for reads in network.inputs) == 1 else None
+
+
+def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | None:
+    """The index of the layer producing ``value`` when it is a 2-d convolution (one group) on a known input whose output
+    only one layer reads (:func:`.convolution_at_input_on_entries` then applies)."""
+    if value == 0:
+        return None
+    layer = network.layers[value - 1]
+    if not isinstance(layer, Affine) or not layer.is_conv or layer.module.weight.dim() != 4 or layer.module.groups != 1:
+        return None
+    lo, hi = boxes[network.inputs[value - 1][0]]
+    return value - 1 if lo is hi and sum(reads.count(value) for reads in network.inputs) == 1 else None
 
 
 def _accumulate(pending: dict, value: int, a: torch.Tensor) -> None:

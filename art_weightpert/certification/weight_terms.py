@@ -86,6 +86,7 @@ class AffineBackward:
     lo: torch.Tensor
     hi: torch.Tensor
     scale: torch.Tensor | None = None  # per-sample radius factors (N,) of the terms given to add_to_kernel
+    gradient: tuple[torch.Tensor, torch.Tensor] | None = None  # the kernel-gradient box, when computed elsewhere
     kernel_offset: tuple[torch.Tensor, torch.Tensor] | None = None  # (coefficient, factor): see add_to_kernel
 
     @property
@@ -140,6 +141,8 @@ class AffineBackward:
 
     @cached_property
     def _gradient_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gradient is not None:
+            return self.gradient
         lam = self._grouped()
         if self.known_input:
             centre = _per_sample_kernel_gradient(lam, self._patches(self.lo))
@@ -246,4 +249,37 @@ def affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: Backwa
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         const = const + times_sample_factors(_bias_term(bt, _row_sums(a), a.dtype), ctx.scale)
+    return const
+
+
+@in_kernel_chunks
+def convolution_at_input_on_entries(
+    layer: Affine, a: torch.Tensor, where: torch.Tensor, h: torch.Tensor, ctx: BackwardContext
+) -> torch.Tensor:
+    """:func:`affine_at_input` for a convolution (one group) whose coefficients are zero but at one output position per
+    (sample, channel, window): ``a`` ``(N, K, rows, P)`` at the flat positions ``where`` ``(N, rows, P)`` of the output
+    map (a max pooling's maxima). The same value, with ``λ·ẑ``, the bias's row sums and the kernel gradient computed
+    on those entries only (the kernel gradient from the input patches at each row's own positions)."""
+    weight = ctx.params[layer.weight_name]
+    bias = ctx.params[layer.bias_name] if layer.bias_name else None
+    const = batched_dot(a, layer.apply(h, weight, bias).flatten(2).gather(2, where))
+    wt = ctx.param_balls.get(layer.weight_name)
+    if wt is not None:
+        n, k, rows, p = a.shape
+        mod = layer.module
+        patches = F.unfold(h, mod.kernel_size, mod.dilation, layer.padding, mod.stride)  # (N, C·kh·kw, H'·W')
+        at = (
+            patches.unsqueeze(1)
+            .expand(n, rows, -1, -1)
+            .gather(3, where.unsqueeze(2).expand(-1, -1, len(patches[0]), -1))
+        )
+        # G_{n,k,r} = Σ_p λ_{n,k,r,p} patch(position_{n,r,p}): one bmm per sample and row over its K specifications
+        g = torch.bmm(a.permute(0, 2, 1, 3).reshape(n * rows, k, p), at.reshape(n * rows, -1, p).transpose(1, 2))
+        centre = g.reshape(n, rows, k, -1).transpose(1, 2).unsqueeze(2)  # (N, K, 1, rows, C·kh·kw)
+        view = AffineBackward(layer, a, h, h, gradient=(centre, torch.zeros_like(centre)))
+        _, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
+        const = const + times_sample_factors(pert, ctx.scale)
+    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
+    if bt is not None:
+        const = const + times_sample_factors(_bias_term(bt, a.sum(dim=3), a.dtype), ctx.scale)
     return const
