@@ -48,6 +48,7 @@ from art_weightpert.defences.trainer.schedule import (
     scale_param_balls,
     step_scheduler,
 )
+from art_weightpert.defences.trainer.shared_forward import takes_logits, train_matches_eval
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import (
@@ -63,6 +64,7 @@ logger = logging.getLogger(__name__)
 # default warm-up (epochs) of λ and ε: 5 is enough for the digits MLP, a 3x32x32 CNN needs ~10 (docs/training.md)
 WARMUP_EPOCHS = 10
 
+SUMMED_TERMS = ("loss", "ce", "robust", "accuracy")  # the terms of loss_terms averaged over an epoch's samples
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "accuracy", "lr", "time")
 
 
@@ -138,6 +140,8 @@ class WeightRobustTrainer(Trainer):
         self._estimator = estimator
         self._network = read_network(estimator.base_model, estimator.input_shape)
         METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
+        self._reread = any(isinstance(layer, BatchNorm) for layer in self._network.layers)
+        self._train_matches_eval = train_matches_eval(self._network, estimator.base_model)
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}
@@ -255,7 +259,7 @@ class WeightRobustTrainer(Trainer):
 
     def _network_now(self) -> Network:
         """The network read once; re-read when it has batch norm (its running statistics change while training)."""
-        if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
+        if self._reread:
             self._network = read_network(self._estimator.base_model, self._estimator.input_shape)
         return self._network
 
@@ -291,16 +295,17 @@ class WeightRobustTrainer(Trainer):
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32)
+            shared = {"logits": logits} if self._train_matches_eval and takes_logits(self.bound) else {}
+            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32, **shared)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
-            robust = torch.full((), float("nan"))
+            robust = torch.full((), float("nan"), device=logits.device)
         if self.mu > 0:
             norm = operator_norm_sum(network)
             loss = loss + self.mu * norm
         else:
-            norm = torch.full((), float("nan"))
+            norm = torch.full((), float("nan"), device=logits.device)
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "robust": robust, "norm": norm, "accuracy": accuracy}
 
@@ -362,8 +367,10 @@ class WeightRobustTrainer(Trainer):
         always predicting its most frequent label."""
         model = self._estimator.base_model
         optimizer = self._classifier._optimizer  # pylint: disable=protected-access
-        sums: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "accuracy": 0.0}  # tensors: no sync per step
-        label_counts = torch.zeros(self._estimator.nb_classes, dtype=torch.long, device=self._estimator.device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        device = self._estimator.device
+        sums = torch.zeros(len(SUMMED_TERMS), dtype=torch.float64, device=device)  # Σ term · samples: no sync per step
+        label_counts = torch.zeros(self._estimator.nb_classes, dtype=torch.long, device=device)
         lam_t, eps_scale = 0.0, 0.0
         for x_pre, y_pre, x_raw, labels, shard in batches():
             x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels, shard)
@@ -377,14 +384,15 @@ class WeightRobustTrainer(Trainer):
                 dp.empty_shard_loss(self._estimator.logits(x_pre)).backward()
             else:
                 terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
-                (terms["loss"] * dp.share(shard, len(y_pre))).backward()
-                for key in sums:
-                    sums[key] = sums[key] + terms[key].detach().to(torch.float64) * len(y_pre)
-                label_counts = label_counts + torch.bincount(y_pre, minlength=self._estimator.nb_classes)
-            dp.reduce_gradients(model)
+                share = dp.share(shard, len(y_pre))
+                (terms["loss"] if share == 1.0 else terms["loss"] * share).backward()
+                step_terms = torch.stack([terms[key].detach() for key in SUMMED_TERMS]).to(torch.float64)
+                sums.add_(step_terms, alpha=len(y_pre))
+                label_counts.add_(torch.bincount(y_pre, minlength=self._estimator.nb_classes))
+            dp.reduce_gradients(trainable)
             optimizer.step()
             state["step"] += 1
-        sums = {key: float(value) for key, value in sums.items()}  # one host sync per epoch
+        sums = dict(zip(SUMMED_TERMS, sums.tolist()))  # one host sync per epoch
         sums, label_counts = dp.reduce_epoch_sums(sums, label_counts.cpu().numpy())
         seen = max(int(label_counts.sum()), 1)
         with torch.no_grad():
