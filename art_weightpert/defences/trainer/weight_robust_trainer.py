@@ -40,7 +40,7 @@ from art_weightpert.certification.registry import METHODS
 from art_weightpert.defences.trainer import data_parallel as dp
 from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
-from art_weightpert.defences.trainer.monitoring import check_validation_data, validation_metrics
+from art_weightpert.defences.trainer.monitoring import EpochTotals, check_validation_data, validation_metrics
 from art_weightpert.defences.trainer.schedule import (
     CollapseDetector,
     check_scheduler,
@@ -64,7 +64,6 @@ logger = logging.getLogger(__name__)
 # default warm-up (epochs) of λ and ε: 5 is enough for the digits MLP, a 3x32x32 CNN needs ~10 (docs/training.md)
 WARMUP_EPOCHS = 10
 
-SUMMED_TERMS = ("loss", "ce", "robust", "accuracy")  # the terms of loss_terms averaged over an epoch's samples
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "accuracy", "lr", "time")
 
 
@@ -140,7 +139,6 @@ class WeightRobustTrainer(Trainer):
         self._estimator = estimator
         self._network = read_network(estimator.base_model, estimator.input_shape)
         METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
-        self._reread = any(isinstance(layer, BatchNorm) for layer in self._network.layers)
         self._train_matches_eval = train_matches_eval(self._network, estimator.base_model)
         for key, value in params.items():
             setattr(self, key, value)
@@ -259,7 +257,7 @@ class WeightRobustTrainer(Trainer):
 
     def _network_now(self) -> Network:
         """The network read once; re-read when it has batch norm (its running statistics change while training)."""
-        if self._reread:
+        if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._estimator.base_model, self._estimator.input_shape)
         return self._network
 
@@ -368,9 +366,7 @@ class WeightRobustTrainer(Trainer):
         model = self._estimator.base_model
         optimizer = self._classifier._optimizer  # pylint: disable=protected-access
         trainable = [p for p in model.parameters() if p.requires_grad]
-        device = self._estimator.device
-        sums = torch.zeros(len(SUMMED_TERMS), dtype=torch.float64, device=device)  # Σ term · samples: no sync per step
-        label_counts = torch.zeros(self._estimator.nb_classes, dtype=torch.long, device=device)
+        totals = EpochTotals(self._estimator.nb_classes, self._estimator.device)
         lam_t, eps_scale = 0.0, 0.0
         for x_pre, y_pre, x_raw, labels, shard in batches():
             x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels, shard)
@@ -386,14 +382,11 @@ class WeightRobustTrainer(Trainer):
                 terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
                 share = dp.share(shard, len(y_pre))
                 (terms["loss"] if share == 1.0 else terms["loss"] * share).backward()
-                step_terms = torch.stack([terms[key].detach() for key in SUMMED_TERMS]).to(torch.float64)
-                sums.add_(step_terms, alpha=len(y_pre))
-                label_counts.add_(torch.bincount(y_pre, minlength=self._estimator.nb_classes))
+                totals.add(terms, y_pre)
             dp.reduce_gradients(trainable)
             optimizer.step()
             state["step"] += 1
-        sums = dict(zip(SUMMED_TERMS, sums.tolist()))  # one host sync per epoch
-        sums, label_counts = dp.reduce_epoch_sums(sums, label_counts.cpu().numpy())
+        sums, label_counts = dp.reduce_epoch_sums(*totals.totals())
         seen = max(int(label_counts.sum()), 1)
         with torch.no_grad():
             norm = float(operator_norm_sum(self._network_now()))
