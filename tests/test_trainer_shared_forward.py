@@ -87,13 +87,28 @@ def test_lean_paper_bound_equals_formula_b_with_every_term(seed):
         model.float()
 
 
-def test_train_matches_eval_only_without_dropout_and_batch_norm():
+class HalvesInTraining(nn.Module):
+    """A forward that branches on the training flag (read in eval mode by the network reader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(0, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * 0.5 if self.training else x)
+
+
+def test_train_matches_eval_only_without_dropout_batch_norm_or_training_branches():
     plain = mlp(0, True)
-    assert train_matches_eval(read_network(plain, (12,)), plain)
+    assert train_matches_eval(read_network(plain, (12,)), plain, (12,))
+    assert plain.training  # flags restored
     dropout = mlp(0, True, nn.Dropout(0.5))
-    assert not train_matches_eval(read_network(dropout, (12,)), dropout)
+    assert not train_matches_eval(read_network(dropout, (12,)), dropout, (12,))
     norm = mlp(0, True, nn.BatchNorm1d(9))
-    assert not train_matches_eval(read_network(norm, (12,)), norm)
+    assert not train_matches_eval(read_network(norm, (12,)), norm, (12,))
+    branching = HalvesInTraining().eval()
+    assert not train_matches_eval(read_network(branching, (12,)), branching, (12,))
+    assert not branching.training
 
 
 @pytest.mark.parametrize("bound", list(METHODS))

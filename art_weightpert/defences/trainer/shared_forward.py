@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 from functools import cache
 
+import torch
 from torch import nn
 
 from art_weightpert.certification.registry import METHODS
@@ -22,12 +23,23 @@ from art_weightpert.network import BatchNorm, Network
 _TRAIN_ONLY_MODULES = (nn.modules.dropout._DropoutNd,)  # pylint: disable=protected-access
 
 
-def train_matches_eval(network: Network, model: nn.Module) -> bool:
-    """Whether ``model`` in train mode computes what ``network`` (its eval-semantics reading) computes: no batch norm
-    and no dropout."""
+def train_matches_eval(network: Network, model: nn.Module, input_shape: tuple[int, ...]) -> bool:
+    """Whether ``model`` in train mode computes what ``network`` (its eval-semantics reading) computes: no batch norm,
+    no dropout, and the train-mode forward reproduces the network's on three random inputs (a forward that branches on
+    ``self.training`` may not)."""
     if any(isinstance(layer, BatchNorm) for layer in network.layers):
         return False
-    return not any(isinstance(module, _TRAIN_ONLY_MODULES) for module in model.modules())
+    if any(isinstance(module, _TRAIN_ONLY_MODULES) for module in model.modules()):
+        return False
+    x = torch.rand((3, *input_shape), generator=torch.Generator().manual_seed(0)).to(next(model.parameters()))
+    flags = {m: m.training for m in model.modules()}
+    model.train()
+    try:
+        with torch.no_grad():
+            return torch.allclose(model(x), network.forward(x), rtol=1e-5, atol=1e-6)
+    finally:
+        for m, flag in flags.items():  # each submodule's own flag (model.train() set them all)
+            m.training = flag
 
 
 @cache

@@ -139,7 +139,7 @@ class WeightRobustTrainer(Trainer):
         self._estimator = estimator
         self._network = read_network(estimator.base_model, estimator.input_shape)
         METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
-        self._train_matches_eval = train_matches_eval(self._network, estimator.base_model)
+        self._train_matches_eval = train_matches_eval(self._network, estimator.base_model, estimator.input_shape)
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}
