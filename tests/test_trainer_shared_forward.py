@@ -1,4 +1,4 @@
-"""The trainer's shared forward pass and the lean "paper" bound compute what the straightforward computation does."""
+"""The trainer's shared forward pass, the lean "paper" bound and fill_label compute what the plain code does."""
 
 from __future__ import annotations
 
@@ -133,3 +133,16 @@ def test_loss_terms_equal_the_straightforward_loss_and_gradients(bound, hidden):
     torch.testing.assert_close(terms["robust"], robust)
     for g, w in zip(got, grads(loss, model)):
         torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fill_label_equals_the_scatter_of_an_inf_column(dtype):
+    bounds = torch.randn(9, 4, dtype=dtype, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0])
+    got = fill_label(bounds, labels)
+    want = bounds.scatter(1, labels[:, None], torch.full((9, 1), float("inf"), dtype=dtype))
+    assert torch.equal(got, want) and got.dtype == dtype
+    weights = torch.randn(9, 4, dtype=dtype)
+    grad_got = torch.autograd.grad((got.clamp_max(9) * weights).sum(), bounds)[0]
+    grad_want = torch.autograd.grad((want.clamp_max(9) * weights).sum(), bounds)[0]
+    assert torch.equal(grad_got, grad_want)
