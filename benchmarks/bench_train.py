@@ -22,25 +22,34 @@ import time
 
 import torch
 
-from art_weightpert.certification import METHODS
 from art_weightpert.data import load_digits_data
 from art_weightpert.defences.trainer import WeightRobustTrainer
-from art_weightpert.zoo import DIGITS_RECIPE
 
 TARGETS = {"paper": 2.0, "interval": 4.0}
 
 
-def epoch_time(method: str, x, y, epochs: int) -> tuple[float, float]:
-    """(wall, CPU) seconds per epoch of one ``fit`` call of ``epochs`` epochs (``method="art"``: ART's plain fit)."""
-    clf = DIGITS_RECIPE.classifier()
+def _recipe():
+    """(classifier, budget, λ, batch size) of the digits recipe. A checkout from before ``DIGITS_RECIPE`` (the base
+    of ``bench_hot_paths.py``'s before/after comparison) gets the same set-up from the functions it had."""
+    try:
+        from art_weightpert.zoo import DIGITS_RECIPE
+    except ImportError:
+        from art_weightpert.zoo import default_digits_budget, digits_mlp, make_classifier
+
+        return make_classifier(digits_mlp(seed=0), (64,), lr=3e-3), default_digits_budget(), 1.0, 128
+    return DIGITS_RECIPE.classifier(), DIGITS_RECIPE.budget(), DIGITS_RECIPE.lam, DIGITS_RECIPE.batch_size
+
+
+def epoch_time(method: str, x, y, epochs: int, **trainer_params) -> tuple[float, float]:
+    """(wall, CPU) seconds per epoch of one ``fit`` call of ``epochs`` epochs (``method="art"``: ART's plain fit);
+    ``trainer_params``: further :class:`.WeightRobustTrainer` arguments."""
+    clf, budget, lam, batch_size = _recipe()
     torch.manual_seed(0)
     if method == "art":
-        run = lambda: clf.fit(x, y, batch_size=DIGITS_RECIPE.batch_size, nb_epochs=epochs)  # noqa: E731
+        run = lambda: clf.fit(x, y, batch_size=batch_size, nb_epochs=epochs)  # noqa: E731
     else:
-        trainer = WeightRobustTrainer(
-            clf, DIGITS_RECIPE.budget(), lam=DIGITS_RECIPE.lam, warmup=0, bound=method, verbose=False
-        )
-        run = lambda: trainer.fit(x, y, batch_size=DIGITS_RECIPE.batch_size, nb_epochs=epochs)  # noqa: E731
+        trainer = WeightRobustTrainer(clf, budget, lam=lam, warmup=0, bound=method, verbose=False, **trainer_params)
+        run = lambda: trainer.fit(x, y, batch_size=batch_size, nb_epochs=epochs)  # noqa: E731
     wall, cpu = time.perf_counter(), time.process_time()
     run()
     return (time.perf_counter() - wall) / epochs, (time.process_time() - cpu) / epochs
@@ -55,6 +64,8 @@ def main() -> None:
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
     x, y, _, _ = load_digits_data()
+    from art_weightpert.certification import METHODS
+
     methods = ["art", *METHODS]
     for method in methods:  # warm-up: imports, first-call allocations
         epoch_time(method, x, y, 1)
@@ -68,8 +79,8 @@ def main() -> None:
         "benchmark": "train_epoch",
         "model": "digits MLP 64-128-64-10 (bias-free)",
         "samples": int(len(x)),
-        "batch_size": DIGITS_RECIPE.batch_size,
-        "budget": DIGITS_RECIPE.budget().to_dict(),
+        "batch_size": _recipe()[3],
+        "budget": _recipe()[1].to_dict(),
         "threads": args.threads,
         "epochs_per_measurement": args.epochs,
         "repeats": args.repeats,

@@ -42,8 +42,7 @@ def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> 
 
 def fill_label(bounds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``bounds`` ``(N, K)`` with the label's own column set to ``+inf``."""
-    inf = torch.full_like(labels, 0, dtype=bounds.dtype).unsqueeze(1) + float("inf")
-    return bounds.scatter(1, labels.unsqueeze(1), inf)
+    return bounds.scatter(1, labels.unsqueeze(1), float("inf"))  # a scalar source: no (N, 1) tensor of +inf
 
 
 def sample_factors(scale: torch.Tensor | None, ndim: int) -> torch.Tensor | None:

@@ -59,16 +59,27 @@ PAPER_RULES = {
 
 
 def layer_constants(layer: Affine, params: dict[str, torch.Tensor], param_balls: dict[str, ParameterBall], dtype):
-    """``(a, ε per row, β per row, ‖b‖_∞)`` of one affine layer; ε and β are zero tensors when unperturbed."""
+    """``(a, ε per row, β per row, ‖b‖_∞)`` of one affine layer; ε and β are ``None`` when unperturbed, ``‖b‖_∞`` is
+    ``None`` without a bias (a zero term: the bound skips it, which changes neither its value nor its gradient)."""
+    a, b_norm = _weight_constants(layer, params)
+    return (a, *_radius_constants(layer, params, param_balls, dtype), b_norm)
+
+
+def _weight_constants(layer: Affine, params: dict[str, torch.Tensor]):
+    """``(a, ‖b‖_∞ or None)``: the largest row ℓ1 norm of the weight and the bias's largest entry."""
     weight = params[layer.weight_name]
-    rows = weight.reshape(weight.shape[0], -1)
-    a = rows.abs().sum(dim=1).max()
+    a = weight.reshape(weight.shape[0], -1).abs().sum(dim=1).max()
+    return a, params[layer.bias_name].abs().max() if layer.bias_name else None
+
+
+def _radius_constants(layer: Affine, params: dict[str, torch.Tensor], param_balls: dict[str, ParameterBall], dtype):
+    """``(ε per row or None, β per row or None)``: row ℓ1 radii of the weight ball, entry bounds of the bias ball."""
+    weight = params[layer.weight_name]
     wt = param_balls.get(layer.weight_name)
-    eps = wt.ball.row_l1_radius(wt.radius.to(dtype), weight.shape) if wt is not None else rows.new_zeros(len(rows))
+    eps = wt.ball.row_l1_radius(wt.radius.to(dtype), weight.shape) if wt is not None else None
     bt = param_balls.get(layer.bias_name) if layer.bias_name else None
-    beta = bt.ball.entry_bound(bt.radius.to(dtype), (len(rows),)) if bt is not None else rows.new_zeros(len(rows))
-    b_norm = params[layer.bias_name].abs().max() if layer.bias_name else rows.new_zeros(())
-    return a, eps, beta, b_norm
+    beta = bt.ball.entry_bound(bt.radius.to(dtype), (weight.shape[0],)) if bt is not None else None
+    return eps, beta
 
 
 def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dtype, cache: BoundCache | None):
@@ -81,6 +92,37 @@ def _constants(layer: Affine, params, param_balls: dict[str, ParameterBall], dty
     )
 
 
+def _sum(*terms: torch.Tensor | None) -> torch.Tensor | None:
+    """The sum of the terms that are not ``None`` (absent terms are zeros), left to right; ``None`` when all are."""
+    total = None
+    for t in terms:
+        if t is not None:
+            total = t if total is None else total + t
+    return total
+
+
+def _times(factor: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor | None:
+    """``factor · t``, ``None`` when ``t`` is absent (zero); ``factor=None`` is a factor of 1."""
+    return t if t is None or factor is None else factor * t
+
+
+def _propagate(network: Network, params, param_balls, n: torch.Tensor, s: torch.Tensor | None, dtype, cache):
+    """``(N, D)`` at the input of the last layer, from ``N = ‖x‖_∞`` and ``D = 0`` (``D`` is ``None`` while it is
+    exactly zero, so that zero terms are skipped); ``s``: per-sample radius factors or ``None``."""
+    d = None
+    for layer in network.layers[:-1]:
+        if isinstance(layer, Affine):
+            a, eps, beta, b_norm = _constants(layer, params, param_balls, dtype, cache)
+            eps_max = _times(s, None if eps is None else eps.max())
+            beta_max = _times(s, None if beta is None else beta.max())
+            d = _sum(None if d is None else a * d, None if eps_max is None else eps_max * n, beta_max)
+            n = _sum((a if eps_max is None else a + eps_max) * n, b_norm, beta_max)
+        else:
+            n, d_out = PAPER_RULES[type(layer)](layer, n, torch.zeros_like(n) if d is None else d)
+            d = None if d is None else d_out
+    return n, d
+
+
 def paper_margin_bounds(
     network: Network,
     param_balls: ParamBalls,
@@ -89,12 +131,18 @@ def paper_margin_bounds(
     dtype: torch.dtype = torch.float64,
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
+    *,
+    logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
 
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).
+
+    :param logits: the network's logits on ``x`` (eval semantics) when the caller has them already (the trainer's
+        cross-entropy forward, where train and eval semantics agree): the margins ``m`` are taken from them instead of
+        a second forward pass, and their gradient joins the caller's.
     """
     if not network.is_chain:  # the registry's check (chains_only) says why; also for direct calls
         raise UnsupportedModelError(
@@ -103,27 +151,28 @@ def paper_margin_bounds(
     param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
-    logits = network.forward(x, params)
-    n = x.flatten(1).abs().amax(dim=1)  # B = ‖x‖_∞ per sample
-    d = torch.zeros_like(n)
-    s = torch.ones_like(n) if scale is None else scale.to(n)
-    for layer in network.layers[:-1]:
-        if isinstance(layer, Affine):
-            a, eps, beta, b_norm = _constants(layer, params, param_balls, dtype, cache)
-            eps_max, beta_max = s * eps.max(), s * beta.max()
-            d = a * d + eps_max * n + beta_max
-            n = (a + eps_max) * n + b_norm + beta_max
-        else:
-            n, d = PAPER_RULES[type(layer)](layer, n, d)
+    logits = network.forward(x, params) if logits is None else logits.to(dtype)
+    s = None if scale is None else scale.to(dtype)
+    n, d = _propagate(network, params, param_balls, x.flatten(1).abs().amax(dim=1), s, dtype, cache)  # N₀ = ‖x‖_∞
     last = network.layers[-1]
-    _, eps, beta, _ = _constants(last, params, param_balls, dtype, cache)
-    weight = params[last.weight_name]
-    pair_dw = cached(  # ‖W_y − W_i‖_1, (K, K)
-        cache, "pair_dw", (weight,), lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)
+    balls = [param_balls.get(name) for name in (last.weight_name, last.bias_name) if name]
+    eps, beta = cached(
+        cache,
+        f"paper_radii/{last.name}/{dtype}",
+        [t.radius for t in balls if t is not None],
+        lambda: _radius_constants(last, params, param_balls, dtype),
     )
-    dw = pair_dw[labels]
-    pair_eps = (eps[labels].unsqueeze(1) + eps.unsqueeze(0)) * s.unsqueeze(1)  # ε_y + ε_i
-    pair_beta = (beta[labels].unsqueeze(1) + beta.unsqueeze(0)) * s.unsqueeze(1)
-    eta = dw * d.unsqueeze(1) + pair_eps * n.unsqueeze(1) + pair_beta
+    s_col = None if s is None else s.unsqueeze(1)
+    eta = None
+    if d is not None:
+        weight = params[last.weight_name]
+        pair_dw = cached(  # ‖W_y − W_i‖_1, (K, K)
+            cache, "pair_dw", (weight,), lambda: (weight.unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)
+        )
+        eta = pair_dw[labels] * d.unsqueeze(1)
+    if eps is not None:  # (ε_y + ε_i) N
+        eta = _sum(eta, _times(s_col, eps[labels].unsqueeze(1) + eps.unsqueeze(0)) * n.unsqueeze(1))
+    if beta is not None:  # β_y + β_i
+        eta = _sum(eta, _times(s_col, beta[labels].unsqueeze(1) + beta.unsqueeze(0)))
     margins = logits.gather(1, labels.unsqueeze(1)) - logits
-    return fill_label(margins - eta, labels)
+    return fill_label(margins if eta is None else margins - eta, labels)

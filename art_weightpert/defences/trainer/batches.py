@@ -75,11 +75,13 @@ def array_batches(
         for global_index in epoch_order(loader):
             part = distributed.shard_of_batch(len(global_index))
             index, shard = global_index[part], Shard(part.start, len(global_index))
+            on_device = index.to(x_pre.device)  # index_select: cheaper than x_pre[index]
+            x_batch, y_batch = x_pre.index_select(0, on_device), y_pre.index_select(0, on_device)
             if keep_raw:
                 idx = index.numpy()
-                yield x_pre[index], y_pre[index], x[idx], labels[idx], shard
+                yield x_batch, y_batch, x[idx], labels[idx], shard
             else:
-                yield x_pre[index], y_pre[index], None, None, shard
+                yield x_batch, y_batch, None, None, shard
 
     return batches, len(loader)
 

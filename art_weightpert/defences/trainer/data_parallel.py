@@ -61,9 +61,9 @@ def empty_shard_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.sum() * 0.0
 
 
-def reduce_gradients(model: torch.nn.Module) -> None:
-    """Sum the weighted gradients of every trainable parameter over the ranks (the global batch's gradient)."""
-    distributed.all_reduce_gradients([p for p in model.parameters() if p.requires_grad])
+def reduce_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Sum the weighted gradients of the trainable ``parameters`` over the ranks (the global batch's gradient)."""
+    distributed.all_reduce_gradients(parameters)
 
 
 def reduce_epoch_sums(sums: dict[str, float], label_counts: np.ndarray) -> tuple[dict[str, float], np.ndarray]:

@@ -1,14 +1,37 @@
-"""Validation data of :class:`.WeightRobustTrainer`: checked once, evaluated after every epoch."""
+"""Monitoring of :class:`.WeightRobustTrainer`: the totals of an epoch's steps, and the validation data (checked once,
+evaluated after every epoch)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+import torch
 
 from art_weightpert import distributed
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+
+
+class EpochTotals:
+    """The sums over an epoch's steps of the terms of :meth:`.WeightRobustTrainer.loss_terms` (weighted by the step's
+    samples) and the label counts, kept on the device: no host synchronization per step."""
+
+    TERMS = ("loss", "ce", "robust", "accuracy")
+
+    def __init__(self, nb_classes: int, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.TERMS), dtype=torch.float64, device=device)
+        self.label_counts = torch.zeros(nb_classes, dtype=torch.long, device=device)
+
+    def add(self, terms: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Add one step's terms (batch means) and labels."""
+        step = torch.stack([terms[key].detach() for key in self.TERMS]).to(torch.float64)
+        self.sums.add_(step, alpha=len(labels))
+        self.label_counts.add_(torch.bincount(labels, minlength=len(self.label_counts)))
+
+    def totals(self) -> tuple[dict[str, float], np.ndarray]:
+        """The sums by term name and the label counts (one host synchronization)."""
+        return dict(zip(self.TERMS, self.sums.tolist())), self.label_counts.cpu().numpy()
 
 
 def check_validation_data(
@@ -43,4 +66,4 @@ def validation_metrics(
     }
 
 
-__all__ = ["check_validation_data", "validation_metrics"]
+__all__ = ["EpochTotals", "check_validation_data", "validation_metrics"]

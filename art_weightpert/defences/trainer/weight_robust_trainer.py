@@ -40,7 +40,7 @@ from art_weightpert.certification.registry import METHODS
 from art_weightpert.defences.trainer import data_parallel as dp
 from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
-from art_weightpert.defences.trainer.monitoring import check_validation_data, validation_metrics
+from art_weightpert.defences.trainer.monitoring import EpochTotals, check_validation_data, validation_metrics
 from art_weightpert.defences.trainer.schedule import (
     CollapseDetector,
     check_scheduler,
@@ -48,6 +48,7 @@ from art_weightpert.defences.trainer.schedule import (
     scale_param_balls,
     step_scheduler,
 )
+from art_weightpert.defences.trainer.shared_forward import takes_logits, train_matches_eval
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import (
@@ -138,6 +139,7 @@ class WeightRobustTrainer(Trainer):
         self._estimator = estimator
         self._network = read_network(estimator.base_model, estimator.input_shape)
         METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
+        self._train_matches_eval = train_matches_eval(self._network, estimator.base_model, estimator.input_shape)
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}
@@ -291,16 +293,17 @@ class WeightRobustTrainer(Trainer):
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32)
+            shared = {"logits": logits} if self._train_matches_eval and takes_logits(self.bound) else {}
+            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32, **shared)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
-            robust = torch.full((), float("nan"))
+            robust = torch.full((), float("nan"), device=logits.device)
         if self.mu > 0:
             norm = operator_norm_sum(network)
             loss = loss + self.mu * norm
         else:
-            norm = torch.full((), float("nan"))
+            norm = torch.full((), float("nan"), device=logits.device)
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "robust": robust, "norm": norm, "accuracy": accuracy}
 
@@ -362,8 +365,8 @@ class WeightRobustTrainer(Trainer):
         always predicting its most frequent label."""
         model = self._estimator.base_model
         optimizer = self._classifier._optimizer  # pylint: disable=protected-access
-        sums: dict[str, Any] = {"loss": 0.0, "ce": 0.0, "robust": 0.0, "accuracy": 0.0}  # tensors: no sync per step
-        label_counts = torch.zeros(self._estimator.nb_classes, dtype=torch.long, device=self._estimator.device)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        totals = EpochTotals(self._estimator.nb_classes, self._estimator.device)
         lam_t, eps_scale = 0.0, 0.0
         for x_pre, y_pre, x_raw, labels, shard in batches():
             x_pre = with_adversarial_inputs(self.attack, self.ratio, self._estimator, x_pre, x_raw, labels, shard)
@@ -377,15 +380,13 @@ class WeightRobustTrainer(Trainer):
                 dp.empty_shard_loss(self._estimator.logits(x_pre)).backward()
             else:
                 terms = self.loss_terms(x_pre, y_pre, lam=lam_t, param_balls=state["param_balls"], eps_scale=eps_scale)
-                (terms["loss"] * dp.share(shard, len(y_pre))).backward()
-                for key in sums:
-                    sums[key] = sums[key] + terms[key].detach().to(torch.float64) * len(y_pre)
-                label_counts = label_counts + torch.bincount(y_pre, minlength=self._estimator.nb_classes)
-            dp.reduce_gradients(model)
+                share = dp.share(shard, len(y_pre))
+                (terms["loss"] if share == 1.0 else terms["loss"] * share).backward()
+                totals.add(terms, y_pre)
+            dp.reduce_gradients(trainable)
             optimizer.step()
             state["step"] += 1
-        sums = {key: float(value) for key, value in sums.items()}  # one host sync per epoch
-        sums, label_counts = dp.reduce_epoch_sums(sums, label_counts.cpu().numpy())
+        sums, label_counts = dp.reduce_epoch_sums(*totals.totals())
         seen = max(int(label_counts.sum()), 1)
         with torch.no_grad():
             norm = float(operator_norm_sum(self._network_now()))

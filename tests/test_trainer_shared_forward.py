@@ -1,0 +1,148 @@
+"""The trainer's shared forward pass, the lean "paper" bound and fill_label compute what the plain code does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from art_weightpert import PerturbationBudget, PyTorchWeightClassifier
+from art_weightpert.certification import METHODS
+from art_weightpert.certification.common import fill_label
+from art_weightpert.certification.paper import PAPER_RULES, paper_margin_bounds
+from art_weightpert.defences.trainer import WeightRobustTrainer
+from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
+from art_weightpert.defences.trainer.schedule import scale_param_balls
+from art_weightpert.defences.trainer.shared_forward import train_matches_eval
+from art_weightpert.network import Affine, read_network
+
+
+def mlp(seed: int, bias: bool, hidden: nn.Module | None = None) -> nn.Sequential:
+    torch.manual_seed(seed)
+    middle = [hidden] if hidden is not None else []
+    return nn.Sequential(nn.Linear(12, 9, bias=bias), nn.ReLU(), *middle, nn.Linear(9, 7, bias=bias), nn.Tanh(),
+                         nn.Linear(7, 5, bias=bias))  # fmt: skip
+
+
+def formula_b(network, balls, x, labels, dtype, scale=None):
+    """THEORY.md §3 formula B written out with every term (zero ones included): the reference of the lean bound."""
+    params = network.params(dtype=dtype)
+    x = x.to(dtype)
+    n = x.flatten(1).abs().amax(dim=1)
+    d = torch.zeros_like(n)
+    s = torch.ones_like(n) if scale is None else scale.to(dtype)
+
+    def radii(layer):
+        rows = params[layer.weight_name].shape[0]
+        wt, bt = balls.get(layer.weight_name), balls.get(layer.bias_name)
+        zeros = torch.zeros(rows, dtype=dtype)
+        shape = params[layer.weight_name].shape
+        eps = zeros if wt is None else wt.ball.row_l1_radius(wt.radius.to(dtype), shape).expand(rows)
+        beta = zeros if bt is None else bt.ball.entry_bound(bt.radius.to(dtype), (rows,))
+        return eps, beta
+
+    for layer in network.layers[:-1]:
+        if isinstance(layer, Affine):
+            weight = params[layer.weight_name]
+            a = weight.abs().sum(dim=1).max()
+            eps, beta = radii(layer)
+            b_norm = params[layer.bias_name].abs().max() if layer.bias_name else torch.zeros((), dtype=dtype)
+            d = a * d + s * eps.max() * n + s * beta.max()
+            n = (a + s * eps.max()) * n + b_norm + s * beta.max()
+        else:
+            n, d = PAPER_RULES[type(layer)](layer, n, d)
+    last = network.layers[-1]
+    weight = params[last.weight_name]
+    eps, beta = radii(last)
+    dw = (weight[labels].unsqueeze(1) - weight.unsqueeze(0)).abs().sum(dim=2)
+    eta = dw * d[:, None] + (eps[labels][:, None] + eps) * s[:, None] * n[:, None] + (beta[labels][:, None] + beta)
+    logits = network.forward(x, params)
+    return fill_label(logits.gather(1, labels[:, None]) - logits - eta, labels)
+
+
+def grads(value: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(value[torch.isfinite(value)].sum(), list(model.parameters()), allow_unused=True))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lean_paper_bound_equals_formula_b_with_every_term(seed):
+    bias = seed % 2 == 0
+    model = mlp(seed, bias, nn.Sigmoid() if seed % 4 == 1 else None)
+    network = read_network(model, (12,))
+    norm = ("inf", "row_l1", "l2")[seed % 3]
+    layers = (None, ["0"], ["4" if seed % 4 != 1 else "5"], None)[seed % 4]
+    budget = PerturbationBudget(0.05, norm=norm, layers=layers, include_bias=bias and seed % 3 == 0)
+    x, labels = torch.rand(6, 12), torch.randint(0, 5, (6,))
+    for dtype in (torch.float32, torch.float64):
+        balls = {t.param_name: t for t in budget.parameter_balls(model, dtype)}
+        scale = torch.rand(6) if seed % 2 else None
+        got = paper_margin_bounds(network, balls, x, labels, dtype, scale)
+        want = formula_b(network, balls, x, labels, dtype, scale)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(grads(got, model), grads(want, model)):
+            torch.testing.assert_close(g, w)
+        logits = model.to(dtype)(x.to(dtype))
+        shared = paper_margin_bounds(network, balls, x, labels, dtype, scale, logits=logits)
+        torch.testing.assert_close(shared, got)
+        model.float()
+
+
+class HalvesInTraining(nn.Module):
+    """A forward that branches on the training flag (read in eval mode by the network reader)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = mlp(0, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x * 0.5 if self.training else x)
+
+
+def test_train_matches_eval_only_without_dropout_batch_norm_or_training_branches():
+    plain = mlp(0, True)
+    assert train_matches_eval(read_network(plain, (12,)), plain, (12,))
+    assert plain.training  # flags restored
+    dropout = mlp(0, True, nn.Dropout(0.5))
+    assert not train_matches_eval(read_network(dropout, (12,)), dropout, (12,))
+    norm = mlp(0, True, nn.BatchNorm1d(9))
+    assert not train_matches_eval(read_network(norm, (12,)), norm, (12,))
+    branching = HalvesInTraining().eval()
+    assert not train_matches_eval(read_network(branching, (12,)), branching, (12,))
+    assert not branching.training
+
+
+@pytest.mark.parametrize("bound", list(METHODS))
+@pytest.mark.parametrize("hidden", [None, "dropout"])
+def test_loss_terms_equal_the_straightforward_loss_and_gradients(bound, hidden):
+    model = mlp(3, True, nn.Dropout(0.0) if hidden else None)  # p = 0: train mode is deterministic
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (12,), 5, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1))  # fmt: skip
+    budget = PerturbationBudget(0.02, norm="row_l1", include_bias=True)
+    trainer = WeightRobustTrainer(clf, budget, lam=0.7, mu=0.05, kappa=0.1, bound=bound, verbose=False)
+    x, labels = torch.rand(16, 12), torch.randint(0, 5, (16,))
+    model.train()
+    terms = trainer.loss_terms(x, labels, eps_scale=0.5)
+    got = grads(terms["loss"], model)
+
+    network = read_network(model, (12,))
+    balls = scale_param_balls({t.param_name: t for t in budget.parameter_balls(model)}, 0.5)
+    ce = nn.functional.cross_entropy(model(x), labels)
+    robust = robust_term(METHODS[bound].bounds(network, balls, x, labels, dtype=torch.float32), 0.1).mean()
+    loss = ce + 0.7 * robust + 0.05 * operator_norm_sum(network)
+    torch.testing.assert_close(terms["loss"], loss)
+    torch.testing.assert_close(terms["robust"], robust)
+    for g, w in zip(got, grads(loss, model)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fill_label_equals_the_scatter_of_an_inf_column(dtype):
+    bounds = torch.randn(9, 4, dtype=dtype, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0])
+    got = fill_label(bounds, labels)
+    want = bounds.scatter(1, labels[:, None], torch.full((9, 1), float("inf"), dtype=dtype))
+    assert torch.equal(got, want) and got.dtype == dtype
+    weights = torch.randn(9, 4, dtype=dtype)
+    grad_got = torch.autograd.grad((got.clamp_max(9) * weights).sum(), bounds)[0]
+    grad_want = torch.autograd.grad((want.clamp_max(9) * weights).sum(), bounds)[0]
+    assert torch.equal(grad_got, grad_want)
