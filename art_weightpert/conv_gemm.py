@@ -1,0 +1,110 @@
+"""
+2-D convolution and its adjoint as matrix products over the whole batch, for the dtypes that have no fast library
+kernel: float64 on CPU (the certificates' arithmetic, THEORY.md §5). There torch's own convolution
+(``_slow_conv2d_forward``, ``slow_conv_transpose2d``) loops over the samples with one small product each, which is
+slow on small feature maps; here the samples share one product ``W (O, C·kh·kw) × patches (C·kh·kw, N·H'·W')``.
+
+The batch is laid out channels first, ``(C, N, H, W)``: the patch matrix is then one strided copy of the padded input
+and the product's output, ``(O, N·H'·W')``, is returned as an ``(N, O, H', W')`` view without a copy (elementwise ops
+that follow keep that layout, so the next convolution reads it without a transpose). Samples are processed in chunks
+of at most :data:`CHUNK_BYTES` of patches (memory and cache). Results equal ``F.conv2d`` / ``F.conv_transpose2d`` up
+to the rounding of a different summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_BYTES = 4 << 20
+"""Largest patch matrix built at once (bytes)."""
+
+Pair = tuple[int, int]
+
+
+def use_gemm(t: torch.Tensor) -> bool:
+    """Whether convolutions of ``t`` should take this path: float64 on CPU (float32 keeps oneDNN)."""
+    return t.dtype == torch.float64 and t.device.type == "cpu"
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _chunk(nb_samples: int, rows: int, positions: int, itemsize: int) -> int:
+    """Samples per chunk so that a ``(rows, samples·positions)`` matrix stays under :data:`CHUNK_BYTES`."""
+    return max(1, min(nb_samples, CHUNK_BYTES // max(1, rows * positions * itemsize)))
+
+
+def _patches(padded: torch.Tensor, kernel: Pair, stride: Pair, dilation: Pair, out_hw: Pair) -> torch.Tensor:
+    """The patch matrix ``(C·kh·kw, N·H'·W')`` of a padded channels-first input ``(C, N, Hp, Wp)``."""
+    sc, sn, sh, sw = padded.stride()
+    c, n = padded.shape[:2]
+    view = padded.as_strided(
+        (c, kernel[0], kernel[1], n) + out_hw,
+        (sc, dilation[0] * sh, dilation[1] * sw, sn, stride[0] * sh, stride[1] * sw),
+        padded.storage_offset(),
+    )
+    return view.reshape(c * kernel[0] * kernel[1], -1)
+
+
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (integer pairs) as batched products."""
+    n, _, h, w = x.shape
+    out_ch, kernel = weight.shape[0], tuple(weight.shape[2:])
+    out_hw = tuple(_out_size(s, k, st, p, d) for s, k, st, p, d in zip((h, w), kernel, stride, padding, dilation))
+    padded = F.pad(x.transpose(0, 1), (padding[1], padding[1], padding[0], padding[0]))
+    kernels = weight.reshape(groups, out_ch // groups, -1)  # (g, O/g, C/g·kh·kw)
+    step = _chunk(n, groups * kernels.shape[2], out_hw[0] * out_hw[1], x.element_size())
+    outs = []
+    for start in range(0, n, step):
+        cols = _patches(padded[:, start : start + step], kernel, stride, dilation, out_hw)
+        outs.append(torch.matmul(kernels, cols.reshape(groups, kernels.shape[2], -1)).reshape(out_ch, -1, *out_hw))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).transpose(0, 1)
+    if bias is None:
+        return out.contiguous()
+    result = torch.empty_like(out, memory_format=torch.contiguous_format)  # (N, O, H', W') as torch lays it out
+    return torch.add(out, bias.reshape(1, -1, 1, 1), out=result)
+
+
+def conv_transpose2d(
+    g: torch.Tensor,
+    weight: torch.Tensor,
+    stride: Pair,
+    padding: Pair,
+    dilation: Pair,
+    groups: int,
+    input_hw: Pair,
+) -> torch.Tensor:
+    """The adjoint of :func:`conv2d` (without bias) onto inputs of spatial size ``input_hw``:
+    ``F.conv_transpose2d`` with the output padding that reaches ``input_hw``. Each chunk is one product
+    ``Wᵀ g`` (the patches' coefficients) and one strided addition per kernel offset (the patches' adjoint)."""
+    n, out_ch = g.shape[:2]
+    out_hw, kernel = tuple(g.shape[2:]), tuple(weight.shape[2:])
+    kernels = weight.reshape(groups, out_ch // groups, -1).transpose(1, 2)  # (g, C/g·kh·kw, O/g)
+    in_ch = groups * weight.shape[1]
+    padded = g.new_zeros((in_ch, n, input_hw[0] + 2 * padding[0], input_hw[1] + 2 * padding[1]))
+    rows = g.transpose(0, 1).reshape(groups, out_ch // groups, -1)  # (g, O/g, N·H'·W')
+    step = _chunk(n, groups * kernels.shape[1], out_hw[0] * out_hw[1], g.element_size())
+    positions = out_hw[0] * out_hw[1]
+    ends = [stride[i] * (out_hw[i] - 1) + 1 for i in range(2)]
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        cols = torch.matmul(kernels, rows[:, :, start * positions : stop * positions])
+        cols = cols.reshape(in_ch, kernel[0], kernel[1], stop - start, *out_hw)
+        target = padded[:, start:stop]
+        for i in range(kernel[0]):
+            top = i * dilation[0]
+            for j in range(kernel[1]):
+                left = j * dilation[1]
+                target[:, :, top : top + ends[0] : stride[0], left : left + ends[1] : stride[1]] += cols[:, i, j]
+    cropped = padded[:, :, padding[0] : padding[0] + input_hw[0], padding[1] : padding[1] + input_hw[1]]
+    return cropped.transpose(0, 1).contiguous()

@@ -1,0 +1,96 @@
+"""The float64 convolution path (:mod:`art_weightpert.conv_gemm`) equals torch's convolution and its adjoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from art_weightpert import conv_gemm
+from art_weightpert.layers import Affine
+
+# (batch, in channels, out channels, height, width, kernel, stride, padding, dilation, groups)
+CASES = [
+    (5, 3, 4, 8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (4, 16, 32, 8, 8, (3, 3), (2, 2), (1, 1), (1, 1), 1),  # stride 2 (digits ResNet, second stage)
+    (6, 16, 32, 8, 8, (1, 1), (2, 2), (0, 0), (1, 1), 1),  # 1x1 shortcut
+    (3, 4, 6, 9, 7, (3, 2), (2, 1), (1, 0), (1, 1), 2),  # groups, non-square everything
+    (3, 4, 4, 10, 9, (3, 3), (1, 2), (2, 1), (2, 1), 4),  # dilation, depthwise
+    (2, 3, 5, 7, 7, (5, 5), (3, 3), (2, 2), (1, 1), 1),  # stride 3: output padding 1 in the adjoint
+    (2, 6, 4, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1x1 map, padded 3x3 kernel (ResNet-18's last stage)
+    (7, 1, 16, 28, 28, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+]
+
+
+def _inputs(case, seed: int = 0):
+    n, c, o, h, w, k, _, _, _, groups = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, c, h, w), generator=gen, dtype=torch.float64)
+    weight = torch.randn((o, c // groups) + k, generator=gen, dtype=torch.float64)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("chunk_bytes", [conv_gemm.CHUNK_BYTES, 512])  # one chunk, one sample per chunk
+def test_conv2d_and_adjoint_equal_torch(case, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(conv_gemm, "CHUNK_BYTES", chunk_bytes)
+    x, weight, bias = _inputs(case)
+    *_, stride, padding, dilation, groups = case
+    expected = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    out = conv_gemm.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
+
+    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    extra = [
+        x.shape[2 + i]
+        - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
+        for i in range(2)
+    ]
+    expected_t = F.conv_transpose2d(g, weight, None, stride, padding, tuple(extra), groups, dilation)
+    out_t = conv_gemm.conv_transpose2d(g, weight, stride, padding, dilation, groups, tuple(x.shape[2:]))
+    assert out_t.shape == x.shape
+    torch.testing.assert_close(out_t, expected_t, rtol=1e-13, atol=1e-13)
+    # The adjoint identity <conv(x), g> = <x, convᵀ(g)>.
+    lhs = (conv_gemm.conv2d(x, weight, None, stride, padding, dilation, groups) * g).sum()
+    torch.testing.assert_close(lhs, (x * out_t).sum(), rtol=1e-12, atol=1e-12)
+
+
+def test_non_contiguous_inputs_and_gradients():
+    x, weight, bias = _inputs(CASES[1])
+    x = x.transpose(2, 3).contiguous().transpose(2, 3)  # channels-last-like strides
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    out = conv_gemm.conv2d(x, weight, bias, (2, 2), (1, 1), (1, 1), 1)
+    expected = F.conv2d(x, weight, bias, 2, 1)
+    torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
+    g = torch.randn_like(expected)
+    grads = torch.autograd.grad((out * g).sum(), (x, weight))
+    expected_grads = torch.autograd.grad((expected * g).sum(), (x, weight))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # A second convolution reads the first one's channels-first output.
+    second = torch.randn((16, 32, 3, 3), dtype=torch.float64)
+    torch.testing.assert_close(
+        conv_gemm.conv2d(out, second, None, (1, 1), (1, 1), (1, 1), 1),
+        F.conv2d(expected, second, None, 1, 1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_affine_takes_the_path_for_float64_only():
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    layer = Affine("conv", conv, "conv.weight", "conv.bias")
+    x32 = torch.randn(2, 3, 8, 8)
+    out32 = layer.apply(x32, conv.weight, conv.bias)
+    assert torch.equal(out32, F.conv2d(x32, conv.weight, conv.bias, 2, 1))  # float32: torch's (oneDNN) kernel
+    w64, b64, x64 = conv.weight.double(), conv.bias.double(), x32.double()
+    out64 = layer.apply(x64, w64, b64)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, F.conv2d(x64, w64, b64, 2, 1), rtol=1e-13, atol=1e-13)
+    g = torch.randn(out64.shape, dtype=torch.float64)
+    expected = F.conv_transpose2d(g, w64, None, 2, 1, output_padding=1)
+    torch.testing.assert_close(layer.apply_transposed(g, w64, x64.shape[1:]), expected, rtol=1e-13, atol=1e-13)
