@@ -4,11 +4,10 @@ kernel: float64 on CPU (the certificates' arithmetic, THEORY.md §5). There torc
 (``_slow_conv2d_forward``, ``slow_conv_transpose2d``) loops over the samples with one small product each, which is
 slow on small feature maps; here the samples share one product ``W (O, C·kh·kw) × patches (C·kh·kw, N·H'·W')``.
 
-The batch is laid out channels first, ``(C, N, H, W)``: the patch matrix is then one strided copy of the padded input
-and the product's output, ``(O, N·H'·W')``, is returned as an ``(N, O, H', W')`` view without a copy (elementwise ops
-that follow keep that layout, so the next convolution reads it without a transpose). Samples are processed in chunks
-of at most :data:`CHUNK_BYTES` of patches (memory and cache). Results equal ``F.conv2d`` / ``F.conv_transpose2d`` up
-to the rounding of a different summation order.
+The batch is laid out channels first, ``(C, N, H, W)``: the patch matrix is then one strided copy of the padded
+input, and the product's output ``(O, N·H'·W')`` is copied once into torch's usual ``(N, O, H', W')`` layout. Samples
+are processed in chunks of at most :data:`CHUNK_BYTES` of patches (memory and cache). Results equal ``F.conv2d`` /
+``F.conv_transpose2d`` up to the rounding of a different summation order.
 """
 
 from __future__ import annotations
@@ -67,12 +66,14 @@ def conv2d(
     outs = []
     for start in range(0, n, step):
         cols = _patches(padded[:, start : start + step], kernel, stride, dilation, out_hw)
-        outs.append(torch.matmul(kernels, cols.reshape(groups, kernels.shape[2], -1)).reshape(out_ch, -1, *out_hw))
-    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)).transpose(0, 1)
-    if bias is None:
-        return out.contiguous()
-    result = torch.empty_like(out, memory_format=torch.contiguous_format)  # (N, O, H', W') as torch lays it out
-    return torch.add(out, bias.reshape(1, -1, 1, 1), out=result)
+        cols = cols.reshape(groups, kernels.shape[2], -1)
+        if bias is None:
+            out = torch.matmul(kernels, cols)
+        else:  # the bias joins the product
+            out = torch.baddbmm(bias.reshape(groups, -1, 1), kernels, cols)
+        outs.append(out.reshape(out_ch, -1, *out_hw))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.transpose(0, 1).contiguous()  # (N, O, H', W') laid out as torch's convolution lays it out
 
 
 def conv_transpose2d(
