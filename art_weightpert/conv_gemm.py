@@ -66,17 +66,16 @@ def conv2d(
     padded = F.pad(x.transpose(0, 1), (padding[1], padding[1], padding[0], padding[0]))
     kernels = weight.reshape(groups, out_ch // groups, -1)  # (g, O/g, C/g·kh·kw)
     step = _chunk(n, groups * kernels.shape[2], out_hw[0] * out_hw[1], x.element_size(), CHUNK_BYTES)
-    outs = []
+    out = x.new_empty((n, out_ch) + out_hw)
     for start in range(0, n, step):
         cols = _patches(padded[:, start : start + step], kernel, stride, dilation, out_hw)
         cols = cols.reshape(groups, kernels.shape[2], -1)
         if bias is None:
-            out = torch.matmul(kernels, cols)
+            part = torch.matmul(kernels, cols)
         else:  # the bias joins the product
-            out = torch.baddbmm(bias.reshape(groups, -1, 1), kernels, cols)
-        outs.append(out.reshape(out_ch, -1, *out_hw))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.transpose(0, 1).contiguous()  # (N, O, H', W') laid out as torch's convolution lays it out
+            part = torch.baddbmm(bias.reshape(groups, -1, 1), kernels, cols)
+        out[start : start + step] = part.reshape(out_ch, -1, *out_hw).transpose(0, 1)  # torch's (N, O, H', W')
+    return out
 
 
 def conv_transpose2d(
