@@ -23,13 +23,33 @@ takes twice as much."""
 Pair = tuple[int, int]
 
 
-def use_gemm(t: torch.Tensor) -> bool:
-    """Whether convolutions of ``t`` should take this path: float64 on CPU (float32 keeps oneDNN)."""
-    return t.dtype == torch.float64 and t.device.type == "cpu"
+MAX_POSITIONS = 256
+"""Largest output map (``H'·W'``) taken by this path: torch's per-sample products are large enough beyond it (a
+1x28x28 or 3x32x32 stem ties or wins)."""
+
+MIN_COLUMNS = 8
+"""Fewest product columns (``N·H'·W'``): below, one thin product loses to torch's per-sample ones (ResNet-18's last
+stage on a couple of samples)."""
 
 
-def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def output_hw(input_hw: Pair, kernel: Pair, stride: Pair, padding: Pair, dilation: Pair) -> Pair:
+    """The spatial size of a convolution's output."""
+    return tuple(
+        (s + 2 * p - d * (k - 1) - 1) // st + 1 for s, k, st, p, d in zip(input_hw, kernel, stride, padding, dilation)
+    )
+
+
+def use_gemm(t: torch.Tensor, out_hw: Pair) -> bool:
+    """Whether a convolution with input ``t`` (or its adjoint, with coefficients ``t``) and output maps ``out_hw``
+    should take this path: float64 on CPU (float32 keeps oneDNN), small maps, enough columns (measured on the digits
+    ResNet, the 1x28x28 CNN and ResNet-18)."""
+    positions = out_hw[0] * out_hw[1]
+    return (
+        t.dtype == torch.float64
+        and t.device.type == "cpu"
+        and positions <= MAX_POSITIONS
+        and len(t) * positions >= MIN_COLUMNS
+    )
 
 
 def _chunk(nb_samples: int, rows: int, positions: int, itemsize: int, budget: int) -> int:
@@ -62,7 +82,7 @@ def conv2d(
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups)`` (integer pairs) as batched products."""
     n, _, h, w = x.shape
     out_ch, kernel = weight.shape[0], tuple(weight.shape[2:])
-    out_hw = tuple(_out_size(s, k, st, p, d) for s, k, st, p, d in zip((h, w), kernel, stride, padding, dilation))
+    out_hw = output_hw((h, w), kernel, stride, padding, dilation)
     padded = F.pad(x.transpose(0, 1), (padding[1], padding[1], padding[0], padding[0]))
     kernels = weight.reshape(groups, out_ch // groups, -1)  # (g, O/g, C/g·kh·kw)
     step = _chunk(n, groups * kernels.shape[2], out_hw[0] * out_hw[1], x.element_size(), CHUNK_BYTES)

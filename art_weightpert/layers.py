@@ -58,7 +58,8 @@ class Affine:
         """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
         if self.is_conv:
             m = self.module
-            conv = conv_gemm.conv2d if conv_gemm.use_gemm(h) else F.conv2d  # float64: no library kernel
+            out_hw = conv_gemm.output_hw(h.shape[2:], weight.shape[2:], m.stride, self.padding, m.dilation)
+            conv = conv_gemm.conv2d if conv_gemm.use_gemm(h, out_hw) else F.conv2d  # float64: no library kernel
             return conv(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
         return F.linear(h, weight, bias)
 
@@ -100,7 +101,7 @@ class Affine:
         if not self.is_conv:
             return g @ weight
         m, padding = self.module, self.padding
-        if conv_gemm.use_gemm(g):  # float64: no library kernel
+        if conv_gemm.use_gemm(g, g.shape[2:]):  # float64: no library kernel
             return conv_gemm.conv_transpose2d(g, weight, m.stride, padding, m.dilation, m.groups, input_shape[1:])
         extra = []
         for i in range(2):

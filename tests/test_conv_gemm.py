@@ -94,3 +94,12 @@ def test_affine_takes_the_path_for_float64_only():
     g = torch.randn(out64.shape, dtype=torch.float64)
     expected = F.conv_transpose2d(g, w64, None, 2, 1, output_padding=1)
     torch.testing.assert_close(layer.apply_transposed(g, w64, x64.shape[1:]), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_the_path_is_taken_for_float64_small_maps_with_enough_columns():
+    x64 = torch.zeros((2, 3, 8, 8), dtype=torch.float64)
+    assert conv_gemm.use_gemm(x64, (8, 8))
+    assert not conv_gemm.use_gemm(x64.float(), (8, 8))  # float32: oneDNN
+    assert not conv_gemm.use_gemm(x64, (1, 1))  # 2 columns: one thin product
+    assert not conv_gemm.use_gemm(x64, (32, 32))  # large maps: torch's per-sample products are large enough
+    assert conv_gemm.output_hw((8, 7), (3, 2), (2, 1), (1, 0), (1, 2)) == (4, 5)
