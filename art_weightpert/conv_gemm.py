@@ -6,8 +6,9 @@ slow on small feature maps; here the samples share one product ``W (O, C·kh·kw
 
 The batch is laid out channels first, ``(C, N, H, W)``: the patch matrix is then one strided copy of the padded
 input, and the product's output ``(O, N·H'·W')`` is copied once into torch's usual ``(N, O, H', W')`` layout. Samples
-are processed in chunks of at most :data:`CHUNK_BYTES` of patches (memory and cache). Results equal ``F.conv2d`` /
-``F.conv_transpose2d`` up to the rounding of a different summation order.
+are processed in chunks of at most :data:`CHUNK_BYTES` of patches (memory and cache). The adjoint with stride 1 is
+the same product with the kernel flipped (strided adjoints stay with torch). Everything is out of place (``vmap``
+batches it) and equals ``F.conv2d`` / ``F.conv_transpose2d`` up to the rounding of a different summation order.
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_BYTES = 2 << 20
-"""Largest patch matrix built at once by :func:`conv2d` (bytes; 1–2 MiB measured fastest on the shapes of the digits
-ResNet, the 1x28x28 CNN and ResNet-18); :func:`conv_transpose2d`, with one Python loop over the kernel per chunk,
-takes twice as much."""
+"""Largest patch matrix built at once (bytes; 1–2 MiB measured fastest on the shapes of the digits ResNet, the
+1x28x28 CNN and ResNet-18)."""
 
 Pair = tuple[int, int]
 
@@ -86,7 +86,7 @@ def conv2d(
     padded = F.pad(x.transpose(0, 1), (padding[1], padding[1], padding[0], padding[0]))
     kernels = weight.reshape(groups, out_ch // groups, -1)  # (g, O/g, C/g·kh·kw)
     step = _chunk(n, groups * kernels.shape[2], out_hw[0] * out_hw[1], x.element_size(), CHUNK_BYTES)
-    out = x.new_empty((n, out_ch) + out_hw)
+    parts = []
     for start in range(0, n, step):
         cols = _patches(padded[:, start : start + step], kernel, stride, dilation, out_hw)
         cols = cols.reshape(groups, kernels.shape[2], -1)
@@ -94,40 +94,17 @@ def conv2d(
             part = torch.matmul(kernels, cols)
         else:  # the bias joins the product
             part = torch.baddbmm(bias.reshape(groups, -1, 1), kernels, cols)
-        out[start : start + step] = part.reshape(out_ch, -1, *out_hw).transpose(0, 1)  # torch's (N, O, H', W')
-    return out
+        parts.append(part.reshape(out_ch, -1, *out_hw).transpose(0, 1))
+    # One copy into torch's (N, O, H', W') layout; out of place, so that torch.func.vmap can batch it.
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
 
 
-def conv_transpose2d(
-    g: torch.Tensor,
-    weight: torch.Tensor,
-    stride: Pair,
-    padding: Pair,
-    dilation: Pair,
-    groups: int,
-    input_hw: Pair,
-) -> torch.Tensor:
-    """The adjoint of :func:`conv2d` (without bias) onto inputs of spatial size ``input_hw``:
-    ``F.conv_transpose2d`` with the output padding that reaches ``input_hw``. Each chunk is one product
-    ``Wᵀ g`` (the patches' coefficients) and one strided addition per kernel offset (the patches' adjoint)."""
-    n, out_ch = g.shape[:2]
-    out_hw, kernel = tuple(g.shape[2:]), tuple(weight.shape[2:])
-    kernels = weight.reshape(groups, out_ch // groups, -1).transpose(1, 2)  # (g, C/g·kh·kw, O/g)
-    in_ch = groups * weight.shape[1]
-    padded = g.new_zeros((in_ch, n, input_hw[0] + 2 * padding[0], input_hw[1] + 2 * padding[1]))
-    rows = g.transpose(0, 1).reshape(groups, out_ch // groups, -1)  # (g, O/g, N·H'·W')
-    step = _chunk(n, groups * kernels.shape[1], out_hw[0] * out_hw[1], g.element_size(), 2 * CHUNK_BYTES)
-    positions = out_hw[0] * out_hw[1]
-    ends = [stride[i] * (out_hw[i] - 1) + 1 for i in range(2)]
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        cols = torch.matmul(kernels, rows[:, :, start * positions : stop * positions])
-        cols = cols.reshape(in_ch, kernel[0], kernel[1], stop - start, *out_hw)
-        target = padded[:, start:stop]
-        for i in range(kernel[0]):
-            top = i * dilation[0]
-            for j in range(kernel[1]):
-                left = j * dilation[1]
-                target[:, :, top : top + ends[0] : stride[0], left : left + ends[1] : stride[1]] += cols[:, i, j]
-    cropped = padded[:, :, padding[0] : padding[0] + input_hw[0], padding[1] : padding[1] + input_hw[1]]
-    return cropped.transpose(0, 1).contiguous()
+def conv_transpose2d(g: torch.Tensor, weight: torch.Tensor, padding: Pair, dilation: Pair, groups: int) -> torch.Tensor:
+    """The adjoint of :func:`conv2d` with stride 1 and without bias, ``F.conv_transpose2d(g, weight, None, 1,
+    padding, 0, groups, dilation)``: the convolution of ``g`` with the kernel flipped and its channels swapped (per
+    group), with padding ``d·(k − 1) − p`` (negative: a crop)."""
+    out_ch, in_per_group, kh, kw = weight.shape
+    swapped = weight.reshape(groups, out_ch // groups, in_per_group, kh, kw).transpose(1, 2)
+    flipped = swapped.reshape(groups * in_per_group, out_ch // groups, kh, kw).flip(2, 3)
+    pad = tuple(d * (k - 1) - p for d, k, p in zip(dilation, (kh, kw), padding))
+    return conv2d(g, flipped, None, (1, 1), pad, dilation, groups)

@@ -101,8 +101,8 @@ class Affine:
         if not self.is_conv:
             return g @ weight
         m, padding = self.module, self.padding
-        if conv_gemm.use_gemm(g, g.shape[2:]):  # float64: no library kernel
-            return conv_gemm.conv_transpose2d(g, weight, m.stride, padding, m.dilation, m.groups, input_shape[1:])
+        if m.stride == (1, 1) and conv_gemm.use_gemm(g, input_shape[1:]):  # float64: no library kernel
+            return conv_gemm.conv_transpose2d(g, weight, padding, m.dilation, m.groups)
         extra = []
         for i in range(2):
             size = (g.shape[2 + i] - 1) * m.stride[i] - 2 * padding[i] + m.dilation[i] * (weight.shape[2 + i] - 1) + 1

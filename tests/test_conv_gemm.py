@@ -20,6 +20,7 @@ CASES = [
     (2, 3, 5, 7, 7, (5, 5), (3, 3), (2, 2), (1, 1), 1),  # stride 3: output padding 1 in the adjoint
     (2, 6, 4, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1), 1),  # 1x1 map, padded 3x3 kernel (ResNet-18's last stage)
     (7, 1, 16, 28, 28, (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    (3, 4, 5, 6, 6, (1, 1), (1, 1), (1, 1), (1, 1), 1),  # padding beyond the kernel: the adjoint crops
 ]
 
 
@@ -43,19 +44,27 @@ def test_conv2d_and_adjoint_equal_torch(case, chunk_bytes, monkeypatch):
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-13, atol=1e-13)
 
+    # The adjoint: this path with stride 1, torch's otherwise (through Affine.apply_transposed).
     g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    extra = [
-        x.shape[2 + i]
-        - ((g.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (weight.shape[2 + i] - 1) + 1)
-        for i in range(2)
-    ]
-    expected_t = F.conv_transpose2d(g, weight, None, stride, padding, tuple(extra), groups, dilation)
-    out_t = conv_gemm.conv_transpose2d(g, weight, stride, padding, dilation, groups, tuple(x.shape[2:]))
+    conv = nn.Conv2d(x.shape[1], weight.shape[0], weight.shape[2:], stride, padding, dilation, groups, bias=False)
+    layer = Affine("conv", conv, "conv.weight", None)
+    out_t = layer.apply_transposed(g, weight, x.shape[1:])
     assert out_t.shape == x.shape
-    torch.testing.assert_close(out_t, expected_t, rtol=1e-13, atol=1e-13)
     # The adjoint identity <conv(x), g> = <x, convᵀ(g)>.
-    lhs = (conv_gemm.conv2d(x, weight, None, stride, padding, dilation, groups) * g).sum()
-    torch.testing.assert_close(lhs, (x * out_t).sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close((out * g).sum() - (g * bias.reshape(1, -1, 1, 1)).sum(), (x * out_t).sum())
+    if stride == (1, 1):
+        direct = conv_gemm.conv_transpose2d(g, weight, padding, dilation, groups)
+        expected_t = F.conv_transpose2d(g, weight, None, 1, padding, 0, groups, dilation)
+        torch.testing.assert_close(direct, expected_t, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(out_t, expected_t, rtol=1e-13, atol=1e-13)
+
+
+def test_vmap_over_weights():
+    x, weight, bias = _inputs(CASES[0])
+    weights = torch.stack([weight, 2 * weight, -weight])
+    batched = torch.func.vmap(lambda w: conv_gemm.conv2d(x, w, bias, (1, 1), (1, 1), (1, 1), 1))(weights)
+    for w, out in zip(weights, batched):
+        torch.testing.assert_close(out, F.conv2d(x, w, bias, 1, 1), rtol=1e-13, atol=1e-13)
 
 
 def test_non_contiguous_inputs_and_gradients():
@@ -92,8 +101,8 @@ def test_affine_takes_the_path_for_float64_only():
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64, F.conv2d(x64, w64, b64, 2, 1), rtol=1e-13, atol=1e-13)
     g = torch.randn(out64.shape, dtype=torch.float64)
-    expected = F.conv_transpose2d(g, w64, None, 2, 1, output_padding=1)
-    torch.testing.assert_close(layer.apply_transposed(g, w64, x64.shape[1:]), expected, rtol=1e-13, atol=1e-13)
+    expected = F.conv_transpose2d(g, w64, None, 2, 1, output_padding=1)  # stride 2: torch's
+    assert torch.equal(layer.apply_transposed(g, w64, x64.shape[1:]), expected)
 
 
 def test_the_path_is_taken_for_float64_small_maps_with_enough_columns():
