@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from art_weightpert import conv_gemm
+
 
 class UnsupportedModelError(ValueError):
     """The model cannot be read as a graph of supported layers; the message names the module or node and the
@@ -56,7 +58,9 @@ class Affine:
         """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
         if self.is_conv:
             m = self.module
-            return F.conv2d(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
+            out_hw = conv_gemm.output_hw(h.shape[2:], weight.shape[2:], m.stride, self.padding, m.dilation)
+            conv = conv_gemm.conv2d if conv_gemm.use_gemm(h, out_hw) else F.conv2d  # float64: no library kernel
+            return conv(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
         return F.linear(h, weight, bias)
 
     def apply_per_sample(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -97,6 +101,8 @@ class Affine:
         if not self.is_conv:
             return g @ weight
         m, padding = self.module, self.padding
+        if m.stride == (1, 1) and conv_gemm.use_gemm(g, input_shape[1:]):  # float64: no library kernel
+            return conv_gemm.conv_transpose2d(g, weight, padding, m.dilation, m.groups)
         extra = []
         for i in range(2):
             size = (g.shape[2 + i] - 1) * m.stride[i] - 2 * padding[i] + m.dilation[i] * (weight.shape[2 + i] - 1) + 1

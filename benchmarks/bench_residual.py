@@ -2,29 +2,32 @@
 Benchmark of the certificates on residual networks (issue 11, THEORY.md §9).
 
 1. Cost: for the digits ResNet (:func:`.digits_resnet`, 1x8x8) and ResNet-18 (:func:`.resnet18_cifar`, torchvision's
-   structure, 3x32x32), the time per sample of ``"interval"`` and ``"linear"`` (float64 bound functions, box ball on
-   every weight) as a ratio to one float32 forward pass of the model, and the top entries of torch's profiler for
-   each (where the time goes). Targets on the digits ResNet: interval ≤ 10× a forward, linear ≤ 100×.
+   structure, 3x32x32), the time per sample of ``"interval"`` and ``"linear"`` (float64 bound functions, an absolute
+   box of radius 1e-5 on every weight) as a ratio to one float32 forward pass of the same batch, both measured the
+   same way: process CPU time, one torch thread by default, minimum over ``--repeats`` calls after a warm-up (run it
+   pinned, ``taskset -c 1``, on a shared machine); and the top entries of torch's profiler for each bound (where the
+   time goes). Targets on the digits ResNet: interval ≤ 10× a forward, linear ≤ 100×.
 2. Tightness: the digits ResNet trained by :func:`.train_digits_resnet` (30 epochs, seed 0); on the first ``--points``
    test points, at a few absolute box radii on every weight: clean accuracy, certified accuracy of both methods, the
    accuracy under the per-sample weight attack (:class:`.PerSampleWeightPGD`: an upper bound of every per-sample
    certificate) and under the universal :class:`.WeightPGD` (one perturbation for all points); ``violations`` counts
    attack margins below the linear lower bound (must be 0).
 
-Run: ``python benchmarks/bench_residual.py [--points 200] [--threads 2] [--repeats 5] [--skip-resnet18]
-[--skip-tightness]``; prints one JSON line per row, then markdown tables. The cost table times the whole digits test
-set (450 samples) per call and 4 samples of ResNet-18.
+Run: ``taskset -c 1 python benchmarks/bench_residual.py [--points 200] [--threads 1] [--repeats 5]
+[--digits-samples 200] [--resnet18-samples 2] [--skip-resnet18] [--skip-tightness]``; prints one JSON line per row
+(with the load average), then markdown tables. ResNet-18's linear bound takes seconds per sample: it is timed once.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import numpy as np
 import torch
-from bench_certify import median_time
+from bench_hot_paths import _best
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier, WeightPGD
@@ -38,29 +41,32 @@ from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resne
 RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 
 
-def top_entries(fn, k: int = 5) -> list[str]:
-    """The ``k`` torch operators with the largest self CPU time in one call of ``fn``."""
+def top_entries(fn, k: int = 6) -> list[str]:
+    """The ``k`` torch operators with the largest self CPU time in one call of ``fn``, with their share of the
+    profiled time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages()) or 1
-    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in events]
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
+    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top]
 
 
-def cost(name: str, model: nn.Module, shape: tuple[int, ...], n: int, eps: float, repeats: int) -> dict:
-    """Time per sample of each bound method, as a ratio to a float32 forward pass (and of a float64 forward, the
-    arithmetic the bounds run in)."""
+def cost(name: str, model: nn.Module, shape: tuple[int, ...], n: int, repeats: int, bound_repeats: int) -> dict:
+    """Time per sample of each bound method (float64, absolute box 1e-5 on every weight) as a ratio to a float32
+    forward pass of the same batch (and of a float64 forward, the arithmetic the bounds run in); process CPU times,
+    minimum over the repeats."""
     model = model.eval()
     x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        forward = median_time(lambda: model(x), max(repeats, 10)) / n
+        forward = _best(lambda: model(x), max(repeats, 20)) / n
         labels = model(x).argmax(dim=1)
     model64 = _float64_copy(model)
     network = read_network(model64, shape)
-    balls = PerturbationBudget(eps, "inf", relative=True).parameter_balls(model64, torch.float64)
+    balls = PerturbationBudget(1e-5, "inf").parameter_balls(model64, torch.float64)
     x64 = x.double()
     with torch.no_grad():
-        forward64 = median_time(lambda: model64(x64), max(repeats, 10)) / n
+        forward64 = _best(lambda: model64(x64), max(repeats, 20)) / n
     row = {"model": name, "samples": n, "forward_ms": 1e3 * forward, "forward64_ratio": forward64 / forward}
     for method in ("interval", "linear"):
         cache = BoundCache()
@@ -69,10 +75,11 @@ def cost(name: str, model: nn.Module, shape: tuple[int, ...], n: int, eps: float
             with torch.no_grad():
                 return METHODS[method].bounds(network, balls, x64, labels, cache=cache)
 
-        per_sample = median_time(bound, repeats) / n
+        per_sample = _best(bound, repeats if method == "interval" else bound_repeats) / n
         row[f"{method}_ms"] = 1e3 * per_sample
         row[f"{method}_ratio"] = per_sample / forward
         row[f"{method}_top"] = top_entries(bound)
+    row["load_average"] = os.getloadavg()
     return row
 
 
@@ -111,8 +118,10 @@ def tightness(clf: PyTorchWeightClassifier, x: np.ndarray, y: np.ndarray, eps: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--points", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--digits-samples", type=int, default=200)
+    parser.add_argument("--resnet18-samples", type=int, default=2)
     parser.add_argument("--skip-resnet18", action="store_true")
     parser.add_argument("--skip-tightness", action="store_true", help="only the cost table (trains nothing)")
     args = parser.parse_args()
@@ -126,9 +135,10 @@ def main() -> None:
         clf = train_digits_resnet(x_train, y_train)
         print(json.dumps({"digits_resnet_training_s": time.perf_counter() - start}), flush=True)
         digits_model = clf.base_model
-    costs = [cost("digits ResNet (1x8x8)", digits_model, (1, 8, 8), len(x_test), 1e-3, args.repeats)]
+    costs = [cost("digits ResNet (1x8x8)", digits_model, (1, 8, 8), args.digits_samples, args.repeats, args.repeats)]
     if not args.skip_resnet18:
-        costs.append(cost("ResNet-18 (3x32x32)", resnet18_cifar(), (3, 32, 32), 4, 1e-3, 1))
+        resnet18 = resnet18_cifar()
+        costs.append(cost("ResNet-18 (3x32x32)", resnet18, (3, 32, 32), args.resnet18_samples, args.repeats, 1))
     for row in costs:
         print(json.dumps(row), flush=True)
     rows = []
@@ -142,10 +152,15 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for r in costs:
         print(
-            f"| {r['model']} | {r['forward_ms']:.3f} | {r['forward64_ratio']:.1f}× "
-            f"| {r['interval_ms']:.2f} ({r['interval_ratio']:.1f}×) "
-            f"| {r['linear_ms']:.1f} ({r['linear_ratio']:.0f}×) |"
+            f"| {r['model']} | {r['forward_ms']:.4f} | {r['forward64_ratio']:.1f}× "
+            f"| {r['interval_ms']:.3f} ({r['interval_ratio']:.1f}×) "
+            f"| {r['linear_ms']:.2f} ({r['linear_ratio']:.0f}×) |"
         )
+    print("\n| model | bound | where the time goes (torch profiler, self CPU) |")
+    print("|---|---|---|")
+    for r in costs:
+        for method in ("interval", "linear"):
+            print(f"| {r['model']} | {method} | {', '.join(r[f'{method}_top'])} |")
     print("\n| box radius δ (every weight) | clean | interval | linear | PerSampleWeightPGD | WeightPGD |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -36,10 +36,11 @@ def _monotone(fn):
 
 
 def _batchnorm(layer: BatchNorm, lo: torch.Tensor, hi: torch.Tensor):
-    c, r = (hi + lo) / 2, (hi - lo) / 2
-    center = layer.apply(c)
-    radius = r * layer.shaped(layer.scale, r).abs()
-    return center - radius, center + radius
+    # Per channel, the ends map to the ends: s⁺ l + s⁻ u + t ≤ s h + t ≤ s⁺ u + s⁻ l + t with s⁺ = max(s, 0) and
+    # s⁻ = min(s, 0) (four fused passes; a zero product adds exactly 0, so a channel of either sign is exact).
+    scale, shift = layer.shaped(layer.scale, lo), layer.shaped(layer.shift, lo)
+    up, down = scale.clamp_min(0), scale.clamp_max(0)
+    return torch.addcmul(torch.addcmul(shift, lo, up), hi, down), torch.addcmul(torch.addcmul(shift, hi, up), lo, down)
 
 
 # Fixed layers: how a box [lo, hi] maps through them.
