@@ -20,7 +20,6 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -164,13 +163,9 @@ class BoxBall(Ball):
         # budgets) δ Σ_c m_c over the row's receptive field, a sum instead of a matmul.
         if radius.dim() > 0:
             return layer.apply(m, radius)
-        if not layer.is_conv:
-            return radius * m.sum(dim=1, keepdim=True)
-        mod = layer.module
-        if mod.groups != 1:
-            return layer.apply(m, radius.expand(mod.weight.shape))
-        ones = m.new_ones((1, 1) + tuple(mod.kernel_size))  # sum over the channels first: a one-channel window sum
-        return radius * F.conv2d(m.sum(dim=1, keepdim=True), ones, None, mod.stride, layer.padding, mod.dilation)
+        if layer.is_conv and layer.module.groups != 1:
+            return layer.apply(m, radius.expand(layer.module.weight.shape))
+        return radius * layer.patch_sum(m)
 
     def compact_radius(self, radius):
         # One value for every entry (absolute budgets): that value, 0-d.

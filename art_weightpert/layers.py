@@ -57,11 +57,16 @@ class Affine:
     def apply(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's map with the given weight (and bias, if any): a matmul or a convolution."""
         if self.is_conv:
-            m = self.module
-            out_hw = conv_gemm.output_hw(h.shape[2:], weight.shape[2:], m.stride, self.padding, m.dilation)
-            conv = conv_gemm.conv2d if conv_gemm.use_gemm(h, out_hw) else F.conv2d  # float64: no library kernel
-            return conv(h, weight, bias, m.stride, self.padding, m.dilation, m.groups)
+            return self._convolve(h, weight, bias, self.module.groups)
         return F.linear(h, weight, bias)
+
+    def _convolve(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+        """The convolution's geometry with ``weight``: one batched product in float64 on small maps (no library
+        kernel there, :mod:`.conv_gemm`), torch's convolution otherwise."""
+        m = self.module
+        out_hw = conv_gemm.output_hw(h.shape[2:], weight.shape[2:], m.stride, self.padding, m.dilation)
+        conv = conv_gemm.conv2d if conv_gemm.use_gemm(h, out_hw) else F.conv2d
+        return conv(h, weight, bias, m.stride, self.padding, m.dilation, groups)
 
     def apply_per_sample(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer's map without bias where sample ``n`` of ``h`` uses its own ``weight[n]`` (``weight``:
@@ -86,10 +91,15 @@ class Affine:
         """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
         if not self.is_conv:
             return m.norm(dim=1, keepdim=True)
-        mod = self.module
-        ones = m.new_ones((1, m.shape[1]) + tuple(mod.kernel_size))
-        sq = F.conv2d(m * m, ones, None, mod.stride, self.padding, mod.dilation)
-        return sq.clamp_min(0).sqrt()
+        return self.patch_sum(m * m).clamp_min(0).sqrt()
+
+    def patch_sum(self, m: torch.Tensor) -> torch.Tensor:
+        """Per output position, the sum of ``m`` over the receptive field (all input channels): ``(N, 1)`` for Linear,
+        ``(N, 1, H', W')`` for a conv (the channels summed first: a one-channel window sum)."""
+        if not self.is_conv:
+            return m.sum(dim=1, keepdim=True)
+        ones = m.new_ones((1, 1) + tuple(self.module.kernel_size))
+        return self._convolve(m.sum(dim=1, keepdim=True), ones, None, 1)
 
     def rows_shape(self, per_row: torch.Tensor) -> torch.Tensor:
         """Broadcast a per-output-unit tensor ``(rows,)`` against the layer's output ``(N, rows[, H', W'])``."""
