@@ -55,7 +55,8 @@ class Ball:
         raise NotImplementedError
 
     def steepest_step(self, grad: torch.Tensor, radius: torch.Tensor, step: float) -> torch.Tensor:
-        """Steepest-ascent step for this norm, of length ``step`` times the radius."""
+        """Steepest-ascent step for this norm, of length ``step`` times the radius (a new tensor: callers may
+        modify it)."""
         raise NotImplementedError
 
     def sample(self, radius: torch.Tensor, shape: torch.Size, distribution: str, gen: torch.Generator) -> torch.Tensor:
@@ -287,9 +288,9 @@ class RowL1Ball(Ball):
         k = max(1, int(math.ceil(0.05 * g.shape[1])))
         a = g.abs()
         top = a.topk(k, dim=1, sorted=False).indices  # the same set as sorted=True, without the final sort
-        d = a.zero_().scatter_(1, top, 1.0).mul_(g.sign()).div_(k)  # the 0/1 mask of top, in a's memory
-        scale = step * radius.unsqueeze(1)
-        return (d.mul_(scale) if scale.dtype == d.dtype else scale * d).reshape(grad.shape)
+        values = step * radius.unsqueeze(1) * (g.gather(1, top).sign() / k)  # (step r)·sign(g)/k on the top entries
+        d = a.zero_() if a.dtype == values.dtype else a.new_zeros(a.shape, dtype=values.dtype)  # a is free: reuse it
+        return d.scatter_(1, top, values).reshape(grad.shape)
 
     def sample(self, radius, shape, distribution, gen):
         rows = shape[0]
