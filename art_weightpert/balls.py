@@ -54,7 +54,8 @@ class Ball:
         raise NotImplementedError
 
     def steepest_step(self, grad: torch.Tensor, radius: torch.Tensor, step: float) -> torch.Tensor:
-        """Steepest-ascent step for this norm, of length ``step`` times the radius."""
+        """Steepest-ascent step for this norm, of length ``step`` times the radius (a new tensor: callers may
+        modify it)."""
         raise NotImplementedError
 
     def sample(self, radius: torch.Tensor, shape: torch.Size, distribution: str, gen: torch.Generator) -> torch.Tensor:
@@ -223,12 +224,12 @@ def _l1_threshold(a: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
     r = radius.to(a.dtype).reshape(-1, 1)
     total = a.sum(dim=1, keepdim=True)
     theta = torch.maximum((total - r) / a.shape[1], a.amax(dim=1, keepdim=True) - r).clamp_min(0)
-    count = torch.full_like(theta, -1.0)
+    count, gap = torch.full_like(theta, -1.0), torch.empty_like(a)  # one scratch matrix for every step
     done = total <= r  # inside the ball: θ = 0
     for _ in range(_MAX_NEWTON_STEPS):
-        gap = (a - theta).clamp_min_(0)
-        new_count = gap.sign().sum(dim=1, keepdim=True)  # |{a > θ}|: a − θ > 0 exactly when a > θ (IEEE)
-        step = (gap.sum(dim=1, keepdim=True) - r) / new_count.clamp_min(1)
+        excess = torch.sub(a, theta, out=gap).clamp_min_(0).sum(dim=1, keepdim=True)
+        new_count = gap.sign_().sum(dim=1, keepdim=True)  # |{a > θ}|: a − θ > 0 exactly when a > θ (IEEE)
+        step = (excess - r) / new_count.clamp_min(1)
         done |= (new_count == count) | (step <= 0)  # threshold sets are nested: equal sizes mean equal sets
         if bool(done.all()):
             break
@@ -269,23 +270,26 @@ class RowL1Ball(Ball):
         return (_rows(delta).abs().sum(dim=1) - radius).max() if delta.numel() else delta.new_zeros(())
 
     def project(self, delta, radius):
-        # Soft thresholding at the per-row θ of _l1_threshold: sign(v)·max(|v| − θ, 0); θ = 0 (the identity) for rows
-        # already inside their ball.
+        # Soft thresholding at the per-row θ of _l1_threshold: sign(v)·max(|v| − θ, 0), computed as v − clamp(v, −θ, θ)
+        # (the same rounding: v ∓ θ is ±(|v| − θ) rounded); θ = 0 (the identity) for rows already inside their ball.
         if delta.numel() == 0:
             return delta.clone()
         v = _rows(delta)
         a = v.abs()
-        return torch.copysign((a - _l1_threshold(a, radius)).clamp_min_(0), v).reshape(delta.shape)
+        theta = _l1_threshold(a, radius)
+        inside = torch.maximum(torch.minimum(v, theta, out=a), theta.neg(), out=a)  # a is free now: reuse it
+        return torch.sub(v, inside, out=inside).reshape(delta.shape)
 
     def steepest_step(self, grad, radius, step):
         # Steepest ℓ1 ascent puts the step on the largest |g| coordinates of each row; spreading it over the top ~5%
         # (at least one) keeps sparse steps from stalling on wide rows.
         g = _rows(grad)
         k = max(1, int(math.ceil(0.05 * g.shape[1])))
-        top = g.abs().topk(k, dim=1).indices
-        mask = torch.zeros_like(g).scatter_(1, top, 1.0)
-        d = mask * g.sign() / k
-        return (step * radius.unsqueeze(1) * d).reshape(grad.shape)
+        a = g.abs()
+        top = a.topk(k, dim=1, sorted=False).indices  # the same set as sorted=True, without the final sort
+        values = step * radius.unsqueeze(1) * (g.gather(1, top).sign() / k)  # (step r)·sign(g)/k on the top entries
+        d = a.zero_() if a.dtype == values.dtype else a.new_zeros(a.shape, dtype=values.dtype)  # a is free: reuse it
+        return d.scatter_(1, top, values).reshape(grad.shape)
 
     def sample(self, radius, shape, distribution, gen):
         rows = shape[0]

@@ -163,7 +163,9 @@ def ascend(
 def projected_step(ball: Ball, delta: torch.Tensor, grad: torch.Tensor, radius: torch.Tensor, fraction: float):
     """``delta`` moved along the ball's steepest-ascent direction by ``fraction`` times the radius, then projected
     back exactly (the ball owns both rules)."""
-    return ball.project(delta + ball.steepest_step(grad, radius, fraction), radius)
+    moved = ball.steepest_step(grad, radius, fraction)  # a new tensor: add delta in place (one matrix less)
+    moved = moved.add_(delta) if moved.dtype == torch.result_type(moved, delta) else delta + moved
+    return ball.project(moved, radius)
 
 
 def weight_step(
