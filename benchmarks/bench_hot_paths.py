@@ -10,6 +10,9 @@ the load average at the start and end.
 
 Rows (ratios, as in the issue):
 
+* ``pgd_<ball>``: one :class:`.WeightPGD` iteration / one plain forward+backward (``benchmarks/bench_attack.py``'s
+  set-up: MLP 784-512-512-10, batch 1024; the median CPU-time ratio; targets inf, l2 ≤ 1.2, row_l1 ≤ 1.3);
+
 * ``radius_linear_<ball>``: ``certified_radius(method="linear")`` on 100 points of the MLP 784-512-512-10 / one
   ``margin_lower_bounds`` call on the same points (target ≤ 5);
 * ``linear_<model>``: one ``"linear"`` (``inf``, 1e-3) ``margin_lower_bounds`` call at batch ``--batch`` (the CNN:
@@ -33,8 +36,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROWS = ("radius_linear_inf", "radius_linear_row_l1", "linear_mlp", "linear_cnn", "train_interval", "train_paper")
-TARGETS = {"radius": 5.0, "linear": 30.0, "train_interval": 1.5, "train_paper": 1.3}
+ROWS = (
+    "pgd_inf",
+    "pgd_l2",
+    "pgd_row_l1",
+    "radius_linear_inf",
+    "radius_linear_row_l1",
+    "linear_mlp",
+    "linear_cnn",
+    "train_interval",
+    "train_paper",
+)
+TARGETS = {"pgd_inf": 1.2, "pgd_l2": 1.2, "pgd_row_l1": 1.3, "radius": 5.0, "linear": 30.0}
+TARGETS |= {"train_interval": 1.5, "train_paper": 1.3}
 
 
 def _best(fn, repeats: int) -> float:
@@ -87,6 +101,24 @@ def _linear_row(model_name: str, batch: int, repeats: int) -> float:
     return _best(lambda: certifier.margin_lower_bounds(x), repeats) / forward
 
 
+def _pgd_row(norm: str, repeats: int) -> float:
+    import art.config
+    import numpy as np
+    import torch
+    from bench_attack import BATCH, EPS, make_model, measure_ball, plain_step
+
+    from art_weightpert import PyTorchWeightClassifier
+
+    art.config.set_data_path(tempfile.mkdtemp(prefix="art_bench_"))
+    model = make_model("cpu").eval()
+    gen = np.random.default_rng(0)
+    x, y = gen.random((BATCH, 784), dtype=np.float32), gen.integers(0, 10, BATCH)
+    clf = PyTorchWeightClassifier(model, torch.nn.CrossEntropyLoss(), (784,), 10, clip_values=(0.0, 1.0))
+    plain_step(model, torch.as_tensor(x), torch.as_tensor(y), "cpu", 3)  # warm-up
+    args = argparse.Namespace(device="cpu", iters=10, repeats=max(3, repeats))
+    return measure_ball(clf, model, x, y, norm, EPS[norm], args)["ratio_cpu_time_median"]
+
+
 def _train_row(bound: str, repeats: int) -> float:
     from bench_train import epoch_time
 
@@ -103,6 +135,8 @@ def child(row: str, args: argparse.Namespace) -> float:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
+    if row.startswith("pgd_"):
+        return _pgd_row(row[len("pgd_") :], args.repeats)
     if row.startswith("radius_linear_"):
         return _radius_row(row[len("radius_linear_") :], args.repeats)
     if row.startswith("linear_"):
