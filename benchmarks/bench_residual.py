@@ -38,7 +38,7 @@ from art_weightpert.data import load_digits_data
 from art_weightpert.network import read_network
 from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resnet
 
-RADII = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+RADII = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 
 
 def top_entries(fn, k: int = 6) -> list[str]:
