@@ -313,7 +313,7 @@ class WeightPerturbationCertifier:
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
 
         def g(method: BoundMethod):
-            def evaluate(idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+            def evaluate(idx: torch.Tensor, s: torch.Tensor, closing: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
                     bounds = method.bounds(
                         self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache
@@ -322,10 +322,13 @@ class WeightPerturbationCertifier:
 
             return evaluate
 
-        everyone = torch.arange(len(x_t), device=x_t.device)
         zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
         warm = METHODS.get(self._method.never_above or "")
-        g0 = g(warm or self._method)(everyone, zeros)  # at s = 0 every method gives the exact margins
+        with torch.no_grad():  # at s = 0 every method gives the exact margins
+            at_zero = (warm or self._method).bounds(
+                self._network, self._unit_param_balls, x_t, labels, torch.float64, zeros, self._cache
+            ) - (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
+        g0 = at_zero.amin(dim=1)
         lower = None if warm is None else search_radius(g(warm), g0, self._unit_eps(), relative_width=_WARM_WIDTH)
         if not self._method.per_class:
             return search_radius(g(self._method), g0, self._unit_eps(), lower)
@@ -338,6 +341,6 @@ class WeightPerturbationCertifier:
                 )  # fmt: skip
             return lb - (tol[idx] * (1 + _SEARCH_MARGIN)).unsqueeze(1)
 
-        nb_classes = self.estimator.nb_classes
         lower = zeros if lower is None else lower
-        return search_pruned(PrunedEvaluator(bounds, labels, nb_classes, lower), g0, self._unit_eps(), lower)
+        evaluate = PrunedEvaluator(bounds, labels, self.estimator.nb_classes, lower, at_zero)
+        return search_pruned(evaluate, g0, self._unit_eps(), lower)
