@@ -52,7 +52,7 @@ _SEARCH_MARGIN = 2.0**-10
 """The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
 scale, far above float64 rounding), so re-evaluating the bound there in another batch composition — other rounding in
 the last bits — still certifies it; it lowers the radius by ~1e-12 relative, below the search's precision."""
-_WARM_WIDTH = 2.0**-6  # relative precision of the warm start's radius (the search goes on from it)
+_WARM_WIDTH = 0.25  # relative precision of the warm start's radius (the search goes on from it)
 
 
 class WeightPerturbationCertifier:
@@ -311,36 +311,37 @@ class WeightPerturbationCertifier:
     def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
+        threshold = (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
 
-        def g(method: BoundMethod):
-            def evaluate(idx: torch.Tensor, s: torch.Tensor, closing: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    bounds = method.bounds(
-                        self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache
-                    )
-                return bounds.amin(dim=1) - tol[idx] * (1 + _SEARCH_MARGIN)
-
-            return evaluate
-
-        zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
-        warm = METHODS.get(self._method.never_above or "")
-        with torch.no_grad():  # at s = 0 every method gives the exact margins
-            at_zero = (warm or self._method).bounds(
-                self._network, self._unit_param_balls, x_t, labels, torch.float64, zeros, self._cache
-            ) - (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
-        g0 = at_zero.amin(dim=1)
-        lower = None if warm is None else search_radius(g(warm), g0, self._unit_eps(), relative_width=_WARM_WIDTH)
-        if not self._method.per_class:
-            return search_radius(g(self._method), g0, self._unit_eps(), lower)
-
-        def bounds(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        def bounds(method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **classes) -> torch.Tensor:
+            """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
             with torch.no_grad():
-                lb = self._method.bounds(
+                lb = method.bounds(
                     self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
-                    classes=classes,
+                    **classes,
                 )  # fmt: skip
-            return lb - (tol[idx] * (1 + _SEARCH_MARGIN)).unsqueeze(1)
+            return lb - threshold[idx]
 
-        lower = zeros if lower is None else lower
-        evaluate = PrunedEvaluator(bounds, labels, self.estimator.nb_classes, lower, at_zero)
+        everyone = torch.arange(len(x_t), device=x_t.device)
+        warm = METHODS.get(self._method.never_above or "")
+        at_zero = bounds(warm or self._method, everyone, torch.zeros_like(tol))  # every method: the exact margins
+        g0 = at_zero.amin(dim=1)
+        lower, at_lower = None, at_zero.clone()
+        if warm is not None:
+
+            def evaluate_warm(idx: torch.Tensor, s: torch.Tensor, closing: torch.Tensor) -> torch.Tensor:
+                lb = bounds(warm, idx, s)
+                g = lb.amin(dim=1)
+                at_lower[idx[g > 0]] = lb[g > 0]  # the per-class bounds at the last certified point: the warm radius
+                return g
+
+            lower = search_radius(evaluate_warm, g0, self._unit_eps(), relative_width=_WARM_WIDTH)
+        if not self._method.per_class:
+            whole = lambda idx, s, closing: bounds(self._method, idx, s).amin(dim=1)  # noqa: E731
+            return search_radius(whole, g0, self._unit_eps(), lower)
+        lower = torch.zeros_like(g0) if lower is None else lower
+        per_class = lambda idx, s, classes: bounds(self._method, idx, s, classes=classes)  # noqa: E731
+        evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
+        known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
+        evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
         return search_pruned(evaluate, g0, self._unit_eps(), lower)

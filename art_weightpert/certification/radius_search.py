@@ -30,6 +30,7 @@ RELATIVE_WIDTH = 2.0**-36
 
 _BRACKET_STEPS = 64  # extrapolation / falsi steps allowed to find the bracket
 _MAX_GROWTH = 1024.0  # at most this factor per upward step (2^64 of the start after 7 steps at most)
+_FIRST_STEP = 4.0  # the first point: this factor above the warm start ("linear" radii: 3-10x the interval ones)
 _OVERSHOOT = 1e-3  # relative push past the extrapolated root while bracketing
 _LIMIT = 2.0**64  # never broken below 2^64 × the start: reported as an infinite radius
 
@@ -53,7 +54,7 @@ def _bracket(evaluate: Evaluate, g0: torch.Tensor, start: torch.Tensor, lower: t
     ``|g|``, ``(0, g(0))`` included) as ``[s, g(s), s', g(s')]``."""
     lo, glo = lower.clone(), torch.where(lower > 0, math.nan, g0)  # lower: certified without evaluation here
     hi, ghi = torch.full_like(g0, math.inf), torch.full_like(g0, -math.inf)
-    s = torch.where(lower > 0, lower * 2, start)
+    s = torch.where(lower > 0, lower * _FIRST_STEP, start)
     anchor, anchor_g = torch.zeros_like(g0), g0.clone()  # the last point evaluated certified (for the secant)
     points = [torch.zeros_like(g0), g0.clone(), torch.zeros_like(g0), torch.full_like(g0, math.inf)]  # (0, g(0))
     limit = start * _LIMIT
@@ -217,6 +218,11 @@ class PrunedEvaluator:
         self._critical[idx] = torch.zeros_like(self._critical[idx]).scatter(1, self._others[idx], keep)
         self._pruned[idx] = True
 
+    def predict(self, idx: torch.Tensor, s: torch.Tensor, bounds: torch.Tensor) -> None:
+        """Choose the critical classes of the samples ``idx`` from ``(n, K)`` bounds minus the tolerance at ``s``
+        of another sound method (the warm start's), so that their first point evaluates only those."""
+        self._prune(idx, s, bounds.gather(1, self._others[idx]))
+
     def __call__(self, idx: torch.Tensor, s: torch.Tensor, closing: torch.Tensor | None = None) -> torch.Tensor:
         g = torch.empty_like(s)
         full = ~self._pruned[idx] if closing is None else ~self._pruned[idx] | closing
@@ -235,6 +241,15 @@ class PrunedEvaluator:
             lb = self._bounds(sub[row], s[~full][row], cls.unsqueeze(1))[:, 0]
             g[~full] = torch.full_like(s[~full], math.inf).scatter_reduce(0, row, lb, "amin")
         return g
+
+    def at_zero(self, g0: torch.Tensor) -> torch.Tensor:
+        """``g(0)`` of the function searched: the minimum over the critical classes where they are chosen (the
+        intercept the secant steps start from; ``≥ g0``), ``g0`` elsewhere."""
+        if self._at_zero is None:
+            return g0
+        critical = self._critical.gather(1, self._others)
+        mine = torch.where(critical, self._at_zero, math.inf).amin(dim=1)
+        return torch.where(self._pruned & (g0 > 0), mine, g0)
 
     def failures(self, radius: torch.Tensor) -> torch.Tensor:
         """Evaluate every class at ``radius`` where only some were; ``(N,)`` True where one fails there (its failing
@@ -256,14 +271,15 @@ def search_pruned(
     """:func:`search_radius` with a :class:`PrunedEvaluator`, then every class evaluated at the radius found; where
     one fails (a non-monotone bound) the search runs again from the largest radius certified with every class, with
     that class kept, up to ``rounds`` times, after which that largest radius is returned."""
-    radius = search_radius(evaluate, g0, start, lower, flag_closing=True)
+    radius = search_radius(evaluate, evaluate.at_zero(g0), start, lower, flag_closing=True)
     for _ in range(rounds):
         failed = evaluate.failures(radius)
         if not bool(failed.any()):
             return radius
         idx = torch.nonzero(failed).squeeze(1)
         subset = lambda sub, s, closing, idx=idx: evaluate(idx[sub], s, closing)  # noqa: E731
-        again = search_radius(subset, g0[idx], start, evaluate.verified[idx].clone(), flag_closing=True)
+        anchor = evaluate.at_zero(g0)[idx]
+        again = search_radius(subset, anchor, start, evaluate.verified[idx].clone(), flag_closing=True)
         radius = radius.clone()
         radius[idx] = again
     failed = evaluate.failures(radius)
