@@ -185,9 +185,9 @@ class WeightPerturbationCertifier:
 
         Closed form where the bound is affine in the radius (``paper`` with one perturbed layer, ``interval`` with
         only the last layer perturbed: THEORY.md §3.1), otherwise a search vectorized over the batch
-        (:mod:`.radius_search`: bracket by secant extrapolation, then ITP steps to a relative precision of about
+        (:mod:`.radius_search`: bracket by secant extrapolation, then secant steps to a relative precision of about
         1.5e-11; the returned radius is one at which the bound was evaluated certified). ``"linear"`` starts from the
-        ``"interval"`` radius.
+        ``"interval"`` radius, whose per-class bounds also choose the classes it evaluates until the last step.
 
         :param x: inputs ``(N,) + input_shape``.
         :param y: labels (wrong clean predictions get 0); ``None``: the predicted classes.
