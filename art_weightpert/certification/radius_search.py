@@ -39,7 +39,7 @@ _FIRST_STEP = 4.0  # the first point: this factor above the warm start ("linear"
 _OVERSHOOT = 1e-3  # relative push past the extrapolated root while bracketing
 _LIMIT = 2.0**64  # never broken below 2^64 × the start: reported as an infinite radius
 
-PRUNE_FACTOR = 1.5
+PRUNE_FACTOR = 1.25
 """A class is evaluated during the search when its predicted root is at most this factor above the smallest one."""
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
