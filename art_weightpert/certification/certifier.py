@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
@@ -313,12 +314,12 @@ class WeightPerturbationCertifier:
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
         threshold = (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
 
-        def bounds(method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **classes) -> torch.Tensor:
+        def bounds(method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **rows) -> torch.Tensor:
             """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
             with torch.no_grad():
                 lb = method.bounds(
                     self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
-                    **classes,
+                    **rows,
                 )  # fmt: skip
             return lb - threshold[idx]
 
@@ -340,7 +341,23 @@ class WeightPerturbationCertifier:
             whole = lambda idx, s, closing: bounds(self._method, idx, s).amin(dim=1)  # noqa: E731
             return search_radius(whole, g0, self._unit_eps(), lower)
         lower = torch.zeros_like(g0) if lower is None else lower
-        per_class = lambda idx, s, classes: bounds(self._method, idx, s, classes=classes)  # noqa: E731
+
+        def per_class(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            # rows repeating a sample (one per critical class, at the same factor) share its interval boxes: the
+            # same boxes the bound would compute per row, computed once per sample
+            unique, inverse = torch.unique(idx, return_inverse=True)
+            if len(unique) == len(idx):
+                return bounds(self._method, idx, s, classes=classes)
+            first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(len(idx), device=idx.device))
+            with torch.no_grad():
+                params = self._network.params(dtype=torch.float64)
+                boxes = interval_preactivation_bounds(
+                    self._network, self._unit_param_balls, x_t[unique], params, s[first], self._cache
+                )
+            rows = [(lo[inverse], None if lo is hi else hi[inverse]) for lo, hi in boxes]
+            rows = [(lo, lo if hi is None else hi) for lo, hi in rows]  # an exact value stays one tensor
+            return bounds(self._method, idx, s, classes=classes, boxes=rows)
+
         evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
         known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
         evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
