@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
@@ -52,7 +53,7 @@ _SEARCH_MARGIN = 2.0**-10
 """The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
 scale, far above float64 rounding), so re-evaluating the bound there in another batch composition — other rounding in
 the last bits — still certifies it; it lowers the radius by ~1e-12 relative, below the search's precision."""
-_WARM_WIDTH = 2.0**-6  # relative precision of the warm start's radius (the search goes on from it)
+_WARM_WIDTH = 0.25  # relative precision of the warm start's radius (the search goes on from it)
 
 
 class WeightPerturbationCertifier:
@@ -185,9 +186,9 @@ class WeightPerturbationCertifier:
 
         Closed form where the bound is affine in the radius (``paper`` with one perturbed layer, ``interval`` with
         only the last layer perturbed: THEORY.md §3.1), otherwise a search vectorized over the batch
-        (:mod:`.radius_search`: bracket by secant extrapolation, then ITP steps to a relative precision of about
+        (:mod:`.radius_search`: bracket by secant extrapolation, then secant steps to a relative precision of about
         1.5e-11; the returned radius is one at which the bound was evaluated certified). ``"linear"`` starts from the
-        ``"interval"`` radius.
+        ``"interval"`` radius, whose per-class bounds also choose the classes it evaluates until the last step.
 
         :param x: inputs ``(N,) + input_shape``.
         :param y: labels (wrong clean predictions get 0); ``None``: the predicted classes.
@@ -311,33 +312,53 @@ class WeightPerturbationCertifier:
     def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
+        threshold = (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
 
-        def g(method: BoundMethod):
-            def evaluate(idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    bounds = method.bounds(
-                        self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache
-                    )
-                return bounds.amin(dim=1) - tol[idx] * (1 + _SEARCH_MARGIN)
-
-            return evaluate
+        def bounds(method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **rows) -> torch.Tensor:
+            """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
+            with torch.no_grad():
+                lb = method.bounds(
+                    self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
+                    **rows,
+                )  # fmt: skip
+            return lb - threshold[idx]
 
         everyone = torch.arange(len(x_t), device=x_t.device)
-        zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
         warm = METHODS.get(self._method.never_above or "")
-        g0 = g(warm or self._method)(everyone, zeros)  # at s = 0 every method gives the exact margins
-        lower = None if warm is None else search_radius(g(warm), g0, self._unit_eps(), relative_width=_WARM_WIDTH)
+        at_zero = bounds(warm or self._method, everyone, torch.zeros_like(tol))  # every method: the exact margins
+        g0 = at_zero.amin(dim=1)
+        lower, at_lower = None, at_zero.clone()
+        if warm is not None:
+
+            def evaluate_warm(idx: torch.Tensor, s: torch.Tensor, closing: torch.Tensor) -> torch.Tensor:
+                lb = bounds(warm, idx, s)
+                g = lb.amin(dim=1)
+                at_lower[idx[g > 0]] = lb[g > 0]  # the per-class bounds at the last certified point: the warm radius
+                return g
+
+            lower = search_radius(evaluate_warm, g0, self._unit_eps(), relative_width=_WARM_WIDTH)
         if not self._method.per_class:
-            return search_radius(g(self._method), g0, self._unit_eps(), lower)
+            whole = lambda idx, s, closing: bounds(self._method, idx, s).amin(dim=1)  # noqa: E731
+            return search_radius(whole, g0, self._unit_eps(), lower)
+        lower = torch.zeros_like(g0) if lower is None else lower
 
-        def bounds(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        def per_class(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            # rows repeating a sample (one per critical class, at the same factor) share its interval boxes: the
+            # same boxes the bound would compute per row, computed once per sample
+            unique, inverse = torch.unique(idx, return_inverse=True)
+            if len(unique) == len(idx):
+                return bounds(self._method, idx, s, classes=classes)
+            first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(len(idx), device=idx.device))
             with torch.no_grad():
-                lb = self._method.bounds(
-                    self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
-                    classes=classes,
-                )  # fmt: skip
-            return lb - (tol[idx] * (1 + _SEARCH_MARGIN)).unsqueeze(1)
+                params = self._network.params(dtype=torch.float64)
+                boxes = interval_preactivation_bounds(
+                    self._network, self._unit_param_balls, x_t[unique], params, s[first], self._cache
+                )
+            rows = [(lo[inverse], None if lo is hi else hi[inverse]) for lo, hi in boxes]
+            rows = [(lo, lo if hi is None else hi) for lo, hi in rows]  # an exact value stays one tensor
+            return bounds(self._method, idx, s, classes=classes, boxes=rows)
 
-        nb_classes = self.estimator.nb_classes
-        lower = zeros if lower is None else lower
-        return search_pruned(PrunedEvaluator(bounds, labels, nb_classes, lower), g0, self._unit_eps(), lower)
+        evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
+        known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
+        evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
+        return search_pruned(evaluate, g0, self._unit_eps(), lower)

@@ -58,7 +58,9 @@ class BoundMethod:
     :param never_above: the name of a method whose bounds never exceed this one's (``"linear"`` takes the maximum
         with ``"interval"``): its certified radius, cheaper to find, starts the radius search.
     :param per_class: the bound function also takes ``classes=`` (``(N, J)`` class indices) and then bounds only
-        those margins, ``(N, J)``; the radius search then re-evaluates only the margins that can still decide.
+        those margins, ``(N, J)``, and ``boxes=`` (:func:`.interval_preactivation_bounds` at the same factors); the
+        radius search then evaluates only the margins that can decide, one row per (sample, class) sharing the
+        sample's boxes.
     :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
         the certifier, the trainer and the metrics call :meth:`check`.
     """
