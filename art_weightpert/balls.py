@@ -75,7 +75,8 @@ class Ball:
     def linear_term(self, view: Any, radius: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Lower bound of ``min_Δ λ·Δĥ`` over the ball, linear in ``ĥ`` on the layer's input box (THEORY.md §4b):
         ``(change of the input coefficients, constant)``, either ``None``, both linear in the radius. ``view`` is the
-        layer at that step of the backward pass (:class:`.AffineBackward`, built by the linear bound).
+        layer at that step of the backward pass (:class:`.AffineBackward`, built by the linear bound); ``radius`` is
+        the :meth:`compact_radius`.
 
         This default uses the interval term: ``|Δĥ| ≤ P(m)`` per output unit, so ``min_Δ λ·Δĥ ≥ −Σ |λ| ⊙ P(m)``."""
         return None, view.magnitude_term(self.interval_term(view.layer, view.magnitude, radius))
@@ -111,6 +112,11 @@ def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
     """The common value of every entry of ``radius``, or ``None`` when they differ."""
     value = radius.reshape(-1)[0]
     return value if bool((radius == value).all()) else None
+
+
+def _weighted_sum(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ t ⊙ weight`` over every dimension after ``(N, K)``; ``weight`` 0-d or shaped like those dimensions."""
+    return weight * t.flatten(2).sum(dim=2) if weight.dim() == 0 else t.flatten(2) @ weight.reshape(-1)
 
 
 def _support_rows(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -176,16 +182,17 @@ class BoxBall(Ball):
     def linear_term(self, view, radius):
         # −Σ δ ⊙ |G| (THEORY.md §4b). Linear: |G_rc| = |λ_r| |ĥ_c|, the term −(|λ|δ)·|ĥ|. Convolution: |G| is bounded
         # by its chord over the box of G (G itself where its sign is fixed), which keeps the kernel shared.
+        # ``radius`` may be the compact one (0-d: one value for every entry).
         if view.layer.is_conv:
             centre, spread = view.gradient_box()
-            delta = radius.reshape(centre.shape[2:])
+            delta = radius if radius.dim() == 0 else radius.reshape(centre.shape[2:])
             if view.known_input:  # G known: the exact −Σ δ |G|
-                return None, -(centre.abs().flatten(2) @ delta.reshape(-1))
+                return None, -_weighted_sum(centre.abs(), delta)
             slope, offset = abs_chord(centre, spread)
             view.add_to_kernel(slope, delta.neg())  # joins the layer's adjoint (one per-sample kernel)
-            return None, -(offset.flatten(2) @ delta.reshape(-1))
+            return None, -_weighted_sum(offset, delta)
         a = view.coefficients
-        value = _uniform_value(radius)
+        value = radius if radius.dim() == 0 else _uniform_value(radius)
         g = (
             value * torch.linalg.vector_norm(a, 1, dim=2, keepdim=True)
             if value is not None

@@ -137,7 +137,7 @@ def backward_margin_bounds(
         others = other_classes(labels, nb_classes)
         rows = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others)
         return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
-    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes)
+    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes, cache)
 
 
 CHUNK_BYTES = 4 * 2**20
@@ -192,13 +192,14 @@ def _backward_chunk(
     scale: torch.Tensor | None,
     boxes: Boxes,
     classes: torch.Tensor,
+    cache: BoundCache | None,
 ) -> torch.Tensor:
     """The backward pass of :func:`backward_margin_bounds` on one chunk of samples: ``(N, J)``."""
     nb_classes = params[network.layers[-1].weight_name].shape[0]
     a = margin_matrix(labels, nb_classes, x.dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
     pending = {len(network.layers): a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
-    ctx = BackwardContext(params, param_balls, scale)
+    ctx = BackwardContext(params, param_balls, scale, cache)
     for index in range(len(network.layers) - 1, -1, -1):  # reverse topological order (THEORY.md §9)
         a = pending.pop(index + 1, None)
         if a is None:

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from art_weightpert.balls import abs_chord
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import (
+    BoundCache,
     batched_dot,
+    cached,
     flatten_specs,
     sample_factors,
     sum_features,
@@ -36,6 +38,13 @@ class BackwardContext:
     params: dict[str, torch.Tensor]
     param_balls: dict[str, ParameterBall]
     scale: torch.Tensor | None = None
+    cache: BoundCache | None = None
+
+    def radius(self, target: ParameterBall, dtype: torch.dtype) -> torch.Tensor:
+        """The ball's :meth:`.Ball.compact_radius` in ``dtype`` (memoized in the cache, shared with the interval
+        bound's entry)."""
+        compact = lambda: target.ball.compact_radius(target.radius.to(dtype))  # noqa: E731
+        return cached(self.cache, f"compact_radius/{dtype}", (target.radius,), compact)
 
     def rows(self, samples: slice) -> BackwardContext:
         """The context of the samples ``samples`` (their radius factors)."""
@@ -220,7 +229,7 @@ def affine_backward(
     change = None
     wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
-        change, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
+        change, pert = wt.ball.linear_term(view, ctx.radius(wt, a.dtype))
         if pert is not None:
             const = const + times_sample_factors(pert, ctx.scale)
     weight, change = ctx.params[layer.weight_name], times_sample_factors(change, ctx.scale)
@@ -244,7 +253,7 @@ def affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: Backwa
     const = batched_dot(a, layer.apply(h, weight, bias))
     wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
-        _, pert = wt.ball.linear_term(AffineBackward(layer, a, h, h), wt.radius.to(a.dtype))
+        _, pert = wt.ball.linear_term(AffineBackward(layer, a, h, h), ctx.radius(wt, a.dtype))
         const = const + times_sample_factors(pert, ctx.scale)
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
@@ -277,7 +286,7 @@ def convolution_at_input_on_entries(
         g = torch.bmm(a.permute(0, 2, 1, 3).reshape(n * rows, k, p), at.reshape(n * rows, -1, p).transpose(1, 2))
         centre = g.reshape(n, rows, k, -1).transpose(1, 2).unsqueeze(2)  # (N, K, 1, rows, C·kh·kw)
         view = AffineBackward(layer, a, h, h, gradient=(centre, torch.zeros_like(centre)))
-        _, pert = wt.ball.linear_term(view, wt.radius.to(a.dtype))
+        _, pert = wt.ball.linear_term(view, ctx.radius(wt, a.dtype))
         const = const + times_sample_factors(pert, ctx.scale)
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
