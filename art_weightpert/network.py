@@ -152,6 +152,10 @@ class Network:
                 self._sizes[key] = [v[0].numel() for v in self._values(x, p, {}, keep=True)]
         return self._sizes[key]
 
+    def nb_readers(self, value: int) -> int:
+        """How many times the layers read ``value`` (an addition reading it twice counts twice)."""
+        return sum(reads.count(value) for reads in self.inputs)
+
     def _last_uses(self) -> list[int]:
         """Per value, the index of the last layer that reads it."""
         last = [-1] * (len(self.layers) + 1)

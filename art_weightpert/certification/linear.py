@@ -125,11 +125,12 @@ def backward_margin_bounds(
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
+    chunked = _in_chunks_if_large(
+        backward_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
+    )
+    if chunked is not None:
+        return chunked
     nb_classes = network.layers[-1].module.out_features
-    size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
-    if size < len(x):
-        fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
-        return in_chunks(backward_margin_bounds, size, x, labels, scale, boxes, classes, **fixed)
     params = network.params(dtype=dtype)
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
@@ -153,6 +154,17 @@ def chunk_size(network: Network, x: torch.Tensor, nb_rows: int, dtype: torch.dty
     :data:`.KERNEL_CHUNK_BYTES`)."""
     largest = max(network.value_sizes(tuple(x.shape[1:])))
     return max(1, CHUNK_BYTES // (max(nb_rows, 1) * largest * torch.finfo(dtype).bits // 8))
+
+
+def _in_chunks_if_large(bound, network, param_balls, x, labels, dtype, scale, cache, boxes, classes):
+    """``bound``'s value computed by :func:`in_chunks` when the batch is larger than one chunk (:func:`chunk_size`),
+    else ``None``."""
+    nb_classes = network.layers[-1].module.out_features
+    size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
+    if size >= len(x):
+        return None
+    fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
+    return in_chunks(bound, size, x, labels, scale, boxes, classes, **fixed)
 
 
 def in_chunks(bound, size: int, x, labels, scale, boxes, classes, **fixed) -> torch.Tensor:
@@ -249,7 +261,7 @@ def _activation_before_pool(network: Network, index: int) -> int | None:
         return None
     if not isinstance(network.layers[value - 1], Activation):
         return None
-    return value - 1 if sum(reads.count(value) for reads in network.inputs) == 1 else None
+    return value - 1 if network.nb_readers(value) == 1 else None
 
 
 def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | None:
@@ -261,7 +273,7 @@ def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | N
     if not isinstance(layer, Affine) or not layer.is_conv or layer.module.weight.dim() != 4 or layer.module.groups != 1:
         return None
     lo, hi = boxes[network.inputs[value - 1][0]]
-    return value - 1 if lo is hi and sum(reads.count(value) for reads in network.inputs) == 1 else None
+    return value - 1 if lo is hi and network.nb_readers(value) == 1 else None
 
 
 def _accumulate(pending: dict, value: int, a: torch.Tensor) -> None:
@@ -293,11 +305,11 @@ def linear_margin_bounds(
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
-    nb_classes = network.layers[-1].module.out_features
-    size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
-    if size < len(x):  # the same bound, a chunk of samples at a time (CHUNK_BYTES)
-        fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
-        return in_chunks(linear_margin_bounds, size, x, labels, scale, boxes, classes, **fixed)
+    chunked = _in_chunks_if_large(
+        linear_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
+    )
+    if chunked is not None:  # the same bound, a chunk of samples at a time (CHUNK_BYTES)
+        return chunked
     if boxes is None:
         boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale, cache)
     backward = backward_margin_bounds(
