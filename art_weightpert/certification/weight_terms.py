@@ -251,14 +251,21 @@ def affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: Backwa
     weight = ctx.params[layer.weight_name]
     bias = ctx.params[layer.bias_name] if layer.bias_name else None
     const = batched_dot(a, layer.apply(h, weight, bias))
+    return const + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
+
+
+def _terms_at_input(view: AffineBackward, row_sums: torch.Tensor, ctx: BackwardContext) -> torch.Tensor | float:
+    """The weight ball's and the bias ball's exact terms of an affine layer on a known input (``view``), ``(N, K)``
+    (0 when neither is perturbed)."""
+    layer, out = view.layer, 0.0
     wt = ctx.param_balls.get(layer.weight_name)
     if wt is not None:
-        _, pert = wt.ball.linear_term(AffineBackward(layer, a, h, h), ctx.radius(wt, a.dtype))
-        const = const + times_sample_factors(pert, ctx.scale)
+        _, pert = wt.ball.linear_term(view, ctx.radius(wt, row_sums.dtype))
+        out = out + times_sample_factors(pert, ctx.scale)
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
-        const = const + times_sample_factors(_bias_term(bt, _row_sums(a), a.dtype), ctx.scale)
-    return const
+        out = out + times_sample_factors(_bias_term(bt, row_sums, row_sums.dtype), ctx.scale)
+    return out
 
 
 @in_kernel_chunks
@@ -272,23 +279,15 @@ def convolution_at_input_on_entries(
     weight = ctx.params[layer.weight_name]
     bias = ctx.params[layer.bias_name] if layer.bias_name else None
     const = batched_dot(a, layer.apply(h, weight, bias).flatten(2).gather(2, where))
-    wt = ctx.param_balls.get(layer.weight_name)
-    if wt is not None:
+    gradient = None
+    if layer.weight_name in ctx.param_balls:
         n, k, rows, p = a.shape
         mod = layer.module
         patches = F.unfold(h, mod.kernel_size, mod.dilation, layer.padding, mod.stride)  # (N, C·kh·kw, H'·W')
-        at = (
-            patches.unsqueeze(1)
-            .expand(n, rows, -1, -1)
-            .gather(3, where.unsqueeze(2).expand(-1, -1, len(patches[0]), -1))
-        )
+        at = patches.unsqueeze(1).expand(n, rows, -1, -1)
+        at = at.gather(3, where.unsqueeze(2).expand(-1, -1, patches.shape[1], -1))
         # G_{n,k,r} = Σ_p λ_{n,k,r,p} patch(position_{n,r,p}): one bmm per sample and row over its K specifications
         g = torch.bmm(a.permute(0, 2, 1, 3).reshape(n * rows, k, p), at.reshape(n * rows, -1, p).transpose(1, 2))
         centre = g.reshape(n, rows, k, -1).transpose(1, 2).unsqueeze(2)  # (N, K, 1, rows, C·kh·kw)
-        view = AffineBackward(layer, a, h, h, gradient=(centre, torch.zeros_like(centre)))
-        _, pert = wt.ball.linear_term(view, ctx.radius(wt, a.dtype))
-        const = const + times_sample_factors(pert, ctx.scale)
-    bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
-    if bt is not None:
-        const = const + times_sample_factors(_bias_term(bt, a.sum(dim=3), a.dtype), ctx.scale)
-    return const
+        gradient = (centre, torch.zeros_like(centre))
+    return const + _terms_at_input(AffineBackward(layer, a, h, h, gradient=gradient), a.sum(dim=3), ctx)
