@@ -61,6 +61,9 @@ class BoundMethod:
         those margins, ``(N, J)``, and ``boxes=`` (:func:`.interval_preactivation_bounds` at the same factors); the
         radius search then evaluates only the margins that can decide, one row per (sample, class) sharing the
         sample's boxes.
+    :param takes_logits: the bound function also takes ``logits=``, the network's clean logits of ``x`` (computed by
+        the caller's own forward pass), instead of running that forward itself; the trainer then shares its
+        cross-entropy's forward (:mod:`.shared_forward`).
     :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
         the certifier, the trainer and the metrics call :meth:`check`.
     """
@@ -71,6 +74,7 @@ class BoundMethod:
     description: str
     never_above: str | None = None
     per_class: bool = False
+    takes_logits: bool = False
     applies_to: Callable[[Network], str | None] = lambda network: None
 
     def check(self, network: Network) -> None:
@@ -117,6 +121,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 paper_margin_bounds,
                 _single_layer,
                 "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3), chains only",
+                takes_logits=True,
                 applies_to=chains_only,
             ),
             BoundMethod(

@@ -48,7 +48,7 @@ from art_weightpert.defences.trainer.schedule import (
     scale_param_balls,
     step_scheduler,
 )
-from art_weightpert.defences.trainer.shared_forward import takes_logits, train_matches_eval
+from art_weightpert.defences.trainer.shared_forward import train_matches_eval
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import (
@@ -293,7 +293,7 @@ class WeightRobustTrainer(Trainer):
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            shared = {"logits": logits} if self._train_matches_eval and takes_logits(self.bound) else {}
+            shared = {"logits": logits} if self._train_matches_eval and METHODS[self.bound].takes_logits else {}
             bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32, **shared)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
