@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.common import BoundCache, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
@@ -354,9 +354,7 @@ class WeightPerturbationCertifier:
                 boxes = interval_preactivation_bounds(
                     self._network, self._unit_param_balls, x_t[unique], params, s[first], self._cache
                 )
-            rows = [(lo[inverse], None if lo is hi else hi[inverse]) for lo, hi in boxes]
-            rows = [(lo, lo if hi is None else hi) for lo, hi in rows]  # an exact value stays one tensor
-            return bounds(self._method, idx, s, classes=classes, boxes=rows)
+            return bounds(self._method, idx, s, classes=classes, boxes=slice_boxes(boxes, inverse))
 
         evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
         known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)

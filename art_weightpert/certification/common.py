@@ -34,6 +34,16 @@ def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:
     return {t.param_name: t for t in param_balls}
 
 
+def slice_boxes(boxes: Boxes, rows: slice | torch.Tensor) -> Boxes:
+    """The boxes of the samples ``rows`` (a slice or an index tensor, repeats allowed); an exact value (``lo is hi``)
+    stays one tensor."""
+    out = []
+    for lo, hi in boxes:
+        part = lo[rows]
+        out.append((part, part) if lo is hi else (part, hi[rows]))
+    return out
+
+
 def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """Specification ``C`` of shape ``(N, K, K)``: row ``i`` is ``e_y − e_i`` (the row ``i = y`` is zero)."""
     eye = torch.eye(nb_classes, dtype=dtype, device=labels.device)

@@ -49,6 +49,7 @@ from art_weightpert.certification.common import (
     fill_label,
     flatten_specs,
     margin_matrix,
+    slice_boxes,
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
 from art_weightpert.certification.pooling import disjoint_windows, maxpool_activation_backward, maxpool_backward
@@ -184,15 +185,6 @@ def in_chunks(bound, size: int, x, labels, scale, boxes, classes, **fixed) -> to
             )
         )
     return torch.cat(parts)
-
-
-def slice_boxes(boxes: Boxes, rows: slice) -> Boxes:
-    """The boxes of the samples ``rows``; an exact value (``lo is hi``) stays one tensor."""
-    out = []
-    for lo, hi in boxes:
-        part = lo[rows]
-        out.append((part, part) if lo is hi else (part, hi[rows]))
-    return out
 
 
 def _backward_chunk(
