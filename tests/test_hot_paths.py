@@ -15,7 +15,8 @@ from torch.nn.modules.utils import _pair
 from art_weightpert import PerturbationBudget
 from art_weightpert.certification import linear, weight_terms
 from art_weightpert.certification.activations import relaxation
-from art_weightpert.certification.common import batched_dot, sum_features
+from art_weightpert.certification.common import CentredBox, batched_dot, sum_features
+from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.network import Activation, MaxPool, read_network
 from art_weightpert.zoo import digits_resnet
 from tests.conftest import random_cnn, random_mlp
@@ -201,3 +202,25 @@ def test_a_kernel_term_joins_the_adjoint_of_the_convolution(stride, groups):
         coef * factor * scale.reshape(-1, 1, 1, 1, 1)
     )
     torch.testing.assert_close(joined.input_coefficients(conv.weight.detach()), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn_padded_pool", "digits_resnet"])
+def test_the_first_layers_value_comes_from_its_centred_box(model_name):
+    """An affine layer on the known input gets a :class:`.CentredBox` whose centre is ``W x + b``; the linear bound
+    takes it from there instead of recomputing it: the same bounds, bit for bit, as from plain boxes."""
+    model, shape = (RESIDUAL | MODELS)[model_name]()
+    model = model.double().eval().requires_grad_(False)
+    x = torch.rand((5,) + shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    network = read_network(model, shape)
+    balls = BUDGETS["l2_relative_bias"].parameter_balls(model, torch.float64)
+    labels = torch.arange(5) % network.layers[-1].module.out_features
+    boxes = interval_preactivation_bounds(network, balls, x, network.params(dtype=torch.float64))
+    centred = [box for box in boxes if isinstance(box, CentredBox)]
+    assert centred
+    first = network.layers[[isinstance(box, CentredBox) for box in boxes].index(True) - 1]
+    weight, bias = network.params(dtype=torch.float64)[first.weight_name], model.get_submodule(first.name).bias
+    torch.testing.assert_close(centred[0].centre, first.apply(x, weight, bias), rtol=0, atol=0)
+    plain = [(lo, hi) for lo, hi in boxes]
+    with_centre = linear.backward_margin_bounds(network, balls, x, labels, torch.float64, boxes=boxes)
+    without = linear.backward_margin_bounds(network, balls, x, labels, torch.float64, boxes=plain)
+    torch.testing.assert_close(with_centre, without, rtol=0, atol=0)

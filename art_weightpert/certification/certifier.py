@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.certification.common import BoundCache, slice_boxes
+from art_weightpert.certification.common import BoundCache, CentredBox, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
@@ -312,20 +312,10 @@ class WeightPerturbationCertifier:
     def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
-        threshold = (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1)
-
-        def bounds(method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **rows) -> torch.Tensor:
-            """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
-            with torch.no_grad():
-                lb = method.bounds(
-                    self._network, self._unit_param_balls, x_t[idx], labels[idx], torch.float64, s, self._cache,
-                    **rows,
-                )  # fmt: skip
-            return lb - threshold[idx]
-
-        everyone = torch.arange(len(x_t), device=x_t.device)
+        search = _SearchBounds(self, x_t, labels, (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1))
+        bounds = search.bounds
         warm = METHODS.get(self._method.never_above or "")
-        at_zero = bounds(warm or self._method, everyone, torch.zeros_like(tol))  # every method: the exact margins
+        at_zero = search.at_zero(warm or self._method)  # every method: the exact margins
         g0 = at_zero.amin(dim=1)
         lower, at_lower = None, at_zero.clone()
         if warm is not None:
@@ -349,14 +339,50 @@ class WeightPerturbationCertifier:
             if len(unique) == len(idx):
                 return bounds(self._method, idx, s, classes=classes)
             first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(len(idx), device=idx.device))
-            with torch.no_grad():
-                params = self._network.params(dtype=torch.float64)
-                boxes = interval_preactivation_bounds(
-                    self._network, self._unit_param_balls, x_t[unique], params, s[first], self._cache
-                )
-            return bounds(self._method, idx, s, classes=classes, boxes=slice_boxes(boxes, inverse))
+            boxes = slice_boxes(search.boxes(unique, s[first]), inverse)
+            return bounds(self._method, idx, s, classes=classes, boxes=boxes)
 
         evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
         known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
         evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
         return search_pruned(evaluate, g0, self._unit_eps(), lower)
+
+
+class _SearchBounds:
+    """The bounds a radius search evaluates: a method's bounds minus the search's threshold for some samples at some
+    radius factors, with the interval boxes computed by the certifier so that the centres ``W x + b`` of the affine
+    layers on the known input (independent of the radius) are computed once, at the first evaluation."""
+
+    def __init__(self, certifier: WeightPerturbationCertifier, x_t, labels, threshold) -> None:
+        self.certifier, self.x_t, self.labels, self.threshold = certifier, x_t, labels, threshold
+        self.params = certifier._network.params(dtype=torch.float64)  # pylint: disable=protected-access
+        self.centres: dict[int, torch.Tensor] = {}
+
+    def boxes(self, idx: torch.Tensor, s: torch.Tensor):
+        """The interval boxes of the samples ``idx`` at the factors ``s``, with the known centres."""
+        c = self.certifier
+        known = {value: centre[idx] for value, centre in self.centres.items()}
+        with torch.no_grad():
+            return interval_preactivation_bounds(
+                c._network, c._unit_param_balls, self.x_t[idx], self.params, s, c._cache, known
+            )  # fmt: skip
+
+    def at_zero(self, method: BoundMethod) -> torch.Tensor:
+        """``method``'s bounds of every sample at radius 0 (the exact margins, minus the threshold); records the
+        centres."""
+        everyone = torch.arange(len(self.x_t), device=self.x_t.device)
+        zeros = torch.zeros(len(self.x_t), dtype=torch.float64, device=self.x_t.device)
+        boxes = self.boxes(everyone, zeros)
+        self.centres = {value: box.centre for value, box in enumerate(boxes) if isinstance(box, CentredBox)}
+        return self.bounds(method, everyone, zeros, **({"boxes": boxes} if method.takes_boxes else {}))
+
+    def bounds(self, method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **rows) -> torch.Tensor:
+        """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
+        if method.takes_boxes and "boxes" not in rows:
+            rows["boxes"] = self.boxes(idx, s)
+        c = self.certifier
+        with torch.no_grad():
+            lb = method.bounds(
+                c._network, c._unit_param_balls, self.x_t[idx], self.labels[idx], torch.float64, s, c._cache, **rows
+            )  # fmt: skip
+        return lb - self.threshold[idx]

@@ -34,14 +34,36 @@ def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:
     return {t.param_name: t for t in param_balls}
 
 
+class CentredBox(tuple):
+    """A box ``(lo, hi)`` of an affine layer's output on a known input ``h``, with ``centre = W h + b``: the layer's
+    value at the unperturbed weights, which the linear bound reuses instead of recomputing it. Unpacks as ``lo, hi``."""
+
+    centre: torch.Tensor
+
+    def __new__(cls, lo: torch.Tensor, hi: torch.Tensor, centre: torch.Tensor) -> CentredBox:
+        box = super().__new__(cls, (lo, hi))
+        box.centre = centre
+        return box
+
+
 def slice_boxes(boxes: Boxes, rows: slice | torch.Tensor) -> Boxes:
     """The boxes of the samples ``rows`` (a slice or an index tensor, repeats allowed); an exact value (``lo is hi``)
-    stays one tensor."""
+    stays one tensor, a :class:`CentredBox` keeps its centre."""
     out = []
-    for lo, hi in boxes:
+    for box in boxes:
+        lo, hi = box
         part = lo[rows]
-        out.append((part, part) if lo is hi else (part, hi[rows]))
+        if isinstance(box, CentredBox):
+            out.append(CentredBox(part, hi[rows], box.centre[rows]))
+        else:
+            out.append((part, part) if lo is hi else (part, hi[rows]))
     return out
+
+
+def centre_of(boxes: Boxes, value: int) -> torch.Tensor | None:
+    """The centre ``W h + b`` of value ``value`` when its box is a :class:`CentredBox`, else ``None``."""
+    box = boxes[value] if value < len(boxes) else None
+    return box.centre if isinstance(box, CentredBox) else None
 
 
 def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> torch.Tensor:

@@ -16,12 +16,15 @@ Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import (
     BoundCache,
     Boxes,
+    CentredBox,
     ParamBalls,
     by_param_name,
     cached,
@@ -110,15 +113,19 @@ def affine_interval(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     nonnegative: bool = False,
+    centre: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Box of ``(W + Δ) ĥ + b + Δb`` over the ball and ``ĥ ∈ [lo, hi]`` (``exact_input``: ``lo == hi``, the
     ``|W| r`` term is skipped); ``scale``: per-sample radius factors ``(N,)``; ``cache``: an optional
-    :class:`.BoundCache`; ``nonnegative``: ``lo ≥ 0`` is known (after a ReLU), so ``max(|lo|, |hi|) = hi``."""
+    :class:`.BoundCache`; ``nonnegative``: ``lo ≥ 0`` is known (after a ReLU), so ``max(|lo|, |hi|) = hi``. On an exact
+    input the box of a perturbed layer is a :class:`.CentredBox`; ``centre``: its ``W h + b`` when already known."""
     weight = params[layer.weight_name]
     bias = params[layer.bias_name] if layer.bias_name else None
     if exact_input:
-        center = layer.apply(lo, weight, bias)
+        center = layer.apply(lo, weight, bias) if centre is None else centre
         radius = perturbation_radius(layer, lo if nonnegative else lo.abs(), param_balls, lo.dtype, scale, cache)
+        if not isinstance(radius, float):  # the box of a known input's image: keep its centre (CentredBox)
+            return CentredBox(center - radius, center + radius, center)
     else:
         # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
         # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
@@ -150,25 +157,32 @@ def interval_preactivation_bounds(
     params: dict[str, torch.Tensor],
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
+    known: Mapping[int, torch.Tensor] | None = None,
 ) -> Boxes:
     """Boxes of the values of ``network`` (index 0: its input; index ``i + 1``: the output of ``network.layers[i]``,
     for every layer but the last; on a chain, index ``i`` is the input of ``network.layers[i]``). A box ``(lo, hi)``
     with ``lo is hi`` is an exact value (it depends on no perturbed weight). Residual additions add boxes (THEORY.md
-    §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`."""
+    §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`;
+    ``known``: centres of :class:`.CentredBox` values already computed for these samples (by value index: they do not
+    depend on the radius, so a radius search computes them once)."""
     param_balls = by_param_name(param_balls)
     boxes = [(x, x)]
     nonnegative = nonnegative_values(network)
+    known = known or {}
     for layer, reads in zip(network.layers[:-1], network.inputs):
         lo, hi = boxes[reads[0]]
-        if isinstance(layer, Affine):
-            lo, hi = affine_interval(layer, params, lo, hi, param_balls, lo is hi, scale, cache, nonnegative[reads[0]])
+        if isinstance(layer, Affine):  # on a known input: a CentredBox (its centre is the layer's value there)
+            centre = known.get(len(boxes))
+            exact, nonneg = lo is hi, nonnegative[reads[0]]
+            box = affine_interval(layer, params, lo, hi, param_balls, exact, scale, cache, nonneg, centre)
         elif isinstance(layer, Add):
-            lo, hi = _add_boxes([boxes[v] for v in reads])
+            box = _add_boxes([boxes[v] for v in reads])
         elif lo is hi:  # an exact activation stays exact through a fixed layer
-            lo = hi = layer.apply(lo)
+            out = layer.apply(lo)
+            box = (out, out)
         else:
-            lo, hi = INTERVAL_RULES[type(layer)](layer, lo, hi)
-        boxes.append((lo, hi))
+            box = INTERVAL_RULES[type(layer)](layer, lo, hi)
+        boxes.append(box)
     return boxes
 
 

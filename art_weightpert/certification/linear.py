@@ -45,6 +45,7 @@ from art_weightpert.certification.common import (
     ParamBalls,
     batched_dot,
     by_param_name,
+    centre_of,
     check_batch,
     fill_label,
     flatten_specs,
@@ -226,7 +227,7 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
         return a.new_zeros(a.shape[:2])
     lo, hi = boxes[reads[0]]
     if isinstance(layer, Affine) and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
-        return affine_at_input(layer, a, lo, ctx)
+        return affine_at_input(layer, a, lo, centre_of(boxes, index + 1), ctx)
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
         pre = network.inputs[activation][0]
@@ -236,7 +237,7 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
                 layer, network.layers[activation], a, (lo, hi), boxes[pre], False
             )
             h = boxes[network.inputs[conv][0]][0]
-            return c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, ctx)
+            return c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
         a_in, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
         _accumulate(pending, pre, a_in)
         return c

@@ -58,9 +58,10 @@ class BoundMethod:
     :param never_above: the name of a method whose bounds never exceed this one's (``"linear"`` takes the maximum
         with ``"interval"``): its certified radius, cheaper to find, starts the radius search.
     :param per_class: the bound function also takes ``classes=`` (``(N, J)`` class indices) and then bounds only
-        those margins, ``(N, J)``, and ``boxes=`` (:func:`.interval_preactivation_bounds` at the same factors); the
-        radius search then evaluates only the margins that can decide, one row per (sample, class) sharing the
-        sample's boxes.
+        those margins, ``(N, J)``; the radius search then evaluates only the margins that can decide, one row per
+        (sample, class) sharing the sample's boxes (it needs ``takes_boxes`` too).
+    :param takes_boxes: the bound function also takes ``boxes=`` (:func:`.interval_preactivation_bounds` at the same
+        factors), so that a caller can compute them once, or with known centres (the radius search).
     :param takes_logits: the bound function also takes ``logits=``, the network's clean logits of ``x`` (computed by
         the caller's own forward pass), instead of running that forward itself; the trainer then shares its
         cross-entropy's forward (:mod:`.shared_forward`).
@@ -74,6 +75,7 @@ class BoundMethod:
     description: str
     never_above: str | None = None
     per_class: bool = False
+    takes_boxes: bool = False
     takes_logits: bool = False
     applies_to: Callable[[Network], str | None] = lambda network: None
 
@@ -129,6 +131,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 interval_margin_bounds,
                 _last_layer_only,
                 "interval bound propagation with weight intervals, last layer folded into the margins (§4)",
+                takes_boxes=True,
             ),
             BoundMethod(
                 "linear",
@@ -137,6 +140,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 "backward linear bounds with exact weight absorption, never looser than interval (§4b)",
                 never_above="interval",
                 per_class=True,
+                takes_boxes=True,
             ),
         )
     }

@@ -59,12 +59,12 @@ with 32 input channels has 288 entries per row for 16 output positions on a 4x4 
 
 
 def in_kernel_chunks(rule):
-    """Run the affine rule ``rule(layer, a, *boxes, ctx)`` on a few samples at a time where the layer is a perturbed
-    convolution whose kernel-gradient box would exceed :data:`KERNEL_CHUNK_BYTES`; the outputs are concatenated (a
-    box given twice, ``lo is hi``, stays one tensor)."""
+    """Run the affine rule ``rule(layer, a, *per_sample, ctx)`` on a few samples at a time where the layer is a
+    perturbed convolution whose kernel-gradient box would exceed :data:`KERNEL_CHUNK_BYTES`; the outputs are
+    concatenated. ``per_sample``: tensors (or ``None``) sliced with ``a``; one given twice (``lo is hi``) stays one."""
 
-    def chunked(layer: Affine, a: torch.Tensor, *boxes_then_ctx):
-        *boxes, ctx = boxes_then_ctx
+    def chunked(layer: Affine, a: torch.Tensor, *per_sample_then_ctx):
+        *boxes, ctx = per_sample_then_ctx
         size = len(a)
         if layer.is_conv and layer.weight_name in ctx.param_balls:
             per_sample = a.shape[1] * ctx.params[layer.weight_name].numel() * a.element_size()
@@ -74,7 +74,7 @@ def in_kernel_chunks(rule):
         parts = []
         for start in range(0, len(a), size):
             rows = slice(start, start + size)
-            sliced = {id(box): box[rows] for box in boxes}
+            sliced = {id(box): None if box is None else box[rows] for box in boxes}
             parts.append(rule(layer, a[rows], *(sliced[id(box)] for box in boxes), ctx.rows(rows)))
         if isinstance(parts[0], tuple):
             return tuple(torch.cat(outputs) for outputs in zip(*parts))
@@ -245,13 +245,19 @@ def affine_backward(
 
 
 @in_kernel_chunks
-def affine_at_input(layer: Affine, a: torch.Tensor, h: torch.Tensor, ctx: BackwardContext) -> torch.Tensor:
+def affine_at_input(
+    layer: Affine, a: torch.Tensor, h: torch.Tensor, value: torch.Tensor | None, ctx: BackwardContext
+) -> torch.Tensor:
     """``min λ·ẑ`` over the ball for the first affine layer, whose input ``h`` is known: ``λ·(W h + b)`` plus the
-    ball's term at ``ĥ = h`` (exact for every ball: the minimum of ``⟨Δ, G⟩`` with ``G`` known)."""
-    weight = ctx.params[layer.weight_name]
-    bias = ctx.params[layer.bias_name] if layer.bias_name else None
-    const = batched_dot(a, layer.apply(h, weight, bias))
+    ball's term at ``ĥ = h`` (exact for every ball: the minimum of ``⟨Δ, G⟩`` with ``G`` known). ``value``: ``W h +
+    b`` when already computed (the centre of the layer's :class:`.CentredBox`), else ``None``."""
+    const = batched_dot(a, _value_at(layer, h, ctx) if value is None else value)
     return const + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
+
+
+def _value_at(layer: Affine, h: torch.Tensor, ctx: BackwardContext) -> torch.Tensor:
+    """``W h + b``: the layer's value at the unperturbed weights."""
+    return layer.apply(h, ctx.params[layer.weight_name], ctx.params[layer.bias_name] if layer.bias_name else None)
 
 
 def _terms_at_input(view: AffineBackward, row_sums: torch.Tensor, ctx: BackwardContext) -> torch.Tensor | float:
@@ -270,15 +276,20 @@ def _terms_at_input(view: AffineBackward, row_sums: torch.Tensor, ctx: BackwardC
 
 @in_kernel_chunks
 def convolution_at_input_on_entries(
-    layer: Affine, a: torch.Tensor, where: torch.Tensor, h: torch.Tensor, ctx: BackwardContext
+    layer: Affine,
+    a: torch.Tensor,
+    where: torch.Tensor,
+    h: torch.Tensor,
+    value: torch.Tensor | None,
+    ctx: BackwardContext,
 ) -> torch.Tensor:
     """:func:`affine_at_input` for a convolution (one group) whose coefficients are zero but at one output position per
     (sample, channel, window): ``a`` ``(N, K, rows, P)`` at the flat positions ``where`` ``(N, rows, P)`` of the output
     map (a max pooling's maxima). The same value, with ``λ·ẑ``, the bias's row sums and the kernel gradient computed
-    on those entries only (the kernel gradient from the input patches at each row's own positions)."""
-    weight = ctx.params[layer.weight_name]
-    bias = ctx.params[layer.bias_name] if layer.bias_name else None
-    const = batched_dot(a, layer.apply(h, weight, bias).flatten(2).gather(2, where))
+    on those entries only (the kernel gradient from the input patches at each row's own positions). ``value``: as
+    :func:`affine_at_input`."""
+    value = _value_at(layer, h, ctx) if value is None else value
+    const = batched_dot(a, value.flatten(2).gather(2, where))
     gradient = None
     if layer.weight_name in ctx.param_balls:
         n, k, rows, p = a.shape
