@@ -77,6 +77,7 @@ MODELS = {
     "cnn_overlapping_pool": lambda: (_cnn_pool(4, nn.MaxPool2d(3, stride=2, padding=1)), (1, 7, 7)),
     "cnn_padded_pool": lambda: (_cnn_pool(5, nn.MaxPool2d(2, padding=1)), (1, 7, 7)),
 }
+RESIDUAL = {"digits_resnet": lambda: (warmed(digits_resnet(seed=3), (1, 8, 8)), (1, 8, 8))}
 BUDGETS = {
     "inf": PerturbationBudget(0.02, "inf"),
     "l2_relative_bias": PerturbationBudget(0.05, "l2", relative=True, include_bias=True),
@@ -85,13 +86,22 @@ BUDGETS = {
 }
 
 
-def _bounds(model_name: str, budget_name: str, rules: dict, fuse: bool = True) -> torch.Tensor:
-    model, shape = MODELS[model_name]()
+def _problem(model_name: str, budget_name: str, n: int, seed: int):
+    """``(model, network, x, balls, labels)``: the model in float64, ``n`` random inputs, the budget's balls (on the
+    digits ResNet a first-layer budget names its stem ``conv1``) and labels cycling through the classes."""
+    model, shape = (RESIDUAL | MODELS)[model_name]()
     model = model.double().eval().requires_grad_(False)
-    x = torch.rand((12,) + shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = torch.rand((n,) + shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     network = read_network(model, shape)
-    balls = BUDGETS[budget_name].parameter_balls(model, torch.float64)
-    labels = torch.arange(12) % 5
+    budget = BUDGETS[budget_name]
+    if model_name == "digits_resnet" and list(budget.layers or []) == ["0"]:
+        budget = PerturbationBudget(budget.eps, budget.norm, layers=["conv1"], include_bias=True)
+    labels = torch.arange(n) % network.layers[-1].module.out_features
+    return model, network, x, budget.parameter_balls(model, torch.float64), labels
+
+
+def _bounds(model_name: str, budget_name: str, rules: dict, fuse: bool = True) -> torch.Tensor:
+    _, network, x, balls, labels = _problem(model_name, budget_name, 12, 1)
     saved, fused = dict(linear.BACKWARD_RULES), linear._activation_before_pool
     linear.BACKWARD_RULES.update(rules)
     if rules or not fuse:  # each rule on its own (the pooling + activation shortcut bypasses the table)
@@ -125,12 +135,7 @@ def test_new_rules_give_the_previous_bounds(model_name, budget_name):
 def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budget_name):
     """The backward pass without the label's own (zero) specification row gives, in every other column, the bounds
     of the full ``(N, K, K)`` specification, bit for bit (the rows are independent)."""
-    model, shape = MODELS[model_name]()
-    model = model.double().eval().requires_grad_(False)
-    x = torch.rand((12,) + shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    network = read_network(model, shape)
-    balls = BUDGETS[budget_name].parameter_balls(model, torch.float64)
-    labels = torch.arange(12) % 5
+    _, network, x, balls, labels = _problem(model_name, budget_name, 12, 2)
     dropped = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
     every = torch.arange(5).expand(12, -1)
     full = linear.backward_margin_bounds(network, balls, x, labels, torch.float64, classes=every)
@@ -139,24 +144,13 @@ def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budge
     torch.testing.assert_close(dropped[others], full[others], rtol=0, atol=0)
 
 
-RESIDUAL = {"digits_resnet": lambda: (warmed(digits_resnet(seed=3), (1, 8, 8)), (1, 8, 8))}
-
-
 @pytest.mark.parametrize("budget_name", list(BUDGETS))
 @pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool", "cnn_overlapping_pool", "digits_resnet"])
 def test_chunks_of_samples_give_the_bounds_of_one_pass(model_name, budget_name, monkeypatch):
     """The linear bound a sample at a time (``CHUNK_BYTES`` and ``KERNEL_CHUNK_BYTES`` of 1 byte) equals the bound of
     the whole batch at once, with per-sample radius factors and a subset of classes too."""
-    model, shape = (RESIDUAL | MODELS)[model_name]()
-    model = model.double().eval().requires_grad_(False)
-    x = torch.rand((7,) + shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    network = read_network(model, shape)
-    budget = BUDGETS[budget_name]
-    if model_name == "digits_resnet" and list(budget.layers or []) == ["0"]:
-        budget = PerturbationBudget(budget.eps, budget.norm, layers=["conv1"], include_bias=True)
-    balls = budget.parameter_balls(model, torch.float64)
+    _, network, x, balls, labels = _problem(model_name, budget_name, 7, 3)
     nb_classes = network.layers[-1].module.out_features
-    labels = torch.arange(7) % nb_classes
     scale = torch.linspace(0.5, 2.0, 7, dtype=torch.float64)
     classes = (labels.unsqueeze(1) + torch.tensor([1, 2])) % nb_classes
 
@@ -208,12 +202,7 @@ def test_a_kernel_term_joins_the_adjoint_of_the_convolution(stride, groups):
 def test_the_first_layers_value_comes_from_its_centred_box(model_name):
     """An affine layer on the known input gets a :class:`.CentredBox` whose centre is ``W x + b``; the linear bound
     takes it from there instead of recomputing it: the same bounds, bit for bit, as from plain boxes."""
-    model, shape = (RESIDUAL | MODELS)[model_name]()
-    model = model.double().eval().requires_grad_(False)
-    x = torch.rand((5,) + shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    network = read_network(model, shape)
-    balls = BUDGETS["l2_relative_bias"].parameter_balls(model, torch.float64)
-    labels = torch.arange(5) % network.layers[-1].module.out_features
+    model, network, x, balls, labels = _problem(model_name, "l2_relative_bias", 5, 4)
     boxes = interval_preactivation_bounds(network, balls, x, network.params(dtype=torch.float64))
     centred = [box for box in boxes if isinstance(box, CentredBox)]
     assert centred
