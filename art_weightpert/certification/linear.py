@@ -53,7 +53,12 @@ from art_weightpert.certification.common import (
     slice_boxes,
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
-from art_weightpert.certification.pooling import disjoint_windows, maxpool_activation_backward, maxpool_backward
+from art_weightpert.certification.pooling import (
+    disjoint_windows,
+    maxpool_activation_backward,
+    maxpool_backward,
+    put_back,
+)
 from art_weightpert.certification.weight_terms import (
     BackwardContext,
     affine_at_input,
@@ -231,15 +236,12 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
         pre = network.inputs[activation][0]
+        a_in, where, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
         conv = _convolution_at_input(network, pre, boxes)
         if conv is not None:  # and the convolution on the input before them, on those entries too
-            a_in, where, c = maxpool_activation_backward(
-                layer, network.layers[activation], a, (lo, hi), boxes[pre], False
-            )
             h = boxes[network.inputs[conv][0]][0]
             return c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
-        a_in, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
-        _accumulate(pending, pre, a_in)
+        _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape))
         return c
     a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
     _accumulate(pending, reads[0], a_in)

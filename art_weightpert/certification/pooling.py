@@ -53,7 +53,7 @@ def _native_selection(layer: MaxPool, a, lo, hi):
     return selected, flat_best, const
 
 
-def _put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """The coefficients ``selected`` ``(N, K, C, P)`` scattered to the window maxima ``flat_best`` of an input of
     ``shape`` ``(N, C, H, W)``: ``(N, K, C, H, W)`` (zero elsewhere)."""
     n, k, channels = selected.shape[:3]
@@ -64,7 +64,7 @@ def _put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size
 
 def _native(layer: MaxPool, a, lo, hi):
     selected, flat_best, const = _native_selection(layer, a, lo, hi)
-    return _put_back(selected, flat_best, lo.shape), const
+    return put_back(selected, flat_best, lo.shape), const
 
 
 def _unfolded(layer: MaxPool, a, lo, hi):
@@ -101,22 +101,19 @@ def disjoint_windows(layer: MaxPool) -> bool:
 
 
 def maxpool_activation_backward(
-    layer: MaxPool, activation: Activation, a: torch.Tensor, boxes: tuple, pre_boxes: tuple, put_back: bool = True
-) -> tuple[torch.Tensor, ...]:
+    layer: MaxPool, activation: Activation, a: torch.Tensor, boxes: tuple, pre_boxes: tuple
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The max-pooling rule then the activation's rule, for a pooling with :func:`disjoint_windows` whose input is the
     output of ``activation`` (and of nothing else). ``boxes``: the pooling's input box, ``pre_boxes``: the activation's.
 
     The pooling puts coefficients on one input per window only, so the activation's rule (element-wise; a zero
-    coefficient takes nothing) runs on those entries alone, ``1/(kh·kw)`` of the map, before they are put back: the
-    same values as the two rules one after the other. Returns ``(λ on the activation's input, constant)``; with
-    ``put_back=False`` the coefficients stay on those entries: ``(λ (N, K, C, P), their flat positions in the
-    activation's input map (N, C, P), constant)``."""
+    coefficient takes nothing) runs on those entries alone, ``1/(kh·kw)`` of the map: the same values as the two rules
+    one after the other. Returns ``(λ on those entries of the activation's input (N, K, C, P), their flat positions in
+    its map (N, C, P), constant)``; :func:`put_back` makes the dense coefficients."""
     selected, flat_best, const = _native_selection(layer, a, *boxes)
     pre_lo, pre_hi = (t.flatten(2).gather(2, flat_best) for t in pre_boxes)
     a_in, const_activation = activation_backward(activation, selected, pre_lo, pre_hi)
-    if not put_back:
-        return a_in, flat_best, const + const_activation
-    return _put_back(a_in, flat_best, pre_boxes[0].shape), const + const_activation
+    return a_in, flat_best, const + const_activation
 
 
 def maxpool_backward(layer: MaxPool, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx=None):
