@@ -153,3 +153,10 @@ class BoundCache:
 def cached(cache: BoundCache | None, label: str, tensors: Iterable[torch.Tensor], compute: Callable[[], T]) -> T:
     """``compute()``, memoized in ``cache`` (see :class:`BoundCache`) when one is given."""
     return compute() if cache is None else cache.get(label, tensors, compute)
+
+
+def compact_radius(target: ParameterBall, dtype: torch.dtype, cache: BoundCache | None) -> torch.Tensor:
+    """The parameter ball's :meth:`.Ball.compact_radius` in ``dtype``, memoized in ``cache`` (one entry shared by every
+    bound)."""
+    compact = lambda: target.ball.compact_radius(target.radius.to(dtype))  # noqa: E731
+    return cached(cache, f"compact_radius/{dtype}", (target.radius,), compact)

@@ -28,6 +28,7 @@ from art_weightpert.certification.common import (
     ParamBalls,
     by_param_name,
     cached,
+    compact_radius,
     fill_label,
     sample_factors,
 )
@@ -74,8 +75,7 @@ def perturbation_radius(
     out: torch.Tensor | float = 0.0
     wt = param_balls.get(layer.weight_name)
     if wt is not None and include_weight:
-        compact = lambda: wt.ball.compact_radius(wt.radius.to(dtype))  # noqa: E731
-        radius = cached(cache, f"compact_radius/{dtype}", (wt.radius,), compact)
+        radius = compact_radius(wt, dtype, cache)
         out = wt.ball.interval_term(layer, m, radius)
     bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:

@@ -21,7 +21,7 @@ from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import (
     BoundCache,
     batched_dot,
-    cached,
+    compact_radius,
     flatten_specs,
     sample_factors,
     sum_features,
@@ -41,10 +41,8 @@ class BackwardContext:
     cache: BoundCache | None = None
 
     def radius(self, target: ParameterBall, dtype: torch.dtype) -> torch.Tensor:
-        """The ball's :meth:`.Ball.compact_radius` in ``dtype`` (memoized in the cache, shared with the interval
-        bound's entry)."""
-        compact = lambda: target.ball.compact_radius(target.radius.to(dtype))  # noqa: E731
-        return cached(self.cache, f"compact_radius/{dtype}", (target.radius,), compact)
+        """The ball's :meth:`.Ball.compact_radius` in ``dtype``, from the cache (:func:`.compact_radius`)."""
+        return compact_radius(target, dtype, self.cache)
 
     def rows(self, samples: slice) -> BackwardContext:
         """The context of the samples ``samples`` (their radius factors)."""
