@@ -19,6 +19,7 @@ from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPe
 from art_weightpert.certification import METHODS
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.defences.trainer import WeightRobustTrainer
+from art_weightpert.defences.trainer.batches import ShuffledIndexBatches
 from art_weightpert.defences.trainer.weight_robust_trainer import HISTORY_KEYS, operator_norm_sum, robust_term
 from art_weightpert.network import read_network
 
@@ -92,6 +93,22 @@ def test_zero_lambda_and_mu_reproduce_a_hand_written_torch_loop(data, budget):
     assert all(math.isnan(r) for r in history["robust"])  # λ = 0: the robust term is not computed
     for p, q in zip(clf.model.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, batch_size", [(130, 64), (128, 64), (5, 64), (1, 1)])
+def test_shuffled_index_batches_draw_the_data_loaders_order(n, batch_size):
+    """The trainer's batch order is ``DataLoader(shuffle=True)``'s, epoch after epoch, and leaves torch's global
+    generator where the loader leaves it."""
+    loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, shuffle=True)
+    ours = ShuffledIndexBatches(n, batch_size)
+    assert len(ours) == len(loader)
+    torch.manual_seed(5)
+    expected = [[idx.clone() for (idx,) in loader] for _ in range(3)] + [torch.rand(3)]
+    torch.manual_seed(5)
+    got = [list(ours) for _ in range(3)] + [torch.rand(3)]
+    for want, have in zip(expected[:3], got[:3]):
+        assert len(want) == len(have) and all(torch.equal(a, b) for a, b in zip(want, have))
+    assert torch.equal(expected[3], got[3])
 
 
 def test_zero_lambda_and_mu_reproduce_art_fit(data, budget):
