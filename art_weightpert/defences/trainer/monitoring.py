@@ -15,23 +15,29 @@ from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier,
 
 class EpochTotals:
     """The sums over an epoch's steps of the terms of :meth:`.WeightRobustTrainer.loss_terms` (weighted by the step's
-    samples) and the label counts, kept on the device: no host synchronization per step."""
+    samples) and the label counts. Each step's terms stay on the device, detached, until :meth:`totals` sums them:
+    no host synchronization and a single stacking operation per step."""
 
     TERMS = ("loss", "ce", "robust", "accuracy")
 
     def __init__(self, nb_classes: int, device: torch.device) -> None:
-        self.sums = torch.zeros(len(self.TERMS), dtype=torch.float64, device=device)
-        self.label_counts = torch.zeros(nb_classes, dtype=torch.long, device=device)
+        self.nb_classes, self.device = nb_classes, device
+        self.steps: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
 
     def add(self, terms: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
         """Add one step's terms (batch means) and labels."""
-        step = torch.stack([terms[key].detach() for key in self.TERMS]).to(torch.float64)
-        self.sums.add_(step, alpha=len(labels))
-        self.label_counts.add_(torch.bincount(labels, minlength=len(self.label_counts)))
+        self.steps.append(torch.stack([terms[key].detach() for key in self.TERMS]))
+        self.labels.append(labels)
 
     def totals(self) -> tuple[dict[str, float], np.ndarray]:
         """The sums by term name and the label counts (one host synchronization)."""
-        return dict(zip(self.TERMS, self.sums.tolist())), self.label_counts.cpu().numpy()
+        if not self.steps:
+            return dict.fromkeys(self.TERMS, 0.0), np.zeros(self.nb_classes, dtype=np.int64)
+        sizes = torch.tensor([len(labels) for labels in self.labels], dtype=torch.float64, device=self.device)
+        sums = (torch.stack(self.steps).to(torch.float64) * sizes.unsqueeze(1)).sum(dim=0)
+        counts = torch.bincount(torch.cat(self.labels), minlength=self.nb_classes)
+        return dict(zip(self.TERMS, sums.tolist())), counts.cpu().numpy()
 
 
 def check_validation_data(
