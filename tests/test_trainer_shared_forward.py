@@ -81,10 +81,27 @@ def test_lean_paper_bound_equals_formula_b_with_every_term(seed):
         torch.testing.assert_close(got, want)
         for g, w in zip(grads(got, model), grads(want, model)):
             torch.testing.assert_close(g, w)
-        logits = model.to(dtype)(x.to(dtype))
-        shared = paper_margin_bounds(network, balls, x, labels, dtype, scale, logits=logits)
+        model.to(dtype)
+        shared = paper_margin_bounds(network, balls, x, labels, dtype, scale, clean_values=network.values(x.to(dtype)))
         torch.testing.assert_close(shared, got)
         model.float()
+
+
+@pytest.mark.parametrize("layers", [None, ["2", "4"], ["4"]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interval_bound_on_clean_values_equals_its_own_forward(layers, dtype):
+    """The interval bound given a clean forward's values (centres of the boxes of affine layers on exact inputs; the
+    logits when only the last layer is perturbed) computes the same bounds and gradients as on its own."""
+    model = mlp(5, True).to(dtype)
+    network = read_network(model, (12,))
+    budget = PerturbationBudget(0.03, norm="row_l1", layers=layers, include_bias=True)
+    balls = {t.param_name: t for t in budget.parameter_balls(model, dtype)}
+    x, labels = torch.rand(10, 12, dtype=dtype), torch.randint(0, 5, (10,))
+    alone = METHODS["interval"].bounds(network, balls, x, labels, dtype=dtype)
+    shared = METHODS["interval"].bounds(network, balls, x, labels, dtype=dtype, clean_values=network.values(x))
+    assert torch.equal(shared, alone)
+    for g, w in zip(grads(shared, model), grads(alone, model)):
+        torch.testing.assert_close(g, w)  # the same terms, summed in another order
 
 
 class HalvesInTraining(nn.Module):

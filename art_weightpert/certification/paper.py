@@ -16,6 +16,8 @@ products and ``‖x‖_∞`` only, not the data-dependent refinement of §3.2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from art_weightpert.budget import ParameterBall
@@ -132,7 +134,7 @@ def paper_margin_bounds(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     *,
-    logits: torch.Tensor | None = None,
+    clean_values: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
@@ -140,9 +142,9 @@ def paper_margin_bounds(
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).
 
-    :param logits: the network's logits on ``x`` (eval semantics) when the caller has them already (the trainer's
-        cross-entropy forward, where train and eval semantics agree): the margins ``m`` are taken from them instead of
-        a second forward pass, and their gradient joins the caller's.
+    :param clean_values: the network's values on ``x`` (:meth:`.Network.values`) when the caller has them already (the
+        trainer's cross-entropy forward, where train and eval semantics agree): the margins ``m`` are taken from their
+        logits instead of a second forward pass, and their gradient joins the caller's.
     """
     if not network.is_chain:  # the registry's check (chains_only) says why; also for direct calls
         raise UnsupportedModelError(
@@ -151,7 +153,7 @@ def paper_margin_bounds(
     param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
-    logits = network.forward(x, params) if logits is None else logits.to(dtype)
+    logits = network.forward(x, params) if clean_values is None else clean_values[-1].to(dtype)
     s = None if scale is None else scale.to(dtype)
     n, d = _propagate(network, params, param_balls, x.flatten(1).abs().amax(dim=1), s, dtype, cache)  # N₀ = ‖x‖_∞
     last = network.layers[-1]

@@ -2,11 +2,12 @@
 What :class:`.WeightRobustTrainer`'s cross-entropy forward shares with the margin bound.
 
 The cross-entropy runs the model in train mode; the bound reads the network with eval semantics (:func:`.read_network`).
-Where the two agree — no dropout and no batch norm, the only layers the reader accepts whose train-mode forward
-differs — the model's logits *are* the network's clean logits, so a bound that takes them
-(:attr:`.BoundMethod.takes_logits`, ``logits=``: the margins ``m`` of the ``"paper"`` bound, THEORY.md §3) skips its
-own forward pass, and one backward pass through the model carries the gradients of both terms. The values and
-gradients are those of the separate passes.
+Where the two agree — no dropout and no batch norm, the only layers the reader accepts whose train-mode forward differs
+— the trainer runs the cross-entropy's forward through the network (:meth:`.Network.values`), and a bound that takes its
+values (:attr:`.BoundMethod.takes_clean_values`, ``clean_values=``) skips its own forward work: the margins ``m`` of the
+``"paper"`` bound (THEORY.md §3) are the logits', and the ``"interval"`` bound centres the box of an affine layer on an
+exact input (the first layer's) on that layer's clean output (§4). One backward pass through the shared values carries
+the gradients of both terms; the values and gradients are those of the separate passes.
 """
 
 from __future__ import annotations

@@ -285,16 +285,21 @@ class WeightRobustTrainer(Trainer):
         """
         lam = self.lam if lam is None else lam
         est = self._estimator
-        logits = est.logits(x)
+        network = self._network_now()
+        robust_on = lam > 0 or self.lam > 0
+        method = METHODS[self.bound]
+        if robust_on and self._train_matches_eval and method.takes_clean_values:  # one forward for both terms
+            shared = {"clean_values": network.values(x)}
+            logits = shared["clean_values"][-1]
+        else:
+            shared, logits = {}, est.logits(x)
         ce = est._loss(logits, labels)  # pylint: disable=protected-access
         loss = ce
-        network = self._network_now()
-        if lam > 0 or self.lam > 0:
+        if robust_on:
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            shared = {"logits": logits} if self._train_matches_eval and METHODS[self.bound].takes_logits else {}
-            bounds = METHODS[self.bound].bounds(network, balls, x, labels, dtype=torch.float32, **shared)
+            bounds = method.bounds(network, balls, x, labels, dtype=torch.float32, **shared)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
