@@ -129,21 +129,25 @@ def test_train_matches_eval_only_without_dropout_batch_norm_or_training_branches
 
 
 @pytest.mark.parametrize("bound", list(METHODS))
-@pytest.mark.parametrize("hidden", [None, "dropout"])
+@pytest.mark.parametrize("hidden", [None, "dropout", "batchnorm"])
 def test_loss_terms_equal_the_straightforward_loss_and_gradients(bound, hidden):
-    model = mlp(3, True, nn.Dropout(0.0) if hidden else None)  # p = 0: train mode is deterministic
+    middle = {None: None, "dropout": nn.Dropout(0.0), "batchnorm": nn.BatchNorm1d(9)}[hidden]  # p = 0: deterministic
+    model = mlp(3, True, middle)
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (12,), 5, optimizer=torch.optim.SGD(
         model.parameters(), lr=0.1))  # fmt: skip
     budget = PerturbationBudget(0.02, norm="row_l1", include_bias=True)
     trainer = WeightRobustTrainer(clf, budget, lam=0.7, mu=0.05, kappa=0.1, bound=bound, verbose=False)
     x, labels = torch.rand(16, 12), torch.randint(0, 5, (16,))
     model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     terms = trainer.loss_terms(x, labels, eps_scale=0.5)
     got = grads(terms["loss"], model)
 
-    network = read_network(model, (12,))
+    if hidden == "batchnorm":  # the same running statistics as before the trainer's forward
+        model.load_state_dict(state)
     balls = scale_param_balls({t.param_name: t for t in budget.parameter_balls(model)}, 0.5)
     ce = nn.functional.cross_entropy(model(x), labels)
+    network = read_network(model, (12,))  # after the forward: the bound reads this step's running statistics
     robust = robust_term(METHODS[bound].bounds(network, balls, x, labels, dtype=torch.float32), 0.1).mean()
     loss = ce + 0.7 * robust + 0.05 * operator_norm_sum(network)
     torch.testing.assert_close(terms["loss"], loss)

@@ -285,16 +285,16 @@ class WeightRobustTrainer(Trainer):
         """
         lam = self.lam if lam is None else lam
         est = self._estimator
-        network = self._network_now()
         robust_on = lam > 0 or self.lam > 0
         method = METHODS[self.bound]
         if robust_on and self._train_matches_eval and method.takes_clean_values:  # one forward for both terms
-            shared = {"clean_values": network.values(x)}
+            shared = {"clean_values": self._network.values(x)}  # (no batch norm: the network read once)
             logits = shared["clean_values"][-1]
         else:
             shared, logits = {}, est.logits(x)
         ce = est._loss(logits, labels)  # pylint: disable=protected-access
         loss = ce
+        network = self._network_now()  # after the forward: with this step's batch-norm running statistics
         if robust_on:
             if param_balls is None or self.budget.relative:
                 param_balls = self._param_balls()
