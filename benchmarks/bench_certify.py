@@ -133,7 +133,7 @@ def main() -> None:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "param_balls": {"paper": 4.0, "interval": 8.0},
+        "targets": {"paper": 4.0, "interval": 8.0},
         "models": {},
     }
     specs = {"mlp": ("mlp_784_512_512_10", mlp, (784,)), "cnn": ("cnn_1x28x28", cnn, (1, 28, 28))}
