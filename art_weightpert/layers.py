@@ -35,16 +35,6 @@ def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------- layer descriptions
-def max_along(t: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
-    """The maximum of ``t`` along ``dim``. Where a gradient is recorded it goes through ``max``, whose backward puts it
-    on one arg-max (a scatter), instead of ``amax``, whose backward splits it among the ties with a mask, a count and
-    dtype conversions (about 20 µs more per call on a training batch); both are subgradients, and they agree unless
-    two entries tie exactly (after a ReLU, tied zeros get no gradient either way)."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return t.max(dim=dim, keepdim=keepdim).values
-    return t.amax(dim=dim, keepdim=keepdim)
-
-
 @dataclass(eq=False)
 class Affine:
     """``z = W h + b``: a Linear layer or a Conv2d seen as the linear map it defines."""
@@ -93,9 +83,9 @@ class Affine:
         """Per output position, the max of ``m`` (≥ 0) over the position's receptive field (all input channels):
         ``(N, 1)`` for Linear, ``(N, 1, H', W')`` for a conv."""
         if not self.is_conv:
-            return max_along(m, 1, keepdim=True)
+            return m.amax(dim=1, keepdim=True)
         mod = self.module
-        return F.max_pool2d(max_along(m, 1, keepdim=True), mod.kernel_size, mod.stride, self.padding, mod.dilation)
+        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, self.padding, mod.dilation)
 
     def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""

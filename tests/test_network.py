@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from art_weightpert import UnsupportedModelError, layers
+from art_weightpert import UnsupportedModelError
 from art_weightpert.network import (
     Activation,
     Affine,
@@ -280,24 +280,3 @@ def test_untraceable_model():
 
     with pytest.raises(UnsupportedModelError, match="DataDependent cannot be traced"):
         read_network(DataDependent())
-
-
-def test_max_along_is_amax_with_a_one_hot_gradient():
-    """``max_along`` returns ``amax``'s values; with a gradient it puts it on one arg-max (``amax`` splits it among
-    ties), which equals ``amax``'s gradient without ties and gives tied zeros behind a ReLU none either way."""
-    torch.manual_seed(0)
-    pre = torch.randn(6, 9, requires_grad=True)
-    pre_ref = pre.detach().clone().requires_grad_()
-    weights = torch.randn(6, 1)
-    got = layers.max_along(pre.relu(), 1, keepdim=True)
-    want = pre_ref.relu().amax(dim=1, keepdim=True)
-    assert torch.equal(got, want)
-    (got * weights).sum().backward()
-    (want * weights).sum().backward()
-    assert torch.equal(pre.grad, pre_ref.grad)
-    with torch.no_grad():
-        assert torch.equal(layers.max_along(pre, 0), pre.amax(dim=0))
-    tied = torch.tensor([[-1.0, -2.0, -0.5], [2.0, 2.0, 1.0]], requires_grad=True)
-    layers.max_along(tied.relu(), 1).sum().backward()
-    assert tied.grad[0].abs().sum() == 0  # all-zero row after the ReLU: no gradient
-    assert tied.grad[1].sum() == 1 and tied.grad[1].max() == 1  # a tie: one arg-max takes it whole

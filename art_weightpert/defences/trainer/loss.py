@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from art_weightpert.layers import max_along
 from art_weightpert.network import Network
 
 
@@ -23,7 +22,7 @@ def operator_norm_sum(network: Network) -> torch.Tensor:
 def robust_term(lower_bounds: torch.Tensor, kappa: float) -> torch.Tensor:
     """Per sample ``max_{i≠y} relu(κ − (m_{y,i} − η_{y,i}))`` from the ``(N, K)`` margin lower bounds (``+inf`` at the
     label column, so that column contributes 0). Zero exactly when every margin is certified with margin ``κ``."""
-    return max_along(torch.relu(kappa - lower_bounds), 1)
+    return torch.relu(kappa - lower_bounds).amax(dim=1)
 
 
 __all__ = ["operator_norm_sum", "robust_term"]
