@@ -123,13 +123,6 @@ class Network:
             raise ValueError(f"`sample_deltas` names {unknown}, which are not affine parameters of {list(p)}.")
         return self._values(x, p, deltas, keep=False)[-1]
 
-    def values(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every value of the network (eval semantics, the model's parameters, differentiable in them) on ``x``: index
-        0 the input, index ``i + 1`` the output of ``layers[i]``, the last the logits (the indexing of
-        :func:`.interval_preactivation_bounds`). A bound that takes them (:attr:`.BoundMethod.takes_clean_values`)
-        shares this forward pass instead of running its own."""
-        return self._values(x, self.params(dtype=x.dtype), {}, keep=True)
-
     def _values(self, x: torch.Tensor, p: dict, deltas: dict, keep: bool) -> list:
         """Every value: the input, then each layer's output (``keep=False``: values no later layer reads are dropped
         on the way, for the memory of deep networks)."""

@@ -13,7 +13,7 @@ from art_weightpert.certification.paper import PAPER_RULES, paper_margin_bounds
 from art_weightpert.defences.trainer import WeightRobustTrainer
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
 from art_weightpert.defences.trainer.schedule import scale_param_balls
-from art_weightpert.defences.trainer.shared_forward import train_matches_eval
+from art_weightpert.defences.trainer.shared_forward import affine_outputs, train_matches_eval
 from art_weightpert.network import Affine, read_network
 
 
@@ -82,26 +82,77 @@ def test_lean_paper_bound_equals_formula_b_with_every_term(seed):
         for g, w in zip(grads(got, model), grads(want, model)):
             torch.testing.assert_close(g, w)
         model.to(dtype)
-        shared = paper_margin_bounds(network, balls, x, labels, dtype, scale, clean_values=network.values(x.to(dtype)))
+        shared = paper_margin_bounds(network, balls, x, labels, dtype, scale, clean_values=clean_values(network, x))
         torch.testing.assert_close(shared, got)
         model.float()
 
 
-@pytest.mark.parametrize("layers", [None, ["2", "4"], ["4"]])
+def clean_values(network, x):
+    """The trainer's shared forward: the model's own forward with its affine outputs kept, and the logits."""
+    with affine_outputs(network) as clean:
+        logits = network.model(x.to(next(network.model.parameters()).dtype))
+    return {**clean, len(network.layers): logits}
+
+
+class Residual(nn.Module):
+    """A residual MLP whose middle Linear is used twice (its uses get no shared value) and a residual conv net."""
+
+    def __init__(self, conv: bool) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.conv = conv
+        if conv:
+            self.inp, self.mid = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1, bias=False)
+            self.out = nn.Linear(3 * 16, 5)
+        else:
+            self.inp, self.mid, self.out = nn.Linear(12, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = torch.relu(self.mid(h) + h)
+        if self.conv:
+            return self.out(torch.flatten(torch.relu(self.mid(h)), 1))
+        return self.out(torch.relu(self.mid(h) + h))
+
+
+MODELS = {
+    "mlp": (lambda: mlp(5, True), (12,), ["2", "4"], ["4"]),
+    "residual_mlp": (lambda: Residual(conv=False), (12,), ["mid", "out"], ["out"]),
+    "residual_cnn": (lambda: Residual(conv=True), (1, 4, 4), ["mid", "out"], ["out"]),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("which", ["all", "after_the_first", "last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_interval_bound_on_clean_values_equals_its_own_forward(layers, dtype):
-    """The interval bound given a clean forward's values (centres of the boxes of affine layers on exact inputs; the
-    logits when only the last layer is perturbed) computes the same bounds and gradients as on its own."""
-    model = mlp(5, True).to(dtype)
-    network = read_network(model, (12,))
-    budget = PerturbationBudget(0.03, norm="row_l1", layers=layers, include_bias=True)
+def test_interval_bound_on_clean_values_equals_its_own_forward(name, which, dtype):
+    """The interval bound given the model's own forward's values (centres of the boxes of affine layers on exact
+    inputs; the logits when only the last layer is perturbed) computes the same bounds and gradients as on its own,
+    on chains and on networks with residual additions and a shared module."""
+    factory, shape, after_first, last = MODELS[name]
+    model = factory().to(dtype).eval()
+    network = read_network(model, shape)
+    layers = {"all": None, "after_the_first": after_first, "last": last}[which]
+    budget = PerturbationBudget(0.03, norm="row_l1", layers=layers, include_bias=which != "last")
     balls = {t.param_name: t for t in budget.parameter_balls(model, dtype)}
-    x, labels = torch.rand(10, 12, dtype=dtype), torch.randint(0, 5, (10,))
+    x, labels = torch.rand(10, *shape, dtype=dtype), torch.randint(0, 5, (10,))
     alone = METHODS["interval"].bounds(network, balls, x, labels, dtype=dtype)
-    shared = METHODS["interval"].bounds(network, balls, x, labels, dtype=dtype, clean_values=network.values(x))
-    assert torch.equal(shared, alone)
+    shared = METHODS["interval"].bounds(network, balls, x, labels, dtype=dtype, clean_values=clean_values(network, x))
+    torch.testing.assert_close(shared, alone)  # (float64 convolutions of the network may run as conv_gemm)
     for g, w in zip(grads(shared, model), grads(alone, model)):
         torch.testing.assert_close(g, w)  # the same terms, summed in another order
+    assert all(not m._forward_hooks for m in model.modules())  # the hooks are gone
+
+
+def test_affine_outputs_removes_its_hooks_after_an_exception():
+    model = Residual(conv=False)
+    network = read_network(model, (12,))
+    with pytest.raises(RuntimeError, match="boom"):
+        with affine_outputs(network) as clean:
+            model(torch.rand(2, 12))
+            raise RuntimeError("boom")
+    assert sorted(clean) == [1, len(network.layers)]  # inp and out; mid is used twice
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 class HalvesInTraining(nn.Module):
@@ -167,3 +218,25 @@ def test_fill_label_equals_the_scatter_of_an_inf_column(dtype):
     grad_got = torch.autograd.grad((got.clamp_max(9) * weights).sum(), bounds)[0]
     grad_want = torch.autograd.grad((want.clamp_max(9) * weights).sum(), bounds)[0]
     assert torch.equal(grad_got, grad_want)
+
+
+@pytest.mark.parametrize("bound, hooks", [("interval", 3), ("paper", 0)])  # paper takes the logits only
+def test_fit_keeps_the_affine_hooks_for_the_run_only_even_when_it_fails(monkeypatch, bound, hooks):
+    model = mlp(3, True)
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (12,), 5, optimizer=torch.optim.SGD(
+        model.parameters(), lr=0.1))  # fmt: skip
+    trainer = WeightRobustTrainer(clf, PerturbationBudget(0.02, norm="row_l1"), lam=0.5, bound=bound, verbose=False)
+    x, y = torch.rand(40, 12).numpy(), torch.randint(0, 5, (40,)).numpy()
+    trainer.fit(x, y, batch_size=16, nb_epochs=1)
+    assert all(not m._forward_hooks for m in model.modules())
+    real_epoch = trainer._epoch
+
+    def failing_epoch(*args):
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # one per affine module, during the run
+        real_epoch(*args)
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(trainer, "_epoch", failing_epoch)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        trainer.fit(x, y, batch_size=16, nb_epochs=2)
+    assert all(not m._forward_hooks for m in model.modules())

@@ -16,7 +16,7 @@ Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -186,10 +186,10 @@ def interval_preactivation_bounds(
     return boxes
 
 
-def clean_centres(clean_values: Sequence[torch.Tensor] | None, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+def clean_centres(clean_values: Mapping[int, torch.Tensor] | None, dtype: torch.dtype) -> dict[int, torch.Tensor]:
     """The ``known`` centres of :func:`interval_preactivation_bounds` from a clean forward pass's values (by value
     index, in ``dtype``; empty without them)."""
-    return {} if clean_values is None else {index: value.to(dtype) for index, value in enumerate(clean_values)}
+    return {} if clean_values is None else {index: value.to(dtype) for index, value in clean_values.items()}
 
 
 def _add_boxes(boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +256,7 @@ def interval_margin_bounds(
     cache: BoundCache | None = None,
     *,
     boxes: Boxes | None = None,
-    clean_values: Sequence[torch.Tensor] | None = None,
+    clean_values: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).
@@ -270,9 +270,10 @@ def interval_margin_bounds(
         vectorized bisection for the certified radius); ``None`` is a factor of 1.
     :param cache: optional :class:`.BoundCache` of per-layer constants (certificates; ``None`` when training).
     :param boxes: precomputed :func:`interval_preactivation_bounds` (in ``dtype``), to share them with other methods.
-    :param clean_values: the network's values on ``x`` (:meth:`.Network.values`) when the caller has them (the
-        trainer's cross-entropy forward): an affine layer on an exact input takes its value from them as the centre
-        of its box instead of computing it again.
+    :param clean_values: values of the clean network on ``x`` that the caller has already (``{value index:
+        tensor}``, indexed as :func:`interval_preactivation_bounds`, the logits at ``len(network.layers)``; the
+        trainer's cross-entropy forward): an affine layer on an exact input takes its value from them as the centre of
+        its box instead of computing it again.
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
     param_balls = by_param_name(param_balls)
@@ -290,7 +291,8 @@ def interval_margin_bounds(
     # Last layer folded into the specification (rows e_y − e_i): centre margins, minus |W_y − W_i|·r, minus P_y + P_i.
     exact_input = lo is hi
     if exact_input:
-        z = known[len(network.layers)] if known else last.apply(lo, weight, bias)
+        z = known.get(len(network.layers))
+        z = last.apply(lo, weight, bias) if z is None else z
     else:  # W c + b
         z = last.apply(lo + hi, cached(cache, "half", (weight,), lambda: weight * 0.5), bias)
     value = z.gather(1, labels.unsqueeze(1)) - z

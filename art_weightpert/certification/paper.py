@@ -16,7 +16,7 @@ products and ``‖x‖_∞`` only, not the data-dependent refinement of §3.2.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -134,7 +134,7 @@ def paper_margin_bounds(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     *,
-    clean_values: Sequence[torch.Tensor] | None = None,
+    clean_values: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
@@ -142,9 +142,10 @@ def paper_margin_bounds(
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).
 
-    :param clean_values: the network's values on ``x`` (:meth:`.Network.values`) when the caller has them already (the
-        trainer's cross-entropy forward, where train and eval semantics agree): the margins ``m`` are taken from their
-        logits instead of a second forward pass, and their gradient joins the caller's.
+    :param clean_values: values of the clean network on ``x`` that the caller has already (``{value index:
+        tensor}``, the trainer's cross-entropy forward where train and eval semantics agree): the margins ``m`` are
+        taken from the logits among them (index ``len(network.layers)``) instead of a second forward pass, and their
+        gradient joins the caller's.
     """
     if not network.is_chain:  # the registry's check (chains_only) says why; also for direct calls
         raise UnsupportedModelError(
@@ -153,7 +154,8 @@ def paper_margin_bounds(
     param_balls = by_param_name(param_balls)
     params = network.params(dtype=dtype)
     x = x.to(dtype)
-    logits = network.forward(x, params) if clean_values is None else clean_values[-1].to(dtype)
+    logits = (clean_values or {}).get(len(network.layers))
+    logits = network.forward(x, params) if logits is None else logits.to(dtype)
     s = None if scale is None else scale.to(dtype)
     n, d = _propagate(network, params, param_balls, x.flatten(1).abs().amax(dim=1), s, dtype, cache)  # N₀ = ‖x‖_∞
     last = network.layers[-1]

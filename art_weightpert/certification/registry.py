@@ -62,10 +62,11 @@ class BoundMethod:
         (sample, class) sharing the sample's boxes (it needs ``takes_boxes`` too).
     :param takes_boxes: the bound function also takes ``boxes=`` (:func:`.interval_preactivation_bounds` at the same
         factors), so that a caller can compute them once, or with known centres (the radius search).
-    :param takes_clean_values: the bound function also takes ``clean_values=``, the network's values on ``x``
-        (:meth:`.Network.values`, computed by the caller's own forward pass), and uses them instead of computing them
-        again (the logits' margins; the boxes of affine layers on exact inputs, centred on their clean values); the
-        trainer then shares its cross-entropy's forward (:mod:`.shared_forward`).
+    :param clean_values: what the bound function can take of the caller's own clean forward pass instead of
+        computing it again (``clean_values=``: ``{value index: tensor}``, indexed as
+        :func:`.interval_preactivation_bounds`, the logits at ``len(network.layers)``): ``"logits"`` (the margins),
+        ``"affine"`` (the outputs of the affine layers, the logits included: the centres of the boxes of affine layers
+        on exact inputs) or ``None``; the trainer then shares its cross-entropy's forward (:mod:`.shared_forward`).
     :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
         the certifier, the trainer and the metrics call :meth:`check`.
     """
@@ -77,7 +78,7 @@ class BoundMethod:
     never_above: str | None = None
     per_class: bool = False
     takes_boxes: bool = False
-    takes_clean_values: bool = False
+    clean_values: str | None = None
     applies_to: Callable[[Network], str | None] = lambda network: None
 
     def check(self, network: Network) -> None:
@@ -124,7 +125,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 paper_margin_bounds,
                 _single_layer,
                 "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3), chains only",
-                takes_clean_values=True,
+                clean_values="logits",
                 applies_to=chains_only,
             ),
             BoundMethod(
@@ -133,7 +134,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 _last_layer_only,
                 "interval bound propagation with weight intervals, last layer folded into the margins (§4)",
                 takes_boxes=True,
-                takes_clean_values=True,
+                clean_values="affine",
             ),
             BoundMethod(
                 "linear",

@@ -3,19 +3,25 @@ What :class:`.WeightRobustTrainer`'s cross-entropy forward shares with the margi
 
 The cross-entropy runs the model in train mode; the bound reads the network with eval semantics (:func:`.read_network`).
 Where the two agree — no dropout and no batch norm, the only layers the reader accepts whose train-mode forward differs
-— the trainer runs the cross-entropy's forward through the network (:meth:`.Network.values`), and a bound that takes its
-values (:attr:`.BoundMethod.takes_clean_values`, ``clean_values=``) skips its own forward work: the margins ``m`` of the
-``"paper"`` bound (THEORY.md §3) are the logits', and the ``"interval"`` bound centres the box of an affine layer on an
-exact input (the first layer's) on that layer's clean output (§4). One backward pass through the shared values carries
-the gradients of both terms; the values and gradients are those of the separate passes.
+— the model's own forward (``est.logits``) serves the bound too, which then skips that work
+(:attr:`.BoundMethod.clean_values`, ``clean_values=``): the margins ``m`` of the ``"paper"`` bound (THEORY.md §3) are
+the logits', and the ``"interval"`` bound centres the box of an affine layer on an exact input (the first layer's) on
+that layer's clean output (§4), which :func:`affine_outputs` keeps on the way. One backward pass through the shared
+values carries the gradients of both terms. The values are those of the separate passes; the gradients equal theirs up
+to rounding (a shared layer's weight gradient is one product of the summed output gradients instead of the sum of two
+products).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-from art_weightpert.network import BatchNorm, Network
+from art_weightpert.network import Affine, BatchNorm, Network
 
 # modules the network reader reads as the identity (eval mode) whose train-mode forward is not the identity
 _TRAIN_ONLY_MODULES = (nn.modules.dropout._DropoutNd,)  # pylint: disable=protected-access
@@ -40,4 +46,31 @@ def train_matches_eval(network: Network, model: nn.Module, input_shape: tuple[in
             m.training = flag
 
 
-__all__ = ["train_matches_eval"]
+@contextlib.contextmanager
+def affine_outputs(network: Network) -> Iterator[dict[int, torch.Tensor]]:
+    """
+    While active, the outputs of ``network``'s affine modules (Linear, Conv2d) in the model's own forward passes, by
+    value index (``i + 1`` for ``network.layers[i]``, the indexing of :func:`.interval_preactivation_bounds`). A module
+    that several layers share is left out; the hooks are removed on exit, also after an exception.
+    """
+    uses = Counter(id(layer.module) for layer in network.affine_layers)
+    outputs: dict[int, torch.Tensor] = {}
+    handles = []
+    try:
+        for index, layer in enumerate(network.layers):
+            if isinstance(layer, Affine) and uses[id(layer.module)] == 1:
+                handles.append(layer.module.register_forward_hook(_keep_output(outputs, index + 1)))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _keep_output(outputs: dict[int, torch.Tensor], index: int):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        outputs[index] = output
+
+    return hook
+
+
+__all__ = ["affine_outputs", "train_matches_eval"]

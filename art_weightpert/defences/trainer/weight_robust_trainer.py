@@ -20,6 +20,7 @@ The paper's exact choice of the terms is not available offline; this loss is the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -48,7 +49,7 @@ from art_weightpert.defences.trainer.schedule import (
     scale_param_balls,
     step_scheduler,
 )
-from art_weightpert.defences.trainer.shared_forward import train_matches_eval
+from art_weightpert.defences.trainer.shared_forward import affine_outputs, train_matches_eval
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.validation import (
@@ -143,6 +144,7 @@ class WeightRobustTrainer(Trainer):
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}
+        self._affine_outputs: dict[int, torch.Tensor] | None = None  # fit's hooks keep them (shared_forward)
 
     # ------------------------------------------------------------------------------------------------ parameters
     def set_params(self, **kwargs: Any) -> None:
@@ -287,9 +289,9 @@ class WeightRobustTrainer(Trainer):
         est = self._estimator
         robust_on = lam > 0 or self.lam > 0
         method = METHODS[self.bound]
-        if robust_on and self._train_matches_eval and method.takes_clean_values:  # one forward for both terms
-            shared = {"clean_values": self._network.values(x)}  # (no batch norm: the network read once)
-            logits = shared["clean_values"][-1]
+        if robust_on and self._shared_values():  # one forward for both terms (no batch norm: the network read once)
+            logits, clean = self._clean_forward(x)
+            shared = {"clean_values": clean}
         else:
             shared, logits = {}, est.logits(x)
         ce = est._loss(logits, labels)  # pylint: disable=protected-access
@@ -312,6 +314,28 @@ class WeightRobustTrainer(Trainer):
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "robust": robust, "norm": norm, "accuracy": accuracy}
 
+    def _shared_values(self) -> str | None:
+        """What of the cross-entropy's forward serves the bound (:attr:`.BoundMethod.clean_values`; ``None`` where
+        train and eval semantics differ), :mod:`.shared_forward`."""
+        return METHODS[self.bound].clean_values if self._train_matches_eval else None
+
+    def _clean_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The logits of the model's own forward and the clean values the bound takes: for ``"affine"`` also its
+        affine modules' outputs, kept by hooks that ``fit`` registers once for the whole run (registering them at
+        every step would cost 20 µs) or, outside ``fit``, for this call. Hooked modules take about 20 µs more per
+        forward, so only a bound that takes their outputs gets hooks."""
+        if self._shared_values() != "affine":
+            outputs: dict[int, torch.Tensor] = {}
+            logits = self._estimator.logits(x)
+        elif self._affine_outputs is not None:
+            self._affine_outputs.clear()  # (an attack or a validation pass may have run the model since)
+            logits = self._estimator.logits(x)
+            outputs = dict(self._affine_outputs)
+        else:
+            with affine_outputs(self._network) as outputs:
+                logits = self._estimator.logits(x)
+        return logits, {**outputs, len(self._network.layers): logits}
+
     def _train(
         self,
         batches: Callable[[], Iterator[Batch]],
@@ -331,38 +355,44 @@ class WeightRobustTrainer(Trainer):
         flags = {m: m.training for m in model.modules()}
         dp.check_loss_reduction(self._estimator)
         main = distributed.is_main_process()
-        try:
-            bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
-            for epoch in bar:
-                start = time.perf_counter()
-                with dp.data_parallel(model):
-                    record, chance = self._epoch(batches, state)
-                step_scheduler(scheduler, record["loss"])
-                record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
-                record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
-                if validation is not None:
-                    record.update(validation_metrics(self._estimator, self.budget, *validation))
-                for key, value in record.items():
-                    history[key].append(value)
-                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
-                if main:
-                    logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
-                final = epoch == nb_epochs - 1
-                verdict = detector.update(record["accuracy"], chance, final=final)
-                if self.lam > 0 and verdict is not None and not history["collapsed"]:
-                    message = detector.message(
-                        verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
-                    )
-                    history["collapsed"] = True
-                    history["warnings"].append(message)
+        hooks = affine_outputs(self._network) if self._shared_values() == "affine" else contextlib.nullcontext()
+        with hooks as outputs:
+            self._affine_outputs = outputs
+            try:
+                bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
+                for epoch in bar:
+                    start = time.perf_counter()
+                    with dp.data_parallel(model):
+                        record, chance = self._epoch(batches, state)
+                    step_scheduler(scheduler, record["loss"])
+                    record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
+                    record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
+                    if validation is not None:
+                        record.update(validation_metrics(self._estimator, self.budget, *validation))
+                    for key, value in record.items():
+                        history[key].append(value)
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
                     if main:
-                        logger.warning(message)
-                        warnings.warn(message, UserWarning, stacklevel=3)
-                    if self.stop_on_collapse:
-                        break
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
+                        logger.info(
+                            "epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values()
+                        )
+                    final = epoch == nb_epochs - 1
+                    verdict = detector.update(record["accuracy"], chance, final=final)
+                    if self.lam > 0 and verdict is not None and not history["collapsed"]:
+                        message = detector.message(
+                            verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
+                        )
+                        history["collapsed"] = True
+                        history["warnings"].append(message)
+                        if main:
+                            logger.warning(message)
+                            warnings.warn(message, UserWarning, stacklevel=3)
+                        if self.stop_on_collapse:
+                            break
+            finally:
+                self._affine_outputs = None
+                for m, flag in flags.items():
+                    m.training = flag
         return history
 
     def _epoch(self, batches: Callable[[], Iterator[Batch]], state: dict[str, Any]) -> tuple[dict[str, float], float]:
