@@ -89,7 +89,7 @@ def test_lean_paper_bound_equals_formula_b_with_every_term(seed):
 
 def clean_values(network, x):
     """The trainer's shared forward: the model's own forward with its affine outputs kept, and the logits."""
-    with affine_outputs(network) as clean:
+    with affine_outputs(network) as clean:  # (every affine layer: no parameter named perturbed)
         logits = network.model(x.to(next(network.model.parameters()).dtype))
     return {**clean, len(network.layers): logits}
 
@@ -142,6 +142,15 @@ def test_interval_bound_on_clean_values_equals_its_own_forward(name, which, dtyp
     for g, w in zip(grads(shared, model), grads(alone, model)):
         torch.testing.assert_close(g, w)  # the same terms, summed in another order
     assert all(not m._forward_hooks for m in model.modules())  # the hooks are gone
+
+
+def test_affine_outputs_hooks_the_layers_on_exact_inputs_only():
+    model = mlp(4, True)  # Linear 0, ReLU, Linear 2, Tanh, Linear 4
+    network = read_network(model, (12,))
+    for perturbed, hooked in [((), [1, 3, 5]), (("0.weight",), [1]), (("2.bias",), [1, 3]), (("4.weight",), [1, 3, 5])]:
+        with affine_outputs(network, perturbed) as clean:
+            model(torch.rand(2, 12))
+        assert sorted(clean) == hooked
 
 
 def test_affine_outputs_removes_its_hooks_after_an_exception():
@@ -220,7 +229,7 @@ def test_fill_label_equals_the_scatter_of_an_inf_column(dtype):
     assert torch.equal(grad_got, grad_want)
 
 
-@pytest.mark.parametrize("bound, hooks", [("interval", 3), ("paper", 0)])  # paper takes the logits only
+@pytest.mark.parametrize("bound, hooks", [("interval", 1), ("paper", 0)])  # the first layer's; paper: the logits
 def test_fit_keeps_the_affine_hooks_for_the_run_only_even_when_it_fails(monkeypatch, bound, hooks):
     model = mlp(3, True)
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (12,), 5, optimizer=torch.optim.SGD(
@@ -232,7 +241,7 @@ def test_fit_keeps_the_affine_hooks_for_the_run_only_even_when_it_fails(monkeypa
     real_epoch = trainer._epoch
 
     def failing_epoch(*args):
-        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # one per affine module, during the run
+        assert sum(len(m._forward_hooks) for m in model.modules()) == hooks  # during the run
         real_epoch(*args)
         raise RuntimeError("interrupted")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 from torch import nn
@@ -47,19 +47,27 @@ def train_matches_eval(network: Network, model: nn.Module, input_shape: tuple[in
 
 
 @contextlib.contextmanager
-def affine_outputs(network: Network) -> Iterator[dict[int, torch.Tensor]]:
+def affine_outputs(network: Network, perturbed: Collection[str] = ()) -> Iterator[dict[int, torch.Tensor]]:
     """
     While active, the outputs of ``network``'s affine modules (Linear, Conv2d) in the model's own forward passes, by
-    value index (``i + 1`` for ``network.layers[i]``, the indexing of :func:`.interval_preactivation_bounds`). A module
-    that several layers share is left out; the hooks are removed on exit, also after an exception.
+    value index (``i + 1`` for ``network.layers[i]``, the indexing of :func:`.interval_preactivation_bounds`), for
+    the layers whose input depends on none of the ``perturbed`` parameters (by name): the centres the interval bound
+    can take. A module that several layers share is left out; the hooks are removed on exit, also after an
+    exception.
     """
     uses = Counter(id(layer.module) for layer in network.affine_layers)
     outputs: dict[int, torch.Tensor] = {}
     handles = []
+    perturbed = set(perturbed)
+    exact = [True]  # per value: depends on no perturbed parameter
     try:
-        for index, layer in enumerate(network.layers):
-            if isinstance(layer, Affine) and uses[id(layer.module)] == 1:
+        for index, (layer, reads) in enumerate(zip(network.layers, network.inputs)):
+            exact_input = all(exact[v] for v in reads)
+            affine = isinstance(layer, Affine)
+            if affine and exact_input and uses[id(layer.module)] == 1:
                 handles.append(layer.module.register_forward_hook(_keep_output(outputs, index + 1)))
+            perturbed_here = affine and bool({layer.weight_name, layer.bias_name} & perturbed)
+            exact.append(exact_input and not perturbed_here)
         yield outputs
     finally:
         for handle in handles:

@@ -332,7 +332,7 @@ class WeightRobustTrainer(Trainer):
             logits = self._estimator.logits(x)
             outputs = dict(self._affine_outputs)
         else:
-            with affine_outputs(self._network) as outputs:
+            with affine_outputs(self._network, self._param_balls()) as outputs:
                 logits = self._estimator.logits(x)
         return logits, {**outputs, len(self._network.layers): logits}
 
@@ -355,7 +355,8 @@ class WeightRobustTrainer(Trainer):
         flags = {m: m.training for m in model.modules()}
         dp.check_loss_reduction(self._estimator)
         main = distributed.is_main_process()
-        hooks = affine_outputs(self._network) if self._shared_values() == "affine" else contextlib.nullcontext()
+        sharing = self._shared_values() == "affine"
+        hooks = affine_outputs(self._network, state["param_balls"]) if sharing else contextlib.nullcontext()
         with hooks as outputs:
             self._affine_outputs = outputs
             try:
