@@ -438,3 +438,23 @@ def test_bad_classifiers_and_fit_arguments(data, budget):
         trainer.fit(x[:, :10], y, nb_epochs=1)
     with pytest.raises(ValueError, match="validation_data"):
         trainer.fit(x, y, nb_epochs=1, validation_data=x)
+
+
+def test_epoch_totals_equal_the_running_sums_and_handle_an_empty_epoch():
+    from art_weightpert.defences.trainer.monitoring import EpochTotals
+
+    gen = torch.Generator().manual_seed(0)
+    totals, running = EpochTotals(4, torch.device("cpu")), torch.zeros(4, dtype=torch.float64)
+    counts = torch.zeros(4, dtype=torch.long)
+    for size in (5, 3, 7, 1):
+        terms = {key: torch.rand((), generator=gen) for key in EpochTotals.TERMS}
+        labels = torch.randint(0, 4, (size,), generator=gen)
+        totals.add(terms, labels)
+        running += torch.stack([terms[key] for key in EpochTotals.TERMS]).double() * size  # the previous running sum
+        counts += torch.bincount(labels, minlength=4)
+    sums, label_counts = totals.totals()
+    np.testing.assert_allclose(list(sums.values()), running.numpy(), rtol=1e-15)
+    np.testing.assert_array_equal(label_counts, counts.numpy())
+    empty_sums, empty_counts = EpochTotals(4, torch.device("cpu")).totals()
+    assert empty_sums == dict.fromkeys(EpochTotals.TERMS, 0.0)
+    assert empty_counts.dtype == np.int64 and not empty_counts.any()

@@ -98,7 +98,8 @@ class RandomWeightPerturbation(WeightAttack):
             0.95, "accuracies": np.ndarray (nb_samples,), "clean": float}``.
         """
         x_t, labels = self.estimator.prepare_inputs(x, y)
-        distributed.check_same_data(x_t.cpu().numpy(), None if y is None else np.asarray(y), name="x")
+        if distributed.is_distributed():  # (the inputs' host copy only where there are ranks to compare)
+            distributed.check_same_data(x_t.cpu().numpy(), None if y is None else np.asarray(y), name="x")
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
