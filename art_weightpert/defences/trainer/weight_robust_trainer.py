@@ -321,20 +321,31 @@ class WeightRobustTrainer(Trainer):
 
     def _clean_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The logits of the model's own forward and the clean values the bound takes: for ``"affine"`` also its
-        affine modules' outputs, kept by hooks that ``fit`` registers once for the whole run (registering them at
-        every step would cost 20 µs) or, outside ``fit``, for this call. Hooked modules take about 20 µs more per
-        forward, so only a bound that takes their outputs gets hooks."""
-        if self._shared_values() != "affine":
-            outputs: dict[int, torch.Tensor] = {}
-            logits = self._estimator.logits(x)
-        elif self._affine_outputs is not None:
-            self._affine_outputs.clear()  # (an attack or a validation pass may have run the model since)
-            logits = self._estimator.logits(x)
-            outputs = dict(self._affine_outputs)
-        else:
-            with affine_outputs(self._network, self._param_balls()) as outputs:
-                logits = self._estimator.logits(x)
+        affine modules' outputs, kept by the hooks of :meth:`_affine_hooks` (``fit``'s, or outside ``fit`` this
+        call's)."""
+        if self._shared_values() == "affine" and self._affine_outputs is None:  # outside fit
+            with self._affine_hooks(self._param_balls()):
+                return self._clean_forward(x)
+        outputs = self._affine_outputs if self._affine_outputs is not None else {}
+        outputs.clear()  # (an attack may have run the model since the last step)
+        logits = self._estimator.logits(x)
         return logits, {**outputs, len(self._network.layers): logits}
+
+    @contextlib.contextmanager
+    def _affine_hooks(self, param_balls: dict[str, ParameterBall]) -> Iterator[None]:
+        """While active, :attr:`_affine_outputs` holds the outputs of the affine modules whose centres the bound takes
+        (:func:`.affine_outputs`), when it takes them (``"affine"``); ``fit`` keeps the hooks for an epoch, since
+        registering them at every step costs 20 µs, and a hooked module about 20 µs more per forward, so only a bound
+        that takes the outputs gets them."""
+        if self._shared_values() != "affine":
+            yield
+            return
+        with affine_outputs(self._network, param_balls) as outputs:
+            self._affine_outputs = outputs
+            try:
+                yield
+            finally:
+                self._affine_outputs = None
 
     def _train(
         self,
@@ -355,45 +366,38 @@ class WeightRobustTrainer(Trainer):
         flags = {m: m.training for m in model.modules()}
         dp.check_loss_reduction(self._estimator)
         main = distributed.is_main_process()
-        sharing = self._shared_values() == "affine"
-        hooks = affine_outputs(self._network, state["param_balls"]) if sharing else contextlib.nullcontext()
-        with hooks as outputs:
-            self._affine_outputs = outputs
-            try:
-                bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
-                for epoch in bar:
-                    start = time.perf_counter()
-                    with dp.data_parallel(model):
-                        record, chance = self._epoch(batches, state)
-                    step_scheduler(scheduler, record["loss"])
-                    record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
-                    record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
-                    if validation is not None:
-                        record.update(validation_metrics(self._estimator, self.budget, *validation))
-                    for key, value in record.items():
-                        history[key].append(value)
-                    bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
+        try:
+            bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
+            for epoch in bar:
+                start = time.perf_counter()
+                with dp.data_parallel(model), self._affine_hooks(state["param_balls"]):
+                    record, chance = self._epoch(batches, state)
+                step_scheduler(scheduler, record["loss"])
+                record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
+                record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
+                if validation is not None:
+                    record.update(validation_metrics(self._estimator, self.budget, *validation))
+                for key, value in record.items():
+                    history[key].append(value)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k in ("loss", "accuracy", "robust")})
+                if main:
+                    logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
+                final = epoch == nb_epochs - 1
+                verdict = detector.update(record["accuracy"], chance, final=final)
+                if self.lam > 0 and verdict is not None and not history["collapsed"]:
+                    message = detector.message(
+                        verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
+                    )
+                    history["collapsed"] = True
+                    history["warnings"].append(message)
                     if main:
-                        logger.info(
-                            "epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values()
-                        )
-                    final = epoch == nb_epochs - 1
-                    verdict = detector.update(record["accuracy"], chance, final=final)
-                    if self.lam > 0 and verdict is not None and not history["collapsed"]:
-                        message = detector.message(
-                            verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
-                        )
-                        history["collapsed"] = True
-                        history["warnings"].append(message)
-                        if main:
-                            logger.warning(message)
-                            warnings.warn(message, UserWarning, stacklevel=3)
-                        if self.stop_on_collapse:
-                            break
-            finally:
-                self._affine_outputs = None
-                for m, flag in flags.items():
-                    m.training = flag
+                        logger.warning(message)
+                        warnings.warn(message, UserWarning, stacklevel=3)
+                    if self.stop_on_collapse:
+                        break
+        finally:
+            for m, flag in flags.items():
+                m.training = flag
         return history
 
     def _epoch(self, batches: Callable[[], Iterator[Batch]], state: dict[str, Any]) -> tuple[dict[str, float], float]:
