@@ -35,18 +35,20 @@ MIN_BITS, MAX_BITS = 2, 16
 
 
 @dataclass(frozen=True)
-class BitFlip:
+class WeightBitFlip:
     """
-    One flipped bit of one quantized weight.
+    One flipped bit of one weight: the fields and their validation, shared by :class:`BitFlip` (integer codes) and
+    :class:`.FloatBitFlip` (float encodings), which say what ``bit`` numbers. Equal only to a flip of the same class.
 
     :param param_name: the weight's name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
     :param index: the entry of the weight tensor (a tuple of ints, one per dimension).
-    :param bit: 0 (least significant) to ``n_bits - 1`` (the sign bit).
+    :param bit: the bit position, 0 to :attr:`max_bit`.
     """
 
     param_name: str
     index: tuple[int, ...]
     bit: int
+    max_bit = MAX_BITS - 1  # a class constant, not a field
 
     def __post_init__(self) -> None:
         if not isinstance(self.param_name, str):
@@ -55,7 +57,18 @@ class BitFlip:
         if not isinstance(index, Iterable):
             raise TypeError(f"`index` must be a tuple of ints, got {type(self.index).__name__}.")
         object.__setattr__(self, "index", tuple(check_int(i, "index", minimum=0) for i in index))
-        object.__setattr__(self, "bit", check_int(self.bit, "bit", minimum=0, maximum=MAX_BITS - 1))
+        object.__setattr__(self, "bit", check_int(self.bit, "bit", minimum=0, maximum=self.max_bit))
+
+
+@dataclass(frozen=True)
+class BitFlip(WeightBitFlip):
+    """
+    One flipped bit of one quantized weight.
+
+    :param param_name: the weight's name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
+    :param index: the entry of the weight tensor (a tuple of ints, one per dimension).
+    :param bit: 0 (least significant) to ``n_bits - 1`` (the sign bit).
+    """
 
 
 def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: torch.nn.Module) -> list[str]:
@@ -68,6 +81,16 @@ def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: t
     """
     check_int(n_bits, "n_bits", minimum=MIN_BITS, maximum=MAX_BITS)
     check_choice(granularity, "granularity", GRANULARITIES)
+    return check_layers(layers, model)
+
+
+def check_layers(layers: Any, model: torch.nn.Module) -> list[str]:
+    """
+    Validate the names of the Linear/Conv layers whose weights may flip.
+
+    :return: the layer names (every Linear/Conv layer when ``layers`` is ``None``).
+    :raises ValueError: unknown layer names (the valid ones are listed) or a model without Linear/Conv layers.
+    """
     valid = list(perturbable_modules(model))
     if not valid:
         raise ValueError("`estimator`'s model has no Linear or Conv layer whose weights could be quantized.")
@@ -84,6 +107,24 @@ def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: t
     if unknown:
         raise ValueError(f"`layers`: unknown layer name(s) {unknown}; the Linear/Conv layers are {valid}.")
     return layers
+
+
+def check_bit_positions(bits: Any, width: int, name: str = "bits") -> tuple[int, ...] | None:
+    """
+    Validate bit positions of a ``width``-bit encoding.
+
+    :return: the distinct positions, sorted; ``None`` when ``bits`` is ``None`` (every position).
+    :raises TypeError: ``bits`` not a list (or other iterable) of ints.
+    :raises ValueError: an empty list, or a position outside ``[0, width)``.
+    """
+    if bits is None:
+        return None
+    if isinstance(bits, (int, np.integer, str, bytes)) or not isinstance(bits, Iterable):
+        raise TypeError(f"`{name}` must be a list of bit positions or None, got {type(bits).__name__}.")
+    positions = {check_int(b, name, minimum=0, maximum=width - 1) for b in bits}
+    if not positions:
+        raise ValueError(f"`{name}` must name at least one bit position, or be None for all of them.")
+    return tuple(sorted(positions))
 
 
 def as_weight_classifier(estimator: Any) -> PyTorchWeightClassifier:
@@ -270,19 +311,13 @@ class QuantizedWeights:
         total = 0
         for name, c in self._codes.items():
             diff = _unsigned(c, self._n_bits) ^ _unsigned(other._codes[name].to(c.device), self._n_bits)
-            total += sum(int(((diff >> b) & 1).sum()) for b in range(self._n_bits))
+            total += popcount(diff, self._n_bits)
         return total
 
     def _check_flip(self, flip: Any) -> BitFlip:
         if not isinstance(flip, BitFlip):
             raise TypeError(f"`flips` must hold BitFlip objects, got {type(flip).__name__}.")
-        if flip.param_name not in self._codes:
-            raise ValueError(
-                f"`flips`: {flip.param_name!r} is not quantized; quantized weights are {self.param_names}."
-            )
-        shape = tuple(self._codes[flip.param_name].shape)
-        if len(flip.index) != len(shape) or any(i >= n for i, n in zip(flip.index, shape)):
-            raise ValueError(f"`flips`: index {flip.index} is outside {flip.param_name!r} of shape {shape}.")
+        check_flip_entry(flip, self._codes, "is not quantized; quantized weights are")
         if flip.bit >= self._n_bits:
             raise ValueError(f"`flips`: bit {flip.bit} does not exist in {self._n_bits}-bit codes.")
         return flip
@@ -291,13 +326,10 @@ class QuantizedWeights:
     def deltas(self, estimator: PyTorchClassifier) -> dict[str, torch.Tensor]:
         """``{weight name: s·c − W}`` as tensors in each weight's dtype and device, ``W`` the estimator's original
         weights (torch form of :meth:`perturbation`)."""
-        model = as_weight_classifier(estimator).base_model
-        params = dict(model.named_parameters())
+        params = estimator_weights(estimator, self._codes)
         out = {}
         for name, value in self.dequantize().items():
-            if name not in params or tuple(params[name].shape) != tuple(value.shape):
-                raise ValueError(f"`estimator` has no weight {name!r} of shape {tuple(value.shape)}.")
-            w = params[name].detach()
+            w = params[name]
             out[name] = (value.to(w.device) - w.to(torch.float64)).to(w.dtype)
         return out
 
@@ -315,3 +347,37 @@ class QuantizedWeights:
 def _broadcast(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     """A scalar or per-channel scale reshaped to broadcast against a weight with ``ndim`` dimensions."""
     return scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (ndim - 1))
+
+
+def popcount(pattern: torch.Tensor, width: int) -> int:
+    """Number of set bits among the low ``width`` bits of an integer tensor (two's complement)."""
+    return sum(int(((pattern >> b) & 1).sum()) for b in range(width))
+
+
+def check_flip_entry(flip: WeightBitFlip, weights: Mapping[str, torch.Tensor], unknown: str) -> None:
+    """
+    Check that ``flip`` names one of ``weights`` (``{name: tensor}``) and an entry inside it.
+
+    :param unknown: the words after the weight's name in the error for an unknown weight.
+    :raises ValueError: an unknown weight (the known ones are listed) or an index outside the weight.
+    """
+    if flip.param_name not in weights:
+        raise ValueError(f"`flips`: {flip.param_name!r} {unknown} {list(weights)}.")
+    shape = tuple(weights[flip.param_name].shape)
+    if len(flip.index) != len(shape) or any(i >= n for i, n in zip(flip.index, shape)):
+        raise ValueError(f"`flips`: index {flip.index} is outside {flip.param_name!r} of shape {shape}.")
+
+
+def estimator_weights(estimator: PyTorchClassifier, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    The original (detached) parameters of ``estimator`` named in ``weights`` (``{name: tensor}``).
+
+    :raises ValueError: when the estimator has no parameter of that name and shape.
+    """
+    params = dict(as_weight_classifier(estimator).base_model.named_parameters())
+    out = {}
+    for name, value in weights.items():
+        if name not in params or tuple(params[name].shape) != tuple(value.shape):
+            raise ValueError(f"`estimator` has no weight {name!r} of shape {tuple(value.shape)}.")
+        out[name] = params[name].detach()
+    return out

@@ -1,11 +1,13 @@
 """
-:class:`BitFlipCertifier`: which predictions of a quantized model no set of at most ``k`` flipped weight bits can
-change (THEORY.md §8).
+:class:`BitFlipCertifier`: which predictions of a quantized or float model no set of at most ``k`` flipped weight bits
+can change (docs/theory.md §8).
 
-What is certified is the quantized model of :meth:`.QuantizedWeights.from_estimator` (the estimator's original weights
-quantized; biases, batch norm and unselected layers stay float), in exact arithmetic with eval-mode semantics. The
-threat set is every set of at most ``k`` distinct bits of the codes of the selected layers, sign bits included. Bounds
-in float64 (THEORY.md §5), from :mod:`.bit_flip_bounds`:
+With ``encoding="int"``, what is certified is the quantized model of :meth:`.QuantizedWeights.from_estimator` (the
+estimator's original weights quantized; biases, batch norm and unselected layers stay float); with ``encoding="float"``
+the float model itself, its weights' IEEE bits flipping (:class:`.FloatWeights`; by default the sign and mantissa bits:
+an exponent flip can move a weight to ``10^38``, and one that gives ``±inf`` or NaN leaves nothing certified). Exact
+arithmetic with eval-mode semantics. The threat set is every set of at most ``k`` distinct allowed bits of the weights
+of the selected layers. Bounds in float64 (docs/theory.md §6), from :mod:`.bit_flip_bounds`:
 
 * ``"interval"``: boxes where every unit takes its own worst ``k`` flips, the last layer folded into the margins;
 * ``"linear"``: the backward pass from the margins with one top-``k`` over the pair terms of all layers, for every case
@@ -17,6 +19,7 @@ in float64 (THEORY.md §5), from :mod:`.bit_flip_bounds`:
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import torch
@@ -25,19 +28,22 @@ from tqdm.auto import tqdm
 
 from art_weightpert.certification.bit_flip_bounds import flip_boxes, interval_margins
 from art_weightpert.certification.bit_flip_cases import case_margins, flip_cases
-from art_weightpert.certification.bit_flip_terms import flip_tables
+from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_tables
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
 from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import Network, UnsupportedModelError, read_network
-from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
+from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
 from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
+
+logger = logging.getLogger(__name__)
 
 BIT_FLIP_METHODS = ("interval", "linear")
 
 
 def check_chain(network: Network) -> Network:
-    """The bit-flip bounds propagate through a chain of layers (THEORY.md §8); a network with branches (THEORY.md §9)
-    is refused rather than read as a chain, which would be unsound."""
+    """The bit-flip bounds propagate through a chain of layers (docs/theory.md §8); a network with branches is refused
+    rather than read as a chain, which would be unsound."""
     if not network.is_chain:
         raise UnsupportedModelError(
             "the bit-flip certificate reads chains of layers only; this model has branches (residual additions). "
@@ -48,10 +54,11 @@ def check_chain(network: Network) -> Network:
 
 class BitFlipCertifier:
     """
-    Certificates of a quantized classifier against at most ``max_flips`` flipped bits of its weight codes.
+    Certificates of a quantized (``encoding="int"``) or float (``encoding="float"``) classifier against at most
+    ``max_flips`` flipped bits of its weights.
 
-    A sample is certified when every pairwise margin lower bound of the quantized model's label (or the given label,
-    if the quantized model predicts it) exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``.
+    A sample is certified when every pairwise margin lower bound of the certified model's label (or the given label,
+    if that model predicts it) exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``.
     """
 
     def __init__(
@@ -64,6 +71,8 @@ class BitFlipCertifier:
         method: str = "interval",
         batch_size: int = 128,
         verbose: bool = True,
+        encoding: str = "int",
+        bits: list[int] | None = None,
     ) -> None:
         """
         Create a :class:`.BitFlipCertifier` instance.
@@ -71,17 +80,21 @@ class BitFlipCertifier:
         :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` (wrapped, not copied)
             whose model is a chain of Linear/Conv2d layers with fixed layers between them.
         :param max_flips: most flipped bits certified against (0: only the quantized prediction itself).
-        :param n_bits: bits per quantized weight, 2 to 16.
-        :param granularity: one quantization scale per ``"tensor"`` or per output ``"channel"``.
-        :param layers: names of the Linear/Conv layers whose weights are quantized and may flip (``None``: all).
+        :param n_bits: bits per quantized weight, 2 to 16 (``encoding="int"`` only).
+        :param granularity: one quantization scale per ``"tensor"`` or per output ``"channel"`` (``"int"`` only).
+        :param layers: names of the Linear/Conv layers whose weights may flip (``None``: all).
         :param method: ``"interval"`` or ``"linear"`` (tighter, slower).
         :param batch_size: samples per bound computation (pair terms are further chunked to bound the memory).
         :param verbose: show a progress bar over batches.
+        :param encoding: ``"int"`` (the quantized codes' bits) or ``"float"`` (the float weights' IEEE bits).
+        :param bits: the bit positions that may flip: ``0`` to ``n_bits - 1`` for ``"int"`` (``None``: all); IEEE
+            numbering of the weights' dtype for ``"float"`` (``None``: sign and mantissa, e.g. 0–22 and 31 for float32).
+            Exponent bits are certified soundly, but one exponent flip can multiply a weight by ``2^128``.
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
         """
         estimator = as_weight_classifier(estimator)
         check_non_negative_int(max_flips, "max_flips")
-        check_quantization_args(n_bits, granularity, layers, estimator.base_model)
+        self.bits = check_flip_args(estimator, encoding, n_bits, granularity, layers, bits)
         check_choice(method, "method", BIT_FLIP_METHODS)
         check_positive_int(batch_size, "batch_size")
         check_bool(verbose, "verbose")
@@ -94,6 +107,7 @@ class BitFlipCertifier:
         self.method = method
         self.batch_size = int(batch_size)
         self.verbose = bool(verbose)
+        self.encoding = encoding
         self._key: tuple | None = None
 
     # ------------------------------------------------------------------------------------------------ properties
@@ -103,10 +117,15 @@ class BitFlipCertifier:
         return self._estimator
 
     @property
-    def quantized_(self) -> QuantizedWeights:
-        """The quantized weights certified (of the estimator's current original weights)."""
+    def quantized_(self) -> QuantizedWeights | FloatWeights:
+        """The weights certified (of the estimator's current original weights): quantized codes, or float weights."""
         self._refresh()
         return self._quantized
+
+    @property
+    def weights_(self) -> QuantizedWeights | FloatWeights:
+        """Alias of :attr:`quantized_` (its name for float encodings)."""
+        return self.quantized_
 
     # ------------------------------------------------------------------------------------------------ public API
     def certify(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
@@ -164,18 +183,20 @@ class BitFlipCertifier:
         return (
             f"{type(self).__name__}(max_flips={self.max_flips}, n_bits={self.n_bits}, "
             f"granularity={self.granularity!r}, layers={self.layers!r}, method={self.method!r}, "
-            f"batch_size={self.batch_size}, verbose={self.verbose})"
+            f"batch_size={self.batch_size}, verbose={self.verbose}, encoding={self.encoding!r}, "
+            f"bits={None if self.bits is None else list(self.bits)})"
         )
 
     # ------------------------------------------------------------------------------------------------ internals
     def _refresh(self) -> None:
-        """Quantize the estimator's original weights into a private float64 copy of the model, when they changed."""
+        """Quantize (or read) the estimator's original weights into a private float64 copy of the model, when they
+        changed."""
         base = self.estimator.base_model
         tensors = list(base.parameters()) + list(base.buffers())
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         if key == self._key:
             return
-        quantized = QuantizedWeights.from_estimator(self.estimator, self.n_bits, self.granularity, self.layers)
+        quantized = encode_weights(self.estimator, self.encoding, self.n_bits, self.granularity, self.layers, self.bits)
         model64 = copy.deepcopy(base).to(torch.float64).requires_grad_(False)
         with torch.no_grad():
             for name, value in quantized.dequantize().items():
@@ -183,7 +204,11 @@ class BitFlipCertifier:
         self._network = read_network(model64, self.estimator.input_shape)
         self._params = self._network.params(dtype=torch.float64)
         device = next(iter(self._params.values())).device
-        self._tables = flip_tables(quantized, self._network.affine_layers, device)
+        self._tables = flip_tables(quantized, self._network.affine_layers, device, self.bits)
+        # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1).
+        self._unbounded = not all(bool(torch.isfinite(t.changes).all()) for t in self._tables.values())
+        if self._unbounded:
+            logger.warning("Some allowed flips give ±inf or NaN weights: no sample is certified against k >= 1 flips.")
         self._names = [layer.weight_name for layer in self._network.affine_layers if layer.weight_name in self._tables]
         self._deltas = quantized.deltas(self.estimator)
         self._quantized = quantized
@@ -211,6 +236,9 @@ class BitFlipCertifier:
     def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        if self._unbounded and k > 0:
+            bound = torch.full((len(x64), nb), float("-inf"), dtype=torch.float64, device=x64.device)
+            return bound.scatter(1, labels.unsqueeze(1), float("inf"))
         try:
             with torch.no_grad():
                 case = dict.fromkeys(self._names, k)

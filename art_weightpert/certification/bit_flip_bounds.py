@@ -1,5 +1,5 @@
 """
-Margin lower bounds of a quantized network under at most ``k`` flipped bits of its weight codes (THEORY.md §8).
+Margin lower bounds of a network under at most ``k`` flipped bits of its weights (docs/theory.md §8).
 
 A *case* gives every quantized layer a flip budget ``k_l`` and a total ``k``: it covers the flip sets with at most
 ``k_l`` flips in layer ``l`` and at most ``k`` in all. Within a case:

@@ -1,5 +1,5 @@
 """
-Case splits on where the flips land (THEORY.md §8, "Tightness"), for the ``"linear"`` bit-flip certificate.
+Case splits on where the flips land (docs/theory.md §8.1), for the ``"linear"`` bit-flip certificate.
 
 :func:`flip_cases` covers every set of at most ``k`` flips by cases of per-layer budgets: every split of ``k`` into
 per-layer budgets ``k_l`` (``Σ k_l = k``) while there are at most :data:`MAX_CASES` of them, else one case per first

@@ -1,5 +1,5 @@
 """
-The exact answer for one flipped bit (THEORY.md §8, "Checks"): every (weight, bit) pair of the selected layers flipped
+The exact answer for one flipped bit (docs/theory.md §8): every (weight, bit) pair of the selected layers flipped
 alone, one batched forward pass each, in float64.
 
 A flip of layer ``l`` leaves the activations before ``l`` clean, so only the rest of the network is evaluated: the
@@ -16,9 +16,10 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_changes
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
-from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
+from art_weightpert.quantization import as_weight_classifier
 from art_weightpert.validation import check_positive_int
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -56,7 +57,7 @@ def single_flip_margins(
 
     :param network: the chain (float64 parameters ``params``, the quantized values substituted).
     :param index: the flipped layer's index in ``network.layers``.
-    :param changes: ``(n_bits,) + weight shape``, the single-flip changes (:meth:`.QuantizedWeights.bit_changes`).
+    :param changes: ``(bits,) + weight shape``, the single-flip changes (:func:`.flip_changes`).
     :param h: the layer's clean input ``(N, ...)``.
     :param labels: ``(N,)``.
     :return: ``(N, K)`` (0 in the label's column).
@@ -91,9 +92,12 @@ def single_flip_robustness(
     granularity: str = "tensor",
     layers: Iterable[str] | None = None,
     batch_size: int = 256,
+    encoding: str = "int",
+    bits: Iterable[int] | None = None,
 ) -> np.ndarray:
     """
-    Exactly which samples keep their label under every single flipped bit of the quantized weights (float64).
+    Exactly which samples keep their label under every single flipped bit of the quantized (or float) weights, in
+    float64. A flip to ``±inf`` or NaN makes every sample whose margins it reaches count as not robust.
 
     :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` whose model is a chain.
     :param x: inputs ``(N,) + input_shape``.
@@ -103,11 +107,15 @@ def single_flip_robustness(
     :param granularity: ``"tensor"`` or ``"channel"``.
     :param layers: the layers whose weights are quantized and flip (``None``: all).
     :param batch_size: samples per pass.
+    :param encoding: ``"int"`` (quantized codes) or ``"float"`` (the float weights' IEEE bits), as
+        :class:`.BitFlipCertifier`.
+    :param bits: the bit positions that may flip (as :class:`.BitFlipCertifier`; ``None``: its default).
     :return: ``(N,)`` bool.
     """
     estimator = as_weight_classifier(estimator)
     check_positive_int(batch_size, "batch_size")
-    quantized = QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
+    bits = check_flip_args(estimator, encoding, n_bits, granularity, layers, bits)
+    quantized = encode_weights(estimator, encoding, n_bits, granularity, layers, bits)
     model64 = copy.deepcopy(estimator.base_model).to(torch.float64).requires_grad_(False)
     with torch.no_grad():
         for name, value in quantized.dequantize().items():
@@ -127,7 +135,7 @@ def single_flip_robustness(
             alive = pred == labels
             for index, layer in enumerate(network.layers):
                 if isinstance(layer, Affine) and layer.weight_name in quantized.param_names:
-                    changes = quantized.bit_changes(layer.weight_name).to(xb.device)
+                    changes = flip_changes(quantized, layer.weight_name, bits).to(xb.device)
                     margins = single_flip_margins(network, params, index, changes, h, labels)
                     alive &= (margins.scatter(1, labels.unsqueeze(1), float("inf")) > 0).all(dim=1)
                 h = _step(network, params, h, index)

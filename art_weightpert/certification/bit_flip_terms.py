@@ -1,7 +1,7 @@
 """
-Pair terms of bit flips (THEORY.md §8): per quantized weight and bit, the change ``s·d_b(c)`` of the weight, and the
-selection of the ``k`` most negative terms ``min(G_w s d_b)`` over a box ``G_w ∈ [gmin, gmax]`` of the weight's
-coefficient ``G_w`` in a bound.
+Pair terms of bit flips (docs/theory.md §8): per weight and allowed bit, the change ``D`` of the weight (``s·d_b(c)``
+for integer codes, ``w' − w`` for float encodings), and the selection of the ``k`` most negative terms ``min(G_w D)``
+over a box ``G_w ∈ [gmin, gmax]`` of the weight's coefficient ``G_w`` in a bound.
 
 A flip of bit ``b`` of weight ``w`` adds ``D_{w,b} G_w`` to a bound that is linear in the weights with coefficient
 ``G_w``; over the box its minimum is ``D⁺ gmin + D⁻ gmax`` (``D⁺ = max(D, 0)``, ``D⁻ = min(D, 0)``). The ``n_bits``
@@ -14,11 +14,21 @@ has all its terms above the ``k``-th of these maxima), so only their ``k·n_bits
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from art_weightpert.float_bits import FloatWeights, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
-from art_weightpert.quantization import QuantizedWeights
+from art_weightpert.quantization import (
+    QuantizedWeights,
+    as_weight_classifier,
+    check_bit_positions,
+    check_quantization_args,
+)
+from art_weightpert.validation import check_choice
+
+ENCODINGS = ("int", "float")
 
 # Elements of a (samples, specifications, weights) tensor processed at once; bounds the memory of the pair terms.
 CHUNK_ELEMENTS = 1 << 22
@@ -41,13 +51,54 @@ class FlipTable:
     memo: dict = field(default_factory=dict)
 
 
-def flip_tables(quantized: QuantizedWeights, layers: list[Affine], device: torch.device) -> dict[str, FlipTable]:
-    """``{weight name: FlipTable}`` for the quantized weights among ``layers``."""
+def check_flip_args(
+    estimator: Any, encoding: Any, n_bits: Any, granularity: Any, layers: Any, bits: Any
+) -> tuple[int, ...] | None:
+    """
+    Validate the threat model of a k-flip certificate (docs/theory.md §8).
+
+    :return: the allowed bit positions: ``bits`` sorted, or ``None`` (every bit) for integer codes; for float weights,
+        the sign and mantissa bits by default.
+    :raises ValueError: an unknown encoding, bad quantization arguments, unknown layers, or a bit position outside the
+        encoding (names ``bits``).
+    :raises TypeError: float encoding of weights that are not float32, float16, bfloat16 or float64.
+    """
+    check_choice(encoding, "encoding", ENCODINGS)
+    if encoding == "float":
+        dtype = FloatWeights.from_estimator(estimator, layers).dtype  # layers and dtype checked
+        bits = (*mantissa_bits(dtype), sign_bit(dtype)) if bits is None else bits
+        return FloatWeights.from_estimator(estimator, layers, bits).bits
+    check_quantization_args(n_bits, granularity, layers, as_weight_classifier(estimator).base_model)
+    return check_bit_positions(bits, n_bits)
+
+
+def encode_weights(
+    estimator: Any, encoding: str, n_bits: int, granularity: str, layers: Any, bits: tuple[int, ...] | None
+) -> QuantizedWeights | FloatWeights:
+    """The weights that may flip: the quantized codes (``"int"``) or the float weights with their allowed bits."""
+    if encoding == "float":
+        return FloatWeights.from_estimator(estimator, layers, bits)
+    return QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
+
+
+def flip_changes(weights: QuantizedWeights | FloatWeights, name: str, bits: tuple[int, ...] | None) -> torch.Tensor:
+    """``weights.bit_changes(name)`` restricted to the allowed bits: ``(len(bits),) + weight shape`` float64."""
+    changes = weights.bit_changes(name)
+    return changes if bits is None or isinstance(weights, FloatWeights) else changes[list(bits)]
+
+
+def flip_tables(
+    quantized: QuantizedWeights | FloatWeights,
+    layers: list[Affine],
+    device: torch.device,
+    bits: tuple[int, ...] | None = None,
+) -> dict[str, FlipTable]:
+    """``{weight name: FlipTable}`` for the weights among ``layers`` that may flip (their allowed ``bits``)."""
     tables = {}
     for layer in layers:
         if layer.weight_name not in quantized.param_names:
             continue
-        changes = quantized.bit_changes(layer.weight_name).to(device)  # (n_bits,) + weight shape
+        changes = flip_changes(quantized, layer.weight_name, bits).to(device)  # (bits,) + weight shape
         rows = changes.shape[1]
         changes = changes.reshape(len(changes), rows, -1).permute(1, 2, 0).contiguous()
         tables[layer.weight_name] = FlipTable(
@@ -115,8 +166,8 @@ def _patch_boxes(layer: Affine, lo: torch.Tensor, hi: torch.Tensor) -> tuple[tor
 def neuron_flip_terms(layer: Affine, table: FlipTable, lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
     """
     Per output unit of ``layer``, the sum of its own ``k`` most negative pair terms over the input box ``[lo, hi]``
-    (THEORY.md §8, interval method): a lower bound of the change of that unit by at most ``k`` flips of this layer.
-    The upper bound is ``−neuron_flip_terms(layer, negated table, ...)``: see :func:`neuron_flip_box`.
+    (docs/theory.md §8.1, interval method): a lower bound of the change of that unit by at most ``k`` flips of this
+    layer. The upper bound is ``−neuron_flip_terms(layer, negated table, ...)``: see :func:`neuron_flip_box`.
 
     :return: a tensor shaped like the layer's output, ≤ 0.
     """
