@@ -55,6 +55,15 @@ def _activation(name: str, kind: str, negative_slope: float = 0.0) -> Activation
     return Activation(name, kind, negative_slope)
 
 
+def _hardtanh(name: str, module: nn.Hardtanh) -> Activation:
+    """``nn.Hardtanh`` (also ``nn.ReLU6`` and a clipped ReLU ``Hardtanh(0, b)``) with ``min_val ≤ 0 ≤ max_val``, so
+    that ``|σ(t)| ≤ |t|`` as the closed-form bound assumes."""
+    low, high = float(module.min_val), float(module.max_val)
+    if not low <= 0.0 <= high:
+        raise UnsupportedModelError(f"module {name!r}: Hardtanh with min_val={low}, max_val={high} (0 must lie in it).")
+    return Activation(name, "hardtanh", min_val=low, max_val=high)
+
+
 def _batchnorm(name: str, module: nn.Module) -> BatchNorm:
     """Eval-mode batch norm as ``scale * h + shift`` from the running statistics (also for a module in training
     mode: certificates are for eval-mode predictions)."""
@@ -81,6 +90,8 @@ def module_layer(name: str, module: nn.Module) -> Layer | None:
         if isinstance(module, nn.Conv2d):
             conv_padding(module)  # rejects asymmetric "same" padding
         return Affine(name, module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
+    if isinstance(module, nn.Hardtanh):
+        return _hardtanh(name, module)
     for cls, kind in _ACTIVATION_MODULES.items():
         if isinstance(module, cls):
             return _activation(name, kind, float(getattr(module, "negative_slope", 0.0)))

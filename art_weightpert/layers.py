@@ -123,11 +123,19 @@ class Affine:
 @dataclass(eq=False)
 class Activation:
     """A coordinatewise monotone activation: ``relu``, ``leaky_relu`` (with ``negative_slope``), ``sigmoid``,
-    ``tanh``."""
+    ``tanh``, ``hardtanh`` (``clamp(h, min_val, max_val)`` with ``min_val ≤ 0 ≤ max_val``; a clipped ReLU when
+    ``min_val = 0``)."""
 
     name: str
     kind: str
     negative_slope: float = 0.0
+    min_val: float = -1.0
+    max_val: float = 1.0
+
+    @property
+    def nonnegative(self) -> bool:
+        """Whether every output is ≥ 0: ReLU, sigmoid, a hardtanh with ``min_val ≥ 0``."""
+        return self.kind in ("relu", "sigmoid") or (self.kind == "hardtanh" and self.min_val >= 0)
 
     def apply(self, h: torch.Tensor) -> torch.Tensor:
         if self.kind == "relu":
@@ -136,6 +144,8 @@ class Activation:
             return F.leaky_relu(h, self.negative_slope)
         if self.kind == "sigmoid":
             return torch.sigmoid(h)
+        if self.kind == "hardtanh":
+            return torch.clamp(h, self.min_val, self.max_val)
         return torch.tanh(h)
 
 

@@ -4,6 +4,9 @@ box ``[lo, hi]``, a lower and an upper line ``slope·z + intercept`` enclosing t
 
 * ReLU / LeakyReLU (:func:`kinked`): CROWN's relaxation, the chord on one side and a line through the origin (slope
   chosen by ``hi > −lo``) on the other; exact on stable boxes.
+* hardtanh / clipped ReLU (:func:`clamped`): ``clamp(z, a, b)``, convex below ``b`` and concave above ``a``: the chord
+  on the side where the box is convex or concave, a line through a kink (or the constant) on the other; exact on
+  stable boxes.
 * sigmoid / tanh (:func:`s_shaped`): lines through the box's end points with slope ``min(σ'(end), chord)``, tangents at
   the midpoint where the box lies in the convex or concave part.
 """
@@ -39,6 +42,43 @@ def kinked(lo: torch.Tensor, hi: torch.Tensor, slope: float):
     return exact(low), exact(up)
 
 
+def clamped(lo: torch.Tensor, hi: torch.Tensor, a: float, b: float):
+    """``f(z) = clamp(z, a, b)`` (``a < b``; a clipped ReLU when ``a = 0``): (slope, intercept) of a lower and an upper
+    line valid on ``[lo, hi]`` (docs/theory.md §8.4).
+
+    Lower: where ``lo ≥ a`` the box lies where ``f`` is concave and the chord is below; otherwise ``f ≥ a`` and ``f`` is
+    above the chord from ``(a, a)`` to ``(hi, f(hi))`` (concave on ``[a, hi]``, that line ≤ ``a`` left of ``a``): the
+    better of the two, the chord when ``hi − a > a − lo`` (as CROWN's choice for a ReLU). Upper: the mirror image
+    (chord where ``hi ≤ b``; else the constant ``b`` or the chord from ``(lo, f(lo))`` to ``(b, b)``). Boxes inside one
+    piece get the exact line."""
+    f_lo, f_hi = lo.clamp(a, b), hi.clamp(a, b)
+    width = hi - lo
+    chord = (f_hi - f_lo) / torch.where(width > 0, width, torch.ones_like(width))
+    chord_icpt = f_lo - chord * lo
+    zero = torch.zeros_like(lo)
+    # lower line
+    to_a = hi - a
+    k_low = (f_hi - a) / torch.where(to_a > 0, to_a, torch.ones_like(to_a))
+    use_k = to_a > a - lo
+    low_slope = torch.where(lo >= a, chord, torch.where(use_k, k_low, zero))
+    low_icpt = torch.where(lo >= a, chord_icpt, torch.where(use_k, a - k_low * a, zero + a))
+    # upper line
+    from_b = b - lo
+    k_up = (b - f_lo) / torch.where(from_b > 0, from_b, torch.ones_like(from_b))
+    use_k = from_b > hi - b
+    up_slope = torch.where(hi <= b, chord, torch.where(use_k, k_up, zero))
+    up_icpt = torch.where(hi <= b, chord_icpt, torch.where(use_k, b - k_up * b, zero + b))
+    # exact lines on the three stable pieces
+    below, above, inside = hi <= a, lo >= b, (lo >= a) & (hi <= b)
+    const = torch.where(below, zero + a, zero + b)
+    one = torch.ones_like(lo)
+    low_slope = torch.where(below | above, zero, torch.where(inside, one, low_slope))
+    up_slope = torch.where(below | above, zero, torch.where(inside, one, up_slope))
+    low_icpt = torch.where(below | above, const, torch.where(inside, zero, low_icpt))
+    up_icpt = torch.where(below | above, const, torch.where(inside, zero, up_icpt))
+    return (low_slope, low_icpt), (up_slope, up_icpt)
+
+
 def s_shaped(fn, dfn, lo: torch.Tensor, hi: torch.Tensor):
     """Sigmoid / tanh (convex below 0, concave above, ``σ'`` unimodal): ``σ(z) ≥ σ(lo) + k_l (z − lo)`` and
     ``σ(z) ≤ σ(hi) + k_u (z − hi)`` with ``k = min(σ'(end), chord)`` (the smallest mean slope on sub-intervals
@@ -69,6 +109,8 @@ def relaxation(layer: Activation, lo: torch.Tensor, hi: torch.Tensor):
         return kinked(lo, hi, 0.0)
     if layer.kind == "leaky_relu":
         return kinked(lo, hi, layer.negative_slope)
+    if layer.kind == "hardtanh":
+        return clamped(lo, hi, layer.min_val, layer.max_val)
     if layer.kind == "sigmoid":
         return s_shaped(torch.sigmoid, _dsigmoid, lo, hi)
     return s_shaped(torch.tanh, lambda z: 1 - torch.tanh(z) ** 2, lo, hi)

@@ -203,16 +203,14 @@ def _add_boxes(boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-_NONNEGATIVE_ACTIVATIONS = ("relu", "sigmoid")
-
-
 def nonnegative_values(network: Network) -> list[bool]:
     """Per value of ``network`` (as :func:`interval_preactivation_bounds` indexes them), whether it is non-negative by
-    construction: the output of a ReLU or sigmoid, possibly followed by pooling or flattening, or a sum of such."""
+    construction: the output of a ReLU, sigmoid or clipped ReLU (:attr:`.Activation.nonnegative`), possibly followed
+    by pooling or flattening, or a sum of such."""
     out = [False]
     for layer, reads in zip(network.layers, network.inputs):
         if isinstance(layer, Activation):
-            out.append(layer.kind in _NONNEGATIVE_ACTIVATIONS)
+            out.append(layer.nonnegative)
         elif isinstance(layer, (MaxPool, AvgPool, Flatten)):
             out.append(out[reads[0]])
         elif isinstance(layer, Add):
