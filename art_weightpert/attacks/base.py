@@ -41,6 +41,8 @@ from art_weightpert.validation import check_bool, check_choice, check_non_negati
 logger = logging.getLogger(__name__)
 
 LOSSES = ("ce", "margin")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+"""The quantiles of the accuracy that the random-fault attacks report."""
 
 
 class WeightBudgetAttack(Attack):
@@ -308,3 +310,16 @@ def accuracy_with_deltas(
     if len(x_t) == 0:
         return float("nan")
     return float((predict_labels(estimator, x_t, deltas, batch_size) == labels).double().mean())
+
+
+def accuracy_summary(accuracies: np.ndarray) -> dict[str, Any]:
+    """The statistics of the accuracies of random draws that every random-fault attack reports: ``mean``, ``std``,
+    ``min``, ``max``, ``quantiles`` (``{q: accuracy}`` for :data:`QUANTILES`) and the ``accuracies`` themselves."""
+    return {
+        "mean": float(accuracies.mean()),
+        "std": float(accuracies.std()),
+        "min": float(accuracies.min()),
+        "max": float(accuracies.max()),
+        "quantiles": {q: float(np.quantile(accuracies, q)) for q in QUANTILES},
+        "accuracies": accuracies,
+    }

@@ -22,13 +22,11 @@ import torch
 from art.attacks.attack import Attack
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import WeightAttack, accuracy_with_deltas, predict_labels
+from art_weightpert.attacks.base import WeightAttack, accuracy_summary, accuracy_with_deltas, predict_labels
 from art_weightpert.quantization import popcount
 from art_weightpert.validation import check_bool, check_int, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
-
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 class RandomFlipsBase(WeightAttack):
@@ -134,12 +132,7 @@ class RandomFlipsBase(WeightAttack):
                 results.append((accuracies, counts))
         accuracies, counts = results[0]
         out = {
-            "mean": float(accuracies.mean()),
-            "std": float(accuracies.std()),
-            "min": float(accuracies.min()),
-            "max": float(accuracies.max()),
-            "quantiles": {q: float(np.quantile(accuracies, q)) for q in QUANTILES},
-            "accuracies": accuracies,
+            **accuracy_summary(accuracies),
             **self._references(weights, x_t, labels),
             "nb_flips": counts,
         }

@@ -20,13 +20,11 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert import distributed
-from art_weightpert.attacks.base import WeightAttack
+from art_weightpert.attacks.base import WeightAttack, accuracy_summary
 from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
 from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_choice, check_non_negative_int, check_positive_int
-
-QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
 class RandomWeightPerturbation(WeightAttack):
@@ -112,12 +110,7 @@ class RandomWeightPerturbation(WeightAttack):
                 accuracies[i] = self._sharded_accuracy(x_t, labels, self._draw(param_balls, gen))
                 bar.update(1)
         return {
-            "mean": float(accuracies.mean()),
-            "std": float(accuracies.std()),
-            "min": float(accuracies.min()),
-            "max": float(accuracies.max()),
-            "quantiles": {q: float(np.quantile(accuracies, q)) for q in QUANTILES},
-            "accuracies": accuracies,
+            **accuracy_summary(accuracies),
             "clean": clean,
         }
 

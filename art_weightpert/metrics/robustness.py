@@ -150,7 +150,7 @@ class _Runner:
 
     def random(self, budget: PerturbationBudget) -> float:
         from art_weightpert.attacks import RandomWeightPerturbation
-        from art_weightpert.attacks.random_faults import QUANTILES
+        from art_weightpert.attacks.base import QUANTILES
 
         clean = self.result["clean_accuracy"]
         if _zero_radius(budget):

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from art_weightpert.defences.trainer.batches import Batch, array_batches
 from art_weightpert.defences.trainer.monitoring import check_validation_data
 from art_weightpert.defences.trainer.schedule import check_scheduler, step_scheduler
+from art_weightpert.defences.trainer.settings import ValidatedSettings
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
 from art_weightpert.quantization import QuantizedWeights, check_quantization_args
 from art_weightpert.validation import (
@@ -144,7 +145,7 @@ def adversarial_flip_deltas(
     }
 
 
-class BitFlipRobustTrainer(Trainer):
+class BitFlipRobustTrainer(ValidatedSettings, Trainer):
     """
     Trains a PyTorch classifier **in place** so that its ``n_bits`` quantized weights resist the bit-flip attack
     (see the module docstring for the methods). When :meth:`fit` returns, the classifier's float weights are the
@@ -204,21 +205,6 @@ class BitFlipRobustTrainer(Trainer):
         self.history: dict[str, list] = {}
 
     # ------------------------------------------------------------------------------------------------ parameters
-    def set_params(self, **kwargs: Any) -> None:
-        """
-        Set trainer parameters (names in :attr:`trainer_params`); all values are validated before any is assigned.
-
-        :param kwargs: parameters to change.
-        """
-        unknown = [key for key in kwargs if key not in self.trainer_params]
-        if unknown:
-            raise ValueError(f"unknown trainer parameter(s) {unknown}; valid ones are {self.trainer_params}.")
-        params = {key: getattr(self, key) for key in self.trainer_params}
-        params.update(kwargs)
-        params = self._check_params(params, self._estimator)
-        for key in kwargs:
-            setattr(self, key, params[key])
-
     @staticmethod
     def _check_params(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
         """The validated parameters (``layers`` resolved to the list of layer names)."""

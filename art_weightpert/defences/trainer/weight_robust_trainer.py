@@ -49,6 +49,7 @@ from art_weightpert.defences.trainer.schedule import (
     scale_param_balls,
     step_scheduler,
 )
+from art_weightpert.defences.trainer.settings import ValidatedSettings
 from art_weightpert.defences.trainer.shared_forward import affine_outputs, train_matches_eval
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.network import BatchNorm, Network, read_network
@@ -68,7 +69,7 @@ WARMUP_EPOCHS = 10
 HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "accuracy", "lr", "time")
 
 
-class WeightRobustTrainer(Trainer):
+class WeightRobustTrainer(ValidatedSettings, Trainer):
     """
     Trains a PyTorch classifier in place so that its predictions provably survive weight perturbations in a
     :class:`.PerturbationBudget`, with the loss of THEORY.md §7 (see the module docstring), optionally jointly with
@@ -147,21 +148,6 @@ class WeightRobustTrainer(Trainer):
         self._affine_outputs: dict[int, torch.Tensor] | None = None  # fit's hooks keep them (shared_forward)
 
     # ------------------------------------------------------------------------------------------------ parameters
-    def set_params(self, **kwargs: Any) -> None:
-        """
-        Set trainer parameters (names in :attr:`trainer_params`); all values are validated before any is assigned.
-
-        :param kwargs: parameters to change.
-        """
-        unknown = [key for key in kwargs if key not in self.trainer_params]
-        if unknown:
-            raise ValueError(f"unknown trainer parameter(s) {unknown}; valid ones are {self.trainer_params}.")
-        params = {key: getattr(self, key) for key in self.trainer_params}
-        params.update(kwargs)
-        params = self._check_params(params, self._estimator)
-        for key in kwargs:
-            setattr(self, key, params[key])
-
     @staticmethod
     def _check_params(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
         """The validated parameters, as plain Python values."""
