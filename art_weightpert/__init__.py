@@ -25,11 +25,19 @@ _LAZY = {
     "JointWeightInputPGD": "art_weightpert.attacks",
     "BitFlipAttack": "art_weightpert.attacks",
     "RandomBitFlips": "art_weightpert.attacks",
+    "FloatBitFlipAttack": "art_weightpert.attacks",
+    "RandomFloatBitFlips": "art_weightpert.attacks",
+    "BitFlipBackdoor": "art_weightpert.attacks",
     "QuantizedWeights": "art_weightpert.quantization",
     "BitFlip": "art_weightpert.quantization",
+    "FloatBitFlip": "art_weightpert.float_bits",
+    "FloatWeights": "art_weightpert.float_bits",
     "WeightPerturbationCertifier": "art_weightpert.certification",
     "BitFlipCertifier": "art_weightpert.certification",
     "WeightRobustTrainer": "art_weightpert.defences.trainer",
+    "BitFlipRobustTrainer": "art_weightpert.defences.trainer",
+    "WeightIntegrityDetector": "art_weightpert.defences.detector",
+    "ActivationClipping": "art_weightpert.defences.transformer",
 }
 
 __all__ = [
