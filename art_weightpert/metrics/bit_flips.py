@@ -1,6 +1,7 @@
 """
 Accuracy of a quantized classifier against the number of flipped bits: the bit-flip attack next to random flips and,
-optionally, the certified accuracy of :class:`.BitFlipCertifier` (the data of the report's "Bit flips" section).
+optionally, the certified accuracy of :class:`.BitFlipCertifier` (the data of the report's "Bit flips" section); and
+the same for the IEEE bits of a float model's weights (:func:`float_bit_flip_curve`, docs/theory.md §8.2).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.base import accuracy_with_deltas
 from art_weightpert.attacks.bit_flip import BitFlipAttack
+from art_weightpert.attacks.float_bit_flip import FloatBitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
+from art_weightpert.attacks.random_float_bit_flips import RandomFloatBitFlips
 from art_weightpert.certification.bit_flip import BIT_FLIP_METHODS, BitFlipCertifier
+from art_weightpert.float_bits import FloatWeights, mantissa_bits, sign_bit
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
 from art_weightpert.validation import check_choice, check_int, check_positive_int
 
@@ -153,5 +157,83 @@ def _describe(quantized: QuantizedWeights, found: list) -> list[dict[str, Any]]:
                 "new_value": new * scale,
             }
         )
+        state = after
+    return out
+
+
+def float_bit_flip_curve(
+    classifier: PyTorchClassifier,
+    x: np.ndarray,
+    y: np.ndarray,
+    flips: Iterable[int] = (1, 2, 5, 10),
+    x_attack: np.ndarray | None = None,
+    y_attack: np.ndarray | None = None,
+    layers: list[str] | None = None,
+    nb_samples: int = 20,
+    seed: int = 0,
+    batch_size: int = 128,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """
+    Accuracy on ``(x, y)`` of the float model after ``k`` flipped IEEE bits of its weights, for each ``k`` in
+    ``flips``: :class:`.FloatBitFlipAttack` over every bit, the same attack with the exponent protected (sign and
+    mantissa bits only: what is left when ECC or a range check guards the exponent), and :class:`.RandomFloatBitFlips`
+    (``nb_samples`` draws of ``k`` distinct bits anywhere). Each attack runs once on the attack batch for
+    ``max(flips)`` flips; the curve takes its first ``k``.
+
+    :param classifier: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` with float weights.
+    :param x: evaluation inputs; ``y``: their integer or one-hot labels.
+    :param flips: the numbers of flipped bits (positive).
+    :param x_attack: the attack batch and ``y_attack`` its labels (``None``: the first 128 of ``x`` and ``y``).
+    :param layers: the Linear/Conv layers whose weights may flip (``None``: all).
+    :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
+        pass; ``verbose``: progress bars.
+    :return: a JSON-able dict: ``dtype``, ``clean_accuracy``, ``flips`` and per entry ``attack_accuracy``,
+        ``protected_attack_accuracy``, ``random_mean``, ``random_std``; ``attack_flips`` (``param``, ``index``,
+        ``bit``, ``old_value``, ``new_value`` of the unrestricted attack's flips, in order).
+    """
+    classifier = as_weight_classifier(classifier)
+    counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
+    if not counts:
+        raise ValueError("`flips` must hold at least one number of flips.")
+    if x_attack is None:
+        x_attack, y_attack = x[:128], y[:128]
+    weights = FloatWeights.from_estimator(classifier, layers)
+    protected = [sign_bit(weights.dtype), *mantissa_bits(weights.dtype)]
+    curves, found = {}, []
+    for key, bits in (("attack_accuracy", None), ("protected_attack_accuracy", protected)):
+        attack = FloatBitFlipAttack(classifier, max(counts), bits, layers, batch_size=batch_size, verbose=verbose)
+        chosen = attack.generate(x_attack, y_attack)
+        curves[key] = [_float_accuracy(classifier, attack.weights_, chosen[:k], x, y, batch_size) for k in counts]
+        found = found or chosen
+    options = {"layers": layers, "nb_samples": nb_samples, "seed": seed, "batch_size": batch_size, "verbose": verbose}
+    random_stats = [RandomFloatBitFlips(classifier, k, **options).evaluate(x, y, per_bit=False) for k in counts]
+    return {
+        "dtype": str(weights.dtype).replace("torch.", ""),
+        "clean_accuracy": _float_accuracy(classifier, weights, [], x, y, batch_size),
+        "flips": counts,
+        **curves,
+        "random_mean": [r["mean"] for r in random_stats],
+        "random_std": [r["std"] for r in random_stats],
+        "attack_flips": _describe_float(weights, found),
+    }
+
+
+def _float_accuracy(classifier, weights: FloatWeights, chosen: list, x: np.ndarray, y: np.ndarray, batch_size: int):
+    """Accuracy on ``(x, y)`` with ``chosen`` flipped (the values exactly, through :meth:`.FloatWeights.apply`)."""
+    flipped = weights.flip(chosen).apply(classifier) if chosen else classifier
+    labels = classifier.check_labels(y, len(x), required=True)
+    return float(np.mean(flipped.predict(x, batch_size=batch_size).argmax(axis=1) == labels)) if len(x) else 0.0
+
+
+def _describe_float(weights: FloatWeights, found: list) -> list[dict[str, Any]]:
+    """Each flip with its old and new weight value (flips applied in order; a non-finite value as a string)."""
+    out, state = [], weights
+    for flip in found:
+        after = state.flip([flip])
+        old, new = (float(w.values[flip.param_name][flip.index]) for w in (state, after))
+        out.append({"param": flip.param_name, "index": list(flip.index), "bit": flip.bit,
+                    "old_value": old if np.isfinite(old) else str(old),
+                    "new_value": new if np.isfinite(new) else str(new)})  # fmt: skip
         state = after
     return out
