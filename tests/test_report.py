@@ -108,6 +108,17 @@ def test_bit_flips_and_measures_sections(files, tmp_path):
     assert all(c <= b for c, b in zip(flips["certified_accuracy"], flips["bfa_accuracy"]))
     assert "| flips | BFA | random (mean ± std) | certified (100 points) |" in markdown
     assert "| certified flips | misclassified | 0 |" in markdown and "not flips of biases" in markdown
+    # the threat and defence rows, each from the library's metrics
+    assert flips["float"]["dtype"] == "float32" and flips["float"]["flips"] == [1, 2, 5]
+    assert flips["float"]["attack_accuracy"][0] <= flips["float"]["random_mean"][0]
+    backdoor = flips["backdoor"]
+    assert backdoor["target"] == 0 and 0 < backdoor["nb_flips"] <= 20
+    assert backdoor["attack_success_rate"] > backdoor["attack_success_rate_before"]
+    assert flips["integrity"]["detection_rate"] >= 0.9 and not flips["integrity"]["false_alarm"]
+    assert flips["clipping"]["nb_flips"] == [1, 5, 20] and set(flips["clipping"]) >= {"float", "quantized"}
+    for text in ("**Float weights.**", "**Backdoor by flips**", "**What the weight-integrity detector buys**",
+                 "**What activation clipping buys**"):  # fmt: skip
+        assert text in markdown, text
     measures = entry["measures"]
     assert measures["on"] == "training" and measures["n_samples"] == 200
     assert measures["sharpness_worst"]["loss_increase"] > measures["sharpness_average"]["loss_increase"] > 0

@@ -162,7 +162,11 @@ def run_demo(args: argparse.Namespace) -> int:
     max_flips = demo.bit_flips if args.bit_flips is None else args.bit_flips
     certify_points = QUICK_CERTIFY_POINTS if args.quick else CERTIFY_POINTS
     flips = (
-        BitFlipSettings(max_flips, nb_samples=demo.random_samples, certify_points=certify_points) if max_flips else None
+        BitFlipSettings(
+            max_flips, nb_samples=demo.random_samples, certify_points=certify_points, threats=not args.quick
+        )
+        if max_flips
+        else None
     )
     extras = Extras(flips, args.measures, (x_train, y_train))
     options = {"pgd_steps": demo.pgd_steps, "random_samples": demo.random_samples}
@@ -222,7 +226,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
         inputs.seed_everything(args.seed)
         options = {"pgd_steps": args.pgd_steps, "random_samples": args.random_samples, "train_data": train_data}
         flips = (
-            BitFlipSettings(args.bit_flips, args.n_bits, args.granularity, args.random_samples)
+            BitFlipSettings(
+                args.bit_flips,
+                args.n_bits,
+                args.granularity,
+                args.random_samples,
+                threats=not args.no_bit_flip_threats,
+                backdoor_target=args.backdoor_target,
+            )  # fmt: skip
             if args.bit_flips
             else None
         )

@@ -103,6 +103,22 @@ BIT_FLIPS = [
             "help": "quantization scale per weight tensor or per output channel (default: tensor)",
         },
     ),
+    (
+        "--backdoor-target",
+        {
+            "type": non_negative_int,
+            "default": 0,
+            "metavar": "K",
+            "help": "target class of the 'Bit flips' section's backdoor row (default 0)",
+        },
+    ),
+    (
+        "--no-bit-flip-threats",
+        {
+            "action": "store_true",
+            "help": "leave out the float-weight, backdoor and defence rows of the 'Bit flips' section",
+        },
+    ),
 ]
 DEMO = [
     ("--quick", {"action": "store_true", "help": "smaller run (seconds on 2 CPU cores; what CI runs)"}),

@@ -4,7 +4,10 @@ The optional sections of a report, each computed by one public function of the l
 * "Bit flips" (``--bit-flips N``): :func:`.bit_flip_curve` — the quantized model's accuracy against the number of
   flipped bits, for the bit-flip attack (BFA), for random flips and certified by :class:`.BitFlipCertifier`
   (``"linear"``, on at most ``CERTIFY_POINTS`` test points), the flips BFA chose, the per-bit sensitivity and the
-  distribution of the certified flips;
+  distribution of the certified flips; with ``threats``, also the float model's IEEE bits
+  (:func:`.float_bit_flip_curve`), a backdoor by flips (:func:`.backdoor_evaluation`) and what the post-hoc defences
+  buy: the weight-integrity detector against BFA (:func:`.integrity_evaluation`) and activation clipping against
+  random faults (:func:`.clipping_evaluation`);
 * "Generalization measures" (``--measures``): :func:`.weight_sharpness` (worst and average case, adaptive),
   :func:`.pac_bayes_bound` (σ by :func:`.pac_bayes_sigma`, isotropic and magnitude-aware) and, when the data has a
   training split, the generalization gap (test minus training error and loss, from the classifier's
@@ -21,6 +24,8 @@ import numpy as np
 
 from art_weightpert.cli.parser import one_line
 from art_weightpert.metrics import bit_flip_curve, pac_bayes_bound, weight_sharpness
+from art_weightpert.metrics.bit_flip_defences import backdoor_evaluation, clipping_evaluation, integrity_evaluation
+from art_weightpert.metrics.bit_flips import float_bit_flip_curve
 from art_weightpert.network import UnsupportedModelError
 
 FLIP_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
@@ -30,6 +35,16 @@ CERTIFY_POINTS = 200
 """Test points the bit-flip certificate sees (the first ones; it costs more than a forward pass)."""
 QUICK_CERTIFY_POINTS = 50
 """Test points the bit-flip certificate sees in ``demo --quick`` (its cost grows with the points and the flips)."""
+FLOAT_FLIPS = (1, 2, 5)
+"""Flipped IEEE bits of the float model's curve (one exponent flip usually breaks a float model)."""
+BACKDOOR_FLIPS = 20
+"""Flip budget of the backdoor row."""
+BACKDOOR_POINTS = 512
+"""Training points (else test points) the backdoor learns its trigger and flips on."""
+INTEGRITY_FLIPS = 10
+"""Flips of the BFA run the weight-integrity detector is measured against."""
+CLIPPING_FLIPS = (1, 5, 20)
+"""Random flips of the activation-clipping comparison."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,8 @@ class BitFlipSettings:
     nb_samples: int = 10
     certify_method: str | None = "linear"
     certify_points: int = CERTIFY_POINTS
+    threats: bool = True
+    backdoor_target: int = 0
 
     def counts(self) -> list[int]:
         """The numbers of flips of the curve: 1, 2, 5, 10, 20, 50, ... up to and including ``max_flips``."""
@@ -106,7 +123,52 @@ def bit_flip_section(
         curve["certified_unavailable"] = uncertified
     curve["flips_to_halve"] = flips_to_halve(curve["bfa_attack_accuracy"], curve["quantized_accuracy"])
     curve["attack_points"] = int(min(len(x_attack), ATTACK_BATCH))
+    if settings.threats:
+        curve.update(bit_flip_threats(classifier, x, y, attack_data, settings, seed, batch_size))
     return curve
+
+
+def bit_flip_threats(
+    classifier: Any,
+    x: np.ndarray,
+    y: np.ndarray,
+    attack_data: tuple[np.ndarray, np.ndarray],
+    settings: BitFlipSettings,
+    seed: int = 0,
+    batch_size: int = 128,
+) -> dict[str, Any]:
+    """
+    The threat and defence rows of the "Bit flips" entry, each ``{"unavailable": reason}`` when the library refuses
+    the model: ``float`` (:func:`.float_bit_flip_curve`), ``backdoor`` (:func:`.backdoor_evaluation`, target
+    ``settings.backdoor_target``, trigger and flips learned on up to ``BACKDOOR_POINTS`` points of ``attack_data``),
+    ``integrity`` (:func:`.integrity_evaluation`) and ``clipping`` (:func:`.clipping_evaluation`, bounds profiled on
+    ``attack_data``).
+    """
+    x_attack, y_attack = (a[:ATTACK_BATCH] for a in attack_data)
+    x_backdoor, y_backdoor = (a[:BACKDOOR_POINTS] for a in attack_data)
+    quantized = {"n_bits": settings.n_bits, "batch_size": batch_size}
+    rows = {
+        "float": lambda: float_bit_flip_curve(
+            classifier, x, y, FLOAT_FLIPS, x_attack, y_attack, nb_samples=settings.nb_samples, seed=seed,
+            batch_size=batch_size,
+        ),
+        "backdoor": lambda: backdoor_evaluation(
+            classifier, x, y, x_backdoor, y_backdoor, settings.backdoor_target, BACKDOOR_FLIPS, seed=seed, **quantized
+        ),
+        "integrity": lambda: integrity_evaluation(
+            classifier, x, y, x_attack, y_attack, INTEGRITY_FLIPS, seed=seed, **quantized
+        ),
+        "clipping": lambda: clipping_evaluation(
+            classifier, x, y, attack_data[0], CLIPPING_FLIPS, nb_samples=settings.nb_samples, seed=seed, **quantized
+        ),
+    }  # fmt: skip
+    out = {}
+    for key, compute in rows.items():
+        try:
+            out[key] = compute()
+        except (UnsupportedModelError, NotImplementedError, TypeError, ValueError) as err:
+            out[key] = {"unavailable": one_line(err)}
+    return out
 
 
 def measures_section(
