@@ -152,3 +152,29 @@ def test_data(digits):
     """The digits test split ``(x_test, y_test)``."""
     _, _, x_test, y_test = digits
     return x_test, y_test
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model``'s state, to check later that nothing modified it (:func:`assert_identical`)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    """``model``'s state equals the :func:`snapshot` ``before``, bit for bit."""
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def accuracy(classifier, x, y) -> float:
+    """Share of ``x`` that ``classifier`` predicts as ``y``."""
+    return float(np.mean(classifier.predict(x).argmax(1) == y))
+
+
+@pytest.fixture(scope="session")
+def attack_batch(digits):
+    """128 random training points (seed 0), the bit-flip attacks' batch."""
+    x_train, y_train, _, _ = digits
+    idx = np.random.default_rng(0).choice(len(x_train), 128, replace=False)
+    return x_train[idx], y_train[idx]

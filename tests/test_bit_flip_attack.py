@@ -9,35 +9,13 @@ import numpy as np
 import pytest
 import torch
 from art.estimators.classification import PyTorchClassifier
-from conftest import make_classifier, make_cnn
+from conftest import accuracy, assert_identical, make_classifier, make_cnn, snapshot
 from torch import nn
 
 from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.metrics.bit_flips import bit_flip_curve
 from art_weightpert.quantization import QuantizedWeights
-
-
-def accuracy(classifier, x, y) -> float:
-    return float(np.mean(classifier.predict(x).argmax(1) == y))
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert set(after) == set(before)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
-@pytest.fixture(scope="module")
-def attack_batch(digits):
-    x_train, y_train, _, _ = digits
-    idx = np.random.default_rng(0).choice(len(x_train), 128, replace=False)
-    return x_train[idx], y_train[idx]
 
 
 @pytest.fixture(scope="module")

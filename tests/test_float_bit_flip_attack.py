@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import accuracy, assert_identical, snapshot
 from torch import nn
 
 from art_weightpert.attacks.bit_search import BitSearchAttack
@@ -16,28 +17,6 @@ from art_weightpert.float_bits import FloatBitFlip, FloatWeights
 from art_weightpert.zoo import make_classifier
 
 MANTISSA_AND_SIGN = list(range(23)) + [31]
-
-
-def accuracy(classifier, x, y) -> float:
-    return float(np.mean(classifier.predict(x).argmax(1) == y))
-
-
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert set(after) == set(before)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
-@pytest.fixture(scope="module")
-def attack_batch(digits):
-    x_train, y_train, _, _ = digits
-    idx = np.random.default_rng(0).choice(len(x_train), 128, replace=False)
-    return x_train[idx], y_train[idx]
 
 
 def test_one_flip_breaks_the_model_far_below_random_flips(trained_digits_mlp, attack_batch, digits):

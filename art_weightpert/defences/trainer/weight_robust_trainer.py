@@ -128,13 +128,7 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         :param ratio: share of each batch replaced by adversarial inputs when ``attack`` is given (0 to 1).
         :param verbose: show a progress bar over the epochs.
         """
-        if not isinstance(classifier, PyTorchClassifier):
-            raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
-        estimator = PyTorchWeightClassifier.from_classifier(classifier)
-        if estimator.weight_perturbation is not None:
-            raise ValueError("`classifier` carries a weight perturbation; train the unperturbed estimator instead.")
-        if classifier._optimizer is None:  # pylint: disable=protected-access
-            raise ValueError("`classifier` has no optimizer; build it with `optimizer=` to train it.")
+        estimator = self._trainable(classifier)
         params = {key: value for key, value in locals().items() if key in self.trainer_params}
         params = self._check_params(params, estimator)
         super().__init__(classifier)
