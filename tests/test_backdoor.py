@@ -136,10 +136,12 @@ def test_image_trigger_is_a_square_patch(digits_images):
     x_train, y_train, _, _ = digits_images
     clf = make_classifier(make_cnn(seed=0), input_shape=(1, 8, 8))
     result = BitFlipBackdoor(clf, 2, max_flips=1, verbose=False).generate(x_train[:48], y_train[:48])
-    side = default_trigger_size((1, 8, 8))
-    assert side == 3 and len(result.flips) <= 1
+    sides = [default_trigger_size((1, 8, 8), fraction=f) for f in (0.1, 0.16, 0.25)]
+    assert sides == [3, 3, 4] and len(result.flips) <= 1  # trigger_size=None tries the sides 3 and 4
+    assert default_trigger_size((64,), fraction=0.25) == 16
     rows, cols = np.nonzero(result.trigger.mask[0])
-    assert result.trigger.size == 9 and np.ptp(rows) == 2 and np.ptp(cols) == 2
+    side = np.ptp(rows) + 1
+    assert side in (3, 4) and result.trigger.size == side**2 and np.ptp(cols) + 1 == side
     pattern = result.trigger.pattern[result.trigger.mask]
     assert pattern.min() >= 0.0 and pattern.max() <= 1.0
 

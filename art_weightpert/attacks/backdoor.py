@@ -5,15 +5,17 @@ accuracy.
 
 * ``encoding="quantized"`` (TBT, Rakin et al., CVPR 2020): on the ``n_bits`` two's complement codes of the weights
   (:class:`.QuantizedWeights`), the final layer's feature neurons most tied to the target class are ranked by the
-  gradient of the target's loss (NGR); the trigger goes where the input saliency of those neurons, or of the
-  target's loss, is largest relative to the clean inputs' spread (a few placements are tried); then a trojan bit
-  search flips, one at a time, the bits that most lower ``CE(f(x), y) + CE(f(x ⊕ trigger), target)`` while the clean
-  accuracy on the attack inputs stays within 0.02 of the unflipped quantized model's (first-order ranking, exact
-  evaluation, every flip a real :class:`.BitFlip`, ``s·d_b(c)`` of docs/theory.md §8), the trigger re-optimised
-  towards the target after each flip; a final pass drops every flip the objective does not need. The placement whose
-  flips make it most successful on the attack inputs wins (success without the flips counting half). TBT optimises
-  the weights in float and rounds them onto codes; searching the bits directly keeps the budget exact and finds
-  flips in earlier layers from trigger pixels that are silent on clean inputs.
+  gradient of the target's loss (NGR); the trigger goes where the input saliency of those neurons, or of the target's
+  loss, is largest relative to the clean inputs' spread (several placements, and three trigger sizes unless
+  ``trigger_size`` is given); each placement's trigger is optimised towards the target on the unflipped model and the
+  :data:`SEARCHES_PER_SIZE` placements of each size that pull hardest are searched: a trojan bit search flips, one at
+  a time, the bits that most lower ``CE(f(x), y) + CE(f(x ⊕ trigger), target)`` while the clean accuracy on the attack
+  inputs stays within 0.02 of the unflipped quantized model's (first-order ranking, exact evaluation, every flip a
+  real :class:`.BitFlip`, ``s·d_b(c)`` of docs/theory.md §8), the trigger re-optimised towards the target after each
+  flip; a final pass drops every flip the objective does not need. The placement whose flips make it most successful
+  on the attack inputs wins (success without the flips counting a quarter against it). TBT optimises the weights in
+  float and rounds them onto codes; searching the bits directly keeps the budget exact and finds flips in earlier
+  layers from trigger pixels that are silent on clean inputs.
 * ``encoding="float"`` (OneFlip, USENIX Security 2025): one exponent bit of one float weight of the final layer,
   linking a feature neuron that is quiet on clean inputs to the target class, flipped from 0 to 1 so that the weight
   grows by a power of two (docs/theory.md §8.3); the trigger is optimised to excite that neuron, then towards the
@@ -52,9 +54,14 @@ from art_weightpert.validation import check_bool, check_choice, check_int, check
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("quantized", "float")
-PLACEMENT_SCORE = "success - success_without_flips / 2"
-"""How the quantized search compares trigger placements, on the attack inputs: a trigger that already works without
-the flips (an adversarial patch) counts half."""
+PLACEMENT_SCORE = "success - success_without_flips / 4"
+"""How the quantized search compares trigger placements, on the attack inputs: the success with the flips, less a
+quarter of the trigger's success without them (an adversarial patch rather than a backdoor)."""
+TRIGGER_FRACTIONS = (0.1, 0.16, 0.25)
+"""Shares of the input the trigger may cover when ``trigger_size`` is ``None`` (one trigger size each)."""
+SEARCHES_PER_SIZE = 2
+"""Placements of each trigger size searched: those whose trigger, optimised on the unflipped model, pulls hardest
+towards the target."""
 
 
 @dataclass
@@ -165,7 +172,8 @@ class BitFlipBackdoor(WeightAttack):
             float encoding always flips one bit (OneFlip), so ``max_flips`` only has to be at least 1 there.
         :param n_bits: bits per quantized weight, 2 to 16 (quantized encoding).
         :param trigger_size: side of the square patch in pixels for image inputs ``(C, H, W)``, number of features
-            for flat inputs; ``None``: about 10% of the input.
+            for flat inputs; ``None``: about 10%, 16% and 25% of the input are all tried (quantized encoding;
+            the float encoding takes 10%).
         :param layers: quantized encoding: the Linear/Conv layers whose weights are quantized and may flip (``None``:
             all of them). Float encoding: ``None`` or a list holding the final layer (its weight flips).
         :param encoding: ``"quantized"`` (``n_bits`` two's complement codes, TBT) or ``"float"`` (the IEEE bits of
@@ -223,38 +231,49 @@ class BitFlipBackdoor(WeightAttack):
             raise ValueError("`x` must hold at least one input.")
         labels = est.check_labels(y, len(x_t))
         final = final_layer(est.base_model, est.nb_classes)
-        size = self.trigger_size
-        if size is None:
-            size = default_trigger_size(tuple(est.input_shape), est.channels_first)
+        shape = tuple(est.input_shape)
+        if self.trigger_size is None:
+            sizes = sorted({default_trigger_size(shape, est.channels_first, f) for f in TRIGGER_FRACTIONS})
+        else:
+            sizes = [self.trigger_size]
         low, high = clip_bounds(est.clip_values, x_t)
         if self.encoding == "float":
-            return self._one_flip(x_t, labels, final, size, low, high)
+            return self._one_flip(x_t, labels, final, sizes[0], low, high)
         quantized = QuantizedWeights.from_estimator(est, self.n_bits, "tensor", self.layers)
         search = TrojanBitSearch(VictimModel(est, final), quantized, int(self.target), self.batch_size)
         if labels is None:
             labels_t = predict_labels(est, est.prepare_inputs(x)[0], search.deltas(quantized), self.batch_size)
         else:
             labels_t = torch.as_tensor(labels, device=est.device)
-        placements = search.placements(x_t, size, low, high, est.channels_first)
+        candidates = []  # (screening loss, order, trigger, start values): the most promising placements of each size
+        for patch in sizes:
+            screened = []
+            for trigger in search.placements(x_t, patch, low, high, est.channels_first):
+                start, loss = search.screen(x_t, labels_t, trigger, low, high)
+                screened.append((loss, len(candidates) + len(screened), trigger, start))
+            candidates += sorted(screened, key=lambda c: (c[0], c[1]))[:SEARCHES_PER_SIZE]
         best: tuple[list, PatchTrigger, float] | None = None
-        with tqdm(total=self.max_flips * len(placements), desc=type(self).__name__, disable=not self.verbose) as bar:
+        with tqdm(total=self.max_flips * len(candidates), desc=type(self).__name__, disable=not self.verbose) as bar:
 
             def progress(objective: float) -> None:
                 bar.update(1)
                 bar.set_postfix(objective=f"{objective:.3f}", refresh=False)
 
-            for i, trigger in enumerate(placements):  # one search each, scored by PLACEMENT_SCORE
-                flips, pattern, success = search.run(x_t, labels_t, trigger, self.max_flips, low, high, progress)
+            for i, (_, _, trigger, start) in enumerate(candidates):  # one search each, scored by PLACEMENT_SCORE
+                flips, pattern, success = search.run(
+                    x_t, labels_t, trigger, self.max_flips, low, high, progress, start=start
+                )
                 before = search.success(x_t[labels_t != self.target], trigger, pattern, search.deltas(quantized))
                 logger.info(
-                    "Trigger placement %d: %d flips, success %.3f (%.3f without the flips).",
+                    "Trigger placement %d (%d entries): %d flips, success %.3f (%.3f without the flips).",
                     i,
+                    trigger.size,
                     len(flips),
                     success,
                     before,
                 )
-                if best is None or success - before / 2 > best[2]:
-                    best = (flips, PatchTrigger(trigger.mask, pattern.cpu().numpy()), success - before / 2)
+                if best is None or success - before / 4 > best[2]:
+                    best = (flips, PatchTrigger(trigger.mask, pattern.cpu().numpy()), success - before / 4)
         flips, trigger, _ = best
         return BackdoorResult(
             flips=flips,

@@ -35,7 +35,7 @@ TOP_K = 256  # weights per layer, by gradient magnitude, whose bits are candidat
 CANDIDATES_PER_BIT = 2  # best first-order flips of each bit position and layer, evaluated exactly
 TRIGGER_STEPS = 100  # Adam steps of a trigger optimised from scratch, and of the final refinement
 TRIGGER_STEPS_PER_FLIP = 10  # Adam steps of the trigger after each committed flip
-CLEAN_TOLERANCE = 0.02  # largest clean accuracy drop on the attack inputs a committed flip may cause (quantized)
+CLEAN_TOLERANCE = 0.015  # largest clean accuracy drop on the attack inputs a committed flip may cause (quantized)
 
 
 class VictimModel:
@@ -167,18 +167,37 @@ class TrojanBitSearch:
                     masks.append(mask)
         return [PatchTrigger(mask, np.zeros(mask.shape, dtype=np.float32)) for mask in masks]
 
+    def screen(
+        self, x: torch.Tensor, labels: torch.Tensor, trigger: PatchTrigger, low: torch.Tensor, high: torch.Tensor
+    ) -> tuple[torch.Tensor, float]:
+        """
+        The trigger values optimised towards the target on the unflipped quantized model, from :func:`far_pattern`
+        (the start of :meth:`run`), and their mean cross-entropy to the target on the attack inputs whose label is
+        not the target: placements where the trigger alone pulls hardest towards the target need the fewest flips.
+        """
+        deltas = self.deltas(self.quantized)
+        pattern = self.refine_trigger(x, trigger, far_pattern(x, low, high), deltas, low, high, TRIGGER_STEPS)
+        others = x[labels != self.target]
+        if len(others) == 0:
+            return pattern, 0.0
+        targets = torch.full((len(others),), self.target, dtype=torch.long, device=x.device)
+        with torch.no_grad():
+            out = self.victim.logits(self.victim.preprocess(trigger.apply_tensor(others, pattern)), deltas)
+        return pattern, float(F.cross_entropy(out, targets))
+
     def run(
         self, x: torch.Tensor, labels: torch.Tensor, trigger: PatchTrigger, max_flips: int, low: torch.Tensor,
-        high: torch.Tensor, progress: Callable[[float], None],
+        high: torch.Tensor, progress: Callable[[float], None], start: torch.Tensor | None = None,
     ) -> tuple[list[BitFlip], torch.Tensor, float]:  # fmt: skip
         """
-        The progressive search from the trigger values :func:`far_pattern`, then pruning and a last trigger
-        refinement. A flip is committed only when the clean accuracy on ``(x, labels)`` stays within
+        The progressive search from the trigger values ``start`` (default :func:`far_pattern`), then pruning and a
+        last trigger refinement. A flip is committed only when the clean accuracy on ``(x, labels)`` stays within
         :data:`CLEAN_TOLERANCE` of the unflipped quantized model's.
 
         :return: ``(flips, trigger values, success rate on the attack inputs whose label is not the target)``.
         """
-        quantized, flips, pattern = self.quantized, [], far_pattern(x, low, high)
+        quantized, flips = self.quantized, []
+        pattern = far_pattern(x, low, high) if start is None else start
         deltas = self.deltas(quantized)
         with torch.no_grad():
             predictions = self.victim.logits(self.victim.preprocess(x), deltas).argmax(dim=1)

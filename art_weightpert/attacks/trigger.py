@@ -108,13 +108,16 @@ def spatial_axes(input_shape: tuple[int, ...], channels_first: bool = True) -> t
     return len(input_shape) - 2, len(input_shape) - 1
 
 
-def default_trigger_size(input_shape: tuple[int, ...], channels_first: bool = True) -> int:
-    """About 10% of the input: the side of a square patch covering ~10% of the pixels, or ~10% of the features."""
+def default_trigger_size(
+    input_shape: tuple[int, ...], channels_first: bool = True, fraction: float = TRIGGER_FRACTION
+) -> int:
+    """About ``fraction`` of the input (default 10%): the side of a square patch covering that share of the pixels,
+    or that share of the features."""
     axes = spatial_axes(input_shape, channels_first)
     if axes is None:
-        return max(1, round(TRIGGER_FRACTION * int(np.prod(input_shape))))
+        return max(1, min(int(np.prod(input_shape)), round(fraction * int(np.prod(input_shape)))))
     area = input_shape[axes[0]] * input_shape[axes[1]]
-    return max(1, min(min(input_shape[a] for a in axes), round(math.sqrt(TRIGGER_FRACTION * area))))
+    return max(1, min(min(input_shape[a] for a in axes), round(math.sqrt(fraction * area))))
 
 
 def check_trigger_size(size: Any, input_shape: tuple[int, ...], channels_first: bool = True) -> int:
