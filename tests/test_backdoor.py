@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_classifier, make_cnn
+from conftest import assert_identical, make_classifier, make_cnn, snapshot
 from torch import nn
 
 from art_weightpert.attacks.backdoor import BackdoorResult, BitFlipBackdoor
@@ -19,19 +19,9 @@ from art_weightpert.quantization import BitFlip
 TARGET = 0
 
 
-def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_identical(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
-    after = model.state_dict()
-    assert set(after) == set(before)
-    for k, v in before.items():
-        assert torch.equal(after[k], v), k
-
-
 @pytest.fixture(scope="module")
 def attack_batch(digits):
+    """200 random training points (more than the bit-flip attacks' 128: the trigger is learned on them too)."""
     x_train, y_train, _, _ = digits
     idx = np.random.default_rng(0).choice(len(x_train), 200, replace=False)
     return x_train[idx], y_train[idx]
