@@ -359,6 +359,9 @@ def test_errors_give_exit_code_and_one_line(user_files, args, code, words):
     assert not (user_files / "unused").exists()
 
 
+BAD_TARGET = ["--backdoor-target", "10"]
+
+
 @pytest.mark.parametrize(
     "argv, code, words",
     [
@@ -374,6 +377,11 @@ def test_errors_give_exit_code_and_one_line(user_files, args, code, words):
         (["train", "--out", "m.pt", "--norm", "l2"], 2, ["--eps is required"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--n-bits", "1"], 2, ["--n-bits", "2 to 16"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--granularity", "row"], 2, ["--granularity", "row"]),
+        (
+            ["evaluate", "--model", "model_ts.pt", "--data", "test_only.npz", "--bit-flips", "2"] + BAD_TARGET,
+            2,
+            ["--backdoor-target 10", "10 classes"],
+        ),
         (["demo", "--out", "user_models.py"], 2, ["not a folder"]),
         (["launch"], 2, ["invalid choice"]),
     ],

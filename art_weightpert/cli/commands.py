@@ -216,6 +216,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     x, y = arrays["x"][: args.max_samples], arrays["y"][: args.max_samples]
     train_data = (arrays["x_train"], arrays["y_train"]) if "x_train" in arrays else None
     loaded, module, unsupported, nb_classes = _user_model(args, x, y, train_data)
+    if args.bit_flips and not args.no_bit_flip_threats and args.backdoor_target >= nb_classes:
+        raise UsageError(f"--backdoor-target {args.backdoor_target}: the model has {nb_classes} classes")
     input_shape = tuple(int(d) for d in x.shape[1:])
     methods = list(dict.fromkeys(args.methods))
     budget = PerturbationBudget(1.0, args.norm, args.layers, args.relative, args.include_bias)
