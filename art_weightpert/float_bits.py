@@ -344,16 +344,17 @@ class FloatWeights:
         return flip
 
     # ------------------------------------------------------------------------------------------------ estimators
-    def deltas(self, estimator: PyTorchClassifier) -> dict[str, torch.Tensor]:
+    def deltas(self, estimator: PyTorchClassifier, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """
         ``{weight name: w' − W}`` in each weight's dtype and device, ``W`` the estimator's original weights. ``W + Δ``
         is exactly ``w'`` after sign and mantissa flips; after an exponent flip it may differ by a rounding, and a
-        flip to ``±inf``/NaN gives a non-finite delta.
+        flip to ``±inf``/NaN gives a non-finite delta. ``names``: only these weights (``None``: all).
         """
-        params = estimator_weights(estimator, self._values)
+        selected = self._values if names is None else {name: self._values[name] for name in names}
+        params = estimator_weights(estimator, selected)
         out = {}
-        for name, value in self._values.items():
-            w = params[name]
+        for name, w in params.items():
+            value = self._values[name]
             if w.dtype != value.dtype:
                 raise TypeError(f"`estimator`'s weight {name!r} is {w.dtype}; these weights are {value.dtype}.")
             out[name] = value.to(w.device) - w

@@ -323,13 +323,14 @@ class QuantizedWeights:
         return flip
 
     # ------------------------------------------------------------------------------------------------ estimators
-    def deltas(self, estimator: PyTorchClassifier) -> dict[str, torch.Tensor]:
+    def deltas(self, estimator: PyTorchClassifier, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """``{weight name: s·c − W}`` as tensors in each weight's dtype and device, ``W`` the estimator's original
-        weights (torch form of :meth:`perturbation`)."""
-        params = estimator_weights(estimator, self._codes)
+        weights (torch form of :meth:`perturbation`); ``names``: only these quantized weights (``None``: all)."""
+        selected = self._codes if names is None else {name: self._codes[name] for name in names}
+        params = estimator_weights(estimator, selected)
         out = {}
-        for name, value in self.dequantize().items():
-            w = params[name]
+        for name, w in params.items():
+            value = self._codes[name].to(torch.float64) * self.scale_like(name)
             out[name] = (value.to(w.device) - w.to(torch.float64)).to(w.dtype)
         return out
 

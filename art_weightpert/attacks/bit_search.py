@@ -117,7 +117,7 @@ class BitSearchAttack(WeightAttack):
                 flips.append(flip)
                 flipped[name][row, flat] = True
                 weights = weights.flip([flip])
-                deltas[name] = weights.deltas(self.estimator)[name]
+                deltas[name] = weights.deltas(self.estimator, [name])[name]
                 self.history_.append({"loss": float(loss[best]), "accuracy": float(accuracy[best])})
                 bar.update(1)
                 bar.set_postfix(accuracy=f"{float(accuracy[best]):.3f}")
