@@ -54,9 +54,6 @@ from art_weightpert.validation import check_bool, check_choice, check_int, check
 logger = logging.getLogger(__name__)
 
 ENCODINGS = ("quantized", "float")
-PLACEMENT_SCORE = "success - success_without_flips / 4"
-"""How the quantized search compares trigger placements, on the attack inputs: the success with the flips, less a
-quarter of the trigger's success without them (an adversarial patch rather than a backdoor)."""
 TRIGGER_FRACTIONS = (0.1, 0.16, 0.25)
 """Shares of the input the trigger may cover when ``trigger_size`` is ``None`` (one trigger size each)."""
 SEARCHES_PER_SIZE = 2
@@ -116,6 +113,12 @@ class BackdoorResult:
             "clean_accuracy_before": rate(predict(self.estimator_before, x) == y),
             "nb_flips": len(self.flips),
         }
+
+
+def placement_score(success: float, success_without_flips: float) -> float:
+    """How the quantized search compares trigger placements, on the attack inputs: the success with the flips, less a
+    quarter of the trigger's success without them (that part is an adversarial patch rather than a backdoor)."""
+    return success - success_without_flips / 4
 
 
 def final_layer(model: nn.Module, nb_classes: int) -> str:
@@ -241,8 +244,9 @@ class BitFlipBackdoor(WeightAttack):
             return self._one_flip(x_t, labels, final, sizes[0], low, high)
         quantized = QuantizedWeights.from_estimator(est, self.n_bits, "tensor", self.layers)
         search = TrojanBitSearch(VictimModel(est, final), quantized, int(self.target), self.batch_size)
+        unflipped = search.deltas(quantized)
         if labels is None:
-            labels_t = predict_labels(est, est.prepare_inputs(x)[0], search.deltas(quantized), self.batch_size)
+            labels_t = predict_labels(est, est.prepare_inputs(x)[0], unflipped, self.batch_size)
         else:
             labels_t = torch.as_tensor(labels, device=est.device)
         candidates = []  # (screening loss, order, trigger, start values): the most promising placements of each size
@@ -259,11 +263,11 @@ class BitFlipBackdoor(WeightAttack):
                 bar.update(1)
                 bar.set_postfix(objective=f"{objective:.3f}", refresh=False)
 
-            for i, (_, _, trigger, start) in enumerate(candidates):  # one search each, scored by PLACEMENT_SCORE
+            for i, (_, _, trigger, start) in enumerate(candidates):  # one search each
                 flips, pattern, success = search.run(
                     x_t, labels_t, trigger, self.max_flips, low, high, progress, start=start
                 )
-                before = search.success(x_t[labels_t != self.target], trigger, pattern, search.deltas(quantized))
+                before = search.success(x_t[labels_t != self.target], trigger, pattern, unflipped)
                 logger.info(
                     "Trigger placement %d (%d entries): %d flips, success %.3f (%.3f without the flips).",
                     i,
@@ -272,8 +276,9 @@ class BitFlipBackdoor(WeightAttack):
                     success,
                     before,
                 )
-                if best is None or success - before / 4 > best[2]:
-                    best = (flips, PatchTrigger(trigger.mask, pattern.cpu().numpy()), success - before / 4)
+                score = placement_score(success, before)
+                if best is None or score > best[2]:
+                    best = (flips, PatchTrigger(trigger.mask, pattern.cpu().numpy()), score)
         flips, trigger, _ = best
         return BackdoorResult(
             flips=flips,

@@ -18,9 +18,8 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from art_weightpert.attacks.backdoor_search import TRIGGER_STEPS, VictimModel, saliency
+from art_weightpert.attacks.backdoor_search import TRIGGER_STEPS, VictimModel, input_spread, refine_trigger, saliency
 from art_weightpert.attacks.trigger import PatchTrigger, optimise_pattern, select_mask
 from art_weightpert.float_bits import FloatBitFlip, flip_float_bits, float_layout
 
@@ -89,7 +88,8 @@ def one_flip(
         deltas = {name: torch.zeros_like(weight)}
         deltas[name][target, j] = change
         trigger = triggers[m][1]
-        pattern = _refine(victim, trigger, patterns[m], x[others][:TRIGGER_SAMPLES], deltas, target, low, high)
+        x_refine = x[others][:TRIGGER_SAMPLES]
+        pattern = refine_trigger(victim, trigger, patterns[m], x_refine, deltas, target, low, high, TRIGGER_STEPS)
         with torch.no_grad():
             logits_trig, h_trig = _batched(victim, trigger.apply_tensor(x[others], pattern), batch_size)
         key = (feasible, _success(logits_trig, h_trig[:, j], target, change), neg_drop)
@@ -125,16 +125,6 @@ def _success(logits: torch.Tensor, h: torch.Tensor, target: int, change: float) 
     return float((_predict(logits, h, target, change) == target).double().mean()) if len(h) else 0.0
 
 
-def _refine(victim, trigger, pattern, x, deltas, target, low, high) -> torch.Tensor:
-    """The trigger's values optimised towards the target on the flipped model."""
-    targets = torch.full((len(x),), target, dtype=torch.long, device=x.device)
-
-    def loss(p: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(victim.logits(victim.preprocess(trigger.apply_tensor(x, p)), deltas), targets)
-
-    return optimise_pattern(loss, low, high, TRIGGER_STEPS, start=pattern)
-
-
 def _predict(logits: torch.Tensor, h: torch.Tensor, target: int, change: float) -> torch.Tensor:
     """Predictions once the target logit moves by ``change·h`` (the flipped weight's only effect), in float64."""
     moved = logits.double().clone()
@@ -148,7 +138,7 @@ def _neuron_triggers(
     """Triggers for each neuron: placed where the neuron is most sensitive (also relative to the inputs' spread, where
     clean inputs vary least), their values optimised (all in one batch) to excite it. Returns ``(neuron, trigger)``
     pairs and the values."""
-    spread = (x.std(dim=0) + 0.01 * (high - low)).cpu().numpy()
+    spread = input_spread(x, low, high)
     triggers: list[tuple[int, PatchTrigger]] = []
     for j in neurons.tolist():
         sal = saliency(victim, x, {}, lambda out, act, j=j: act[:, j].sum())

@@ -22,8 +22,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 
+from art_weightpert.attacks.bit_search import batched_logits
 from art_weightpert.attacks.trigger import PatchTrigger, optimise_pattern, select_mask
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.quantization import BitFlip, QuantizedWeights
@@ -83,16 +84,7 @@ class VictimModel:
     ) -> torch.Tensor:
         """Logits ``(C, N, K)`` for each value of weight ``name`` in ``stacked`` (the others ``W + deltas``)."""
         params = {n: self.params[n] + d for n, d in deltas.items()}
-
-        def run(value: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.model, {**params, name: value}, (x_pre,), strict=False)
-
-        try:
-            return vmap(run)(stacked)
-        except (RuntimeError, NotImplementedError) as error:
-            if "vmap" not in str(error) and "atching rule" not in str(error):
-                raise
-            return torch.stack([run(value) for value in stacked])
+        return batched_logits(self.model, params, name, stacked, x_pre)
 
 
 def saliency(
@@ -105,6 +97,33 @@ def saliency(
     x = x.detach().clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(score(*victim.features(victim.preprocess(x), deltas)), x)
     return grad.abs().mean(dim=0).cpu().numpy()
+
+
+def input_spread(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> np.ndarray:
+    """Per input entry, the clean inputs' standard deviation plus 1% of the input range: where it is small, clean
+    inputs vary least and a trigger placed there stands out."""
+    return (x.std(dim=0) + 0.01 * (high - low)).cpu().numpy()
+
+
+def refine_trigger(
+    victim: VictimModel,
+    trigger: PatchTrigger,
+    pattern: torch.Tensor,
+    x: torch.Tensor,
+    deltas: Mapping[str, torch.Tensor],
+    target: int,
+    low: torch.Tensor,
+    high: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """``steps`` Adam steps on the trigger's values from ``pattern``, towards ``target`` on the model with weights
+    ``W + deltas``, within ``[low, high]``."""
+    targets = torch.full((len(x),), target, dtype=torch.long, device=x.device)
+
+    def loss(p: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(victim.logits(victim.preprocess(trigger.apply_tensor(x, p)), deltas), targets)
+
+    return optimise_pattern(loss, low, high, steps, start=pattern)
 
 
 def far_pattern(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -133,12 +152,8 @@ class TrojanBitSearch:
         self.floor = 0.0  # clean accuracy a committed flip must keep on the attack inputs (set by run)
 
     def deltas(self, quantized: QuantizedWeights) -> dict[str, torch.Tensor]:
-        """``{weight name: s·c − W}`` of ``quantized`` on the private copy."""
-        out = {}
-        for name, value in quantized.dequantize().items():
-            w = self.victim.params[name]
-            out[name] = (value.to(w.device) - w.to(torch.float64)).to(w.dtype)
-        return out
+        """``{weight name: s·c − W}`` of ``quantized`` (the private copy holds the estimator's weights ``W``)."""
+        return quantized.deltas(self.victim.estimator)
 
     def placements(self, x: torch.Tensor, size: int, low: torch.Tensor, high: torch.Tensor, channels_first: bool):
         """
@@ -158,7 +173,7 @@ class TrojanBitSearch:
             saliency(self.victim, x, deltas, lambda out, act: act[:, neurons].sum()),
             saliency(self.victim, x, deltas, lambda out, act: F.cross_entropy(out, targets, reduction="sum")),
         )
-        spread = (x.std(dim=0) + 0.01 * (high - low)).cpu().numpy()
+        spread = input_spread(x, low, high)
         masks: list[np.ndarray] = []
         for sal in maps:
             for power in (0, 1, 2):
@@ -305,11 +320,5 @@ class TrojanBitSearch:
         return kept
 
     def refine_trigger(self, x, trigger, pattern, deltas, low, high, steps: int) -> torch.Tensor:
-        """A few Adam steps on the trigger's values towards the target on the flipped model."""
-        targets = torch.full((len(x),), self.target, dtype=torch.long, device=x.device)
-
-        def loss(p: torch.Tensor) -> torch.Tensor:
-            out = self.victim.logits(self.victim.preprocess(trigger.apply_tensor(x, p)), deltas)
-            return F.cross_entropy(out, targets)
-
-        return optimise_pattern(loss, low, high, steps, start=pattern)
+        """A few Adam steps on the trigger's values towards the target on the flipped model (:func:`refine_trigger`)."""
+        return refine_trigger(self.victim, trigger, pattern, x, deltas, self.target, low, high, steps)
