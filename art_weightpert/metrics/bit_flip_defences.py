@@ -16,12 +16,12 @@ import numpy as np
 from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.backdoor import BitFlipBackdoor
-from art_weightpert.attacks.base import accuracy_with_deltas
 from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.attacks.random_float_bit_flips import RandomFloatBitFlips
 from art_weightpert.defences.detector import WeightIntegrityDetector
 from art_weightpert.defences.transformer import clip_activations
+from art_weightpert.metrics.bit_flips import accuracy_after_each_flip, estimator_accuracy
 from art_weightpert.quantization import as_weight_classifier
 from art_weightpert.validation import check_int, check_positive_int, check_probability
 
@@ -62,11 +62,7 @@ def flips_to_accuracy(
     )  # fmt: skip
     found = attack.generate(x_attack, y_attack)
     x_t, labels = classifier.prepare_inputs(x, y, require_labels=True)
-    state, curve = attack.quantized_, []
-    curve.append(accuracy_with_deltas(classifier, x_t, labels, state.deltas(classifier), batch_size))
-    for flip in found:
-        state = state.flip([flip])
-        curve.append(accuracy_with_deltas(classifier, x_t, labels, state.deltas(classifier), batch_size))
+    curve = accuracy_after_each_flip(classifier, attack.quantized_, found, x_t, labels, batch_size)
     reached = next((k for k, a in enumerate(curve) if a <= level), None)
     return {"flips": reached, "max_flips": int(max_flips), "level": float(level), "quantized_accuracy": curve[0],
             "curve": curve}  # fmt: skip
@@ -113,9 +109,9 @@ def integrity_evaluation(
         "detection_rate": detected / len(flips) if flips else float("nan"),
         "flagged_groups": len(report["groups"]),
         "nb_groups": int(report["nb_groups"]),
-        "quantized_accuracy": _accuracy(attack.quantized_.apply(classifier), x, y, batch_size),
-        "attacked_accuracy": _accuracy(attacked, x, y, batch_size),
-        "recovered_accuracy": _accuracy(detector.recover(attacked), x, y, batch_size),
+        "quantized_accuracy": estimator_accuracy(attack.quantized_.apply(classifier), x, y, batch_size),
+        "attacked_accuracy": estimator_accuracy(attacked, x, y, batch_size),
+        "recovered_accuracy": estimator_accuracy(detector.recover(attacked), x, y, batch_size),
     }
 
 
@@ -157,8 +153,10 @@ def backdoor_evaluation(
     x, labels = classifier.check_inputs(x), classifier.check_labels(y, len(x), required=True)
     others = labels != target
     triggered = result.trigger.apply(x[others])
-    out["recovered_attack_success_rate"] = _share(recovered, triggered, np.full(len(triggered), target), batch_size)
-    out["recovered_clean_accuracy"] = _share(recovered, x, labels, batch_size)
+    out["recovered_attack_success_rate"] = estimator_accuracy(
+        recovered, triggered, np.full(len(triggered), target), batch_size
+    )
+    out["recovered_clean_accuracy"] = estimator_accuracy(recovered, x, labels, batch_size)
     return out
 
 
@@ -212,15 +210,3 @@ def _detected(detector: WeightIntegrityDetector, groups: list, flips: list) -> i
     """How many of ``flips`` lie in one of the flagged ``groups``."""
     flagged = set(groups)
     return int(sum((f.param_name, detector.group_of(f.param_name, f.index)) in flagged for f in flips))
-
-
-def _accuracy(estimator, x: np.ndarray, y: np.ndarray, batch_size: int) -> float:
-    """Accuracy of ``estimator`` (with the perturbation it carries) on ``(x, y)``."""
-    return _share(estimator, x, estimator.check_labels(y, len(x), required=True), batch_size)
-
-
-def _share(estimator, x: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
-    """Share of ``x`` that ``estimator`` classifies as ``labels`` (nan for no input)."""
-    if len(x) == 0:
-        return float("nan")
-    return float(np.mean(estimator.predict(x, batch_size=batch_size).argmax(axis=1) == labels))

@@ -79,7 +79,7 @@ def bit_flip_curve(
     found = attack.generate(x_attack, y_attack)
     quantized: QuantizedWeights = attack.quantized_
     x_t, labels = classifier.prepare_inputs(x, y, require_labels=True)
-    curve = _accuracy_after_each_flip(classifier, quantized, found, x_t, labels, batch_size)
+    curve = accuracy_after_each_flip(classifier, quantized, found, x_t, labels, batch_size)
     options = {"n_bits": n_bits, "granularity": granularity, "layers": layers, "batch_size": batch_size}
     options.update(nb_samples=nb_samples, seed=seed, verbose=verbose)
     random_stats = [RandomBitFlips(classifier, k, **options).evaluate(x, y, per_bit=k == counts[-1]) for k in counts]
@@ -125,7 +125,7 @@ def _certified_curve(certifier: BitFlipCertifier, x: np.ndarray, y: np.ndarray, 
     }
 
 
-def _accuracy_after_each_flip(
+def accuracy_after_each_flip(
     classifier, quantized: QuantizedWeights, found: list, x_t, labels, batch_size: int
 ) -> list[float]:
     """Accuracy on preprocessed ``(x_t, labels)`` after the first k flips of ``found``, k = 0 .. len(found)."""
@@ -200,12 +200,11 @@ def float_bit_flip_curve(
         x_attack, y_attack = x[:128], y[:128]
     weights = FloatWeights.from_estimator(classifier, layers)
     protected = [sign_bit(weights.dtype), *mantissa_bits(weights.dtype)]
-    curves, found = {}, []
+    curves, chosen = {}, {}
     for key, bits in (("attack_accuracy", None), ("protected_attack_accuracy", protected)):
         attack = FloatBitFlipAttack(classifier, max(counts), bits, layers, batch_size=batch_size, verbose=verbose)
-        chosen = attack.generate(x_attack, y_attack)
-        curves[key] = [_float_accuracy(classifier, attack.weights_, chosen[:k], x, y, batch_size) for k in counts]
-        found = found or chosen
+        chosen[key] = attack.generate(x_attack, y_attack)
+        curves[key] = [_float_accuracy(classifier, attack.weights_, chosen[key][:k], x, y, batch_size) for k in counts]
     options = {"layers": layers, "nb_samples": nb_samples, "seed": seed, "batch_size": batch_size, "verbose": verbose}
     random_stats = [RandomFloatBitFlips(classifier, k, **options).evaluate(x, y, per_bit=False) for k in counts]
     return {
@@ -215,15 +214,22 @@ def float_bit_flip_curve(
         **curves,
         "random_mean": [r["mean"] for r in random_stats],
         "random_std": [r["std"] for r in random_stats],
-        "attack_flips": _describe_float(weights, found),
+        "attack_flips": _describe_float(weights, chosen["attack_accuracy"]),
     }
 
 
 def _float_accuracy(classifier, weights: FloatWeights, chosen: list, x: np.ndarray, y: np.ndarray, batch_size: int):
     """Accuracy on ``(x, y)`` with ``chosen`` flipped (the values exactly, through :meth:`.FloatWeights.apply`)."""
     flipped = weights.flip(chosen).apply(classifier) if chosen else classifier
-    labels = classifier.check_labels(y, len(x), required=True)
-    return float(np.mean(flipped.predict(x, batch_size=batch_size).argmax(axis=1) == labels)) if len(x) else 0.0
+    return estimator_accuracy(flipped, x, y, batch_size)
+
+
+def estimator_accuracy(estimator, x: np.ndarray, y: np.ndarray, batch_size: int = 128) -> float:
+    """Accuracy on ``(x, y)`` of ``estimator`` as it predicts (with any perturbation it carries); nan for no input."""
+    if len(x) == 0:
+        return float("nan")
+    labels = estimator.check_labels(y, len(x), required=True)
+    return float(np.mean(estimator.predict(x, batch_size=batch_size).argmax(axis=1) == labels))
 
 
 def _describe_float(weights: FloatWeights, found: list) -> list[dict[str, Any]]:
