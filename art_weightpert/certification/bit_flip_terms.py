@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from art_weightpert.float_bits import FloatWeights, mantissa_bits, sign_bit
+from art_weightpert.float_bits import FloatWeights, check_float_bits, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
 from art_weightpert.quantization import (
     QuantizedWeights,
@@ -66,8 +66,7 @@ def check_flip_args(
     check_choice(encoding, "encoding", ENCODINGS)
     if encoding == "float":
         dtype = FloatWeights.from_estimator(estimator, layers).dtype  # layers and dtype checked
-        bits = (*mantissa_bits(dtype), sign_bit(dtype)) if bits is None else bits
-        return FloatWeights.from_estimator(estimator, layers, bits).bits
+        return check_float_bits((*mantissa_bits(dtype), sign_bit(dtype)) if bits is None else bits, dtype)
     check_quantization_args(n_bits, granularity, layers, as_weight_classifier(estimator).base_model)
     return check_bit_positions(bits, n_bits)
 

@@ -20,18 +20,9 @@ With ``adv_flips > 0`` (default 5) every step also takes the cross-entropy of th
 ``adv_flips`` single-bit flips of largest first-order loss increase (BFA's ranking, :func:`adversarial_flip_deltas`)
 and averages the two: the network learns not to depend on the few weights BFA would pick.
 
-Measured on the digits MLP 64-128-64-10 (30 epochs, batch 64, 8-bit per tensor, one thread; BFA with
-``stop_accuracy=0.2`` on 128 training points, flips until the attack batch's accuracy is at most 0.2, mean over seeds
-× 2 attack batches; clean test accuracy): plain 30 flips (0.972, 5 seeds); ``"binarization"`` with ``adv_flips=5``
-205 flips (6.8×, 4.6× to 9.0× per seed; 0.965, within 0.014 of plain for every seed; an epoch takes 3× the plain
-one, 1.2× without adversarial flips); without adversarial flips 89 (2.7×, 3 seeds; 0.962); with ``adv_flips=10``
-276 (8.4×) but 0.949 for one seed. ``"clustering"`` (``lam=1``) 49 (1.7×, 1 seed) and 73 with ``adv_flips=5``
-(2.2×, 0.959); ``lam=10`` collapses training (0.42). ``"quantization"`` 26 (= plain) and 43 with ``adv_flips=5``
-(1.3×, 0.976). Clustering bounds no flip: a sign-bit flip still moves a weight by about ``max|W|``; binarization is
-the one method under which no flip can enlarge any weight. The digits CNN gains less and varies more (3 seeds × 2
-batches): plain 19 flips (0.969), ``"binarization"`` with ``adv_flips=5`` 79 (4.1×, 1.8× to 5.8× per seed; 0.964):
-BFA spends almost every flip on its first conv, whose 72 weights make 3×3 kernels where zeroing one of 9 weights
-matters.
+Clustering bounds no flip (a sign-bit flip still moves a weight by about ``max|W|``); binarization is the one method
+under which no flip can enlarge any weight, and with ``adv_flips=5`` it is the one that multiplies the flips BFA needs
+on the digits models (measured per method and seed in docs/bit_flips.md, "Measured against the attack").
 
 | Paper link: https://openaccess.thecvf.com/content_CVPR_2020/html/He_Defending_and_Harnessing_the_Bit-Flip_Based_Adversarial_Weight_Attack_CVPR_2020_paper.html
 """

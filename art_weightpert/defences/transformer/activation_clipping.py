@@ -103,8 +103,6 @@ class ActivationClipping(Transformer):
         """
         _check(self.quantile, self.per_channel, self.batch_size)
         estimator: PyTorchWeightClassifier = self.classifier
-        if isinstance(x, np.ndarray) and len(x) == 0:
-            raise ValueError("`x` (the calibration data) is empty.")
         x_t, _ = estimator.prepare_inputs(x)
         if len(x_t) == 0:
             raise ValueError("`x` (the calibration data) is empty.")
