@@ -22,17 +22,11 @@ from typing import Any
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert.estimators.quantized import deployed_layers
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.flips import WeightBitFlip, check_bit_positions, check_flip_entry, check_layers, popcount
 from art_weightpert.perturbation import WeightPerturbation
-from art_weightpert.quantization import (
-    WeightBitFlip,
-    as_weight_classifier,
-    check_bit_positions,
-    check_flip_entry,
-    check_layers,
-    estimator_weights,
-    popcount,
-)
+from art_weightpert.quantization import as_weight_classifier, estimator_weights
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +202,19 @@ class FloatWeights:
         :param layers: names of the Linear/Conv layers whose weights may flip (``None``: all of them).
         :param bits: the bit positions that may flip, IEEE numbering of the weights' dtype (``None``: all).
         :return: the float weights.
+        :raises ValueError: layers of a deployed int8 model (:meth:`.PyTorchWeightClassifier.from_quantized`).
         """
         estimator = as_weight_classifier(estimator)
         model = estimator.base_model
         if estimator.weight_perturbation is not None:
             logger.info("The estimator carries a weight perturbation; its original weights may flip.")
         names = [f"{layer}.weight" if layer else "weight" for layer in check_layers(layers, model)]
+        deployed = [name for name in deployed_layers(model) if f"{name}.weight" in names]
+        if deployed:
+            raise ValueError(
+                f"`estimator` is a deployed int8 model: the weights of {deployed} are stored as int8 codes, not as "
+                "float bit patterns; flip their codes' bits with BitFlipAttack, RandomBitFlips or BitFlipCertifier."
+            )
         return cls({name: model.get_parameter(name).detach() for name in names}, bits)
 
     # ------------------------------------------------------------------------------------------------ properties

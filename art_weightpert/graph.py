@@ -84,6 +84,11 @@ def _batchnorm(name: str, module: nn.Module) -> BatchNorm:
 
 def module_layer(name: str, module: nn.Module) -> Layer | None:
     """Description of a leaf module, or ``None`` for an identity in eval mode."""
+    if getattr(module, "quantizes_activations", False):  # a deployed quantized layer (estimators.quantized)
+        raise UnsupportedModelError(
+            f"module {name!r} ({type(module).__name__}) quantizes its activations at run time, which the bounds do "
+            "not model; certify a weight-only quantized model (the bit-flip attacks work on this one)."
+        )
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
             raise UnsupportedModelError(f"module {name!r}: Conv2d with padding_mode={module.padding_mode!r}.")
@@ -206,6 +211,10 @@ class _Tracer(torch.fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.failed_in: tuple[str, nn.Module] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """torch's leaves, and the deployed quantized layers (they carry ``quantizes_activations``)."""
+        return hasattr(m, "quantizes_activations") or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         try:

@@ -8,6 +8,8 @@ The quantized model is the user's estimator with the perturbation ``s·c − W``
 :meth:`.PyTorchWeightClassifier.with_weight_perturbation`, so ART's attacks, the certifiers and the metrics see it
 unchanged, and the user's module is never touched.
 
+A deployed int8 model (:meth:`.PyTorchWeightClassifier.from_quantized`) is read instead: ``w = s·(c − z)``.
+
 | Paper link: https://arxiv.org/abs/1903.12269
 """
 
@@ -16,115 +18,45 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert.estimators.quantized import DEPLOYED_BITS, check_deployed, deployed_encoding, deployed_layers
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
-from art_weightpert.network import perturbable_modules
+from art_weightpert.flips import MAX_BITS, MIN_BITS, BitFlip, check_flip_entry, check_layers, popcount
 from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "QuantizedWeights",
+    "BitFlip",
+    "GRANULARITIES",
+    "as_weight_classifier",
+    "check_quantization_args",
+    "estimator_weights",
+]
+
 GRANULARITIES = ("tensor", "channel")
-MIN_BITS, MAX_BITS = 2, 16
-
-
-@dataclass(frozen=True)
-class WeightBitFlip:
-    """
-    One flipped bit of one weight: the fields and their validation, shared by :class:`BitFlip` (integer codes) and
-    :class:`.FloatBitFlip` (float encodings), which say what ``bit`` numbers. Equal only to a flip of the same class.
-
-    :param param_name: the weight's name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
-    :param index: the entry of the weight tensor (a tuple of ints, one per dimension).
-    :param bit: the bit position, 0 to :attr:`max_bit`.
-    """
-
-    param_name: str
-    index: tuple[int, ...]
-    bit: int
-    max_bit = MAX_BITS - 1  # a class constant, not a field
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.param_name, str):
-            raise TypeError(f"`param_name` must be a str, got {type(self.param_name).__name__}.")
-        index = (self.index,) if isinstance(self.index, (int, np.integer)) else self.index
-        if not isinstance(index, Iterable):
-            raise TypeError(f"`index` must be a tuple of ints, got {type(self.index).__name__}.")
-        object.__setattr__(self, "index", tuple(check_int(i, "index", minimum=0) for i in index))
-        object.__setattr__(self, "bit", check_int(self.bit, "bit", minimum=0, maximum=self.max_bit))
-
-
-@dataclass(frozen=True)
-class BitFlip(WeightBitFlip):
-    """
-    One flipped bit of one quantized weight.
-
-    :param param_name: the weight's name as in ``model.named_parameters()`` (e.g. ``"0.weight"``).
-    :param index: the entry of the weight tensor (a tuple of ints, one per dimension).
-    :param bit: 0 (least significant) to ``n_bits - 1`` (the sign bit).
-    """
 
 
 def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: torch.nn.Module) -> list[str]:
     """
     Validate the quantization arguments against ``model``.
 
-    :return: the names of the quantized layers (every Linear/Conv layer when ``layers`` is ``None``).
+    :return: the names of the quantized layers (every Linear/Conv layer when ``layers`` is ``None``; in a deployed
+        model, every int8 layer).
     :raises ValueError: ``n_bits`` outside 2–16, an unknown granularity, unknown layer names (the valid ones are
-        listed) or a model without Linear/Conv layers.
+        listed), a model without Linear/Conv layers, or a contradiction with a deployed model (:func:`.check_deployed`).
     """
     check_int(n_bits, "n_bits", minimum=MIN_BITS, maximum=MAX_BITS)
     check_choice(granularity, "granularity", GRANULARITIES)
-    return check_layers(layers, model)
-
-
-def check_layers(layers: Any, model: torch.nn.Module) -> list[str]:
-    """
-    Validate the names of the Linear/Conv layers whose weights may flip.
-
-    :return: the layer names (every Linear/Conv layer when ``layers`` is ``None``).
-    :raises ValueError: unknown layer names (the valid ones are listed) or a model without Linear/Conv layers.
-    """
-    valid = list(perturbable_modules(model))
-    if not valid:
-        raise ValueError("`estimator`'s model has no Linear or Conv layer whose weights could be quantized.")
-    if layers is None:
-        return valid
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, Iterable) or not all(isinstance(name, str) for name in layers):
-        raise TypeError("`layers` must be a list of layer names or None.")
-    layers = list(layers)
-    if not layers:
-        raise ValueError("`layers` must name at least one layer, or be None for every layer.")
-    unknown = [name for name in layers if name not in valid]
-    if unknown:
-        raise ValueError(f"`layers`: unknown layer name(s) {unknown}; the Linear/Conv layers are {valid}.")
-    return layers
-
-
-def check_bit_positions(bits: Any, width: int, name: str = "bits") -> tuple[int, ...] | None:
-    """
-    Validate bit positions of a ``width``-bit encoding.
-
-    :return: the distinct positions, sorted; ``None`` when ``bits`` is ``None`` (every position).
-    :raises TypeError: ``bits`` not a list (or other iterable) of ints.
-    :raises ValueError: an empty list, or a position outside ``[0, width)``.
-    """
-    if bits is None:
-        return None
-    if isinstance(bits, (int, np.integer, str, bytes)) or not isinstance(bits, Iterable):
-        raise TypeError(f"`{name}` must be a list of bit positions or None, got {type(bits).__name__}.")
-    positions = {check_int(b, name, minimum=0, maximum=width - 1) for b in bits}
-    if not positions:
-        raise ValueError(f"`{name}` must name at least one bit position, or be None for all of them.")
-    return tuple(sorted(positions))
+    names = check_layers(layers, model)
+    deployed = check_deployed(model, n_bits, granularity, None if layers is None else names)
+    return names if deployed is None else deployed
 
 
 def as_weight_classifier(estimator: Any) -> PyTorchWeightClassifier:
@@ -149,17 +81,23 @@ def _signed(pattern: torch.Tensor, n_bits: int) -> torch.Tensor:
 class QuantizedWeights:
     """
     Integer codes and scales of the quantized weights of a model (THEORY.md §8): ``w = s·c`` with ``c`` an
-    ``n_bits`` two's complement integer. Immutable: :meth:`flip` returns a new object. Build it with
-    :meth:`from_estimator`.
+    ``n_bits`` two's complement integer, or ``w = s·(c − z)`` with zero points ``z`` (deployed models). Immutable:
+    :meth:`flip` returns a new object. Build it with :meth:`from_estimator`.
 
     :param codes: ``{weight name: int64 tensor}`` of codes in ``[-2^(n_bits-1), 2^(n_bits-1) - 1]``.
     :param scales: ``{weight name: float64 tensor}``, a scalar (per tensor) or one per output channel.
     :param n_bits: bits per code.
     :param granularity: ``"tensor"`` or ``"channel"``.
+    :param zero_points: ``{weight name: int tensor}`` shaped as the weight's scale (``None`` or a missing name: 0).
     """
 
     def __init__(
-        self, codes: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor], n_bits: int, granularity: str
+        self,
+        codes: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor],
+        n_bits: int,
+        granularity: str,
+        zero_points: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self._n_bits = check_int(n_bits, "n_bits", minimum=MIN_BITS, maximum=MAX_BITS)
         self._granularity = check_choice(granularity, "granularity", GRANULARITIES)
@@ -173,6 +111,12 @@ class QuantizedWeights:
                 raise ValueError(f"codes of {name!r} must be integers in [{low}, {high}].")
             self._codes[name] = c.to(torch.int64)
         self._scales = {name: torch.as_tensor(s).detach().to(torch.float64) for name, s in scales.items()}
+        zero_points = {name: torch.as_tensor(z).detach() for name, z in (zero_points or {}).items()}
+        if any(
+            k not in self._codes or z.is_floating_point() or z.shape != scales[k].shape for k, z in zero_points.items()
+        ):
+            raise ValueError("`zero_points` must be integer tensors shaped as the scales of the same weights.")
+        self._zero_points = {k: z.to(torch.int64) for k, z in zero_points.items() if bool((z != 0).any())}  # nonzero
 
     # ------------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -188,10 +132,14 @@ class QuantizedWeights:
         ``max|W| / (2^(n_bits-1) - 1)`` per tensor or per output channel, codes ``round(W / scale)``. An all-zero
         tensor (or channel) gets codes 0 and scale 0.
 
+        A deployed int8 model (:meth:`.PyTorchWeightClassifier.from_quantized`) is read, not simulated: its codes,
+        scales and zero points (``n_bits`` must be 8; ``granularity="tensor"`` reads per-channel scales too, see
+        :func:`.check_deployed`).
+
         :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
         :param n_bits: bits per code, 2 to 16.
         :param granularity: ``"tensor"`` (one scale per weight tensor) or ``"channel"`` (one per output channel).
-        :param layers: names of the Linear/Conv layers to quantize (``None``: all of them).
+        :param layers: names of the Linear/Conv layers to quantize (``None``: all of them; deployed: its int8 ones).
         :return: the codes and scales.
         """
         estimator = as_weight_classifier(estimator)
@@ -199,6 +147,9 @@ class QuantizedWeights:
         names = check_quantization_args(n_bits, granularity, layers, model)
         if estimator.weight_perturbation is not None:
             logger.info("The estimator carries a weight perturbation; its original weights are quantized.")
+        if deployed_layers(model):
+            codes, scales, zero_points, granularity = deployed_encoding(model, names)
+            return cls(codes, scales, DEPLOYED_BITS, granularity, zero_points)
         level = (1 << (n_bits - 1)) - 1
         codes, scales = {}, {}
         for layer in names:
@@ -223,6 +174,11 @@ class QuantizedWeights:
     def scales(self) -> dict[str, torch.Tensor]:
         """``{weight name: float64 scale}``: a scalar per tensor, or one per output channel (copies)."""
         return {k: v.clone() for k, v in self._scales.items()}
+
+    @property
+    def zero_points(self) -> dict[str, torch.Tensor]:
+        """``{weight name: int64 zero point}`` shaped as the weight's scale (zeros unless deployed with zero points)."""
+        return {k: self._zero_points.get(k, torch.zeros_like(s, dtype=torch.int64)) for k, s in self._scales.items()}
 
     @property
     def n_bits(self) -> int:
@@ -253,9 +209,16 @@ class QuantizedWeights:
         """The scale of every entry of weight ``name``, broadcastable to its shape (float64)."""
         return _broadcast(self._scales[name], self._codes[name].ndim)
 
+    def value(self, name: str) -> torch.Tensor:
+        """``s·(c − z)`` of weight ``name`` in float64 (``s·c`` without zero point)."""
+        codes = self._codes[name]
+        if name in self._zero_points:
+            codes = codes - _broadcast(self._zero_points[name], codes.ndim).to(codes.device)
+        return codes.to(torch.float64) * self.scale_like(name)
+
     def dequantize(self) -> dict[str, torch.Tensor]:
-        """``{weight name: s·c}`` in float64 (the quantized weights' values)."""
-        return {name: c.to(torch.float64) * self.scale_like(name) for name, c in self._codes.items()}
+        """``{weight name: s·(c − z)}`` in float64 (the quantized weights' values)."""
+        return {name: self.value(name) for name in self._codes}
 
     def bit_changes(self, name: str, flat_index: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -299,7 +262,7 @@ class QuantizedWeights:
         for name, mask in masks.items():
             pattern = _unsigned(self._codes[name], self._n_bits) ^ mask.to(device=codes[name].device)
             codes[name] = _signed(pattern, self._n_bits)
-        return QuantizedWeights(codes, self._scales, self._n_bits, self._granularity)
+        return QuantizedWeights(codes, self._scales, self._n_bits, self._granularity, self._zero_points)
 
     def flipped_bits(self, other: QuantizedWeights) -> int:
         """Hamming distance between the codes of ``self`` and ``other`` (same weights, shapes and ``n_bits``)."""
@@ -324,14 +287,13 @@ class QuantizedWeights:
 
     # ------------------------------------------------------------------------------------------------ estimators
     def deltas(self, estimator: PyTorchClassifier, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-        """``{weight name: s·c − W}`` as tensors in each weight's dtype and device, ``W`` the estimator's original
-        weights (torch form of :meth:`perturbation`); ``names``: only these quantized weights (``None``: all)."""
+        """``{weight name: s·(c − z) − W}`` in each weight's dtype and device, ``W`` the estimator's original weights
+        (torch form of :meth:`perturbation`); ``names``: only these quantized weights (``None``: all)."""
         selected = self._codes if names is None else {name: self._codes[name] for name in names}
         params = estimator_weights(estimator, selected)
         out = {}
         for name, w in params.items():
-            value = self._codes[name].to(torch.float64) * self.scale_like(name)
-            out[name] = (value.to(w.device) - w.to(torch.float64)).to(w.dtype)
+            out[name] = (self.value(name).to(w.device) - w.to(torch.float64)).to(w.dtype)
         return out
 
     def perturbation(self, estimator: PyTorchClassifier) -> WeightPerturbation:
@@ -348,25 +310,6 @@ class QuantizedWeights:
 def _broadcast(scale: torch.Tensor, ndim: int) -> torch.Tensor:
     """A scalar or per-channel scale reshaped to broadcast against a weight with ``ndim`` dimensions."""
     return scale if scale.ndim == 0 else scale.reshape((-1,) + (1,) * (ndim - 1))
-
-
-def popcount(pattern: torch.Tensor, width: int) -> int:
-    """Number of set bits among the low ``width`` bits of an integer tensor (two's complement)."""
-    return sum(int(((pattern >> b) & 1).sum()) for b in range(width))
-
-
-def check_flip_entry(flip: WeightBitFlip, weights: Mapping[str, torch.Tensor], unknown: str) -> None:
-    """
-    Check that ``flip`` names one of ``weights`` (``{name: tensor}``) and an entry inside it.
-
-    :param unknown: the words after the weight's name in the error for an unknown weight.
-    :raises ValueError: an unknown weight (the known ones are listed) or an index outside the weight.
-    """
-    if flip.param_name not in weights:
-        raise ValueError(f"`flips`: {flip.param_name!r} {unknown} {list(weights)}.")
-    shape = tuple(weights[flip.param_name].shape)
-    if len(flip.index) != len(shape) or any(i >= n for i, n in zip(flip.index, shape)):
-        raise ValueError(f"`flips`: index {flip.index} is outside {flip.param_name!r} of shape {shape}.")
 
 
 def estimator_weights(estimator: PyTorchClassifier, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -3,8 +3,6 @@ in tests/test_generalization.py.)"""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
@@ -36,7 +34,9 @@ def test_certified_accuracy_and_radius_agree_with_the_certifier(tiny_mlp_classif
 def test_metrics_require_labels_and_handle_empty_sets(tiny_mlp_classifier):
     budget = PerturbationBudget(0.01, "inf")
     x = np.zeros((0, 64), dtype=np.float32)
-    assert math.isnan(weight_certified_accuracy(tiny_mlp_classifier, x, np.zeros(0, dtype=int), budget))
-    assert certified_weight_radius(tiny_mlp_classifier, x, np.zeros(0, dtype=int), budget).shape == (0,)
+    with pytest.raises(ValueError, match="`x` is empty"):
+        weight_certified_accuracy(tiny_mlp_classifier, x, np.zeros(0, dtype=int), budget)
+    with pytest.raises(ValueError, match="`x` is empty"):
+        certified_weight_radius(tiny_mlp_classifier, x, np.zeros(0, dtype=int), budget)
     with pytest.raises(ValueError, match="labels `y` are required"):
         weight_certified_accuracy(tiny_mlp_classifier, np.zeros((2, 64), dtype=np.float32), None, budget)

@@ -23,7 +23,7 @@ from art.attacks.attack import Attack
 from tqdm.auto import tqdm
 
 from art_weightpert.attacks.base import WeightAttack, accuracy_summary, accuracy_with_deltas, predict_labels
-from art_weightpert.quantization import popcount
+from art_weightpert.flips import popcount
 from art_weightpert.validation import check_bool, check_int, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)

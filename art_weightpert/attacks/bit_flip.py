@@ -12,7 +12,9 @@ its ``top_k=10``); the defaults (100 weights, 10 candidates per layer) are stron
 first-order ranking is often wrong (docs/bit_flips.md).
 
 The model is evaluated with ``torch.func.functional_call`` on ``W + Δ``: the user's module and the estimator are never
-modified, also when the attack is interrupted.
+modified, also when the attack is interrupted. On a deployed int8 model
+(:meth:`.PyTorchWeightClassifier.from_quantized`) the deployed codes flip and every accuracy is the deployed model's own
+forward with the flipped codes.
 
 | Paper link: https://arxiv.org/abs/1903.12269 (BFA), https://arxiv.org/abs/2007.12336 (T-BFA)
 """

@@ -158,7 +158,7 @@ class PerSampleWeightPGD(WeightBudgetAttack):
 
         :param x: inputs.
         :param y: labels.
-        :return: the share (``nan`` for an empty set).
+        :return: the share (an empty ``x`` is a ``ValueError``).
         """
         result = self.generate(x, y)
         if len(result["flipped"]) == 0:

@@ -5,7 +5,9 @@ Two fault models: exactly ``nb_flips`` distinct bits drawn uniformly, or a bit e
 independently with that probability), both restricted to the bit positions ``bits`` of the weights of ``layers``.
 The gap to :class:`.BitFlipAttack` at the same number of flips shows how much worse an adversary is than chance;
 the accuracy per bit position shows which bits matter (docs/theory.md §8.1: a sign-bit flip moves a weight by about
-``max|W|``, a low bit by one quantization step).
+``max|W|``, a low bit by one quantization step). On a deployed int8 model
+(:meth:`.PyTorchWeightClassifier.from_quantized`) the deployed codes flip, and the accuracies are those of the deployed
+model's own forward.
 
 | Paper link: https://arxiv.org/abs/1903.12269
 """

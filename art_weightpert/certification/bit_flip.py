@@ -3,7 +3,9 @@
 can change (docs/theory.md §8).
 
 With ``encoding="int"``, what is certified is the quantized model of :meth:`.QuantizedWeights.from_estimator` (the
-estimator's original weights quantized; biases, batch norm and unselected layers stay float); with ``encoding="float"``
+estimator's original weights quantized; biases, batch norm and unselected layers stay float; for a deployed int8 model
+of :meth:`.PyTorchWeightClassifier.from_quantized`, its deployed codes, and only with weight-only quantization: a layer
+that quantizes its activations at run time is refused with :class:`.UnsupportedModelError`); with ``encoding="float"``
 the float model itself, its weights' IEEE bits flipping (:class:`.FloatWeights`; by default the sign and mantissa bits:
 an exponent flip can move a weight to ``10^38``, and one that gives ``±inf`` or NaN leaves nothing certified). Exact
 arithmetic with eval-mode semantics. The threat set is every set of at most ``k`` distinct allowed bits of the weights

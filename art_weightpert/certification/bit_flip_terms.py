@@ -18,14 +18,10 @@ from typing import Any
 
 import torch
 
+from art_weightpert.flips import check_bit_positions
 from art_weightpert.float_bits import FloatWeights, check_float_bits, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
-from art_weightpert.quantization import (
-    QuantizedWeights,
-    as_weight_classifier,
-    check_bit_positions,
-    check_quantization_args,
-)
+from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
 from art_weightpert.validation import check_choice
 
 ENCODINGS = ("int", "float")

@@ -1,17 +1,20 @@
 """
 Warnings for inputs that are probably wrong (values outside the classifier's ``clip_values``, or 8-bit images given
-to a classifier without ``clip_values``), issued once per call site in the user's code.
+to a classifier without ``clip_values``), issued once per call site in the user's code; and the input checks of the
+estimator: torch's wrong-shape errors told apart from other failures, inputs cast to the model's dtype.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from typing import Any
 
 import art
 import numpy as np
+import torch
 
 # frames in these folders are library frames (ours and ART's: its input filter wraps predict and fit)
 _LIBRARY_DIRS = tuple(
@@ -61,4 +64,47 @@ def out_of_range_warning(x: np.ndarray, clip_values: Any, is_uint8: bool = False
     return None
 
 
-__all__ = ["out_of_range_warning", "warn_once_per_call_site"]
+_SHAPE_ERROR = re.compile(r"shape|size|channel|dimension|\bdims?\b", re.IGNORECASE)
+"""Words of torch's errors for an input of the wrong shape (conv2d, linear, view, pooling)."""
+_NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def is_shape_error(err: BaseException) -> bool:
+    """Whether ``err`` is torch's error for an input of the wrong shape (a ``RuntimeError`` naming a size, shape,
+    channel count or dimension), as opposed to other failures of a forward pass."""
+    return isinstance(err, RuntimeError) and _SHAPE_ERROR.search(str(err)) is not None
+
+
+def input_shape_error(input_shape: tuple[int, ...], model: torch.nn.Module, err: BaseException) -> ValueError:
+    """The error of a wrong ``input_shape``: the shape, the model and torch's message."""
+    return ValueError(
+        f"`input_shape={tuple(input_shape)}` does not fit the model {type(model).__name__}: its forward on a zero "
+        f"input of shape {(1, *input_shape)} failed with: {' '.join(str(err).split())}"
+    )
+
+
+def parameter_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter or buffer (float32 when it has none)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+def cast_floating(x: Any, dtype: torch.dtype) -> Any:
+    """Floating-point inputs (numpy array or tensor) in ``dtype`` (differentiable for tensors); others unchanged."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+    if isinstance(x, np.ndarray) and np.issubdtype(x.dtype, np.floating) and dtype in _NUMPY_DTYPES:
+        return x.astype(_NUMPY_DTYPES[dtype], copy=False)
+    return x
+
+
+__all__ = [
+    "cast_floating",
+    "input_shape_error",
+    "is_shape_error",
+    "out_of_range_warning",
+    "parameter_dtype",
+    "warn_once_per_call_site",
+]

@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from art_weightpert.budget import delta_tensors
+from art_weightpert.estimators import input_warnings as checks
 from art_weightpert.estimators.input_warnings import out_of_range_warning, warn_once_per_call_site
 from art_weightpert.network import perturbable_modules
 from art_weightpert.perturbation import WeightPerturbation
@@ -98,14 +99,18 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         self._check_output_size()
 
     def _check_output_size(self) -> None:
-        """``ValueError`` when the model's output size disagrees with ``nb_classes``, probed with one forward on a zero
-        input of ``input_shape`` in eval mode without gradients (the weights, running statistics and train flags stay
-        as they were). Skipped when that forward cannot run (e.g. a model that needs other inputs)."""
+        """``ValueError`` when torch rejects a zero batch of ``input_shape`` as of the wrong shape, or when the model's
+        output size disagrees with ``nb_classes``: one forward in eval mode, without gradients, on the estimator's
+        device (weights, running statistics and train flags unchanged). Other failures of that forward (a model that
+        needs other inputs, or non-zero ones) skip the check."""
         model = self.model
+        zeros = torch.zeros((1, *self.input_shape), device=self._device, dtype=checks.parameter_dtype(model))
         try:
             with eval_mode(model), torch.no_grad():
-                output = model(torch.zeros((1, *self.input_shape), device=self._device))
+                output = model(zeros)
         except Exception as err:  # pylint: disable=broad-except  # the probe is a courtesy, not a requirement
+            if checks.is_shape_error(err):
+                raise checks.input_shape_error(self.input_shape, self.base_model, err) from err
             logger.debug("output-size check skipped: the model's forward on a zero input failed (%s)", err)
             return
         if not isinstance(output, torch.Tensor) or output.dim() != 2:
@@ -117,6 +122,12 @@ class PyTorchWeightClassifier(PyTorchClassifier):
                 f"(probed with a zero input of shape {tuple(self.input_shape)}); pass nb_classes={size} or fix the "
                 "model's last layer."
             )
+
+    def _apply_preprocessing(self, x: Any, y: Any, fit: bool = False, no_grad: bool = True) -> tuple[Any, Any]:
+        """ART's preprocessing, then float inputs cast to the model's dtype: every ART path passes here (``predict``,
+        ``fit``, ``*_gradient``), with float64 from HopSkipJump, BoundaryAttack or FeatureSqueezing."""
+        x, y = super()._apply_preprocessing(x, y, fit=fit, no_grad=no_grad)
+        return checks.cast_floating(x, checks.parameter_dtype(self.model)), y
 
     # --------------------------------------------------------------------------------------- construction
     @classmethod
@@ -134,6 +145,27 @@ class PyTorchWeightClassifier(PyTorchClassifier):
             optimizer=classifier._optimizer,
             **_init_kwargs(classifier),
         )
+
+    @classmethod
+    def from_quantized(
+        cls, qmodel: nn.Module, input_shape: tuple[int, ...], nb_classes: int, **classifier_kwargs: Any
+    ) -> PyTorchWeightClassifier:
+        """
+        Wrap a deployed int8 model (torchao, ``torch.ao.quantization`` eager mode): its quantized layers become Linear
+        /Conv layers holding the deployed weights ``s·(c − z)`` whose forward runs the deployed quantized operator, so
+        bit flips and predictions are those of ``qmodel`` (see :mod:`.estimators.quantized`). ``qmodel`` is not
+        modified.
+
+        :param qmodel: the quantized model.
+        :param input_shape: shape of one input.
+        :param nb_classes: number of classes.
+        :param classifier_kwargs: further arguments of the constructor (``loss`` defaults to cross-entropy).
+        :return: the estimator.
+        """
+        from art_weightpert.estimators.quantized import deployed_module  # pylint: disable=import-outside-toplevel
+
+        loss = classifier_kwargs.pop("loss", nn.CrossEntropyLoss())
+        return cls(deployed_module(qmodel, input_shape), loss, input_shape, nb_classes, **classifier_kwargs)
 
     @property
     def base_model(self) -> nn.Module:
@@ -256,7 +288,8 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         return x_t, y_t
 
     def check_inputs(self, x: Any) -> np.ndarray:
-        """``x`` as a float32 array of shape ``(N,) + input_shape`` with finite values (``ValueError`` otherwise)."""
+        """``x`` as a float32 array of shape ``(N,) + input_shape``, ``N ≥ 1``, with finite values (``ValueError``
+        otherwise). Every attack, certificate and metric validates its inputs here."""
         if isinstance(x, torch.Tensor):
             x = x.detach().cpu().numpy()
         if not isinstance(x, np.ndarray):
@@ -265,6 +298,8 @@ class PyTorchWeightClassifier(PyTorchClassifier):
             raise TypeError(f"`x` must be numeric, got dtype {x.dtype}.")
         if tuple(x.shape[1:]) != tuple(self.input_shape):
             raise ValueError(f"`x` has shape {x.shape}; expected (N, {', '.join(map(str, self.input_shape))}).")
+        if len(x) == 0:
+            raise ValueError(f"`x` is empty (shape {x.shape}): at least one sample is needed.")
         is_uint8 = x.dtype == np.uint8
         x = x.astype(np.float32, copy=False)
         if not np.all(np.isfinite(x)):

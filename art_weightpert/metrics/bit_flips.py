@@ -143,7 +143,6 @@ def _describe(quantized: QuantizedWeights, found: list) -> list[dict[str, Any]]:
     for flip in found:
         after = state.flip([flip])
         old, new = int(state.codes[flip.param_name][flip.index]), int(after.codes[flip.param_name][flip.index])
-        scale = float(state.scale_like(flip.param_name).expand(state.codes[flip.param_name].shape)[flip.index])
         layer = flip.param_name.rsplit(".", 1)[0] if "." in flip.param_name else ""
         out.append(
             {
@@ -153,8 +152,8 @@ def _describe(quantized: QuantizedWeights, found: list) -> list[dict[str, Any]]:
                 "bit": flip.bit,
                 "old_code": old,
                 "new_code": new,
-                "old_value": old * scale,
-                "new_value": new * scale,
+                "old_value": float(state.value(flip.param_name)[flip.index]),
+                "new_value": float(after.value(flip.param_name)[flip.index]),
             }
         )
         state = after

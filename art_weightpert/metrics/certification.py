@@ -42,7 +42,7 @@ def weight_certified_accuracy(
     :param method: a bound method of the registry :data:`.METHODS` (``"paper"``, ``"interval"``, ``"linear"``).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
-    :return: the certified accuracy (``nan`` for an empty set).
+    :return: the certified accuracy (an empty ``x`` is a ``ValueError``).
     """
     certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=verbose)
     certified = certifier.certify(x, _required(y))

@@ -208,7 +208,9 @@ class WeightIntegrityDetector:
             bad = flagged[name][self._groups[name]].reshape(c.shape)
             replacement = reference[name] if mode == "restore" else torch.zeros_like(c)
             repaired[name] = torch.where(bad, replacement, c)
-        quantized = QuantizedWeights(repaired, self._reference.scales, self.n_bits, self._reference.granularity)
+        quantized = QuantizedWeights(
+            repaired, self._reference.scales, self.n_bits, self._reference.granularity, self._reference.zero_points
+        )
         target = self._estimator if isinstance(estimator, QuantizedWeights) else as_weight_classifier(estimator)
         deltas = {name: d.detach() for name, d in target.current_deltas().items()}
         deltas.update(quantized.deltas(target))
@@ -288,7 +290,9 @@ class WeightIntegrityDetector:
             safe = torch.where(scale > 0, scale, torch.ones_like(scale))
             ratio = torch.where(scale > 0, w / safe, torch.where(w == 0, 0.0, float("inf")))
             invalid = ~torch.isfinite(ratio)
-            codes = torch.round(torch.where(invalid, 0.0, ratio))
+            zero = self._reference.zero_points[name]  # deployed encodings: w = s·(c − z)
+            zero = zero.reshape((-1,) + (1,) * (len(shape) - 1)) if zero.ndim else zero
+            codes = torch.round(torch.where(invalid, 0.0, ratio)) + zero
             invalid |= (codes < low) | (codes > high)
             out[name] = (codes.clamp(low, high).to(torch.int64), invalid)
         return out
