@@ -38,6 +38,7 @@ _LAZY = {
     "BitFlipRobustTrainer": "art_weightpert.defences.trainer",
     "WeightIntegrityDetector": "art_weightpert.defences.detector",
     "ActivationClipping": "art_weightpert.defences.transformer",
+    "load_model": "art_weightpert.loading",
 }
 
 __all__ = [

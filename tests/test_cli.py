@@ -289,7 +289,7 @@ def test_evaluate_pickled_module_warns_before_loading(user_files, tmp_path, monk
     assert "pickle" in entry["description"] and set(entry["curves"]) == {"clean", "interval"}
 
 
-def test_evaluate_torchscript_that_is_not_a_sequential_reports_clean_accuracy_only(user_files, tmp_path, capsys):
+def test_evaluate_torchscript_with_an_unsupported_call_reports_clean_accuracy_only(user_files, tmp_path, capsys):
     class Scaled(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -305,12 +305,12 @@ def test_evaluate_torchscript_that_is_not_a_sequential_reports_clean_accuracy_on
     assert main(argv) == 0, capsys.readouterr().err
     (entry,) = read_report(out)["models"].values()
     assert list(entry["curves"]) == ["clean"]
-    assert "not an nn.Sequential" in entry["unavailable"]["interval"]
+    assert "aten::mul" in entry["unavailable"]["interval"]
 
 
 # ---------------------------------------------------------------------------------------------------- train
-def test_train_saves_torchscript_and_history(user_files, tmp_path, capsys):
-    model_path = tmp_path / "robust.pt"
+def test_train_saves_exported_program_and_history(user_files, tmp_path, capsys):
+    model_path = tmp_path / "robust.pt2"
     result = run_cli(
         "train", "--data", str(user_files / "data.npz"), "--out", str(model_path), "--hidden", "16", "--epochs", "3",
         "--warmup", "1", "--eps", "0.05", "--quiet",
@@ -331,6 +331,23 @@ def test_train_saves_torchscript_and_history(user_files, tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     (entry,) = read_report(out)["models"].values()
     assert entry["clean_accuracy"] == pytest.approx(history["final"]["test_accuracy"])
+
+
+def test_train_residual_model_as_pt2_then_evaluate_certifies_it(user_files, tmp_path, capsys):
+    model_path = tmp_path / "residual.pt2"
+    result = run_cli(
+        "train", "--model", "user_models:residual", "--data", "data.npz", "--out", str(model_path), "--epochs", "1",
+        "--warmup", "0", "--eps", "0.01", "--batch-size", "100", "--quiet", cwd=user_files,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "report"
+    argv = ["evaluate", "--model", str(model_path), "--data", str(user_files / "test_only.npz"), "--eps", "0", "0.001",
+            "--methods", "clean", "interval", "linear", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    (entry,) = read_report(out)["models"].values()
+    assert set(entry["curves"]) == {"clean", "interval", "linear"} and not entry["unavailable"]
+    assert "exported" in entry["description"] and "rebuilt" in entry["description"]
+    assert entry["curves"]["interval"][0] == pytest.approx(entry["clean_accuracy"])
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -374,6 +391,7 @@ BAD_TARGET = ["--backdoor-target", "10"]
         (["evaluate", "--model", "model_ts.pt", "--data", "labels.npz"], 2, ["label 12", "10 classes"]),
         (["train", "--out", "m.pt", "--epochs", "0"], 2, ["--epochs"]),
         (["train", "--out", "no/such/folder/m.pt"], 2, ["does not exist"]),
+        (["train", "--out", "m.bin"], 2, ["--out m.bin", ".pt2"]),
         (["train", "--out", "m.pt", "--norm", "l2"], 2, ["--eps is required"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--n-bits", "1"], 2, ["--n-bits", "2 to 16"]),
         (["evaluate", "--model", "m.pt", "--data", "d.npz", "--granularity", "row"], 2, ["--granularity", "row"]),

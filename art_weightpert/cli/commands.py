@@ -4,7 +4,7 @@ The commands of ``art-weightpert``: thin clients of the library.
 * ``demo`` trains the digits recipe's pair of models (:func:`.zoo.train_digits_pair`) and reports on both.
 * ``evaluate`` reports on the user's model and data.
 * ``train`` trains with :class:`.WeightRobustTrainer` (defaults: :data:`.zoo.DIGITS_RECIPE`) and saves the model
-  (TorchScript) and its training history (JSON).
+  (a ``torch.export`` program) and its training history (JSON).
 
 Exit codes: 0 success, 2 usage error (bad arguments, missing or malformed files, model and data that do not fit),
 1 failure during the run, 3 ``train``: training collapsed (the model is not saved unless ``--keep-collapsed``).
@@ -31,7 +31,7 @@ from art_weightpert import zoo
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.cli import inputs
 from art_weightpert.cli.launch import run_command
-from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line
+from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line, process_settings
 from art_weightpert.cli.render import summary_text
 from art_weightpert.cli.render_sections import unavailable_lines
 from art_weightpert.cli.report import (
@@ -51,6 +51,8 @@ from art_weightpert.cli.sections import (
 from art_weightpert.cli.train import TrainingCollapsed, run_train
 from art_weightpert.data import load_digits_data
 from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.estimators.quantized import is_quantized_model
+from art_weightpert.loading import check_same_outputs
 from art_weightpert.network import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -88,14 +90,14 @@ DEMO_QUICK = DemoSettings(replace(zoo.DIGITS_RECIPE, epochs=10, warmup=3), (0.0,
 """``demo --quick``: seconds on 2 CPU cores."""
 
 
-def _finish(report: dict[str, Any], out: str, quiet: bool) -> None:
+def _finish(report: dict[str, Any], out: str) -> None:
+    """Write the report and print its summary (also with ``--quiet``, which hides the progress only)."""
     for name, entry in report["models"].items():  # each reason once, as in the summary and the report
         for line in unavailable_lines(entry):
             logger.warning("model %r: %s", name, line)
     paths = write_report(report, out)
-    if not quiet:
-        print(summary_text(report))
-        print()
+    print(summary_text(report))
+    print()
     print(f"Report written to {paths['markdown']} (numbers in {os.path.basename(paths['json'])}, plots alongside).")
 
 
@@ -199,10 +201,10 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     seeds = {"model_init_and_batch_order": args.seed, "attacks": args.seed, "data_split": 0}
     command = "demo " + " ".join(inputs.quote(a) for a in (args.argv or []))
-    settings = demo.report_settings(len(x_test), max_flips)
+    settings = {**demo.report_settings(len(x_test), max_flips), **process_settings(args)}
     report = build_report(command.strip(), models, budget, eps_grid, methods, data, settings, seeds, 0.0)
     report["seconds"] = time.perf_counter() - start
-    _finish(report, out, args.quiet)
+    _finish(report, out)
     return 0
 
 
@@ -222,8 +224,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     methods = list(dict.fromkeys(args.methods))
     budget = PerturbationBudget(1.0, args.norm, args.layers, args.relative, args.include_bias)
     if unsupported is None:
+        classifier = _classifier(module, input_shape, nb_classes, device)
+        module = classifier.base_model  # a deployed int8 model's float-weight twin (its weights are the codes' values)
         budget = inputs.make_budget(module, 1.0, args.norm, args.layers, args.relative, args.include_bias)
-        classifier = PyTorchWeightClassifier(module, nn.CrossEntropyLoss(), input_shape, nb_classes, device_type=device)
         eps_grid = sorted(set(args.eps)) if args.eps else default_eps_grid(module, budget)
         inputs.seed_everything(args.seed)
         options = {"pgd_steps": args.pgd_steps, "random_samples": args.random_samples, "train_data": train_data}
@@ -255,7 +258,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     command = "evaluate " + " ".join(inputs.quote(a) for a in (args.argv or []))
     report = build_report(command, {name: entry}, budget, eps_grid, methods, data, settings, {"seed": args.seed}, 0.0)
     report["seconds"] = time.perf_counter() - start
-    _finish(report, out, args.quiet)
+    _finish(report, out)
     return 0
 
 
@@ -283,15 +286,22 @@ def _evaluate_metadata(args: argparse.Namespace, x, train_data, nb_classes: int,
         "eps_grid_source": "given by --eps" if args.eps else grid,
         "bit_flips": flips if args.bit_flips else "off",
         "measures": measures if args.measures else "off",
+        **process_settings(args),
     }
     return data, settings
+
+
+def _classifier(module: nn.Module, input_shape: tuple[int, ...], nb_classes: int, device: str) -> Any:
+    """The estimator of the user's model: a deployed int8 model (torch.ao or torchao) is read as deployed
+    (:meth:`.PyTorchWeightClassifier.from_quantized`: the bit flips hit its codes), any other module as it is."""
+    if is_quantized_model(module):
+        return PyTorchWeightClassifier.from_quantized(module, input_shape, nb_classes, device_type=device)
+    return PyTorchWeightClassifier(module, nn.CrossEntropyLoss(), input_shape, nb_classes, device_type=device)
 
 
 def _user_model(args: argparse.Namespace, x, y, train_data) -> tuple[Any, nn.Module, str | None, int]:
     """The user's model checked against the data: ``(loaded model, module to evaluate, why its weights cannot be
     perturbed or None, number of classes)``."""
-    from art_weightpert.cli.models import check_same_outputs
-
     loaded = inputs.load_user_model(args.model)
     module = loaded.module.eval()
     logits = inputs.check_forward(module, x[:64], args.model)

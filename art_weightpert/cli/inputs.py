@@ -19,12 +19,10 @@ import torch
 from torch import nn
 
 from art_weightpert.budget import PerturbationBudget
-from art_weightpert.cli.models import LoadedModel, ModelSpecError, load_model
 from art_weightpert.cli.parser import DEFAULT_OUT, UsageError
 from art_weightpert.data import load_npz
 from art_weightpert.estimators.weight_classifier import eval_mode
-
-logger = logging.getLogger(__name__)
+from art_weightpert.loading import LoadedModel, ModelSpecError, load_model_record
 
 
 def check_device(device: str) -> str:
@@ -128,9 +126,9 @@ def seed_everything(seed: int) -> None:
 
 
 def load_user_model(spec: str) -> LoadedModel:
-    """:func:`.load_model`, with its errors as usage errors."""
+    """:func:`art_weightpert.loading.load_model_record`, with its errors as usage errors."""
     try:
-        return load_model(spec)
+        return load_model_record(spec)
     except (FileNotFoundError, ModelSpecError) as err:
         raise UsageError(str(err)) from err
 
@@ -181,30 +179,64 @@ def build_architecture(args: argparse.Namespace, input_shape: tuple[int, ...], n
     return loaded.module
 
 
-def save_model(module: nn.Module, path: str, example: np.ndarray | None = None) -> str:
-    """Save as a ``torch.export`` program with a dynamic batch dimension when possible (the preferred format: it loads
-    with ``torch.export.load`` without the training code and without running pickled code), else as TorchScript,
-    else with ``torch.save``; returns how it was saved."""
-    if example is not None:
-        try:
-            inputs = (torch.as_tensor(example[:2], dtype=torch.float32),)
-            program = torch.export.export(module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
-            with open(path, "wb") as handle:  # a file object: torch warns about names not ending in .pt2
-                torch.export.save(program, handle)
-            return "torch.export program (torch.export.save; load with torch.export.load)"
-        except Exception as err:  # noqa: BLE001 - not exportable: TorchScript next
-            logger.info("the model cannot be exported (%s); trying TorchScript", str(err).splitlines()[0])
-    try:
-        with warnings.catch_warnings():  # torch 2.13 marks TorchScript deprecated; it still loads without the code
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.jit.save(torch.jit.script(module), path)
-        return "TorchScript (torch.jit.script)"
-    except Exception as err:  # noqa: BLE001 - not scriptable: fall back to pickling the module
-        logger.warning(
-            "the model cannot be exported nor scripted (%s); saving it with torch.save", str(err).splitlines()[0]
+MODEL_FORMATS = {
+    ".pt2": "torch.export program (torch.export.save; load with torch.export.load)",
+    ".pt": "whole module (torch.save; load with torch.load(path, weights_only=False))",
+    ".pth": "whole module (torch.save; load with torch.load(path, weights_only=False))",
+}
+"""The model files ``train --out`` writes, by extension."""
+
+PICKLE_SAVE_WARNING = (
+    "{path}: saving the whole module with torch.save; loading it runs pickled code (torch.load(weights_only=False)) "
+    "and needs the model's class importable. Save as .pt2 (torch.export) for a file that loads without either."
+)
+
+
+def check_model_path(path: str) -> str:
+    """The extension of a model file to write (a key of :data:`MODEL_FORMATS`); a usage error for any other."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in MODEL_FORMATS:
+        raise UsageError(
+            f"--out {path}: the model file must end in .pt2 (a torch.export program, the preferred format) or "
+            ".pt/.pth (the whole module, saved with torch.save)"
         )
+    return extension
+
+
+def export_program(module: nn.Module, example: np.ndarray) -> Any:
+    """``torch.export`` of ``module`` in eval mode with a dynamic batch dimension; a usage error naming the reason and
+    the ``.pt`` alternative when it cannot be exported."""
+    inputs = (torch.as_tensor(example[:2], dtype=torch.float32),)
+    try:
+        with eval_mode(module):
+            return torch.export.export(module, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as err:  # noqa: BLE001 - any export failure: the user picks another format
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"the model cannot be saved as .pt2 with torch.export ({first}); use --out NAME.pt") from err
+
+
+def save_model(module: nn.Module, path: str, example: np.ndarray) -> str:
+    """
+    Save ``module`` in the format its file extension names (:data:`MODEL_FORMATS`):
+
+    * ``.pt2``: a ``torch.export`` program with a dynamic batch dimension (the preferred format: ``torch.export.load``
+      opens it without the model's code and without running pickled code; ``evaluate`` rebuilds it, residual
+      networks included);
+    * ``.pt``/``.pth``: the whole module with ``torch.save`` (``torch.load(path, weights_only=False)`` opens it; that
+      runs pickled code and needs the model's class importable, hence a warning).
+
+    :param example: inputs of the model (two are used to export it).
+    :return: how the model was saved.
+    """
+    extension = check_model_path(path)
+    if extension == ".pt2":
+        program = export_program(module, example)
+        with open(path, "wb") as handle:  # a file object: torch warns about names not ending in .pt2
+            torch.export.save(program, handle)
+    else:
+        warnings.warn(PICKLE_SAVE_WARNING.format(path=path), UserWarning, stacklevel=2)
         torch.save(module, path)
-        return "torch.save of the whole module"
+    return MODEL_FORMATS[extension]
 
 
 def quote(arg: str) -> str:

@@ -7,7 +7,8 @@ Every rank runs the same command on the same data (the library shards the work a
 Rank 0 alone writes, and into staging folders beside the destinations: the files are moved into place, and rank 0's
 output printed, only after every rank has finished. When a rank fails, its error is raised here (a usage error stays
 one: exit code 2), the staging folders are removed and nothing is written. A ``train`` run that collapsed (decided alike
-on every rank) keeps its history and exits with code 3, as in one process.
+on every rank) keeps its history and exits with code 3, as in one process. Each process runs torch with
+``--threads`` / ``--nproc`` threads (at least 1), so that the processes together use ``--threads`` cores.
 """
 
 from __future__ import annotations
@@ -32,8 +33,43 @@ TEXT_FILES = (".json", ".md", ".txt")
 
 
 def run_command(runner: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """``runner(args)``, in ``args.nproc`` processes when the command has ``--nproc`` > 1."""
-    nproc = getattr(args, "nproc", 1)
+    """``runner(args)``, in ``args.nproc`` processes when the command has ``--nproc`` > 1, with torch's threads set
+    first (:func:`thread_settings`; torch's thread count is restored afterwards, for callers in the same process)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    thread_settings(args)
+    try:
+        set_threads(args.threads_per_process)
+        return _run(runner, args)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def thread_settings(args: argparse.Namespace) -> None:
+    """Resolve ``--threads`` into ``args.threads`` (threads in all: the flag, or what torch picks — its physical-core
+    count, or ``$OMP_NUM_THREADS``) and ``args.threads_per_process`` (``threads // nproc``, at least 1); ``args.nproc``
+    is set to 1 for the commands without ``--nproc``."""
+    import torch
+
+    args.nproc = getattr(args, "nproc", 1)
+    if getattr(args, "threads", None) is None:
+        args.threads = torch.get_num_threads()
+    args.threads_per_process = max(1, args.threads // args.nproc)
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` and, while torch still allows it (before any inter-op parallel work in this
+    process), ``torch.set_num_interop_threads(threads)``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # "cannot set number of interop threads after parallel work has started"
+        torch.set_num_interop_threads(threads)
+
+
+def _run(runner: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    nproc = args.nproc
     if nproc == 1 or distributed.is_distributed():
         return runner(args)
     if args.device == "gpu":
@@ -100,6 +136,7 @@ def _rank_main(command: str, args: argparse.Namespace, log: str, errors: str) ->
 
     rank = distributed.rank()
     scratch = None
+    set_threads(args.threads_per_process)
     try:
         if rank != 0:
             scratch = tempfile.mkdtemp(prefix="art-weightpert-rank-")

@@ -65,7 +65,25 @@ bits_per_weight = argument_type(int, lambda v, n: check_int(v, n, minimum=2, max
 
 _OUT = ("--out", {"default": None, "help": f"report folder (default: ./{DEFAULT_OUT})"})
 _SEED = ("--seed", {"type": non_negative_int, "default": 0, "help": "seed of training and attacks (default 0)"})
-_QUIET = ("--quiet", {"action": "store_true", "help": "no progress bars and no tables (only the report's path)"})
+_QUIET = (
+    "--quiet",
+    {
+        "action": "store_true",
+        "help": "no progress bars and no progress messages; warnings, errors and the final summary (the tables "
+        "and the report's path; train's final lines) are still printed",
+    },
+)
+_THREADS = (
+    "--threads",
+    {
+        "type": positive_int,
+        "default": None,
+        "metavar": "N",
+        "help": "torch threads in all (torch.set_num_threads; with --nproc P, each process gets N/P, at least 1); "
+        "default: what torch picks (its physical-core count, or $OMP_NUM_THREADS). On a machine shared with other "
+        "processes, pass --threads 1",
+    },
+)
 _NPROC = ("--nproc", {"type": positive_int, "default": 1, "help": "processes (torch.distributed; default 1)"})
 _DEVICE = ("--device", {"choices": ("cpu", "gpu"), "default": "cpu", "help": "where torch runs (default: cpu)"})
 COMMON = [
@@ -73,6 +91,7 @@ COMMON = [
     _SEED,
     ("--batch-size", {"type": positive_int, "default": 128, "help": "samples per forward pass"}),
     _QUIET,
+    _THREADS,
 ]
 
 _MEASURES = (
@@ -136,8 +155,8 @@ DEMO = [
 
 EVALUATE = [
     ("--model", {"required": True,
-                 "help": "torch.export program (.pt2, preferred), TorchScript file, torch.save'd module or "
-                         "package.module:callable"}),
+                 "help": "torch.export program (.pt2, preferred), TorchScript file, torch.save'd module (also a "
+                         "torch.ao int8 model), .onnx (with onnx2torch) or package.module:callable"}),
     ("--data", {"required": True, "help": ".npz with x, y (optional x_train, y_train)"}),
     ("--norm", {"choices": NORMS, "default": "inf", "help": "weight ball (default: inf, entry-wise box)"}),
     ("--eps", {"type": non_negative, "nargs": "+", "default": None,
@@ -162,7 +181,9 @@ EVALUATE = [
 _R = DIGITS_RECIPE
 TRAIN = [
     ("--data", {"default": None, "help": ".npz with x, y (optional x_train, y_train); default: digits"}),
-    ("--out", {"required": True, "help": "model file to write (e.g. model.pt)"}),
+    ("--out", {"required": True,
+               "help": "model file to write: .pt2 (torch.export program, preferred) or .pt/.pth (whole module, "
+                       "torch.save)"}),
     ("--history", {"default": None, "help": "history JSON (default: <out>.history.json)"}),
     ("--model", {"default": "mlp",
                  "help": "'mlp' (bias-free ReLU MLP), 'cnn' (digits CNN) or package.module:callable"}),
@@ -193,7 +214,8 @@ TRAIN = [
     _SEED,
     _DEVICE,
     _NPROC,
-    ("--quiet", {"action": "store_true", "help": "no progress bars"}),
+    _QUIET,
+    _THREADS,
 ]  # fmt: skip
 
 COMMANDS = {
@@ -212,7 +234,9 @@ COMMANDS = {
         "certified radii, plots (and with --bit-flips, --measures: bit flips of the quantized model, generalization "
         "measures). MODEL is a torch.export program (.pt2 of torch.export.save; the preferred format), a TorchScript "
         "file, a file saved with torch.save(module) (loaded with weights_only=False after a warning: it runs pickled "
-        "code) or package.module:callable returning an nn.Module. DATA is an .npz with x and y (and optionally "
+        "code), an .onnx file (through onnx2torch, when installed) or package.module:callable returning an nn.Module; "
+        "residual networks are read from every format. A deployed int8 model (torch.ao or torchao) is analysed as "
+        "deployed: --bit-flips flips its int8 codes. DATA is an .npz with x and y (and optionally "
         "x_train, y_train: the training split, for the generalization bound, the measures and the gap, and the "
         "bit-flip attack's batch). The default ε grid is scaled to the model (fractions of its typical weight size).",
     },
@@ -220,14 +244,20 @@ COMMANDS = {
         "arguments": TRAIN,
         "help": "train a weight-robust model and save it",
         "description": "Train with WeightRobustTrainer (the robust loss of docs/training.md) on an .npz (x_train, "
-        "y_train if present, else x, y) or on the digits data, then save the model as a torch.export program "
-        "(torch.export.save, dynamic batch size; TorchScript, or a torch.save'd whole module, when it cannot be "
-        "exported) and its training history as JSON. The defaults are the digits recipe "
+        "y_train if present, else x, y) or on the digits data, then save the model in the format --out names "
+        "(.pt2: a torch.export program with a dynamic batch size, checked before training; .pt/.pth: the whole module "
+        "with torch.save) and its training history as JSON. The defaults are the digits recipe "
         "(art_weightpert.zoo.DIGITS_RECIPE), with ε scaled to the input width on your data. A run that collapses "
         "to chance accuracy is reported and not saved (exit code 3) unless --keep-collapsed.",
     },
 }
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""
+
+
+def process_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The processes and torch threads of the run, as written into the report's settings (``args.threads``,
+    ``args.threads_per_process`` as resolved by :func:`.launch.thread_settings`)."""
+    return {"nproc": args.nproc, "threads": args.threads, "threads_per_process": args.threads_per_process}
 
 
 def build_parser() -> argparse.ArgumentParser:

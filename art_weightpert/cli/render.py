@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from art_weightpert.certification import METHODS as BOUND_METHODS
 from art_weightpert.cli.render_sections import (
     bit_flip_comparison,
     bit_flip_lines,
@@ -38,6 +39,9 @@ SETTING_LABELS = {
     "eps_grid_source": "ε grid",
     "bit_flips": "bit flips (most flips, bits per weight, scales)",
     "measures": "generalization measures",
+    "nproc": "processes (--nproc)",
+    "threads": "torch threads in all (--threads)",
+    "threads_per_process": "torch threads per process",
 }
 """Readable labels of the report's settings (``report.json`` keeps the keys)."""
 
@@ -72,6 +76,40 @@ def results_table(report: Mapping[str, Any], name: str) -> tuple[list[str], list
             row.append(cell)
         rows.append(row)
     return header, rows
+
+
+def zero_certificate_lines(report: Mapping[str, Any], name: str) -> list[str]:
+    """Why every certified column of a model is 0 at every ε > 0 of the grid, and what to try (empty otherwise, or
+    when the model is not even clean-correct)."""
+    entry = report["models"][name]
+    certified = [m for m in BOUND_METHODS if m in entry["curves"]]
+    positive = [i for i, eps in enumerate(report["eps_grid"]) if eps > 0]
+    if not certified or not positive or not entry["clean_accuracy"]:
+        return []
+    if any(entry["curves"][m][i] for m in certified for i in positive):
+        return []
+    budget = report["budget"]
+    layers = entry.get("perturbed_layers") or []
+    which = f"{len(layers)} perturbed layer{'' if len(layers) == 1 else 's'}" if layers else "the perturbed layers"
+    names = f" ({', '.join(layers)})" if 0 < len(layers) <= 8 else ""
+    every = "every Linear/Conv layer of the model" if budget["layers"] is None else "every layer it names"
+    tries = []
+    if budget["layers"] is None or len(layers) > 1:
+        tries.append("perturb fewer layers (the budget's `layers`; `--layers NAME ...`)")
+    if not budget["relative"]:
+        tries.append("relative balls (`--relative`: radii proportional to each weight)")
+    tries += [
+        "a smaller ε grid (`--eps`)",
+        "a model trained for the ball (`art-weightpert train`, `WeightRobustTrainer`)",
+        "an exact verifier once the library has one",
+    ]
+    return [
+        f"Every certified column ({', '.join(method_label(m) for m in certified)}) is 0 at every ε > 0: the budget "
+        f"perturbs {every} at once — {which}{names} — and the bounds compound with depth (each perturbed layer "
+        "widens the bound of every layer after it), so even the smallest ε of the grid "
+        f"({report['eps_grid'][positive[0]]:.4g}) is beyond what they can certify. The attacks' columns still "
+        "measure the model. To certify something, try: " + "; ".join(tries) + ".",
+    ]
 
 
 def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -112,6 +150,7 @@ def summary_text(report: Mapping[str, Any]) -> str:
                 )  # fmt: skip
             )
         out += [f"  {line}" for line in unavailable_lines(entry)]
+        out += [f"  {line}" for line in zero_certificate_lines(report, name)]
         out += [f"  warning: {warning}" for warning in training_warnings(entry)]
     return "\n".join(out)
 
@@ -163,6 +202,9 @@ def _model_section(report: Mapping[str, Any], name: str) -> list[str]:
         lines += [f"**Warning — {warning}**", ""]
     lines += [f"Clean accuracy: **{_fmt(entry['clean_accuracy'])}**", ""]
     lines.append(_markdown_table(*results_table(report, name)))
+    zero = zero_certificate_lines(report, name)
+    if zero:
+        lines += ["", *zero]
     unavailable = unavailable_lines(entry)
     if unavailable:
         lines += ["", "Not computed for this model (each reason once, with what it affects):", ""]

@@ -132,7 +132,7 @@ def evaluate_model(
     :param progress: called after each unit of work with its description (for a progress bar).
     :return: ``{"clean_accuracy", "curves": {method: [accuracy per ε]}, "random_std", "random_min", "random_max",
         "certified_radius": {method: summary}, "unavailable": {method: reason}, "generalization_bound", "seconds":
-        {method: float}, "correct": [per test point]}``.
+        {method: float}, "correct": [per test point], "perturbed_layers": [the budget's layers on the model]}``.
     """
     curve = weight_robustness_curve(
         classifier,
@@ -147,6 +147,7 @@ def evaluate_model(
         progress=progress,
     )
     entry = _entry_of_curve(curve, methods)
+    entry["perturbed_layers"] = budget.layer_names(classifier.base_model)
     if any(m in entry["curves"] for m in radius_methods):  # to plot misclassified points apart from small radii
         entry["correct"] = (classifier.predict(x, batch_size=batch_size).argmax(axis=1) == y).tolist()
     for method in radius_methods:

@@ -1,8 +1,9 @@
 """
 ``art-weightpert train``: trains with :class:`.WeightRobustTrainer` (defaults: :data:`.zoo.DIGITS_RECIPE`) and saves
-the model (a ``torch.export`` program; TorchScript or a pickled module when it cannot be exported) and its training
-history (JSON). A run that collapses (the trainer's ``history["collapsed"]``: training accuracy near chance) is not
-saved and exits with code 3, unless ``--keep-collapsed``.
+the model in the format ``--out`` names (``.pt2``: a ``torch.export`` program; ``.pt``/``.pth``: the whole module with
+``torch.save``; :func:`.inputs.save_model`) and its training history (JSON). A run that collapses (the trainer's
+``history["collapsed"]``: training accuracy near chance) is not saved and exits with code 3, unless
+``--keep-collapsed``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from art_weightpert import zoo
 from art_weightpert.cli import inputs
-from art_weightpert.cli.parser import UsageError
+from art_weightpert.cli.parser import UsageError, process_settings
 from art_weightpert.cli.report import jsonable, versions
 from art_weightpert.data import load_digits_data
 from art_weightpert.network import UnsupportedModelError
@@ -33,6 +34,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     device = inputs.check_device(args.device)
+    extension = inputs.check_model_path(args.out)
     history_path = args.history or os.path.splitext(args.out)[0] + ".history.json"
     out_parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_parent):
@@ -44,6 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
     labels_seen = int(max(y_train.max(), -1 if y_test is None else y_test.max()) + 1)
     module = inputs.build_architecture(args, input_shape, labels_seen)
     nb_classes = int(inputs.check_forward(module, x_train[:8], args.model).shape[1])
+    if extension == ".pt2":
+        inputs.export_program(module, x_train)  # a model torch.export cannot save fails now, not after training
     inputs.check_labels(nb_classes, y_train=y_train)
     budget = inputs.make_budget(module, eps, norm, args.layers, relative)
     classifier = zoo.make_classifier(module, input_shape, nb_classes, lr=args.lr, device_type=device, clip_values=None)
@@ -93,6 +97,7 @@ def _history_document(args, data_desc: str, budget, params, final, history) -> d
         "budget": budget.to_dict(),
         "trainer": params,
         **{"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed},
+        **process_settings(args),
         "final": final,
         "history": history,
         "versions": versions(),

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from art_weightpert.attacks import WeightPGD
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification import WeightPerturbationCertifier
+from art_weightpert.estimators import PyTorchWeightClassifier
 from art_weightpert.metrics.pac_bayes import pac_bayes_bound, pac_bayes_sigma
 from art_weightpert.metrics.perturbed_evaluation import (
     checked_data,
@@ -38,7 +39,7 @@ from art_weightpert.metrics.perturbed_evaluation import (
     seeded_generator,
     weight_estimator,
 )
-from art_weightpert.network import Activation, Affine, AvgPool, Flatten, UnsupportedModelError
+from art_weightpert.network import Activation, Affine, AvgPool, Flatten, UnsupportedModelError, read_network
 from art_weightpert.validation import (
     check_bool,
     check_choice,
@@ -227,7 +228,8 @@ def generalization_bound(
     ``[W b]``, at least 1; ``B`` at least 1), which needs ReLU or LeakyReLU activations.
 
     :param classifier: an ART ``PyTorchClassifier`` whose model is a chain of Linear/Conv2d layers with ReLU,
-        LeakyReLU (|slope| ≤ 1) or tanh activations, average pooling and flattening between them.
+        LeakyReLU (|slope| ≤ 1) or tanh activations, average pooling and flattening between them (a residual
+        network is refused with every ``method``: :class:`.UnsupportedModelError`).
     :param x_train: training inputs.
     :param y_train: training labels.
     :param budget: the ball of weight perturbations.
@@ -242,9 +244,15 @@ def generalization_bound(
     """
     margin = check_positive(margin, "margin")
     delta = check_probability(delta, "delta", open_interval=True)
-    certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=False)
-    if not certifier.network.is_chain:
-        raise UnsupportedModelError("generalization_bound (THEORY.md §6) is for chains; this model has branches.")
+    estimator = PyTorchWeightClassifier.from_classifier(classifier)
+    if not read_network(estimator.base_model, estimator.input_shape).is_chain:
+        raise UnsupportedModelError(
+            "generalization_bound (THEORY.md §6) multiplies operator norms along one chain of layers, with every "
+            "method; this model has branches (residual additions). What works on it: the certified accuracy and "
+            "radius with method 'interval' or 'linear' (weight_certified_accuracy, certified_weight_radius, "
+            "WeightPerturbationCertifier) and the generalization measures weight_sharpness and pac_bayes_bound."
+        )
+    certifier = WeightPerturbationCertifier(estimator, budget, method=method, batch_size=batch_size, verbose=False)
     estimator = certifier.estimator
     x_t, y_t = estimator.prepare_inputs(x_train, y_train, require_labels=True)
     n = len(x_t)

@@ -155,6 +155,7 @@ def certified_radius_figure(
             legend.setdefault(name, patches[0] if len(patches) else None)
         ax.text(0.98, 0.97, "median: " + ", ".join(medians), transform=ax.transAxes, ha="right", va="top", fontsize=7)
         ax.yaxis.set_major_locator(_integer_locator())
+        _readable_ticks(ax, log=False)  # small radii: "0.00025", not "0.00025000" running into its neighbour
         ax.set_title(f"certified radius ({method})", fontsize=10)
         ax.set_xlabel("ε certified" + (" (relative)" if relative else "") + ", correctly classified points")
         ax.set_ylabel("test points")
@@ -239,13 +240,18 @@ def _check_curve(result: Any) -> None:
 
 
 def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
-    """Draw one curve result on ``ax``; return ``{label: line}`` for the legend."""
+    """Draw one curve result on ``ax``; return ``{label: line}`` for the legend: only the methods that produced a
+    number (the unavailable ones, and any without a finite value, are named in a note on the panel instead)."""
     eps = np.asarray(result["eps"], dtype=float)
     handles = {}
+    missing = list(result.get("unavailable") or {})
     for method, values in result["accuracies"].items():
         color, line, _, marker = STYLES.get(method, (None, "-", method, "x"))
         label = method_label(method, result)
         values = np.asarray([np.nan if v is None else v for v in values], dtype=float)
+        if not np.isfinite(values).any():
+            missing.append(method)
+            continue
         hollow = method in HOLLOW  # drawn on top with large hollow markers: the line below stays visible
         (handles[label],) = ax.plot(
             eps, values, line, color=color, marker=marker, markersize=8 if hollow else 4, label=label,
@@ -253,9 +259,8 @@ def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
     if "random" in result["accuracies"] and len(result.get("random_min") or ()) == len(eps):
         ax.fill_between(eps, result["random_min"], result["random_max"], color=STYLES["random"][0], alpha=0.15, lw=0)
-    missing = list(result.get("unavailable") or {})
     if missing:
-        text = "unavailable: " + ", ".join(method_label(m) for m in missing)
+        text = "unavailable: " + ", ".join(method_label(m) for m in dict.fromkeys(missing))
         ax.text(0.02, 0.03, text, transform=ax.transAxes, fontsize=7, color="gray", wrap=True)
     log = is_geometric(eps)
     if log:
