@@ -1,30 +1,45 @@
 """
-The three weight balls of THEORY.md §2, one small class each (Foolbox-style: the consumers contain no norm branches).
+The weight balls of docs/theory.md §2, one small class each (Foolbox-style: no norm branches in the consumers).
 
-A ball acts on one parameter tensor ``delta`` whose first dimension indexes *rows* (output units or output channels).
-Its radius is a tensor of a ball-specific shape:
+A ball acts on one parameter tensor ``delta`` whose first dimension indexes *rows* (output units or channels); its
+radius is a tensor of a ball-specific shape:
 
 * :class:`BoxBall` (``"inf"``): one radius per entry (same shape as the parameter);
 * :class:`RowL1Ball` (``"row_l1"``): one radius per row, shape ``(rows,)``;
 * :class:`L2Ball` (``"l2"``): one radius for the whole tensor, shape ``()``.
 
 Every operation is vectorized over the tensor and keeps its device and dtype. A ball owns every norm-specific term of
-the bounds: its interval term (THEORY.md §4), its term of the backward linear bound (§4b, read through the
-:class:`.AffineBackward` view of the layer that the ``"linear"`` method passes), its support function and its
+the bounds: its interval term (docs/theory.md §4), its term of the backward linear bound (§4b, read from the
+:class:`.AffineBackward` view of the layer and returned as a :class:`LinearTerm`), its support function and its
 inclusions (§2). Adding a norm is adding one class here and one entry in :data:`BALLS`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
+
+from art_weightpert.operators.affine import Affine
+from art_weightpert.operators.affine_view import AffineBackward
+from art_weightpert.operators.tensors import abs_chord
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """View a parameter as a matrix (rows, fan-in); a 1-D tensor (bias) is a column of rows."""
     return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
+
+
+class LinearTerm(NamedTuple):
+    """A ball's term of the backward linear bound (docs/theory.md §4b), linear in the radius, each part ``None`` if
+    absent: a change of the input coefficients, a constant ``(N, K)``, and a convolution's term ``ĥ ↦ ⟨coef·factor,
+    G(ĥ)⟩`` as ``(coef, factor)`` (the affine rule joins it to the layer's adjoint:
+    :meth:`.AffineBackward.add_to_kernel`)."""
+
+    input_change: torch.Tensor | None
+    constant: torch.Tensor | None
+    kernel: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Ball:
@@ -35,7 +50,7 @@ class Ball:
     label: str = ""
     """How reports and plots name the ball."""
     bias_norm: str = ""
-    """The name of the ball a bias gets under this norm (``include_bias``; THEORY.md §2)."""
+    """The name of the ball a bias gets under this norm (``include_bias``; docs/theory.md §2)."""
 
     def radius(self, param: torch.Tensor, eps: float, relative: bool) -> torch.Tensor:
         """Radius tensor for ``param`` (absolute ``eps`` or ``eps`` times the parameter's own norm)."""
@@ -63,23 +78,21 @@ class Ball:
         rescaled onto the boundary."""
         raise NotImplementedError
 
-    def interval_term(self, layer, m: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-        """Bound on ``|Δ ĥ|`` at the output of the affine ``layer`` (a :class:`.network.Affine`), for every ``Δ`` in
-        the ball and every ``|ĥ| ≤ m`` (THEORY.md §4); ``radius`` as given or as :meth:`compact_radius` made it."""
+    def interval_term(self, layer: Affine, m: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """Bound on ``|Δ ĥ|`` at the output of the affine ``layer``, for every ``Δ`` in
+        the ball and every ``|ĥ| ≤ m`` (docs/theory.md §4); ``radius`` as given or as :meth:`compact_radius` made it."""
         raise NotImplementedError
 
     def compact_radius(self, radius: torch.Tensor) -> torch.Tensor:
         """A cheaper equivalent of ``radius`` for :meth:`interval_term` (callers may memoize it per radius)."""
         return radius
 
-    def linear_term(self, view: Any, radius: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Lower bound of ``min_Δ λ·Δĥ`` over the ball, linear in ``ĥ`` on the layer's input box (THEORY.md §4b):
-        ``(change of the input coefficients, constant)``, either ``None``, both linear in the radius. ``view`` is the
-        layer at that step of the backward pass (:class:`.AffineBackward`, built by the linear bound); ``radius`` is
-        the :meth:`compact_radius`.
+    def linear_term(self, view: AffineBackward, radius: torch.Tensor) -> LinearTerm:
+        """Lower bound of ``min_Δ λ·Δĥ`` over the ball, linear in ``ĥ`` on the layer's input box (docs/theory.md §4b).
+        ``view`` is the layer at that step of the backward pass (read only); ``radius`` is the :meth:`compact_radius`.
 
         This default uses the interval term: ``|Δĥ| ≤ P(m)`` per output unit, so ``min_Δ λ·Δĥ ≥ −Σ |λ| ⊙ P(m)``."""
-        return None, view.magnitude_term(self.interval_term(view.layer, view.magnitude, radius))
+        return LinearTerm(None, view.magnitude_term(self.interval_term(view.layer, view.magnitude, radius)))
 
     def support(self, g: torch.Tensor, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Support function ``max_{Δ in the ball} ⟨Δ, g⟩`` for a batch of ``g`` of shape ``(..., *shape)`` (``shape``:
@@ -92,20 +105,12 @@ class Ball:
         return None
 
     def row_l1_radius(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        """Per-row ℓ1 radius of a row_l1 ball that contains this ball (THEORY.md §2 inclusions)."""
+        """Per-row ℓ1 radius of a row_l1 ball that contains this ball (docs/theory.md §2 inclusions)."""
         raise NotImplementedError
 
     def entry_bound(self, radius: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Bound on ``|δ|`` per entry (shape ``shape``) implied by the ball: the box containing it."""
         raise NotImplementedError
-
-
-def abs_chord(centre: torch.Tensor, radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chord of ``|·|`` on ``[c − r, c + r]``: ``(s, t)`` with ``|v| ≤ s v + t`` there, ``s = clamp(c / r, −1, 1)``,
-    ``t = r (1 − s²)``. It is ``v`` itself when the box is non-negative (``s = 1, t = 0``), ``−v`` when it is
-    non-positive, and ``sign(c)·v`` on a point."""
-    slope = torch.div(centre, radius.clamp_min(torch.finfo(radius.dtype).tiny)).clamp_(-1.0, 1.0)
-    return slope, torch.addcmul(radius, radius * slope, slope, value=-1)  # r − (r s) s: two passes, not three
 
 
 def _uniform_value(radius: torch.Tensor) -> torch.Tensor | None:
@@ -180,17 +185,15 @@ class BoxBall(Ball):
         return radius if value is None else value
 
     def linear_term(self, view, radius):
-        # −Σ δ ⊙ |G| (THEORY.md §4b). Linear: |G_rc| = |λ_r| |ĥ_c|, the term −(|λ|δ)·|ĥ|. Convolution: |G| is bounded
-        # by its chord over the box of G (G itself where its sign is fixed), which keeps the kernel shared.
-        # ``radius`` may be the compact one (0-d: one value for every entry).
+        # −Σ δ ⊙ |G| (docs/theory.md §4b); ``radius`` may be compact (0-d). Linear: |G_rc| = |λ_r| |ĥ_c|, the term
+        # −(|λ|δ)·|ĥ|. Convolution: |G| is bounded by its chord over the box of G (G where its sign is fixed).
         if view.layer.is_conv:
             centre, spread = view.gradient_box()
             delta = radius if radius.dim() == 0 else radius.reshape(centre.shape[2:])
             if view.known_input:  # G known: the exact −Σ δ |G|
-                return None, -_weighted_sum(centre.abs(), delta)
+                return LinearTerm(None, -_weighted_sum(centre.abs(), delta))
             slope, offset = abs_chord(centre, spread)
-            view.add_to_kernel(slope, delta.neg())  # joins the layer's adjoint (one per-sample kernel)
-            return None, -_weighted_sum(offset, delta)
+            return LinearTerm(None, -_weighted_sum(offset, delta), (slope, delta.neg()))
         a = view.coefficients
         value = radius if radius.dim() == 0 else _uniform_value(radius)
         g = (
@@ -198,7 +201,7 @@ class BoxBall(Ball):
             if value is not None
             else view.transposed(a.abs(), radius)
         )
-        return view.minus_abs_input(g)
+        return LinearTerm(*view.minus_abs_input(g))
 
     def support(self, g, radius, shape):
         return g.abs().flatten(g.dim() - len(shape)) @ radius.reshape(-1)  # Σ r |g|
@@ -328,7 +331,7 @@ class RowL1Ball(Ball):
             return super().linear_term(view, radius)
         centre, spread = view.gradient_box()
         top = (centre.abs() + spread).amax(dim=-1).flatten(2)  # max |G| per entry, then per row: (N, K, rows)
-        return None, -top @ radius
+        return LinearTerm(None, -top @ radius)
 
     def support(self, g, radius, shape):
         return _support_rows(g.abs(), shape).amax(dim=-1) @ radius  # Σ_r ε_r ‖g_r‖_∞
@@ -379,9 +382,9 @@ class L2Ball(Ball):
     def linear_term(self, view, radius):
         # −ε ‖G‖_F. Linear: ‖G‖_F = ‖λ‖_2 ‖ĥ‖_2 ≤ ‖λ‖_2 ‖m‖_2; convolution: |G| ≤ |G_c| + G_r entry-wise.
         if not view.layer.is_conv:
-            return None, -radius * view.coefficients.norm(dim=2) * view.magnitude.norm(dim=1, keepdim=True)
+            return LinearTerm(None, -radius * view.coefficients.norm(dim=2) * view.magnitude.norm(dim=1, keepdim=True))
         centre, spread = view.gradient_box()
-        return None, -radius * (centre.abs() + spread).flatten(2).norm(dim=2)
+        return LinearTerm(None, -radius * (centre.abs() + spread).flatten(2).norm(dim=2))
 
     def support(self, g, radius, shape):
         return radius * g.flatten(g.dim() - len(shape)).norm(dim=-1)  # ε ‖g‖_F

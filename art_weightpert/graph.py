@@ -1,5 +1,6 @@
 """
-Reads the ``torch.fx`` graph of a model into layer records and the values they read (THEORY.md §1, §9).
+Reads the ``torch.fx`` graph of a model into operators (:mod:`art_weightpert.operators`) and the values they read
+(docs/theory.md §1, §9).
 
 :func:`read_graph` returns the layers in topological order and, for each, the indices of the values it reads: value 0
 is the model's input, value ``i + 1`` the output of layer ``i``. A chain reads ``(i,)`` at layer ``i``; a residual
@@ -17,101 +18,24 @@ import operator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
-from art_weightpert.layers import (
-    Activation,
-    Add,
-    Affine,
-    AvgPool,
-    BatchNorm,
-    Flatten,
-    Layer,
-    MaxPool,
-    SpatialMean,
-    UnsupportedModelError,
-    conv_padding,
-)
+from art_weightpert.operators import READERS, Add, AvgPool, Layer, UnsupportedModelError
+from art_weightpert.operators.flatten import is_batch_reshape
 
-_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh"}
-_ACTIVATION_FUNCTIONS = {
-    torch.relu: "relu",
-    F.relu: "relu",
-    torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
-    F.tanh: "tanh",
-    F.leaky_relu: "leaky_relu",
-}
-_ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _IDENTITY_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
-_ADD_TARGETS = (operator.add, operator.iadd, torch.add)
-
-
-def _activation(name: str, kind: str, negative_slope: float = 0.0) -> Activation:
-    if negative_slope < 0:  # the bounds need a monotone activation (THEORY.md §1)
-        raise UnsupportedModelError(f"{name!r}: LeakyReLU with negative_slope={negative_slope} is not monotone.")
-    return Activation(name, kind, negative_slope)
-
-
-def _hardtanh(name: str, module: nn.Hardtanh) -> Activation:
-    """``nn.Hardtanh`` (also ``nn.ReLU6`` and a clipped ReLU ``Hardtanh(0, b)``) with ``min_val ≤ 0 ≤ max_val``, so
-    that ``|σ(t)| ≤ |t|`` as the closed-form bound assumes."""
-    low, high = float(module.min_val), float(module.max_val)
-    if not low <= 0.0 <= high:
-        raise UnsupportedModelError(f"module {name!r}: Hardtanh with min_val={low}, max_val={high} (0 must lie in it).")
-    return Activation(name, "hardtanh", min_val=low, max_val=high)
-
-
-def _batchnorm(name: str, module: nn.Module) -> BatchNorm:
-    """Eval-mode batch norm as ``scale * h + shift`` from the running statistics (also for a module in training
-    mode: certificates are for eval-mode predictions)."""
-    if module.running_mean is None or module.running_var is None:
-        raise UnsupportedModelError(
-            f"module {name!r}: BatchNorm without running statistics (track_running_stats=False) normalizes with the "
-            "statistics of the batch, also in eval mode; certify a model whose batch norm has running statistics."
-        )
-    with torch.no_grad():
-        scale = 1.0 / torch.sqrt(module.running_var.double() + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight.double()
-        shift = -module.running_mean.double() * scale
-        if module.bias is not None:
-            shift = shift + module.bias.double()
-    return BatchNorm(name, scale, shift)
 
 
 def module_layer(name: str, module: nn.Module) -> Layer | None:
-    """Description of a leaf module, or ``None`` for an identity in eval mode."""
+    """The operator of a leaf module (:data:`.READERS`), or ``None`` for an identity in eval mode."""
     if getattr(module, "quantizes_activations", False):  # a deployed quantized layer (estimators.quantized)
         raise UnsupportedModelError(
             f"module {name!r} ({type(module).__name__}) quantizes its activations at run time, which the bounds do "
             "not model; certify a weight-only quantized model (the bit-flip attacks work on this one)."
         )
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
-        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-            raise UnsupportedModelError(f"module {name!r}: Conv2d with padding_mode={module.padding_mode!r}.")
-        if isinstance(module, nn.Conv2d):
-            conv_padding(module)  # rejects asymmetric "same" padding
-        return Affine(name, module, f"{name}.weight", f"{name}.bias" if module.bias is not None else None)
-    if isinstance(module, nn.Hardtanh):
-        return _hardtanh(name, module)
-    for cls, kind in _ACTIVATION_MODULES.items():
-        if isinstance(module, cls):
-            return _activation(name, kind, float(getattr(module, "negative_slope", 0.0)))
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return _batchnorm(name, module)
-    if isinstance(module, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-        return AvgPool(name, module)
-    if isinstance(module, nn.MaxPool2d):
-        if module.return_indices:
-            raise UnsupportedModelError(f"module {name!r}: MaxPool2d with return_indices=True.")
-        return MaxPool(name, module)
-    if isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise UnsupportedModelError(f"module {name!r}: Flatten must flatten every dimension after the batch.")
-        return Flatten(name)
+    for reader in READERS:
+        if isinstance(module, reader.modules):
+            return reader.from_module(name, module)
     if isinstance(module, _IDENTITY_MODULES):
         return None
     reason = "a recurrent layer" if isinstance(module, nn.RNNBase) else "an unsupported layer type"
@@ -121,19 +45,6 @@ def module_layer(name: str, module: nn.Module) -> Layer | None:
 
 
 # ------------------------------------------------------------------------------------------------ node predicates
-def _arg(node: torch.fx.Node, index: int, key: str, default):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(key, default)
-
-
-def _is_flatten_call(node: torch.fx.Node) -> bool:
-    """``torch.flatten(x, 1)`` / ``x.flatten(1)``: every dimension after the batch (``end_dim`` -1)."""
-    if (node.op == "call_function" and node.target is torch.flatten) or (
-        node.op == "call_method" and node.target == "flatten"
-    ):
-        return _arg(node, 1, "start_dim", 0) == 1 and _arg(node, 2, "end_dim", -1) == -1
-    return False
-
-
 def is_shape_query(node: torch.fx.Node) -> bool:
     """``x.size(...)``, ``x.shape`` and ``x.shape[i]``: arguments of a later view/reshape, not layers."""
     if node.op == "call_method" and node.target == "size":
@@ -146,30 +57,6 @@ def is_shape_query(node: torch.fx.Node) -> bool:
     return False
 
 
-def is_batch_reshape(node: torch.fx.Node) -> bool:
-    """``x.view(x.size(0), -1)`` / ``x.reshape(-1, n)``-style flattening (checked on shapes afterwards)."""
-    return (node.op == "call_method" and node.target in ("view", "reshape")) or (
-        node.op == "call_function" and node.target is torch.reshape
-    )
-
-
-def _is_add(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD_TARGETS) or (
-        node.op == "call_method" and node.target in ("add", "__add__")
-    )
-
-
-def _spatial_mean(node: torch.fx.Node) -> AvgPool | None:
-    """``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1], keepdim=...)``: a global average pool (checked on shapes by
-    the reader afterwards), else ``None``."""
-    if not ((node.op == "call_method" and node.target == "mean") or node.target is torch.mean):
-        return None
-    dims = _arg(node, 1, "dim", None)
-    if not isinstance(dims, (tuple, list)) or sorted(dims) not in ([2, 3], [-2, -1]) or "dtype" in node.kwargs:
-        return None
-    return AvgPool(node.name, SpatialMean(bool(_arg(node, 2, "keepdim", False))))
-
-
 def describe(node: torch.fx.Node) -> str:
     """How error messages name a node: the module, or the function and the node."""
     if node.op == "call_module":
@@ -178,23 +65,23 @@ def describe(node: torch.fx.Node) -> str:
 
 
 def _node_layer(node: torch.fx.Node, modules: dict[str, nn.Module], what: str) -> Layer | None:
-    """The layer description of a node with one input (``None`` for an identity)."""
+    """The operator of a node with one input (``None`` for an identity)."""
     if node.op == "call_module":
         return module_layer(str(node.target), modules[str(node.target)])
-    if node.op == "call_function" and node.target in _ACTIVATION_FUNCTIONS:
-        kind = _ACTIVATION_FUNCTIONS[node.target]
-        slope = _arg(node, 1, "negative_slope", 0.01)
-        return _activation(node.name, kind, float(slope) if kind == "leaky_relu" else 0.0)
-    if node.op == "call_method" and node.target in _ACTIVATION_METHODS:
-        return Activation(node.name, _ACTIVATION_METHODS[node.target])
-    if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
-        return AvgPool(node.name, nn.AdaptiveAvgPool2d(_arg(node, 1, "output_size", None)))
-    mean = _spatial_mean(node)
-    if mean is not None:
-        return mean
-    if _is_flatten_call(node) or is_batch_reshape(node):
-        return Flatten(node.name)
+    for reader in READERS:
+        layer = reader.from_node(node)
+        if layer is not None:
+            return layer
     raise UnsupportedModelError(f"{what} is not a supported layer for certification.")
+
+
+def check_rules(layer: Layer, what: str) -> None:
+    """Refuse an operator without a complete rule set (:meth:`.Operator.missing_rules`), naming ``what``."""
+    missing = layer.missing_rules()
+    if missing:
+        operator = " ".join([type(layer).__name__] + ([layer.kind] if hasattr(layer, "kind") else []))
+        rules = " or ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise UnsupportedModelError(f"{what} ({operator}) has no {rules} rule for the bounds.")
 
 
 def _add_inputs(node: torch.fx.Node, values: dict[torch.fx.Node, int], what: str) -> tuple[int, ...]:
@@ -278,7 +165,7 @@ def read_graph(model: nn.Module) -> tuple[list[Layer], list[tuple[int, ...]], li
         read = [a for a in node.all_input_nodes if not is_shape_query(a)]
         if any(a not in values for a in read):
             raise UnsupportedModelError(f"{what} reads a value that is not a layer's output.")
-        if _is_add(node):
+        if Add.matches(node):
             layer, reads = Add(node.name), _add_inputs(node, values, what)
         elif len(read) > 1:
             raise UnsupportedModelError(
@@ -292,7 +179,8 @@ def read_graph(model: nn.Module) -> tuple[list[Layer], list[tuple[int, ...]], li
         if layer is None:  # an identity: the node is its input
             values[node] = reads[0]
             continue
-        if is_batch_reshape(node) or isinstance(layer, AvgPool) and isinstance(layer.module, SpatialMean):
+        check_rules(layer, what)
+        if is_batch_reshape(node) or isinstance(layer, AvgPool) and layer.is_spatial_mean:
             checked.append(node)
         layers.append(layer)
         inputs.append(reads)

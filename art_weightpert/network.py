@@ -1,10 +1,10 @@
 """
-Reads a torch model as a directed acyclic graph of layers (THEORY.md §1, §9), for the certificates.
+Reads a torch model as a directed acyclic graph of layers (docs/theory.md §1, §9), for the certificates.
 
 :func:`read_network` traces the model with ``torch.fx`` (:mod:`.graph`) and returns a :class:`Network`: layer
-descriptions in topological order (:class:`Affine`, :class:`Activation`, :class:`BatchNorm`, :class:`AvgPool`,
-:class:`MaxPool`, :class:`Flatten`, :class:`Add`; defined in :mod:`art_weightpert.layers` and re-exported here) and the
-values each one reads. Anything else raises :class:`UnsupportedModelError` naming the module or node and the reason.
+operators in topological order (:class:`Affine`, :class:`Activation`, :class:`BatchNorm`, :class:`AvgPool`,
+:class:`MaxPool`, :class:`Flatten`, :class:`Add`; defined in :mod:`art_weightpert.operators` and re-exported here) and
+the values each one reads. Anything else raises :class:`UnsupportedModelError` naming the module or node and the reason.
 :meth:`Network.forward` is the one forward of a read network, also with per-sample weight deltas (the per-sample
 attack). The estimator and the universal attacks do not need this reader: they work on any differentiable model.
 
@@ -21,7 +21,7 @@ import torch.fx
 from torch import nn
 
 from art_weightpert.graph import describe, read_graph
-from art_weightpert.layers import (
+from art_weightpert.operators import (
     Activation,
     Add,
     Affine,
@@ -33,6 +33,7 @@ from art_weightpert.layers import (
     UnsupportedModelError,
     conv_padding,
 )
+from art_weightpert.torch_tools import eval_mode
 
 __all__ = [
     "PERTURBABLE_TYPES",
@@ -85,7 +86,7 @@ class Network:
 
     @property
     def affine_layers(self) -> list[Affine]:
-        return [layer for layer in self.layers if isinstance(layer, Affine)]
+        return [layer for layer in self.layers if layer.weighted]
 
     def params(self, overrides: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None):
         """``{parameter name: tensor}`` of the affine layers, with ``overrides`` substituted, cast to ``dtype``."""
@@ -130,7 +131,7 @@ class Network:
         last_use = self._last_uses()
         for index, (layer, reads) in enumerate(zip(self.layers, self.inputs)):
             h = values[reads[0]]
-            if isinstance(layer, Affine):
+            if layer.weighted:
                 out = _affine_forward(layer, h, p, deltas)
             else:
                 out = layer.apply(*(values[v] for v in reads))
@@ -194,7 +195,7 @@ def read_network(model: nn.Module, input_shape: tuple[int, ...] | None = None) -
     if isinstance(model, nn.Linear):  # a linear classifier: fx would trace into F.linear's tensor attributes
         return Network(model, [Affine("", model, "weight", "bias" if model.bias is not None else None)])
     layers, inputs, checked = read_graph(model)
-    if not layers or not isinstance(layers[-1], Affine) or layers[-1].is_conv:
+    if not layers or not layers[-1].weighted or layers[-1].is_conv:
         last = f"; it ends with {layers[-1].name!r} ({type(layers[-1]).__name__})" if layers else ""
         raise UnsupportedModelError(f"the model must end with a Linear layer producing the logits{last}.")
     network = Network(model, layers, inputs)
@@ -212,16 +213,11 @@ def _check_shapes(network: Network, checked: list[torch.fx.Node], input_shape) -
     model = network.model
     param = next(model.parameters())
     x = torch.randn((3, *input_shape), generator=torch.Generator().manual_seed(0)).to(param)
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             expected = model(x)
             got = network.forward(x)
     except RuntimeError as err:
         raise UnsupportedModelError(f"{what} is not a flatten of each sample.") from err
-    finally:
-        for m, flag in flags.items():  # restore each submodule's own flag (model.train() would reset them all)
-            m.training = flag
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError(f"{what} is not a flatten of each sample.")

@@ -1,4 +1,4 @@
-"""The three weight balls of THEORY.md §2: exact projections (against brute-force solvers), norms, sampling,
+"""The three weight balls of docs/theory.md §2: exact projections (against brute-force solvers), norms, sampling,
 steepest steps and the inclusions between balls."""
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def test_inclusions_contain_every_point_and_are_tight(norm, shape):
 
 
 def test_inclusion_table_of_the_docs():
-    # box δ ⊆ row_l1(n·δ); l2 ε ⊆ row_l1(√n·ε); row_l1 ε ⊆ box ε (THEORY.md §2), n = fan-in.
+    # box δ ⊆ row_l1(n·δ); l2 ε ⊆ row_l1(√n·ε); row_l1 ε ⊆ box ε (docs/theory.md §2), n = fan-in.
     shape = torch.Size((3, 2, 3, 3))  # conv: fan-in 2·3·3 = 18
     f64 = torch.float64
     np.testing.assert_allclose(BoxBall().row_l1_radius(torch.full(shape, 0.01, dtype=f64), shape).numpy(), [0.18] * 3)

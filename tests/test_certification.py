@@ -1,4 +1,4 @@
-"""WeightPerturbationCertifier: exactness against direct implementations of THEORY.md §3 (formula B) and §4, the
+"""WeightPerturbationCertifier: exactness against direct implementations of docs/theory.md §3 (formula B) and §4, the
 invariants between methods, the estimator's carried perturbation, and bad input."""
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def linear_weights(model: nn.Module) -> list[tuple[np.ndarray, np.ndarray | None
 
 # ------------------------------------------------------------------------------------- direct reference formulas
 def formula_b(weights: list[np.ndarray], eps: list[float], x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """THEORY.md §3 formula B, written out for a bias-free ReLU MLP with row_l1 radii ε_j (0: layer unperturbed)."""
+    """docs/theory.md §3 formula B, written out for a bias-free ReLU MLP with row_l1 radii ε_j (0: layer
+    unperturbed)."""
     out = np.full((len(x), weights[-1].shape[0]), np.inf)
     a = [np.abs(w).sum(axis=1).max() for w in weights[:-1]]
     a_hat = [aj + ej for aj, ej in zip(a, eps[:-1])]
@@ -55,7 +56,7 @@ def formula_b(weights: list[np.ndarray], eps: list[float], x: np.ndarray, y: np.
 
 
 def naive_interval(layers, norm: str, eps: float, x: np.ndarray, y: np.ndarray, bias_eps: float = 0.0) -> np.ndarray:
-    """THEORY.md §4 with explicit loops: ReLU MLP with biases, every weight perturbed with absolute radius ``eps``
+    """docs/theory.md §4 with explicit loops: ReLU MLP with biases, every weight perturbed with absolute radius ``eps``
     and every bias entry by at most ``bias_eps`` (the box of a bias ball, or the entry bound of its ℓ2 ball)."""
 
     def pert(w: np.ndarray, mag: np.ndarray) -> np.ndarray:
@@ -344,15 +345,15 @@ class _Residual(nn.Module):
     "model, match",
     [
         (_Residual(), "branch"),
-        (nn.Sequential(nn.Linear(64, 8), nn.GELU(), nn.Linear(8, 10)), "'1' \\(GELU\\)"),
+        (nn.Sequential(nn.Linear(64, 8), nn.Mish(), nn.Linear(8, 10)), "'1' \\(Mish\\)"),
         (nn.Sequential(nn.Linear(64, 10), nn.ReLU()), "must end with a Linear layer"),
     ],
-    ids=["residual", "gelu", "no-final-linear"],
+    ids=["residual", "mish", "no-final-linear"],
 )
 def test_unsupported_models_raise_naming_the_module(model, match):
     clf = make_classifier(model)
     with pytest.raises(UnsupportedModelError, match=match):
-        WeightPerturbationCertifier(clf, PerturbationBudget(0.01, "inf"))
+        WeightPerturbationCertifier(clf, PerturbationBudget(0.01, "inf"), method="paper")  # "paper": chains only
 
 
 def test_class_count_must_match_the_last_layer():

@@ -1,4 +1,4 @@
-"""The "linear" certificate (THEORY.md §4b): exact weight absorption, soundness against random
+"""The "linear" certificate (docs/theory.md §4b): exact weight absorption, soundness against random
 extreme points and a per-sample weight attack on MLPs and CNNs (all norms, absolute and relative, with and without
 biases), never looser than the interval bound and strictly tighter on a trained model."""
 
@@ -86,7 +86,7 @@ def test_first_conv_bound_keeps_the_kernel_shared_and_is_exact(relative):
 
 def test_absorption_after_relu_is_exact():
     """Only the last layer is perturbed: its input ĥ ≥ 0 is known exactly, and ``A = CW − |C|δ`` gives the exact
-    minimum over the box (THEORY.md §4b)."""
+    minimum over the box (docs/theory.md §4b)."""
     torch.manual_seed(4)
     model64 = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3)).double()
     budget = PerturbationBudget(0.08, "inf", layers=["2"], include_bias=True)

@@ -1,5 +1,5 @@
-"""The backward rules of the "linear" certificate (THEORY.md §4b), each on its own: the activation relaxations and the
-chord of ``|·|`` enclose their functions, every fixed layer's rule is a lower bound on its box (exact for the linear
+"""The backward rules of the "linear" certificate (docs/theory.md §4b), each on its own: the activation relaxations and
+the chord of ``|·|`` enclose their functions, every fixed layer's rule is a lower bound on its box (exact for the linear
 maps), and the affine rule never exceeds the exact worst case over the ball at any point of the box, for every norm."""
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ def _affine_layer(module):
 
 def worst_case_value(module, a, h, budget):
     """``min over the ball of λ·((W + Δ) ⋆ h + b + Δb)`` for a known ``h``, in closed form: ``λ·(W ⋆ h + b)`` minus
-    the balls' support functions at the gradients ``G`` of ``λ·(W ⋆ h + b)`` (THEORY.md §2; the support functions are
-    checked against the balls' vertices in test_balls.py)."""
+    the balls' support functions at the gradients ``G`` of ``λ·(W ⋆ h + b)`` (docs/theory.md §2; the support functions
+    are checked against the balls' vertices in test_balls.py)."""
     out = torch.zeros(a.shape[:2], dtype=torch.float64)
     param_balls = {t.kind: t for t in budget.parameter_balls(module, torch.float64)}
     for n in range(a.shape[0]):

@@ -1,6 +1,6 @@
 """Generalization measures under weight perturbation: sharpness (worst ≥ average ≥ 0, the ball is respected, the noise
 has the stated standard deviation), PAC-Bayes σ (hits the target accuracy drop within its tolerance, checked with
-independent draws) and bound (its terms, computed here), the Rademacher bound of THEORY.md §6 (moved from
+independent draws) and bound (its terms, computed here), the Rademacher bound of docs/theory.md §6 (moved from
 test_metrics_certification.py), seeds, untouched weights and bad input."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def bias_free_classifier(digits):
-    """A bias-free digits MLP 64-16-10 trained briefly (the setting of THEORY.md §6)."""
+    """A bias-free digits MLP 64-16-10 trained briefly (the setting of docs/theory.md §6)."""
     x_train, y_train, _, _ = digits
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, 10, bias=False))
@@ -48,7 +48,9 @@ def test_generalization_bound_terms_follow_section_6(bias_free_classifier, digit
     x_train, y_train, _, _ = digits
     eps, gamma, delta = 0.01, 2.0, 0.05
     budget = PerturbationBudget(eps, "row_l1")
-    out = generalization_bound(bias_free_classifier, x_train, y_train, budget, margin=gamma, delta=delta)
+    out = generalization_bound(
+        bias_free_classifier, x_train, y_train, budget, margin=gamma, delta=delta, method="paper"
+    )
     model = bias_free_classifier.model
     weights = [m.weight.detach().double() for m in model if isinstance(m, nn.Linear)]
     norms = [float(w.abs().sum(dim=1).max()) for w in weights]
@@ -87,7 +89,7 @@ def test_generalization_bound_at_zero_radius_and_growing_radius(bias_free_classi
     large = generalization_bound(bias_free_classifier, x, y, PerturbationBudget(1e-2, "inf"), margin=1.0)
     assert zero["rademacher_term"] < small["rademacher_term"] < large["rademacher_term"]
     assert small["certified_margin_loss"] <= large["certified_margin_loss"]
-    # Box radius δ enters through the inclusion box δ ⊆ row_l1 (n·δ), n the fan-in (THEORY.md §2).
+    # Box radius δ enters through the inclusion box δ ⊆ row_l1 (n·δ), n the fan-in (docs/theory.md §2).
     assert small["eps"] == pytest.approx([64 * 1e-3, 16 * 1e-3])
 
 
@@ -139,7 +141,7 @@ def _weights(classifier) -> dict[str, torch.Tensor]:
 def test_worst_sharpness_exceeds_average_sharpness_on_a_trained_model(trained_digits_mlp, train_subset):
     x, y = train_subset
     worst = weight_sharpness(trained_digits_mlp, x, y, 0.05, norm="inf", kind="worst", m=200)
-    average = weight_sharpness(trained_digits_mlp, x, y, 0.05, norm="inf", kind="average", m=200, nb_draws=4)
+    average = weight_sharpness(trained_digits_mlp, x, y, 0.05, norm="inf", kind="average", m=200, nb_samples=4)
     assert worst["clean_loss"] == pytest.approx(average["clean_loss"])
     assert worst["loss_increase"] > average["loss_increase"] >= 0.0
     assert worst["error_increase"] >= average["error_increase"] >= 0.0
@@ -190,9 +192,9 @@ def test_average_case_noise_has_standard_deviation_rho(trained_digits_mlp, train
 def test_sharpness_is_reproducible_by_seed(trained_digits_mlp, train_subset):
     x, y = train_subset
     for kind in ("worst", "average"):
-        a = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_draws=2, seed=1)
-        b = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_draws=2, seed=1)
-        c = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_draws=2, seed=2)
+        a = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_samples=2, seed=1)
+        b = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_samples=2, seed=1)
+        c = weight_sharpness(trained_digits_mlp, x, y, 0.05, kind=kind, m=200, max_iter=3, nb_samples=2, seed=2)
         assert a == b
         assert a["perturbed_loss"] != c["perturbed_loss"]
 
@@ -232,10 +234,10 @@ def test_pac_bayes_sigma_moves_the_accuracy_by_the_target_deviation(trained_digi
 
 def test_magnitude_aware_sigma_differs_and_seeds_reproduce(trained_digits_mlp, train_subset):
     x, y = train_subset
-    plain = pac_bayes_sigma(trained_digits_mlp, x, y, nb_draws=4, seed=5)
-    aware = pac_bayes_sigma(trained_digits_mlp, x, y, nb_draws=4, magnitude_aware=True, seed=5)
+    plain = pac_bayes_sigma(trained_digits_mlp, x, y, nb_samples=4, seed=5)
+    aware = pac_bayes_sigma(trained_digits_mlp, x, y, nb_samples=4, magnitude_aware=True, seed=5)
     assert plain > 0 and aware > 0 and abs(plain - aware) > 0.1 * min(plain, aware)
-    assert pac_bayes_sigma(trained_digits_mlp, x, y, nb_draws=4, seed=5) == plain
+    assert pac_bayes_sigma(trained_digits_mlp, x, y, nb_samples=4, seed=5) == plain
 
 
 def test_pac_bayes_bound_terms(trained_digits_mlp, train_subset):
@@ -243,7 +245,7 @@ def test_pac_bayes_bound_terms(trained_digits_mlp, train_subset):
     sigma, delta = 0.05, 0.05
     model = trained_digits_mlp.base_model
     w = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    out = pac_bayes_bound(trained_digits_mlp, x, y, sigma=sigma, delta=delta, nb_draws=3)
+    out = pac_bayes_bound(trained_digits_mlp, x, y, sigma=sigma, delta=delta, nb_samples=3)
     m = len(x)
     assert out["n_parameters"] == w.numel() and out["n_samples"] == m
     assert out["kl"] == pytest.approx(float(w.pow(2).sum()) / (2 * sigma**2), rel=1e-9)
@@ -253,13 +255,13 @@ def test_pac_bayes_bound_terms(trained_digits_mlp, train_subset):
     assert out["flatness"] == pytest.approx(1 / sigma**2)
     json.dumps(out)
     # Magnitude-aware: Jiang et al.'s closed form 1/4 Σ ln((ε² + (σ² + 1)‖w‖²/ω) / (ε² + σ² w_i²)) is KL/2.
-    mag = pac_bayes_bound(trained_digits_mlp, x, y, sigma=0.5, magnitude_aware=True, nb_draws=2)
+    mag = pac_bayes_bound(trained_digits_mlp, x, y, sigma=0.5, magnitude_aware=True, nb_samples=2)
     eps, omega = 1e-3, w.numel()
     jiang = 0.25 * float(torch.log((eps**2 + 1.25 * w.pow(2).sum() / omega) / (eps**2 + 0.25 * w.pow(2))).sum())
     assert mag["kl"] / 2 == pytest.approx(jiang, rel=1e-6)
     # A prior centred on the trained weights costs nothing.
     at_w = {n: p.detach().numpy() for n, p in model.named_parameters()}
-    assert pac_bayes_bound(trained_digits_mlp, x, y, sigma=sigma, initial_weights=at_w, nb_draws=2)["kl"] == 0.0
+    assert pac_bayes_bound(trained_digits_mlp, x, y, sigma=sigma, initial_weights=at_w, nb_samples=2)["kl"] == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ safety and input
@@ -267,7 +269,7 @@ def test_weights_are_untouched_also_after_an_interrupt(trained_digits_mlp, train
     x, y = train_subset
     before = _weights(trained_digits_mlp)
     weight_sharpness(trained_digits_mlp, x, y, 0.1, kind="worst", m=400, max_iter=2)
-    pac_bayes_sigma(trained_digits_mlp, x, y, nb_draws=2)
+    pac_bayes_sigma(trained_digits_mlp, x, y, nb_samples=2)
     calls = {"n": 0}
     original = PyTorchWeightClassifier.logits
 

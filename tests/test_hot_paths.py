@@ -1,64 +1,36 @@
-"""Issue 17: the faster backward rules of the linear certificate give the bounds of the previous rules.
+"""The hot paths of the linear certificate (docs/theory.md §4b; issue 17's faster max-pool and activation rules, the
+chunked passes) against independent references, not against copies of the rules they replaced:
 
-The previous rules are kept here as the reference. The max-pool rule is bit-identical (same windows, same tie-break,
-the scatter writes exactly the entries the fold summed). The activation rule computes ``λ·where(λ ≥ 0, l, u)``
-instead of ``λ·u + λ⁺·(l − u)``: equal in exact arithmetic, so equal up to float64 rounding of the bound."""
+* soundness: on random MLPs, CNNs (overlapping, padded and disjoint max pooling) and the digits ResNet, every
+  budget, the linear and backward lower bounds of each margin are at most the margin of the perturbed network at
+  random points, extreme points (vertices, spheres) and points found by projected descent on the margin;
+* exactness: with only the last layer perturbed its input is known and every ball's term is exact (§4b), so the
+  bound is the closed-form minimum over the ball (box: ``−Σ δ|h|`` per row; row_l1: ``−ε‖h‖_∞`` per row; l2:
+  ``−ε√2 ‖h‖₂`` for the rows ``e_y − e_i``), and with a zero radius it is the nominal margin;
+* the rules themselves: ReLU/LeakyReLU lines (and the other activations') below and above the function on dense
+  grids of random boxes; the activation's backward rule below ``Σ λ σ(z)`` on the box and touching it (CROWN's
+  lines touch the function); the max-pool rule below ``Σ λ·maxpool(h)`` at random and extreme points, equal to it at
+  ``h = lo`` for ``λ ≥ 0`` and ``h = hi`` for ``λ ≤ 0``, and everywhere when every window has a dominant input;
+* paths that must agree: chunked vs one pass (``CHUNK_BYTES``, ``KERNEL_CHUNK_BYTES``), the fused max-pool +
+  activation rule vs the two rules apart, the label row dropped vs the full specification, a centred box vs plain
+  boxes, a kernel term joined to the convolution's adjoint vs apart (float64 rounding tolerances)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
 
 from art_weightpert import PerturbationBudget
 from art_weightpert.certification import linear, weight_terms
-from art_weightpert.certification.activations import relaxation
-from art_weightpert.certification.common import CentredBox, batched_dot, sum_features
-from art_weightpert.certification.interval import interval_preactivation_bounds
-from art_weightpert.network import Activation, MaxPool, read_network
+from art_weightpert.certification.common import CentredBox
+from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
+from art_weightpert.network import MaxPool, read_network
 from art_weightpert.zoo import digits_resnet
 from tests.conftest import random_cnn, random_mlp
 from tests.test_residual import warmed
-
-
-def _old_activation_backward(layer, a, lo, hi, ctx):
-    (l_slope, l_icpt), (u_slope, u_icpt) = relaxation(layer, lo, hi)
-    pos = a.clamp_min(0)
-    a_in = a * u_slope.unsqueeze(1) + pos * (l_slope - u_slope).unsqueeze(1)
-    return a_in, batched_dot(a, u_icpt) + batched_dot(pos, l_icpt - u_icpt)
-
-
-def _old_maxpool_backward(layer, a, lo, hi, ctx):
-    mod = layer.module
-    n, k = a.shape[:2]
-    if mod.ceil_mode:
-        return a.new_zeros(a.shape[:2] + lo.shape[1:]), linear.concretize(a, layer.apply(lo), layer.apply(hi))
-    kernel, stride = _pair(mod.kernel_size), _pair(mod.stride or mod.kernel_size)
-    pad, dil = _pair(mod.padding), _pair(mod.dilation)
-    channels, height, width = lo.shape[1:]
-    border = (pad[1], pad[1], pad[0], pad[0])
-
-    def windows(t):
-        t = F.pad(t, border, value=float("-inf"))
-        return F.unfold(t, kernel, dil, 0, stride).reshape(n, channels, kernel[0] * kernel[1], -1)
-
-    lw, uw = windows(lo), windows(hi)
-    best = lw.argmax(dim=2, keepdim=True)
-    l_best = lw.gather(2, best).squeeze(2)
-    others = uw.scatter(2, best, float("-inf")).amax(dim=2)
-    dominant = (others <= l_best).unsqueeze(1)
-    lam = a.reshape(n, k, channels, -1)
-    pos, neg = lam.clamp_min(0), lam.clamp_max(0)
-    selected = pos + torch.where(dominant, neg, 0.0)
-    const = sum_features(torch.where(dominant, 0.0, neg) * uw.amax(dim=2).unsqueeze(1))
-    spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
-    spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
-    size = (height + 2 * pad[0], width + 2 * pad[1])
-    folded = F.fold(spread.reshape(n * k, -1, lam.shape[-1]), size, kernel, dil, 0, stride)
-    a_in = folded[:, :, pad[0] : pad[0] + height, pad[1] : pad[1] + width]
-    return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
 
 
 def _cnn_pool(seed: int, pool: nn.Module) -> nn.Sequential:
@@ -78,6 +50,7 @@ MODELS = {
     "cnn_padded_pool": lambda: (_cnn_pool(5, nn.MaxPool2d(2, padding=1)), (1, 7, 7)),
 }
 RESIDUAL = {"digits_resnet": lambda: (warmed(digits_resnet(seed=3), (1, 8, 8)), (1, 8, 8))}
+LAST_LAYER = {"mlp": "4", "mlp_leaky": "4", "mlp_tanh": "4", "cnn_bn_maxpool": "8", "digits_resnet": "fc"}
 BUDGETS = {
     "inf": PerturbationBudget(0.02, "inf"),
     "l2_relative_bias": PerturbationBudget(0.05, "l2", relative=True, include_bias=True),
@@ -86,50 +59,303 @@ BUDGETS = {
 }
 
 
-def _problem(model_name: str, budget_name: str, n: int, seed: int):
+def _problem(model_name: str, budget, n: int, seed: int):
     """``(model, network, x, balls, labels)``: the model in float64, ``n`` random inputs, the budget's balls (on the
     digits ResNet a first-layer budget names its stem ``conv1``) and labels cycling through the classes."""
     model, shape = (RESIDUAL | MODELS)[model_name]()
     model = model.double().eval().requires_grad_(False)
     x = torch.rand((n,) + shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     network = read_network(model, shape)
-    budget = BUDGETS[budget_name]
+    budget = BUDGETS[budget] if isinstance(budget, str) else budget
     if model_name == "digits_resnet" and list(budget.layers or []) == ["0"]:
         budget = PerturbationBudget(budget.eps, budget.norm, layers=["conv1"], include_bias=True)
     labels = torch.arange(n) % network.layers[-1].module.out_features
     return model, network, x, budget.parameter_balls(model, torch.float64), labels
 
 
-def _bounds(model_name: str, budget_name: str, rules: dict, fuse: bool = True) -> torch.Tensor:
-    _, network, x, balls, labels = _problem(model_name, budget_name, 12, 1)
-    saved, fused = dict(linear.BACKWARD_RULES), linear._activation_before_pool
-    linear.BACKWARD_RULES.update(rules)
-    if rules or not fuse:  # each rule on its own (the pooling + activation shortcut bypasses the table)
-        linear._activation_before_pool = lambda network, index: None
-    try:
-        return linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
-    finally:
-        linear.BACKWARD_RULES.update(saved)
-        linear._activation_before_pool = fused
+def _margins(model: nn.Module, balls, deltas, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(N, K)`` margins ``f_y − f_i`` of the network with the weights moved by ``deltas`` (one per ball)."""
+    params = dict(model.named_parameters())
+    for b, d in zip(balls, deltas):
+        params[b.param_name] = params[b.param_name] + d
+    logits = torch.func.functional_call(model, {**params, **dict(model.named_buffers())}, (x,))
+    return logits.gather(1, labels.unsqueeze(1)) - logits
+
+
+def _smallest_margins(model, balls, x, labels, nb_points: int, seed: int) -> torch.Tensor:
+    """The smallest margin ``(N, K)`` seen over random points of the ball (uniform, extreme, Gaussian on the
+    boundary) and over a few steps of projected descent on the sum of each column's margins."""
+    gen = torch.Generator().manual_seed(seed)
+    zeros = [torch.zeros(model.get_parameter(b.param_name).shape, dtype=torch.float64) for b in balls]
+    smallest = _margins(model, balls, zeros, x, labels)
+    kinds = ["uniform", "extreme", "gaussian"]
+    for i in range(nb_points):
+        deltas = [b.ball.sample(b.radius, model.get_parameter(b.param_name).shape, kinds[i % 3], gen) for b in balls]
+        smallest = torch.minimum(smallest, _margins(model, balls, deltas, x, labels))
+    nb_classes = smallest.shape[1]
+    for offset in range(1, nb_classes):
+        column = (labels + offset) % nb_classes
+        deltas = zeros
+        for _ in range(6):
+            deltas = [d.requires_grad_(True) for d in deltas]
+            margin = _margins(model, balls, deltas, x, labels)
+            smallest = torch.minimum(smallest, margin.detach())
+            grads = torch.autograd.grad(-margin.gather(1, column.unsqueeze(1)).sum(), deltas)
+            with torch.no_grad():
+                deltas = [
+                    b.ball.project(d + b.ball.steepest_step(g, b.radius, 0.5), b.radius)
+                    for b, d, g in zip(balls, deltas, grads)
+                ]
+        smallest = torch.minimum(smallest, _margins(model, balls, deltas, x, labels).detach())
+    return smallest
+
+
+def _without_fusion(monkeypatch) -> None:
+    monkeypatch.setattr(linear, "_activation_before_pool", lambda network, index: None)
 
 
 @pytest.mark.parametrize("budget_name", list(BUDGETS))
-@pytest.mark.parametrize("model_name", list(MODELS))
-def test_new_rules_give_the_previous_bounds(model_name, budget_name):
-    new = _bounds(model_name, budget_name, {}, fuse=False)
-    fused = _bounds(model_name, budget_name, {})
-    with_old_pool = _bounds(model_name, budget_name, {MaxPool: _old_maxpool_backward})
-    old = _bounds(model_name, budget_name, {MaxPool: _old_maxpool_backward, Activation: _old_activation_backward})
-    assert torch.isfinite(new[new != float("inf")]).all()
-    # max pooling: bit-identical
-    torch.testing.assert_close(new, with_old_pool, rtol=0, atol=0)
-    # activations: the same value in exact arithmetic, float64 rounding apart
-    scale = old[torch.isfinite(old)].abs().max()
-    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12 * float(scale))
-    # a max pooling after an activation, both rules on the windows' maxima: the same sums, in another order
-    torch.testing.assert_close(fused, new, rtol=1e-12, atol=1e-12 * float(scale))
+@pytest.mark.parametrize("model_name", list(MODELS | RESIDUAL))
+def test_bounds_are_below_the_margins_in_the_ball(model_name, budget_name, monkeypatch):
+    model, network, x, balls, labels = _problem(model_name, budget_name, 8, 1)
+    backward = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    lin = linear.linear_margin_bounds(network, balls, x, labels, torch.float64)
+    interval = interval_margin_bounds(network, balls, x, labels, torch.float64)
+    others = torch.isfinite(backward)
+    assert int(others.sum()) == len(x) * (backward.shape[1] - 1)  # +inf at the label's column only
+    # docs/theory.md §4b: the linear method returns the element-wise maximum with the interval bound
+    torch.testing.assert_close(lin, torch.maximum(backward, interval), rtol=0, atol=0)
+    smallest = _smallest_margins(model, balls, x, labels, 24 if model_name == "digits_resnet" else 60, seed=2)
+    scale = float(smallest[others].abs().max())
+    assert bool((lin[others] <= smallest[others] + 1e-12 * scale).all()), float((lin - smallest)[others].max())
+    # the rules apart (the pooling + activation shortcut off) give the same bound, float64 rounding apart
+    _without_fusion(monkeypatch)
+    apart = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    torch.testing.assert_close(apart, backward, rtol=1e-12, atol=1e-12 * scale)
 
 
+def _last_layer_minimum(model, model_name, budget, x, labels) -> torch.Tensor:
+    """The closed-form minimum of the margins over the ball when only the last Linear layer (input ``h``, known)
+    is perturbed: ``m − min over the ball of (Δ_y − Δ_i)·h + Δb_y − Δb_i``."""
+    last = model.get_submodule(LAST_LAYER[model_name])
+    features = []
+    hook = last.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].flatten(1)))
+    logits = model(x)
+    hook.remove()
+    h, w, b = features[0], last.weight, last.bias
+    margin = logits.gather(1, labels.unsqueeze(1)) - logits
+    eps, y = budget.eps, labels.unsqueeze(1)
+    if budget.norm == "inf":  # min of Δ_r·h over |Δ_rc| ≤ δ_rc is −Σ_c δ_rc |h_c|, rows y and i apart
+        delta = eps * w.abs() if budget.relative else torch.full_like(w, eps)
+        per_row = h.abs() @ delta.T  # (N, K)
+        cost = per_row.gather(1, y) + per_row
+        if budget.include_bias:
+            bias = eps * b.abs() if budget.relative else torch.full_like(b, eps)
+            cost = cost + bias[y.squeeze(1)].unsqueeze(1) + bias
+    elif budget.norm == "row_l1":  # −ε_r ‖h‖_∞ per row (Hölder, attained on a vertex ±ε_r e_c)
+        radius = eps * w.abs().sum(dim=1) if budget.relative else torch.full((w.shape[0],), eps, dtype=w.dtype)
+        per_row = h.abs().amax(dim=1, keepdim=True) * radius
+        cost = per_row.gather(1, y) + per_row
+        assert not budget.include_bias
+    else:  # one Frobenius ball over the layer: −ε ‖(e_y − e_i) hᵀ‖_F = −ε √2 ‖h‖₂; the bias ball likewise
+        radius = eps * w.norm() if budget.relative else eps
+        cost = radius * math.sqrt(2) * h.norm(dim=1, keepdim=True).expand_as(margin)
+        if budget.include_bias:
+            cost = cost + (eps * b.norm() if budget.relative else eps) * math.sqrt(2)
+    return margin - cost
+
+
+EXACT_BUDGETS = [
+    ("inf", False, False),
+    ("inf", True, True),
+    ("row_l1", False, False),
+    ("row_l1", True, False),
+    ("l2", False, False),
+    ("l2", True, True),
+]
+
+
+@pytest.mark.parametrize("norm, relative, bias", EXACT_BUDGETS)
+@pytest.mark.parametrize("model_name", list(LAST_LAYER))
+def test_only_the_last_layer_perturbed_gives_the_exact_minimum(model_name, norm, relative, bias):
+    model, shape = (RESIDUAL | MODELS)[model_name]()
+    budget = PerturbationBudget(0.05, norm, layers=[LAST_LAYER[model_name]], relative=relative, include_bias=bias)
+    model, network, x, balls, labels = _problem(model_name, budget, 6, 5)
+    expected = _last_layer_minimum(model, model_name, budget, x, labels)
+    others = labels.unsqueeze(1) != torch.arange(expected.shape[1])
+    scale = float(expected.abs().max())
+    for bound in (
+        linear.backward_margin_bounds(network, balls, x, labels, torch.float64),
+        linear.linear_margin_bounds(network, balls, x, labels, torch.float64),
+    ):
+        torch.testing.assert_close(bound[others], expected[others], rtol=1e-12, atol=1e-12 * scale)
+    # the closed form is a minimum: no point found by descent goes below it
+    smallest = _smallest_margins(model, balls, x, labels, 0, seed=0)
+    assert bool((smallest[others] >= expected[others] - 1e-12 * scale).all())
+
+
+@pytest.mark.parametrize("model_name", list(MODELS | RESIDUAL))
+def test_a_zero_radius_gives_the_nominal_margins(model_name):
+    model, network, x, balls, labels = _problem(model_name, PerturbationBudget(0.0, "inf", include_bias=True), 6, 6)
+    margin = model(x).gather(1, labels.unsqueeze(1)) - model(x)
+    bound = linear.backward_margin_bounds(network, balls, x, labels, torch.float64)
+    others = torch.isfinite(bound)
+    torch.testing.assert_close(bound[others], margin[others], rtol=1e-12, atol=1e-12 * float(margin.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------------------ the rules
+ACTIVATIONS = {
+    "relu": nn.ReLU(),
+    "leaky_relu": nn.LeakyReLU(0.1),
+    "leaky_relu_concave": nn.LeakyReLU(2.0),
+    "tanh": nn.Tanh(),
+    "sigmoid": nn.Sigmoid(),
+    "elu": nn.ELU(),
+    "softplus": nn.Softplus(),
+    "silu": nn.SiLU(),
+    "gelu": nn.GELU(),
+}
+KINKED = {"relu", "leaky_relu", "leaky_relu_concave"}
+
+
+def _activation(name: str):
+    model = nn.Sequential(nn.Linear(2, 2), ACTIVATIONS[name], nn.Linear(2, 2)).double()
+    return read_network(model, (2,)).layers[1]
+
+
+def _boxes(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` boxes across 0, on either side of it, wide and narrow, and points."""
+    gen = torch.Generator().manual_seed(seed)
+    centre = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+    width = torch.rand(n, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-3, 2, (n,), generator=gen)
+    width[::7] = 0.0
+    return centre - width, centre + width
+
+
+def _grid(lo: torch.Tensor, hi: torch.Tensor, nb: int = 401) -> torch.Tensor:
+    """``(n, nb + 1)`` points of each box: a uniform grid with both ends, and 0 where the box holds it."""
+    t = torch.linspace(0, 1, nb, dtype=torch.float64)
+    z = lo.unsqueeze(1) + (hi - lo).unsqueeze(1) * t
+    zero = torch.where((lo <= 0) & (hi >= 0), torch.zeros_like(lo), lo)
+    return torch.cat([z, zero.unsqueeze(1)], dim=1).clamp(lo.unsqueeze(1), hi.unsqueeze(1))
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_lines_enclose_the_function_on_dense_grids(name):
+    layer = _activation(name)
+    lo, hi = _boxes(300, seed=1)
+    (l_slope, l_icpt), (u_slope, u_icpt) = layer.relaxation(lo, hi)
+    z = _grid(lo, hi)
+    f = ACTIVATIONS[name].double()(z)
+    below = l_slope.unsqueeze(1) * z + l_icpt.unsqueeze(1)
+    above = u_slope.unsqueeze(1) * z + u_icpt.unsqueeze(1)
+    tol = 1e-12 * (1 + z.abs())
+    assert bool((below <= f + tol).all()), float((below - f).max())
+    assert bool((above >= f - tol).all()), float((f - above).max())
+    if name in KINKED:  # CROWN: both lines touch the function on the box (chord at the ends, a line through 0)
+        assert bool(((f - below).amin(dim=1) <= 1e-12 * (1 + hi.abs())).all())
+        assert bool(((above - f).amin(dim=1) <= 1e-12 * (1 + hi.abs())).all())
+        slope = ACTIVATIONS[name].negative_slope if name != "relu" else 0.0
+        crossing = (lo < 0) & (hi > 0)
+        through_zero = l_slope if slope <= 1 else u_slope  # slope 1 when hi > −lo, else the leak (as CROWN)
+        expected = torch.where(hi > -lo, torch.ones_like(lo), torch.full_like(lo, slope))
+        torch.testing.assert_close(through_zero[crossing], expected[crossing], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_activation_backward_rule_is_below_and_touches(name):
+    """``Σ_j λ_j σ(z_j) ≥ a_in·z + c`` on the whole box (separable: the minimum is the sum of per-coordinate minima,
+    taken on a dense grid); for the kinked activations the bound touches: the minimum of the gap is 0."""
+    layer = _activation(name)
+    lo, hi = (t.reshape(30, 10) for t in _boxes(300, seed=2))
+    a = torch.randn(30, 3, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a[:, 0] = a[:, 0].abs()  # all non-negative
+    a[:, 1] = -a[:, 1].abs()  # all non-positive
+    a_in, c = layer.backward(a, lo, hi)
+    assert a_in.shape == a.shape and c.shape == a.shape[:2]
+    z = _grid(lo.reshape(-1), hi.reshape(-1)).reshape(30, 1, 10, -1)
+    f = ACTIVATIONS[name].double()(z)
+    gap = (a.unsqueeze(-1) * f - a_in.unsqueeze(-1) * z).amin(dim=-1).sum(dim=-1) - c  # (N, K)
+    tol = 1e-11 * (1 + (a.abs().unsqueeze(-1) * (1 + z.abs())).amax(dim=-1).sum(dim=-1))
+    assert bool((gap >= -tol).all()), float(gap.min())
+    if name in KINKED:
+        assert bool((gap <= tol).all()), float(gap.max())
+
+
+POOLS = {
+    "disjoint": nn.MaxPool2d(2),
+    "disjoint_padded": nn.MaxPool2d(2, padding=1),
+    "overlapping": nn.MaxPool2d(3, stride=2, padding=1),
+    "overlapping_stride_1": nn.MaxPool2d(2, stride=1),
+    "dilated": nn.MaxPool2d(2, dilation=2),
+    "ceil_mode": nn.MaxPool2d(2, ceil_mode=True),
+}
+
+
+def _pool_problem(name: str, dominant: bool, seed: int):
+    """A pooling layer, a box ``(3, 2, 5, 5)`` and coefficients ``(3, 4) + output shape``: column 0 non-negative,
+    column 1 non-positive. ``dominant``: distinct lower ends 1 apart and widths below 1, so in every window the input
+    with the largest lower bound is above every other one on the whole box."""
+    layer = MaxPool.from_module("pool", POOLS[name])
+    gen = torch.Generator().manual_seed(seed)
+    if dominant:
+        lo = torch.randperm(3 * 2 * 25, generator=gen).to(torch.float64).reshape(3, 2, 5, 5) - 40
+        hi = lo + 0.9 * torch.rand(lo.shape, generator=gen, dtype=torch.float64)
+    else:
+        lo = torch.randn(3, 2, 5, 5, generator=gen, dtype=torch.float64)
+        hi = lo + torch.rand(lo.shape, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(
+            -2, 1, lo.shape, generator=gen
+        )
+        hi.view(-1)[::5] = lo.view(-1)[::5]  # some exact entries
+    a = torch.randn((3, 4) + layer.apply(lo).shape[1:], generator=gen, dtype=torch.float64)
+    a[:, 0] = a[:, 0].abs()
+    a[:, 1] = -a[:, 1].abs()
+    return layer, lo, hi, a
+
+
+def _points(lo: torch.Tensor, hi: torch.Tensor, nb: int, seed: int) -> torch.Tensor:
+    """``(nb, *lo.shape)`` points of the box: uniform, random vertices, and vertices with one entry per window moved."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand((nb,) + lo.shape, generator=gen, dtype=torch.float64)
+    u[nb // 3 :] = u[nb // 3 :].round()  # vertices
+    return lo + (hi - lo) * u
+
+
+def _pool_gap(layer, a, a_in, c, h):
+    """``Σ λ·maxpool(h) − (a_in·h + c)`` for every point ``h`` ``(S, N, ...)``: ``(S, N, K)``."""
+    s, n = h.shape[:2]
+    y = layer.apply(h.reshape((s * n,) + h.shape[2:])).reshape((s, n) + a.shape[2:])
+    value = (a.unsqueeze(0) * y.unsqueeze(2)).flatten(3).sum(dim=3)
+    line = (a_in.unsqueeze(0) * h.unsqueeze(2)).flatten(3).sum(dim=3) + c
+    return value - line
+
+
+@pytest.mark.parametrize("name", list(POOLS))
+def test_max_pool_rule_is_below_and_exact_at_the_box_ends(name):
+    layer, lo, hi, a = _pool_problem(name, dominant=False, seed=0)
+    a_in, c = layer.backward(a, lo, hi)
+    assert a_in.shape == a.shape[:2] + lo.shape[1:]
+    tol = 1e-12 * (1 + a.abs().flatten(2).sum(dim=2) * max(float(lo.abs().max()), float(hi.abs().max())))
+    gap = _pool_gap(layer, a, a_in, c, _points(lo, hi, 300, seed=1))
+    assert bool((gap >= -tol).all()), float(gap.min())
+    at_lo = _pool_gap(layer, a, a_in, c, lo.unsqueeze(0))[0]
+    at_hi = _pool_gap(layer, a, a_in, c, hi.unsqueeze(0))[0]
+    # λ ≥ 0: the lower bound is λ·h_{j*} with j* the largest lower bound, so it is exact at h = lo; λ ≤ 0: exact at hi
+    torch.testing.assert_close(at_lo[:, 0], torch.zeros_like(at_lo[:, 0]), rtol=0, atol=float(tol.max()))
+    torch.testing.assert_close(at_hi[:, 1], torch.zeros_like(at_hi[:, 1]), rtol=0, atol=float(tol.max()))
+
+
+@pytest.mark.parametrize("name", [n for n in POOLS if n != "ceil_mode"])
+def test_max_pool_rule_is_exact_on_dominated_windows(name):
+    """When one input of every window is above the others on the whole box, ``y = h_{j*}`` there: the rule's linear
+    function equals ``Σ λ·maxpool(h)`` at every point of the box, for coefficients of either sign."""
+    layer, lo, hi, a = _pool_problem(name, dominant=True, seed=2)
+    a_in, c = layer.backward(a, lo, hi)
+    gap = _pool_gap(layer, a, a_in, c, _points(lo, hi, 100, seed=3))
+    torch.testing.assert_close(gap, torch.zeros_like(gap), rtol=0, atol=1e-10 * float(a.abs().sum()))
+
+
+# ------------------------------------------------------------------------------------------------------ paths
 @pytest.mark.parametrize("budget_name", list(BUDGETS))
 @pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool"])
 def test_label_row_dropped_gives_the_full_specification_bounds(model_name, budget_name):

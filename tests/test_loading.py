@@ -306,3 +306,21 @@ def test_save_model_writes_what_the_extension_says(tmp_path):
     with pytest.raises(UsageError, match=r"\.pt2"):
         save_model(model, str(tmp_path / "m.bin"), example)
     assert not (tmp_path / "m.bin").exists()
+
+
+@pytest.mark.parametrize("activation", [nn.ELU(0.5), nn.Softplus(2.0, 5.0), nn.SiLU(), nn.GELU()], ids=repr)
+def test_smooth_activations_are_read_from_every_format(activation, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), activation, nn.Linear(6, 3)).eval()
+    x = torch.randn(5, 8)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "model.pt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation
+        torch.jit.save(torch.jit.trace(model, x), tmp_path / "traced.pt")
+        torch.jit.save(torch.jit.script(model), tmp_path / "scripted.pt")
+    for name in ("model.pt2", "traced.pt", "scripted.pt"):
+        loaded = load_model(tmp_path / name)
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+        layer = read_network(loaded, (8,)).layers[1]
+        assert layer.kind == type(activation).__name__.lower(), name

@@ -92,14 +92,14 @@ def test_unsupported_model_for_certification_gives_nan_a_note_and_a_reason(test_
 
     x, y = test_data
     torch.manual_seed(0)
-    gelu = make_classifier(nn.Sequential(nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10)), (64,))
+    mish = make_classifier(nn.Sequential(nn.Linear(64, 16), nn.Mish(), nn.Linear(16, 10)), (64,))
     result = weight_robustness_curve(
-        gelu, x, y, [0.01], methods=("pgd", "certified"), pgd_params={"max_iter": 2}, certify_method="paper"
+        mish, x, y, [0.01], methods=("pgd", "certified"), pgd_params={"max_iter": 2}, method="paper"
     )
     assert math.isnan(result["accuracies"]["certified"][0])
     assert not math.isnan(result["accuracies"]["pgd"][0])
-    assert any("GELU" in note for note in result["notes"])
-    assert "GELU" in result["unavailable"]["certified"]
+    assert any("Mish" in note for note in result["notes"])
+    assert "Mish" in result["unavailable"]["certified"]
 
 
 def test_curve_rejects_bad_arguments(clf, test_data):
@@ -112,8 +112,8 @@ def test_curve_rejects_bad_arguments(clf, test_data):
         weight_robustness_curve(clf, x, y, [-0.1], methods=("clean",))
     with pytest.raises(ValueError, match="norm"):
         weight_robustness_curve(clf, x, y, [0.1], norm="l1", methods=("clean",))
-    with pytest.raises(ValueError, match="certify_method"):
-        weight_robustness_curve(clf, x, y, [0.1], certify_method="exact")
+    with pytest.raises(ValueError, match="`method`"):
+        weight_robustness_curve(clf, x, y, [0.1], method="exact")
     with pytest.raises(TypeError, match="classifier"):
         weight_robustness_curve(object(), x, y, [0.1])
     with pytest.raises(ValueError, match="NaN"):

@@ -1,9 +1,13 @@
-"""The row-ℓ1 attack step after issue 17's trimming (fewer passes and matrices, ``topk(sorted=False)``, soft
-thresholding as ``v − clamp(v, −θ, θ)``) gives bit-for-bit the values of the previous code, and PGD's iterates stay
-in the ball."""
+"""The row-ℓ1 attack step (:meth:`.RowL1Ball.steepest_step`, docs/theory.md §2) against its definition, written here
+independently: steepest ℓ1 ascent puts the step on the largest ``|g|`` of each row, spread over the ``k = max(1,
+⌈0.05 n⌉)`` largest (``n`` the row's fan-in): ``step·r·sign(g)/k`` on a set of ``k`` entries with the largest
+``|g|``, 0 elsewhere. So ``⟨g, d⟩ = step·r·(mean of the k largest |g|)``, the maximum of ``⟨g, d⟩`` over the steps
+that spread ``step·r`` equally over ``k`` entries (brute force over every ``k``-subset on small rows), and the
+support function ``step·r·‖g‖_∞`` of the ℓ1 ball when ``k = 1``. PGD's iterates stay in the ball."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -13,25 +17,51 @@ from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPGD, balls
 from art_weightpert.attacks import ascent, weight_pgd
+from tests.test_projection import check_projection
 
 BALL = balls.RowL1Ball()
 
 
-def previous_steepest_step(grad: torch.Tensor, radius: torch.Tensor, step: float) -> torch.Tensor:
-    """``RowL1Ball.steepest_step`` before issue 17's trimming, verbatim: the reference."""
-    g = grad.reshape(grad.shape[0], -1) if grad.dim() > 1 else grad.reshape(-1, 1)
-    k = max(1, int(math.ceil(0.05 * g.shape[1])))
-    top = g.abs().topk(k, dim=1).indices
-    mask = torch.zeros_like(g).scatter_(1, top, 1.0)
-    d = mask * g.sign() / k
-    return (step * radius.unsqueeze(1) * d).reshape(grad.shape)
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1)
 
 
-def previous_soft_threshold(delta: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """``RowL1Ball.project`` before the trimming: ``copysign(max(|v| − θ, 0), v)`` at the same ``θ``."""
-    v = delta.reshape(delta.shape[0], -1) if delta.dim() > 1 else delta.reshape(-1, 1)
-    a = v.abs()
-    return torch.copysign((a - balls._l1_threshold(a, radius)).clamp_min_(0), v).reshape(delta.shape)
+def check_step(grad: torch.Tensor, radius: torch.Tensor, step: float, d: torch.Tensor, brute_force: bool) -> None:
+    """Assert that ``d`` is a steepest row-ℓ1 step of ``grad`` by the definition above, row by row, in float64."""
+    assert d.shape == grad.shape and d.dtype == torch.result_type(grad, radius)
+    g = rows_of(grad).double().numpy()
+    dd = rows_of(d).double().numpy()
+    r = radius.double().numpy()
+    n = g.shape[1]
+    k = max(1, math.ceil(0.05 * n))
+    ag = np.abs(g)
+    top_mean = -np.sort(-ag, axis=1)[:, :k].sum(axis=1) / k  # mean of the k largest |g| (numpy's sort)
+    eps = np.finfo(np.float32 if d.dtype == torch.float32 else np.float64).eps
+    for row in range(g.shape[0]):
+        size = step * r[row] / k  # the magnitude on each entry of the support
+        tol = 4 * eps * abs(size)
+        nonzero = dd[row] != 0
+        if size == 0:
+            assert not nonzero.any()
+            continue
+        # at most k entries, each of magnitude step·r/k with the sign of g (g = 0 entries get 0)
+        assert nonzero.sum() <= k
+        assert (np.abs(np.abs(dd[row, nonzero]) - size) <= tol).all()
+        assert (np.sign(dd[row, nonzero]) == np.sign(g[row, nonzero])).all()
+        # the support holds entries with the largest |g|: k of them once the zero-g entries are counted
+        assert nonzero.sum() == min(k, int((ag[row] > 0).sum()))
+        if nonzero.any() and (~nonzero).any():
+            assert ag[row, nonzero].min() >= ag[row, ~nonzero].max()
+        # ℓ1 norm at most step·r, equal when the row has k non-zero gradients
+        assert np.abs(dd[row]).sum() <= step * r[row] * (1 + 4 * k * eps)
+        # the value of the step: step·r times the mean of the k largest |g| ...
+        value = float(g[row] @ dd[row])
+        assert abs(value - step * r[row] * top_mean[row]) <= 8 * k * eps * step * r[row] * top_mean[row] + 1e-300
+        if k == 1:  # ... which is the support function of the ℓ1 ball of radius step·r
+            assert abs(value - step * r[row] * ag[row].max()) <= 8 * eps * step * r[row] * ag[row].max()
+        if brute_force and math.comb(n, k) <= 2000:  # ... and the best spread of step·r over any k entries
+            best = max(ag[row, list(s)].sum() for s in itertools.combinations(range(n), k)) * size
+            assert abs(value - best) <= 8 * k * eps * best + 1e-300
 
 
 def gradient_cases(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
@@ -55,19 +85,29 @@ def radius_for(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.T
     return radius
 
 
-SHAPES = [(64, 300), (40, 7), (12, 3, 5, 5), (9,), (1, 1)]
+SHAPES = [(64, 300), (40, 7), (12, 3, 5, 5), (9,), (1, 1), (10, 40)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_steepest_step_equals_the_previous_implementation(shape, dtype):
+def test_steepest_step_is_the_spread_steepest_ascent(shape, dtype):
     radius = radius_for(shape, dtype, seed=1)
-    for i, grad in enumerate(gradient_cases(shape, dtype, seed=2)):
+    for grad in gradient_cases(shape, dtype, seed=2):
         for step in (1.0, 0.37):
-            new = BALL.steepest_step(grad, radius, step)
-            old = previous_steepest_step(grad, radius, step)
-            assert new.dtype == old.dtype and new.shape == old.shape
-            assert torch.equal(new, old), (shape, dtype, i, step)
+            check_step(grad, radius, step, BALL.steepest_step(grad, radius, step), brute_force=shape[0] <= 40)
+
+
+def test_the_checker_rejects_a_wrong_step():
+    """The reference can fail: a step on the wrong entries, of the wrong size, or with a flipped sign is refused."""
+    grad = torch.randn(10, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    radius = torch.ones(10, dtype=torch.float64)
+    good = BALL.steepest_step(grad, radius, 0.5)
+    check_step(grad, radius, 0.5, good, brute_force=True)
+    smallest = grad.abs().topk(2, dim=1, largest=False).indices
+    wrong_entries = torch.zeros_like(grad).scatter_(1, smallest, 0.25 * grad.gather(1, smallest).sign())
+    for bad in (wrong_entries, 1.01 * good, -good, good.roll(1, dims=1)):
+        with pytest.raises(AssertionError):
+            check_step(grad, radius, 0.5, bad, brute_force=True)
 
 
 def test_steepest_step_keeps_the_promoted_dtype_of_a_wider_radius():
@@ -75,17 +115,18 @@ def test_steepest_step_keeps_the_promoted_dtype_of_a_wider_radius():
     radius = torch.rand(20, dtype=torch.float64)
     new = BALL.steepest_step(grad, radius, 0.5)
     assert new.dtype == torch.float64
-    assert torch.equal(new, previous_steepest_step(grad, radius, 0.5))
+    check_step(grad, radius, 0.5, new, brute_force=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_projection_equals_the_previous_soft_threshold(shape, dtype):
+def test_projection_of_the_step_cases_is_the_euclidean_projection(shape, dtype):
+    """The projection on the gradient cases (ties at the top, one non-zero entry, zero rows), rows inside, near and far
+    outside their ball: the KKT conditions and bisection θ of tests/test_projection.py."""
     radius = radius_for(shape, dtype, seed=4)
-    for i, delta in enumerate(gradient_cases(shape, dtype, seed=5)):
-        for scale in (0.01, 1.0, 100.0):  # rows inside, near and far outside their ball
-            got = BALL.project(scale * delta, radius)
-            assert torch.equal(got, previous_soft_threshold(scale * delta, radius)), (shape, dtype, i, scale)
+    for delta in gradient_cases(shape, dtype, seed=5):
+        for scale in (0.01, 1.0, 100.0):
+            check_projection(scale * delta, radius, BALL.project(scale * delta, radius))
 
 
 def test_projected_steps_stay_in_the_ball_and_keep_zero_radius_rows_at_zero():
@@ -95,7 +136,9 @@ def test_projected_steps_stay_in_the_ball_and_keep_zero_radius_rows_at_zero():
     direction = torch.randn(48, 120, generator=gen)
     for iteration in range(12):
         grad = direction + torch.randint(-2, 3, (48, 120), generator=gen).float()  # drifting, with ties
+        moved = delta + BALL.steepest_step(grad, radius, 1.0 / (1 + iteration % 3))
         delta = ascent.projected_step(BALL, delta, grad, radius, 1.0 / (1 + iteration % 3))
+        check_projection(moved, radius, delta)
         assert float(BALL.excess(delta, radius)) <= 1e-6 * float(radius.max())
         assert not delta[radius == 0].any()
 
@@ -114,7 +157,11 @@ def test_weight_pgd_iterates_stay_in_the_row_l1_ball(monkeypatch):
         return iterates[-1]
 
     monkeypatch.setattr(weight_pgd, "weight_step", recording_step)
-    WeightPGD(clf, budget, max_iter=6, eps_step=0.5, verbose=False).generate(x, y)
-    assert len(iterates) == 6
+    attack = WeightPGD(clf, budget, max_iter=6, eps_step=0.5, verbose=False)
+    attack.generate(x, y)
+    assert len(iterates) == 6 * (1 + attack.num_random_init)  # every step of every start
     for deltas in iterates:
         assert budget.contains({k: v.detach().numpy() for k, v in deltas.items()}, model)
+        weight = deltas["0.weight"].detach().double()
+        radius = 0.3 * model[0].weight.detach().double().abs().sum(dim=1)
+        assert bool((weight.abs().sum(dim=1) <= radius * (1 + 1e-5)).all())

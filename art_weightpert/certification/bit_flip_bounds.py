@@ -8,8 +8,8 @@ A *case* gives every quantized layer a flip budget ``k_l`` and a total ``k``: it
   takes its own worst ``k_l`` flips against the input box (a superset: the true flips are shared by all units). A
   layer whose input is exact and that cannot flip stays exact.
 * :func:`interval_margins`: the last layer folded into the margin specification, its pair terms against its input box.
-* :func:`backward_margins` (the ``"linear"`` method): the CROWN backward pass from the margins (relaxations of the
-  fixed layers from :mod:`.linear`), each affine layer contributing its ``k_l`` most negative pair terms
+* :func:`backward_margins` (the ``"linear"`` method): the CROWN backward pass from the margins (the fixed operators'
+  backward rules), each affine layer contributing its ``k_l`` most negative pair terms
   ``min(λ_r s d_b ĥ_c)`` over the box; the ``k`` most negative over all layers together are added (the budget shared
   exactly at the specification). The first affine layer sees the known input: its terms are exact.
 
@@ -29,9 +29,10 @@ from art_weightpert.certification.bit_flip_terms import (
 )
 from art_weightpert.certification.common import margin_matrix
 from art_weightpert.certification.interval import INTERVAL_RULES
-from art_weightpert.certification.linear import BACKWARD_RULES, concretize
-from art_weightpert.certification.weight_terms import AffineBackward
+from art_weightpert.certification.linear import BACKWARD_RULES
 from art_weightpert.network import Affine, Network
+from art_weightpert.operators.affine_view import AffineBackward
+from art_weightpert.operators.tensors import concretize
 
 Case = dict  # {weight name: flips allowed in that layer}
 
@@ -62,7 +63,7 @@ def flip_boxes(
     boxes = []
     for layer in network.layers:
         boxes.append((lo, hi))
-        if isinstance(layer, Affine):
+        if layer.weighted:
             lo, hi = _affine_box(layer, params, lo, hi, tables.get(layer.weight_name), case.get(layer.weight_name, 0))
         elif lo is hi:
             lo = hi = layer.apply(lo)
@@ -136,14 +137,14 @@ def backward_pass(
     for index in range(len(network.layers) - 1, -1, -1):
         layer, (lo, hi) = network.layers[index], boxes[index]
         if lo is hi:  # known input: λ·(W h + b) with exact pair terms, or the fixed layer's exact output
-            if isinstance(layer, Affine):
+            if layer.weighted:
                 _terms(layer, tables, case, a, lo, lo, candidates)
                 weight, bias = params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None
                 out = layer.apply(lo, weight, bias)
             else:
                 out = layer.apply(lo)
             return None, const + concretize(a, out, out), candidates
-        if isinstance(layer, Affine):
+        if layer.weighted:
             _terms(layer, tables, case, a, lo, hi, candidates)
             a, c = _affine_backward(layer, params, a, lo, hi)
         else:

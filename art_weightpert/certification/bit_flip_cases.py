@@ -33,8 +33,8 @@ from art_weightpert.certification.bit_flip_bounds import (
 from art_weightpert.certification.bit_flip_enumeration import single_flip_margins
 from art_weightpert.certification.bit_flip_terms import FlipTable, chunked, neuron_flip_box, sum_smallest
 from art_weightpert.certification.common import margin_matrix
-from art_weightpert.certification.linear import concretize
-from art_weightpert.network import Activation, Affine, Network
+from art_weightpert.network import Affine, Network
+from art_weightpert.operators.tensors import concretize
 
 MAX_CASES = 16
 """Largest number of per-layer budget splits enumerated; beyond it the cases are the first layer that flips."""
@@ -54,7 +54,7 @@ def flip_cases(names: list[str], k: int) -> list[Case]:
 
 
 def _apply(layer, params: dict, h: torch.Tensor) -> torch.Tensor:
-    if isinstance(layer, Affine):
+    if layer.weighted:
         return layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
     return layer.apply(h)
 
@@ -72,7 +72,7 @@ def case_margins(
     """Margin lower bounds ``(N, K)`` (label column included) over the flip sets of ``case`` with at most ``k`` flips:
     the maximum of the interval and the backward bound, with the row split where it applies."""
     first = next(
-        (i for i, layer in enumerate(network.layers) if isinstance(layer, Affine) and case.get(layer.weight_name, 0)),
+        (i for i, layer in enumerate(network.layers) if layer.weighted and case.get(layer.weight_name, 0)),
         None,
     )
     if first is not None and first < len(network.layers) - 1:
@@ -123,8 +123,8 @@ def _next_affine(network: Network, first: int) -> int | None:
     """Index of the affine layer ``g`` fed by the affine layer ``first`` through at most one activation (Linear to
     Linear, or convolution to an ungrouped convolution), else ``None``."""
     layers = network.layers
-    nxt = first + 2 if isinstance(layers[first + 1], Activation) else first + 1
-    if nxt >= len(layers) or not isinstance(layers[nxt], Affine) or layers[nxt].is_conv != layers[first].is_conv:
+    nxt = first + 2 if layers[first + 1].elementwise else first + 1
+    if nxt >= len(layers) or not layers[nxt].weighted or layers[nxt].is_conv != layers[first].is_conv:
         return None
     return nxt if not layers[nxt].is_conv or layers[nxt].module.groups == 1 else None
 
@@ -160,7 +160,7 @@ def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, fir
     activation: its flips move at most ``k_f`` of its output units (Linear) or channels (convolution), so ``g``'s input
     is the clean activation plus ``e`` with at most ``k_f`` non-zero units, each in the box of that unit's own worst
     ``k_f`` flips. ``g``'s output box and the backward pass's term ``(λ V)·e`` are then top-``k_f`` sums over the
-    units; the activation after ``f`` needs no relaxation."""
+    units; the activation after ``f`` needs only its box rule."""
     layers = network.layers
     h = x
     for layer in layers[:first]:
@@ -169,9 +169,10 @@ def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, fir
     k_f = case[layer.weight_name]
     z = _apply(layer, params, h)
     down, up = neuron_flip_box(layer, tables[layer.weight_name], h, h, k_f)
-    act = layers[first + 1].apply if g_index == first + 2 else (lambda t: t)
-    clean = act(z)
-    e_lo, e_hi = act(z + down) - clean, act(z + up) - clean
+    activation = layers[first + 1] if g_index == first + 2 else None
+    clean = z if activation is None else activation.apply(z)
+    moved = (z + down, z + up) if activation is None else activation.interval(z + down, z + up)
+    e_lo, e_hi = moved[0] - clean, moved[1] - clean
     g = layers[g_index]
     weight = params[g.weight_name]
     centre = _apply(g, params, clean)

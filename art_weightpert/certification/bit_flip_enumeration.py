@@ -10,16 +10,15 @@ reference of :class:`.BitFlipCertifier`'s tests and benchmark, and useful on its
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 
 import numpy as np
 import torch
 
 from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_changes
-from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Affine, Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import as_weight_classifier
+from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy
 from art_weightpert.validation import check_positive_int
 
 _CHUNK_ELEMENTS = 1 << 22
@@ -28,7 +27,7 @@ _CHUNK_ELEMENTS = 1 << 22
 def _forward(network: Network, params: dict, h: torch.Tensor, start: int) -> torch.Tensor:
     """Layers ``start…`` of the chain on ``h``."""
     for layer in network.layers[start:]:
-        if isinstance(layer, Affine):
+        if layer.weighted:
             h = layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
         else:
             h = layer.apply(h)
@@ -116,7 +115,7 @@ def single_flip_robustness(
     check_positive_int(batch_size, "batch_size")
     bits = check_flip_args(estimator, encoding, n_bits, granularity, layers, bits)
     quantized = encode_weights(estimator, encoding, n_bits, granularity, layers, bits)
-    model64 = copy.deepcopy(estimator.base_model).to(torch.float64).requires_grad_(False)
+    model64 = float64_copy(estimator.base_model)
     with torch.no_grad():
         for name, value in quantized.dequantize().items():
             model64.get_parameter(name).copy_(value)
@@ -127,14 +126,14 @@ def single_flip_robustness(
     x_t, y_t = estimator.prepare_inputs(x, y)
     out = []
     with torch.no_grad(), eval_mode(model64):
-        for start in range(0, len(x_t), batch_size):
-            xb = x_t[start : start + batch_size].to(torch.float64)
+        for b in batch_slices(len(x_t), batch_size):
+            xb = x_t[b].to(torch.float64)
             h, logits = xb, _forward(network, params, xb, 0)
             pred = logits.argmax(dim=1)
-            labels = pred if y_t is None else y_t[start : start + batch_size]
+            labels = pred if y_t is None else y_t[b]
             alive = pred == labels
             for index, layer in enumerate(network.layers):
-                if isinstance(layer, Affine) and layer.weight_name in quantized.param_names:
+                if layer.weighted and layer.weight_name in quantized.param_names:
                     changes = flip_changes(quantized, layer.weight_name, bits).to(xb.device)
                     margins = single_flip_margins(network, params, index, changes, h, labels)
                     alive &= (margins.scatter(1, labels.unsqueeze(1), float("inf")) > 0).all(dim=1)
@@ -145,6 +144,6 @@ def single_flip_robustness(
 
 def _step(network: Network, params: dict, h: torch.Tensor, index: int) -> torch.Tensor:
     layer = network.layers[index]
-    if isinstance(layer, Affine):
+    if layer.weighted:
         return layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
     return layer.apply(h)

@@ -22,6 +22,7 @@ from art_weightpert.flips import check_bit_positions
 from art_weightpert.float_bits import FloatWeights, check_float_bits, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
+from art_weightpert.torch_tools import batch_slices
 from art_weightpert.validation import check_choice
 
 ENCODINGS = ("int", "float")
@@ -141,7 +142,7 @@ def chunked(fn, n: int, per_sample: int, *tensors: torch.Tensor) -> torch.Tensor
     step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
     if n <= step:
         return fn(*tensors)
-    return torch.cat([fn(*(t[i : i + step] for t in tensors)) for i in range(0, n, step)])
+    return torch.cat([fn(*(t[b] for t in tensors)) for b in batch_slices(n, step)])
 
 
 def _patch_boxes(layer: Affine, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """
-Plumbing shared by the margin bounds (THEORY.md §3–§4b): the margin specification, per-sample radius factors, batched
-contractions, and the memo of per-layer constants.
+Plumbing shared by the margin bounds (docs/theory.md §3–§4b): the margin specification, per-sample radius factors,
+batched contractions, and the memo of per-layer constants.
 
 Every bound function of :data:`.METHODS` has the signature ``(network, param_balls, x, labels, dtype, scale, cache)``:
 ``param_balls`` maps parameter names to :class:`.ParameterBall` (a list is accepted too), ``scale`` holds optional
@@ -16,6 +16,27 @@ from typing import TypeVar
 import torch
 
 from art_weightpert.budget import ParameterBall
+from art_weightpert.operators.tensors import batched_dot, flatten_specs, sample_factors, sum_features
+
+__all__ = [  # the contractions of the operators' rules are shared with the bounds from here
+    "BoundCache",
+    "Boxes",
+    "CentredBox",
+    "ParamBalls",
+    "batched_dot",
+    "by_param_name",
+    "cached",
+    "centre_of",
+    "check_batch",
+    "compact_radius",
+    "fill_label",
+    "flatten_specs",
+    "margin_matrix",
+    "sample_factors",
+    "slice_boxes",
+    "sum_features",
+    "times_sample_factors",
+]
 
 T = TypeVar("T")
 
@@ -77,11 +98,6 @@ def fill_label(bounds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return bounds.scatter(1, labels.unsqueeze(1), float("inf"))  # a scalar source: no (N, 1) tensor of +inf
 
 
-def sample_factors(scale: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
-    """Per-sample radius factors ``(N,)`` shaped to broadcast against ``(N, ...)`` tensors of ``ndim`` dimensions."""
-    return None if scale is None else scale.reshape((-1,) + (1,) * (ndim - 1))
-
-
 def times_sample_factors(t: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` ``(N, ...)`` times the per-sample radius factors (``t`` itself when there are none or ``t`` is None)."""
     if scale is None or t is None:
@@ -100,22 +116,6 @@ def check_batch(
     if scale.shape != (len(x),):
         raise ValueError(f"`scale` must have shape ({len(x)},), got {tuple(scale.shape)}.")
     return scale.to(dtype)
-
-
-# ------------------------------------------------------------------------------- contractions over specifications
-def flatten_specs(a: torch.Tensor) -> torch.Tensor:
-    """Coefficients ``(N, K, ...)`` as ``(N·K, ...)``: one row per sample and specification."""
-    return a.reshape((-1,) + tuple(a.shape[2:]))
-
-
-def sum_features(t: torch.Tensor) -> torch.Tensor:
-    """Sum over every dimension after ``(N, K)``."""
-    return t.flatten(2).sum(dim=2) if t.dim() > 2 else t
-
-
-def batched_dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Σ_j a[n, k, j] v[n, j]`` over every feature dimension: ``(N, K, ...) × (N, ...) → (N, K)`` (one bmm)."""
-    return torch.bmm(a.flatten(2), v.reshape(len(v), -1, 1)).squeeze(2)
 
 
 # ------------------------------------------------------------------------------------------------------ the memo

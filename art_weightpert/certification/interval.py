@@ -1,8 +1,8 @@
 """
-Interval bound propagation with weight intervals (THEORY.md §4, the ``"interval"`` method; beyond the paper).
+Interval bound propagation with weight intervals (docs/theory.md §4, the ``"interval"`` method; beyond the paper).
 
 Boxes ``[l, u]`` of every activation of the perturbed network are propagated layer by layer, in topological order,
-with the rules in :data:`INTERVAL_RULES` (one entry per layer type); at a residual addition the boxes add (§9). For
+with the operators' box rules (:data:`INTERVAL_RULES`); at a residual addition the boxes add (§9). For
 an affine layer ``ẑ = (W + Δ) ĥ + (b + Δb)`` with ``ĥ ∈ [c − r, c + r]`` and ``|ĥ| ≤ m``::
 
     ẑ ∈ W c + b ± ( |W| r + P(m) + β )
@@ -11,7 +11,7 @@ an affine layer ``ẑ = (W + Δ) ĥ + (b + Δb)`` with ``ĥ ∈ [c − r, c + r]
 layer is folded into the margin specification (rows ``e_y − e_i``), as auto_LiRPA's C matrix: the margin
 ``(Ŵ_y − Ŵ_i)·ĥ + b_y − b_i`` gets the perturbation term ``P_y + P_i``.
 
-Everything is plain torch: float64 for certificates (THEORY.md §5), float32 and differentiable for training.
+Everything is plain torch: float64 for certificates (docs/theory.md §5), float32 and differentiable for training.
 """
 
 from __future__ import annotations
@@ -32,29 +32,12 @@ from art_weightpert.certification.common import (
     fill_label,
     sample_factors,
 )
-from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+from art_weightpert.network import Affine, Network
+from art_weightpert.operators import rule_table
 
-
-def _monotone(fn):
-    return lambda layer, lo, hi: (fn(layer, lo), fn(layer, hi))
-
-
-def _batchnorm(layer: BatchNorm, lo: torch.Tensor, hi: torch.Tensor):
-    # Per channel, the ends map to the ends: s⁺ l + s⁻ u + t ≤ s h + t ≤ s⁺ u + s⁻ l + t with s⁺ = max(s, 0) and
-    # s⁻ = min(s, 0) (four fused passes; a zero product adds exactly 0, so a channel of either sign is exact).
-    scale, shift = layer.shaped(layer.scale, lo), layer.shaped(layer.shift, lo)
-    up, down = scale.clamp_min(0), scale.clamp_max(0)
-    return torch.addcmul(torch.addcmul(shift, lo, up), hi, down), torch.addcmul(torch.addcmul(shift, hi, up), lo, down)
-
-
-# Fixed layers: how a box [lo, hi] maps through them.
-INTERVAL_RULES = {
-    Activation: _monotone(lambda layer, t: layer.apply(t)),
-    MaxPool: _monotone(lambda layer, t: layer.apply(t)),
-    AvgPool: _monotone(lambda layer, t: layer.apply(t)),  # non-negative weights: monotone
-    Flatten: _monotone(lambda layer, t: layer.apply(t)),
-    BatchNorm: _batchnorm,
-}
+INTERVAL_RULES = rule_table("interval")
+"""The box rule of every operator (:meth:`.Operator.interval`), by operator class; the affine layer's is
+:func:`affine_interval`."""
 
 
 def perturbation_radius(
@@ -161,27 +144,25 @@ def interval_preactivation_bounds(
 ) -> Boxes:
     """Boxes of the values of ``network`` (index 0: its input; index ``i + 1``: the output of ``network.layers[i]``,
     for every layer but the last; on a chain, index ``i`` is the input of ``network.layers[i]``). A box ``(lo, hi)``
-    with ``lo is hi`` is an exact value (it depends on no perturbed weight). Residual additions add boxes (THEORY.md
-    §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional :class:`.BoundCache`;
-    ``known``: centres of :class:`.CentredBox` values already computed for these samples (by value index: they do not
-    depend on the radius, so a radius search computes them once)."""
+    with ``lo is hi`` is an exact value (it depends on no perturbed weight). Residual additions add boxes
+    (docs/theory.md §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional
+    :class:`.BoundCache`; ``known``: centres of :class:`.CentredBox` values already computed for these samples (by
+    value index: they do not depend on the radius, so a radius search computes them once)."""
     param_balls = by_param_name(param_balls)
     boxes = [(x, x)]
     nonnegative = nonnegative_values(network)
     known = known or {}
     for layer, reads in zip(network.layers[:-1], network.inputs):
         lo, hi = boxes[reads[0]]
-        if isinstance(layer, Affine):  # on a known input: a CentredBox (its centre is the layer's value there)
+        if layer.weighted:  # on a known input: a CentredBox (its centre is the layer's value there)
             centre = known.get(len(boxes))
             exact, nonneg = lo is hi, nonnegative[reads[0]]
             box = affine_interval(layer, params, lo, hi, param_balls, exact, scale, cache, nonneg, centre)
-        elif isinstance(layer, Add):
-            box = _add_boxes([boxes[v] for v in reads])
-        elif lo is hi:  # an exact activation stays exact through a fixed layer
-            out = layer.apply(lo)
+        elif all(boxes[v][0] is boxes[v][1] for v in reads):  # exact values stay exact through a fixed layer
+            out = layer.apply(*(boxes[v][0] for v in reads))
             box = (out, out)
         else:
-            box = INTERVAL_RULES[type(layer)](layer, lo, hi)
+            box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
         boxes.append(box)
     return boxes
 
@@ -192,31 +173,13 @@ def clean_centres(clean_values: Mapping[int, torch.Tensor] | None, dtype: torch.
     return {} if clean_values is None else {index: value.to(dtype) for index, value in clean_values.items()}
 
 
-def _add_boxes(boxes: Boxes) -> tuple[torch.Tensor, torch.Tensor]:
-    """The box of a sum: the sum of the boxes (exact when every term is)."""
-    lo, hi = boxes[0]
-    for term_lo, term_hi in boxes[1:]:
-        if lo is hi and term_lo is term_hi:
-            lo = hi = lo + term_lo
-        else:
-            lo, hi = lo + term_lo, hi + term_hi
-    return lo, hi
-
-
 def nonnegative_values(network: Network) -> list[bool]:
     """Per value of ``network`` (as :func:`interval_preactivation_bounds` indexes them), whether it is non-negative by
-    construction: the output of a ReLU, sigmoid or clipped ReLU (:attr:`.Activation.nonnegative`), possibly followed
-    by pooling or flattening, or a sum of such."""
+    construction (:meth:`.Operator.output_nonnegative`: a ReLU, sigmoid or clipped ReLU, possibly followed by pooling or
+    flattening, or a sum of such)."""
     out = [False]
     for layer, reads in zip(network.layers, network.inputs):
-        if isinstance(layer, Activation):
-            out.append(layer.nonnegative)
-        elif isinstance(layer, (MaxPool, AvgPool, Flatten)):
-            out.append(out[reads[0]])
-        elif isinstance(layer, Add):
-            out.append(all(out[v] for v in reads))
-        else:
-            out.append(False)
+        out.append(layer.output_nonnegative(tuple(out[v] for v in reads)))
     return out
 
 
@@ -257,7 +220,7 @@ def interval_margin_bounds(
     clean_values: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
-    Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (THEORY.md §4).
+    Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (docs/theory.md §4).
 
     :param network: the model read by :func:`.read_network`.
     :param param_balls: the budget resolved on the model (:meth:`.PerturbationBudget.parameter_balls`).

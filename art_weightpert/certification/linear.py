@@ -1,44 +1,35 @@
 """
-Backward linear bounds with exact weight absorption (THEORY.md §4b, the ``"linear"`` method; beyond the paper).
+Backward linear bounds with exact weight absorption (docs/theory.md §4b, the ``"linear"`` method; beyond the paper).
 
 The margin specification ``C`` (rows ``e_y − e_i``) is propagated backward from the logits to the input, CROWN-style:
 the state is a linear lower bound ``A·ĥ + c`` of the margins in terms of the input ``ĥ`` of the current layer, valid
-for every weight perturbation in the ball and every ``ĥ`` in the interval box of §4. One rule per layer type
-(:data:`BACKWARD_RULES`) maps the coefficients ``λ`` on a layer's output to coefficients on its input:
+for every weight perturbation in the ball and every ``ĥ`` in the interval box of §4. Each operator's backward rule
+(:meth:`.Operator.backward`, :data:`BACKWARD_RULES`) maps the coefficients ``λ`` on its output to coefficients on its
+input: the activations by their linear relaxations (ReLU as CROWN), batch norm, average pooling and flattening exactly,
+max pooling by its window maxima (:mod:`art_weightpert.operators`). The affine layer ``ẑ = (W + Δ) ĥ + b + Δb``
+(:mod:`.weight_terms`): ``λ·ẑ = (λW)·ĥ + λ·b + ⟨Δ, G⟩ + Δb·s`` with ``G`` the gradient of ``λ·ẑ`` in the weights and
+``s_r = Σ_p λ_{r,p}``; the minimum over the ball is minus its support function at ``G``, bounded linearly in ``ĥ`` by
+the weight ball's :meth:`.Ball.linear_term`. Box ``|Δ| ≤ δ``: ``−Σ δ ⊙ |G|``, on a Linear layer ``−(|λ|δ)·|ĥ|``,
+folded into the coefficients for ``ĥ ≥ 0`` (exact absorption ``A ← λW − |λ|δ``), bounded by the chord of ``|ĥ|`` for a
+signed ``ĥ``; on a convolution ``|G|`` is bounded by its chord over the box of ``G``. ``row_l1``: ``−Σ_r ε_r ‖G_r‖_∞``,
+``l2``: ``−ε ‖G‖_F``, both bounded with ``|ĥ| ≤ m = max(|l|, |u|)`` or the box of ``G``. Bias balls are exact: minus
+their support function at ``s``.
 
-* affine ``ẑ = (W + Δ) ĥ + b + Δb`` (:mod:`.weight_terms`): ``λ·ẑ = (λW)·ĥ + λ·b + ⟨Δ, G⟩ + Δb·s`` with ``G`` the
-  gradient of ``λ·ẑ`` in the weights and ``s_r = Σ_p λ_{r,p}``; the minimum over the ball is minus its support
-  function at ``G``, bounded linearly in ``ĥ`` by the weight ball's :meth:`.Ball.linear_term`. Box ``|Δ| ≤ δ``:
-  ``−Σ δ ⊙ |G|``, on a Linear layer ``−(|λ|δ)·|ĥ|``, folded into the coefficients for ``ĥ ≥ 0`` (exact absorption
-  ``A ← λW − |λ|δ``), bounded by the chord of ``|ĥ|`` for a signed ``ĥ``; on a convolution ``|G|`` is bounded by
-  its chord over the box of ``G``. ``row_l1``: ``−Σ_r ε_r ‖G_r‖_∞``, ``l2``: ``−ε ‖G‖_F``, both bounded with
-  ``|ĥ| ≤ m = max(|l|, |u|)`` (Linear: ``−|λ_r| ε_r max_c m_c`` and ``−ε ‖λ‖_2 ‖m‖_2``) or the box of ``G``. Bias
-  balls are exact: minus their support function at ``s``.
-* ReLU / LeakyReLU: CROWN's relaxation with the §4 pre-activation box (upper chord, lower slope chosen by
-  ``u > −l``); sigmoid / tanh: lines through the box's end points with slope ``min(σ'(end), chord)``, tangents at the
-  midpoint where the box lies in the convex or concave part (:mod:`.activations`).
-* eval BatchNorm, AvgPool2d, Flatten: exact (linear maps; pooling through its adjoint). Dropout is removed by the
-  reader.
-* MaxPool2d: ``y ≥ h_{j*}`` for the window's input with the largest lower bound and ``y ≤ max_j u_j``; ``y = h_{j*}``
-  exactly when that input dominates the window. With ``ceil_mode=True`` the backward pass stops there: the bound is
-  concretized with the interval box of the pooling's output (sound, as tight as §4 from there on).
-
-On a network with branches (THEORY.md §9) the coefficients are accumulated per value in reverse topological order: a
-residual addition passes its coefficients to every term, and they are summed where the paths meet again. Every affine
+On a network with branches (docs/theory.md §9) the coefficients are accumulated per value in reverse topological order:
+a residual addition passes its coefficients to every term, and they are summed where the paths meet again. Every affine
 layer whose input depends on no perturbed weight (its box is exact: the first affine layer, or later ones when only
 deeper layers are perturbed) is evaluated forward on that known input, where every ball's term is exact; coefficients
 reaching any other exact value are concretized on it. :func:`linear_margin_bounds` returns the element-wise maximum
 of this bound and the interval bound (both sound), so it is never looser than ``"interval"``.
 
 Everything is plain torch, batched over samples and specifications, on the input's device; float64 for certificates
-(THEORY.md §5), differentiable in any dtype.
+(docs/theory.md §5), differentiable in any dtype.
 """
 
 from __future__ import annotations
 
 import torch
 
-from art_weightpert.certification.activations import activation_backward
 from art_weightpert.certification.common import (
     BoundCache,
     Boxes,
@@ -48,61 +39,25 @@ from art_weightpert.certification.common import (
     centre_of,
     check_batch,
     fill_label,
-    flatten_specs,
     margin_matrix,
     slice_boxes,
 )
 from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
-from art_weightpert.certification.pooling import (
-    disjoint_windows,
-    maxpool_activation_backward,
-    maxpool_backward,
-    put_back,
-)
 from art_weightpert.certification.weight_terms import (
     BackwardContext,
     affine_at_input,
     affine_backward,
     convolution_at_input_on_entries,
 )
-from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
+from art_weightpert.network import Affine, Network
+from art_weightpert.operators import rule_table
+from art_weightpert.operators.max_pool import maxpool_activation_backward, put_back
+from art_weightpert.torch_tools import batch_slices
 
-
-def concretize(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """``min_{ĥ ∈ [lo, hi]} A·ĥ`` for coefficients ``a`` ``(N, K, ...)`` and a box ``(N, ...)``: ``(N, K)``."""
-    if lo is hi:
-        return batched_dot(a, lo)
-    return batched_dot(a, (lo + hi) / 2) - batched_dot(a.abs(), (hi - lo) / 2)
-
-
-# ------------------------------------------------------------------------------------------------ backward rules
-def _batchnorm_backward(layer: BatchNorm, a, lo, hi, ctx):
-    scale, shift = layer.shaped(layer.scale, lo), layer.shaped(layer.shift, lo)
-    return a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
-
-
-def _avgpool_backward(layer: AvgPool, a, lo, hi, ctx):
-    """The adjoint of the (linear, bias-free) pooling, by autograd."""
-    flat = flatten_specs(a)
-    with torch.enable_grad():
-        probe = flat.new_zeros((len(flat),) + tuple(lo.shape[1:]), requires_grad=True)
-        (g,) = torch.autograd.grad(layer.apply(probe), probe, flat, create_graph=flat.requires_grad)
-    return g.reshape(a.shape[:2] + lo.shape[1:]), a.new_zeros(a.shape[:2])
-
-
-def _flatten_backward(layer: Flatten, a, lo, hi, ctx):
-    return a.reshape(a.shape[:2] + lo.shape[1:]), a.new_zeros(a.shape[:2])
-
-
-# One rule per layer type: (layer, λ on the output, box of the input, context) -> (λ on the input, constant).
-BACKWARD_RULES = {
-    Affine: affine_backward,
-    Activation: activation_backward,
-    BatchNorm: _batchnorm_backward,
-    AvgPool: _avgpool_backward,
-    MaxPool: maxpool_backward,
-    Flatten: _flatten_backward,
-}
+BACKWARD_RULES = rule_table("backward", {Affine: affine_backward})
+"""The backward rule of every operator (:meth:`.Operator.backward`) by operator class, the affine layer's with the
+weight ball (:func:`.affine_backward`): ``(layer, λ on the output, box of the input, context) -> (λ on the input,
+constant)``; an operator reading several values (an addition) gives every one of them the coefficients returned."""
 
 
 # ------------------------------------------------------------------------------------------------------ bounds
@@ -125,7 +80,7 @@ def backward_margin_bounds(
     classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """
-    The backward linear bound alone (THEORY.md §4b), without the maximum with the interval bound.
+    The backward linear bound alone (docs/theory.md §4b), without the maximum with the interval bound.
 
     Parameters and return value as :func:`linear_margin_bounds`.
     """
@@ -178,8 +133,7 @@ def in_chunks(bound, size: int, x, labels, scale, boxes, classes, **fixed) -> to
     """``bound`` (a margin bound with keyword arguments) on ``size`` samples at a time, concatenated: the same values,
     with every tensor of the pass ``size`` samples long."""
     parts = []
-    for start in range(0, len(x), size):
-        rows = slice(start, start + size)
+    for rows in batch_slices(len(x), size):
         parts.append(
             bound(
                 x=x[rows],
@@ -210,7 +164,7 @@ def _backward_chunk(
     pending = {len(network.layers): a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
     ctx = BackwardContext(params, param_balls, scale, cache)
-    for index in range(len(network.layers) - 1, -1, -1):  # reverse topological order (THEORY.md §9)
+    for index in range(len(network.layers) - 1, -1, -1):  # reverse topological order (docs/theory.md §9)
         a = pending.pop(index + 1, None)
         if a is None:
             continue
@@ -226,12 +180,8 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
     layer, reads = network.layers[index], network.inputs[index]
     if index + 1 < len(boxes) and boxes[index + 1][0] is boxes[index + 1][1]:  # an exact value: concretize
         return batched_dot(a, boxes[index + 1][0])
-    if isinstance(layer, Add):  # the same coefficients on every term, summed where the paths meet again
-        for v in reads:
-            _accumulate(pending, v, a)
-        return a.new_zeros(a.shape[:2])
     lo, hi = boxes[reads[0]]
-    if isinstance(layer, Affine) and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
+    if layer.weighted and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
         return affine_at_input(layer, a, lo, centre_of(boxes, index + 1), ctx)
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
@@ -244,17 +194,18 @@ def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, 
         _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape))
         return c
     a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
-    _accumulate(pending, reads[0], a_in)
+    for v in reads:  # an addition: the same coefficients on every term, summed where the paths meet again
+        _accumulate(pending, v, a_in)
     return c
 
 
 def _activation_before_pool(network: Network, index: int) -> int | None:
     """The index of the activation whose output only ``network.layers[index]`` reads, when that layer is a max pooling
-    with :func:`.disjoint_windows` (their rules then run together: :func:`.maxpool_activation_backward`)."""
+    with :attr:`.MaxPool.disjoint_windows` (their rules then run together: :func:`.maxpool_activation_backward`)."""
     layer, value = network.layers[index], network.inputs[index][0]
-    if not isinstance(layer, MaxPool) or value == 0 or not disjoint_windows(layer):
+    if not getattr(layer, "disjoint_windows", False) or value == 0:
         return None
-    if not isinstance(network.layers[value - 1], Activation):
+    if not network.layers[value - 1].elementwise:
         return None
     return value - 1 if network.nb_readers(value) == 1 else None
 
@@ -265,7 +216,7 @@ def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | N
     if value == 0:
         return None
     layer = network.layers[value - 1]
-    if not isinstance(layer, Affine) or not layer.is_conv or layer.module.weight.dim() != 4 or layer.module.groups != 1:
+    if not layer.weighted or not layer.is_conv or layer.module.weight.dim() != 4 or layer.module.groups != 1:
         return None
     lo, hi = boxes[network.inputs[value - 1][0]]
     return value - 1 if lo is hi and network.nb_readers(value) == 1 else None
@@ -289,7 +240,7 @@ def linear_margin_bounds(
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball by backward linear propagation with
-    exact weight absorption (THEORY.md §4b), never looser than the interval bound (§4).
+    exact weight absorption (docs/theory.md §4b), never looser than the interval bound (§4).
 
     Arguments as :func:`.interval_margin_bounds` (the signature of every bound, :mod:`.registry`); ``boxes`` must be
     computed with the same ``scale``; ``classes`` ``(N, J)``: bound only the margins ``f_y − f_i`` of these classes.

@@ -1,5 +1,5 @@
 """
-The closed-form margin bound in the setting of Tsai et al. (THEORY.md §3, formula B with §3.4's bias terms; the
+The closed-form margin bound in the setting of Tsai et al. (docs/theory.md §3, formula B with §3.4's bias terms; the
 ``"paper"`` method).
 
 Two scalars per sample are carried through the chain: ``N ≥ ‖ĥ‖_∞`` (the perturbed activations) and
@@ -9,7 +9,7 @@ Two scalars per sample are carried through the chain: ``N ≥ ‖ĥ‖_∞`` (th
 
 with ``a_k = max_r ‖W^k_{r,:}‖_1``, ``ε_k`` the layer's row_l1 radius (other balls through the inclusions of §2) and
 ``β_k`` the bias perturbation bound. Fixed layers scale ``D`` by their ℓ∞ Lipschitz constant and ``N`` by their
-norm bound (:data:`PAPER_RULES`). The last layer gives ``η_{y,i} = ‖W_y − W_i‖_1 D + (ε_y + ε_i) N + β_y + β_i``
+norm bound (:meth:`.Operator.paper`). The last layer gives ``η_{y,i} = ‖W_y − W_i‖_1 D + (ε_y + ε_i) N + β_y + β_i``
 and the bound ``m_{y,i}(x) − η_{y,i}``. Bias-free ReLU chains reduce exactly to formula B. The bound uses norm
 products and ``‖x‖_∞`` only, not the data-dependent refinement of §3.2.
 """
@@ -22,42 +22,11 @@ import torch
 
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import BoundCache, ParamBalls, by_param_name, cached, fill_label
-from art_weightpert.network import (
-    Activation,
-    Affine,
-    AvgPool,
-    BatchNorm,
-    Flatten,
-    MaxPool,
-    Network,
-    UnsupportedModelError,
-)
+from art_weightpert.network import Affine, Network, UnsupportedModelError
+from art_weightpert.operators import rule_table
 
-
-def _activation(layer: Activation, n: torch.Tensor, d: torch.Tensor):
-    if layer.kind == "sigmoid":  # 1/4-Lipschitz, values in (0, 1)
-        return torch.ones_like(n), d / 4
-    if layer.kind == "leaky_relu":
-        slope = max(1.0, abs(layer.negative_slope))
-        return n * slope, d * slope
-    if layer.kind == "tanh":  # |tanh t| ≤ min(|t|, 1)
-        return n.clamp_max(1.0), d
-    return n, d  # ReLU: |σ(t)| ≤ |t|, 1-Lipschitz
-
-
-def _batchnorm(layer: BatchNorm, n: torch.Tensor, d: torch.Tensor):
-    scale = layer.scale.abs().max().to(n)
-    return scale * n + layer.shift.abs().max().to(n), scale * d
-
-
-# Fixed layers: (N, D) -> (N', D'). Pooling and flattening are 1-Lipschitz in ℓ∞ and do not increase the ∞-norm.
-PAPER_RULES = {
-    Activation: _activation,
-    BatchNorm: _batchnorm,
-    MaxPool: lambda layer, n, d: (n, d),
-    AvgPool: lambda layer, n, d: (n, d),
-    Flatten: lambda layer, n, d: (n, d),
-}
+PAPER_RULES = rule_table("paper")
+"""Formula B's step through every fixed operator (:meth:`.Operator.paper`), by operator class."""
 
 
 def layer_constants(layer: Affine, params: dict[str, torch.Tensor], param_balls: dict[str, ParameterBall], dtype):
@@ -113,7 +82,7 @@ def _propagate(network: Network, params, param_balls, n: torch.Tensor, s: torch.
     exactly zero, so that zero terms are skipped); ``s``: per-sample radius factors or ``None``."""
     d = None
     for layer in network.layers[:-1]:
-        if isinstance(layer, Affine):
+        if layer.weighted:
             a, eps, beta, b_norm = _constants(layer, params, param_balls, dtype, cache)
             eps_max = _times(s, None if eps is None else eps.max())
             beta_max = _times(s, None if beta is None else beta.max())
@@ -137,7 +106,7 @@ def paper_margin_bounds(
     clean_values: Mapping[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
-    Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (THEORY.md §3, formula B).
+    Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (docs/theory.md §3, formula B).
 
     Arguments and return value as :func:`.interval_margin_bounds` (``scale``: optional per-sample factors ``(N,)``
     multiplying every radius; ``cache``: optional :class:`.BoundCache` of the per-layer constants).

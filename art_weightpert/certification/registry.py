@@ -95,7 +95,7 @@ def perturbed_layers(network: Network, param_balls: Mapping[str, ParameterBall])
 
 
 def _single_layer(network: Network, param_balls: Mapping[str, ParameterBall]) -> bool:
-    # Formula B is affine in the radii when a single affine layer is perturbed (THEORY.md §3.1, A and A').
+    # Formula B is affine in the radii when a single affine layer is perturbed (docs/theory.md §5, A and A').
     return len(perturbed_layers(network, param_balls)) <= 1
 
 
@@ -107,7 +107,7 @@ def _last_layer_only(network: Network, param_balls: Mapping[str, ParameterBall])
 
 
 def chains_only(network: Network) -> str | None:
-    """``None`` for a chain; for a network with branches, why formula B (THEORY.md §3, §9) does not apply."""
+    """``None`` for a chain; for a network with branches, why formula B (docs/theory.md §3, §9) does not apply."""
     if network.is_chain:
         return None
     return (
@@ -124,7 +124,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 "paper",
                 paper_margin_bounds,
                 _single_layer,
-                "closed-form bound of Tsai et al. (formula B, norm products; THEORY.md §3), chains only",
+                "closed-form bound of Tsai et al. (formula B, norm products; docs/theory.md §3), chains only",
                 clean_values="logits",
                 applies_to=chains_only,
             ),

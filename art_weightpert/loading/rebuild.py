@@ -22,6 +22,7 @@ import torch.fx
 from torch import nn
 
 from art_weightpert.layers import UnsupportedModelError
+from art_weightpert.torch_tools import eval_mode
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,6 +121,14 @@ def _hardtanh(args: Sequence[Any], rank: int | None) -> nn.Module:  # noqa: ARG0
     return nn.ReLU6() if (low, high) == (0.0, 6.0) else nn.Hardtanh(low, high)
 
 
+def _elu(args: Sequence[Any], rank: int | None) -> nn.Module:  # noqa: ARG001
+    """``elu(input, alpha, scale, input_scale)``: ELU when ``scale = input_scale = 1`` (not SELU/CELU forms)."""
+    alpha, scale, input_scale = (float(_arg(args, i, 1.0)) for i in (1, 2, 3))
+    if (scale, input_scale) != (1.0, 1.0):
+        raise UnsupportedModelError(f"elu with scale={scale:g}, input_scale={input_scale:g} (SELU/CELU) has no layer.")
+    return nn.ELU(alpha)
+
+
 def _max_pool(args: Sequence[Any], rank: int | None) -> nn.Module:  # noqa: ARG001
     """``max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)``."""
     return nn.MaxPool2d(_pair(args[1]), _pair(_arg(args, 2) or None), _pair(_arg(args, 3, 0)),
@@ -169,6 +178,10 @@ OP_LAYERS: dict[str, Callable[[Sequence[Any], int | None], nn.Module | None]] = 
     "tanh": _simple(nn.Tanh),
     "leaky_relu": lambda args, rank: nn.LeakyReLU(float(_arg(args, 1, 0.01))),
     "hardtanh": _hardtanh,
+    "elu": _elu,
+    "softplus": lambda args, rank: nn.Softplus(float(_arg(args, 1, 1.0)), float(_arg(args, 2, 20.0))),
+    "silu": _simple(nn.SiLU),
+    "gelu": lambda args, rank: nn.GELU(str(_arg(args, 1, "none"))),
     "max_pool2d": _max_pool,
     "avg_pool2d": _avg_pool,
     "adaptive_avg_pool2d": lambda args, rank: nn.AdaptiveAvgPool2d(_pair(args[1])),
@@ -309,15 +322,11 @@ def check_same_outputs(eager: nn.Module, reference: nn.Module, x: torch.Tensor) 
 
     :raises UnsupportedModelError: if the outputs differ or the saved model cannot be run on ``x``.
     """
-    was_training = reference.training
-    reference.eval()
     eager.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(reference), torch.no_grad():
             expected, got = reference(x), eager(x)
     except Exception as err:  # noqa: BLE001 - e.g. an exported program's guard on the batch size
         raise UnsupportedModelError(f"the saved model cannot be compared with its eager rebuild: {err}") from err
-    finally:
-        reference.train(was_training)
     if expected.shape != got.shape or not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
         raise UnsupportedModelError("the eager rebuild of the saved model does not reproduce its outputs.")

@@ -7,7 +7,7 @@ dicts out):
   (Andriushchenko et al., ICML 2023);
 * :func:`pac_bayes_sigma`, :func:`pac_bayes_bound` (:mod:`.pac_bayes`): PAC-Bayes flatness and bound (Jiang et al.,
   ICLR 2020);
-* :func:`generalization_bound`: the Rademacher margin bound under weight perturbation of THEORY.md §6.
+* :func:`generalization_bound`: the Rademacher margin bound under weight perturbation of docs/theory.md §6.
 
 Every measure evaluates the *base* module with ``W + Δ`` (``torch.func.functional_call``): the user's weights are
 never modified, even when an exception interrupts the computation.
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from art_weightpert.attacks import WeightPGD
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification import WeightPerturbationCertifier
-from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
 from art_weightpert.metrics.pac_bayes import pac_bayes_bound, pac_bayes_sigma
 from art_weightpert.metrics.perturbed_evaluation import (
     checked_data,
@@ -39,7 +39,8 @@ from art_weightpert.metrics.perturbed_evaluation import (
     seeded_generator,
     weight_estimator,
 )
-from art_weightpert.network import Activation, Affine, AvgPool, Flatten, UnsupportedModelError, read_network
+from art_weightpert.network import UnsupportedModelError, read_network
+from art_weightpert.torch_tools import batch_slices
 from art_weightpert.validation import (
     check_bool,
     check_choice,
@@ -71,10 +72,11 @@ def weight_sharpness(
     layers: Iterable[str] | None = None,
     max_iter: int = 20,
     num_random_init: int = 1,
-    nb_draws: int = 10,
+    nb_samples: int = 10,
     batch_size: int = 128,
     seed: int = 0,
     verbose: bool = False,
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """
     Sharpness of the loss in a ball of weight perturbations (Andriushchenko et al. 2023), averaged over batches of
@@ -83,7 +85,7 @@ def weight_sharpness(
     * ``kind="worst"``: ``max_{δ ∈ B(ρ)} L_B(w + δ) − L_B(w)``, by :class:`.WeightPGD` on the cross-entropy
       (``loss="ce"``) in the :class:`.PerturbationBudget` ``(ρ, norm, relative=adaptive, include_bias)``. The iterate
       kept is WeightPGD's (the most errors, then the highest loss): a lower bound on the true maximum.
-    * ``kind="average"``: ``E_δ L_B(w + δ) − L_B(w)`` over ``nb_draws`` Gaussian draws ``δ ~ N(0, ρ²·w²)`` per entry
+    * ``kind="average"``: ``E_δ L_B(w + δ) − L_B(w)`` over ``nb_samples`` Gaussian draws ``δ ~ N(0, ρ²·w²)`` per entry
       (adaptive) or ``N(0, ρ²)`` (``ρ`` is a standard deviation); ``norm`` only sets the units of
       ``perturbation_norm``.
 
@@ -99,11 +101,12 @@ def weight_sharpness(
     :param adaptive: scale the ball (or the noise) with ``|w|``.
     :param kind: ``"worst"`` or ``"average"``.
     :param m: samples per batch of the ``m``-sharpness (≥ 1).
-    :param include_bias: also perturb the biases (each in its own ball, THEORY.md §2).
+    :param include_bias: also perturb the biases (each in its own ball, docs/theory.md §2).
     :param layers: Linear/Conv layers to perturb (``None``: all).
     :param max_iter: WeightPGD steps per batch (worst case).
-    :param num_random_init: WeightPGD random starts per batch (worst case; 0: start at ``w``).
-    :param nb_draws: Gaussian draws per batch (average case).
+    :param num_random_init: WeightPGD random starts per batch in addition to the one from ``w`` (worst case).
+    :param nb_samples: Gaussian draws per batch (average case; formerly ``nb_draws``, still accepted with a
+        ``DeprecationWarning``).
     :param batch_size: samples per forward pass.
     :param seed: seed of the shuffling, the noise and WeightPGD's starts (the global torch generator is restored).
     :param verbose: show a progress bar over the batches.
@@ -118,7 +121,9 @@ def weight_sharpness(
     check_choice(kind, "kind", SHARPNESS_KINDS)
     adaptive, include_bias = check_bool(adaptive, "adaptive"), check_bool(include_bias, "include_bias")
     m, batch_size = check_positive_int(m, "m"), check_positive_int(batch_size, "batch_size")
-    nb_draws = check_positive_int(nb_draws, "nb_draws")
+    nb_samples = renamed_keyword(deprecated, "nb_draws", "nb_samples", nb_samples, 10, "weight_sharpness")
+    reject_unknown_keywords(deprecated, "weight_sharpness")
+    nb_draws = check_positive_int(nb_samples, "nb_samples")
     seed, verbose = check_non_negative_int(seed, "seed"), check_bool(verbose, "verbose")
     est = weight_estimator(classifier)
     x, labels = checked_data(est, x, y)
@@ -164,8 +169,8 @@ def _sharpness_sums(est, x, labels, m, batch_size, seed, draw, unit_balls, verbo
     sizes = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # WeightPGD's random starts
-        for i, start in enumerate(tqdm(range(0, len(x), m), desc="weight_sharpness", disable=not verbose)):
-            idx = order[start : start + m]
+        for i, rows in enumerate(tqdm(list(batch_slices(len(x), m)), desc="weight_sharpness", disable=not verbose)):
+            idx = order[rows]
             draws = draw(i, x[idx], labels[idx])
             x_t, y_t = est.prepare_inputs(x[idx], labels[idx])
             clean_loss, clean_errors = loss_and_errors(est, x_t, y_t, None, batch_size)
@@ -207,11 +212,11 @@ def generalization_bound(
     budget: PerturbationBudget,
     margin: float = 1.0,
     delta: float = 0.05,
-    method: str = "paper",
+    method: str = "linear",
     batch_size: int = 128,
 ) -> dict[str, Any]:
     """
-    The multi-class margin bound under weight perturbation of THEORY.md §6, term by term.
+    The multi-class margin bound under weight perturbation of docs/theory.md §6, term by term.
 
     With probability at least ``1 − delta`` over the training sample, for the class ``F_{M,ε}`` of networks whose
     layers have ℓ∞ operator norms at most ``M_k`` (the trained model's) perturbed within row-ℓ1 radii ``ε_k``::
@@ -225,17 +230,17 @@ def generalization_bound(
     Rademacher margin bounds (Massart's lemma, peeling for 1-Lipschitz activations with ``σ(0) = 0``); as usual, no
     union bound over the norms ``M_k`` is taken. Balls other than ``row_l1`` enter through their row-ℓ1 inclusions
     (§2). Biases are handled as weights on a constant input feature 1 (each ``M_k`` becomes the largest row norm of
-    ``[W b]``, at least 1; ``B`` at least 1), which needs ReLU or LeakyReLU activations.
+    ``[W b]``, at least 1; ``B`` at least 1), which needs activations with ``σ(1) = 1`` (ReLU, LeakyReLU, ELU).
 
     :param classifier: an ART ``PyTorchClassifier`` whose model is a chain of Linear/Conv2d layers with ReLU,
-        LeakyReLU (|slope| ≤ 1) or tanh activations, average pooling and flattening between them (a residual
-        network is refused with every ``method``: :class:`.UnsupportedModelError`).
+        LeakyReLU (|slope| ≤ 1), ELU, hardtanh or tanh activations, average pooling and flattening between them (a
+        residual network is refused with every ``method``: :class:`.UnsupportedModelError`).
     :param x_train: training inputs.
     :param y_train: training labels.
     :param budget: the ball of weight perturbations.
     :param margin: the margin γ > 0.
     :param delta: the confidence parameter δ in (0, 1).
-    :param method: certification method of the certified margins.
+    :param method: certification method of the certified margins (default ``"linear"``, the tightest).
     :param batch_size: samples per bound computation.
     :return: a dict with ``empirical_margin_loss``, ``certified_margin_loss``, ``rademacher_complexity`` (R),
         ``margin_factor`` (4K/γ), ``rademacher_term`` ((4K/γ)·R), ``confidence_term``, ``total`` (clean model) and
@@ -244,10 +249,10 @@ def generalization_bound(
     """
     margin = check_positive(margin, "margin")
     delta = check_probability(delta, "delta", open_interval=True)
-    estimator = PyTorchWeightClassifier.from_classifier(classifier)
+    estimator = weight_estimator(classifier)
     if not read_network(estimator.base_model, estimator.input_shape).is_chain:
         raise UnsupportedModelError(
-            "generalization_bound (THEORY.md §6) multiplies operator norms along one chain of layers, with every "
+            "generalization_bound (docs/theory.md §6) multiplies operator norms along one chain of layers, with every "
             "method; this model has branches (residual additions). What works on it: the certified accuracy and "
             "radius with method 'interval' or 'linear' (weight_certified_accuracy, certified_weight_radius, "
             "WeightPerturbationCertifier) and the generalization measures weight_sharpness and pac_bayes_bound."
@@ -303,9 +308,7 @@ def generalization_bound(
 def _clean_margins(network, x_t: torch.Tensor, y_t: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``f_y(x) − max_{i≠y} f_i(x)`` per sample, in float64."""
     with torch.no_grad():
-        logits = torch.cat(
-            [network.forward(x_t[s : s + batch_size].to(torch.float64)) for s in range(0, len(x_t), batch_size)]
-        )
+        logits = torch.cat([network.forward(x_t[b].to(torch.float64)) for b in batch_slices(len(x_t), batch_size)])
     own = logits.gather(1, y_t.unsqueeze(1)).squeeze(1)
     return own - logits.scatter(1, y_t.unsqueeze(1), -math.inf).amax(dim=1)
 
@@ -316,20 +319,9 @@ def _layer_norms(certifier: WeightPerturbationCertifier) -> tuple[list[float], l
     network = certifier.network
     has_bias = any(layer.bias_name for layer in network.affine_layers)
     for layer in network.layers:
-        if isinstance(layer, Activation):
-            if layer.kind == "sigmoid" or (layer.kind == "leaky_relu" and abs(layer.negative_slope) > 1):
-                raise UnsupportedModelError(
-                    f"generalization_bound needs 1-Lipschitz activations with σ(0) = 0; {layer.name!r} is {layer.kind}."
-                )
-            if has_bias and layer.kind == "tanh":
-                raise UnsupportedModelError(
-                    f"generalization_bound handles biases with ReLU/LeakyReLU activations only; {layer.name!r} is tanh."
-                )
-        elif not isinstance(layer, (Affine, AvgPool, Flatten)):
-            raise UnsupportedModelError(
-                f"generalization_bound supports Linear/Conv2d, activations, average pooling and flattening; "
-                f"{layer.name!r} is a {type(layer).__name__}."
-            )
+        reason = layer.rademacher_refusal(has_bias)
+        if reason is not None:
+            raise UnsupportedModelError(reason)
     params = network.params(dtype=torch.float64)
     param_balls = certifier.parameter_balls
     norms, eps = [], []

@@ -1,8 +1,8 @@
 """
-Max pooling in the backward linear bound (THEORY.md §4b): ``y ≥ h_{j*}`` for the window's input with the largest lower
-bound and ``y ≤ max_j u_j``; ``y = h_{j*}`` exactly when that input dominates the window (every other upper bound at
-most ``l_{j*}``). With ``ceil_mode=True`` the backward pass stops at the pooling: the bound is concretized with the
-interval box of its output.
+2-D max pooling (docs/theory.md §4b): monotone and 1-Lipschitz in ℓ∞. In the backward bound ``y ≥ h_{j*}`` for the
+window's input with the largest lower bound and ``y ≤ max_j u_j``; ``y = h_{j*}`` exactly when that input dominates the
+window (every other upper bound at most ``l_{j*}``). With ``ceil_mode=True`` the backward pass stops at the pooling: the
+bound is concretized with the interval box of its output.
 
 Windows that do not overlap (stride ≥ the dilated kernel, the usual ``MaxPool2d(k)``) take ``j*`` from the native
 ``max_pool2d(..., return_indices=True)`` and put the coefficients back with one scatter into the input; overlapping
@@ -11,13 +11,56 @@ windows unfold the boxes. Both give the same values (the first maximum in the wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.modules.utils import _pair
 
-from art_weightpert.certification.activations import activation_backward
-from art_weightpert.certification.common import sum_features
-from art_weightpert.network import Activation, MaxPool
+from art_weightpert.operators.base import Operator, UnsupportedModelError
+from art_weightpert.operators.tensors import concretize, sum_features
+
+
+@dataclass(eq=False)
+class MaxPool(Operator):
+    """2-D max pooling."""
+
+    name: str
+    module: nn.Module
+
+    modules: ClassVar[tuple[type, ...]] = (nn.MaxPool2d,)
+
+    @classmethod
+    def from_module(cls, name: str, module: nn.MaxPool2d) -> MaxPool:
+        if module.return_indices:
+            raise UnsupportedModelError(f"module {name!r}: MaxPool2d with return_indices=True.")
+        return cls(name, module)
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(lo), self.apply(hi)
+
+    def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
+        """``(λ on the input, constant)`` over the input box ``[lo, hi]``."""
+        if self.module.ceil_mode:  # stop here: concretize with the interval box of the output
+            return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, self.apply(lo), self.apply(hi))
+        return (_native if self.disjoint_windows else _unfolded)(self, a, lo, hi)
+
+    def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return n, d  # 1-Lipschitz in ℓ∞, the ∞-norm not increased
+
+    def output_nonnegative(self, inputs: tuple[bool, ...]) -> bool:
+        return inputs[0]
+
+    @property
+    def disjoint_windows(self) -> bool:
+        """Whether the windows do not overlap (stride ≥ the dilated kernel) and the output size is floored."""
+        kernel, stride, _, dil = _geometry(self.module)
+        return not self.module.ceil_mode and all(s >= d * (kk - 1) + 1 for s, d, kk in zip(stride, dil, kernel))
 
 
 def _geometry(mod):
@@ -93,18 +136,12 @@ def _unfolded(layer: MaxPool, a, lo, hi):
     return a_in.reshape(a.shape[:2] + lo.shape[1:]), const
 
 
-def disjoint_windows(layer: MaxPool) -> bool:
-    """Whether the pooling's windows do not overlap (stride ≥ the dilated kernel) and it floors its output size."""
-    mod = layer.module
-    kernel, stride, _, dil = _geometry(mod)
-    return not mod.ceil_mode and all(s >= d * (kk - 1) + 1 for s, d, kk in zip(stride, dil, kernel))
-
-
 def maxpool_activation_backward(
-    layer: MaxPool, activation: Activation, a: torch.Tensor, boxes: tuple, pre_boxes: tuple
+    layer: MaxPool, activation: Operator, a: torch.Tensor, boxes: tuple, pre_boxes: tuple
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The max-pooling rule then the activation's rule, for a pooling with :func:`disjoint_windows` whose input is the
-    output of ``activation`` (and of nothing else). ``boxes``: the pooling's input box, ``pre_boxes``: the activation's.
+    """The max-pooling rule then the activation's rule, for a pooling with :attr:`MaxPool.disjoint_windows` whose input
+    is the output of the element-wise ``activation`` (and of nothing else). ``boxes``: the pooling's input box,
+    ``pre_boxes``: the activation's.
 
     The pooling puts coefficients on one input per window only, so the activation's rule (element-wise; a zero
     coefficient takes nothing) runs on those entries alone, ``1/(kh·kw)`` of the map: the same values as the two rules
@@ -112,15 +149,5 @@ def maxpool_activation_backward(
     its map (N, C, P), constant)``; :func:`put_back` makes the dense coefficients."""
     selected, flat_best, const = _native_selection(layer, a, *boxes)
     pre_lo, pre_hi = (t.flatten(2).gather(2, flat_best) for t in pre_boxes)
-    a_in, const_activation = activation_backward(activation, selected, pre_lo, pre_hi)
+    a_in, const_activation = activation.backward(selected, pre_lo, pre_hi)
     return a_in, flat_best, const + const_activation
-
-
-def maxpool_backward(layer: MaxPool, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx=None):
-    """The backward rule of a max pooling: ``(λ on the input, constant)`` over the input box ``[lo, hi]``."""
-    mod = layer.module
-    if mod.ceil_mode:  # stop here: concretize with the interval box of the output
-        from art_weightpert.certification.linear import concretize  # (linear imports this module)
-
-        return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, layer.apply(lo), layer.apply(hi))
-    return (_native if disjoint_windows(layer) else _unfolded)(layer, a, lo, hi)

@@ -1,0 +1,68 @@
+"""
+Eval-mode batch norm (docs/theory.md §4.2): a fixed per-channel affine map, exact in every bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from art_weightpert.operators.base import Operator, UnsupportedModelError
+from art_weightpert.operators.tensors import batched_dot
+
+
+@dataclass(eq=False)
+class BatchNorm(Operator):
+    """Eval-mode batch norm, a fixed per-channel affine map ``scale * h + shift`` (channels on dim 1)."""
+
+    name: str
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    modules: ClassVar[tuple[type, ...]] = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+    @classmethod
+    def from_module(cls, name: str, module: nn.Module) -> BatchNorm:
+        """``scale`` and ``shift`` from the running statistics (also for a module in training mode: certificates are
+        for eval-mode predictions)."""
+        if module.running_mean is None or module.running_var is None:
+            raise UnsupportedModelError(
+                f"module {name!r}: BatchNorm without running statistics (track_running_stats=False) normalizes with "
+                "the statistics of the batch, also in eval mode; certify a model whose batch norm has running "
+                "statistics."
+            )
+        with torch.no_grad():
+            scale = 1.0 / torch.sqrt(module.running_var.double() + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.double()
+            shift = -module.running_mean.double() * scale
+            if module.bias is not None:
+                shift = shift + module.bias.double()
+        return cls(name, scale, shift)
+
+    def shaped(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return t.to(h).reshape((1, -1) + (1,) * (h.dim() - 2))
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.shaped(self.scale, h) + self.shaped(self.shift, h)
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per channel, the ends map to the ends: s⁺ l + s⁻ u + t ≤ s h + t ≤ s⁺ u + s⁻ l + t with s⁺ = max(s, 0) and
+        # s⁻ = min(s, 0) (four fused passes; a zero product adds exactly 0, so a channel of either sign is exact).
+        scale, shift = self.shaped(self.scale, lo), self.shaped(self.shift, lo)
+        up, down = scale.clamp_min(0), scale.clamp_max(0)
+        return (
+            torch.addcmul(torch.addcmul(shift, lo, up), hi, down),
+            torch.addcmul(torch.addcmul(shift, hi, up), lo, down),
+        )
+
+    def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
+        scale, shift = self.shaped(self.scale, lo), self.shaped(self.shift, lo)
+        return a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
+
+    def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.scale.abs().max().to(n)
+        return scale * n + self.shift.abs().max().to(n), scale * d

@@ -1,0 +1,83 @@
+"""
+Average pooling (docs/theory.md §4.2): ``nn.AvgPool2d``, ``nn.AdaptiveAvgPool2d``, ``F.adaptive_avg_pool2d`` and a
+spatial mean ``x.mean((2, 3))`` (global average pooling, checked on shapes by the reader): linear with non-negative
+weights, so monotone, and exact in the backward bound (its adjoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from art_weightpert.operators.base import Operator, node_arg
+from art_weightpert.operators.tensors import flatten_specs
+
+
+class SpatialMean(nn.Module):
+    """``h.mean((2, 3))``: global average pooling written as a mean over the spatial dimensions."""
+
+    def __init__(self, keepdim: bool = False) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h.mean((2, 3), keepdim=self.keepdim)
+
+
+@dataclass(eq=False)
+class AvgPool(Operator):
+    """2-D average pooling, adaptive average pooling or a spatial mean (:class:`SpatialMean`)."""
+
+    name: str
+    module: nn.Module
+
+    modules: ClassVar[tuple[type, ...]] = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+    @classmethod
+    def from_module(cls, name: str, module: nn.Module) -> AvgPool:
+        return cls(name, module)
+
+    @classmethod
+    def from_node(cls, node: torch.fx.Node) -> AvgPool | None:
+        """``F.adaptive_avg_pool2d(x, size)`` or ``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1], keepdim=...)``, else
+        ``None``."""
+        if node.op == "call_function" and node.target is F.adaptive_avg_pool2d:
+            return cls(node.name, nn.AdaptiveAvgPool2d(node_arg(node, 1, "output_size", None)))
+        if not ((node.op == "call_method" and node.target == "mean") or node.target is torch.mean):
+            return None
+        dims = node_arg(node, 1, "dim", None)
+        if not isinstance(dims, (tuple, list)) or sorted(dims) not in ([2, 3], [-2, -1]) or "dtype" in node.kwargs:
+            return None
+        return cls(node.name, SpatialMean(bool(node_arg(node, 2, "keepdim", False))))
+
+    @property
+    def is_spatial_mean(self) -> bool:
+        return isinstance(self.module, SpatialMean)
+
+    def apply(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h)
+
+    def interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(lo), self.apply(hi)  # non-negative weights: monotone
+
+    def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
+        """The adjoint of the (linear, bias-free) pooling, by autograd."""
+        flat = flatten_specs(a)
+        with torch.enable_grad():
+            probe = flat.new_zeros((len(flat),) + tuple(lo.shape[1:]), requires_grad=True)
+            (g,) = torch.autograd.grad(self.apply(probe), probe, flat, create_graph=flat.requires_grad)
+        return g.reshape(a.shape[:2] + lo.shape[1:]), a.new_zeros(a.shape[:2])
+
+    def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return n, d  # 1-Lipschitz in ℓ∞, the ∞-norm not increased
+
+    def output_nonnegative(self, inputs: tuple[bool, ...]) -> bool:
+        return inputs[0]
+
+    def rademacher_refusal(self, has_bias: bool) -> str | None:
+        return None
