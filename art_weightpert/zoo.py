@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from art_weightpert.budget import PerturbationBudget
+from art_weightpert.budget import NORMS, PerturbationBudget
 from art_weightpert.estimators import PyTorchWeightClassifier
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
 from art_weightpert.resnets import digits_resnet
 from art_weightpert.resnets import resnet18_cifar as resnet18_cifar  # re-exported
 from art_weightpert.validation import (
@@ -88,19 +90,19 @@ DIGITS_EPS = 0.1
 class DigitsRecipe:
     """
     The digits training recipe shared by the demo, ``art-weightpert train``'s defaults, the examples and the
-    benchmarks: a bias-free ReLU MLP, Adam, and :class:`.WeightRobustTrainer`'s robust loss (THEORY.md §7) on a
+    benchmarks: a bias-free ReLU MLP, Adam, and :class:`.WeightRobustTrainer`'s robust loss (docs/theory.md §7) on a
     ``norm`` ball of absolute radius ``eps`` on every weight of every layer (biases unperturbed).
 
     :param hidden: hidden widths of :func:`digits_mlp`.
     :param eps: radius of the training ball.
-    :param norm: the ball: ``"inf"``, ``"row_l1"`` (the paper's norm, THEORY.md §2) or ``"l2"``.
+    :param norm: the ball: ``"inf"``, ``"row_l1"`` (the paper's norm, docs/theory.md §2) or ``"l2"``.
     :param epochs: training epochs of each model.
     :param batch_size: samples per step.
     :param lr: Adam's learning rate.
     :param lam: λ, weight of the robust term.
     :param mu: μ, weight of the operator-norm term.
     :param kappa: κ, safety margin of the robust term.
-    :param bound: the margin bound η of the robust loss (a name of :data:`art_weightpert.certification.METHODS`).
+    :param method: the margin bound η of the robust loss (a name of :data:`art_weightpert.certification.METHODS`).
     :param warmup: epochs of λ warm-up.
     :param seed: seed of the initialisation and of the batch order.
     """
@@ -114,7 +116,7 @@ class DigitsRecipe:
     lam: float = 1.0
     mu: float = 0.0
     kappa: float = 0.0
-    bound: str = "interval"
+    method: str = "interval"
     warmup: int = 5
     seed: int = 0
 
@@ -122,7 +124,7 @@ class DigitsRecipe:
         for width in self.hidden:
             check_positive_int(width, "hidden")
         check_non_negative(self.eps, "eps")
-        check_choice(self.norm, "norm", ("inf", "row_l1", "l2"))
+        check_choice(self.norm, "norm", NORMS)
         check_positive_int(self.epochs, "epochs")
         check_positive_int(self.batch_size, "batch_size")
         check_positive(self.lr, "lr")
@@ -142,7 +144,7 @@ class DigitsRecipe:
 
     def trainer_params(self) -> dict[str, float | int | str]:
         """The keyword arguments of :class:`.WeightRobustTrainer` set by this recipe."""
-        return {"lam": self.lam, "mu": self.mu, "kappa": self.kappa, "bound": self.bound, "warmup": self.warmup}
+        return {"lam": self.lam, "mu": self.mu, "kappa": self.kappa, "method": self.method, "warmup": self.warmup}
 
 
 DIGITS_RECIPE = DigitsRecipe()
@@ -161,7 +163,7 @@ class TrainedModel:
 
 def default_digits_budget(eps: float = DIGITS_EPS) -> PerturbationBudget:
     """The budget of the digits demo and experiments: :data:`DIGITS_RECIPE`'s ball (``row_l1``, the paper's norm,
-    THEORY.md §2) of absolute radius ``eps`` on every weight of every layer, biases unperturbed."""
+    docs/theory.md §2) of absolute radius ``eps`` on every weight of every layer, biases unperturbed."""
     return replace(DIGITS_RECIPE, eps=eps).budget()
 
 
@@ -191,23 +193,30 @@ def train_robust(
     lam: float = DIGITS_RECIPE.lam,
     mu: float = DIGITS_RECIPE.mu,
     kappa: float = DIGITS_RECIPE.kappa,
-    bound: str = DIGITS_RECIPE.bound,
+    method: str = DIGITS_RECIPE.method,
     warmup: int = DIGITS_RECIPE.warmup,
     seed: int = 0,
     validation_data: tuple[np.ndarray, np.ndarray] | None = None,
     verbose: bool = False,
+    batch_norm: str = "auto",
+    **kwargs: Any,
 ) -> dict[str, list]:
-    """Training with :class:`.WeightRobustTrainer` (THEORY.md §7) at ``budget`` (default
+    """Training with :class:`.WeightRobustTrainer` (docs/theory.md §7) at ``budget`` (default
     :func:`default_digits_budget`), batch order fixed by ``seed``; ``classifier`` is trained in place.
+    ``method`` and ``batch_norm``: the trainer's settings (``bound``: the deprecated spelling of ``method``).
 
     :return: the trainer's history.
     """
     from art_weightpert.defences.trainer import WeightRobustTrainer
 
+    method = renamed_keyword(kwargs, "bound", "method", method, DIGITS_RECIPE.method, "train_robust")
+    reject_unknown_keywords(kwargs, "train_robust")
+
     budget = default_digits_budget() if budget is None else budget
     trainer = WeightRobustTrainer(
-        classifier, budget, lam=lam, mu=mu, kappa=kappa, bound=bound, warmup=warmup, verbose=verbose
-    )
+        classifier, budget, lam=lam, mu=mu, kappa=kappa, method=method, warmup=warmup, batch_norm=batch_norm,
+        verbose=verbose,
+    )  # fmt: skip
     torch.manual_seed(seed)
     return trainer.fit(x, y, validation_data=validation_data, batch_size=batch_size, nb_epochs=nb_epochs)
 
@@ -266,48 +275,84 @@ def train_digits_models(
     nb_epochs: int = DIGITS_RECIPE.epochs,
     hidden: tuple[int, ...] = DIGITS_RECIPE.hidden,
     lam: float = DIGITS_RECIPE.lam,
-    bound: str = DIGITS_RECIPE.bound,
+    method: str = DIGITS_RECIPE.method,
     warmup: int = DIGITS_RECIPE.warmup,
     seed: int = 0,
     verbose: bool = False,
+    **kwargs: Any,
 ) -> dict[str, PyTorchWeightClassifier]:
     """
     :func:`train_digits_pair` with :data:`DIGITS_RECIPE` changed by the given values; returns the classifiers only:
-    ``{"standard": classifier, "robust": classifier}``.
+    ``{"standard": classifier, "robust": classifier}`` (``bound``: the deprecated spelling of ``method``).
     """
+    method = renamed_keyword(kwargs, "bound", "method", method, DIGITS_RECIPE.method, "train_digits_models")
+    reject_unknown_keywords(kwargs, "train_digits_models")
     recipe = replace(
-        DIGITS_RECIPE, epochs=nb_epochs, hidden=tuple(hidden), lam=lam, bound=bound, warmup=warmup, seed=seed
+        DIGITS_RECIPE, epochs=nb_epochs, hidden=tuple(hidden), lam=lam, method=method, warmup=warmup, seed=seed
     )
     return {name: t.classifier for name, t in train_digits_pair(recipe, x_train, y_train, budget, verbose).items()}
 
 
 DIGITS_RESNET_EPOCHS = 30
-"""Epochs of :func:`train_digits_resnet` (test accuracy 0.98 on the embedded digits)."""
+"""Epochs of plain :func:`train_digits_resnet` (test accuracy 0.98 on the embedded digits)."""
+
+DIGITS_RESNET_ROBUST_EPOCHS = 40
+"""Epochs of robust :func:`train_digits_resnet` (``budget=``): 10 of warm-up, then 30 at the full ball."""
 
 
 def train_digits_resnet(
     x_train: np.ndarray | None = None,
     y_train: np.ndarray | None = None,
-    nb_epochs: int = DIGITS_RESNET_EPOCHS,
+    nb_epochs: int | None = None,
     budget: PerturbationBudget | None = None,
-    bound: str = "interval",
+    method: str = "interval",
     seed: int = 0,
     verbose: bool = False,
+    lam: float = 1.0,
+    warmup: int | None = None,
+    batch_norm: str = "auto",
+    **kwargs: Any,
 ) -> PyTorchWeightClassifier:
     """
     The digits ResNet recipe: :func:`digits_resnet` on ``(1, 8, 8)`` images, Adam(3e-3), batches of 64; plain
-    training (:func:`train_standard`) without ``budget``, else :func:`train_robust` at ``budget`` with ``bound``.
+    training (:func:`train_standard`) without ``budget``, else :func:`train_robust` at ``budget`` with ``method``,
+    λ = ``lam`` and batch norm frozen at the fresh modules' statistics (``batch_norm="auto"``: batch norm is the
+    learnable map ``γ·h + β`` that the certificates read; with batch statistics the robust run ends at chance,
+    docs/training.md). A robust run that ends at chance (in eval mode, on the training data) raises instead of
+    returning the model.
 
     :param x_train: training images ``(N, 1, 8, 8)`` (default: :func:`.load_digits_data`'s training split).
     :param y_train: their labels.
+    :param nb_epochs: epochs (default :data:`DIGITS_RESNET_EPOCHS` plain, :data:`DIGITS_RESNET_ROBUST_EPOCHS` robust).
+    :param budget: the ball of robust training; ``None``: plain training.
+    :param method: the margin bound of the robust loss (``"interval"``, the cheaper and better trainer here, or
+        ``"linear"``; docs/training.md).
+    :param seed: seed of the initialisation and of the batch order.
+    :param verbose: progress bar.
+    :param lam: λ, weight of the robust term.
+    :param warmup: epochs of warm-up of λ and ε (default ``min(10, nb_epochs // 2)``).
+    :param batch_norm: :class:`.WeightRobustTrainer`'s ``batch_norm`` (``"auto"``, ``"frozen"`` or ``"train"``).
+    :param kwargs: ``bound``, the deprecated spelling of ``method``.
     :return: the trained classifier.
+    :raises TrainingCollapsedError: the robust run collapsed or ended at chance (:func:`.raise_if_collapsed`).
     """
+    method = renamed_keyword(kwargs, "bound", "method", method, "interval", "train_digits_resnet")
+    reject_unknown_keywords(kwargs, "train_digits_resnet")
     if x_train is None or y_train is None:
         from art_weightpert.data import load_digits_data
 
         x_train, y_train, _, _ = load_digits_data(flatten=False)
     classifier = make_classifier(digits_resnet(seed=seed), (1, 8, 8), lr=3e-3)
     if budget is None:
+        nb_epochs = DIGITS_RESNET_EPOCHS if nb_epochs is None else nb_epochs
         return train_standard(classifier, x_train, y_train, nb_epochs, 64, seed, verbose)
-    train_robust(classifier, x_train, y_train, budget, nb_epochs, 64, bound=bound, seed=seed, verbose=verbose)
+    from art_weightpert.defences.trainer import raise_if_collapsed
+
+    nb_epochs = check_positive_int(DIGITS_RESNET_ROBUST_EPOCHS if nb_epochs is None else nb_epochs, "nb_epochs")
+    warmup = min(10, nb_epochs // 2) if warmup is None else warmup
+    history = train_robust(
+        classifier, x_train, y_train, budget, nb_epochs, 64, lam=lam, method=method, warmup=warmup, seed=seed,
+        verbose=verbose, batch_norm=batch_norm,
+    )  # fmt: skip
+    raise_if_collapsed(history, y_train, classifier.predict(x_train).argmax(axis=1))  # eval mode, as certified
     return classifier

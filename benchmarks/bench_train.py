@@ -1,5 +1,5 @@
 """
-Cost of the robust loss (THEORY.md §7): time of one training epoch of :class:`.WeightRobustTrainer` with
+Cost of the robust loss (docs/theory.md §7): time of one training epoch of :class:`.WeightRobustTrainer` with
 every registered ``bound`` (``"paper"``, ``"interval"``, ``"linear"``), as a ratio to one epoch of ART's plain
 ``PyTorchClassifier.fit`` on the same data and model.
 
@@ -78,7 +78,7 @@ def epoch_time(method: str, x, y, epochs: int, wide: bool = False, **trainer_par
     if method == "art":
         run = lambda: clf.fit(x, y, batch_size=batch_size, nb_epochs=epochs)  # noqa: E731
     else:
-        trainer = WeightRobustTrainer(clf, budget, lam=lam, warmup=0, bound=method, verbose=False, **trainer_params)
+        trainer = WeightRobustTrainer(clf, budget, lam=lam, warmup=0, method=method, verbose=False, **trainer_params)
         run = lambda: trainer.fit(x, y, batch_size=batch_size, nb_epochs=epochs)  # noqa: E731
     wall, cpu = time.perf_counter(), time.process_time()
     run()

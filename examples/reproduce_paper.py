@@ -1,6 +1,6 @@
 """
 Reproduce, on scikit-learn's digits, the kind of evidence Tsai et al. (NeurIPS 2021) use to validate their analysis of
-weight perturbations (THEORY.md): bias-free ReLU MLPs 64-128-64-10 trained with the robust loss of §7 for several λ
+weight perturbations (docs/theory.md): bias-free ReLU MLPs 64-128-64-10 trained with the robust loss of §7 for several λ
 (η from the paper's closed-form bound, formula B, and from our interval bound) and several μ (operator-norm
 regularisation), next to ART's ``AdversarialTrainerAWPPyTorch`` (adversarial weight perturbation) on the same data.
 
@@ -8,7 +8,7 @@ For every model: clean train/test accuracy; test accuracy under ``RandomWeightPe
 ``WeightPGD`` over a grid of row-ℓ1 radii ε; certified accuracy (``paper`` and ``interval``) over the same grid; the
 largest margin change a per-sample weight attack finds, as a share of the certified bound (it must stay ≤ 1: the
 bounds are sound); and the generalization gap (train − test) with and without weight perturbation, next to the terms
-of ``generalization_bound`` (THEORY.md §6). Writes ``results.md``, ``results.json`` and PNG plots into ``--out``.
+of ``generalization_bound`` (docs/theory.md §6). Writes ``results.md``, ``results.json`` and PNG plots into ``--out``.
 
 Run (full: 741 s measured on a busy 2-core machine; results in docs/results.md)::
 
@@ -105,7 +105,7 @@ def accuracy(clf, x: np.ndarray, y: np.ndarray) -> float:
 def train_robust(bound: str, lam: float, mu: float, data, budget, settings) -> tuple[Any, dict]:
     x_train, y_train, _, _ = data
     clf = RECIPE.classifier()
-    trainer = WeightRobustTrainer(clf, budget, lam=lam, mu=mu, bound=bound, warmup=settings["warmup"], verbose=False)
+    trainer = WeightRobustTrainer(clf, budget, lam=lam, mu=mu, method=bound, warmup=settings["warmup"], verbose=False)
     torch.manual_seed(SEED)
     history = trainer.fit(x_train, y_train, batch_size=RECIPE.batch_size, nb_epochs=settings["epochs"])
     return clf, history
@@ -153,7 +153,7 @@ def evaluate(clf, data, budget: PerturbationBudget, settings) -> dict[str, Any]:
 
 def margin_check(clf, x: np.ndarray, y: np.ndarray, budget: PerturbationBudget, settings) -> dict[str, float]:
     """Largest ``(m − m̂) / (m − bound)`` over samples and classes, ``m̂`` the lowest margin a per-sample weight attack
-    finds in the ball: a sound bound keeps it ≤ 1 (THEORY.md §3 |m̂ − m| ≤ η; §4 m̂ ≥ lower bound)."""
+    finds in the ball: a sound bound keeps it ≤ 1 (docs/theory.md §3 |m̂ − m| ≤ η; §4 m̂ ≥ lower bound)."""
     attack = PerSampleWeightPGD(
         clf, budget, max_iter=settings["margin_iter"], num_random_init=settings["margin_restarts"], verbose=False
     )

@@ -1,4 +1,4 @@
-"""Networks with branches (issue 11, THEORY.md §9): the reader accepts residual additions, batch norm and global
+"""Networks with branches (issue 11, docs/theory.md §9): the reader accepts residual additions, batch norm and global
 average pooling and refuses every other way of combining branches; "interval" and "linear" are sound on residual
 networks (per-sample weight attack and extreme points of the ball at 0.99 × the certified radius), "linear" is never
 looser than "interval"; ResNet-18 with torchvision's structure reads and certifies; the certifier's radius, the
@@ -288,15 +288,19 @@ def test_radius_metrics_and_trainer_run_on_the_digits_resnet(digits_resnet_class
     assert np.all(radius["linear"] >= radius["interval"] * (1 - 1e-6)) and radius["interval"].max() > 0
     accuracy = weight_certified_accuracy(clf, x, y, budget.with_eps(float(np.median(radius["linear"]))), "linear")
     assert 0 < accuracy <= (clf.predict(x).argmax(axis=1) == y).mean()
-    with pytest.raises(UnsupportedModelError, match="chains"):
+    with pytest.raises(UnsupportedModelError, match="one chain of layers"):
         generalization_bound(clf, x, y, PerturbationBudget(1e-3, "row_l1"), margin=1.0, method="interval")
     for bound in ("interval", "linear"):
         trained = copy.deepcopy(clf)
-        trainer = WeightRobustTrainer(trained, PerturbationBudget(1e-3, "inf"), bound=bound, warmup=0, verbose=False)
+        trainer = WeightRobustTrainer(trained, PerturbationBudget(1e-3, "inf"), method=bound, warmup=0, verbose=False)
         history = trainer.fit(x, y, batch_size=20, nb_epochs=1)
         assert np.isfinite(history["loss"]).all()
     with pytest.raises(UnsupportedModelError, match="formula B"):
-        WeightRobustTrainer(clf, budget, bound="paper", verbose=False)
+        WeightRobustTrainer(clf, budget, method="paper", verbose=False)
+    trainer = WeightRobustTrainer(clf, budget, verbose=False)
+    with pytest.raises(UnsupportedModelError, match="formula B"):  # also when the setting changes later
+        trainer.method = "paper"
+    assert trainer.method == "interval"
 
 
 class Shared(nn.Module):

@@ -1,4 +1,4 @@
-"""Tests of WeightRobustTrainer: the loss of THEORY.md §7, ART's trainer plumbing, parameter checks."""
+"""Tests of WeightRobustTrainer: the loss of docs/theory.md §7, ART's trainer plumbing, parameter checks."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_one_hot_labels_give_the_same_training(data, budget):
 def test_loss_is_finite_and_differentiable_at_initialisation(data, budget, bound):
     x, y, _, _ = data
     clf = classifier(mlp(seed=0, bias=True))
-    trainer = WeightRobustTrainer(clf, budget, lam=1.0, mu=0.1, kappa=0.1, bound=bound, verbose=False)
+    trainer = WeightRobustTrainer(clf, budget, lam=1.0, mu=0.1, kappa=0.1, method=bound, verbose=False)
     x_t, y_t = clf.prepare_inputs(x[:64], y[:64])
     terms = trainer.loss_terms(x_t, y_t)
     assert all(torch.isfinite(t) for t in terms.values())
@@ -226,7 +226,7 @@ def test_eps_scale_scales_the_ball_of_the_robust_term(data, budget, trained, bou
     """ε scale 0 leaves the plain margins (the robust term is the hinge on the network's own margins); scale s gives
     the robust term of the budget scaled by s."""
     x, y, _, _ = data
-    trainer = WeightRobustTrainer(trained, budget, bound=bound, kappa=0.5, verbose=False)
+    trainer = WeightRobustTrainer(trained, budget, method=bound, kappa=0.5, verbose=False)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     with torch.no_grad():
         logits = trained.logits(xt)
@@ -361,7 +361,7 @@ def test_input_attack_replaces_a_ratio_of_each_batch(data, budget):
     assert math.isfinite(history["loss"][0])
 
 
-def test_batchnorm_cnn_trains_with_eval_semantics_bounds(digits_images):
+def test_batchnorm_cnn_trains_with_eval_semantics_bounds_and_batch_statistics(digits_images):
     x, y, _, _ = digits_images
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
@@ -369,11 +369,10 @@ def test_batchnorm_cnn_trains_with_eval_semantics_bounds(digits_images):
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1, 8, 8), 10, optimizer=torch.optim.Adam(
         model.parameters(), lr=3e-3))  # fmt: skip
     mean_before = model[1].running_mean.clone()
-    history = WeightRobustTrainer(clf, PerturbationBudget(0.01, "row_l1"), warmup=1, verbose=False).fit(
-        x[:128], y[:128], nb_epochs=2, batch_size=64
-    )
+    trainer = WeightRobustTrainer(clf, PerturbationBudget(0.01, "row_l1"), warmup=1, batch_norm="train", verbose=False)
+    history = trainer.fit(x[:128], y[:128], nb_epochs=2, batch_size=64)
     assert all(math.isfinite(v) for v in history["loss"] + history["robust"])
-    assert not torch.equal(mean_before, model[1].running_mean)  # CE ran in train mode
+    assert not torch.equal(mean_before, model[1].running_mean)  # CE ran batch norm in train mode
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -385,7 +384,7 @@ def test_batchnorm_cnn_trains_with_eval_semantics_bounds(digits_images):
         ({"mu": float("inf")}, ValueError, "mu"),
         ({"kappa": -0.1}, ValueError, "kappa"),
         ({"lam": "1"}, TypeError, "lam"),
-        ({"bound": "crown"}, ValueError, "bound"),
+        ({"method": "crown"}, ValueError, "method"),
         ({"warmup": -1}, ValueError, "warmup"),
         ({"warmup": 1.5}, TypeError, "warmup"),
         ({"ramp_eps": 1}, TypeError, "ramp_eps"),
@@ -396,6 +395,7 @@ def test_batchnorm_cnn_trains_with_eval_semantics_bounds(digits_images):
         ({"budget": 0.1}, TypeError, "budget"),
         ({"budget": PerturbationBudget(0.1, layers=["fc9"])}, ValueError, "valid layers"),
         ({"verbose": 1}, TypeError, "verbose"),
+        ({"batch_norm": "fold"}, ValueError, "batch_norm"),
     ],
 )
 def test_bad_parameters_are_rejected(budget, kwargs, error, match):
@@ -410,10 +410,23 @@ def test_set_params_validates_before_assigning(budget):
     with pytest.raises(ValueError, match="ratio"):
         trainer.set_params(lam=3.0, ratio=2.0)
     assert trainer.lam == 2.0 and trainer.ratio == 0.5
-    trainer.set_params(lam=3.0, bound="paper")
-    assert trainer.lam == 3.0 and trainer.bound == "paper"
-    with pytest.raises(ValueError, match="unknown"):
+    trainer.set_params(lam=3.0, method="paper")
+    assert trainer.lam == 3.0 and trainer.method == "paper"
+    with pytest.raises(ValueError, match="gamma"):
         trainer.set_params(gamma=1.0)
+    trainer.lam = 5.0  # a public setting assigned directly goes through set_params: validated, kept
+    assert trainer.lam == 5.0
+    with pytest.raises(ValueError, match="lam"):
+        trainer.lam = -1.0
+    assert trainer.lam == 5.0
+
+
+def test_bound_is_the_deprecated_spelling_of_method(budget):
+    with pytest.warns(DeprecationWarning, match="use `method`"):
+        trainer = WeightRobustTrainer(classifier(mlp()), budget, bound="paper", verbose=False)
+    assert trainer.method == "paper"
+    with pytest.raises(TypeError, match="both"):
+        WeightRobustTrainer(classifier(mlp()), budget, bound="paper", method="linear", verbose=False)
 
 
 def test_bad_classifiers_and_fit_arguments(data, budget):

@@ -16,13 +16,14 @@ import time
 import warnings
 from typing import Any
 
-import numpy as np
-
 from art_weightpert import zoo
+from art_weightpert.budget import eps_for_inputs
 from art_weightpert.cli import inputs
 from art_weightpert.cli.parser import UsageError, process_settings
 from art_weightpert.cli.report import jsonable, versions
 from art_weightpert.data import load_digits_data
+from art_weightpert.metrics.bit_flips import estimator_accuracy
+from art_weightpert.metrics.summaries import classes_seen
 from art_weightpert.network import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def run_train(args: argparse.Namespace) -> int:
     input_shape = tuple(int(d) for d in x_train.shape[1:])
     eps, norm, relative = _training_ball(args, input_shape)
     inputs.seed_everything(args.seed)
-    labels_seen = int(max(y_train.max(), -1 if y_test is None else y_test.max()) + 1)
+    labels_seen = classes_seen(y_train, y_test)
     module = inputs.build_architecture(args, input_shape, labels_seen)
     nb_classes = int(inputs.check_forward(module, x_train[:8], args.model).shape[1])
     if extension == ".pt2":
@@ -52,7 +53,7 @@ def run_train(args: argparse.Namespace) -> int:
     budget = inputs.make_budget(module, eps, norm, args.layers, relative)
     classifier = zoo.make_classifier(module, input_shape, nb_classes, lr=args.lr, device_type=device, clip_values=None)
     warmup = args.warmup if args.warmup is not None else (zoo.DIGITS_RECIPE.warmup if args.data is None else None)
-    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "bound": args.bound}
+    params = {"lam": args.lam, "mu": args.mu, "kappa": args.kappa, "method": args.method}
     params.update({} if warmup is None else {"warmup": warmup})  # None: the trainer's default
     try:
         trainer = WeightRobustTrainer(classifier, budget, verbose=not args.quiet, **params)
@@ -61,12 +62,13 @@ def run_train(args: argparse.Namespace) -> int:
     params["warmup"] = trainer.warmup
     validation = (x_test, y_test) if x_test is not None else None
     history = _fit(trainer, x_train, y_train, validation, args)
+    _check_collapse(history, classifier, x_train, y_train)
     collapsed = bool(history.get("collapsed"))
     keep = not collapsed or args.keep_collapsed
     saved_as = inputs.save_model(classifier.model.cpu().eval(), args.out, x_train) if keep else None
     final = {}
     if x_test is not None:
-        final["test_accuracy"] = float(np.mean(classifier.predict(x_test).argmax(1) == y_test))
+        final["test_accuracy"] = estimator_accuracy(classifier, x_test, y_test)
     document = {
         "model_file": os.path.abspath(args.out) if keep else None,
         "saved_as": saved_as or "not saved: training collapsed (--keep-collapsed saves it)",
@@ -104,6 +106,22 @@ def _history_document(args, data_desc: str, budget, params, final, history) -> d
     }
 
 
+def _check_collapse(history: dict[str, Any], classifier: Any, x_train, y_train) -> None:
+    """Mark the history collapsed when :func:`.raise_if_collapsed` finds the trained model (in eval mode, as it is
+    saved) at chance: a model with batch norm trained on batch statistics can learn in train mode and be at chance
+    on its running statistics, which the trainer's own check does not see."""
+    from art_weightpert.defences.trainer import TrainingCollapsedError, raise_if_collapsed
+
+    if history.get("collapsed"):
+        return
+    try:
+        raise_if_collapsed(history, y_train, classifier.predict(x_train).argmax(1))
+    except TrainingCollapsedError as err:
+        logger.warning("%s", err)
+        history["collapsed"] = True
+        history.setdefault("warnings", []).append(str(err))
+
+
 class TrainingCollapsed(Exception):
     """Robust training ended near chance accuracy (exit code 3 unless ``--keep-collapsed``)."""
 
@@ -137,11 +155,8 @@ REFERENCE_INPUTS = 64
 
 
 def default_eps(input_shape: tuple[int, ...]) -> float:
-    """``train``'s ε when none is given: the digits recipe's ε scaled to the input width, ``ε_recipe ·
-    sqrt(64 / n_inputs)`` (at most ε_recipe): the interval bounds that training tightens grow with the fan-in, so a
-    row-ℓ1 ε that suits a 64-input MLP is far too large for 3x32x32 images (3,072 inputs: 0.0144 instead of 0.1)."""
-    features = int(np.prod(input_shape))
-    return float(f"{zoo.DIGITS_RECIPE.eps * min(1.0, (REFERENCE_INPUTS / features) ** 0.5):.3g}")
+    """``train``'s ε when none is given: the digits recipe's ε scaled to the input width (:func:`.eps_for_inputs`)."""
+    return eps_for_inputs(zoo.DIGITS_RECIPE.eps, input_shape, REFERENCE_INPUTS)
 
 
 def _training_ball(args: argparse.Namespace, input_shape: tuple[int, ...]) -> tuple[float, str, bool]:
@@ -156,7 +171,7 @@ def _training_ball(args: argparse.Namespace, input_shape: tuple[int, ...]) -> tu
     eps = default_eps(input_shape)
     if eps != recipe.eps:
         logger.warning(
-            "no --eps given: training at ε = %g (%s ball), the digits recipe's ε = %g scaled to the %d input features",
-            eps, norm, recipe.eps, int(np.prod(input_shape)),
+            "no --eps given: training at ε = %g (%s ball), the digits recipe's ε = %g scaled to inputs of shape %s",
+            eps, norm, recipe.eps, "x".join(map(str, input_shape)),
         )  # fmt: skip
     return eps, norm, False

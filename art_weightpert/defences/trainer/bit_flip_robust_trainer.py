@@ -44,8 +44,9 @@ from art_weightpert.defences.trainer.batches import Batch, array_batches
 from art_weightpert.defences.trainer.monitoring import check_validation_data
 from art_weightpert.defences.trainer.schedule import check_scheduler, step_scheduler
 from art_weightpert.defences.trainer.settings import ValidatedSettings
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.quantization import QuantizedWeights, check_quantization_args
+from art_weightpert.torch_tools import batch_slices, eval_mode, kept_training_flags
 from art_weightpert.validation import (
     check_bool,
     check_choice,
@@ -182,7 +183,7 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
         """
         estimator = self._trainable(classifier)
         params = {key: value for key, value in locals().items() if key in self.trainer_params}
-        params = self._check_params(params, estimator)
+        params = self._validated(params, estimator)
         super().__init__(classifier)
         self._estimator = estimator
         for key, value in params.items():
@@ -191,7 +192,7 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
 
     # ------------------------------------------------------------------------------------------------ parameters
     @staticmethod
-    def _check_params(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
+    def _validated(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
         """The validated parameters (``layers`` resolved to the list of layer names)."""
         params = dict(params)
         params["layers"] = check_quantization_args(
@@ -246,8 +247,7 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
     ) -> dict[str, list]:
         """
         Train the classifier in place on ``(x, y)`` (batches drawn as ``PyTorchClassifier.fit`` draws them), then write
-        the deployed weights into it (class docstring), also when training is interrupted. Settings assigned directly
-        (``trainer.lam = ...``) take effect here, validated as by :meth:`set_params`.
+        the deployed weights into it (class docstring), also when training is interrupted.
 
         :param x: training inputs ``(N,) + input_shape``.
         :param y: integer labels ``(N,)`` or one-hot ``(N, nb_classes)``.
@@ -262,7 +262,6 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
             train mode), ``lr``, ``time`` (seconds), with validation data ``val_accuracy``.
         """
         est = self._estimator
-        self.set_params(**{key: getattr(self, key) for key in self.trainer_params})  # settings assigned directly
         x = est.check_inputs(x)
         labels = est.check_labels(y, len(x), required=True)
         batch_size = check_positive_int(batch_size, "batch_size")
@@ -320,33 +319,31 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
         if validation is not None:
             history["val_accuracy"] = []
         self.history = history
-        flags = {m: m.training for m in model.modules()}
         try:
-            for epoch in tqdm(range(nb_epochs), desc="BitFlipRobustTrainer", disable=not self.verbose):
-                start = time.perf_counter()
-                model.train()
-                sums = dict.fromkeys(("loss", "ce", "adv", "cluster", "accuracy"), 0.0)
-                seen = 0
-                for x_pre, y_pre, *_ in batches():
-                    optimizer.zero_grad()
-                    terms = self.loss_terms(x_pre, y_pre)
-                    terms["loss"].backward()
-                    optimizer.step()
-                    for key in sums:
-                        sums[key] += float(terms[key].detach()) * len(y_pre)
-                    seen += len(y_pre)
-                record = {key: value / max(seen, 1) for key, value in sums.items()}
-                step_scheduler(scheduler, record["loss"])
-                record["lr"] = float(optimizer.param_groups[0]["lr"])
-                record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
-                if validation is not None:
-                    record["val_accuracy"] = self._deployed_accuracy(*validation)
-                for key, value in record.items():
-                    history[key].append(value)
-                logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
+            with kept_training_flags(model):
+                for epoch in tqdm(range(nb_epochs), desc="BitFlipRobustTrainer", disable=not self.verbose):
+                    start = time.perf_counter()
+                    model.train()
+                    sums = dict.fromkeys(("loss", "ce", "adv", "cluster", "accuracy"), 0.0)
+                    seen = 0
+                    for x_pre, y_pre, *_ in batches():
+                        optimizer.zero_grad()
+                        terms = self.loss_terms(x_pre, y_pre)
+                        terms["loss"].backward()
+                        optimizer.step()
+                        for key in sums:
+                            sums[key] += float(terms[key].detach()) * len(y_pre)
+                        seen += len(y_pre)
+                    record = {key: value / max(seen, 1) for key, value in sums.items()}
+                    step_scheduler(scheduler, record["loss"])
+                    record["lr"] = float(optimizer.param_groups[0]["lr"])
+                    record = {"epoch": epoch + 1, **record, "time": time.perf_counter() - start}
+                    if validation is not None:
+                        record["val_accuracy"] = self._deployed_accuracy(*validation)
+                    for key, value in record.items():
+                        history[key].append(value)
+                    logger.info("epoch %d: " + ", ".join(f"{k}=%.4g" for k in record if k != "epoch"), *record.values())
         finally:
-            for m, flag in flags.items():
-                m.training = flag
             self._write_deployed()
         return history
 
@@ -357,9 +354,9 @@ class BitFlipRobustTrainer(ValidatedSettings, Trainer):
         deltas = self.quantized_weights().deltas(est)
         correct = 0
         with eval_mode(est.base_model), torch.no_grad():
-            for start in range(0, len(x_t), batch_size):
-                logits = est.logits(x_t[start : start + batch_size], deltas)
-                correct += int((logits.argmax(dim=1) == labels[start : start + batch_size]).sum())
+            for b in batch_slices(len(x_t), batch_size):
+                logits = est.logits(x_t[b], deltas)
+                correct += int((logits.argmax(dim=1) == labels[b]).sum())
         return correct / max(len(x_t), 1)
 
 

@@ -1,4 +1,5 @@
-"""The regularisation terms of :class:`.WeightRobustTrainer`'s loss (THEORY.md §7), differentiable in the weights."""
+"""The regularisation terms of :class:`.WeightRobustTrainer`'s loss (docs/theory.md §7), differentiable in the
+weights."""
 
 from __future__ import annotations
 

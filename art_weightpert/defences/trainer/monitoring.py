@@ -56,7 +56,7 @@ def check_validation_data(
 def validation_metrics(
     estimator: PyTorchWeightClassifier, budget: PerturbationBudget, x_val: np.ndarray, y_val: np.ndarray
 ) -> dict[str, float]:
-    """Clean accuracy and certified accuracy at the budget (interval bound in float64, THEORY.md §4–§5), in eval
+    """Clean accuracy and certified accuracy at the budget (interval bound in float64, docs/theory.md §4–§5), in eval
     mode; in a process group the samples are sharded by whole batches and the results gathered on every rank."""
     from art_weightpert.certification.certifier import WeightPerturbationCertifier
 

@@ -6,16 +6,19 @@ Warm-up (the standard remedy of certified training, e.g. IBP / CROWN-IBP): the r
 radius ε of the ball grow linearly from 0 to their targets over the first ``warmup`` epochs, step by step. With ε = 0
 the margin bound is the margin itself, so the network first learns the task and then widens its margins while the ball
 grows; at the full ε from the first step the robust term dominates and the trivial minimiser (all activations zero,
-every margin exactly 0, loss ``ln K``) is reached instead (THEORY.md §7, docs/training.md).
+every margin exactly 0, loss ``ln K``) is reached instead (docs/theory.md §7, docs/training.md).
 
 Collapse: robust training that ends at a constant prediction. It is recognised from the per-epoch training accuracy:
 near the accuracy of always predicting the most frequent label for ``patience`` epochs in a row, after an epoch in
-which the model had clearly learned.
+which the model had clearly learned. The trainer reports it; a recipe that must not return such a model raises
+:class:`TrainingCollapsedError` (:func:`raise_if_collapsed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +102,24 @@ class CollapseDetector:
         enough = len(self.accuracies) >= self.patience + (0 if final else self.warmup)
         return "stuck" if enough and max(self.accuracies) <= near_chance else None
 
+    def report(
+        self,
+        verdict: str,
+        history: dict[str, Any],
+        budget: PerturbationBudget,
+        lam: float,
+        stopped: bool,
+        logger: logging.Logger | None,
+    ) -> None:
+        """Record a failed run in the trainer's ``history`` (``collapsed``, ``warnings``) and, with a ``logger`` (the
+        main process), log it and raise it as a ``UserWarning`` pointing at the caller of ``fit``."""
+        message = self.message(verdict, budget, lam, stopped=stopped)
+        history["collapsed"] = True
+        history["warnings"].append(message)
+        if logger is not None:
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
     def message(self, verdict: str, budget: PerturbationBudget, lam: float, stopped: bool = False) -> str:
         """The warning for a failed run at ``budget`` and λ = ``lam``: the numbers and what to change."""
         ball = f"{budget.norm} ε = {budget.eps}{' relative' if budget.relative else ''}"
@@ -123,4 +144,50 @@ class CollapseDetector:
         ) + (" Training stopped at this epoch (stop_on_collapse=True)." if stopped else "")
 
 
-__all__ = ["CollapseDetector", "check_scheduler", "ramp_factor", "scale_param_balls", "step_scheduler"]
+class TrainingCollapsedError(RuntimeError):
+    """A robust training run ended at (or near) chance: the model predicts (almost) one class. The message gives the
+    numbers and what to change; the model is left as trained."""
+
+
+def raise_if_collapsed(
+    history: dict[str, Any], labels: np.ndarray, predictions: np.ndarray | None = None, tolerance: float = 0.1
+) -> None:
+    """
+    Raise :class:`TrainingCollapsedError` when the history of :meth:`.WeightRobustTrainer.fit` reports a collapse
+    (``history["collapsed"]``) or the trained model's training accuracy is near chance: the last epoch's (train mode),
+    or with ``predictions`` theirs. Pass the eval-mode predictions of a model with batch norm trained on batch
+    statistics (``batch_norm="train"``): its train-mode accuracy can be high while its eval-mode network, on the
+    running statistics, is at chance.
+
+    :param history: the trainer's history.
+    :param labels: the training labels (class indices or one-hot): chance is the share of the most frequent one.
+    :param predictions: optional predicted class indices of the trained model on the training inputs (eval mode).
+    :param tolerance: "near chance" is at most ``chance + tolerance · (1 − chance)`` (as :class:`CollapseDetector`).
+    """
+    labels = np.asarray(labels)
+    labels = (labels.argmax(axis=1) if labels.ndim == 2 else labels).astype(np.int64)
+    chance = float(np.bincount(labels).max() / max(len(labels), 1))
+    if history.get("collapsed"):
+        messages = history.get("warnings") or ["robust training collapsed."]
+        raise TrainingCollapsedError(messages[0])
+    if predictions is not None:
+        accuracy, which = float(np.mean(np.asarray(predictions) == labels)), "of the trained model (eval mode)"
+    else:
+        accuracy, which = (history["accuracy"] or [float("nan")])[-1], "in the last epoch"
+    if not accuracy > chance + tolerance * (1.0 - chance):
+        raise TrainingCollapsedError(
+            f"robust training ended at chance: training accuracy {accuracy:.3f} {which} (chance: {chance:.3f}, "
+            f"always the most frequent label). Try a smaller ε, a smaller λ or a longer warm-up; with batch norm, "
+            f'batch_norm="frozen".'
+        )
+
+
+__all__ = [
+    "CollapseDetector",
+    "TrainingCollapsedError",
+    "check_scheduler",
+    "raise_if_collapsed",
+    "ramp_factor",
+    "scale_param_balls",
+    "step_scheduler",
+]

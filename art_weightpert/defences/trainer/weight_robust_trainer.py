@@ -1,17 +1,17 @@
 """
-:class:`WeightRobustTrainer`: training with the theory-driven loss of THEORY.md §7, as an ART defence trainer.
+:class:`WeightRobustTrainer`: training with the theory-driven loss of docs/theory.md §7, as an ART defence trainer.
 
 For a batch ``(x_j, y_j)`` the loss is::
 
     L = (1/n) Σ_j [ CE(f(x_j), y_j) + λ_t · max_{i≠y_j} relu(η_{y_j,i} − m_{y_j,i} + κ) ] + μ · Σ_k ‖W^k‖_op∞
 
 where ``m_{y,i} − η_{y,i}`` is a lower bound of the pairwise margin ``f_y − f_i`` over the weight ball (computed
-differentiably in float32 by the chosen bound: ``"interval"`` THEORY.md §4, ``"paper"`` §3 formula B, or ``"linear"``
-§4b), ``κ ≥ 0`` a safety margin and ``‖W‖_op∞`` the largest row ℓ1 norm (for a conv, the largest ℓ1 norm of an
-output channel's kernel). During the first ``warmup`` epochs ``λ_t`` grows linearly from 0 to ``λ`` and the ball's
-radii from 0 to the budget's (per step, :mod:`.schedule`): without the warm-up this loss collapses training (THEORY.md
-§7). A run that collapses anyway is detected and reported (``history["collapsed"]``, ``history["warnings"]``).
-``λ = μ = 0`` is plain training.
+differentiably in float32 by the chosen bound: ``"interval"`` docs/theory.md §4, ``"paper"`` §3 formula B, or
+``"linear"`` §4b), ``κ ≥ 0`` a safety margin and ``‖W‖_op∞`` the largest row ℓ1 norm (for a conv, the largest ℓ1 norm
+of an output channel's kernel). During the first ``warmup`` epochs ``λ_t`` grows linearly from 0 to ``λ`` and the ball's
+radii from 0 to the budget's (per step, :mod:`.schedule`): without the warm-up this loss collapses training
+(docs/theory.md §7). A run that collapses anyway is detected and reported (``history["collapsed"]``,
+``history["warnings"]``). ``λ = μ = 0`` is plain training.
 
 The paper's exact choice of the terms is not available offline; this loss is the project's reading of it.
 
@@ -20,10 +20,8 @@ The paper's exact choice of the terms is not available offline; this loss is the
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +37,7 @@ from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.defences.trainer import data_parallel as dp
+from art_weightpert.defences.trainer.batch_norm import BATCH_NORM_MODES, TrainingNetwork, frozen_batch_norm
 from art_weightpert.defences.trainer.batches import Batch, array_batches, generator_batches, with_adversarial_inputs
 from art_weightpert.defences.trainer.loss import operator_norm_sum, robust_term
 from art_weightpert.defences.trainer.monitoring import EpochTotals, check_validation_data, validation_metrics
@@ -50,11 +49,13 @@ from art_weightpert.defences.trainer.schedule import (
     step_scheduler,
 )
 from art_weightpert.defences.trainer.settings import ValidatedSettings
-from art_weightpert.defences.trainer.shared_forward import affine_outputs, train_matches_eval
+from art_weightpert.defences.trainer.shared_forward import SharedForward
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
-from art_weightpert.network import BatchNorm, Network, read_network
+from art_weightpert.network import Network
 from art_weightpert.validation import (
     check_bool,
+    check_choice,
     check_non_negative,
     check_non_negative_int,
     check_positive_int,
@@ -72,20 +73,20 @@ HISTORY_KEYS = ("epoch", "loss", "ce", "robust", "norm", "lam", "eps_scale", "ac
 class WeightRobustTrainer(ValidatedSettings, Trainer):
     """
     Trains a PyTorch classifier in place so that its predictions provably survive weight perturbations in a
-    :class:`.PerturbationBudget`, with the loss of THEORY.md §7 (see the module docstring), optionally jointly with
+    :class:`.PerturbationBudget`, with the loss of docs/theory.md §7 (see the module docstring), optionally jointly with
     adversarial inputs from an ART ``EvasionAttack``.
 
-    The cross-entropy term runs the model in train mode (dropout active, batch norm on batch statistics, running
-    statistics updated); the bound is computed with eval semantics (the model read by :func:`.read_network`: dropout
-    is the identity and batch norm is the fixed affine map of its running statistics, re-read at every step, with its
-    scale and shift not trained through the bound). The classifier's own optimizer takes the steps.
+    The cross-entropy term runs the model in train mode (dropout active); the bound is computed with eval semantics
+    (the model read by :func:`.read_network`: dropout is the identity, batch norm the affine map ``s·h + t`` of its
+    running statistics), batch norm as ``batch_norm`` says (:mod:`.batch_norm`, docs/theory.md §13; the parameter
+    below). The classifier's own optimizer takes the steps; every module's training flag is restored after ``fit``.
 
     | Paper link: https://arxiv.org/abs/2103.02200
     """
 
     trainer_params = [
-        "budget", "lam", "mu", "kappa", "bound", "warmup", "ramp_eps", "collapse_patience", "stop_on_collapse",
-        "attack", "ratio", "verbose",
+        "budget", "lam", "mu", "kappa", "method", "warmup", "ramp_eps", "collapse_patience", "stop_on_collapse",
+        "batch_norm", "attack", "ratio", "verbose",
     ]  # fmt: skip
 
     def __init__(
@@ -95,14 +96,16 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         lam: float = 1.0,
         mu: float = 0.0,
         kappa: float = 0.0,
-        bound: str = "interval",
+        method: str = "interval",
         warmup: int = WARMUP_EPOCHS,
         ramp_eps: bool = True,
         collapse_patience: int = 3,
         stop_on_collapse: bool = True,
+        batch_norm: str = "auto",
         attack: EvasionAttack | None = None,
         ratio: float = 0.5,
         verbose: bool = True,
+        **kwargs: Any,
     ) -> None:
         """
         Create a :class:`.WeightRobustTrainer` instance.
@@ -113,7 +116,8 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         :param lam: weight λ ≥ 0 of the robust term (after the warm-up).
         :param mu: weight μ ≥ 0 of the operator-norm term ``Σ_k ‖W^k‖_op∞``.
         :param kappa: safety margin κ ≥ 0: the robust term is zero once every margin lower bound exceeds κ.
-        :param bound: margin bound used for η: ``"interval"`` (THEORY.md §4, default), ``"paper"`` (§3 formula B) or
+        :param method: margin bound used for η: ``"interval"`` (docs/theory.md §4, default), ``"paper"`` (§3 formula B)
+        or
             ``"linear"`` (§4b): a name in the registry :data:`.METHODS`.
         :param warmup: number of epochs over which λ (and, with ``ramp_eps``, the ball's radii) grow linearly from 0
             (per step); 0 starts at the full λ and ε. Each call of ``fit`` restarts the warm-up.
@@ -123,27 +127,39 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
             epochs after it had learned is reported as collapsed (a ``UserWarning`` with the numbers and what to
             change, ``history["collapsed"]`` and ``history["warnings"]``).
         :param stop_on_collapse: stop training at the epoch where the collapse is detected (it does not recover).
+        :param batch_norm: ``"frozen"`` (batch norm in eval mode during ``fit``: the module's running statistics
+            fixed, γ and β trained through the bound too), ``"train"`` (batch statistics in the cross-entropy, running
+            statistics updated and read by the bound as constants) or ``"auto"`` (``"frozen"`` when the model has
+            batch norm and λ > 0, else ``"train"``); see :mod:`.batch_norm`.
         :param attack: optional ART ``EvasionAttack``: a ``ratio`` of every batch is replaced by its adversarial inputs,
             generated on the current model.
         :param ratio: share of each batch replaced by adversarial inputs when ``attack`` is given (0 to 1).
         :param verbose: show a progress bar over the epochs.
+        :param kwargs: ``bound``, the deprecated spelling of ``method`` (a ``DeprecationWarning``).
         """
+        method = renamed_keyword(kwargs, "bound", "method", method, "interval", "WeightRobustTrainer")
+        reject_unknown_keywords(kwargs, "WeightRobustTrainer")
         estimator = self._trainable(classifier)
         params = {key: value for key, value in locals().items() if key in self.trainer_params}
-        params = self._check_params(params, estimator)
+        params = self._validated(params, estimator)
         super().__init__(classifier)
         self._estimator = estimator
-        self._network = read_network(estimator.base_model, estimator.input_shape)
-        METHODS[params["bound"]].check(self._network)  # e.g. "paper" on a model with branches
-        self._train_matches_eval = train_matches_eval(self._network, estimator.base_model, estimator.input_shape)
+        self._reading = TrainingNetwork(estimator.base_model, estimator.input_shape)
+        METHODS[params["method"]].check(self._reading.network)  # e.g. "paper" on a model with branches
+        self._shared = SharedForward(estimator, self._reading.network)
         for key, value in params.items():
             setattr(self, key, value)
         self.history: dict[str, list] = {}
-        self._affine_outputs: dict[int, torch.Tensor] | None = None  # fit's hooks keep them (shared_forward)
 
     # ------------------------------------------------------------------------------------------------ parameters
+    def _check_params(self) -> None:
+        """Validate the current settings, the method against the network included (on a copy, before a change of
+        settings is kept)."""
+        super()._check_params()
+        METHODS[self.method].check(self._reading.network)
+
     @staticmethod
-    def _check_params(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
+    def _validated(params: dict[str, Any], estimator: PyTorchWeightClassifier) -> dict[str, Any]:
         """The validated parameters, as plain Python values."""
         params = dict(params)
         budget = params["budget"]
@@ -152,14 +168,15 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         budget.layer_names(estimator.base_model)  # unknown layer names: ValueError listing the valid ones
         for name in ("lam", "mu", "kappa"):
             params[name] = check_non_negative(params[name], name)
-        if params["bound"] not in METHODS:
-            raise ValueError(f"`bound` must be one of {list(METHODS)}, got {params['bound']!r}.")
+        if params["method"] not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {params['method']!r}.")
         params["warmup"] = check_non_negative_int(params["warmup"], "warmup")
         params["collapse_patience"] = check_positive_int(params["collapse_patience"], "collapse_patience")
         attack = params["attack"]
         if attack is not None and not isinstance(attack, EvasionAttack):
             raise TypeError(f"`attack` must be an ART EvasionAttack or None, got {type(attack).__name__}.")
         params["ratio"] = check_probability(params["ratio"], "ratio")
+        params["batch_norm"] = check_choice(params["batch_norm"], "batch_norm", BATCH_NORM_MODES)
         for name in ("ramp_eps", "stop_on_collapse", "verbose"):
             params[name] = check_bool(params[name], name)
         return params
@@ -237,11 +254,16 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
     def _param_balls(self) -> dict[str, ParameterBall]:
         return {t.param_name: t for t in self.budget.parameter_balls(self._estimator.base_model)}
 
+    def _batch_norm_frozen(self) -> bool:
+        return self._reading.frozen(self.batch_norm, self.lam)
+
     def _network_now(self) -> Network:
-        """The network read once; re-read when it has batch norm (its running statistics change while training)."""
-        if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
-            self._network = read_network(self._estimator.base_model, self._estimator.input_shape)
-        return self._network
+        """The network the bound reads now (:class:`.TrainingNetwork`)."""
+        return self._reading.now(self._batch_norm_frozen())
+
+    def _shared_values(self) -> str | None:
+        """What of the cross-entropy's forward serves the bound (:mod:`.shared_forward`)."""
+        return self._shared.values(METHODS[self.method].clean_values, self._batch_norm_frozen())
 
     def loss_terms(
         self,
@@ -268,20 +290,20 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         lam = self.lam if lam is None else lam
         est = self._estimator
         robust_on = lam > 0 or self.lam > 0
-        method = METHODS[self.bound]
-        if robust_on and self._shared_values():  # one forward for both terms (no batch norm: the network read once)
-            logits, clean = self._clean_forward(x)
+        if robust_on and (param_balls is None or self.budget.relative):
+            param_balls = self._param_balls()
+        values = self._shared_values() if robust_on else None
+        if values:  # one forward for both terms
+            logits, clean = self._shared.forward(x, values, param_balls)
             shared = {"clean_values": clean}
         else:
             shared, logits = {}, est.logits(x)
         ce = est._loss(logits, labels)  # pylint: disable=protected-access
         loss = ce
-        network = self._network_now()  # after the forward: with this step's batch-norm running statistics
+        network = self._network_now()  # after the forward: with this step's batch-norm statistics and γ, β
         if robust_on:
-            if param_balls is None or self.budget.relative:
-                param_balls = self._param_balls()
             balls = scale_param_balls(param_balls, eps_scale)
-            bounds = method.bounds(network, balls, x, labels, dtype=torch.float32, **shared)
+            bounds = METHODS[self.method].bounds(network, balls, x, labels, dtype=torch.float32, **shared)
             robust = robust_term(bounds, float(self.kappa)).mean()
             loss = loss + lam * robust
         else:
@@ -293,39 +315,6 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
             norm = torch.full((), float("nan"), device=logits.device)
         accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "ce": ce, "robust": robust, "norm": norm, "accuracy": accuracy}
-
-    def _shared_values(self) -> str | None:
-        """What of the cross-entropy's forward serves the bound (:attr:`.BoundMethod.clean_values`; ``None`` where
-        train and eval semantics differ), :mod:`.shared_forward`."""
-        return METHODS[self.bound].clean_values if self._train_matches_eval else None
-
-    def _clean_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The logits of the model's own forward and the clean values the bound takes: for ``"affine"`` also its
-        affine modules' outputs, kept by the hooks of :meth:`_affine_hooks` (``fit``'s, or outside ``fit`` this
-        call's)."""
-        if self._shared_values() == "affine" and self._affine_outputs is None:  # outside fit
-            with self._affine_hooks(self._param_balls()):
-                return self._clean_forward(x)
-        outputs = self._affine_outputs if self._affine_outputs is not None else {}
-        outputs.clear()  # (an attack may have run the model since the last step)
-        logits = self._estimator.logits(x)
-        return logits, {**outputs, len(self._network.layers): logits}
-
-    @contextlib.contextmanager
-    def _affine_hooks(self, param_balls: dict[str, ParameterBall]) -> Iterator[None]:
-        """While active, :attr:`_affine_outputs` holds the outputs of the affine modules whose centres the bound takes
-        (:func:`.affine_outputs`), when it takes them (``"affine"``); ``fit`` keeps the hooks for an epoch, since
-        registering them at every step costs 20 µs, and a hooked module about 20 µs more per forward, so only a bound
-        that takes the outputs gets them."""
-        if self._shared_values() != "affine":
-            yield
-            return
-        with affine_outputs(self._network, param_balls) as outputs:
-            self._affine_outputs = outputs
-            try:
-                yield
-            finally:
-                self._affine_outputs = None
 
     def _train(
         self,
@@ -343,14 +332,14 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
         self.history = history
         detector = CollapseDetector(self.collapse_patience, self.warmup)
         state = {"step": 0, "warmup_steps": self.warmup * nb_batches, "param_balls": self._param_balls()}
-        flags = {m: m.training for m in model.modules()}
         dp.check_loss_reduction(self._estimator)
         main = distributed.is_main_process()
-        try:
+        values = self._shared_values() if self.lam > 0 else None
+        with frozen_batch_norm(model, freeze=self._batch_norm_frozen()):  # every module's flag restored after
             bar = tqdm(range(nb_epochs), desc="WeightRobustTrainer", disable=not (self.verbose and main))
             for epoch in bar:
                 start = time.perf_counter()
-                with dp.data_parallel(model), self._affine_hooks(state["param_balls"]):
+                with dp.data_parallel(model), self._shared.hooks(values, state["param_balls"]):
                     record, chance = self._epoch(batches, state)
                 step_scheduler(scheduler, record["loss"])
                 record["lr"] = float(self._classifier._optimizer.param_groups[0]["lr"])  # pylint: disable=W0212
@@ -365,19 +354,10 @@ class WeightRobustTrainer(ValidatedSettings, Trainer):
                 final = epoch == nb_epochs - 1
                 verdict = detector.update(record["accuracy"], chance, final=final)
                 if self.lam > 0 and verdict is not None and not history["collapsed"]:
-                    message = detector.message(
-                        verdict, self.budget, self.lam, stopped=self.stop_on_collapse and not final
-                    )
-                    history["collapsed"] = True
-                    history["warnings"].append(message)
-                    if main:
-                        logger.warning(message)
-                        warnings.warn(message, UserWarning, stacklevel=3)
+                    stopped = self.stop_on_collapse and not final
+                    detector.report(verdict, history, self.budget, self.lam, stopped, logger if main else None)
                     if self.stop_on_collapse:
                         break
-        finally:
-            for m, flag in flags.items():
-                m.training = flag
         return history
 
     def _epoch(self, batches: Callable[[], Iterator[Batch]], state: dict[str, Any]) -> tuple[dict[str, float], float]:

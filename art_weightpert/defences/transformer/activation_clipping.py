@@ -28,8 +28,9 @@ from art.defences.transformer.transformer import Transformer
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
 
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.quantization import as_weight_classifier
+from art_weightpert.torch_tools import batch_slices, eval_mode
 from art_weightpert.validation import check_bool, check_number, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -115,8 +116,8 @@ class ActivationClipping(Transformer):
         ]
         try:
             with eval_mode(estimator.model), torch.no_grad():
-                for start in range(0, len(x_t), self.batch_size):
-                    estimator.model(x_t[start : start + self.batch_size])
+                for b in batch_slices(len(x_t), self.batch_size):
+                    estimator.model(x_t[b])
         finally:
             for hook in hooks:
                 hook.remove()
