@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from art_weightpert.budget import PerturbationBudget
+from art_weightpert.budget import PerturbationBudget, WeightPerturbation
 from art_weightpert.estimators import PyTorchWeightClassifier
 from art_weightpert.network import UnsupportedModelError
-from art_weightpert.perturbation import WeightPerturbation
 
 __version__ = "0.1.0"
 
@@ -28,6 +27,9 @@ _LAZY = {
     "FloatBitFlipAttack": "art_weightpert.attacks",
     "RandomFloatBitFlips": "art_weightpert.attacks",
     "BitFlipBackdoor": "art_weightpert.attacks",
+    "BitFlipAttackBase": "art_weightpert.attacks",
+    "as_weight_classifier": "art_weightpert.estimators",
+    "effective_estimator": "art_weightpert.estimators",
     "QuantizedWeights": "art_weightpert.quantization",
     "BitFlip": "art_weightpert.quantization",
     "FloatBitFlip": "art_weightpert.float_bits",

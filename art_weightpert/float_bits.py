@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert.budget import WeightPerturbation
 from art_weightpert.estimators.quantized import deployed_layers
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.flips import WeightBitFlip, check_bit_positions, check_flip_entry, check_layers, popcount
-from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.quantization import as_weight_classifier, estimator_weights
 
 logger = logging.getLogger(__name__)

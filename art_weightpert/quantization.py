@@ -2,8 +2,8 @@
 :class:`QuantizedWeights` and :class:`BitFlip`: the integer codes of a quantized model's weights and their bits.
 
 Quantization is simulated as in the bit-flip attack (Rakin et al., ICCV 2019): symmetric, uniform, ``n_bits`` two's
-complement codes ``c`` and a float scale ``s`` per tensor or per output channel, ``w = s·c`` (THEORY.md §8). Only the
-weights of the selected Linear/Conv layers are quantized; biases, batch norm and every other parameter stay float.
+complement codes ``c`` and a float scale ``s`` per tensor or per output channel, ``w = s·c`` (docs/theory.md §8). Only
+the weights of the selected Linear/Conv layers are quantized; biases, batch norm and every other parameter stay float.
 The quantized model is the user's estimator with the perturbation ``s·c − W`` applied through
 :meth:`.PyTorchWeightClassifier.with_weight_perturbation`, so ART's attacks, the certifiers and the metrics see it
 unchanged, and the user's module is never touched.
@@ -23,10 +23,11 @@ from typing import Any
 import torch
 from art.estimators.classification import PyTorchClassifier
 
+from art_weightpert.budget import WeightPerturbation
 from art_weightpert.estimators.quantized import DEPLOYED_BITS, check_deployed, deployed_encoding, deployed_layers
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator
 from art_weightpert.flips import MAX_BITS, MIN_BITS, BitFlip, check_flip_entry, check_layers, popcount
-from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_choice, check_int
 
 logger = logging.getLogger(__name__)
@@ -36,11 +37,13 @@ __all__ = [
     "BitFlip",
     "GRANULARITIES",
     "as_weight_classifier",
+    "effective_quantized_weights",
     "check_quantization_args",
     "estimator_weights",
 ]
 
 GRANULARITIES = ("tensor", "channel")
+_GRID_TOLERANCE = 1e-3  # in quantization steps: farther from the grid, a weight is not a code
 
 
 def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: torch.nn.Module) -> list[str]:
@@ -59,13 +62,35 @@ def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: t
     return names if deployed is None else deployed
 
 
-def as_weight_classifier(estimator: Any) -> PyTorchWeightClassifier:
-    """``estimator`` as a :class:`.PyTorchWeightClassifier` (an ART ``PyTorchClassifier`` is wrapped, not copied)."""
-    if isinstance(estimator, PyTorchWeightClassifier):
-        return estimator
-    if isinstance(estimator, PyTorchClassifier):
-        return PyTorchWeightClassifier.from_classifier(estimator)
-    raise TypeError(f"`estimator` must be an ART PyTorchClassifier, got {type(estimator).__name__}.")
+def effective_quantized_weights(
+    estimator: PyTorchClassifier, n_bits: int = 8, granularity: str = "tensor", layers: Iterable[str] | None = None
+) -> QuantizedWeights:
+    """
+    The quantized weights of ``estimator``'s *effective* weights ``W + Δ`` (:func:`.effective_estimator`), the ones
+    every bit-flip attack, certificate and metric starts from. Where ``W + Δ`` lies on the grid of the base weights'
+    quantization (an estimator from :meth:`QuantizedWeights.apply` or a bit-flip attack's ``generate_estimator``), its
+    codes on that grid, so that the encoding is exactly the one the estimator predicts with; otherwise ``W + Δ``
+    quantized afresh (:meth:`QuantizedWeights.from_estimator`).
+    """
+    estimator = as_weight_classifier(estimator)
+    effective = effective_estimator(estimator)
+    if effective is estimator:
+        return QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
+    grid = QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
+    low, high = -(1 << (grid.n_bits - 1)), (1 << (grid.n_bits - 1)) - 1
+    codes = {}
+    for name, zero in grid.zero_points.items():
+        value = effective.base_model.get_parameter(name).detach().to(torch.float64)
+        scale = _broadcast(grid.scales[name], value.ndim)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        ratio = value / safe
+        code = torch.round(ratio)
+        on_grid = bool(((ratio - code).abs() <= _GRID_TOLERANCE).all())  # float32 rounding of W + Δ: ~1e-5 of a step
+        code = code + _broadcast(zero, value.ndim)
+        if not on_grid or int(code.min()) < low or int(code.max()) > high:
+            return QuantizedWeights.from_estimator(effective, n_bits, granularity, layers)
+        codes[name] = code.to(torch.int64)
+    return QuantizedWeights(codes, grid.scales, grid.n_bits, grid.granularity, grid.zero_points)
 
 
 def _unsigned(codes: torch.Tensor, n_bits: int) -> torch.Tensor:
@@ -80,7 +105,7 @@ def _signed(pattern: torch.Tensor, n_bits: int) -> torch.Tensor:
 
 class QuantizedWeights:
     """
-    Integer codes and scales of the quantized weights of a model (THEORY.md §8): ``w = s·c`` with ``c`` an
+    Integer codes and scales of the quantized weights of a model (docs/theory.md §8): ``w = s·c`` with ``c`` an
     ``n_bits`` two's complement integer, or ``w = s·(c − z)`` with zero points ``z`` (deployed models). Immutable:
     :meth:`flip` returns a new object. Build it with :meth:`from_estimator`.
 
@@ -222,7 +247,7 @@ class QuantizedWeights:
 
     def bit_changes(self, name: str, flat_index: torch.Tensor | None = None) -> torch.Tensor:
         """
-        Change of the entries of weight ``name`` if one of their bits were flipped alone (THEORY.md §8):
+        Change of the entries of weight ``name`` if one of their bits were flipped alone (docs/theory.md §8):
         ``s·d_b(c)`` with ``d_b(c) = (1 − 2β_b)·2^b`` for ``b < n−1`` and ``(2β_{n−1} − 1)·2^{n−1}`` for the sign bit.
 
         :param name: a quantized weight.

@@ -1,6 +1,6 @@
 """
-Benchmark of the ``"linear"`` certificate (THEORY.md §4b) against ``"interval"`` (§4) on digits, with an upper bound
-on the true robust accuracy from a per-sample weight attack.
+Benchmark of the ``"linear"`` certificate (docs/theory.md §4b) against ``"interval"`` (§4) on digits, with an upper
+bound on the true robust accuracy from a per-sample weight attack.
 
 Models: the bias-free ReLU MLP 64-128-64-10 and a small bias-free CNN (conv 8 → strided conv 16 → linear), each
 trained with Adam (lr 3e-3, 40 epochs, batch 64, seed 0) on ``load_digits_data()``. Points: the first 200 test points.
@@ -33,7 +33,7 @@ from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.data import load_digits_data
 from art_weightpert.network import read_network
 
-TOLERANCE = 1e-9  # certify only when the margin lower bound exceeds it (THEORY.md §5)
+TOLERANCE = 1e-9  # certify only when the margin lower bound exceeds it (docs/theory.md §5)
 
 BUDGETS = {
     "mlp": [

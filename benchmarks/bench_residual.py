@@ -1,5 +1,5 @@
 """
-Benchmark of the certificates on residual networks (issue 11, THEORY.md §9).
+Benchmark of the certificates on residual networks (issue 11, docs/theory.md §9).
 
 1. Cost: for the digits ResNet (:func:`.digits_resnet`, 1x8x8) and ResNet-18 (:func:`.resnet18_cifar`, torchvision's
    structure, 3x32x32), the time per sample of ``"interval"`` and ``"linear"`` (float64 bound functions, an absolute

@@ -2,9 +2,9 @@
 Certify a digits MLP against weight perturbations.
 
 Trains the bias-free ReLU MLP 64-128-64-10 of :mod:`art_weightpert.zoo` on scikit-learn's digits, then asks, for the
-row-ℓ1 ball of the paper (THEORY.md §2) at a few radii ε, which test points keep their prediction under *every*
+row-ℓ1 ball of the paper (docs/theory.md §2) at a few radii ε, which test points keep their prediction under *every*
 perturbation of the ball, with the three certification methods: the closed-form bound in the setting of Tsai et al.
-(``"paper"``, THEORY.md §3), interval bounds (``"interval"``, §4) and backward linear bounds (``"linear"``, §4b).
+(``"paper"``, docs/theory.md §3), interval bounds (``"interval"``, §4) and backward linear bounds (``"linear"``, §4b).
 The universal weight attack gives the other side: an upper bound on the robust accuracy.
 
 Run: ``python examples/certify_digits_mlp.py`` (about 15 s on a CPU core).

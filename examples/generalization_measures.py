@@ -2,8 +2,8 @@
 Which weight-perturbation measure predicts the generalization gap? A grid of digits MLPs that differ in one
 hyperparameter at a time (width, depth, learning rate, batch size, weight decay, training-set size, weight-robust
 training λ), each trained to the same training cross-entropy; for each model the gap (test − train error and loss)
-and the measures, computed from the training set only: the paper's Rademacher bound (THEORY.md §6) and its terms, the
-sum and product of the layers' ℓ∞ operator norms, PAC-Bayes σ and bound (Jiang et al. 2020), worst- and average-case
+and the measures, computed from the training set only: the paper's Rademacher bound (docs/theory.md §6) and its terms,
+the sum and product of the layers' ℓ∞ operator norms, PAC-Bayes σ and bound (Jiang et al. 2020), worst- and average-case
 adaptive sharpness (Andriushchenko et al. 2023), certified accuracy and radius, and WeightPGD accuracy under a fixed
 row-ℓ1 budget. Kendall's τ of each measure with the gap, over all models and granulated per hyperparameter (Jiang et
 al.'s τ within groups of models that differ only in that hyperparameter, averaged over the groups).
@@ -133,10 +133,10 @@ def measure(clf, init, x_train, y_train, fast: bool) -> dict[str, float]:
     x_sub, y_sub = x_train[:n_sub], y_train[:n_sub]
     bound = generalization_bound(clf, x_train, y_train, BUDGET, margin=1.0)
     draws = 4 if fast else 10
-    pb = pac_bayes_bound(clf, x_train, y_train, initial_weights=init, nb_draws=draws)
-    pb_mag = pac_bayes_bound(clf, x_train, y_train, magnitude_aware=True, initial_weights=init, nb_draws=draws)
+    pb = pac_bayes_bound(clf, x_train, y_train, initial_weights=init, nb_samples=draws)
+    pb_mag = pac_bayes_bound(clf, x_train, y_train, magnitude_aware=True, initial_weights=init, nb_samples=draws)
     worst = weight_sharpness(clf, x_train, y_train, RHO_WORST, kind="worst", max_iter=5 if fast else 10)
-    average = weight_sharpness(clf, x_train, y_train, RHO_AVERAGE, kind="average", nb_draws=draws)
+    average = weight_sharpness(clf, x_train, y_train, RHO_AVERAGE, kind="average", nb_samples=draws)
     pgd = WeightPGD(clf, BUDGET, max_iter=5 if fast else 20, verbose=False)
     pgd_clf = pgd.generate_estimator(x_sub, y_sub)
     return {

@@ -2,7 +2,7 @@
 Train a weight-robust model and compare it with a standard one.
 
 Both bias-free MLPs start from the same initialisation; the robust one is trained by :class:`.WeightRobustTrainer`
-with the loss of THEORY.md §7 (cross-entropy + λ · hinge on the interval lower bound of the margins over the
+with the loss of docs/theory.md §7 (cross-entropy + λ · hinge on the interval lower bound of the margins over the
 row-ℓ1 ball, λ warmed up from 0). :func:`.weight_robustness_curve` then sweeps ε for both, and
 :func:`.plot_robustness_curve` draws the curves.
 

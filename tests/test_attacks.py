@@ -241,7 +241,7 @@ def test_any_art_pytorch_classifier_is_wrapped(clf, test_data):
 
 def test_art_input_space_tooling_refuses_a_weight_attack(clf):
     """ART's adversarial training accepts only evasion attacks; a weight attack, whose ``generate`` returns no
-    inputs, must be refused there rather than break half way (ART_NOTES.md)."""
+    inputs, must be refused there rather than break half way (ART 1.20.1 accepts any EvasionAttack)."""
     from art.defences.trainer import AdversarialTrainer
 
     with pytest.raises(ValueError, match="EvasionAttack"):

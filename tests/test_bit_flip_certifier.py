@@ -212,7 +212,7 @@ def test_bit_flip_curve_certified_matches_certify_and_stays_below_the_attack(tin
     _, _, x_test, y_test = digits
     x, y = x_test[:60], y_test[:60]
     curve = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1, 2, 3], x_attack=x, y_attack=y, nb_samples=2,
-                           certify_method="linear", certify_points=100)  # fmt: skip
+                           method="linear", certify_points=100)  # fmt: skip
     assert curve["certify_method"] == "linear" and curve["certified_points"] == len(x)
     for k, certified, bfa, random in zip(
         curve["flips"], curve["certified_accuracy"], curve["bfa_accuracy"], curve["random_mean"]
@@ -225,13 +225,13 @@ def test_bit_flip_curve_certified_matches_certify_and_stays_below_the_attack(tin
     assert histogram[-1] == round((1 - curve["quantized_accuracy"]) * len(x))
     assert curve["certified_accuracy"][0] > 0  # something is certified: the comparison above is not vacuous
     fewer = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], x_attack=x, y_attack=y, nb_samples=1,
-                           certify_method="interval", certify_points=25)  # fmt: skip
+                           method="interval", certify_points=25)  # fmt: skip
     assert fewer["certified_points"] == 25 and sum(fewer["certified_flips_histogram"].values()) == 25
     assert "certified_accuracy" not in bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], nb_samples=1)
-    with pytest.raises(ValueError, match="certify_method"):
-        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="exact")
+    with pytest.raises(ValueError, match="`method`"):
+        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], method="exact")
     with pytest.raises(ValueError, match="certify_points"):
-        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], certify_method="linear", certify_points=0)
+        bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], method="linear", certify_points=0)
 
 
 def test_a_network_with_branches_is_refused_not_read_as_a_chain():

@@ -1,5 +1,5 @@
-"""QuantizedWeights and BitFlip: quantization against a numpy reference, two's complement flip arithmetic (THEORY.md
-§8), Hamming distance, the perturbation onto the quantized values, bad input, ART interop."""
+"""QuantizedWeights and BitFlip: quantization against a numpy reference, two's complement flip arithmetic
+(docs/theory.md §8), Hamming distance, the perturbation onto the quantized values, bad input, ART interop."""
 
 from __future__ import annotations
 

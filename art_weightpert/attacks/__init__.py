@@ -4,7 +4,7 @@ weights (the float bit-flip attack and random float faults), and backdoors plant
 The gradient attacks share one ascent loop (:mod:`art_weightpert.attacks.ascent`)."""
 
 from art_weightpert.attacks.backdoor import BackdoorResult, BitFlipBackdoor
-from art_weightpert.attacks.base import WeightAttack, WeightBudgetAttack
+from art_weightpert.attacks.base import BitFlipAttackBase, WeightAttack, WeightAttackBase, WeightBudgetAttack
 from art_weightpert.attacks.bit_flip import BitFlipAttack
 from art_weightpert.attacks.float_bit_flip import FloatBitFlipAttack
 from art_weightpert.attacks.joint import JointWeightInputPGD
@@ -15,6 +15,8 @@ from art_weightpert.attacks.random_float_bit_flips import RandomFloatBitFlips
 from art_weightpert.attacks.weight_pgd import WeightPGD
 
 __all__ = [
+    "WeightAttackBase",
+    "BitFlipAttackBase",
     "WeightBudgetAttack",
     "WeightAttack",
     "WeightPGD",

@@ -43,12 +43,12 @@ from tqdm.auto import tqdm
 
 from art_weightpert.attacks.backdoor_float import one_flip
 from art_weightpert.attacks.backdoor_search import TrojanBitSearch, VictimModel
-from art_weightpert.attacks.base import WeightAttack, predict_labels
+from art_weightpert.attacks.base import BitFlipAttackBase, predict_labels
 from art_weightpert.attacks.trigger import PatchTrigger, check_trigger_size, clip_bounds, default_trigger_size
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import perturbable_modules
-from art_weightpert.quantization import QuantizedWeights, check_quantization_args
+from art_weightpert.quantization import QuantizedWeights, check_quantization_args, effective_quantized_weights
 from art_weightpert.validation import check_bool, check_choice, check_int, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def final_layer(model: nn.Module, nb_classes: int) -> str:
     )
 
 
-class BitFlipBackdoor(WeightAttack):
+class BitFlipBackdoor(BitFlipAttackBase):
     """
     A bit-flip backdoor (TBT for quantized weights, OneFlip for float ones): :meth:`generate` returns a
     :class:`BackdoorResult` with the flips, the trigger and the flipped estimator. Deterministic for the same inputs.
@@ -184,7 +184,7 @@ class BitFlipBackdoor(WeightAttack):
         :param batch_size: samples per forward pass.
         :param verbose: show a progress bar over the flips.
         """
-        super().__init__(estimator, budget=None, verbose=verbose)
+        super().__init__(estimator, verbose=verbose)
         self.target = target
         self.max_flips = max_flips
         self.n_bits = n_bits
@@ -195,7 +195,7 @@ class BitFlipBackdoor(WeightAttack):
         self._check_params()
 
     def _check_params(self) -> None:
-        # The weight ball of WeightAttack does not apply: the threat set is a number of flipped bits.
+        # the threat set is a number of flipped bits.
         Attack._check_params(self)
         est = self.estimator
         check_int(self.target, "target", minimum=0, maximum=est.nb_classes - 1)
@@ -228,7 +228,7 @@ class BitFlipBackdoor(WeightAttack):
         :param y: their integer or one-hot labels (``None``: the unflipped model's predictions), for the clean term.
         :return: the flips, the trigger and the flipped estimator.
         """
-        est = self.estimator
+        est = self._target
         x_t = torch.as_tensor(est.check_inputs(x), device=est.device)
         if len(x_t) == 0:
             raise ValueError("`x` must hold at least one input.")
@@ -242,7 +242,7 @@ class BitFlipBackdoor(WeightAttack):
         low, high = clip_bounds(est.clip_values, x_t)
         if self.encoding == "float":
             return self._one_flip(x_t, labels, final, sizes[0], low, high)
-        quantized = QuantizedWeights.from_estimator(est, self.n_bits, "tensor", self.layers)
+        quantized = effective_quantized_weights(self.estimator, self.n_bits, "tensor", self.layers)
         search = TrojanBitSearch(VictimModel(est, final), quantized, int(self.target), self.batch_size)
         unflipped = search.deltas(quantized)
         if labels is None:
@@ -293,7 +293,7 @@ class BitFlipBackdoor(WeightAttack):
         self, x_t: torch.Tensor, labels: np.ndarray | None, final: str, size: int, low: torch.Tensor, high: torch.Tensor
     ) -> BackdoorResult:
         """OneFlip (:func:`.one_flip`) and its result: the float estimator with the flip, and without it."""
-        est = self.estimator
+        est = self._target
         labels_t = None if labels is None else torch.as_tensor(labels, device=est.device)
         victim = VictimModel(est, final)
         with tqdm(total=1, desc=type(self).__name__, disable=not self.verbose) as bar:

@@ -22,6 +22,7 @@ import torch
 from art_weightpert.attacks.backdoor_search import TRIGGER_STEPS, VictimModel, input_spread, refine_trigger, saliency
 from art_weightpert.attacks.trigger import PatchTrigger, optimise_pattern, select_mask
 from art_weightpert.float_bits import FloatBitFlip, flip_float_bits, float_layout
+from art_weightpert.torch_tools import batch_slices
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def one_flip(
 
 def _batched(victim: VictimModel, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and feature neurons of the unflipped model, batch by batch."""
-    outs = [victim.features(victim.preprocess(x[s : s + batch_size]), {}) for s in range(0, len(x), batch_size)]
+    outs = [victim.features(victim.preprocess(x[s]), {}) for s in batch_slices(len(x), batch_size)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 

@@ -22,12 +22,12 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from art_weightpert.attacks.bit_search import batched_logits
 from art_weightpert.attacks.trigger import PatchTrigger, optimise_pattern, select_mask
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.quantization import BitFlip, QuantizedWeights
+from art_weightpert.torch_tools import batch_slices, run_with_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class VictimModel:
     def logits(self, x_pre: torch.Tensor, deltas: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits on preprocessed ``x_pre`` with weights ``W + deltas``."""
         params = {name: self.params[name] + d for name, d in deltas.items()}
-        return functional_call(self.model, params, (x_pre,), strict=False)
+        return run_with_parameters(self.model, params, x_pre)
 
     def features(self, x_pre: torch.Tensor, deltas: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logits, inputs of the final layer)`` on preprocessed ``x_pre``."""
@@ -250,10 +250,10 @@ class TrojanBitSearch:
         total, grads = 0.0, {n: torch.zeros_like(d) for n, d in deltas.items()}
         targets = torch.full_like(labels, self.target)
         for inputs, y in ((x, labels), (x_trig, targets)):
-            for s in range(0, len(x), self.batch_size):
+            for s in batch_slices(len(x), self.batch_size):
                 with torch.set_grad_enabled(need_grad):
-                    out = self.victim.logits(self.victim.preprocess(inputs[s : s + self.batch_size].detach()), probes)
-                    loss = F.cross_entropy(out, y[s : s + self.batch_size], reduction="sum") / len(x)
+                    out = self.victim.logits(self.victim.preprocess(inputs[s].detach()), probes)
+                    loss = F.cross_entropy(out, y[s], reduction="sum") / len(x)
                 if need_grad:
                     for n, g in zip(probes, torch.autograd.grad(loss, list(probes.values()))):
                         grads[n] += g
@@ -291,13 +291,13 @@ class TrojanBitSearch:
             correct = torch.zeros(len(cands), dtype=torch.float64)
             with torch.no_grad():
                 for inputs, y in ((xp, labels), (xtp, targets)):
-                    for s in range(0, len(x), self.batch_size):
-                        out = self.victim.batched_logits(inputs[s : s + self.batch_size], deltas, name, stacked)
-                        yb = y[s : s + self.batch_size].repeat(len(cands))
+                    for s in batch_slices(len(x), self.batch_size):
+                        out = self.victim.batched_logits(inputs[s], deltas, name, stacked)
+                        yb = y[s].repeat(len(cands))
                         ce = F.cross_entropy(out.flatten(0, 1), yb, reduction="none").reshape(len(cands), -1)
                         loss += ce.sum(dim=1).double().cpu() / len(x)
                         if y is labels:
-                            correct += (out.argmax(2) == y[s : s + self.batch_size]).sum(1).double().cpu() / len(x)
+                            correct += (out.argmax(2) == y[s]).sum(1).double().cpu() / len(x)
             loss = torch.where(correct >= self.floor, loss, torch.inf)
             j = int(torch.argmin(loss))
             if not torch.isfinite(loss[j]):

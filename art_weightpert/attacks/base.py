@@ -4,7 +4,8 @@
 
 A weight attack is an ``art.attacks.Attack`` but never an ``EvasionAttack``: its ``generate`` returns a
 :class:`.WeightPerturbation`, not adversarial inputs, so ART's input-space tooling (``AdversarialTrainer``,
-``AutoAttack``, ...) must not mistake it for one (ART_NOTES.md). The closest ART precedents are
+``AutoAttack``, ``adversarial_accuracy``, ``SecurityCurve``: ART 1.20.1 accepts any ``EvasionAttack`` there and breaks
+when ``generate`` returns no inputs) must not mistake it for one. The closest ART precedents are
 ``GradientMatchingAttack(Attack)`` and ``PoisoningAttackTransformer.poison_estimator``.
 
 Every attack evaluates the *base* (unperturbed) module with ``W + Δ`` through
@@ -18,9 +19,8 @@ whatever happens during the attack. Per-parameter balls come from
 from __future__ import annotations
 
 import abc
-import copy
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 
 from art_weightpert import distributed
 from art_weightpert.attacks.ascent import Score, ascend
-from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
-from art_weightpert.perturbation import WeightPerturbation
-from art_weightpert.quantization import as_weight_classifier
+from art_weightpert.budget import ParameterBall, PerturbationBudget, WeightPerturbation
+from art_weightpert.estimators.settings import Settings
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.estimators.wrapping import EffectiveWeights, as_weight_classifier
+from art_weightpert.torch_tools import batch_slices, eval_mode
 from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -45,18 +46,76 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 """The quantiles of the accuracy that the random-fault attacks report."""
 
 
-class WeightBudgetAttack(Attack):
+class WeightAttackBase(Settings, Attack):
     """
-    ART plumbing shared by every attack on the weights inside a :class:`.PerturbationBudget`: the estimator (any ART
-    ``PyTorchClassifier``, wrapped on the fly with :meth:`.PyTorchWeightClassifier.from_classifier`; nothing is
-    copied), the budget checked against its model, ``verbose``, and a ``set_params`` that validates on a copy first.
-
-    It says nothing about what :meth:`generate` returns: :class:`WeightAttack` returns perturbations of the base
-    weights, :class:`.PerSampleWeightPGD` per-sample margins.
+    ART plumbing of every attack on the weights: the estimator (any ART ``PyTorchClassifier``, wrapped by
+    :func:`.as_weight_classifier`; nothing is copied), ``verbose``, settings that cannot go stale
+    (:class:`.Settings`: ``set_params`` validates on a copy; assigning a setting goes through it), and the rule for an
+    estimator that carries a perturbation: the attack starts from its effective weights ``W + Δ``
+    (:attr:`_target`, docs/certification.md "Perturbed estimators").
     """
 
-    attack_params = Attack.attack_params + ["budget", "verbose"]
+    attack_params = Attack.attack_params + ["verbose"]
     _estimator_requirements = (PyTorchWeightClassifier,)
+
+    def __init__(self, estimator: PyTorchClassifier, verbose: bool = True) -> None:
+        """
+        Create a :class:`.WeightAttackBase` instance.
+
+        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
+        :param verbose: show progress bars.
+        """
+        super().__init__(estimator=as_weight_classifier(estimator))
+        self._effective = EffectiveWeights(self._estimator)
+        self.verbose = verbose
+
+    @property
+    def estimator(self) -> PyTorchWeightClassifier:
+        """The (wrapped) estimator, as the user passed it."""
+        return self._estimator
+
+    @property
+    def _target(self) -> PyTorchWeightClassifier:
+        """The estimator the attack works on: :func:`.effective_estimator` of :attr:`estimator` (itself when it
+        carries no perturbation), copied again only when its weights change."""
+        return self._effective.get()
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        check_bool(self.verbose, "verbose")
+
+
+class BitFlipAttackBase(WeightAttackBase):
+    """
+    Abstract base of the attacks whose threat model is a *number of flipped bits* of the weights (integer codes of
+    the quantized weights, or IEEE bits of float weights), not a ball: no budget. The flips are bits of the
+    estimator's effective weights (``W + Δ``, quantized by :func:`.effective_quantized_weights`). ``generate``
+    returns the flips as a list (:class:`.BitFlip` or :class:`.FloatBitFlip`, in the order found or drawn), except
+    the backdoor, which returns a :class:`.BackdoorResult` (flips, trigger and flipped estimator).
+    """
+
+    @abc.abstractmethod
+    def generate(self, x: np.ndarray | None = None, y: np.ndarray | None = None, **kwargs: Any) -> Any:
+        """
+        Run the attack.
+
+        :param x: inputs ``(N,) + input_shape`` (the attack batch), if the attack uses them.
+        :param y: labels or targets, if the attack uses them.
+        :return: a list of flips (:class:`.BackdoorResult` for the backdoor).
+        """
+        raise NotImplementedError
+
+
+class WeightBudgetAttack(WeightAttackBase):
+    """
+    An attack on the weights inside a :class:`.PerturbationBudget` centred at the estimator's effective weights: the
+    budget is checked against its model.
+
+    It says nothing about what :meth:`generate` returns: :class:`WeightAttack` returns perturbations, the joint attack
+    inputs and a perturbation, :class:`.PerSampleWeightPGD` per-sample margins.
+    """
+
+    attack_params = WeightAttackBase.attack_params + ["budget"]
 
     def __init__(self, estimator: PyTorchClassifier, budget: PerturbationBudget, verbose: bool = True) -> None:
         """
@@ -66,65 +125,23 @@ class WeightBudgetAttack(Attack):
         :param budget: the ball of weight perturbations, checked against the estimator's model.
         :param verbose: show progress bars.
         """
-        if isinstance(estimator, PyTorchClassifier) and not isinstance(estimator, PyTorchWeightClassifier):
-            estimator = PyTorchWeightClassifier.from_classifier(estimator)
-        super().__init__(estimator=estimator)
+        super().__init__(estimator, verbose=verbose)
         self.budget = budget
-        self.verbose = verbose
-
-    @property
-    def estimator(self) -> PyTorchWeightClassifier:
-        """The (wrapped) estimator."""
-        return self._estimator
-
-    def set_params(self, **kwargs: Any) -> None:
-        """
-        Set attack parameters. Unlike ART's ``Attack.set_params``, the new values are validated on a copy first, so
-        a rejected value never stays on the attack.
-
-        :param kwargs: attack parameters (names in :attr:`attack_params`).
-        """
-        unknown = [key for key in kwargs if key not in self.attack_params]
-        if unknown:
-            raise ValueError(f"The attribute(s) {unknown} cannot be set for this attack; valid: {self.attack_params}.")
-        candidate = copy.copy(self)
-        for key, value in kwargs.items():
-            setattr(candidate, key, value)
-        candidate._check_params()
-        for key, value in kwargs.items():
-            setattr(self, key, value)
 
     def _check_params(self) -> None:
         super()._check_params()
         if not isinstance(self.budget, PerturbationBudget):
             raise TypeError(f"`budget` must be a PerturbationBudget, got {type(self.budget).__name__}.")
         self.budget.layer_names(self.estimator.base_model)  # unknown layer names: ValueError listing valid ones
-        check_bool(self.verbose, "verbose")
-
-    @staticmethod
-    def _batches(n: int, batch_size: int) -> Iterator[slice]:
-        for start in range(0, n, batch_size):
-            yield slice(start, min(n, start + batch_size))
 
 
 class WeightAttack(WeightBudgetAttack):
     """
-    Abstract base of the attacks that return a perturbation of the weights (:class:`.WeightPerturbation`), in the
-    budget centred at the estimator's :attr:`~.PyTorchWeightClassifier.base_model`: a perturbation the estimator
-    already carries is ignored, as in :meth:`.PyTorchWeightClassifier.with_weight_perturbation`.
+    Abstract base of the attacks that return a perturbation of the weights (:class:`.WeightPerturbation`) in the
+    budget centred at the estimator's *effective* weights ``W + Δ`` (its base weights when it carries no
+    perturbation). The perturbation is relative to those weights; ``generate_estimator`` returns the estimator that
+    predicts with ``W + Δ + δ``.
     """
-
-    def __init__(self, estimator: PyTorchClassifier, budget: PerturbationBudget, verbose: bool = True) -> None:
-        """
-        Create a :class:`.WeightAttack` instance.
-
-        :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier``.
-        :param budget: the ball of weight perturbations, checked against the estimator's model.
-        :param verbose: show progress bars.
-        """
-        super().__init__(estimator, budget, verbose=verbose)
-        if self.estimator.weight_perturbation is not None:
-            logger.info("The estimator carries a weight perturbation; the attack perturbs its base weights instead.")
 
     @abc.abstractmethod
     def generate(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> Any:
@@ -141,15 +158,15 @@ class WeightAttack(WeightBudgetAttack):
     def _param_balls(self) -> list[ParameterBall]:
         """The budget resolved on the base model: one ball and radius per perturbed parameter (parameter dtype and
         device)."""
-        return self.budget.parameter_balls(self.estimator.base_model)
+        return self.budget.parameter_balls(self._target.base_model)
 
     def _zero_deltas(self, param_balls: list[ParameterBall]) -> dict[str, torch.Tensor]:
-        model = self.estimator.base_model
+        model = self._target.base_model
         return {t.param_name: torch.zeros_like(model.get_parameter(t.param_name)).detach() for t in param_balls}
 
     def _predict_labels(self, x_t: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Clean predictions of the base model on preprocessed ``x_t``."""
-        return predict_labels(self.estimator, x_t, None, batch_size)
+        return predict_labels(self._target, x_t, None, batch_size)
 
     def _score_and_grads(
         self,
@@ -184,7 +201,7 @@ class WeightAttack(WeightBudgetAttack):
         for s in distributed.my_batches(n, batch_size):
             xb = x[s] if x_grad is None else x[s].detach().requires_grad_(True)
             with torch.set_grad_enabled(need_grad):
-                out = self.estimator.logits(xb if input_map is None else input_map(xb), probe)
+                out = self._target.logits(xb if input_map is None else input_map(xb), probe)
                 value = objective(out, labels[s], loss, targeted).sum() / n
             if need_grad:
                 g = list(torch.autograd.grad(value, leaves if x_grad is None else leaves + [xb]))
@@ -208,7 +225,7 @@ class WeightAttack(WeightBudgetAttack):
         """
         name = type(self).__name__
         with (
-            eval_mode(self.estimator.base_model),
+            eval_mode(self._target.base_model),
             tqdm(total=restarts * max_iter, desc=name, disable=not self.verbose) as bar,
         ):
 
@@ -222,8 +239,8 @@ class WeightAttack(WeightBudgetAttack):
 
     def _perturbation(self, deltas: Mapping[str, torch.Tensor]) -> WeightPerturbation:
         """The attack's result: the deltas projected exactly (float64) by the budget, in the parameters' dtype."""
-        projected = self.budget.project({k: v.detach() for k, v in deltas.items()}, self.estimator.base_model)
-        model = self.estimator.base_model
+        projected = self.budget.project({k: v.detach() for k, v in deltas.items()}, self._target.base_model)
+        model = self._target.base_model
         arrays = {}
         for name, value in projected.items():
             dtype = model.get_parameter(name).dtype
@@ -295,7 +312,7 @@ def predict_labels(
     """Predictions of ``estimator``'s base model with weights ``W + deltas`` on preprocessed ``x_t`` (eval mode)."""
     estimator = as_weight_classifier(estimator)
     with torch.no_grad(), eval_mode(estimator.base_model):
-        out = [estimator.logits(x_t[s : s + batch_size], deltas).argmax(dim=1) for s in range(0, len(x_t), batch_size)]
+        out = [estimator.logits(x_t[b], deltas).argmax(dim=1) for b in batch_slices(len(x_t), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=x_t.device)
 
 
@@ -305,11 +322,27 @@ def accuracy_with_deltas(
     labels: torch.Tensor,
     deltas: Mapping[str, torch.Tensor] | None,
     batch_size: int,
+    sharded: bool = False,
 ) -> float:
-    """Share of preprocessed ``x_t`` classified as ``labels`` with weights ``W + deltas`` (nan for no input)."""
+    """
+    Share of preprocessed ``x_t`` classified as ``labels`` with weights ``W + deltas``, in eval mode (nan for no
+    input): the number of correct samples divided by ``len(x_t)``.
+
+    :param sharded: in a process group, this rank classifies its batches (:func:`.distributed.my_batches`) and the
+        counts are summed over the ranks: the single-process value exactly, on every rank. A collective: every rank
+        must call it, with the same ``x_t`` and ``labels`` (the random-fault attacks' :meth:`evaluate` check this).
+    """
     if len(x_t) == 0:
         return float("nan")
-    return float((predict_labels(estimator, x_t, deltas, batch_size) == labels).double().mean())
+    estimator = as_weight_classifier(estimator)
+    batches = distributed.my_batches(len(x_t), batch_size) if sharded else batch_slices(len(x_t), batch_size)
+    correct = torch.zeros((), dtype=torch.float64, device=x_t.device)
+    with torch.no_grad(), eval_mode(estimator.base_model):
+        for s in batches:
+            correct += (estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum()
+    if sharded:
+        (correct,) = distributed.all_reduce_sum_list([correct.to(distributed.collective_device())])
+    return float(correct) / len(x_t)
 
 
 def accuracy_summary(accuracies: np.ndarray) -> dict[str, Any]:

@@ -22,14 +22,15 @@ import torch
 from art.attacks.attack import Attack
 from tqdm.auto import tqdm
 
-from art_weightpert.attacks.base import WeightAttack, accuracy_summary, accuracy_with_deltas, predict_labels
+from art_weightpert import distributed
+from art_weightpert.attacks.base import BitFlipAttackBase, accuracy_summary, accuracy_with_deltas, predict_labels
 from art_weightpert.flips import popcount
 from art_weightpert.validation import check_bool, check_int, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
 
 
-class RandomFlipsBase(WeightAttack):
+class RandomFlipsBase(BitFlipAttackBase):
     """
     Random bit flips drawn reproducibly: with a ``seed``, :meth:`generate` always returns the first draw and
     :meth:`evaluate` the first ``nb_samples`` draws of the same stream; with ``seed=None`` the stream is seeded from
@@ -38,7 +39,7 @@ class RandomFlipsBase(WeightAttack):
     """
 
     def _check_draw_params(self) -> None:
-        """The parameters of the fault model (the weight ball of :class:`.WeightAttack` does not apply)."""
+        """The parameters of the fault model (no weight ball: a number or a rate of flipped bits)."""
         Attack._check_params(self)
         if (self.nb_flips is None) == (self.ber is None):
             raise ValueError("give exactly one of `nb_flips` and `ber`.")
@@ -84,7 +85,7 @@ class RandomFlipsBase(WeightAttack):
 
     def _references(self, weights: Any, x_t: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Accuracies without any flip: ``{"clean": the estimator's}`` (subclasses add their encoding's)."""
-        return {"clean": accuracy_with_deltas(self.estimator, x_t, labels, None, self.batch_size)}
+        return {"clean": accuracy_with_deltas(self._target, x_t, labels, None, self.batch_size, sharded=True)}
 
     # ------------------------------------------------------------------------------------------------ public
     def generate(self, x: np.ndarray | None = None, y: np.ndarray | None = None, **kwargs: Any) -> list[Any]:
@@ -100,7 +101,9 @@ class RandomFlipsBase(WeightAttack):
 
     def evaluate(self, x: np.ndarray, y: np.ndarray | None = None, per_bit: bool = True) -> dict[str, Any]:
         """
-        Accuracy on ``(x, y)`` under ``nb_samples`` random draws.
+        Accuracy on ``(x, y)`` under ``nb_samples`` random draws. In a process group every rank draws the same flips
+        (rank 0's seed), classifies its batches of ``x`` and the counts are summed: the single-process result exactly,
+        on every rank (each rank must pass the same ``x`` and ``y``).
 
         :param x: inputs.
         :param y: integer or one-hot labels (``None``: agreement with the unflipped encoding's predictions).
@@ -111,23 +114,28 @@ class RandomFlipsBase(WeightAttack):
             {"mean", "std"}}}`` (``per_bit`` only when asked), and the subclass's reference accuracies.
         """
         weights = self._encode()
-        x_t, labels = self.estimator.prepare_inputs(x, y)
+        x_t, labels = self._target.prepare_inputs(x, y)
+        if distributed.is_distributed():  # (the inputs' host copy only where there are ranks to compare)
+            distributed.check_same_data(x_t.cpu().numpy(), None if y is None else np.asarray(y), name="x")
         if labels is None:
-            labels = predict_labels(self.estimator, x_t, weights.deltas(self.estimator), self.batch_size)
+            labels = predict_labels(self._target, x_t, weights.deltas(self._target), self.batch_size)
         allowed = self._allowed(weights)
         tensors = self._tensors(weights)
         runs = [(allowed, self._probabilities(weights, allowed))] + ([([b], None) for b in allowed] if per_bit else [])
         rng = self._rng()
         results = []
         desc = type(self).__name__
-        with tqdm(total=self.nb_samples * len(runs), desc=desc, disable=not self.verbose) as bar:
+        verbose = self.verbose and distributed.is_main_process()
+        with tqdm(total=self.nb_samples * len(runs), desc=desc, disable=not verbose) as bar:
             for positions, probabilities in runs:
                 accuracies, counts = np.empty(self.nb_samples), np.empty(self.nb_samples, dtype=np.int64)
                 for i in range(self.nb_samples):
                     masks = self._draw(tensors, positions, rng, probabilities)
                     counts[i] = sum(popcount(m, 64) for m in masks.values())
-                    deltas = weights.xor(masks).deltas(self.estimator)
-                    accuracies[i] = accuracy_with_deltas(self.estimator, x_t, labels, deltas, self.batch_size)
+                    deltas = weights.xor(masks).deltas(self._target)
+                    accuracies[i] = accuracy_with_deltas(
+                        self._target, x_t, labels, deltas, self.batch_size, sharded=True
+                    )
                     bar.update(1)
                 results.append((accuracies, counts))
         accuracies, counts = results[0]
@@ -144,8 +152,10 @@ class RandomFlipsBase(WeightAttack):
 
     # ------------------------------------------------------------------------------------------------ internals
     def _rng(self) -> np.random.Generator:
-        seed = int(torch.randint(0, 2**62, (1,))) if self.seed is None else int(self.seed)
-        return np.random.default_rng(seed)
+        """The stream of draws; in a process group rank 0's (``seed=None``: drawn there), so that every rank draws the
+        same flips and returns the single-process result."""
+        seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,)))) if self.seed is None else self.seed
+        return np.random.default_rng(int(seed))
 
     def _draw(
         self,

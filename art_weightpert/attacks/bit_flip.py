@@ -29,7 +29,7 @@ from art.attacks.attack import Attack
 from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.bit_search import BitSearchAttack
-from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args
+from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args, effective_quantized_weights
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class BitFlipAttack(BitSearchAttack):
         :param batch_size: samples per forward pass.
         :param verbose: show a progress bar over the flips.
         """
-        super().__init__(estimator, budget=None, verbose=verbose)
+        super().__init__(estimator, verbose=verbose)
         self.max_flips = max_flips
         self.n_bits = n_bits
         self.granularity = granularity
@@ -100,7 +100,7 @@ class BitFlipAttack(BitSearchAttack):
         self.history_: list[dict[str, float]] = []
 
     def _check_params(self) -> None:
-        # The weight ball of WeightAttack does not apply: the threat set is a number of flipped bits.
+        # the threat set is a number of flipped bits.
         self._check_search_params()
         check_quantization_args(self.n_bits, self.granularity, self.layers, self.estimator.base_model)
 
@@ -114,7 +114,7 @@ class BitFlipAttack(BitSearchAttack):
             target class of every input, or one class (an int) for all.
         :return: the flipped bits in the order found (at most ``max_flips``).
         """
-        self.quantized_ = QuantizedWeights.from_estimator(self.estimator, self.n_bits, self.granularity, self.layers)
+        self.quantized_ = effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
         return self._search(x, y, self.quantized_)[0]
 
     def generate_estimator(self, x: np.ndarray, y: np.ndarray | int | None = None, **kwargs: Any):
@@ -127,7 +127,7 @@ class BitFlipAttack(BitSearchAttack):
         :return: the attacked quantized estimator.
         """
         flips = self.generate(x, y)
-        return self.quantized_.flip(flips).apply(self.estimator)
+        return self.quantized_.flip(flips).apply(self._target)
 
     def _make_flip(self, name: str, index: tuple[int, ...], bit: int) -> BitFlip:
         return BitFlip(name, index, bit)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from art.attacks.attack import Attack
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 from art_weightpert import distributed
-from art_weightpert.attacks.base import WeightAttack, predict_labels
-from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.attacks.base import BitFlipAttackBase, predict_labels
+from art_weightpert.torch_tools import eval_mode, run_with_parameters
 from art_weightpert.validation import check_bool, check_non_negative_int, check_positive_int, check_probability
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Candidate(NamedTuple):
     change: float
 
 
-class BitSearchAttack(WeightAttack):
+class BitSearchAttack(BitFlipAttackBase):
     """
     Abstract progressive bit search over a weights object with ``bit_changes``, ``flip``, ``deltas`` and
     ``param_names`` (:class:`.QuantizedWeights` or :class:`.FloatWeights`). Subclasses say how the weights are read
@@ -62,7 +62,7 @@ class BitSearchAttack(WeightAttack):
     the largest loss first (BFA), the accuracy breaking ties."""
 
     def _check_search_params(self) -> None:
-        """The parameters of the search (the weight ball of :class:`.WeightAttack` does not apply)."""
+        """The parameters of the search (no weight ball: the threat model is a number of flips)."""
         Attack._check_params(self)
         check_non_negative_int(self.max_flips, "max_flips")
         check_bool(self.targeted, "targeted")
@@ -85,7 +85,7 @@ class BitSearchAttack(WeightAttack):
 
     def _params(self, weights: Any, deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The values of the weights that may flip, as the candidates' evaluation sees them: ``W + Δ``."""
-        model = self.estimator.base_model
+        model = self._target.base_model
         return {name: model.get_parameter(name).detach() + d for name, d in deltas.items()}
 
     def _set_entry(self, flat: torch.Tensor, candidate: Candidate) -> None:
@@ -96,12 +96,12 @@ class BitSearchAttack(WeightAttack):
     def _search(self, x: np.ndarray, y: Any, weights: Any) -> tuple[list[Any], Any]:
         """The progressive search on ``weights``: ``(flips in the order found, the flipped weights)``."""
         self.history_ = []
-        deltas = weights.deltas(self.estimator)
+        deltas = weights.deltas(self._target)
         x_t, labels = self._labels(x, y, deltas)
         positions = self._positions(weights)
         flipped = {name: torch.zeros((len(positions), d.numel()), dtype=torch.bool) for name, d in deltas.items()}
         flips: list[Any] = []
-        model = self.estimator.base_model
+        model = self._target.base_model
         desc = type(self).__name__
         with eval_mode(model), tqdm(total=self.max_flips, desc=desc, disable=not self.verbose) as bar:
             for _ in range(self.max_flips):
@@ -117,7 +117,7 @@ class BitSearchAttack(WeightAttack):
                 flips.append(flip)
                 flipped[name][row, flat] = True
                 weights = weights.flip([flip])
-                deltas[name] = weights.deltas(self.estimator, [name])[name]
+                deltas[name] = weights.deltas(self._target, [name])[name]
                 self.history_.append({"loss": float(loss[best]), "accuracy": float(accuracy[best])})
                 bar.update(1)
                 bar.set_postfix(accuracy=f"{float(accuracy[best]):.3f}")
@@ -134,9 +134,9 @@ class BitSearchAttack(WeightAttack):
                 raise ValueError("`y` (the target classes) is required in targeted mode.")
             if isinstance(y, (int, np.integer)) and not isinstance(y, bool):
                 y = np.full(len(x), int(y), dtype=np.int64)
-        x_t, labels = self.estimator.prepare_inputs(x, y)
+        x_t, labels = self._target.prepare_inputs(x, y)
         if labels is None:
-            labels = predict_labels(self.estimator, x_t, deltas, self.batch_size)
+            labels = predict_labels(self._target, x_t, deltas, self.batch_size)
         return x_t, labels
 
     def _should_stop(self, accuracy: float) -> bool:
@@ -165,7 +165,7 @@ class BitSearchAttack(WeightAttack):
         grads = {name: torch.zeros_like(d) for name, d in deltas.items()}
         sign = -1.0 if self.targeted else 1.0
         for s in distributed.my_batches(len(x_t), self.batch_size):  # in a process group: this rank's batches
-            loss = sign * F.cross_entropy(self.estimator.logits(x_t[s], probes), labels[s], reduction="sum") / len(x_t)
+            loss = sign * F.cross_entropy(self._target.logits(x_t[s], probes), labels[s], reduction="sum") / len(x_t)
             for name, g in zip(probes, torch.autograd.grad(loss, list(probes.values()))):
                 grads[name] += g
         return distributed.all_reduce_sum_dict(grads)  # the same gradients on every rank
@@ -202,7 +202,7 @@ class BitSearchAttack(WeightAttack):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean cross-entropy and accuracy on ``(x_t, labels)`` of every candidate flipped alone (on top of the
         committed flips in ``params``), one vmapped forward per layer and sample batch."""
-        model = self.estimator.base_model
+        model = self._target.base_model
         loss = torch.zeros(len(candidates), dtype=torch.float64, device=x_t.device)
         correct = torch.zeros(len(candidates), dtype=torch.float64, device=x_t.device)
         by_param: dict[str, list[int]] = {}
@@ -231,7 +231,7 @@ def batched_logits(
     ``params``): ``torch.func.vmap`` where the model allows it, a loop otherwise."""
 
     def run(value: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, {**params, name: value}, (x,), strict=False)
+        return run_with_parameters(model, {**params, name: value}, x)
 
     try:
         return vmap(run)(stacked)

@@ -85,7 +85,7 @@ class FloatBitFlipAttack(BitSearchAttack):
         :param batch_size: samples per forward pass.
         :param verbose: show a progress bar over the flips.
         """
-        super().__init__(estimator, budget=None, verbose=verbose)
+        super().__init__(estimator, verbose=verbose)
         self.max_flips = max_flips
         self.bits = bits
         self.layers = layers
@@ -99,7 +99,7 @@ class FloatBitFlipAttack(BitSearchAttack):
         self.history_: list[dict[str, float]] = []
 
     def _check_params(self) -> None:
-        # The weight ball of WeightAttack does not apply: the threat set is a number of flipped bits.
+        # the threat set is a number of flipped bits.
         self._check_search_params()
         self._encode()  # layers, bits against the weights' dtype, float weights
 
@@ -126,11 +126,11 @@ class FloatBitFlipAttack(BitSearchAttack):
         :return: the attacked estimator.
         """
         flips = self.generate(x, y)
-        return self.weights_.flip(flips).apply(self.estimator)
+        return self.weights_.flip(flips).apply(self._target)
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _encode(self) -> FloatWeights:
-        return FloatWeights.from_estimator(self.estimator, self.layers, self.bits)
+        return FloatWeights.from_estimator(self._target, self.layers, self.bits)
 
     def _make_flip(self, name: str, index: tuple[int, ...], bit: int) -> FloatBitFlip:
         return FloatBitFlip(name, index, bit)

@@ -23,8 +23,7 @@ from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
 from art_weightpert.attacks.base import WeightAttack, check_ascent_params
-from art_weightpert.budget import PerturbationBudget
-from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.budget import PerturbationBudget, WeightPerturbation
 from art_weightpert.validation import check_choice, check_non_negative, check_optional_positive
 
 State = tuple[Deltas, torch.Tensor]  # (weight deltas, adversarial inputs)
@@ -119,7 +118,7 @@ class JointWeightInputPGD(WeightAttack):
         :return: ``(x_adv, delta)``: adversarial inputs (float32, within ``input_eps`` of ``x`` and inside
             ``clip_values``) and the weight perturbation (in the budget).
         """
-        est = self.estimator
+        est = self._target
         x0 = torch.as_tensor(est.check_inputs(x), device=est.device)
         labels = torch.as_tensor(est.check_labels(y, len(x0)), device=est.device) if y is not None else None
         if labels is None:
@@ -159,7 +158,7 @@ class JointWeightInputPGD(WeightAttack):
 
     # ------------------------------------------------------------------------------------------------ internals
     def _preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        x_pre, _ = self.estimator._apply_preprocessing(x, None, fit=False, no_grad=False)
+        x_pre, _ = self._target._apply_preprocessing(x, None, fit=False, no_grad=False)
         return x_pre
 
     def _input_step(self, x_adv: torch.Tensor, x0: torch.Tensor, grad: torch.Tensor, step: float) -> torch.Tensor:
@@ -176,7 +175,7 @@ class JointWeightInputPGD(WeightAttack):
                 diff = x_adv + step * grad / norm - x0
                 scale = (eps / diff.norm(dim=dims, keepdim=True).clamp_min(1e-12)).clamp_max(1.0)
                 x_new = x0 + diff * scale
-            clip = self.estimator.clip_values
+            clip = self._target.clip_values
             if clip is not None:
                 low = torch.as_tensor(np.asarray(clip[0]), dtype=x_new.dtype, device=x_new.device)
                 high = torch.as_tensor(np.asarray(clip[1]), dtype=x_new.dtype, device=x_new.device)

@@ -11,13 +11,13 @@ model per sample with ``torch.func.vmap`` over ``torch.func.functional_call``. T
 A certified sample must never flip under this attack, and no margin it observes may fall below a certified lower
 bound; the share of samples it cannot flip is an upper bound on the robust accuracy.
 
-Like the certifier, the attack works on the estimator *as it is*: the ball is centred at the weights it predicts with
-(base weights plus any carried perturbation), relative radii are relative to those weights, and by default the model
-is evaluated in float64, so that observed margins can be compared with float64 bounds.
+Like every attack and certificate, it works on the estimator *as it is*: the ball is centred at the weights it
+predicts with (base weights plus any carried perturbation), relative radii are relative to those weights, and by
+default the model is evaluated in float64, so that observed margins can be compared with float64 bounds.
 
-It is therefore not a :class:`.WeightAttack` (whose perturbations are relative to the *base* weights and returned as
-one :class:`.WeightPerturbation`): it shares only the ART plumbing of :class:`.WeightBudgetAttack`, and its
-:meth:`~PerSampleWeightPGD.generate` returns the margins it observed.
+It is not a :class:`.WeightAttack` (which returns one :class:`.WeightPerturbation` for all samples): it shares the
+ART plumbing of :class:`.WeightBudgetAttack`, and its :meth:`~PerSampleWeightPGD.generate` returns the margins it
+observed.
 
 | Paper link: https://arxiv.org/abs/2103.02200
 """
@@ -32,15 +32,15 @@ from typing import Any
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
 from art_weightpert.attacks.ascent import CosineStep, Deltas, Score, ascend, projected_step
 from art_weightpert.attacks.base import WeightBudgetAttack, objective
 from art_weightpert.balls import Ball
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.network import Network, UnsupportedModelError, read_network
+from art_weightpert.torch_tools import batch_slices, eval_mode, run_with_parameters
 from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive, check_positive_int
 
 
@@ -117,32 +117,32 @@ class PerSampleWeightPGD(WeightBudgetAttack):
             ``"worst_margin": (N,)`` their minimum, ``"flipped": (N,)`` whether some perturbation in the ball changed
             the prediction away from ``y``, ``"labels": (N,)`` the labels attacked``}``.
         """
-        x_t, y_t = self.estimator.prepare_inputs(x, y)
+        x_t, y_t = self._target.prepare_inputs(x, y)
         factors = _check_scale(scale, len(x_t))
-        dtype = torch.float64 if self.float64 else next(self.estimator.base_model.parameters()).dtype
+        dtype = torch.float64 if self.float64 else next(self._target.base_model.parameters()).dtype
         params = self._centre(dtype)
         param_balls = self._centre_param_balls(params)
-        model = self.estimator.base_model
+        model = self._target.base_model
         network = self._network()
         margins, flipped, labels = [], [], []
         with eval_mode(model):
             for s in tqdm(
-                list(self._batches(len(x_t), self.batch_size)), desc="Per-sample weight PGD", disable=not self.verbose
+                list(batch_slices(len(x_t), self.batch_size)), desc="Per-sample weight PGD", disable=not self.verbose
             ):
                 xb = x_t[s].to(dtype)
                 with torch.no_grad():
-                    clean = functional_call(model, params, (xb,), strict=False)
+                    clean = run_with_parameters(model, params, xb)
                     if network is not None and not torch.allclose(
                         network.forward(xb, params), clean, rtol=1e-6, atol=1e-6 * float(clean.abs().max())
                     ):
-                        network = None  # the chain does not reproduce the module: evaluate the module itself
+                        network = None  # the network read does not reproduce the module: evaluate the module itself
                 yb = clean.argmax(dim=1) if y_t is None else y_t[s]
                 factor = torch.as_tensor(factors[s], dtype=dtype, device=xb.device)
                 low, flip = self._attack_batch(model, params, param_balls, xb, yb, factor, network)
                 margins.append(low.cpu().numpy())
                 flipped.append(flip.cpu().numpy())
                 labels.append(yb.cpu().numpy())
-        nb_classes = self.estimator.nb_classes
+        nb_classes = self._target.nb_classes
         margins_np = np.concatenate(margins) if margins else np.zeros((0, nb_classes))
         return {
             "margins": margins_np,
@@ -169,14 +169,14 @@ class PerSampleWeightPGD(WeightBudgetAttack):
     def _network(self) -> Network | None:
         """The model read as a chain of layers (the fast batched path), or ``None`` when it cannot be read."""
         try:
-            return read_network(self.estimator.base_model, self.estimator.input_shape)
+            return read_network(self._target.base_model, self._target.input_shape)
         except UnsupportedModelError:
             return None
 
     def _centre(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Every parameter and floating buffer of the base model at the estimator's centre weights, in ``dtype``."""
-        model = self.estimator.base_model
-        carried = self.estimator.current_deltas()
+        model = self._target.base_model
+        carried = self._target.current_deltas()
         out = {}
         for name, p in model.named_parameters():
             value = p.detach().to(dtype)
@@ -187,7 +187,7 @@ class PerSampleWeightPGD(WeightBudgetAttack):
 
     def _centre_param_balls(self, params: dict[str, torch.Tensor]) -> list[ParameterBall]:
         """The budget resolved on the centre weights (relative radii follow the carried perturbation)."""
-        param_balls = self.budget.parameter_balls(self.estimator.base_model)
+        param_balls = self.budget.parameter_balls(self._target.base_model)
         return [
             dataclasses.replace(b, radius=b.ball.radius(params[b.param_name], b.eps, self.budget.relative))
             for b in param_balls
@@ -207,7 +207,7 @@ class PerSampleWeightPGD(WeightBudgetAttack):
         n = len(x)
         radii = {b.param_name: factor.reshape((n,) + (1,) * b.radius.dim()) * b.radius.to(x.dtype) for b in param_balls}
         forward = _per_sample_forward(model, params, network)
-        record = _LowestMargins(labels, self.estimator.nb_classes, x.dtype)
+        record = _LowestMargins(labels, self._target.nb_classes, x.dtype)
         gen = torch.Generator(device="cpu").manual_seed(0)
 
         def start(restart: int) -> Deltas:
@@ -280,7 +280,7 @@ def _per_sample_forward(
         p = dict(params)
         for name, delta in deltas.items():
             p[name] = params[name] + delta
-        return functional_call(model, p, (x_n.unsqueeze(0),), strict=False).squeeze(0)
+        return run_with_parameters(model, p, x_n.unsqueeze(0)).squeeze(0)
 
     return vmap(one_sample)
 

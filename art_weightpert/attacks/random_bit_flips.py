@@ -23,7 +23,7 @@ from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.base import accuracy_with_deltas
 from art_weightpert.attacks.bit_draws import RandomFlipsBase
-from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args
+from art_weightpert.quantization import BitFlip, QuantizedWeights, check_quantization_args, effective_quantized_weights
 from art_weightpert.validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class RandomBitFlips(RandomFlipsBase):
         :param batch_size: samples per forward pass in :meth:`evaluate`.
         :param verbose: show a progress bar over the draws.
         """
-        super().__init__(estimator, budget=None, verbose=verbose)
+        super().__init__(estimator, verbose=verbose)
         self.nb_flips = nb_flips
         self.ber = ber
         self.n_bits = n_bits
@@ -91,7 +91,7 @@ class RandomBitFlips(RandomFlipsBase):
         self._check_params()
 
     def _check_params(self) -> None:
-        # The weight ball of WeightAttack does not apply: the fault model is a number or a rate of flipped bits.
+        # the fault model is a number or a rate of flipped bits.
         self._check_draw_params()
         check_quantization_args(self.n_bits, self.granularity, self.layers, self.estimator.base_model)
         if self.bits is not None:
@@ -102,7 +102,7 @@ class RandomBitFlips(RandomFlipsBase):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _encode(self) -> QuantizedWeights:
-        return QuantizedWeights.from_estimator(self.estimator, self.n_bits, self.granularity, self.layers)
+        return effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
 
     def _make_flip(self, name: str, index: tuple[int, ...], bit: int) -> BitFlip:
         return BitFlip(name, index, bit)
@@ -118,6 +118,6 @@ class RandomBitFlips(RandomFlipsBase):
 
     def _references(self, weights: QuantizedWeights, x_t: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """The float model's accuracy ("clean") and the quantized model's without any flip ("quantized")."""
-        deltas = weights.deltas(self.estimator)
-        quantized = accuracy_with_deltas(self.estimator, x_t, labels, deltas, self.batch_size)
+        deltas = weights.deltas(self._target)
+        quantized = accuracy_with_deltas(self._target, x_t, labels, deltas, self.batch_size, sharded=True)
         return {**super()._references(weights, x_t, labels), "quantized": quantized}

@@ -20,10 +20,8 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert import distributed
-from art_weightpert.attacks.base import WeightAttack, accuracy_summary
-from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget
-from art_weightpert.estimators.weight_classifier import eval_mode
-from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.attacks.base import WeightAttack, accuracy_summary, accuracy_with_deltas
+from art_weightpert.budget import DISTRIBUTIONS, ParameterBall, PerturbationBudget, WeightPerturbation
 from art_weightpert.validation import check_choice, check_non_negative_int, check_positive_int
 
 
@@ -95,19 +93,20 @@ class RandomWeightPerturbation(WeightAttack):
         :return: ``{"mean", "std", "min", "max": float, "quantiles": {q: accuracy} for q in 0.05, 0.25, 0.5, 0.75,
             0.95, "accuracies": np.ndarray (nb_samples,), "clean": float}``.
         """
-        x_t, labels = self.estimator.prepare_inputs(x, y)
+        x_t, labels = self._target.prepare_inputs(x, y)
         if distributed.is_distributed():  # (the inputs' host copy only where there are ranks to compare)
             distributed.check_same_data(x_t.cpu().numpy(), None if y is None else np.asarray(y), name="x")
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
         gen = self._generator()
-        clean = self._sharded_accuracy(x_t, labels, None)
+        clean = accuracy_with_deltas(self._target, x_t, labels, None, self.batch_size, sharded=True)
         accuracies = np.empty(self.nb_samples)
         verbose = self.verbose and distributed.is_main_process()
         with tqdm(total=self.nb_samples, desc="RandomWeightPerturbation", disable=not verbose) as bar:
             for i in range(self.nb_samples):
-                accuracies[i] = self._sharded_accuracy(x_t, labels, self._draw(param_balls, gen))
+                deltas = self._draw(param_balls, gen)
+                accuracies[i] = accuracy_with_deltas(self._target, x_t, labels, deltas, self.batch_size, sharded=True)
                 bar.update(1)
         return {
             **accuracy_summary(accuracies),
@@ -119,22 +118,8 @@ class RandomWeightPerturbation(WeightAttack):
         seed = distributed.broadcast_object(int(torch.randint(0, 2**62, (1,)))) if self.seed is None else self.seed
         return torch.Generator().manual_seed(int(seed))
 
-    def _sharded_accuracy(
-        self, x_t: torch.Tensor, labels: torch.Tensor, deltas: dict[str, torch.Tensor] | None
-    ) -> float:
-        """Share of ``x_t`` classified as ``labels`` with weights ``W + deltas``: this rank's batches, counts summed
-        over the ranks (exact)."""
-        if len(x_t) == 0:
-            return float("nan")
-        correct = torch.zeros((), dtype=torch.float64, device=x_t.device)
-        with torch.no_grad(), eval_mode(self.estimator.base_model):
-            for s in distributed.my_batches(len(x_t), self.batch_size):
-                correct += (self.estimator.logits(x_t[s], deltas).argmax(dim=1) == labels[s]).sum()
-        (correct,) = distributed.all_reduce_sum_list([correct.to(distributed.collective_device())])
-        return float(correct) / len(x_t)
-
     def _draw(self, param_balls: list[ParameterBall], gen: torch.Generator) -> dict[str, torch.Tensor]:
-        model = self.estimator.base_model
+        model = self._target.base_model
         return {
             t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, self.distribution, gen)
             for t in param_balls

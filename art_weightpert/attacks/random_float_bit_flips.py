@@ -78,7 +78,7 @@ class RandomFloatBitFlips(RandomFlipsBase):
         :param batch_size: samples per forward pass in :meth:`evaluate`.
         :param verbose: show a progress bar over the draws.
         """
-        super().__init__(estimator, budget=None, verbose=verbose)
+        super().__init__(estimator, verbose=verbose)
         self.nb_flips = nb_flips
         self.ber = ber
         self.bits = bits
@@ -90,7 +90,7 @@ class RandomFloatBitFlips(RandomFlipsBase):
         self._check_params()
 
     def _check_params(self) -> None:
-        # The weight ball of WeightAttack does not apply: the fault model is a number or a rate of flipped bits.
+        # the fault model is a number or a rate of flipped bits.
         self._check_draw_params()
         weights = self._encode()  # layers, bits against the weights' dtype, float weights
         if self.distribution is not None:
@@ -100,7 +100,7 @@ class RandomFloatBitFlips(RandomFlipsBase):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _encode(self) -> FloatWeights:
-        return FloatWeights.from_estimator(self.estimator, self.layers, self.bits)
+        return FloatWeights.from_estimator(self._target, self.layers, self.bits)
 
     def _make_flip(self, name: str, index: tuple[int, ...], bit: int) -> FloatBitFlip:
         return FloatBitFlip(name, index, bit)

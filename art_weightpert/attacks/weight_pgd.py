@@ -21,9 +21,8 @@ from art.estimators.classification import PyTorchClassifier
 from art_weightpert import distributed
 from art_weightpert.attacks.ascent import Deltas, Score, radius_fraction_schedule, weight_step
 from art_weightpert.attacks.base import WeightAttack, check_ascent_params
-from art_weightpert.budget import ParameterBall, PerturbationBudget
+from art_weightpert.budget import ParameterBall, PerturbationBudget, WeightPerturbation
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
-from art_weightpert.perturbation import WeightPerturbation
 from art_weightpert.validation import check_bool, check_non_negative_int, check_optional_positive
 
 
@@ -65,7 +64,9 @@ class WeightPGD(WeightAttack):
         :param budget: the weight ball; its layers are checked against the model.
         :param max_iter: gradient steps per start (0: evaluate the starting point only).
         :param eps_step: step size as a fraction of each parameter's radius; ``None`` for the adaptive schedule.
-        :param num_random_init: number of random starts, uniform in the ball (0: one start at the clean weights).
+        :param num_random_init: random starts (uniform in the ball) in addition to the one from the centre, the
+            estimator's effective weights (0: the centre only). The centre is always evaluated, so the result is
+            never more accurate on ``(x, y)`` than the estimator itself.
         :param targeted: drive the inputs to the labels ``y`` given to :meth:`generate` (then required).
         :param loss: ``"ce"`` (mean cross-entropy) or ``"margin"`` (mean Carlini-Wagner logit margin).
         :param batch_size: samples per forward/backward pass; gradients are accumulated over the batches.
@@ -95,9 +96,10 @@ class WeightPGD(WeightAttack):
         :param x: inputs of shape ``(N,) + input_shape``.
         :param y: labels (integer ``(N,)`` or one-hot ``(N, nb_classes)``); targets in targeted mode. ``None``: the
             model's clean predictions (untargeted only).
-        :return: the perturbation (``budget.contains(delta, estimator.base_model)`` holds), carrying the budget.
+        :return: the perturbation of the estimator's effective weights ``W + Δ`` (``budget.contains(delta, model)``
+            holds for the model with those weights), carrying the budget.
         """
-        x_t, labels = self.estimator.prepare_inputs(x, y, require_labels=self.targeted)
+        x_t, labels = self._target.prepare_inputs(x, y, require_labels=self.targeted)
         if labels is None:
             labels = self._predict_labels(x_t, self.batch_size)
         param_balls = self._param_balls()
@@ -111,31 +113,32 @@ class WeightPGD(WeightAttack):
             return score, grads
 
         best = self._run_ascent(
-            start=lambda _: self._start(param_balls, gen),
+            start=lambda restart: self._start(param_balls, restart, gen),
             evaluate=evaluate,
             step=lambda deltas, grads, fraction: weight_step(param_balls, deltas, grads, fraction),
             schedule=radius_fraction_schedule(self.eps_step),
             max_iter=self.max_iter,
-            restarts=max(1, self.num_random_init),
+            restarts=1 + self.num_random_init,
         )
         return self._perturbation(best)
 
     def generate_estimator(self, x: np.ndarray, y: np.ndarray | None = None, **kwargs: Any) -> PyTorchWeightClassifier:
         """
-        Run :meth:`generate` and return a new estimator carrying the perturbation (the attacked estimator and the
-        user's module are unchanged). It can be handed to any ART attack, e.g. ``ProjectedGradientDescent``.
+        Run :meth:`generate` and return a new estimator that predicts with ``W + Δ + δ`` (the attacked estimator and
+        the user's module are unchanged). It can be handed to any ART attack, e.g. ``ProjectedGradientDescent``.
 
         :param x: inputs.
         :param y: labels or targets, as for :meth:`generate`.
         :return: the perturbed :class:`.PyTorchWeightClassifier`.
         """
-        return self.estimator.with_weight_perturbation(self.generate(x, y, **kwargs))
+        return self._target.with_weight_perturbation(self.generate(x, y, **kwargs))
 
     # ------------------------------------------------------------------------------------------------ internals
-    def _start(self, param_balls: list[ParameterBall], gen: torch.Generator) -> Deltas:
-        if self.num_random_init == 0:
+    def _start(self, param_balls: list[ParameterBall], restart: int, gen: torch.Generator) -> Deltas:
+        """Restart 0 starts at the centre (the estimator's effective weights), the others uniformly in the ball."""
+        if restart == 0:
             return self._zero_deltas(param_balls)
-        model = self.estimator.base_model
+        model = self._target.base_model
         return {
             t.param_name: t.ball.sample(t.radius, model.get_parameter(t.param_name).shape, "uniform", gen)
             for t in param_balls

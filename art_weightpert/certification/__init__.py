@@ -1,4 +1,4 @@
-"""Certificates of pairwise-margin robustness under weight perturbation (THEORY.md §3–§4b) and under k flipped bits
+"""Certificates of pairwise-margin robustness under weight perturbation (docs/theory.md §3–§4b) and under k flipped bits
 of quantized weights (§8).
 
 :data:`METHODS` is the registry of bound methods (name → :class:`BoundMethod`); :class:`WeightPerturbationCertifier`

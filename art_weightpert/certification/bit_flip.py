@@ -2,14 +2,15 @@
 :class:`BitFlipCertifier`: which predictions of a quantized or float model no set of at most ``k`` flipped weight bits
 can change (docs/theory.md §8).
 
-With ``encoding="int"``, what is certified is the quantized model of :meth:`.QuantizedWeights.from_estimator` (the
-estimator's original weights quantized; biases, batch norm and unselected layers stay float; for a deployed int8 model
-of :meth:`.PyTorchWeightClassifier.from_quantized`, its deployed codes, and only with weight-only quantization: a layer
-that quantizes its activations at run time is refused with :class:`.UnsupportedModelError`); with ``encoding="float"``
+With ``encoding="int"``, what is certified is the quantized model of :func:`.effective_quantized_weights` (the
+estimator's effective weights ``W + Δ`` quantized, on the grid of its base weights when they lie on it; biases, batch
+norm and unselected layers stay float; for a deployed int8 model of :meth:`.PyTorchWeightClassifier.from_quantized`,
+its deployed codes, and only with weight-only quantization: a layer that quantizes its activations at run time is
+refused with :class:`.UnsupportedModelError`); with ``encoding="float"``
 the float model itself, its weights' IEEE bits flipping (:class:`.FloatWeights`; by default the sign and mantissa bits:
 an exponent flip can move a weight to ``10^38``, and one that gives ``±inf`` or NaN leaves nothing certified). Exact
 arithmetic with eval-mode semantics. The threat set is every set of at most ``k`` distinct allowed bits of the weights
-of the selected layers. Bounds in float64 (docs/theory.md §6), from :mod:`.bit_flip_bounds`:
+of the selected layers. Bounds in float64 (docs/theory.md §5), from :mod:`.bit_flip_bounds`:
 
 * ``"interval"``: boxes where every unit takes its own worst ``k`` flips, the last layer folded into the margins;
 * ``"linear"``: the backward pass from the margins with one top-``k`` over the pair terms of all layers, for every case
@@ -20,7 +21,6 @@ of the selected layers. Bounds in float64 (docs/theory.md §6), from :mod:`.bit_
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import numpy as np
@@ -32,10 +32,12 @@ from art_weightpert.certification.bit_flip_bounds import flip_boxes, interval_ma
 from art_weightpert.certification.bit_flip_cases import case_margins, flip_cases
 from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_tables
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
-from art_weightpert.estimators.weight_classifier import eval_mode
+from art_weightpert.estimators.settings import Settings
+from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator, weights_version
 from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import Network, UnsupportedModelError, read_network
-from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
+from art_weightpert.quantization import QuantizedWeights, effective_quantized_weights
+from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy
 from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -54,14 +56,21 @@ def check_chain(network: Network) -> Network:
     return network
 
 
-class BitFlipCertifier:
+class BitFlipCertifier(Settings):
     """
     Certificates of a quantized (``encoding="int"``) or float (``encoding="float"``) classifier against at most
     ``max_flips`` flipped bits of its weights.
 
     A sample is certified when every pairwise margin lower bound of the certified model's label (or the given label,
     if that model predicts it) exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``.
+    Settings: constructor arguments and :meth:`set_params` (assigning one goes through it); no cached encoding or
+    bound outlives a change of settings or weights.
     """
+
+    certifier_params = [
+        "max_flips", "n_bits", "granularity", "layers", "method", "batch_size", "verbose", "encoding", "bits",
+    ]  # fmt: skip
+    params_attribute = "certifier_params"
 
     def __init__(
         self,
@@ -70,7 +79,7 @@ class BitFlipCertifier:
         n_bits: int = 8,
         granularity: str = "tensor",
         layers: list[str] | None = None,
-        method: str = "interval",
+        method: str = "linear",
         batch_size: int = 128,
         verbose: bool = True,
         encoding: str = "int",
@@ -85,7 +94,7 @@ class BitFlipCertifier:
         :param n_bits: bits per quantized weight, 2 to 16 (``encoding="int"`` only).
         :param granularity: one quantization scale per ``"tensor"`` or per output ``"channel"`` (``"int"`` only).
         :param layers: names of the Linear/Conv layers whose weights may flip (``None``: all).
-        :param method: ``"interval"`` or ``"linear"`` (tighter, slower).
+        :param method: ``"linear"`` (the default, the tightest) or ``"interval"`` (faster).
         :param batch_size: samples per bound computation (pair terms are further chunked to bound the memory).
         :param verbose: show a progress bar over batches.
         :param encoding: ``"int"`` (the quantized codes' bits) or ``"float"`` (the float weights' IEEE bits).
@@ -95,22 +104,34 @@ class BitFlipCertifier:
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
         """
         estimator = as_weight_classifier(estimator)
-        check_non_negative_int(max_flips, "max_flips")
-        self.bits = check_flip_args(estimator, encoding, n_bits, granularity, layers, bits)
-        check_choice(method, "method", BIT_FLIP_METHODS)
-        check_positive_int(batch_size, "batch_size")
-        check_bool(verbose, "verbose")
         check_chain(read_network(estimator.base_model, estimator.input_shape))  # before anything is copied
         self._estimator = estimator
-        self.max_flips = int(max_flips)
-        self.n_bits = int(n_bits)
+        self.max_flips = max_flips
+        self.n_bits = n_bits
         self.granularity = granularity
-        self.layers = None if layers is None else ([layers] if isinstance(layers, str) else list(layers))
+        self.layers = layers
         self.method = method
-        self.batch_size = int(batch_size)
-        self.verbose = bool(verbose)
+        self.batch_size = batch_size
+        self.verbose = verbose
         self.encoding = encoding
+        self.bits = bits
+        self._check_params()
         self._key: tuple | None = None
+
+    def _check_params(self) -> None:
+        check_non_negative_int(self.max_flips, "max_flips")
+        self._bits = check_flip_args(
+            self.estimator, self.encoding, self.n_bits, self.granularity, self.layers, self._bits_given
+        )
+        check_choice(self.method, "method", BIT_FLIP_METHODS)
+        check_positive_int(self.batch_size, "batch_size")
+        check_bool(self.verbose, "verbose")
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
+        elif self.layers is not None:
+            self.layers = list(self.layers)
+        self.max_flips, self.n_bits = int(self.max_flips), int(self.n_bits)
+        self.batch_size, self.verbose = int(self.batch_size), bool(self.verbose)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -119,8 +140,14 @@ class BitFlipCertifier:
         return self._estimator
 
     @property
+    def bits(self) -> tuple[int, ...] | None:
+        """The bit positions that may flip (``None``: every bit of the integer codes); for float encodings by default
+        the sign and mantissa bits. Set it with :meth:`set_params`."""
+        return self._bits
+
+    @property
     def quantized_(self) -> QuantizedWeights | FloatWeights:
-        """The weights certified (of the estimator's current original weights): quantized codes, or float weights."""
+        """The weights certified (of the estimator's current effective weights): quantized codes, or float weights."""
         self._refresh()
         return self._quantized
 
@@ -191,44 +218,47 @@ class BitFlipCertifier:
 
     # ------------------------------------------------------------------------------------------------ internals
     def _refresh(self) -> None:
-        """Quantize (or read) the estimator's original weights into a private float64 copy of the model, when they
-        changed."""
-        base = self.estimator.base_model
-        tensors = list(base.parameters()) + list(base.buffers())
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        """Quantize (or read) the estimator's effective weights into a private float64 copy of the model, when they or
+        the settings changed."""
+        key = (self.settings_version, weights_version(self.estimator))  # every setting, every weight
         if key == self._key:
             return
-        quantized = encode_weights(self.estimator, self.encoding, self.n_bits, self.granularity, self.layers, self.bits)
-        model64 = copy.deepcopy(base).to(torch.float64).requires_grad_(False)
+        effective = effective_estimator(self.estimator)  # W + Δ: the weights the estimator predicts with
+        if self.encoding == "int":
+            quantized = effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
+        else:
+            quantized = encode_weights(effective, self.encoding, self.n_bits, self.granularity, self.layers, self._bits)
+        model64 = float64_copy(effective.base_model)
         with torch.no_grad():
             for name, value in quantized.dequantize().items():
                 model64.get_parameter(name).copy_(value)
         self._network = read_network(model64, self.estimator.input_shape)
         self._params = self._network.params(dtype=torch.float64)
         device = next(iter(self._params.values())).device
-        self._tables = flip_tables(quantized, self._network.affine_layers, device, self.bits)
+        self._tables = flip_tables(quantized, self._network.affine_layers, device, self._bits)
         # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1).
         self._unbounded = not all(bool(torch.isfinite(t.changes).all()) for t in self._tables.values())
         if self._unbounded:
             logger.warning("Some allowed flips give ±inf or NaN weights: no sample is certified against k >= 1 flips.")
         self._names = [layer.weight_name for layer in self._network.affine_layers if layer.weight_name in self._tables]
-        self._deltas = quantized.deltas(self.estimator)
+        self._effective = effective
+        self._deltas = quantized.deltas(effective)
         self._quantized = quantized
         self._key = key
 
     def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str = "margin bounds"):
         """Float64 batches ``(x, labels, tolerance, quantized prediction correct)``."""
         self._refresh()
-        x_t, y_t = self.estimator.prepare_inputs(x, y)
-        base = self.estimator.base_model
-        for start in tqdm(
-            range(0, len(x_t), self.batch_size), desc=f"Bit-flip certificates ({desc})", disable=not self.verbose
-        ):
-            xb = x_t[start : start + self.batch_size]
+        x_t, y_t = self._effective.prepare_inputs(x, y)
+        base = self._effective.base_model
+        slices = batch_slices(len(x_t), self.batch_size)
+        total = -(-len(x_t) // self.batch_size)
+        for b in tqdm(slices, total=total, desc=f"Bit-flip certificates ({desc})", disable=not self.verbose):
+            xb = x_t[b]
             with torch.no_grad(), eval_mode(base):
-                logits = self.estimator.logits(xb, self._deltas)
+                logits = self._effective.logits(xb, self._deltas)
             pred = logits.argmax(dim=1)
-            labels = pred if y_t is None else y_t[start : start + self.batch_size]
+            labels = pred if y_t is None else y_t[b]
             tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
             yield xb.to(torch.float64), labels, tol, pred == labels
 

@@ -2,16 +2,18 @@
 :class:`WeightPerturbationCertifier`: which predictions no weight perturbation in a ball can change.
 
 The certifier reads the estimator's model once as a chain of layers (:func:`.read_network`) and evaluates one of the
-margin bounds of the registry :data:`.METHODS` in float64 on the estimator's device (THEORY.md §3–§5):
+margin bounds of the registry :data:`.METHODS` in float64 on the estimator's device (docs/theory.md §3–§5):
 
-* ``"paper"``: the closed-form bound of THEORY.md §3 (formula B with the bias terms of §3.4), in the setting of
+* ``"paper"``: the closed-form bound of docs/theory.md §3 (formula B with the bias terms of §3.4), in the setting of
   Tsai et al.;
-* ``"interval"``: interval bound propagation with weight intervals, THEORY.md §4 (never looser than ``"paper"`` on
+* ``"interval"``: interval bound propagation with weight intervals, docs/theory.md §4 (never looser than ``"paper"`` on
   ``row_l1`` budgets);
-* ``"linear"``: backward linear bounds with exact weight absorption, THEORY.md §4b (never looser than ``"interval"``).
+* ``"linear"``: backward linear bounds with exact weight absorption, docs/theory.md §4b (never looser than
+``"interval"``).
 
 What is certified is the estimator *as it is*: the centre of the ball is the weights the estimator predicts with, its
-base weights plus the perturbation it carries (if any), and relative budgets are relative to those centre weights.
+base weights plus the perturbation it carries (if any), and relative budgets are relative to those centre weights
+(the rule of every attack, certificate and metric: docs/certification.md, "Perturbed estimators").
 Certificates hold for exact arithmetic with eval-mode semantics (batch-norm running statistics, no dropout).
 
 In a ``torch.distributed`` process group the samples are sharded by whole batches (batch ``b`` on rank ``b mod R``)
@@ -23,10 +25,8 @@ single-process ones exactly (docs/distributed.md).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -39,15 +39,18 @@ from art_weightpert.certification.common import BoundCache, CentredBox, slice_bo
 from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.settings import Settings
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.estimators.wrapping import as_weight_classifier, weights_version
 from art_weightpert.network import BatchNorm, Network, read_network
+from art_weightpert.torch_tools import eval_mode, float64_copy
 from art_weightpert.validation import check_bool, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 
 CERTIFICATION_RTOL = 1e-9
 """A sample is certified when every margin lower bound exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``: a
-safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (THEORY.md §5)."""
+safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (docs/theory.md §5)."""
 
 _SEARCH_MARGIN = 2.0**-10
 """The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
@@ -56,20 +59,24 @@ the last bits — still certifies it; it lowers the radius by ~1e-12 relative, b
 _WARM_WIDTH = 0.25  # relative precision of the warm start's radius (the search goes on from it)
 
 
-class WeightPerturbationCertifier:
+class WeightPerturbationCertifier(Settings):
     """
-    Certificates of pairwise-margin robustness under weight perturbation (THEORY.md §3–§5).
+    Certificates of pairwise-margin robustness under weight perturbation (docs/theory.md §3–§5).
 
     For every input the certifier bounds from below each pairwise margin ``f_y − f_i`` of *every* network whose
-    weights lie in the budget's ball around the estimator's weights; a sample is certified when all these lower
-    bounds are positive (beyond the tolerance :data:`CERTIFICATION_RTOL`).
+    weights lie in the budget's ball around the estimator's effective weights; a sample is certified when all these
+    lower bounds are positive (beyond the tolerance :data:`CERTIFICATION_RTOL`). Settings: constructor arguments and
+    :meth:`set_params` (assigning one goes through it); no cached bound outlives a change of settings or weights.
     """
+
+    certifier_params = ["budget", "method", "batch_size", "verbose"]
+    params_attribute = "certifier_params"
 
     def __init__(
         self,
         estimator: PyTorchClassifier,
         budget: PerturbationBudget,
-        method: str = "paper",
+        method: str = "linear",
         batch_size: int = 128,
         verbose: bool = True,
     ) -> None:
@@ -77,27 +84,26 @@ class WeightPerturbationCertifier:
         Create a :class:`.WeightPerturbationCertifier` instance.
 
         :param estimator: a :class:`.PyTorchWeightClassifier` or any ART ``PyTorchClassifier`` (wrapped, nothing
-            copied) whose model is a chain of Linear/Conv2d layers with fixed layers between them.
+            copied) whose model is a DAG of Linear/Conv2d layers with fixed layers between them.
         :param budget: the ball of weight perturbations (its layer names are checked against the model).
-        :param method: a name in the registry :data:`.METHODS`: ``"paper"``, ``"interval"`` or ``"linear"``.
+        :param method: a name in the registry :data:`.METHODS`: ``"linear"`` (the default, the tightest), ``"interval"``
+            or ``"paper"`` (chains only).
         :param batch_size: samples per bound computation.
         :param verbose: show a progress bar over batches.
-        :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
+        :raises UnsupportedModelError: when the model is not a DAG of supported layers (names the module), or the
+            method does not apply to it.
         """
-        if isinstance(estimator, PyTorchClassifier) and not isinstance(estimator, PyTorchWeightClassifier):
-            estimator = PyTorchWeightClassifier.from_classifier(estimator)
-        self._check_params(estimator, budget, method, batch_size, verbose)
+        estimator = as_weight_classifier(estimator)
         self._estimator: PyTorchWeightClassifier = estimator
         self.budget = budget
         self.method = method
-        self.batch_size = int(batch_size)
-        self.verbose = bool(verbose)
-        self._method = METHODS[method]
-        self._cache = BoundCache()  # per-layer constants of the bound (keyed by tensor identity and version)
+        self.batch_size = batch_size
+        self.verbose = verbose
         # UnsupportedModelError (unreadable model, or a method that does not apply to it) before anything is copied
-        self._method.check(read_network(estimator.base_model, estimator.input_shape))
+        self._network = read_network(estimator.base_model, estimator.input_shape)
+        self._check_params()
         # A private float64 copy of the model holds the centre weights; the user's module is never written to.
-        self._model64 = copy.deepcopy(estimator.base_model).to(torch.float64).requires_grad_(False)
+        self._model64 = float64_copy(estimator.base_model)
         self._network = read_network(self._model64, estimator.input_shape)
         out_features = self._network.layers[-1].module.out_features
         if out_features != estimator.nb_classes:
@@ -109,16 +115,16 @@ class WeightPerturbationCertifier:
         self._param_balls: dict[str, ParameterBall] = {}
         self._unit_param_balls: dict[str, ParameterBall] = {}
 
-    @staticmethod
-    def _check_params(estimator: Any, budget: Any, method: Any, batch_size: Any, verbose: Any) -> None:
-        if not isinstance(estimator, PyTorchWeightClassifier):
-            raise TypeError(f"`estimator` must be an ART PyTorchClassifier, got {type(estimator).__name__}.")
-        if not isinstance(budget, PerturbationBudget):
-            raise TypeError(f"`budget` must be a PerturbationBudget, got {type(budget).__name__}.")
-        budget.layer_names(estimator.base_model)  # unknown layer names: ValueError listing the valid ones
-        check_choice(method, "method", tuple(METHODS))
-        check_positive_int(batch_size, "batch_size")
-        check_bool(verbose, "verbose")
+    def _check_params(self) -> None:
+        if not isinstance(self.budget, PerturbationBudget):
+            raise TypeError(f"`budget` must be a PerturbationBudget, got {type(self.budget).__name__}.")
+        self.budget.layer_names(self.estimator.base_model)  # unknown layer names: ValueError listing the valid ones
+        check_choice(self.method, "method", tuple(METHODS))
+        self._method: BoundMethod = METHODS[self.method]
+        self._method.check(self._network)  # UnsupportedModelError: the method does not apply to the model
+        check_positive_int(self.batch_size, "batch_size")
+        check_bool(self.verbose, "verbose")
+        self.batch_size, self.verbose = int(self.batch_size), bool(self.verbose)
 
     @property
     def estimator(self) -> PyTorchWeightClassifier:
@@ -185,7 +191,7 @@ class WeightPerturbationCertifier:
         prediction is wrong or not certified at any radius, ``inf`` where no radius breaks the certificate.
 
         Closed form where the bound is affine in the radius (``paper`` with one perturbed layer, ``interval`` with
-        only the last layer perturbed: THEORY.md §3.1), otherwise a search vectorized over the batch
+        only the last layer perturbed: docs/theory.md §5), otherwise a search vectorized over the batch
         (:mod:`.radius_search`: bracket by secant extrapolation, then secant steps to a relative precision of about
         1.5e-11; the returned radius is one at which the bound was evaluated certified). ``"linear"`` starts from the
         ``"interval"`` radius, whose per-class bounds also choose the classes it evaluates until the last step.
@@ -217,8 +223,7 @@ class WeightPerturbationCertifier:
         resolve the budget on them, when the weights changed since the last call."""
         base = self.estimator.base_model
         carried = self.estimator.current_deltas()
-        tensors = list(base.parameters()) + list(base.buffers()) + list(carried.values())
-        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        key = (self.settings_version, weights_version(self.estimator))  # every setting, every weight
         if key == self._key:
             return
         with torch.no_grad():
@@ -292,9 +297,6 @@ class WeightPerturbationCertifier:
         """Margin lower bounds ``(N, K)`` in float64; ``scale`` multiplies every radius per sample."""
         with torch.no_grad():
             return self._method.bounds(self._network, param_balls, x_t, labels, torch.float64, scale, self._cache)
-
-    def _min_bound(self, x_t: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return self._bounds(x_t, labels, self._unit_param_balls, scale).amin(dim=1)
 
     def _closed_form_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Bounds affine in the radius factor ``s``: ``lb(s) = lb(0) − s·(lb(0) − lb(1))``, solved for

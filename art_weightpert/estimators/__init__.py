@@ -5,5 +5,12 @@ from art_weightpert.estimators.weight_classifier import (
     WeightPerturbedModule,
     eval_mode,
 )
+from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator
 
-__all__ = ["PyTorchWeightClassifier", "WeightPerturbedModule", "eval_mode"]
+__all__ = [
+    "PyTorchWeightClassifier",
+    "WeightPerturbedModule",
+    "eval_mode",
+    "as_weight_classifier",
+    "effective_estimator",
+]

@@ -8,23 +8,21 @@ A perturbation lives *inside* the torch module (:class:`WeightPerturbedModule`, 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from art.estimators.classification import PyTorchClassifier
 from torch import nn
-from torch.func import functional_call
 
-from art_weightpert.budget import delta_tensors
+from art_weightpert.budget import WeightPerturbation, delta_tensors
 from art_weightpert.estimators import input_warnings as checks
 from art_weightpert.estimators.input_warnings import out_of_range_warning, warn_once_per_call_site
 from art_weightpert.network import perturbable_modules
-from art_weightpert.perturbation import WeightPerturbation
+from art_weightpert.torch_tools import batch_slices, eval_mode, run_with_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +52,7 @@ class WeightPerturbedModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         params = {name: self.module.get_parameter(name) + delta for name, delta in self.deltas().items()}
-        return functional_call(self.module, params, args, kwargs, strict=False)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """Put ``module`` in eval mode for the block, then restore each submodule's training flag."""
-    flags = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+        return run_with_parameters(self.module, params, *args, **kwargs)
 
 
 class PyTorchWeightClassifier(PyTorchClassifier):
@@ -132,19 +118,11 @@ class PyTorchWeightClassifier(PyTorchClassifier):
     # --------------------------------------------------------------------------------------- construction
     @classmethod
     def from_classifier(cls, classifier: PyTorchClassifier) -> PyTorchWeightClassifier:
-        """Wrap an ART ``PyTorchClassifier`` (same module, loss, optimizer and preprocessing; nothing copied)."""
-        if isinstance(classifier, PyTorchWeightClassifier):
-            return classifier
-        if not isinstance(classifier, PyTorchClassifier):
-            raise TypeError(f"`classifier` must be an ART PyTorchClassifier, got {type(classifier).__name__}.")
-        return cls(
-            classifier.model,
-            classifier._loss,
-            classifier.input_shape,
-            classifier.nb_classes,
-            optimizer=classifier._optimizer,
-            **_init_kwargs(classifier),
-        )
+        """Wrap an ART ``PyTorchClassifier`` (same module, loss, optimizer and preprocessing; nothing copied): the one
+        wrapping function, :func:`.as_weight_classifier` (ART's ``EstimatorError`` for anything else)."""
+        from art_weightpert.estimators.wrapping import as_weight_classifier  # pylint: disable=import-outside-toplevel
+
+        return as_weight_classifier(classifier, "classifier")
 
     @classmethod
     def from_quantized(
@@ -347,7 +325,7 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         if not deltas:
             return self.base_model(x)
         params = {name: self.base_model.get_parameter(name) + d for name, d in deltas.items()}
-        return functional_call(self.base_model, params, (x,), strict=False)
+        return run_with_parameters(self.base_model, params, x)
 
     def current_deltas(self) -> dict[str, torch.Tensor]:
         """The carried perturbation as ``{name: tensor}`` (empty when unperturbed)."""
@@ -373,11 +351,11 @@ class PyTorchWeightClassifier(PyTorchClassifier):
         grads = {n: torch.zeros_like(z) for n, z in zeros.items()}
         n_total = max(1, len(x_t))
         with eval_mode(self.base_model):
-            for start in range(0, len(x_t), batch_size):
+            for b in batch_slices(len(x_t), batch_size):
                 probes = {n: z.clone().requires_grad_(True) for n, z in zeros.items()}
                 deltas = {n: carried.get(n, 0) + probes.get(n, 0) for n in set(carried) | set(probes)}
-                out = self.logits(x_t[start : start + batch_size], deltas)
-                loss = self._loss(out, y_t[start : start + batch_size]) * (len(out) / n_total)
+                out = self.logits(x_t[b], deltas)
+                loss = self._loss(out, y_t[b]) * (len(out) / n_total)
                 for n, g in zip(probes, torch.autograd.grad(loss, list(probes.values()))):
                     grads[n] += g
         return {n: g.cpu().numpy() for n, g in grads.items()}

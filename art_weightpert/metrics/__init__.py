@@ -18,6 +18,11 @@ _LAZY = {
     "plot_certified_radius_histogram": "art_weightpert.metrics.plots",
     "plot_bit_flip_curves": "art_weightpert.metrics.plots",
     "bit_flip_curve": "art_weightpert.metrics.bit_flips",
+    "default_eps_grid": "art_weightpert.metrics.summaries",
+    "radius_summary": "art_weightpert.metrics.summaries",
+    "flips_to_halve": "art_weightpert.metrics.summaries",
+    "flip_counts": "art_weightpert.metrics.summaries",
+    "generalization_gap": "art_weightpert.metrics.summaries",
 }
 
 __all__ = list(_LAZY)

@@ -21,8 +21,8 @@ from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.attacks.random_float_bit_flips import RandomFloatBitFlips
 from art_weightpert.defences.detector import WeightIntegrityDetector
 from art_weightpert.defences.transformer import clip_activations
+from art_weightpert.estimators.wrapping import effective_estimator
 from art_weightpert.metrics.bit_flips import accuracy_after_each_flip, estimator_accuracy
-from art_weightpert.quantization import as_weight_classifier
 from art_weightpert.validation import check_int, check_positive_int, check_probability
 
 
@@ -53,7 +53,7 @@ def flips_to_accuracy(
     :return: ``{"flips": int or None (not reached), "max_flips", "level", "quantized_accuracy", "curve"}`` (the
         accuracy on ``(x, y)`` after 0, 1, ... flips).
     """
-    classifier = as_weight_classifier(classifier)
+    classifier = effective_estimator(classifier, "classifier")  # W + Δ (docs/certification.md)
     check_probability(level, "level")
     check_positive_int(max_flips, "max_flips")
     attack = BitFlipAttack(
@@ -95,7 +95,7 @@ def integrity_evaluation(
         (flips whose group is flagged), "detection_rate", "flagged_groups", "nb_groups", "quantized_accuracy",
         "attacked_accuracy", "recovered_accuracy"}`` (accuracies on ``(x, y)``).
     """
-    classifier = as_weight_classifier(classifier)
+    classifier = effective_estimator(classifier, "classifier")  # W + Δ (docs/certification.md)
     detector = WeightIntegrityDetector(classifier, n_bits=n_bits, group_size=group_size, seed=seed)
     attack = BitFlipAttack(classifier, max_flips, n_bits, batch_size=batch_size, verbose=verbose)
     flips = attack.generate(x_attack, y_attack)
@@ -142,7 +142,7 @@ def backdoor_evaluation(
         ``clean_accuracy``, ``clean_accuracy_before``, ``nb_flips``) plus ``target``, ``detected_flips`` and, after
         :meth:`.WeightIntegrityDetector.recover`, ``recovered_attack_success_rate`` and ``recovered_clean_accuracy``.
     """
-    classifier = as_weight_classifier(classifier)
+    classifier = effective_estimator(classifier, "classifier")  # W + Δ (docs/certification.md)
     check_int(target, "target", minimum=0, maximum=classifier.nb_classes - 1)
     detector = WeightIntegrityDetector(classifier, n_bits=n_bits, group_size=group_size, seed=seed)
     attack = BitFlipBackdoor(classifier, target, max_flips, n_bits, batch_size=batch_size, verbose=verbose)
@@ -186,7 +186,7 @@ def clipping_evaluation(
         ``plain_std``, ``clipped_mean``, ``clipped_std`` (per number of flips) and ``plain_clean``,
         ``clipped_clean`` (accuracy without a flip).
     """
-    classifier = as_weight_classifier(classifier)
+    classifier = effective_estimator(classifier, "classifier")  # W + Δ (docs/certification.md)
     counts = sorted({check_int(k, "nb_flips", minimum=1) for k in nb_flips})
     clipped = clip_activations(classifier, x_calibration, batch_size=batch_size)
     options = {"nb_samples": nb_samples, "seed": seed, "batch_size": batch_size, "verbose": False}

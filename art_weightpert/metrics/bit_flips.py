@@ -18,8 +18,10 @@ from art_weightpert.attacks.float_bit_flip import FloatBitFlipAttack
 from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.attacks.random_float_bit_flips import RandomFloatBitFlips
 from art_weightpert.certification.bit_flip import BIT_FLIP_METHODS, BitFlipCertifier
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
+from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator
 from art_weightpert.float_bits import FloatWeights, mantissa_bits, sign_bit
-from art_weightpert.quantization import QuantizedWeights, as_weight_classifier
+from art_weightpert.quantization import QuantizedWeights
 from art_weightpert.validation import check_choice, check_int, check_positive_int
 
 
@@ -37,13 +39,14 @@ def bit_flip_curve(
     seed: int = 0,
     batch_size: int = 128,
     verbose: bool = False,
-    certify_method: str | None = None,
+    method: str | None = None,
     certify_points: int = 200,
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """
     Accuracy on ``(x, y)`` of the ``n_bits`` quantized classifier after ``k`` flipped bits, for each ``k`` in
     ``flips``: the :class:`.BitFlipAttack` (run once on the attack batch for ``max(flips)`` flips; its first ``k``
-    flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits). With ``certify_method``, also
+    flips) and :class:`.RandomBitFlips` (``nb_samples`` draws of ``k`` distinct bits). With a bound ``method``, also
     the share of the first ``certify_points`` points whose quantized prediction is correct and provably survives every
     set of at most ``k`` flipped bits (:meth:`.BitFlipCertifier.certified_flips`, computed once for ``max(flips)``).
 
@@ -55,31 +58,35 @@ def bit_flip_curve(
         quantized layers (``None``: every Linear/Conv layer).
     :param nb_samples: random draws per number of flips; ``seed``: their seed; ``batch_size``: samples per forward
         pass; ``verbose``: progress bars.
-    :param certify_method: ``"interval"`` or ``"linear"`` for the certified curve (``None``: no certificate).
+    :param method: the bound method of the certified curve, ``"linear"`` or ``"interval"`` (``None``: no certified
+        curve; formerly ``certify_method``, still accepted with a ``DeprecationWarning``).
     :param certify_points: the certified points, the first of ``(x, y)`` (the certificate costs more than a forward).
-    :raises UnsupportedModelError: with ``certify_method``, when the certificate does not support the model (raised
+    :raises UnsupportedModelError: with a ``method``, when the certificate does not support the model (raised
         before the attack runs).
     :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
         ``flips`` and per entry ``bfa_accuracy`` / ``random_mean`` / ``random_std``; ``bfa_flips`` (``layer``,
         ``param``, ``index``, ``bit``, ``old_code``, ``new_code``, ``old_value``, ``new_value``),
         ``bfa_attack_accuracy`` and ``bit_sensitivity`` (``{bit: accuracy}``, max(flips) flips at that bit); with
-        ``certify_method`` also ``certify_method``, ``certified_points``, ``certified_accuracy`` (per entry of
+        a ``method`` also ``certify_method`` (its name), ``certified_points``, ``certified_accuracy`` (per entry of
         ``flips``) and ``certified_flips_histogram`` (``{k: number of points}`` for k = −1 (misclassified by the
         quantized model), 0, 1, ..., max(flips); it sums to ``certified_points``).
     """
-    classifier = as_weight_classifier(classifier)
+    method = renamed_keyword(deprecated, "certify_method", "method", method, None, "bit_flip_curve")
+    reject_unknown_keywords(deprecated, "bit_flip_curve")
+    classifier = as_weight_classifier(classifier, "classifier")
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
     if not counts:
         raise ValueError("`flips` must hold at least one number of flips.")
     quantization = (n_bits, granularity, layers)
-    certifier = _certifier(classifier, max(counts), quantization, certify_method, certify_points, batch_size, verbose)
+    certifier = _certifier(classifier, max(counts), quantization, method, certify_points, batch_size, verbose)
     if x_attack is None:
         x_attack, y_attack = x[:128], y[:128]
     attack = BitFlipAttack(classifier, max(counts), n_bits, granularity, layers, batch_size=batch_size, verbose=verbose)
     found = attack.generate(x_attack, y_attack)
     quantized: QuantizedWeights = attack.quantized_
-    x_t, labels = classifier.prepare_inputs(x, y, require_labels=True)
-    curve = accuracy_after_each_flip(classifier, quantized, found, x_t, labels, batch_size)
+    target = effective_estimator(classifier)  # the weights the classifier predicts with, W + Δ (docs/certification.md)
+    x_t, labels = target.prepare_inputs(x, y, require_labels=True)
+    curve = accuracy_after_each_flip(target, quantized, found, x_t, labels, batch_size)
     options = {"n_bits": n_bits, "granularity": granularity, "layers": layers, "batch_size": batch_size}
     options.update(nb_samples=nb_samples, seed=seed, verbose=verbose)
     random_stats = [RandomBitFlips(classifier, k, **options).evaluate(x, y, per_bit=k == counts[-1]) for k in counts]
@@ -87,7 +94,7 @@ def bit_flip_curve(
         "n_bits": int(n_bits),
         "granularity": granularity,
         "layers": None if layers is None else list(layers),
-        "clean_accuracy": accuracy_with_deltas(classifier, x_t, labels, None, batch_size),
+        "clean_accuracy": accuracy_with_deltas(target, x_t, labels, None, batch_size),
         "quantized_accuracy": curve[0],
         "flips": counts,
         "bfa_accuracy": [curve[min(k, len(found))] for k in counts],
@@ -108,7 +115,7 @@ def _certifier(
     """The certifier of the certified curve (``None`` without ``method``); it checks the model before the attack."""
     if method is None:
         return None
-    check_choice(method, "certify_method", BIT_FLIP_METHODS)
+    check_choice(method, "method", BIT_FLIP_METHODS)
     check_positive_int(points, "certify_points")
     return BitFlipCertifier(classifier, max_flips, *quantization, method, batch_size, verbose)
 
@@ -191,7 +198,7 @@ def float_bit_flip_curve(
         ``protected_attack_accuracy``, ``random_mean``, ``random_std``; ``attack_flips`` (``param``, ``index``,
         ``bit``, ``old_value``, ``new_value`` of the unrestricted attack's flips, in order).
     """
-    classifier = as_weight_classifier(classifier)
+    classifier = effective_estimator(classifier, "classifier")  # W + Δ (docs/certification.md)
     counts = sorted({check_int(k, "flips", minimum=1) for k in flips})
     if not counts:
         raise ValueError("`flips` must hold at least one number of flips.")

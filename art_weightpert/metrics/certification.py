@@ -1,6 +1,6 @@
 """
 Certification metrics in ART's function style (the classifier first, numpy in and out): certified accuracy and
-certified radii under weight perturbation (THEORY.md §3–§5). The Rademacher generalization bound (§6) lives in
+certified radii under weight perturbation (docs/theory.md §3–§5). The Rademacher generalization bound (§6) lives in
 :mod:`art_weightpert.metrics.generalization` and is re-exported here.
 
 | Paper link: https://arxiv.org/abs/2103.02200
@@ -16,6 +16,7 @@ from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.certification import WeightPerturbationCertifier
+from art_weightpert.estimators.wrapping import as_weight_classifier
 from art_weightpert.metrics.generalization import generalization_bound
 
 __all__ = ["weight_certified_accuracy", "certified_weight_radius", "generalization_bound"]
@@ -28,7 +29,7 @@ def weight_certified_accuracy(
     x: np.ndarray,
     y: np.ndarray,
     budget: PerturbationBudget,
-    method: str = "interval",
+    method: str = "linear",
     batch_size: int = 128,
     verbose: bool = False,
 ) -> float:
@@ -39,11 +40,13 @@ def weight_certified_accuracy(
     :param x: inputs ``(N,) + input_shape``.
     :param y: integer or one-hot labels.
     :param budget: the ball of weight perturbations.
-    :param method: a bound method of the registry :data:`.METHODS` (``"paper"``, ``"interval"``, ``"linear"``).
+    :param method: a bound method of the registry :data:`.METHODS`: ``"linear"`` (the default, the tightest),
+        ``"interval"`` or ``"paper"`` (chains only).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
     :return: the certified accuracy (an empty ``x`` is a ``ValueError``).
     """
+    classifier = as_weight_classifier(classifier, "classifier")
     certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=verbose)
     certified = certifier.certify(x, _required(y))
     return float(np.mean(certified)) if len(certified) else float("nan")
@@ -54,7 +57,7 @@ def certified_weight_radius(
     x: np.ndarray,
     y: np.ndarray,
     budget: PerturbationBudget,
-    method: str = "interval",
+    method: str = "linear",
     batch_size: int = 128,
     verbose: bool = False,
 ) -> np.ndarray:
@@ -66,11 +69,12 @@ def certified_weight_radius(
     :param x: inputs.
     :param y: integer or one-hot labels.
     :param budget: the ball (its ``eps`` sets the starting point of the search and the units of a dict).
-    :param method: a bound method of the registry :data:`.METHODS`.
+    :param method: a bound method of the registry :data:`.METHODS` (default ``"linear"``, the tightest).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
     :return: ``(N,)`` radii.
     """
+    classifier = as_weight_classifier(classifier, "classifier")
     certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=verbose)
     return certifier.certified_radius(x, _required(y))
 

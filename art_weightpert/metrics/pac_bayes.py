@@ -23,6 +23,7 @@ import torch
 from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.metrics.perturbed_evaluation import (
     checked_data,
@@ -51,19 +52,20 @@ def pac_bayes_sigma(
     target_deviation: float = 0.1,
     magnitude_aware: bool = False,
     tolerance: float = 0.01,
-    nb_draws: int = 10,
+    nb_samples: int = 10,
     magnitude_eps: float = 1e-3,
     max_evaluations: int = 40,
     batch_size: int = 128,
     seed: int = 0,
     verbose: bool = False,
+    **deprecated: Any,
 ) -> float:
     """
     The largest σ such that Gaussian noise on every weight and bias lowers the accuracy on ``(x, y)`` by at most
     ``target_deviation`` on average (Jiang et al. 2020, "PAC-Bayes flatness"; they use the training set and 0.1).
 
     Search: from σ = 1, σ is multiplied or divided by 4 until the target is bracketed, then bisected geometrically.
-    Guarantee (the stated tolerance): the returned σ lowers the mean accuracy over the ``nb_draws`` seeded draws by a
+    Guarantee (the stated tolerance): the returned σ lowers the mean accuracy over the ``nb_samples`` seeded draws by a
     deviation ``d`` with ``target_deviation − tolerance ≤ d ≤ target_deviation``. If ``max_evaluations`` runs out
     first (the accuracy can jump by more than ``tolerance`` between two σ on tiny data sets), the largest σ found with
     ``d ≤ target_deviation`` is returned and a warning is logged.
@@ -74,7 +76,7 @@ def pac_bayes_sigma(
     :param target_deviation: accuracy drop in (0, 1).
     :param magnitude_aware: noise ``N(0, σ²·w² + magnitude_eps²)`` per entry instead of ``N(0, σ²)``.
     :param tolerance: accepted shortfall of the drop, in (0, target_deviation].
-    :param nb_draws: Monte Carlo draws per evaluation.
+    :param nb_samples: Monte Carlo draws per evaluation (formerly ``nb_draws``: ``DeprecationWarning``).
     :param magnitude_eps: the additive standard deviation ε of the magnitude-aware noise.
     :param max_evaluations: most evaluations of the mean accuracy.
     :param batch_size: samples per forward pass.
@@ -82,12 +84,14 @@ def pac_bayes_sigma(
     :param verbose: show a progress bar over the evaluations.
     :return: σ (for the magnitude-aware noise, the relative factor σ').
     """
+    nb_samples = renamed_keyword(deprecated, "nb_draws", "nb_samples", nb_samples, 10, "pac_bayes_sigma")
+    reject_unknown_keywords(deprecated, "pac_bayes_sigma")
     target = check_probability(target_deviation, "target_deviation", open_interval=True)
     tolerance = check_positive(tolerance, "tolerance")
     if tolerance > target:
         raise ValueError(f"`tolerance` must be at most `target_deviation` ({target}), got {tolerance}.")
     check_positive_int(max_evaluations, "max_evaluations")
-    drop = _AccuracyDrop.build(classifier, x, y, magnitude_aware, nb_draws, magnitude_eps, batch_size, seed)
+    drop = _AccuracyDrop.build(classifier, x, y, magnitude_aware, nb_samples, magnitude_eps, batch_size, seed)
     if target >= 1 - drop.clean_error:
         raise ValueError(
             f"`target_deviation` ({target}) must be below the clean accuracy ({1 - drop.clean_error:.4f}) on `x`."
@@ -124,7 +128,7 @@ def pac_bayes_bound(
     initial_weights: Mapping[str, Any] | None = None,
     delta: float = 0.05,
     target_deviation: float = 0.1,
-    nb_draws: int = 10,
+    nb_samples: int = 10,
     magnitude_eps: float = 1e-3,
     batch_size: int = 128,
     seed: int = 0,
@@ -155,7 +159,7 @@ def pac_bayes_bound(
         Linear/Conv layers (``None``: zeros).
     :param delta: confidence δ in (0, 1).
     :param target_deviation: accuracy drop of the σ search.
-    :param nb_draws: Monte Carlo draws of the empirical term.
+    :param nb_samples: Monte Carlo draws of the empirical term (formerly ``nb_draws``: ``DeprecationWarning``).
     :param magnitude_eps: ε of the magnitude-aware noise.
     :param batch_size: samples per forward pass.
     :param seed: seed of the draws (the same draws as the σ search).
@@ -165,14 +169,15 @@ def pac_bayes_bound(
         ``flatness`` (``1/σ²``), ``sigma``, ``prior_sigma``, ``distance_sq`` (``‖w − w0‖²``), ``n_parameters``,
         ``n_samples``, ``delta``, ``magnitude_aware``, ``nb_draws``.
     """
+    nb_samples = renamed_keyword(search_params, "nb_draws", "nb_samples", nb_samples, 10, "pac_bayes_bound")
     delta = check_probability(delta, "delta", open_interval=True)
     if sigma is None:
         sigma = pac_bayes_sigma(
-            classifier, x, y, target_deviation, magnitude_aware, nb_draws=nb_draws, magnitude_eps=magnitude_eps,
+            classifier, x, y, target_deviation, magnitude_aware, nb_samples=nb_samples, magnitude_eps=magnitude_eps,
             batch_size=batch_size, seed=seed, verbose=verbose, **search_params,
         )  # fmt: skip
     sigma = check_positive(sigma, "sigma")
-    drop = _AccuracyDrop.build(classifier, x, y, magnitude_aware, nb_draws, magnitude_eps, batch_size, seed)
+    drop = _AccuracyDrop.build(classifier, x, y, magnitude_aware, nb_samples, magnitude_eps, batch_size, seed)
     m = len(drop.y_t)
     if m < 2:
         raise ValueError("`x` must hold at least two samples for the PAC-Bayes bound.")
@@ -223,7 +228,7 @@ class _AccuracyDrop:
               nb_draws: int, magnitude_eps: float, batch_size: int, seed: int) -> _AccuracyDrop:  # fmt: skip
         """Validate the arguments shared by the σ search and the bound."""
         magnitude_aware = check_bool(magnitude_aware, "magnitude_aware")
-        nb_draws, batch_size = check_positive_int(nb_draws, "nb_draws"), check_positive_int(batch_size, "batch_size")
+        nb_draws, batch_size = check_positive_int(nb_draws, "nb_samples"), check_positive_int(batch_size, "batch_size")
         eps = check_positive(magnitude_eps, "magnitude_eps")
         seed = check_non_negative_int(seed, "seed")
         est = weight_estimator(classifier)

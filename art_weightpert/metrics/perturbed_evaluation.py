@@ -13,15 +13,17 @@ import torch
 import torch.nn.functional as F
 from art.estimators.classification import PyTorchClassifier
 
-from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, eval_mode
+from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.estimators.wrapping import effective_estimator
+from art_weightpert.torch_tools import batch_slices, eval_mode
 
 Deltas = dict[str, torch.Tensor]
 
 
 def weight_estimator(classifier: PyTorchClassifier) -> PyTorchWeightClassifier:
-    """``classifier`` as a :class:`.PyTorchWeightClassifier` (wrapped on the fly, nothing copied; ``TypeError`` for
-    anything but an ART ``PyTorchClassifier``)."""
-    return PyTorchWeightClassifier.from_classifier(classifier)
+    """``classifier`` as the estimator the measures perturb: its effective weights ``W + Δ`` as base weights
+    (:func:`.effective_estimator`; ART's ``EstimatorError`` for anything but an ART ``PyTorchClassifier``)."""
+    return effective_estimator(classifier, "classifier")
 
 
 def checked_data(estimator: PyTorchWeightClassifier, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -44,9 +46,9 @@ def loss_and_errors(
     ``W + deltas``, in eval mode, without gradients."""
     loss, errors = 0.0, 0
     with torch.no_grad(), eval_mode(estimator.base_model):
-        for start in range(0, len(x_t), batch_size):
-            out = estimator.logits(x_t[start : start + batch_size], deltas)
-            labels = y_t[start : start + batch_size]
+        for b in batch_slices(len(x_t), batch_size):
+            out = estimator.logits(x_t[b], deltas)
+            labels = y_t[b]
             loss += float(F.cross_entropy(out.double(), labels, reduction="sum"))
             errors += int((out.argmax(dim=1) != labels).sum())
     return loss, errors

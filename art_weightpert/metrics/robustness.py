@@ -28,7 +28,9 @@ from art_weightpert import distributed
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.certification import METHODS as BOUND_METHODS
 from art_weightpert.certification import WeightPerturbationCertifier
+from art_weightpert.estimators.settings import reject_unknown_keywords, renamed_keyword
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
+from art_weightpert.estimators.wrapping import as_weight_classifier
 from art_weightpert.network import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -47,13 +49,14 @@ def weight_robustness_curve(
     layers: Sequence[str] | None = None,
     relative: bool = False,
     include_bias: bool = False,
-    certify_method: str = "interval",
+    method: str = "linear",
     pgd_params: Mapping[str, Any] | None = None,
     random_params: Mapping[str, Any] | None = None,
     batch_size: int = 128,
     verbose: bool = False,
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
+    **deprecated: Any,
 ) -> dict[str, Any]:
     """
     Accuracy on ``(x, y)`` for each weight budget of a sweep, by each method.
@@ -65,11 +68,12 @@ def weight_robustness_curve(
         budgets) or :class:`.PerturbationBudget` objects, or a mix.
     :param norm: the ball of the ε values: ``"inf"``, ``"row_l1"`` or ``"l2"``.
     :param methods: any of ``"clean"``, ``"random"`` (mean accuracy over random draws), ``"pgd"`` (universal
-        :class:`.WeightPGD`), ``"certified"`` (share of samples certified correct by ``certify_method``) and the
+        :class:`.WeightPGD`), ``"certified"`` (share of samples certified correct by ``method``) and the
         bound method names of :data:`art_weightpert.certification.METHODS` (certified accuracy by that method; several
         at once). At a zero radius, random faults and WeightPGD are not run: they give the clean accuracy.
     :param layers: perturbed layers for ε values (``None``: all); ``relative``, ``include_bias``: as in the budget.
-    :param certify_method: the bound method of ``"certified"``.
+    :param method: the bound method of ``"certified"`` (default ``"linear"``, the tightest; formerly
+        ``certify_method``, still accepted with a ``DeprecationWarning``).
     :param pgd_params: keyword arguments of :class:`.WeightPGD` (default: its own).
     :param random_params: keyword arguments of :class:`.RandomWeightPerturbation` (default ``nb_samples=10`` and
         ``seed``, or 0 when ``seed`` is ``None``).
@@ -83,10 +87,12 @@ def weight_robustness_curve(
         "seconds": {method: float}, "notes": [str]}``. A certificate that cannot handle the model gives NaN, a note
         and its reason under "unavailable".
     """
-    classifier = PyTorchWeightClassifier.from_classifier(classifier)  # TypeError for anything else
-    methods = _check_methods(methods, certify_method)
+    method = renamed_keyword(deprecated, "certify_method", "method", method, "linear", "weight_robustness_curve")
+    reject_unknown_keywords(deprecated, "weight_robustness_curve")
+    classifier = as_weight_classifier(classifier, "classifier")
+    methods = _check_methods(methods, method)
     budgets = _budgets(budgets_or_eps_list, norm, layers, relative, include_bias)
-    run = _Runner(classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed)
+    run = _Runner(classifier, x, y, budgets, methods, method, batch_size, verbose, seed)
     run.set_params(pgd_params, random_params)
     for budget in budgets:
         for method in methods:
@@ -235,5 +241,5 @@ def _check_methods(methods: Sequence[str] | str, certify_method: str) -> list[st
     if unknown or not methods:
         raise ValueError(f"`methods` must be a non-empty subset of {allowed}, got {methods}.")
     if "certified" in methods and certify_method not in BOUND_METHODS:
-        raise ValueError(f"`certify_method` must be one of {list(BOUND_METHODS)}, got {certify_method!r}.")
+        raise ValueError(f"`method` must be one of {list(BOUND_METHODS)}, got {certify_method!r}.")
     return methods
