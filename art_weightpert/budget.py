@@ -1,5 +1,5 @@
 """
-The weight ball: which parameters may move, in which norm, and how far (THEORY.md §2), and the perturbations that
+The weight ball: which parameters may move, in which norm, and how far (docs/theory.md §2), and the perturbations that
 live in it.
 
 A :class:`PerturbationBudget` is a description. Operations that depend on the weights (relative radii need ``|W|``,
@@ -22,6 +22,9 @@ from art_weightpert.network import perturbable_modules
 from art_weightpert.validation import check_bool, check_choice, check_non_negative
 
 NORMS = tuple(BALLS)
+"""The norms of a weight ball, one per class of :mod:`.balls`: ``"inf"``, ``"row_l1"``, ``"l2"``."""
+NORM_LABELS = {name: ball.label for name, ball in BALLS.items()}
+"""Per norm, the ball's name in words (``"box ℓ∞ ball"``, ...), for plots and reports."""
 DISTRIBUTIONS = ("uniform", "extreme", "gaussian")
 
 
@@ -56,7 +59,7 @@ class PerturbationBudget:
     :param layers: names of the Linear/Conv modules to perturb (``None``: every Linear/Conv layer).
     :param relative: radii relative to the weights: ``ε·|W|`` per entry, ``ε·‖W_r‖₁`` per row, ``ε·‖W‖_F`` per layer.
     :param include_bias: also perturb the biases of those layers, each in a ball of its own with the same ε
-        (a box for ``inf`` and ``row_l1``, a Euclidean ball for ``l2``; THEORY.md §2).
+        (a box for ``inf`` and ``row_l1``, a Euclidean ball for ``l2``; docs/theory.md §2).
     """
 
     def __init__(
@@ -175,7 +178,7 @@ class PerturbationBudget:
         return {t.param_name: t.radius.cpu().numpy() for t in self.parameter_balls(model)}
 
     def row_l1_radii(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Per-row radius of the smallest row_l1 ball (of the weights) containing this ball (THEORY.md §2):
+        """Per-row radius of the smallest row_l1 ball (of the weights) containing this ball (docs/theory.md §2):
         box δ → Σ_c δ_rc, l2 ε → √n·ε, row_l1 → itself."""
         return {
             t.param_name: t.ball.row_l1_radius(t.radius, _param(model, t.param_name).shape)
@@ -229,6 +232,17 @@ class PerturbationBudget:
     def to_json(self) -> str:
         """JSON form of :meth:`to_dict`."""
         return json.dumps(self.to_dict())
+
+
+def eps_for_inputs(eps: float, input_shape: tuple[int, ...], reference_inputs: int) -> float:
+    """
+    A row-ℓ1 ``eps`` chosen for a model of ``reference_inputs`` input features, scaled to inputs of ``input_shape``:
+    ``eps · sqrt(reference_inputs / n_inputs)``, at most ``eps``, to 3 significant digits. The interval bounds that
+    robust training tightens grow with the fan-in, so an ε that suits a 64-input MLP is far too large for 3x32x32
+    images (3,072 inputs: 0.0144 instead of 0.1).
+    """
+    features = int(np.prod(input_shape))
+    return float(f"{eps * min(1.0, (reference_inputs / features) ** 0.5):.3g}")
 
 
 _BUDGET_KEY = "__budget__"

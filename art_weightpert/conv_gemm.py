@@ -1,6 +1,6 @@
 """
 2-D convolution and its adjoint as matrix products over the whole batch, for the dtypes that have no fast library
-kernel: float64 on CPU (the certificates' arithmetic, THEORY.md §5). There torch's own convolution
+kernel: float64 on CPU (the certificates' arithmetic, docs/theory.md §5). There torch's own convolution
 (``_slow_conv2d_forward``, ``slow_conv_transpose2d``) loops over the samples with one small product each, which is
 slow on small feature maps; here the samples share one product ``W (O, C·kh·kw) × patches (C·kh·kw, N·H'·W')``.
 

@@ -13,9 +13,9 @@ back in batch order equal the single-process ones bit for bit.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import shutil
-import socket
 import tempfile
 import time
 import traceback
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from art_weightpert.torch_tools import batch_slices
 from art_weightpert.validation import check_positive_int
 
 
@@ -77,8 +78,7 @@ def check_backend(device: torch.device | str) -> None:
 def my_batches(n: int, batch_size: int) -> Iterator[slice]:
     """This rank's batches of ``range(n)``: batch ``b`` (``[b·batch_size, (b+1)·batch_size)``) belongs to rank
     ``b mod world_size``."""
-    starts = range(rank() * batch_size, n, world_size() * batch_size)
-    return (slice(s, min(s + batch_size, n)) for s in starts)
+    return itertools.islice(batch_slices(n, batch_size), rank(), None, world_size())
 
 
 def gather_batches(pieces: Sequence[np.ndarray], n: int, batch_size: int) -> np.ndarray:
@@ -237,13 +237,6 @@ def all_reduce_gradients(parameters: Sequence[torch.nn.Parameter]) -> None:
         offset += p.numel()
 
 
-def free_port() -> int:
-    """A free TCP port on the loopback interface (for a single-machine launch)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(function: Callable[..., Any], nproc: int, args: tuple = (), device_type: str = "cpu") -> None:
     """
     Run ``function(*args)`` in ``nproc`` processes on this machine, each in a process group (gloo on CPU, NCCL on
@@ -259,48 +252,54 @@ def launch(function: Callable[..., Any], nproc: int, args: tuple = (), device_ty
         return
     if device_type in ("cuda", "gpu") and torch.cuda.device_count() < nproc:
         raise ValueError(f"`nproc` is {nproc} but only {torch.cuda.device_count()} CUDA device(s) are visible.")
-    port = free_port()
-    errors = tempfile.mkdtemp(prefix="art-weightpert-launch-")
+    staging = tempfile.mkdtemp(prefix="art-weightpert-launch-")  # the rendezvous file and the ranks' errors
     try:
         torch.multiprocessing.spawn(
-            _worker, args=(nproc, port, device_type, function, args, errors), nprocs=nproc, join=True
+            _worker, args=(nproc, staging, device_type, function, args), nprocs=nproc, join=True
         )
     except Exception as err:
-        first = _first_error(errors)
+        first = _first_error(staging)
         if first is None:
             raise
         raise RuntimeError(first) from err
     finally:
-        shutil.rmtree(errors, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
-def _first_error(errors: str) -> str | None:
+def _first_error(staging: str) -> str | None:
     """The error recorded first by a process of :func:`launch` (its rank and traceback), or None."""
     recorded = []
-    for name in os.listdir(errors):
-        with open(os.path.join(errors, name), encoding="utf-8") as handle:
+    for name in os.listdir(staging):
+        if not name.endswith(".error"):
+            continue
+        with open(os.path.join(staging, name), encoding="utf-8") as handle:
             stamp, text = handle.read().split("\n", 1)
         recorded.append((float(stamp), text))
     return min(recorded)[1] if recorded else None
 
 
-def _worker(
-    local_rank: int, nproc: int, port: int, device_type: str, function: Callable, args: tuple, errors: str
-) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank), WORLD_SIZE=str(nproc),
-        LOCAL_RANK=str(local_rank),
-    )  # fmt: skip
+def _worker(local_rank: int, nproc: int, staging: str, device_type: str, function: Callable, args: tuple) -> None:
+    """
+    One process of :func:`launch`. The rendezvous is a file in the launch's private folder, not a TCP port: a port
+    found free by the parent can be taken before rank 0 binds it (by a launch running beside this one), and a rank
+    that joins another launch's group sends it collectives of other sizes, on which gloo aborts the process.
+    Every rank that succeeded waits for the others (a barrier) before it closes the group: a rank that tears down
+    while a peer's last collective is still reading from it aborts that peer (gloo's "connection closed by peer").
+    """
+    os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank))
     backend = backend_for(device_type)
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=local_rank, world_size=nproc)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        rendezvous = "file://" + os.path.join(staging, "rendezvous")
+        dist.init_process_group(backend, init_method=rendezvous, rank=local_rank, world_size=nproc)
         function(*args)
+        dist.barrier()
     except BaseException as err:
-        with open(os.path.join(errors, f"rank{local_rank}.txt"), "w", encoding="utf-8") as handle:
+        with open(os.path.join(staging, f"rank{local_rank}.error"), "w", encoding="utf-8") as handle:
             handle.write(f"{time.time()!r}\nprocess {local_rank} of {nproc} failed: {type(err).__name__}: {err}\n")
             handle.write(traceback.format_exc())
         raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""PerturbationBudget (THEORY.md §2): layer selection, radii, exact projection, membership, sampling, inclusions and
-bad input."""
+"""PerturbationBudget (docs/theory.md §2): layer selection, radii, exact projection, membership, sampling, inclusions
+and bad input."""
 
 from __future__ import annotations
 

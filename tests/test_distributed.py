@@ -107,8 +107,8 @@ def _train_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     for name, model in _training_models().items():
         optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.5)
         clf = PyTorchWeightClassifier(model, torch.nn.CrossEntropyLoss(), (64,), 10, optimizer=optimizer)
-        trainer = WeightRobustTrainer(
-            clf, PerturbationBudget(0.001, "row_l1"), lam=0.2, mu=1e-3, warmup=2, verbose=False
+        trainer = WeightRobustTrainer(  # batch norm on batch statistics: the global batch's (sync_batch_norm)
+            clf, PerturbationBudget(0.001, "row_l1"), lam=0.2, mu=1e-3, warmup=2, batch_norm="train", verbose=False
         )
         n = 201 if name == "plain" else 202
         torch.manual_seed(123)
@@ -216,6 +216,8 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
         BitFlipAttack,
         PerturbationBudget,
         PyTorchWeightClassifier,
+        RandomBitFlips,
+        RandomFloatBitFlips,
         RandomWeightPerturbation,
         WeightPerturbationCertifier,
         WeightPGD,
@@ -238,6 +240,18 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     out = {f"pgd/{name}": value for name, value in delta.items()}
     out.update({f"pgd_l2/{name}": value for name, value in l2.generate(x, y).items()})
     out.update(random_accuracies=stats["accuracies"], random_clean=np.array(stats["clean"]))
+    torch.manual_seed(13 + distributed.rank())  # seed=None: the flips must come from rank 0's stream
+    bit_stats = RandomBitFlips(clf, nb_flips=40, bits=[0, 6, 7], nb_samples=3, batch_size=32, verbose=False).evaluate(
+        x, None
+    )  # labels: the quantized model's predictions
+    float_stats = RandomFloatBitFlips(clf, ber=2e-4, nb_samples=3, seed=1, batch_size=32, verbose=False).evaluate(
+        x, y, per_bit=False
+    )
+    for name, values in (("bit_flips", bit_stats), ("float_flips", float_stats)):
+        out[f"{name}/accuracies"], out[f"{name}/nb_flips"] = values["accuracies"], values["nb_flips"]
+        out.update({f"{name}/{key}": np.array(values[key]) for key in ("clean", "quantized") if key in values})
+        for bit, summary in values.get("per_bit", {}).items():
+            out[f"{name}/per_bit/{bit}"] = np.array([summary["mean"], summary["std"]])
     out["flips"] = np.array([str(flip) for flip in flips])
     for method in ("interval", "linear", "paper"):
         certifier = WeightPerturbationCertifier(clf, PerturbationBudget(0.01, "row_l1"), method, 32, verbose=False)
@@ -251,7 +265,7 @@ def _evaluate_all(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _evaluation_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
-    from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, RandomWeightPerturbation
+    from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, RandomBitFlips, RandomWeightPerturbation
 
     torch.set_num_threads(1)
     result = _evaluate_all(x, y)
@@ -263,6 +277,9 @@ def _evaluation_worker(out_path: str, x: np.ndarray, y: np.ndarray) -> None:
         result["mismatch"] = np.array("not detected")
     except ValueError as error:
         result["mismatch"] = np.array(str(error))
+    torch.manual_seed(11 + distributed.rank())  # seed=None: the draws must come from rank 0's stream
+    flips = RandomBitFlips(clf, nb_flips=3, seed=None, verbose=False).generate()
+    result["bit_flips_same"] = np.array(distributed.all_equal([str(flip) for flip in flips]))
     if distributed.is_main_process():
         np.savez(out_path, **result)
 
@@ -283,7 +300,13 @@ def test_two_process_evaluation_equals_single_process_evaluation(evaluation_run,
     single = _evaluate_all(x, y)
     result = evaluation_run
     assert "`x` differs across ranks" in str(result["mismatch"])
+    assert bool(result["bit_flips_same"])  # RandomBitFlips draws rank 0's flips on every rank
     np.testing.assert_array_equal(result["random_accuracies"], single["random_accuracies"])  # exact
+    flip_keys = [k for k in single if k.startswith(("bit_flips/", "float_flips/"))]
+    assert {"bit_flips/quantized", "bit_flips/per_bit/7", "float_flips/clean"} <= set(flip_keys)
+    for key in flip_keys:  # the same draws on every rank, the counts summed: exact
+        np.testing.assert_array_equal(result[key], single[key], err_msg=key)
+    assert float(single["bit_flips/quantized"]) == 1.0 > single["bit_flips/accuracies"].min()  # the flips matter
     assert float(result["random_clean"]) == float(single["random_clean"])
     for key in [k for k in single if k.startswith("pgd")]:  # measured: box 0 (sign steps), ℓ2 3e-8
         np.testing.assert_allclose(result[key], single[key], rtol=0, atol=1e-6, err_msg=key)

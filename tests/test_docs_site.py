@@ -29,7 +29,7 @@ INTERNAL_MODULES = {
     "art_weightpert.flips",
     "art_weightpert.graph",
     "art_weightpert.layers",
-    "art_weightpert.perturbation",  # re-exports budget.WeightPerturbation
+    "art_weightpert.torch_tools",
     "art_weightpert.validation",
 }
 
@@ -43,11 +43,7 @@ def public_modules() -> list[str]:
         if info.ispkg:
             package = importlib.import_module(info.name)
             names.append(info.name)
-            names += [
-                sub.name
-                for sub in pkgutil.walk_packages(package.__path__, info.name + ".")
-                if sub.ispkg
-            ]
+            names += [sub.name for sub in pkgutil.walk_packages(package.__path__, info.name + ".") if sub.ispkg]
         elif info.name not in INTERNAL_MODULES and not info.name.rpartition(".")[2].startswith("_"):
             names.append(info.name)
     return names

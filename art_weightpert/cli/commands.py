@@ -34,13 +34,7 @@ from art_weightpert.cli.launch import run_command
 from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line, process_settings
 from art_weightpert.cli.render import summary_text
 from art_weightpert.cli.render_sections import unavailable_lines
-from art_weightpert.cli.report import (
-    build_report,
-    clean_only_entry,
-    default_eps_grid,
-    evaluate_model,
-    write_report,
-)
+from art_weightpert.cli.report import build_report, clean_only_entry, evaluate_model, write_report
 from art_weightpert.cli.sections import (
     CERTIFY_POINTS,
     QUICK_CERTIFY_POINTS,
@@ -53,6 +47,7 @@ from art_weightpert.data import load_digits_data
 from art_weightpert.estimators import PyTorchWeightClassifier
 from art_weightpert.estimators.quantized import is_quantized_model
 from art_weightpert.loading import check_same_outputs
+from art_weightpert.metrics.summaries import default_eps_grid, module_accuracy, multiples_grid
 from art_weightpert.network import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
@@ -76,7 +71,7 @@ class DemoSettings:
         return {
             "training_eps": f"ε = {r.eps:g}, {r.norm} ball, absolute radii, every weight",
             "hidden": list(r.hidden),
-            **{k: getattr(r, k) for k in ("epochs", "batch_size", "lam", "mu", "kappa", "bound", "warmup")},
+            **{k: getattr(r, k) for k in ("epochs", "batch_size", "lam", "mu", "kappa", "method", "warmup")},
             "pgd_steps": self.pgd_steps,
             "random_samples": self.random_samples,
             "test_points": n_test,
@@ -153,7 +148,7 @@ def run_demo(args: argparse.Namespace) -> int:
     demo = DEMO_QUICK if args.quick else DEMO
     recipe = replace(demo.recipe, seed=args.seed)
     budget = recipe.budget()
-    eps_grid = [float(f"{m * budget.eps:.6g}") for m in demo.eps_multiples]
+    eps_grid = multiples_grid(budget.eps, demo.eps_multiples)
     x_train, y_train, x_test, y_test = load_digits_data()
     x_test, y_test = x_test[: demo.test_points], y_test[: demo.test_points]
     if not args.quiet:
@@ -178,7 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "standard": f"bias-free ReLU MLP 64-{hidden}-10, standard training (ART fit)",
         "robust": f"bias-free ReLU MLP 64-{hidden}-10, WeightRobustTrainer at ε = {recipe.eps:g} ({recipe.norm} "
         f"ball on every weight, the report's budget; λ = {recipe.lam}, μ = {recipe.mu}, κ = {recipe.kappa}, "
-        f"{recipe.bound} bound, λ warm-up {recipe.warmup} epochs)",
+        f"{recipe.method} bound, λ warm-up {recipe.warmup} epochs)",
     }
     models = {
         name: {
@@ -246,9 +241,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         entry = _evaluate_all({"model": classifier}, x, y, budget, eps_grid, methods, args, extras, **options)["model"]
     else:
         eps_grid = sorted(set(args.eps)) if args.eps else [0.0]
-        logits = [inputs.forward(module, x[i : i + 256]) for i in range(0, len(x), 256)]
-        clean = float(np.mean(np.concatenate([t.argmax(1).cpu().numpy() for t in logits]) == y))
-        entry = clean_only_entry(clean, methods, len(eps_grid), unsupported)
+        entry = clean_only_entry(module_accuracy(module, x, y), methods, len(eps_grid), unsupported)
         sections = {"bit_flips": args.bit_flips, "measures": args.measures}
         entry.update({k: {"unavailable": unsupported} for k, on in sections.items() if on})
     entry["description"] = f"`{args.model}` ({loaded.kind}{'; ' + loaded.note if loaded.note else ''})"

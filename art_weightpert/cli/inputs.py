@@ -21,8 +21,9 @@ from torch import nn
 from art_weightpert.budget import PerturbationBudget
 from art_weightpert.cli.parser import DEFAULT_OUT, UsageError
 from art_weightpert.data import load_npz
-from art_weightpert.estimators.weight_classifier import eval_mode
 from art_weightpert.loading import LoadedModel, ModelSpecError, load_model_record
+from art_weightpert.metrics.summaries import parameter_count
+from art_weightpert.torch_tools import eval_mode
 
 
 def check_device(device: str) -> str:
@@ -248,6 +249,6 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
     """Layer types and parameter count of a module, for the report."""
     return {
         "class": type(model).__name__,
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": parameter_count(model),
         "text": " ".join(str(model).split()) if len(str(model)) < 2000 else type(model).__name__,
     }

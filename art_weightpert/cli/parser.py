@@ -6,10 +6,12 @@ library's validators (:mod:`art_weightpert.validation`), and the usage error of 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from art_weightpert import __version__
+from art_weightpert.budget import NORMS
 from art_weightpert.certification import METHODS as BOUND_METHODS
 from art_weightpert.defences.trainer.weight_robust_trainer import WARMUP_EPOCHS
 from art_weightpert.validation import check_int, check_non_negative, check_non_negative_int, check_positive_int
@@ -17,9 +19,18 @@ from art_weightpert.zoo import DIGITS_RECIPE
 
 PROG = "art-weightpert"
 DEFAULT_OUT = "art-weightpert-report"
-NORMS = ("inf", "row_l1", "l2")
 REPORT_METHODS = ("clean", "random", "pgd", *BOUND_METHODS)
 """The methods of a report: clean accuracy, random faults, WeightPGD and every certificate."""
+
+
+class DeprecatedFlag(argparse.Action):
+    """A flag renamed in CHANGELOG.md: it still works, with a warning naming the new flag (the one its ``dest``
+    names)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(f"warning: {option_string} is deprecated, use {new}.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 class UsageError(Exception):
@@ -199,8 +210,10 @@ TRAIN = [
     ("--lam", {"type": non_negative, "default": _R.lam, "help": f"weight λ of the robust term (default {_R.lam})"}),
     ("--mu", {"type": non_negative, "default": _R.mu, "help": f"weight μ of the operator-norm term (default {_R.mu})"}),
     ("--kappa", {"type": non_negative, "default": _R.kappa, "help": f"safety margin κ (default {_R.kappa})"}),
-    ("--bound", {"choices": tuple(BOUND_METHODS), "default": _R.bound,
-                 "help": f"margin bound for η (default {_R.bound})"}),
+    ("--method", {"choices": tuple(BOUND_METHODS), "default": _R.method,
+                  "help": f"bound method of the robust term η (default {_R.method})"}),
+    ("--bound", {"choices": tuple(BOUND_METHODS), "dest": "method", "action": DeprecatedFlag,
+                 "help": argparse.SUPPRESS}),
     ("--warmup", {"type": non_negative_int, "default": None,
                   "help": f"epochs over which λ and ε grow from 0 (default: the trainer's {WARMUP_EPOCHS} on your "
                           f"data, the recipe's {_R.warmup} on the digits data)"}),

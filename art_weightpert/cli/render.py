@@ -28,7 +28,7 @@ SETTING_LABELS = {
     "lam": "λ, weight of the robust loss term",
     "mu": "μ, weight of the operator-norm term",
     "kappa": "κ, safety margin of the robust term",
-    "bound": "margin bound used in training",
+    "method": "margin bound used in training",
     "warmup": "warm-up epochs (λ ramped from 0)",
     "pgd_steps": "WeightPGD steps",
     "random_samples": "random draws per ε (and per number of bit flips)",

@@ -68,7 +68,7 @@ def unavailable_lines(entry: Mapping[str, Any]) -> list[str]:
 
 
 def bound_lines(bound: Mapping[str, Any]) -> list[str]:
-    """The generalization bound of THEORY.md §6 term by term, per layer, rounded, with its verdict."""
+    """The generalization bound of docs/theory.md §6 term by term, per layer, rounded, with its verdict."""
     if "unavailable" in bound:
         return []
     total, certified = bound["total"], bound["total_certified"]
@@ -76,7 +76,7 @@ def bound_lines(bound: Mapping[str, Any]) -> list[str]:
         "",
         "### Generalization bound",
         "",
-        f"The margin bound of docs/theory.md §7 on the test error, with probability ≥ {1 - bound['delta']:.2f} over "
+        f"The margin bound of docs/theory.md §6 on the test error, with probability ≥ {1 - bound['delta']:.2f} over "
         f"the {bound['n_samples']} training points, for every network of the class (ℓ∞ operator norms M_k of the "
         f"trained model, each perturbed within the row-ℓ1 radius ε_k of the report's largest ε = "
         f"{bound['budget_eps']:.4g}). "

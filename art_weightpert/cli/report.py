@@ -5,7 +5,8 @@ written as ``report.json`` (every number), ``report.md`` (tables, :mod:`.render`
 (:mod:`art_weightpert.metrics.plots`).
 
 Every number comes from the library's public functions: :func:`.weight_robustness_curve` (the curves, the random
-faults' statistics, the timings), :func:`.certified_weight_radius` and :func:`.generalization_bound`.
+faults' statistics, the timings), :func:`.certified_weight_radius` (summarized by :func:`.radius_summary`) and
+:func:`.generalization_bound`; the default ε grid is :func:`.default_eps_grid`.
 
 Reading the numbers: for every ε, certified accuracy ≤ true robust accuracy ≤ weight-PGD accuracy ≤ mean
 accuracy under random faults ≤ clean accuracy, up to the attack's strength. The certificate is per sample (every
@@ -34,6 +35,7 @@ from art_weightpert.cli.render import markdown_report
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.metrics import certified_weight_radius, generalization_bound, weight_robustness_curve
 from art_weightpert.metrics.plots import plot_bit_flip_curves, plot_certified_radius_histogram, plot_robustness_curves
+from art_weightpert.metrics.summaries import radius_summary
 from art_weightpert.network import UnsupportedModelError, read_network
 
 SCHEMA_VERSION = 1
@@ -56,25 +58,6 @@ def versions() -> dict[str, str]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
     }
-
-
-def default_eps_grid(model: torch.nn.Module, budget: PerturbationBudget) -> list[float]:
-    """
-    The ε grid used when none is given: 0, 0.2 %, 0.5 %, 1 %, 2 %, 5 % and 10 % of the typical size of the perturbed
-    weights in the budget's norm (mean |W| entry for ``inf``, mean row ℓ1 norm for ``row_l1``, mean Frobenius norm for
-    ``l2``); for a relative budget, those fractions themselves.
-
-    :param model: the unperturbed module.
-    :param budget: the ball (its ε is ignored).
-    :return: the grid, increasing, starting at 0.
-    """
-    fractions = [0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]
-    if budget.relative:
-        return fractions
-    unit = PerturbationBudget(1.0, budget.norm, budget.layers, relative=True)
-    sizes = [float(ball.radius.mean()) for ball in unit.parameter_balls(model, torch.float64) if ball.kind == "weight"]
-    scale = float(np.mean(sizes)) if sizes else 1.0
-    return [float(f"{f * scale:.3g}") for f in fractions]
 
 
 def jsonable(value: Any) -> Any:
@@ -126,7 +109,7 @@ def evaluate_model(
     :param random_samples: draws of :class:`.RandomWeightPerturbation` per ε.
     :param seed: seed of the attacks.
     :param batch_size: samples per forward pass.
-    :param train_data: ``(x_train, y_train)`` for the generalization bound (THEORY.md §6), or ``None``.
+    :param train_data: ``(x_train, y_train)`` for the generalization bound (docs/theory.md §6), or ``None``.
     :param radius_methods: certification methods whose per-sample certified radius is computed (a bisection over
         the radius for most bounds: costly for ``"linear"``, hence not in the default).
     :param progress: called after each unit of work with its description (for a progress bar).
@@ -191,28 +174,12 @@ def clean_only_entry(clean_accuracy: float, methods: Sequence[str], n_eps: int, 
     }
 
 
-def radius_summary(values: np.ndarray) -> dict[str, Any]:
-    """Summary of per-sample certified radii (``inf``: never broken; stored as ``None`` in the values list)."""
-    values = np.asarray(values, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    positive = values[values > 0]
-    return {
-        "mean": float(finite.mean()) if len(finite) else math.nan,
-        "median": float(np.median(values)) if len(values) else math.nan,
-        "median_certified": float(np.median(positive)) if len(positive) else 0.0,
-        "max": float(finite.max()) if len(finite) else math.nan,
-        "fraction_positive": float(np.mean(values > 0)) if len(values) else math.nan,
-        "infinite": int(np.sum(np.isinf(values))),
-        "values": [float(v) if math.isfinite(v) else None for v in values],
-    }
-
-
 def _generalization_bound(classifier, train_data, budget, eps_grid) -> dict[str, Any]:
-    """The generalization bound of THEORY.md §6 at the largest ε of the grid (``{"unavailable": reason}`` when it
+    """The generalization bound of docs/theory.md §6 at the largest ε of the grid (``{"unavailable": reason}`` when it
     cannot be computed)."""
     eps = max(eps_grid)
     try:
-        value = generalization_bound(classifier, *train_data, budget.with_eps(eps))
+        value = generalization_bound(classifier, *train_data, budget.with_eps(eps), method="paper")  # THEORY §6
     except (UnsupportedModelError, NotImplementedError, ValueError) as err:
         return {"unavailable": one_line(err)}
     layers = [layer.name for layer in read_network(classifier.base_model, classifier.input_shape).affine_layers]

@@ -10,13 +10,15 @@ The optional sections of a report, each computed by one public function of the l
   random faults (:func:`.clipping_evaluation`);
 * "Generalization measures" (``--measures``): :func:`.weight_sharpness` (worst and average case, adaptive),
   :func:`.pac_bayes_bound` (σ by :func:`.pac_bayes_sigma`, isotropic and magnitude-aware) and, when the data has a
-  training split, the generalization gap (test minus training error and loss, from the classifier's
-  ``compute_loss`` and predictions).
+  training split, :func:`.generalization_gap` (test minus training error and loss).
+
+The numbers derived from their results (``flips_to_halve``, the numbers of flips) come from
+:mod:`art_weightpert.metrics.summaries` too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +28,9 @@ from art_weightpert.cli.parser import one_line
 from art_weightpert.metrics import bit_flip_curve, pac_bayes_bound, weight_sharpness
 from art_weightpert.metrics.bit_flip_defences import backdoor_evaluation, clipping_evaluation, integrity_evaluation
 from art_weightpert.metrics.bit_flips import float_bit_flip_curve
+from art_weightpert.metrics.summaries import flip_counts, flips_to_halve, generalization_gap
 from art_weightpert.network import UnsupportedModelError
 
-FLIP_STEPS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000)
 ATTACK_BATCH = 128
 """Training points (else test points) the bit-flip attack sees."""
 CERTIFY_POINTS = 200
@@ -62,8 +64,9 @@ class BitFlipSettings:
     backdoor_target: int = 0
 
     def counts(self) -> list[int]:
-        """The numbers of flips of the curve: 1, 2, 5, 10, 20, 50, ... up to and including ``max_flips``."""
-        return sorted({k for k in FLIP_STEPS if k < self.max_flips} | {self.max_flips})
+        """The numbers of flips of the curve (:func:`.flip_counts`): 1, 2, 5, 10, 20, 50, ... up to and including
+        ``max_flips``."""
+        return flip_counts(self.max_flips)
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,6 @@ class MeasureSettings:
     pgd_steps: int = 10
     nb_draws: int = 10
     target_deviation: float = 0.1
-
-
-def flips_to_halve(attack_accuracy: Sequence[float], start: float) -> int | None:
-    """The number of BFA flips after which the attack batch's accuracy (the attack's history) is at most half of
-    ``start``, the quantized model's test accuracy (``None`` when the history never gets there)."""
-    return next((i + 1 for i, a in enumerate(attack_accuracy) if a <= start / 2), None)
 
 
 def bit_flip_section(
@@ -107,7 +104,7 @@ def bit_flip_section(
         "flips": settings.counts(), "x_attack": x_attack, "y_attack": y_attack, "n_bits": settings.n_bits,
         "granularity": settings.granularity, "nb_samples": settings.nb_samples, "seed": seed, "batch_size": batch_size,
     }  # fmt: skip
-    certify = {"certify_method": settings.certify_method, "certify_points": settings.certify_points}
+    certify = {"method": settings.certify_method, "certify_points": settings.certify_points}
     uncertified = None
     try:
         try:
@@ -122,7 +119,7 @@ def bit_flip_section(
     if uncertified is not None:
         curve["certified_unavailable"] = uncertified
     curve["flips_to_halve"] = flips_to_halve(curve["bfa_attack_accuracy"], curve["quantized_accuracy"])
-    curve["attack_points"] = int(min(len(x_attack), ATTACK_BATCH))
+    curve["attack_points"] = len(x_attack)
     if settings.threats:
         curve.update(bit_flip_threats(classifier, x, y, attack_data, settings, seed, batch_size))
     return curve
@@ -197,12 +194,12 @@ def measures_section(
         ("sharpness_worst", lambda: weight_sharpness(classifier, x, y, s.rho_worst, kind="worst", max_iter=s.pgd_steps,
                                                      **common)),
         ("sharpness_average", lambda: weight_sharpness(classifier, x, y, s.rho_average, kind="average",
-                                                       nb_draws=s.nb_draws, **common)),
+                                                       nb_samples=s.nb_draws, **common)),
         ("pac_bayes", lambda: pac_bayes_bound(classifier, x, y, target_deviation=s.target_deviation,
-                                              nb_draws=s.nb_draws, **common)),
+                                              nb_samples=s.nb_draws, **common)),
         ("pac_bayes_magnitude_aware", lambda: pac_bayes_bound(classifier, x, y, magnitude_aware=True,
                                                               target_deviation=s.target_deviation,
-                                                              nb_draws=s.nb_draws, **common)),
+                                                              nb_samples=s.nb_draws, **common)),
     ]  # fmt: skip
     entry: dict[str, Any] = {"on": "training" if on_training_data else "test", "n_samples": int(len(x))}
     entry["settings"] = {"rho_worst": s.rho_worst, "rho_average": s.rho_average, "pgd_steps": s.pgd_steps,
@@ -216,18 +213,3 @@ def measures_section(
             progress(key)
     entry["gap"] = generalization_gap(classifier, data, test_data, batch_size) if on_training_data else None
     return entry
-
-
-def generalization_gap(
-    classifier: Any, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], batch_size: int
-) -> dict[str, float]:
-    """Test minus training error and mean cross-entropy of the unperturbed classifier (ART's ``predict`` and
-    ``compute_loss``)."""
-    values = {}
-    for name, (x, y) in (("train", train), ("test", test)):
-        predictions = classifier.predict(x, batch_size=batch_size).argmax(axis=1)
-        values[f"{name}_error"] = float(np.mean(predictions != y))
-        values[f"{name}_loss"] = float(np.mean(classifier.compute_loss(x, y, reduction="mean")))
-    values["error_gap"] = values["test_error"] - values["train_error"]
-    values["loss_gap"] = values["test_loss"] - values["train_loss"]
-    return values

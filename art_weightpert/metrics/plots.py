@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from art_weightpert.budget import NORM_LABELS
+
 STYLES: dict[str, tuple[str, str, str, str]] = {
     "clean": ("black", "--", "clean", "o"),
     "random": ("tab:blue", "-", "random faults (mean)", "s"),
@@ -29,7 +31,8 @@ STYLES: dict[str, tuple[str, str, str, str]] = {
 }
 """Per method: colour, line style, label and marker."""
 
-BALL_LABELS = {"inf": "box ℓ∞ ball", "row_l1": "row ℓ1 ball", "l2": "Frobenius ℓ2 ball", "mixed": "several balls"}
+BALL_LABELS = {**NORM_LABELS, "mixed": "several balls"}
+"""Per norm of a result, its ball in words (``"mixed"``: a budget with several balls)."""
 HOLLOW = ("clean",)
 """Methods drawn with larger hollow markers, on top: their line often lies on another one."""
 

@@ -1,0 +1,62 @@
+"""
+The torch helpers every layer shares, each written once: a module's training flags kept (:func:`kept_training_flags`)
+or set to eval for a block (:func:`eval_mode`), the private float64 copy a certificate computes on
+(:func:`float64_copy`), a module run with given parameters in place of its own (:func:`run_with_parameters`) and the
+slices of samples in batches (:func:`batch_slices`).
+
+Nothing here reads the package: the layers above (``network``, ``estimators``, ``certification``, ``attacks``,
+``defences``, ``metrics``) call these instead of repeating them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+@contextlib.contextmanager
+def kept_training_flags(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block ``module`` may change modes (``train()``, ``eval()``); on exit, also after an exception, each
+    of its submodules gets back its own training flag (``module.train(flag)`` would set them all alike)."""
+    flags = {m: m.training for m in module.modules()}
+    try:
+        yield module
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block, then each submodule's training flag restored
+    (:func:`kept_training_flags`)."""
+    with kept_training_flags(module):
+        module.eval()
+        yield module
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A private float64 copy of ``module`` (parameters and buffers) whose parameters need no gradient: what the
+    certificates compute on, so that the user's module is never written to."""
+    return copy.deepcopy(module).to(torch.float64).requires_grad_(False)
+
+
+def run_with_parameters(module: nn.Module, parameters: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+    """``module(*args, **kwargs)`` with the tensors of ``parameters`` (keyed as ``module.named_parameters()``, a
+    subset allowed) in place of its own, through ``torch.func.functional_call``: gradients flow to the given
+    tensors, and ``module`` is not modified."""
+    return functional_call(module, dict(parameters), args, kwargs, strict=False)
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    """The slices ``[0, batch_size), [batch_size, 2·batch_size), …`` of ``range(n)``, the last one shorter."""
+    return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
+
+
+__all__ = ["batch_slices", "eval_mode", "float64_copy", "kept_training_flags", "run_with_parameters"]

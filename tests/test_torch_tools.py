@@ -1,0 +1,47 @@
+"""The torch helpers every layer shares (torch_tools)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy, kept_training_flags, run_with_parameters
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.5), nn.Linear(3, 2))
+
+
+def test_training_flags_come_back_per_module_also_after_an_error():
+    model = _model().train()
+    model[1].eval()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+    with pytest.raises(RuntimeError), kept_training_flags(model):
+        model.eval()
+        raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == [True, True, False, True]
+
+
+def test_float64_copy_is_private_and_run_with_parameters_leaves_the_module_alone():
+    model = _model().eval()
+    copy64 = float64_copy(model)
+    assert all(p.dtype == torch.float64 and not p.requires_grad for p in copy64.parameters())
+    with torch.no_grad():
+        copy64[0].weight.add_(1.0)
+    assert not torch.equal(model[0].weight.double(), copy64[0].weight)  # the user's module is untouched
+    x = torch.rand(5, 4)
+    weight = torch.zeros_like(model[0].weight, requires_grad=True)
+    out = run_with_parameters(model, {"0.weight": weight}, x)
+    expected = model[2](torch.zeros(5, 3) + model[0].bias)
+    assert torch.allclose(out, expected)
+    out.sum().backward()
+    assert weight.grad is not None and model[0].weight.grad is None
+
+
+def test_batch_slices():
+    assert [(s.start, s.stop) for s in batch_slices(10, 4)] == [(0, 4), (4, 8), (8, 10)]
+    assert list(batch_slices(0, 4)) == []
