@@ -2,7 +2,8 @@
 The torch helpers every layer shares, each written once: a module's training flags kept (:func:`kept_training_flags`)
 or set to eval for a block (:func:`eval_mode`), the private float64 copy a certificate computes on
 (:func:`float64_copy`), a module run with given parameters in place of its own (:func:`run_with_parameters`) and the
-slices of samples in batches (:func:`batch_slices`).
+slices of samples in batches (:func:`batch_slices`), and a method of some modules replaced for a block
+(:func:`replaced_method`).
 
 Nothing here reads the package: the layers above (``network``, ``estimators``, ``certification``, ``attacks``,
 ``defences``, ``metrics``) call these instead of repeating them.
@@ -12,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -59,4 +61,29 @@ def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
     return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 
-__all__ = ["batch_slices", "eval_mode", "float64_copy", "kept_training_flags", "run_with_parameters"]
+@contextlib.contextmanager
+def replaced_method(modules: Iterable[nn.Module], name: str, function: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, method ``name`` of each of ``modules`` is ``function`` bound to it (an instance attribute);
+    on exit, also after an exception, each module's own attribute is restored or the replacement removed."""
+    modules = list(modules)
+    saved = {m: m.__dict__.get(name) for m in modules}
+    try:
+        for m in modules:
+            setattr(m, name, types.MethodType(function, m))
+        yield
+    finally:
+        for m, own in saved.items():
+            if own is None:
+                delattr(m, name)
+            else:
+                setattr(m, name, own)
+
+
+__all__ = [
+    "batch_slices",
+    "eval_mode",
+    "float64_copy",
+    "kept_training_flags",
+    "replaced_method",
+    "run_with_parameters",
+]

@@ -17,13 +17,13 @@ from art_weightpert.attacks.random_bit_flips import RandomBitFlips
 from art_weightpert.attacks.random_faults import RandomWeightPerturbation
 from art_weightpert.attacks.weight_pgd import WeightPGD
 from art_weightpert.budget import PerturbationBudget
-from art_weightpert.certification.activations import clamped
 from art_weightpert.certification.bit_flip import BitFlipCertifier
 from art_weightpert.certification.bit_flip_enumeration import single_flip_robustness
 from art_weightpert.certification.certifier import WeightPerturbationCertifier
 from art_weightpert.defences.transformer import ActivationClipping, ChannelClippedReLU, clip_activations
-from art_weightpert.layers import UnsupportedModelError
 from art_weightpert.network import read_network
+from art_weightpert.operators import UnsupportedModelError
+from art_weightpert.operators.hardtanh import clamped
 
 
 def _accuracy(clf, x, y) -> float:

@@ -10,10 +10,11 @@ from torch import nn
 
 from art_weightpert import PerturbationBudget
 from art_weightpert.balls import abs_chord
-from art_weightpert.certification.activations import kinked, s_shaped
 from art_weightpert.certification.linear import BACKWARD_RULES
 from art_weightpert.certification.weight_terms import BackwardContext
 from art_weightpert.network import read_network
+from art_weightpert.operators.relu import kinked
+from art_weightpert.operators.s_shaped import s_shaped
 
 NORMS = ["inf", "row_l1", "l2"]
 

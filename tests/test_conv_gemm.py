@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from art_weightpert import conv_gemm
-from art_weightpert.layers import Affine
+from art_weightpert.operators import Affine
 
 # (batch, in channels, out channels, height, width, kernel, stride, padding, dilation, groups)
 CASES = [

@@ -28,7 +28,6 @@ INTERNAL_MODULES = {
     "art_weightpert.conv_gemm",
     "art_weightpert.flips",
     "art_weightpert.graph",
-    "art_weightpert.layers",
     "art_weightpert.torch_tools",
     "art_weightpert.validation",
 }

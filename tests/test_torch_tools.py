@@ -45,3 +45,15 @@ def test_float64_copy_is_private_and_run_with_parameters_leaves_the_module_alone
 def test_batch_slices():
     assert [(s.start, s.stop) for s in batch_slices(10, 4)] == [(0, 4), (4, 8), (8, 10)]
     assert list(batch_slices(0, 4)) == []
+
+
+def test_replaced_method_is_restored_also_after_an_exception():
+    from art_weightpert.torch_tools import replaced_method
+
+    own = nn.Linear(2, 2)
+    own.forward = lambda x: x  # an instance attribute of its own: restored, not removed
+    plain = nn.Linear(2, 2)
+    with pytest.raises(RuntimeError), replaced_method([own, plain], "forward", lambda self, x: 2 * x):
+        assert torch.equal(plain(torch.ones(1, 2)), 2 * torch.ones(1, 2))
+        raise RuntimeError
+    assert "forward" not in plain.__dict__ and own.forward(torch.ones(1, 2)).equal(torch.ones(1, 2))

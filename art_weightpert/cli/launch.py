@@ -96,7 +96,8 @@ def _run(runner: Callable[[argparse.Namespace], int], args: argparse.Namespace) 
         finally:
             shutil.rmtree(errors, ignore_errors=True)
         replacements = {stage: os.path.dirname(final) for final, stage in staging.values() if final}
-        output = _rewrite(open(log, encoding="utf-8").read(), replacements)
+        with open(log, encoding="utf-8") as handle:
+            output = _rewrite(handle.read(), replacements)
         os.remove(log)
         _move_into_place(staging, replacements)
         sys.stdout.write(output)

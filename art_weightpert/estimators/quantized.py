@@ -40,7 +40,7 @@ from art_weightpert.estimators.quantized_layers import (
     TorchAOLinear,
 )
 from art_weightpert.estimators.weight_classifier import eval_mode
-from art_weightpert.layers import UnsupportedModelError
+from art_weightpert.operators import UnsupportedModelError
 
 __all__ = [
     "DEPLOYED_BITS",

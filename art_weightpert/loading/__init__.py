@@ -5,11 +5,11 @@ returns an eager module that weight attacks and certificates can analyse; saved 
 rebuilt as ``torch.fx.GraphModule`` s of standard layers joined by residual additions, with the saved parameter names.
 """
 
-from art_weightpert.layers import UnsupportedModelError
 from art_weightpert.loading.exported import exported_to_eager
 from art_weightpert.loading.loader import LoadedModel, ModelSpecError, load_model, load_model_record
 from art_weightpert.loading.rebuild import check_same_outputs
 from art_weightpert.loading.torchscript import torchscript_to_eager
+from art_weightpert.operators import UnsupportedModelError
 
 __all__ = [
     "LoadedModel",

@@ -19,8 +19,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from art_weightpert.layers import UnsupportedModelError
 from art_weightpert.loading.rebuild import BATCH, GraphBuilder, Param
+from art_weightpert.operators import UnsupportedModelError
 
 
 def is_exported_archive(path: str) -> bool:

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from art_weightpert.layers import UnsupportedModelError
 from art_weightpert.loading.exported import ExportedModule, exported_to_eager, is_exported_archive, load_exported
 from art_weightpert.loading.rebuild import check_same_outputs
 from art_weightpert.loading.torchscript import torchscript_to_eager
+from art_weightpert.operators import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

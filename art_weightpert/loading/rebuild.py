@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from art_weightpert.layers import UnsupportedModelError
+from art_weightpert.operators import UnsupportedModelError
 from art_weightpert.torch_tools import eval_mode
 
 

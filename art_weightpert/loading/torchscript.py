@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.fx
 
-from art_weightpert.layers import UnsupportedModelError
 from art_weightpert.loading.rebuild import BATCH, GraphBuilder, Param
+from art_weightpert.operators import UnsupportedModelError
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,13 @@ before it. The trainer's ``batch_norm`` setting says how the robust term sees it
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from art_weightpert.network import BatchNorm, Network, read_network
-from art_weightpert.torch_tools import kept_training_flags
+from art_weightpert.torch_tools import kept_training_flags, replaced_method
 
 BATCH_NORM_MODES = ("auto", "frozen", "train")
 
@@ -60,18 +59,10 @@ def frozen_batch_norm(model: nn.Module, freeze: bool = True) -> Iterator[None]:
     """
     with kept_training_flags(model):  # restored after the overrides are removed
         modules = batch_norm_modules(model) if freeze else []
-        saved = {m: m.__dict__.get("train") for m in modules}
-        try:
-            for m in modules:
-                m.eval()
-                m.train = types.MethodType(_stays_in_eval, m)
+        for m in modules:
+            m.eval()
+        with replaced_method(modules, "train", _stays_in_eval):
             yield
-        finally:
-            for m, own in saved.items():
-                if own is None:
-                    del m.train
-                else:
-                    m.train = own
 
 
 class TrainingNetwork:

@@ -16,7 +16,6 @@ module for the duration of a ``with`` block and restores it after, also on an ex
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from art_weightpert import distributed
+from art_weightpert.torch_tools import replaced_method
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -55,17 +55,8 @@ def synchronized_batch_norm(model: torch.nn.Module) -> Iterator[None]:
     if not distributed.is_distributed() or not layers:
         yield
         return
-    saved = {m: m.__dict__.get("forward") for m in layers}
-    try:
-        for m in layers:
-            m.forward = types.MethodType(_synchronized_forward, m)
+    with replaced_method(layers, "forward", _synchronized_forward):
         yield
-    finally:
-        for m, forward in saved.items():
-            if forward is None:
-                del m.forward
-            else:
-                m.forward = forward
 
 
 def _momentum(module: torch.nn.modules.batchnorm._BatchNorm) -> float:
