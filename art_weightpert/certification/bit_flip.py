@@ -220,7 +220,7 @@ class BitFlipCertifier(Settings):
     def _refresh(self) -> None:
         """Quantize (or read) the estimator's effective weights into a private float64 copy of the model, when they or
         the settings changed."""
-        key = (self.settings_version, weights_version(self.estimator))  # every setting, every weight
+        key = (self.settings_key(), weights_version(self.estimator))  # every setting, every weight, by value
         if key == self._key:
             return
         effective = effective_estimator(self.estimator)  # W + Δ: the weights the estimator predicts with

@@ -223,7 +223,7 @@ class WeightPerturbationCertifier(Settings):
         resolve the budget on them, when the weights changed since the last call."""
         base = self.estimator.base_model
         carried = self.estimator.current_deltas()
-        key = (self.settings_version, weights_version(self.estimator))  # every setting, every weight
+        key = (self.settings_key(), weights_version(self.estimator))  # every setting, every weight, by value
         if key == self._key:
             return
         with torch.no_grad():

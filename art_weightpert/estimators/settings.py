@@ -54,6 +54,11 @@ class Settings:
         """Incremented by every change of a setting: part of the key of every cache."""
         return self.__dict__.get("_settings_version", 0)
 
+    def settings_key(self) -> tuple:
+        """The key of the settings for a cache: :attr:`settings_version` and the value of every setting as it is now
+        (``repr``), so a setting changed in place (a budget's fields, a list of layers) counts too."""
+        return self.settings_version, repr(self.get_params())
+
     def _setting_names(self) -> list[str]:
         return list(getattr(self, self.params_attribute))
 

@@ -17,7 +17,7 @@ from art.exceptions import EstimatorError
 
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier, WeightPerturbedModule, _init_kwargs
 
-__all__ = ["as_weight_classifier", "effective_estimator", "weights_version", "EffectiveWeights"]
+__all__ = ["as_weight_classifier", "effective_estimator", "weights_version", "EffectiveWeights", "WeightsSnapshot"]
 
 
 def as_weight_classifier(estimator: Any, name: str = "estimator") -> PyTorchWeightClassifier:
@@ -45,14 +45,45 @@ def as_weight_classifier(estimator: Any, name: str = "estimator") -> PyTorchWeig
     )
 
 
-def weights_version(estimator: PyTorchWeightClassifier) -> tuple:
-    """What a cache of results computed on ``estimator`` must be keyed on: the identity and in-place version of every
-    parameter and buffer of its base module and of the perturbation it carries. Training, ``load_state_dict``, an
-    in-place edit or a new carried perturbation all change it."""
-    carried = estimator.current_deltas()
-    base = estimator.base_model
-    tensors = [*base.parameters(), *base.buffers(), *carried.values()]
-    return (id(base), *((t.data_ptr(), t._version) for t in tensors))  # pylint: disable=protected-access
+class WeightsSnapshot:
+    """
+    What a cache of results computed on an estimator is keyed on (:func:`weights_version`): its base module, the
+    values of every parameter and buffer and of the perturbation it carries, and its ART arguments (preprocessing,
+    clip values, ...). Two snapshots are equal only when all of them are: the values are compared exactly, so every
+    change counts, also an in-place edit through ``.data`` (which torch's version counters do not see).
+    """
+
+    def __init__(self, estimator: PyTorchWeightClassifier) -> None:
+        base = estimator.base_model
+        carried = estimator.current_deltas()
+        self._module = id(base)
+        self._names = [name for name, _ in base.named_parameters()] + [name for name, _ in base.named_buffers()]
+        tensors = [*base.parameters(), *base.buffers(), *carried.values()]
+        self._values = [t.detach().clone() for t in tensors]
+        self._carried = list(carried)
+        arguments = estimator.get_params()
+        self._arguments = repr({k: v for k, v in arguments.items() if k not in ("model", "loss", "optimizer")})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightsSnapshot):
+            return NotImplemented
+        return (
+            (self._module, self._names, self._carried, self._arguments)
+            == (other._module, other._names, other._carried, other._arguments)
+            and len(self._values) == len(other._values)
+            and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+                for a, b in zip(self._values, other._values)
+            )
+        )
+
+    __hash__ = None  # compared by value, never hashed
+
+
+def weights_version(estimator: PyTorchWeightClassifier) -> WeightsSnapshot:
+    """What a cache of results computed on ``estimator`` must be keyed on (:class:`WeightsSnapshot`): training,
+    ``load_state_dict``, any in-place edit, a new carried perturbation or new ART arguments all change it."""
+    return WeightsSnapshot(estimator)
 
 
 def effective_estimator(estimator: Any, name: str = "estimator") -> PyTorchWeightClassifier:
@@ -82,7 +113,7 @@ class EffectiveWeights:
 
     def __init__(self, estimator: PyTorchWeightClassifier) -> None:
         self._estimator = estimator
-        self._key: tuple | None = None
+        self._key: WeightsSnapshot | None = None
         self._effective: PyTorchWeightClassifier | None = None
 
     def get(self) -> PyTorchWeightClassifier:

@@ -180,8 +180,8 @@ class _Runner:
 
         if self.seed is not None:
             torch.manual_seed(self.seed)
-        delta = WeightPGD(self.classifier, budget, **self.pgd_kwargs).generate(self.x, self.labels)
-        predictions = _predicted_labels(self.classifier.with_weight_perturbation(delta), self.x, self.batch_size)
+        attacked = WeightPGD(self.classifier, budget, **self.pgd_kwargs).generate_estimator(self.x, self.labels)
+        predictions = _predicted_labels(attacked, self.x, self.batch_size)  # W + Δ + δ: the carried Δ kept
         return float(np.mean(predictions == self.labels)) if len(self.labels) else math.nan
 
     def certified(self, method: str, bound: str, budget: PerturbationBudget) -> float:
