@@ -186,3 +186,34 @@ def test_certificates_through_the_functional_forms_survive_the_attack_and_extrem
     """:func:`assert_sound` on :class:`Functional` (``F.elu``, ``F.softplus``, ``F.silu``, ``F.gelu``)."""
     torch.manual_seed(7)
     assert_sound(Functional().eval(), (6,), PerturbationBudget(1.0, "inf", relative=True, include_bias=True), 7)
+
+
+@pytest.mark.parametrize("beta, threshold", [(5.0, 1.0), (1.0, 5.0), (2.0, 1.0)])
+def test_softplus_lower_line_keeps_the_threshold_gap_in_float64(beta, threshold):
+    """Across torch's switch to ``z`` the lower line drops by ``gap`` computed in float64: a gap rounded to float32
+    (down for β = 5, threshold 1) left the line 2.9e-9 above torch's value on a tiny box, a false certificate."""
+    from art_weightpert.operators.softplus import Softplus
+
+    switch = threshold / beta
+    lo = torch.tensor([switch - 5e-16], dtype=torch.float64)
+    hi = torch.tensor([switch + 5e-16], dtype=torch.float64)
+    (slope, intercept), _ = Softplus("s", beta, threshold).relaxation(lo, hi)
+    z = torch.linspace(float(lo), float(hi), 2001, dtype=torch.float64)
+    assert (slope * z + intercept <= F.softplus(z, beta, threshold) + 1e-15).all()
+
+
+def test_softplus_tiny_box_is_not_certified_falsely():
+    """The end-to-end case of the float32 gap: a margin that is negative inside the ball must not be certified."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 1), nn.Softplus(beta=5.0, threshold=1.0), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[0].weight[:] = 0.2
+        model[0].bias[:] = 0.0
+        model[2].weight[:] = torch.tensor([[1e4], [0.0]])
+        model[2].bias[:] = torch.tensor([-2000.0, 1e-5])
+    classifier = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1,), 2)
+    from art_weightpert import WeightPerturbationCertifier
+
+    certifier = WeightPerturbationCertifier(classifier, PerturbationBudget(3e-9, "inf", layers=["0"]), verbose=False)
+    x, y = np.ones((1, 1), np.float32), np.array([0])
+    assert float(certifier.margin_lower_bounds(x, y)[0, 1]) < 0 and not certifier.certify(x, y)[0]

@@ -75,10 +75,8 @@ class Softplus(ActivationFunction):
             self.exact, lambda z: torch.sigmoid(self.beta * z), lo, hi, _PIECES
         )
         one, zero = torch.ones_like(lo), torch.zeros_like(lo)
-        low = (
-            torch.where(smooth, l_slope, one),
-            torch.where(smooth, l_icpt - torch.where(identity, self.gap, 0.0), zero),
-        )
+        gap = torch.full_like(lo, self.gap)  # in lo's dtype: a Python float in torch.where would round it to float32
+        low = (torch.where(smooth, l_slope, one), torch.where(smooth, l_icpt - torch.where(identity, gap, zero), zero))
         return low, (torch.where(smooth, u_slope, one), torch.where(smooth, u_icpt, zero))
 
     def paper(self, n, d):  # |σ(t)| ≤ |t| + log 2 / β; torch's threshold moves values by at most gap
