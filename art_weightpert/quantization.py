@@ -79,14 +79,11 @@ def effective_quantized_weights(
     grid = QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
     low, high = -(1 << (grid.n_bits - 1)), (1 << (grid.n_bits - 1)) - 1
     codes = {}
-    for name, zero in grid.zero_points.items():
-        value = effective.base_model.get_parameter(name).detach().to(torch.float64)
-        scale = _broadcast(grid.scales[name], value.ndim)
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        ratio = value / safe
+    for name in grid.param_names:
+        ratio = grid.grid_position(name, effective.base_model.get_parameter(name).detach())
         code = torch.round(ratio)
         on_grid = bool(((ratio - code).abs() <= _GRID_TOLERANCE).all())  # float32 rounding of W + Δ: ~1e-5 of a step
-        code = code + _broadcast(zero, value.ndim)
+        code = code + grid.zero_point_like(name).to(code.device)
         if not on_grid or int(code.min()) < low or int(code.max()) > high:
             return QuantizedWeights.from_estimator(effective, n_bits, granularity, layers)
         codes[name] = code.to(torch.int64)
@@ -234,11 +231,23 @@ class QuantizedWeights:
         """The scale of every entry of weight ``name``, broadcastable to its shape (float64)."""
         return _broadcast(self._scales[name], self._codes[name].ndim)
 
+    def zero_point_like(self, name: str) -> torch.Tensor:
+        """The zero point of every entry of weight ``name``, broadcastable to its shape (int64; 0 without one)."""
+        zero = self._zero_points.get(name, torch.zeros((), dtype=torch.int64))
+        return _broadcast(zero, self._codes[name].ndim)
+
+    def grid_position(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """``value / s`` for weight ``name`` (float64 steps of its grid; ``round(·) + z`` is the code), with 0 where
+        the scale is 0 and the value too, and ``inf`` (off every grid) where the scale is 0 but the value is not."""
+        value = value.to(torch.float64)
+        scale = self.scale_like(name).to(value.device)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.where(scale > 0, value / safe, torch.where(value == 0, 0.0, float("inf")))
+
     def value(self, name: str) -> torch.Tensor:
         """``s·(c − z)`` of weight ``name`` in float64 (``s·c`` without zero point)."""
         codes = self._codes[name]
-        if name in self._zero_points:
-            codes = codes - _broadcast(self._zero_points[name], codes.ndim).to(codes.device)
+        codes = codes - self.zero_point_like(name).to(codes.device)
         return codes.to(torch.float64) * self.scale_like(name)
 
     def dequantize(self) -> dict[str, torch.Tensor]:

@@ -285,14 +285,9 @@ class WeightIntegrityDetector:
             w = params[name].detach()
             if name in carried:
                 w = w + carried[name]  # the value the model computes with, in the weight's dtype
-            w = w.to(torch.float64).cpu()
-            scale = self._reference.scale_like(name).expand(shape)
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            ratio = torch.where(scale > 0, w / safe, torch.where(w == 0, 0.0, float("inf")))
+            ratio = self._reference.grid_position(name, w.cpu())
             invalid = ~torch.isfinite(ratio)
-            zero = self._reference.zero_points[name]  # deployed encodings: w = s·(c − z)
-            zero = zero.reshape((-1,) + (1,) * (len(shape) - 1)) if zero.ndim else zero
-            codes = torch.round(torch.where(invalid, 0.0, ratio)) + zero
+            codes = torch.round(torch.where(invalid, 0.0, ratio)) + self._reference.zero_point_like(name)
             invalid |= (codes < low) | (codes > high)
             out[name] = (codes.clamp(low, high).to(torch.int64), invalid)
         return out
