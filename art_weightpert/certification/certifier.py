@@ -200,10 +200,10 @@ class WeightPerturbationCertifier(Settings):
         :param y: labels (wrong clean predictions get 0); ``None``: the predicted classes.
         :return: ``(N,)`` float64 radii.
         """
-        self._refresh()
+        batches = self._prepared_batches(x, y, "certified radius")  # the weights and balls refreshed once, here
         affine = self._method.affine_in_radius(self._network, self._unit_param_balls)
         out = []
-        for x_t, labels, tol, correct in self._prepared_batches(x, y, "certified radius"):
+        for x_t, labels, tol, correct in batches:
             if affine:
                 radius = self._closed_form_radius(x_t, labels, tol)
             else:
@@ -256,8 +256,13 @@ class WeightPerturbationCertifier(Settings):
         """Validated, preprocessed float64 batches: ``(x, labels, tolerance, clean prediction correct)``.
 
         The clean prediction (the estimator's own float32 forward pass, as it predicts) gives the labels when ``y`` is
-        None and the tolerance; without ``predict`` (bounds for given labels) it is skipped and both are ``None``."""
+        None and the tolerance; without ``predict`` (bounds for given labels) it is skipped and both are ``None``. The
+        centre weights and the balls are brought up to date now, before the first batch (:meth:`_refresh`)."""
         self._refresh()
+        return self._batch_stream(x, y, desc, predict)
+
+    def _batch_stream(self, x: np.ndarray, y: np.ndarray | None, desc: str, predict: bool):
+        """The generator behind :meth:`_prepared_batches`."""
         x_t, y_t = self.estimator.prepare_inputs(x, y)
         distributed.check_same_data(np.asarray(x), None if y is None else np.asarray(y), name="x")
         base = self.estimator.base_model
