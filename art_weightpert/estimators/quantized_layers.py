@@ -60,18 +60,31 @@ class DeployedLayer:
     """
     The deployed encoding of a Linear/Conv weight: int8 codes ``c``, scales ``s`` and zero points ``z`` per tensor or
     per output channel (buffers ``weight_scale``, float64, and ``weight_zero_point``, int64), ``w = s·(c − z)``.
-    Subclasses set :attr:`quantizes_activations` and implement :meth:`_deployed` and :meth:`_surrogate`.
+    Subclasses set :attr:`quantizes_activations` (and :attr:`relu` for fused layers) and implement :meth:`_deployed`.
     """
 
     quantizes_activations = False
+    relu = False
     weight: torch.Tensor
     bias: torch.Tensor | None
 
-    def _set_encoding(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
-        """Take the dequantized deployed ``weight`` and its scales and zero points (scalars or per output channel)."""
+    def _set_encoding(
+        self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bias: torch.Tensor | None
+    ) -> None:
+        """Take the dequantized deployed ``weight``, its scales and zero points (scalars or per output channel) and
+        the float ``bias`` (``None``: none)."""
         self.register_buffer("weight_scale", scale.detach().to(torch.float64).clone())
         self.register_buffer("weight_zero_point", zero_point.detach().to(torch.int64).clone())
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
+        """The float layer the gradients go through: the Linear/Conv forward with the current weight, then the fused
+        ReLU where there is one."""
+        float_forward = nn.Conv2d.forward if isinstance(self, nn.Conv2d) else nn.Linear.forward
+        out = float_forward(self, x)
+        return F.relu(out) if self.relu else out
 
     @property
     def per_channel(self) -> bool:
@@ -106,9 +119,6 @@ class DeployedLayer:
     def _deployed(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
 
 class StaticActivations:
     """The activation grids of a statically quantized layer: its input's (recorded from the deployed model), its
@@ -133,19 +143,13 @@ class StaticQuantizedLinear(DeployedLayer, StaticActivations, nn.Linear):
         weight, bias = module.weight(), module.bias()
         nn.Linear.__init__(self, weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         self._set_activations(input_qparams, module, relu)
-        self._set_encoding(weight.dequantize(), *_torch_qparams(weight))
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._set_encoding(weight.dequantize(), *_torch_qparams(weight), bias)
 
     def _deployed(self, x: torch.Tensor) -> torch.Tensor:
         packed = torch.ops.quantized.linear_prepack(self.quantized_weight(), self.float_bias())
         op = torch.ops.quantized.linear_relu if self.relu else torch.ops.quantized.linear
         xq = self._quantize_input(x)
         return op(xq, packed, self.output_scale, self.output_zero_point).dequantize()
-
-    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return F.relu(out) if self.relu else out
 
 
 class DynamicQuantizedLinear(DeployedLayer, nn.Linear):
@@ -159,18 +163,12 @@ class DynamicQuantizedLinear(DeployedLayer, nn.Linear):
         nn.Linear.__init__(self, weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
         self.relu = relu
         self.reduce_range = not (module.version is None or module.version < 4)  # as the module's own forward
-        self._set_encoding(weight.dequantize(), *_torch_qparams(weight))
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._set_encoding(weight.dequantize(), *_torch_qparams(weight), bias)
 
     def _deployed(self, x: torch.Tensor) -> torch.Tensor:
         packed = torch.ops.quantized.linear_prepack(self.quantized_weight(), self.float_bias())
         op = torch.ops.quantized.linear_relu_dynamic if self.relu else torch.ops.quantized.linear_dynamic
         return op(x.float(), packed, reduce_range=self.reduce_range).to(x.dtype)
-
-    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
-        return F.relu(out) if self.relu else out
 
 
 class StaticQuantizedConv2d(DeployedLayer, StaticActivations, nn.Conv2d):
@@ -194,9 +192,7 @@ class StaticQuantizedConv2d(DeployedLayer, StaticActivations, nn.Conv2d):
             device="meta",
         )
         self._set_activations(input_qparams, module, relu)
-        self._set_encoding(weight.dequantize(), *_torch_qparams(weight))
-        if bias is not None:
-            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._set_encoding(weight.dequantize(), *_torch_qparams(weight), bias)
 
     def _deployed(self, x: torch.Tensor) -> torch.Tensor:
         packed = torch.ops.quantized.conv2d_prepack(
@@ -205,10 +201,6 @@ class StaticQuantizedConv2d(DeployedLayer, StaticActivations, nn.Conv2d):
         op = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
         xq = self._quantize_input(x)
         return op(xq, packed, self.output_scale, self.output_zero_point).dequantize()
-
-    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(x, self.weight, self.bias)
-        return F.relu(out) if self.relu else out
 
 
 class TorchAOLinear(DeployedLayer, nn.Linear):
@@ -226,9 +218,7 @@ class TorchAOLinear(DeployedLayer, nn.Linear):
         self.quantizes_activations = weight.act_quant_kwargs is not None
         scale = weight.scale.detach().reshape(-1)
         scale = scale[0] if scale.numel() == 1 else scale
-        self._set_encoding(weight.dequantize(), scale, torch.zeros_like(scale, dtype=torch.int64))
-        if module.bias is not None:
-            self.bias = nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        self._set_encoding(weight.dequantize(), scale, torch.zeros_like(scale, dtype=torch.int64), module.bias)
         self._weight_type = type(weight)
 
     def _deployed(self, x: torch.Tensor) -> torch.Tensor:
@@ -236,9 +226,6 @@ class TorchAOLinear(DeployedLayer, nn.Linear):
         inner["qdata"] = self.codes().to(torch.int8)
         weight = self._weight_type.__tensor_unflatten__(inner, self._meta, None, None)
         return F.linear(x, weight, None if self.bias is None else self.bias.detach())
-
-    def _surrogate(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 def _torch_qparams(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
