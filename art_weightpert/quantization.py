@@ -63,7 +63,11 @@ def check_quantization_args(n_bits: Any, granularity: Any, layers: Any, model: t
 
 
 def effective_quantized_weights(
-    estimator: PyTorchClassifier, n_bits: int = 8, granularity: str = "tensor", layers: Iterable[str] | None = None
+    estimator: PyTorchClassifier,
+    n_bits: int = 8,
+    granularity: str = "tensor",
+    layers: Iterable[str] | None = None,
+    effective: PyTorchWeightClassifier | None = None,
 ) -> QuantizedWeights:
     """
     The quantized weights of ``estimator``'s *effective* weights ``W + Δ`` (:func:`.effective_estimator`), the ones
@@ -71,9 +75,11 @@ def effective_quantized_weights(
     quantization (an estimator from :meth:`QuantizedWeights.apply` or a bit-flip attack's ``generate_estimator``), its
     codes on that grid, so that the encoding is exactly the one the estimator predicts with; otherwise ``W + Δ``
     quantized afresh (:meth:`QuantizedWeights.from_estimator`).
+
+    :param effective: ``effective_estimator(estimator)`` when the caller has it already (``None``: computed here).
     """
     estimator = as_weight_classifier(estimator)
-    effective = effective_estimator(estimator)
+    effective = effective_estimator(estimator) if effective is None else effective
     if effective is estimator:
         return QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)
     grid = QuantizedWeights.from_estimator(estimator, n_bits, granularity, layers)

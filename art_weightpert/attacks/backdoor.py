@@ -242,7 +242,7 @@ class BitFlipBackdoor(BitFlipAttackBase):
         low, high = clip_bounds(est.clip_values, x_t)
         if self.encoding == "float":
             return self._one_flip(x_t, labels, final, sizes[0], low, high)
-        quantized = effective_quantized_weights(self.estimator, self.n_bits, "tensor", self.layers)
+        quantized = effective_quantized_weights(self.estimator, self.n_bits, "tensor", self.layers, est)
         search = TrojanBitSearch(VictimModel(est, final), quantized, int(self.target), self.batch_size)
         unflipped = search.deltas(quantized)
         if labels is None:

@@ -114,7 +114,9 @@ class BitFlipAttack(BitSearchAttack):
             target class of every input, or one class (an int) for all.
         :return: the flipped bits in the order found (at most ``max_flips``).
         """
-        self.quantized_ = effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
+        self.quantized_ = effective_quantized_weights(
+            self.estimator, self.n_bits, self.granularity, self.layers, self._target
+        )
         return self._search(x, y, self.quantized_)[0]
 
     def generate_estimator(self, x: np.ndarray, y: np.ndarray | int | None = None, **kwargs: Any):

@@ -102,7 +102,7 @@ class RandomBitFlips(RandomFlipsBase):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _encode(self) -> QuantizedWeights:
-        return effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
+        return effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers, self._target)
 
     def _make_flip(self, name: str, index: tuple[int, ...], bit: int) -> BitFlip:
         return BitFlip(name, index, bit)

@@ -225,7 +225,9 @@ class BitFlipCertifier(Settings):
             return
         effective = effective_estimator(self.estimator)  # W + Δ: the weights the estimator predicts with
         if self.encoding == "int":
-            quantized = effective_quantized_weights(self.estimator, self.n_bits, self.granularity, self.layers)
+            quantized = effective_quantized_weights(
+                self.estimator, self.n_bits, self.granularity, self.layers, effective
+            )
         else:
             quantized = encode_weights(effective, self.encoding, self.n_bits, self.granularity, self.layers, self._bits)
         model64 = float64_copy(effective.base_model)
