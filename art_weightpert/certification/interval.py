@@ -141,13 +141,18 @@ def interval_preactivation_bounds(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     known: Mapping[int, torch.Tensor] | None = None,
+    splits: Mapping[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
 ) -> Boxes:
     """Boxes of the values of ``network`` (index 0: its input; index ``i + 1``: the output of ``network.layers[i]``,
     for every layer but the last; on a chain, index ``i`` is the input of ``network.layers[i]``). A box ``(lo, hi)``
     with ``lo is hi`` is an exact value (it depends on no perturbed weight). Residual additions add boxes
     (docs/theory.md §9). ``scale``: optional per-sample radius factors ``(N,)``; ``cache``: an optional
     :class:`.BoundCache`; ``known``: centres of :class:`.CentredBox` values already computed for these samples (by
-    value index: they do not depend on the radius, so a radius search computes them once)."""
+    value index: they do not depend on the radius, so a radius search computes them once); ``splits``: per value
+    index, ``(floor, ceiling)`` tensors (or ``None``) of the value's shape ``(N, ...)`` that its box is clipped to
+    before later layers read it (branch and bound, docs/theory.md §11: on a branch where a ReLU's input is known to be
+    ``≥ 0`` the floor is 0; the boxes are then sound for that branch's subset of the ball only). An exact value is
+    never clipped."""
     param_balls = by_param_name(param_balls)
     boxes = [(x, x)]
     nonnegative = nonnegative_values(network)
@@ -163,8 +168,18 @@ def interval_preactivation_bounds(
             box = (out, out)
         else:
             box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
+        if splits and len(boxes) in splits and box[0] is not box[1]:
+            box = clip_box(box, *splits[len(boxes)])
         boxes.append(box)
     return boxes
+
+
+def clip_box(box: tuple[torch.Tensor, torch.Tensor], floor: torch.Tensor | None, ceiling: torch.Tensor | None):
+    """``box`` intersected with ``[floor, ceiling]`` (``None``: no limit on that side)."""
+    lo, hi = box
+    lo = lo if floor is None else torch.maximum(lo, floor)
+    hi = hi if ceiling is None else torch.minimum(hi, ceiling)
+    return lo, hi
 
 
 def clean_centres(clean_values: Mapping[int, torch.Tensor] | None, dtype: torch.dtype) -> dict[int, torch.Tensor]:

@@ -78,18 +78,23 @@ def backward_margin_bounds(
     *,
     boxes: Boxes | None = None,
     classes: torch.Tensor | None = None,
+    lower_slopes: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     The backward linear bound alone (docs/theory.md §4b), without the maximum with the interval bound.
 
-    Parameters and return value as :func:`linear_margin_bounds`.
+    Parameters and return value as :func:`linear_margin_bounds`; ``lower_slopes``: optimized lower slopes of the
+    activations (:attr:`.BackwardContext.lower_slopes`, α-CROWN, §11), ``(N, J) + value shape`` by activation name,
+    ``J`` the specification rows (``classes``' columns, or ``K − 1`` without them); the batch is then one chunk.
     """
     param_balls = by_param_name(param_balls)
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
-    chunked = _in_chunks_if_large(
-        backward_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
-    )
+    chunked = None
+    if lower_slopes is None:
+        chunked = _in_chunks_if_large(
+            backward_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
+        )
     if chunked is not None:
         return chunked
     nb_classes = network.layers[-1].module.out_features
@@ -98,9 +103,11 @@ def backward_margin_bounds(
         boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
     if classes is None:  # every class but the label (its row e_y − e_y is zero; +inf there): 1/K less work
         others = other_classes(labels, nb_classes)
-        rows = backward_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others)
+        rows = backward_margin_bounds(
+            network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others, lower_slopes=lower_slopes
+        )
         return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
-    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes, cache)
+    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes, cache, lower_slopes)
 
 
 CHUNK_BYTES = 4 * 2**20
@@ -157,14 +164,29 @@ def _backward_chunk(
     boxes: Boxes,
     classes: torch.Tensor,
     cache: BoundCache | None,
+    lower_slopes: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The backward pass of :func:`backward_margin_bounds` on one chunk of samples: ``(N, J)``."""
     nb_classes = params[network.layers[-1].weight_name].shape[0]
     a = margin_matrix(labels, nb_classes, x.dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
-    pending = {len(network.layers): a}  # value -> coefficients on it, (N, J) + the value's shape
+    ctx = BackwardContext(params, param_balls, scale, cache, lower_slopes)
+    return backward_from(network, len(network.layers), a, x, boxes, ctx)
+
+
+def backward_from(
+    network: Network, value: int, a: torch.Tensor, x: torch.Tensor, boxes: Boxes, ctx: BackwardContext
+) -> torch.Tensor:
+    """
+    A lower bound of ``a · v`` over the ball, ``v`` the network's value ``value`` (indexed as
+    :func:`.interval_preactivation_bounds`; ``len(network.layers)``: the logits), by the backward pass of §4b from
+    that value to the input: ``(N, J)`` for coefficients ``a`` ``(N, J) + value shape``. The margins' bound starts at
+    the logits with the specification rows; an intermediate value's box (α-CROWN's and branch and bound's
+    intermediate bounds, docs/theory.md §11) starts there with ``±`` the identity. ``boxes`` must hold the values
+    before ``value``; ``ctx`` carries the parameters, balls, radius factors, cache and optimized lower slopes.
+    """
+    pending = {value: a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
-    ctx = BackwardContext(params, param_balls, scale, cache)
-    for index in range(len(network.layers) - 1, -1, -1):  # reverse topological order (docs/theory.md §9)
+    for index in range(value - 1, -1, -1):  # reverse topological order (docs/theory.md §9)
         a = pending.pop(index + 1, None)
         if a is None:
             continue

@@ -37,6 +37,9 @@ class BackwardContext:
     param_balls: dict[str, ParameterBall]
     scale: torch.Tensor | None = None
     cache: BoundCache | None = None
+    lower_slopes: dict[str, torch.Tensor] | None = None
+    """Optimized lower slopes (α-CROWN, docs/theory.md §11) by activation name: ``(N, J) + value shape`` in
+    ``[0, 1]``, read by :meth:`.Activation.backward` through :meth:`.ActivationFunction.optimizable_lower`."""
 
     def radius(self, target: ParameterBall, dtype: torch.dtype) -> torch.Tensor:
         """The ball's :meth:`.Ball.compact_radius` in ``dtype``, from the cache (:func:`.compact_radius`)."""
@@ -44,7 +47,12 @@ class BackwardContext:
 
     def rows(self, samples: slice) -> BackwardContext:
         """The context of the samples ``samples`` (their radius factors)."""
-        return replace(self, scale=None if self.scale is None else self.scale[samples])
+        slopes = self.lower_slopes
+        return replace(
+            self,
+            scale=None if self.scale is None else self.scale[samples],
+            lower_slopes=None if slopes is None else {k: v[samples] for k, v in slopes.items()},
+        )
 
 
 KERNEL_CHUNK_BYTES = 2 * 2**20

@@ -81,6 +81,13 @@ class ActivationFunction:
         """``(lower line, upper line)`` enclosing the activation on ``[lo, hi]`` element-wise (§5)."""
         raise NotImplementedError
 
+    def optimizable_lower(self, lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor | None:
+        """The slope of the lower line through the origin picked by the free parameters ``alpha`` ``(N, J) + value
+        shape`` in ``[0, 1]`` (α-CROWN, docs/theory.md §11): every value gives a sound line on ``[lo, hi]`` (``lo, hi``
+        of shape ``(N,) + value shape``; exact where the box is stable); ``None`` when the activation's lower line has
+        no free parameter."""
+        return None
+
     @missing_rule
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Formula B's step (§3.3): bounds of ``‖σ(ĥ)‖_∞`` and ``‖σ(ĥ) − σ(h)‖_∞`` from ``N`` and ``D``."""
@@ -146,6 +153,11 @@ class Activation(Operator):
         constant)``. One select of the slopes by the sign of ``λ`` and one product (fewer roundings than
         ``λ·u + λ⁺·(l − u)``); a constant only from the lines with a non-zero intercept."""
         (l_slope, l_icpt), (u_slope, u_icpt) = self.function.relaxation(lo, hi)
+        alpha = None if ctx is None or not getattr(ctx, "lower_slopes", None) else ctx.lower_slopes.get(self.name)
+        optimized = None if alpha is None else self.function.optimizable_lower(lo, hi, alpha)
+        if optimized is not None:  # per specification row: (N, J) + value shape, through the origin
+            a_in = torch.where(a >= 0, optimized, u_slope.unsqueeze(1)) * a
+            return a_in, batched_dot(a.clamp_max(0), u_icpt)
         positive = a >= 0
         a_in = torch.where(positive, l_slope.unsqueeze(1), u_slope.unsqueeze(1))
         a_in = a_in * a if a.requires_grad or a_in.requires_grad else a_in.mul_(a)  # in place: one pass fewer

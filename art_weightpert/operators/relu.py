@@ -35,6 +35,15 @@ def kinked(lo: torch.Tensor, hi: torch.Tensor, slope: float) -> tuple[Line, Line
     return exact(low), exact(up)
 
 
+def optimizable_kinked(lo: torch.Tensor, hi: torch.Tensor, alpha: torch.Tensor, slope: float) -> torch.Tensor:
+    """The lower slope of a convex kinked activation (``slope ≤ 1``) picked by ``alpha`` ``(N, J) + value shape`` in
+    ``[0, 1]``: ``slope + α (1 − slope)`` on a crossing box (any line through the origin with a slope in ``[slope, 1]``
+    is below), the exact slope on a stable one."""
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+    free = slope + alpha.clamp(0.0, 1.0) * (1.0 - slope)
+    return torch.where(lo >= 0, torch.ones_like(free), torch.where(hi <= 0, torch.full_like(free, slope), free))
+
+
 class ReLU(MonotoneActivation):
     """``max(z, 0)``: |σ(t)| ≤ |t|, 1-Lipschitz (formula B as stated)."""
 
@@ -54,6 +63,9 @@ class ReLU(MonotoneActivation):
 
     def relaxation(self, lo, hi):
         return kinked(lo, hi, 0.0)
+
+    def optimizable_lower(self, lo, hi, alpha):
+        return optimizable_kinked(lo, hi, alpha, 0.0)
 
     def paper(self, n, d):
         return n, d
@@ -92,6 +104,9 @@ class LeakyReLU(MonotoneActivation):
 
     def relaxation(self, lo, hi):
         return kinked(lo, hi, self.negative_slope)
+
+    def optimizable_lower(self, lo, hi, alpha):
+        return optimizable_kinked(lo, hi, alpha, self.negative_slope) if self.negative_slope <= 1 else None
 
     def paper(self, n, d):
         return n * self.lipschitz, d * self.lipschitz
