@@ -24,6 +24,7 @@ import torch
 from art_weightpert.operators.affine import Affine
 from art_weightpert.operators.affine_view import AffineBackward
 from art_weightpert.operators.tensors import abs_chord
+from art_weightpert.rounding import norm_up
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -382,12 +383,13 @@ class L2Ball(Ball):
     def linear_term(self, view, radius):
         # −ε ‖G‖_F. Linear: ‖G‖_F = ‖λ‖_2 ‖ĥ‖_2 ≤ ‖λ‖_2 ‖m‖_2; convolution: |G| ≤ |G_c| + G_r entry-wise.
         if not view.layer.is_conv:
-            return LinearTerm(None, -radius * view.coefficients.norm(dim=2) * view.magnitude.norm(dim=1, keepdim=True))
+            coefficients, magnitude = norm_up(view.coefficients, 2), norm_up(view.magnitude, 1, keepdim=True)
+            return LinearTerm(None, -radius * coefficients * magnitude)
         centre, spread = view.gradient_box()
-        return LinearTerm(None, -radius * (centre.abs() + spread).flatten(2).norm(dim=2))
+        return LinearTerm(None, -radius * norm_up((centre.abs() + spread).flatten(2), 2))
 
     def support(self, g, radius, shape):
-        return radius * g.flatten(g.dim() - len(shape)).norm(dim=-1)  # ε ‖g‖_F
+        return radius * norm_up(g.flatten(g.dim() - len(shape)), -1)  # ε ‖g‖_F (norm_up: squares that underflow)
 
     def row_l1_radius(self, radius, shape):
         fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else 1

@@ -7,7 +7,9 @@ float32 forward pass of the same batch measured in the same process (median of r
 ratio beside them. Prints one JSON object.
 
 Usage: ``python benchmarks/bench_certify.py [--repeats 5] [--batch 1024] [--threads 2] [--methods paper interval]
-[--balls inf row_l1] [--models mlp cnn]`` (progress on stderr, the JSON on stdout).
+[--balls inf row_l1] [--models mlp cnn] [--dtype float64|float32|float32-rounding]`` (float32: the bound functions
+called directly, plain or with the rounding terms of docs/theory.md §5; float64: through the certifier); progress on
+stderr, the JSON on stdout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
 from art_weightpert.certification import METHODS
+from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.interval import interval_margin_bounds
+from art_weightpert.certification.linear import linear_margin_bounds
+from art_weightpert.certification.paper import paper_margin_bounds
+from art_weightpert.network import read_network
 
 
 def mlp() -> nn.Module:
@@ -76,6 +83,7 @@ def bench_model(
     repeats: int,
     methods: list[str],
     balls: list[str],
+    dtype: str = "float64",
 ) -> dict:
     model.eval()
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), input_shape, 10)
@@ -88,21 +96,45 @@ def bench_model(
         forward32 = median_time(lambda: model(x_t), repeats)
         forward64 = median_time(lambda: model64(x64), repeats)
     out = {
+        "dtype": dtype,
         "forward_float32_s": forward32,
         "forward_float64_ratio": forward64 / forward32,
         "margin_lower_bounds_ratio": {},
         "margin_lower_bounds_s": {},
     }
+    network = read_network(model, input_shape)
     for method in methods:
         for ball, budget in budgets().items():
             if ball not in balls:
                 continue
-            certifier = WeightPerturbationCertifier(clf, budget, method=method, batch_size=batch, verbose=False)
-            seconds = median_time(lambda c=certifier: c.margin_lower_bounds(x, y), repeats)
+            if dtype == "float64":  # the certifier's own path
+                certifier = WeightPerturbationCertifier(clf, budget, method=method, batch_size=batch, verbose=False)
+                fn = lambda c=certifier: c.margin_lower_bounds(x, y)  # noqa: E731
+            else:  # the bound function in float32, plain or with the rounding terms of docs/theory.md §5
+                fn = _float32_bound(network, model, budget, method, x_t, torch.as_tensor(y), dtype)
+            seconds = median_time(fn, repeats)
             out["margin_lower_bounds_s"][f"{method}/{ball}"] = seconds
             out["margin_lower_bounds_ratio"][f"{method}/{ball}"] = seconds / forward32
             print(f"{name} {method}/{ball}: {seconds:.4f} s = {seconds / forward32:.2f} x", file=sys.stderr, flush=True)
     return out
+
+
+DTYPES = ("float64", "float32", "float32-rounding")
+BOUNDS = {"paper": paper_margin_bounds, "interval": interval_margin_bounds, "linear": linear_margin_bounds}
+
+
+def _float32_bound(network, model: nn.Module, budget: PerturbationBudget, method: str, x, y, dtype: str):
+    """A call of ``method``'s bound function in float32 (``dtype`` ``"float32-rounding"``: with ``rounding=True``)
+    on the whole batch, with a cache of the per-layer constants as the certifier keeps one."""
+    balls = budget.parameter_balls(model, torch.float32)
+    cache = BoundCache()
+    rounding = dtype == "float32-rounding"
+
+    def bound():
+        with torch.no_grad():
+            return BOUNDS[method](network, balls, x, y, torch.float32, None, cache, rounding=rounding)
+
+    return bound
 
 
 def _double(model: nn.Module) -> nn.Module:
@@ -119,6 +151,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="methods to time (default: every registered one)")
     parser.add_argument("--balls", nargs="*", default=list(budgets()), help=f"balls to time, among {list(budgets())}")
     parser.add_argument("--models", nargs="*", default=["mlp", "cnn"], help="models to time: mlp, cnn")
+    parser.add_argument("--dtype", choices=DTYPES, default="float64", help="arithmetic of the timed bounds")
     args = parser.parse_args()
     methods = list(METHODS) if args.methods is None else args.methods
     if args.threads:
@@ -139,7 +172,10 @@ def main() -> None:
     specs = {"mlp": ("mlp_784_512_512_10", mlp, (784,)), "cnn": ("cnn_1x28x28", cnn, (1, 28, 28))}
     for key in args.models:
         label, factory, shape = specs[key]
-        result["models"][label] = bench_model(key, factory(), shape, args.batch, args.repeats, methods, args.balls)
+        model = factory()
+        result["models"][label] = bench_model(
+            key, model, shape, args.batch, args.repeats, methods, args.balls, args.dtype
+        )
     print(json.dumps(result, indent=2))
 
 

@@ -14,13 +14,16 @@ Benchmark of the certificates on residual networks (issue 11, docs/theory.md §9
    attack margins below the linear lower bound (must be 0).
 
 Run: ``taskset -c 1 python benchmarks/bench_residual.py [--points 200] [--threads 1] [--repeats 5]
-[--digits-samples 200] [--resnet18-samples 2] [--skip-resnet18] [--skip-tightness]``; prints one JSON line per row
-(with the load average), then markdown tables. ResNet-18's linear bound takes seconds per sample: it is timed once.
+[--digits-samples 200] [--resnet18-samples 2] [--skip-resnet18] [--skip-tightness]
+[--dtype float64|float32|float32-rounding]`` (the cost table's arithmetic; float32-rounding: sound float32,
+docs/theory.md §5); prints one JSON line per row (with the load average), then markdown tables. ResNet-18's linear
+bound takes seconds per sample: it is timed once.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -34,6 +37,8 @@ from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPe
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
 from art_weightpert.certification import METHODS
 from art_weightpert.certification.common import BoundCache
+from art_weightpert.certification.interval import interval_margin_bounds
+from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.data import load_digits_data
 from art_weightpert.network import read_network
 from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resnet
@@ -52,28 +57,54 @@ def top_entries(fn, k: int = 6) -> list[str]:
     return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top]
 
 
-def cost(name: str, model: nn.Module, shape: tuple[int, ...], n: int, repeats: int, bound_repeats: int) -> dict:
-    """Time per sample of each bound method (float64, absolute box 1e-5 on every weight) as a ratio to a float32
-    forward pass of the same batch (and of a float64 forward, the arithmetic the bounds run in); process CPU times,
-    minimum over the repeats."""
+DTYPES = ("float64", "float32", "float32-rounding")
+"""``--dtype`` choices: the bounds in float64 (the certificates' default, through the registry), in plain float32 (the
+trainer's arithmetic, not sound for the exact network) or in float32 with the rounding terms of docs/theory.md §5."""
+
+BOUNDS = {"interval": interval_margin_bounds, "linear": linear_margin_bounds}
+
+
+def cost(
+    name: str,
+    model: nn.Module,
+    shape: tuple[int, ...],
+    n: int,
+    repeats: int,
+    bound_repeats: int,
+    dtype: str = "float64",
+) -> dict:
+    """Time per sample of each bound method (``dtype``, absolute box 1e-5 on every weight) as a ratio to a float32
+    forward pass of the same batch (and of a float64 forward); process CPU times, minimum over the repeats."""
     model = model.eval()
     x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         forward = _best(lambda: model(x), max(repeats, 20)) / n
         labels = model(x).argmax(dim=1)
     model64 = _float64_copy(model)
-    network = read_network(model64, shape)
-    balls = PerturbationBudget(1e-5, "inf").parameter_balls(model64, torch.float64)
     x64 = x.double()
     with torch.no_grad():
         forward64 = _best(lambda: model64(x64), max(repeats, 20)) / n
-    row = {"model": name, "samples": n, "forward_ms": 1e3 * forward, "forward64_ratio": forward64 / forward}
+    torch_dtype = torch.float64 if dtype == "float64" else torch.float32
+    bound_model = model64 if dtype == "float64" else copy.deepcopy(model).float().requires_grad_(False)
+    network = read_network(bound_model, shape)
+    balls = PerturbationBudget(1e-5, "inf").parameter_balls(bound_model, torch_dtype)
+    xb = x.to(torch_dtype)
+    row = {
+        "model": name,
+        "dtype": dtype,
+        "samples": n,
+        "forward_ms": 1e3 * forward,
+        "forward64_ratio": forward64 / forward,
+    }
     for method in ("interval", "linear"):
         cache = BoundCache()
 
         def bound(method=method, cache=cache):
             with torch.no_grad():
-                return METHODS[method].bounds(network, balls, x64, labels, cache=cache)
+                if dtype == "float64":
+                    return METHODS[method].bounds(network, balls, xb, labels, cache=cache)
+                rounding = dtype == "float32-rounding"
+                return BOUNDS[method](network, balls, xb, labels, torch_dtype, None, cache, rounding=rounding)
 
         per_sample = _best(bound, repeats if method == "interval" else bound_repeats) / n
         row[f"{method}_ms"] = 1e3 * per_sample
@@ -92,8 +123,6 @@ def _warmed_state(model: nn.Module, x: np.ndarray) -> dict:
 
 
 def _float64_copy(model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).double().requires_grad_(False)
 
 
@@ -124,6 +153,7 @@ def main() -> None:
     parser.add_argument("--resnet18-samples", type=int, default=2)
     parser.add_argument("--skip-resnet18", action="store_true")
     parser.add_argument("--skip-tightness", action="store_true", help="only the cost table (trains nothing)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float64", help="arithmetic of the timed bounds")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_digits_data(flatten=False)
@@ -135,10 +165,13 @@ def main() -> None:
         clf = train_digits_resnet(x_train, y_train)
         print(json.dumps({"digits_resnet_training_s": time.perf_counter() - start}), flush=True)
         digits_model = clf.base_model
-    costs = [cost("digits ResNet (1x8x8)", digits_model, (1, 8, 8), args.digits_samples, args.repeats, args.repeats)]
+    digits = ("digits ResNet (1x8x8)", digits_model, (1, 8, 8), args.digits_samples, args.repeats, args.repeats)
+    costs = [cost(*digits, dtype=args.dtype)]
     if not args.skip_resnet18:
         resnet18 = resnet18_cifar()
-        costs.append(cost("ResNet-18 (3x32x32)", resnet18, (3, 32, 32), args.resnet18_samples, args.repeats, 1))
+        costs.append(
+            cost("ResNet-18 (3x32x32)", resnet18, (3, 32, 32), args.resnet18_samples, args.repeats, 1, args.dtype)
+        )
     for row in costs:
         print(json.dumps(row), flush=True)
     rows = []
@@ -147,12 +180,13 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row), flush=True)
     print(
-        "\n| model | forward (ms/sample) | float64 forward | interval (ms/sample, × fwd) | linear (ms/sample, × fwd) |"
+        "\n| model | bounds in | forward (ms/sample) | float64 forward | interval (ms/sample, × fwd) "
+        "| linear (ms/sample, × fwd) |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in costs:
         print(
-            f"| {r['model']} | {r['forward_ms']:.4f} | {r['forward64_ratio']:.1f}× "
+            f"| {r['model']} | {r['dtype']} | {r['forward_ms']:.4f} | {r['forward64_ratio']:.1f}× "
             f"| {r['interval_ms']:.3f} ({r['interval_ratio']:.1f}×) "
             f"| {r['linear_ms']:.2f} ({r['linear_ratio']:.0f}×) |"
         )

@@ -17,6 +17,7 @@ import torch
 
 from art_weightpert.budget import ParameterBall
 from art_weightpert.operators.tensors import batched_dot, flatten_specs, sample_factors, sum_features
+from art_weightpert.rounding import up_cast
 
 __all__ = [  # the contractions of the operators' rules are shared with the bounds from here
     "BoundCache",
@@ -155,8 +156,14 @@ def cached(cache: BoundCache | None, label: str, tensors: Iterable[torch.Tensor]
     return compute() if cache is None else cache.get(label, tensors, compute)
 
 
-def compact_radius(target: ParameterBall, dtype: torch.dtype, cache: BoundCache | None) -> torch.Tensor:
+def compact_radius(
+    target: ParameterBall, dtype: torch.dtype, cache: BoundCache | None, rounding: bool = False
+) -> torch.Tensor:
     """The parameter ball's :meth:`.Ball.compact_radius` in ``dtype``, memoized in ``cache`` (one entry shared by every
-    bound)."""
+    bound). ``rounding``: a cast to a narrower dtype rounds the radius up, so that the ball is not shrunk
+    (docs/theory.md §5)."""
+    if rounding:
+        compact = lambda: target.ball.compact_radius(up_cast(target.radius, dtype))  # noqa: E731
+        return cached(cache, f"compact_radius/{dtype}/up", (target.radius,), compact)
     compact = lambda: target.ball.compact_radius(target.radius.to(dtype))  # noqa: E731
     return cached(cache, f"compact_radius/{dtype}", (target.radius,), compact)

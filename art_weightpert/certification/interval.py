@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import (
@@ -32,8 +33,19 @@ from art_weightpert.certification.common import (
     fill_label,
     sample_factors,
 )
-from art_weightpert.network import Affine, Network
+from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 from art_weightpert.operators import rule_table
+from art_weightpert.rounding import (
+    ROUNDING_SLACK,
+    error_factor,
+    gamma,
+    magnitude,
+    round_down,
+    smallest_subnormal,
+    unit_roundoff,
+    up_cast,
+    widen,
+)
 
 INTERVAL_RULES = rule_table("interval")
 """The box rule of every operator (:meth:`.Operator.interval`), by operator class; the affine layer's is
@@ -48,21 +60,24 @@ def perturbation_radius(
     scale: torch.Tensor | None = None,
     cache: BoundCache | None = None,
     include_weight: bool = True,
+    rounding: bool = False,
 ) -> torch.Tensor | float:
     """``P(m) + β``: bound on ``|Δ ĥ + Δb|`` at the output of ``layer`` for ``|ĥ| ≤ m`` (0 if not perturbed).
 
     :param scale: optional per-sample factors ``(N,)`` applied to every radius (the bound is linear in the radii).
     :param cache: optional :class:`.BoundCache` (of the compact radius).
     :param include_weight: ``False``: the bias term ``β`` only.
+    :param rounding: radii cast to a narrower ``dtype`` are rounded up (docs/theory.md §5).
     """
     out: torch.Tensor | float = 0.0
     wt = param_balls.get(layer.weight_name)
     if wt is not None and include_weight:
-        radius = compact_radius(wt, dtype, cache)
+        radius = compact_radius(wt, dtype, cache, rounding)
         out = wt.ball.interval_term(layer, m, radius)
     bt = param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
-        beta = bt.ball.entry_bound(bt.radius.to(dtype), layer.module.bias.shape)
+        bias_radius = up_cast(bt.radius, dtype) if rounding else bt.radius.to(dtype)
+        beta = bt.ball.entry_bound(bias_radius, layer.module.bias.shape)
         out = out + layer.rows_shape(beta)
     if scale is not None and not isinstance(out, float):
         out = out * sample_factors(scale, out.dim())
@@ -133,6 +148,159 @@ def affine_interval(
     return center - radius, center + radius
 
 
+def fan_in(layer: Affine, weight: torch.Tensor) -> int:
+    """``n``: the length of one output's dot product (``C_in·k_h·k_w / groups`` for a convolution)."""
+    return weight[0].numel()
+
+
+def rounding_factor(layer: Affine, weight: torch.Tensor, dtype: torch.dtype) -> float:
+    """``g = γ_{n+k} (1 + 2γ_{n+k})`` of an affine layer's interval step (docs/theory.md §5, :func:`.error_factor`)."""
+    return error_factor(fan_in(layer, weight), dtype)
+
+
+def rounded_affine_interval(
+    layer: Affine,
+    params: dict[str, torch.Tensor],
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    param_balls: dict[str, ParameterBall],
+    exact_input: bool = False,
+    scale: torch.Tensor | None = None,
+    cache: BoundCache | None = None,
+    nonnegative: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`affine_interval` sound for the exact real-number layer despite floating-point evaluation (docs/theory.md
+    §5): the radius gains ``g·(|W| m + |b| + P)`` with ``g ≈ γ_{n+k}`` (:func:`rounding_factor`), which covers the
+    centre's dot product ``W c + b`` (``γ_{n+1}(|W||c| + |b|)``), the casts of ``W``, ``b`` and the input, the ball
+    term's own rounding and the final ``c ± R``; the radius's product ``|W| r`` (possibly rounded down by ``γ_{n+3}``)
+    uses ``|W|`` rounded up by ``1 + 2γ_{n+k}``.
+    The ``g |W| m`` term rides in the radius's product (``|W|/2 · (u − l + 2g m)``): no extra product; on a known
+    input it is one product ``(g|W|)·|x|``. The box is never exact (``lo is hi`` only for the network's input)."""
+    weight = params[layer.weight_name]
+    bias = params[layer.bias_name] if layer.bias_name else None
+    g = rounding_factor(layer, weight, lo.dtype)
+    g_bias = error_bias(layer, weight, bias, g, cache)
+    m = lo.abs() if exact_input and not nonnegative else (hi if nonnegative else torch.maximum(lo.neg(), hi))
+    pert = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, rounding=True)
+    if exact_input:  # centre W x + b; radius P(1 + 2g) + g(|W||x| + |b|)
+        center = layer.apply(lo, weight, bias)
+        g_abs = cached(cache, f"g_abs/{g}", (weight,), lambda: weight.abs() * g)
+        radius = layer.apply(m, g_abs, g_bias)
+        radius = radius if isinstance(pert, float) else torch.add(radius, pert, alpha=1 + 2 * g)
+        return CentredBox(center - radius, center + radius, center)
+    half = cached(cache, "half", (weight,), lambda: weight * 0.5)
+    # |W|/2 rounded up by 1 + 2γ: the radius's product, rounded down by at most γ_{n+3}, still bounds |W| r (free)
+    up = 1 + 2 * gamma(fan_in(layer, weight) + ROUNDING_SLACK, lo.dtype)
+    half_abs = cached(cache, f"half_abs_up/{up}", (weight,), lambda: half.abs() * up)
+    center = layer.apply(lo + hi, half, bias)
+    fold = _abs_weight_factor(layer, weight, param_balls, cache)
+    factor = 2 * g if fold is None else 2 * (fold * (1 + g) + g)  # ε|W|m folded in: (|W|/2)(u − l + 2(ε + g + gε) m)
+    factor = factor if scale is None or fold is None else factor * sample_factors(scale, m.dim())
+    spread = torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype))
+    if fold is not None:  # only the bias ball's β is left of P
+        pert = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, include_weight=False, rounding=True)
+    radius = layer.apply(spread, half_abs, g_bias)
+    if not isinstance(pert, float):
+        radius = torch.add(radius, pert, alpha=1 + 2 * g)
+    return center - radius, center + radius
+
+
+def error_bias(
+    layer: Affine, weight: torch.Tensor, bias: torch.Tensor | None, g: float, cache: BoundCache | None
+) -> torch.Tensor:
+    """``g|b| + η`` per output row, the bias of the error terms' product (docs/theory.md §5): ``η`` the smallest
+    normal number covers the absolute errors of gradual underflow (at most ``2⁻¹⁴⁹`` per operation in float32), which
+    the relative ``γ`` bounds do not; as a bias it costs no pass."""
+    tiny = torch.finfo(weight.dtype).tiny
+    if bias is None:
+        return cached(cache, "tiny_bias", (weight,), lambda: weight.new_full((weight.shape[0],), tiny))
+    return cached(cache, f"g_abs_bias/{g}", (bias,), lambda: bias.abs() * g + tiny)
+
+
+def _fixed_interval(layer, boxes: list, reads, rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box of a fixed layer's output (its operator's rule), outward-rounded when ``rounding`` (docs/theory.md §5;
+    :func:`round_fixed`). Exact values stay exact through a fixed layer, with ``rounding`` only through those exact
+    in floating point (flattening, max pooling, ReLU)."""
+    exact = all(boxes[v][0] is boxes[v][1] for v in reads)
+    if exact and (not rounding or exact_in_float(layer)):
+        out = layer.apply(*(boxes[v][0] for v in reads))
+        return out, out
+    box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
+    return round_fixed(layer, box, [boxes[v] for v in reads]) if rounding else box
+
+
+def exact_in_float(layer) -> bool:
+    """Whether the fixed layer's floating-point box rule is exact (no rounding): flattening, max pooling, ReLU."""
+    return isinstance(layer, (Flatten, MaxPool)) or (isinstance(layer, Activation) and layer.kind == "relu")
+
+
+ACTIVATION_ULPS = 16
+"""Assumed accuracy of torch's element-wise functions (exp, tanh, sigmoid, erf, log1p…) in units of ``u`` relative to
+the value, plus the smallest normal number absolutely (underflow): the box of a smooth activation is widened by that
+much (docs/theory.md §5). Parameters such as a LeakyReLU slope cast to the dtype are covered too."""
+
+
+CANCELLING_ACTIVATIONS = ("gelu",)
+"""Activations that torch evaluates as ``x`` times a sum that cancels (GELU: ``x (1 + erf(x/√2))/2``, for ``x`` very
+negative): their error is a few ulps of ``|x|``, not of the value (gelu(−6) evaluates to −0.0, the exact value is
+−5.9e-9), so their boxes widen by :data:`ACTIVATION_ULPS` ulps of the input too."""
+
+
+def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box ``(lo, hi)`` of a fixed layer computed in floating point, widened to hold the exact layer's values
+    (docs/theory.md §5): batch norm by ``γ(|s| m + |t|)`` (a product and a sum, the cast scale and shift), average
+    pooling by ``γ_{k}·avg(m)`` (``k`` the window), additions rounded outward one float per term, smooth activations by
+    :data:`ACTIVATION_ULPS`; flattening, max pooling and ReLU are exact."""
+    lo, hi = box
+    if exact_in_float(layer):
+        return box
+    if isinstance(layer, Add):
+        return (outward(lo, -1.0), outward(hi, 1.0)) if len(inputs) == 2 else _rounded_sum(inputs)
+    if isinstance(layer, BatchNorm):  # |s h + t| ≤ |s| m + |t|: the final ± within the factor's slack
+        in_lo, in_hi = inputs[0]
+        m = in_lo.abs() if in_lo is in_hi else torch.maximum(in_lo.neg(), in_hi)
+        g, tiny = error_factor(2, m.dtype), torch.finfo(m.dtype).tiny
+        error = torch.addcmul(layer.shaped(layer.shift.abs() * g + tiny, m), m, layer.shaped(layer.scale.abs() * g, m))
+        error = error + layer.shift_bound(m) * (1 + 2 * g)  # the float64 shift's own error (BatchNorm.shift_error)
+        return lo - error, hi + error
+    if isinstance(layer, AvgPool):
+        m = magnitude(*inputs[0])
+        window = m[0, 0].numel() if not isinstance(layer.module, nn.AvgPool2d) else _window(layer.module)
+        error = layer.apply(m).mul_(error_factor(window, m.dtype)).add_(torch.finfo(m.dtype).tiny)
+        return lo - error, hi + error  # |avg| ≤ avg(m): the final subtraction is within the factor's slack
+    # a smooth (or leaky) activation: torch's function within ACTIVATION_ULPS of the exact one
+    u = unit_roundoff(lo.dtype)
+    tiny = torch.finfo(lo.dtype).tiny
+    error = magnitude(lo, hi).mul(ACTIVATION_ULPS * u).add_(tiny)
+    if isinstance(layer, Activation) and layer.kind in CANCELLING_ACTIVATIONS:  # ulps of the input, not the output
+        error = error.add_(magnitude(*inputs[0]), alpha=ACTIVATION_ULPS * u)
+    lo, hi = widen(lo, hi, error)
+    if isinstance(layer, Activation) and layer.function.nonnegative:
+        lo = lo.clamp_min(0)
+    return lo, hi
+
+
+def _window(module: nn.AvgPool2d) -> int:
+    k = module.kernel_size
+    return k * k if isinstance(k, int) else k[0] * k[1]
+
+
+def _rounded_sum(inputs: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The box of a sum of several boxes, each addition rounded outward."""
+    lo, hi = inputs[0]
+    for other_lo, other_hi in inputs[1:]:
+        lo, hi = outward(lo + other_lo, -1.0), outward(hi + other_hi, 1.0)
+    return lo, hi
+
+
+def outward(t: torch.Tensor, side: float) -> torch.Tensor:
+    """``t`` (a sum or product rounded to nearest) moved past the exact value on ``side`` (−1: below, +1: above):
+    ``t ± (3u|t| + η)``, two cheap passes instead of ``nextafter`` (docs/theory.md §5: the exact value is within
+    ``u|t|(1 + u)`` of ``t``, the move's own rounding within ``u`` of the result; ``η`` covers underflow)."""
+    u, tiny = unit_roundoff(t.dtype), torch.finfo(t.dtype).tiny
+    return torch.add(t, t.abs().add_(tiny / (3 * u)), alpha=side * 3 * u)
+
+
 def interval_preactivation_bounds(
     network: Network,
     param_balls: ParamBalls,
@@ -142,6 +310,8 @@ def interval_preactivation_bounds(
     cache: BoundCache | None = None,
     known: Mapping[int, torch.Tensor] | None = None,
     splits: Mapping[int, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+    *,
+    rounding: bool = False,
 ) -> Boxes:
     """Boxes of the values of ``network`` (index 0: its input; index ``i + 1``: the output of ``network.layers[i]``,
     for every layer but the last; on a chain, index ``i`` is the input of ``network.layers[i]``). A box ``(lo, hi)``
@@ -152,22 +322,25 @@ def interval_preactivation_bounds(
     index, ``(floor, ceiling)`` tensors (or ``None``) of the value's shape ``(N, ...)`` that its box is clipped to
     before later layers read it (branch and bound, docs/theory.md §11: on a branch where a ReLU's input is known to be
     ``≥ 0`` the floor is 0; the boxes are then sound for that branch's subset of the ball only). An exact value is
-    never clipped."""
+    never clipped. ``rounding``: the boxes hold the exact real-number network's values despite the floating-point
+    evaluation in the boxes' dtype (docs/theory.md §5; :func:`rounded_affine_interval`, :func:`round_fixed`); only the
+    input is then an exact value, and ``known`` is ignored."""
     param_balls = by_param_name(param_balls)
     boxes = [(x, x)]
     nonnegative = nonnegative_values(network)
-    known = known or {}
+    known = {} if rounding else known or {}
     for layer, reads in zip(network.layers[:-1], network.inputs):
         lo, hi = boxes[reads[0]]
-        if layer.weighted:  # on a known input: a CentredBox (its centre is the layer's value there)
+        if layer.weighted and rounding:
+            box = rounded_affine_interval(
+                layer, params, lo, hi, param_balls, lo is hi, scale, cache, nonnegative[reads[0]]
+            )
+        elif layer.weighted:  # on a known input: a CentredBox (its centre is the layer's value there)
             centre = known.get(len(boxes))
             exact, nonneg = lo is hi, nonnegative[reads[0]]
             box = affine_interval(layer, params, lo, hi, param_balls, exact, scale, cache, nonneg, centre)
-        elif all(boxes[v][0] is boxes[v][1] for v in reads):  # exact values stay exact through a fixed layer
-            out = layer.apply(*(boxes[v][0] for v in reads))
-            box = (out, out)
         else:
-            box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
+            box = _fixed_interval(layer, boxes, reads, rounding)
         if splits and len(boxes) in splits and box[0] is not box[1]:
             box = clip_box(box, *splits[len(boxes)])
         boxes.append(box)
@@ -233,6 +406,7 @@ def interval_margin_bounds(
     *,
     boxes: Boxes | None = None,
     clean_values: Mapping[int, torch.Tensor] | None = None,
+    rounding: bool = False,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball (docs/theory.md §4).
@@ -250,6 +424,8 @@ def interval_margin_bounds(
         tensor}``, indexed as :func:`interval_preactivation_bounds`, the logits at ``len(network.layers)``; the
         trainer's cross-entropy forward): an affine layer on an exact input takes its value from them as the centre of
         its box instead of computing it again.
+    :param rounding: bounds sound for the exact real-number network despite the floating-point evaluation in
+        ``dtype`` (docs/theory.md §5; ``boxes``, if given, computed with ``rounding`` too; ``clean_values`` ignored).
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
     param_balls = by_param_name(param_balls)
@@ -257,9 +433,9 @@ def interval_margin_bounds(
     x = x.to(dtype)
     if scale is not None:
         scale = scale.to(dtype)
-    known = clean_centres(clean_values, dtype)
+    known = {} if rounding else clean_centres(clean_values, dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, known)
+        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, known, rounding=rounding)
     last = network.layers[-1]
     lo, hi = boxes[network.inputs[-1][0]]
     weight = params[last.weight_name]
@@ -278,8 +454,23 @@ def interval_margin_bounds(
         m = hi
     else:
         m = lo.abs() if exact_input else torch.maximum(lo.neg(), hi)
-    pert = perturbation_radius(last, m, param_balls, dtype, scale, cache)  # bound per logit row, (N, K) or (N, 1)
+    pert = perturbation_radius(last, m, param_balls, dtype, scale, cache, rounding=rounding)  # per logit row
     if not isinstance(pert, float):
         pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
+    if rounding:  # docs/theory.md §5: every term of the margin computed in floating point
+        value = round_down(value - _margin_rounding(last, weight, bias, m, pert, labels, cache))
     return fill_label(value, labels)
+
+
+def _margin_rounding(last: Affine, weight, bias, m: torch.Tensor, pert, labels: torch.Tensor, cache) -> torch.Tensor:
+    """The rounding error of the folded last layer's margin bound, ``(N, K)`` (docs/theory.md §5): with ``S_k = |W_k|
+    m + |b_k| + P_k`` per logit, the centres ``W_k c + b_k``, the spread ``|W_y − W_i| r`` (the difference rounded
+    too), the ball terms and the subtractions are each within ``γ_{n+k}`` of a part of ``S_y + S_i``: ``2g (S_y +
+    S_i)``, ``g = 2γ_{n+k}`` (twice :func:`rounding_factor`, for the extra differences)."""
+    g = 2 * rounding_factor(last, weight, m.dtype)
+    abs_w = cached(cache, "abs", (weight,), weight.abs)
+    s = last.apply(m, abs_w, None if bias is None else bias.abs())
+    s = s if isinstance(pert, float) else s + pert
+    eta = smallest_subnormal(m.dtype) * 4 * (m[0].numel() + 2)  # products below the normal range: η/2 each
+    return (s.gather(1, labels.unsqueeze(1)) + s) * g + eta

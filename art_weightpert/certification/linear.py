@@ -28,6 +28,8 @@ Everything is plain torch, batched over samples and specifications, on the input
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from art_weightpert.certification.common import (
@@ -49,9 +51,17 @@ from art_weightpert.certification.weight_terms import (
     affine_backward,
     convolution_at_input_on_entries,
 )
-from art_weightpert.network import Affine, Network
+from art_weightpert.network import Add, Affine, Network
 from art_weightpert.operators import rule_table
 from art_weightpert.operators.max_pool import maxpool_activation_backward, put_back
+from art_weightpert.rounding import (
+    abs_dot,
+    error_factor,
+    magnitude,
+    round_down,
+    smallest_subnormal,
+    underflow_error,
+)
 from art_weightpert.torch_tools import batch_slices
 
 BACKWARD_RULES = rule_table("backward", {Affine: affine_backward})
@@ -79,6 +89,7 @@ def backward_margin_bounds(
     boxes: Boxes | None = None,
     classes: torch.Tensor | None = None,
     lower_slopes: dict[str, torch.Tensor] | None = None,
+    rounding: bool = False,
 ) -> torch.Tensor:
     """
     The backward linear bound alone (docs/theory.md §4b), without the maximum with the interval bound.
@@ -93,21 +104,32 @@ def backward_margin_bounds(
     chunked = None
     if lower_slopes is None:
         chunked = _in_chunks_if_large(
-            backward_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
+            backward_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes, rounding
         )
     if chunked is not None:
         return chunked
     nb_classes = network.layers[-1].module.out_features
     params = network.params(dtype=dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache)
+        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, rounding=rounding)
     if classes is None:  # every class but the label (its row e_y − e_y is zero; +inf there): 1/K less work
         others = other_classes(labels, nb_classes)
         rows = backward_margin_bounds(
-            network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=others, lower_slopes=lower_slopes
+            network,
+            param_balls,
+            x,
+            labels,
+            dtype,
+            scale,
+            cache,
+            boxes=boxes,
+            classes=others,
+            lower_slopes=lower_slopes,
+            rounding=rounding,
         )
         return fill_label(rows.new_zeros((len(x), nb_classes)).scatter(1, others, rows), labels)
-    return _backward_chunk(network, params, param_balls, x, labels, scale, boxes, classes, cache, lower_slopes)
+    ctx = BackwardContext(params, param_balls, scale, cache, lower_slopes, rounding)
+    return _backward_chunk(network, x, labels, boxes, classes, ctx)
 
 
 CHUNK_BYTES = 4 * 2**20
@@ -125,7 +147,7 @@ def chunk_size(network: Network, x: torch.Tensor, nb_rows: int, dtype: torch.dty
     return max(1, CHUNK_BYTES // (max(nb_rows, 1) * largest * torch.finfo(dtype).bits // 8))
 
 
-def _in_chunks_if_large(bound, network, param_balls, x, labels, dtype, scale, cache, boxes, classes):
+def _in_chunks_if_large(bound, network, param_balls, x, labels, dtype, scale, cache, boxes, classes, rounding=False):
     """``bound``'s value computed by :func:`in_chunks` when the batch is larger than one chunk (:func:`chunk_size`),
     else ``None``."""
     nb_classes = network.layers[-1].module.out_features
@@ -133,6 +155,8 @@ def _in_chunks_if_large(bound, network, param_balls, x, labels, dtype, scale, ca
     if size >= len(x):
         return None
     fixed = dict(network=network, param_balls=param_balls, dtype=dtype, cache=cache)
+    if rounding:
+        fixed["rounding"] = True
     return in_chunks(bound, size, x, labels, scale, boxes, classes, **fixed)
 
 
@@ -155,26 +179,23 @@ def in_chunks(bound, size: int, x, labels, scale, boxes, classes, **fixed) -> to
 
 
 def _backward_chunk(
-    network: Network,
-    params: dict[str, torch.Tensor],
-    param_balls: dict,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    scale: torch.Tensor | None,
-    boxes: Boxes,
-    classes: torch.Tensor,
-    cache: BoundCache | None,
-    lower_slopes: dict[str, torch.Tensor] | None = None,
+    network: Network, x: torch.Tensor, labels: torch.Tensor, boxes: Boxes, classes: torch.Tensor, ctx: BackwardContext
 ) -> torch.Tensor:
     """The backward pass of :func:`backward_margin_bounds` on one chunk of samples: ``(N, J)``."""
-    nb_classes = params[network.layers[-1].weight_name].shape[0]
+    nb_classes = ctx.params[network.layers[-1].weight_name].shape[0]
     a = margin_matrix(labels, nb_classes, x.dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
-    ctx = BackwardContext(params, param_balls, scale, cache, lower_slopes)
     return backward_from(network, len(network.layers), a, x, boxes, ctx)
 
 
 def backward_from(
-    network: Network, value: int, a: torch.Tensor, x: torch.Tensor, boxes: Boxes, ctx: BackwardContext
+    network: Network,
+    value: int,
+    a: torch.Tensor,
+    x: torch.Tensor,
+    boxes: Boxes,
+    ctx: BackwardContext,
+    *,
+    rounding: bool | None = None,
 ) -> torch.Tensor:
     """
     A lower bound of ``a · v`` over the ball, ``v`` the network's value ``value`` (indexed as
@@ -183,7 +204,14 @@ def backward_from(
     the logits with the specification rows; an intermediate value's box (α-CROWN's and branch and bound's
     intermediate bounds, docs/theory.md §11) starts there with ``±`` the identity. ``boxes`` must hold the values
     before ``value``; ``ctx`` carries the parameters, balls, radius factors, cache and optimized lower slopes.
+    ``rounding`` (default: :attr:`.BackwardContext.rounding`): sound for the exact real-number network despite the
+    floating-point evaluation (docs/theory.md §5; the boxes computed with ``rounding`` too): every rule subtracts its
+    own rounding error, and here the sums of coefficients where paths meet and of the constants.
     """
+    if rounding is not None and rounding != ctx.rounding:
+        ctx = replace(ctx, rounding=rounding)
+    if ctx.rounding:
+        return _rounded_backward_from(network, value, a, x, boxes, ctx)
     pending = {value: a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
     for index in range(value - 1, -1, -1):  # reverse topological order (docs/theory.md §9)
@@ -196,29 +224,94 @@ def backward_from(
     return const
 
 
-def _backward_step(network: Network, index: int, a: torch.Tensor, boxes: Boxes, ctx: BackwardContext, pending: dict):
+def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx: BackwardContext) -> torch.Tensor:
+    """:func:`backward_from` with the rounding terms of docs/theory.md §5 that belong to no single rule: coefficients
+    summed where ``k`` paths meet are within ``γ_k`` of their exact sum, ``γ_k ⟨|Λ|, m⟩`` with ``m`` the value's
+    magnitude; the constants, accumulated over ``L`` steps, within ``γ_L Σ|c|``; the final ``Λ₀·x`` within
+    ``γ_n ⟨|Λ₀|, |x|⟩``."""
+    pending = {value: a}
+    readers = {}  # value -> how many coefficient tensors were summed into it
+    const = a.new_zeros(a.shape[:2])
+    total = a.new_zeros(a.shape[:2])  # Σ |c| of the steps' constants
+    steps = 0
+    dtype = a.dtype
+    for index in range(value - 1, -1, -1):
+        a = pending.pop(index + 1, None)
+        if a is None:
+            continue
+        if readers.get(index + 1, 1) > 1:  # docs/theory.md §5: the join's sum rounded
+            lo, hi = boxes[index + 1]
+            c = -abs_dot(a, magnitude(lo, hi)) * error_factor(readers[index + 1], dtype)
+        else:
+            c = 0.0
+        c = c + _backward_step(network, index, a, boxes, ctx, pending, readers)
+        const, total, steps = const + c, total + c.abs(), steps + 1
+    if 0 in pending:  # docs/theory.md §5: Λ₀·x, plus the join at the input
+        a0 = pending.pop(0)
+        c = batched_dot(a0, x)
+        c = c - abs_dot(a0, x.abs()) * error_factor(a0[0, 0].numel() + readers.get(0, 1), dtype)
+        const, total, steps = const + c, total + c.abs(), steps + 1
+    return round_down(const - total * error_factor(steps, dtype))
+
+
+def _backward_step(
+    network: Network,
+    index: int,
+    a: torch.Tensor,
+    boxes: Boxes,
+    ctx: BackwardContext,
+    pending: dict,
+    readers: dict | None = None,
+):
     """Move the coefficients ``a`` on the output of ``network.layers[index]`` onto the values it reads (accumulated in
-    ``pending``); return the constant collected on the way, ``(N, K)``."""
+    ``pending``, counted in ``readers`` when given); return the constant collected on the way, ``(N, K)``."""
     layer, reads = network.layers[index], network.inputs[index]
     if index + 1 < len(boxes) and boxes[index + 1][0] is boxes[index + 1][1]:  # an exact value: concretize
-        return batched_dot(a, boxes[index + 1][0])
+        v = boxes[index + 1][0]
+        if ctx.rounding:  # docs/theory.md §5: the dot product's rounding, relative and below the normal range
+            eta = smallest_subnormal(a.dtype) * 4 * (a[0, 0].numel() + 2)
+            return batched_dot(a, v) - abs_dot(a, v.abs()) * error_factor(a[0, 0].numel(), a.dtype) - eta
+        return batched_dot(a, v)
     lo, hi = boxes[reads[0]]
     if layer.weighted and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
-        return affine_at_input(layer, a, lo, centre_of(boxes, index + 1), ctx)
+        c = affine_at_input(layer, a, lo, centre_of(boxes, index + 1), ctx)
+        return c - _underflow(layer, a, lo, lo) if ctx.rounding else c
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
         pre = network.inputs[activation][0]
-        a_in, where, c = maxpool_activation_backward(layer, network.layers[activation], a, (lo, hi), boxes[pre])
+        a_in, where, c = maxpool_activation_backward(
+            layer, network.layers[activation], a, (lo, hi), boxes[pre], _pooled_context(ctx)
+        )
+        if ctx.rounding:  # the coefficients' underflow, against the pre-activation box they multiply
+            c = c - _underflow(layer, a, *boxes[pre])
         conv = _convolution_at_input(network, pre, boxes)
         if conv is not None:  # and the convolution on the input before them, on those entries too
             h = boxes[network.inputs[conv][0]][0]
-            return c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
-        _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape))
+            c = c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
+            return c - _underflow(network.layers[conv], a_in, h, h) if ctx.rounding else c
+        _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape), readers)
         return c
     a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
+    if ctx.rounding and not isinstance(layer, Add):  # docs/theory.md §5: coefficients that fell below normal range
+        c = c - _underflow(layer, a, lo, hi)
     for v in reads:  # an addition: the same coefficients on every term, summed where the paths meet again
-        _accumulate(pending, v, a_in)
+        _accumulate(pending, v, a_in, readers)
     return c
+
+
+def _underflow(layer, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """The absolute part of the rounding of a step's coefficients (docs/theory.md §5): each entry of the coefficients
+    on the input is a sum of at most ``a``'s entries per specification times the layer's weights, and each product
+    below the normal range loses up to ``η/2``; against the input box, ``(N, 1)`` (broadcast over the rows)."""
+    weight = getattr(getattr(layer, "module", None), "weight", None)
+    length = a[0, 0].numel() + (weight.numel() if isinstance(weight, torch.Tensor) else 0)
+    return underflow_error(length, magnitude(lo, hi))
+
+
+def _pooled_context(ctx: BackwardContext) -> BackwardContext | None:
+    """The context of an activation's rule on a max pooling's window maxima: none (plain CROWN lines), or with
+    :attr:`.BackwardContext.rounding` one that only carries it (no optimized slopes, which cover the whole map)."""
+    return replace(ctx, lower_slopes=None) if ctx.rounding else None
 
 
 def _activation_before_pool(network: Network, index: int) -> int | None:
@@ -244,8 +337,10 @@ def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | N
     return value - 1 if lo is hi and network.nb_readers(value) == 1 else None
 
 
-def _accumulate(pending: dict, value: int, a: torch.Tensor) -> None:
+def _accumulate(pending: dict, value: int, a: torch.Tensor, readers: dict | None = None) -> None:
     pending[value] = pending[value] + a if value in pending else a
+    if readers is not None:
+        readers[value] = readers.get(value, 0) + 1
 
 
 def linear_margin_bounds(
@@ -259,13 +354,16 @@ def linear_margin_bounds(
     *,
     boxes: Boxes | None = None,
     classes: torch.Tensor | None = None,
+    rounding: bool = False,
 ) -> torch.Tensor:
     """
     Lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball by backward linear propagation with
     exact weight absorption (docs/theory.md §4b), never looser than the interval bound (§4).
 
     Arguments as :func:`.interval_margin_bounds` (the signature of every bound, :mod:`.registry`); ``boxes`` must be
-    computed with the same ``scale``; ``classes`` ``(N, J)``: bound only the margins ``f_y − f_i`` of these classes.
+    computed with the same ``scale`` (and ``rounding``); ``classes`` ``(N, J)``: bound only the margins ``f_y − f_i``
+    of these classes; ``rounding``: sound for the exact real-number network despite the floating-point evaluation in
+    ``dtype`` (docs/theory.md §5).
 
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column: the element-wise maximum of the backward
         linear bound and the interval bound; ``(N, J)`` with ``classes``.
@@ -274,15 +372,18 @@ def linear_margin_bounds(
     x = x.to(dtype)
     scale = check_batch(x, labels, scale, dtype)
     chunked = _in_chunks_if_large(
-        linear_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes
+        linear_margin_bounds, network, param_balls, x, labels, dtype, scale, cache, boxes, classes, rounding
     )
     if chunked is not None:  # the same bound, a chunk of samples at a time (CHUNK_BYTES)
         return chunked
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, param_balls, x, network.params(dtype=dtype), scale, cache)
+        params = network.params(dtype=dtype)
+        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, rounding=rounding)
     backward = backward_margin_bounds(
-        network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=classes
+        network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=classes, rounding=rounding
     )
-    interval = interval_margin_bounds(network, param_balls, x, labels, dtype, scale, cache, boxes=boxes)
+    interval = interval_margin_bounds(
+        network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, rounding=rounding
+    )
     interval = interval if classes is None else interval.gather(1, classes)
     return torch.maximum(backward, interval)

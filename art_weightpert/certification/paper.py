@@ -24,6 +24,7 @@ from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import BoundCache, ParamBalls, by_param_name, cached, fill_label
 from art_weightpert.network import Affine, Network, UnsupportedModelError
 from art_weightpert.operators import rule_table
+from art_weightpert.rounding import gamma, round_down, up_cast
 
 PAPER_RULES = rule_table("paper")
 """Formula B's step through every fixed operator (:meth:`.Operator.paper`), by operator class."""
@@ -104,6 +105,7 @@ def paper_margin_bounds(
     cache: BoundCache | None = None,
     *,
     clean_values: Mapping[int, torch.Tensor] | None = None,
+    rounding: bool = False,
 ) -> torch.Tensor:
     """
     Lower bounds ``m_{y,i}(x) − η_{y,i}`` of every pairwise margin over the ball (docs/theory.md §3, formula B).
@@ -115,7 +117,12 @@ def paper_margin_bounds(
         tensor}``, the trainer's cross-entropy forward where train and eval semantics agree): the margins ``m`` are
         taken from the logits among them (index ``len(network.layers)``) instead of a second forward pass, and their
         gradient joins the caller's.
+    :param rounding: sound for the exact real-number network despite floating-point evaluation (docs/theory.md §5):
+        the clean margins' lower bound from the interval bound without a ball (with its rounding terms), ``η`` from
+        float64 constants inflated by the rounding of its recursion and rounded up to ``dtype``.
     """
+    if rounding:
+        return _rounded_paper(network, param_balls, x, labels, dtype, scale, cache)
     if not network.is_chain:  # the registry's check (chains_only) says why; also for direct calls
         raise UnsupportedModelError(
             "formula B (method 'paper') is defined for chains of layers; this model has branches (residual additions)."
@@ -125,6 +132,13 @@ def paper_margin_bounds(
     x = x.to(dtype)
     logits = (clean_values or {}).get(len(network.layers))
     logits = network.forward(x, params) if logits is None else logits.to(dtype)
+    eta = _eta(network, params, param_balls, x, labels, dtype, scale, cache)
+    margins = logits.gather(1, labels.unsqueeze(1)) - logits
+    return fill_label(margins if eta is None else margins - eta, labels)
+
+
+def _eta(network: Network, params, param_balls, x, labels, dtype, scale, cache) -> torch.Tensor | None:
+    """``η_{y,i}`` ``(N, K)`` of formula B, ``None`` when it is zero (nothing perturbed)."""
     s = None if scale is None else scale.to(dtype)
     n, d = _propagate(network, params, param_balls, x.flatten(1).abs().amax(dim=1), s, dtype, cache)  # N₀ = ‖x‖_∞
     last = network.layers[-1]
@@ -147,5 +161,24 @@ def paper_margin_bounds(
         eta = _sum(eta, _times(s_col, eps[labels].unsqueeze(1) + eps.unsqueeze(0)) * n.unsqueeze(1))
     if beta is not None:  # β_y + β_i
         eta = _sum(eta, _times(s_col, beta[labels].unsqueeze(1) + beta.unsqueeze(0)))
-    margins = logits.gather(1, labels.unsqueeze(1)) - logits
-    return fill_label(margins if eta is None else margins - eta, labels)
+    return eta
+
+
+def _rounded_paper(network: Network, param_balls, x, labels, dtype, scale, cache) -> torch.Tensor:
+    """:func:`paper_margin_bounds` with ``rounding`` (docs/theory.md §5)."""
+    from art_weightpert.certification.interval import interval_margin_bounds  # interval imports nothing from here
+
+    if not network.is_chain:
+        raise UnsupportedModelError(
+            "formula B (method 'paper') is defined for chains of layers; this model has branches (residual additions)."
+        )
+    param_balls = by_param_name(param_balls)
+    clean = interval_margin_bounds(network, {}, x, labels, dtype, rounding=True)  # ≤ the exact clean margins
+    params = network.params(dtype=torch.float64)  # new tensors at each call: no cache
+    eta = _eta(network, params, param_balls, x.double(), labels, torch.float64, scale, None)
+    if eta is None:
+        return clean
+    # the float64 recursion: a few roundings per layer and the norms' sums, each within γ of the value
+    length = sum(t.numel() for t in params.values()) + 64 * len(network.layers)
+    eta = up_cast(eta * (1 + 2 * gamma(length, torch.float64)), dtype)
+    return fill_label(round_down(clean - eta), labels)

@@ -10,21 +10,26 @@ is exact, minus the bias ball's support function at ``s`` (:meth:`.Ball.support`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from art_weightpert import conv_gemm
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import (
     BoundCache,
     batched_dot,
+    cached,
     compact_radius,
     flatten_specs,
     times_sample_factors,
 )
+from art_weightpert.certification.interval import error_bias, perturbation_radius
 from art_weightpert.network import Affine
 from art_weightpert.operators.affine_view import AffineBackward
+from art_weightpert.rounding import abs_dot, error_factor, up_cast
 from art_weightpert.torch_tools import batch_slices
 
 
@@ -40,10 +45,14 @@ class BackwardContext:
     lower_slopes: dict[str, torch.Tensor] | None = None
     """Optimized lower slopes (α-CROWN, docs/theory.md §11) by activation name: ``(N, J) + value shape`` in
     ``[0, 1]``, read by :meth:`.Activation.backward` through :meth:`.ActivationFunction.optimizable_lower`."""
+    rounding: bool = False
+    """Whether every rule subtracts its own floating-point rounding error (docs/theory.md §5), so that the bound holds
+    for the exact real-number network."""
 
     def radius(self, target: ParameterBall, dtype: torch.dtype) -> torch.Tensor:
-        """The ball's :meth:`.Ball.compact_radius` in ``dtype``, from the cache (:func:`.compact_radius`)."""
-        return compact_radius(target, dtype, self.cache)
+        """The ball's :meth:`.Ball.compact_radius` in ``dtype``, from the cache (:func:`.compact_radius`; rounded up
+        when cast to a narrower dtype with :attr:`rounding`)."""
+        return compact_radius(target, dtype, self.cache, self.rounding)
 
     def rows(self, samples: slice) -> BackwardContext:
         """The context of the samples ``samples`` (their radius factors)."""
@@ -93,10 +102,55 @@ def _row_sums(a: torch.Tensor) -> torch.Tensor:
     return a.flatten(3).sum(dim=3) if a.dim() > 3 else a
 
 
-def _bias_term(target: ParameterBall, row_sums: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Exact ``min_{Δb} Σ_r Δb_r s_r``: minus the bias ball's support function at ``s``."""
-    radius = target.radius.to(dtype)
+def _bias_term(
+    target: ParameterBall, row_sums: torch.Tensor, dtype: torch.dtype, rounding: bool = False
+) -> torch.Tensor:
+    """Exact ``min_{Δb} Σ_r Δb_r s_r``: minus the bias ball's support function at ``s`` (``rounding``: the radius
+    rounded up when cast to a narrower dtype)."""
+    radius = up_cast(target.radius, dtype) if rounding else target.radius.to(dtype)
     return -target.ball.support(row_sums, radius, row_sums.shape[2:])
+
+
+def rounding_map(
+    layer: Affine, m: torch.Tensor, ctx: BackwardContext, value: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``S`` ``(N, rows[, H', W'])`` with ``⟨|Λ|, S⟩`` a bound on the rounding error of the affine rule's output for
+    coefficients ``Λ`` on the layer's output and an input with ``|ĥ| ≤ m`` (docs/theory.md §5):
+
+    * ``g_w |W| m``: the adjoint ``Λ W`` (length ``rows·k_h·k_w/groups`` per input entry), or on a known input the
+      layer's value ``W h`` it was concretized with (length ``n``);
+    * ``g_b |b|``: the bias's constant ``Σ_r (Σ_p λ_{r,p}) b_r``;
+    * ``4 g_P P(m)``: the weight ball's linear term and the bias ball's support function, whose magnitude is at most
+      ``⟨|Λ|, P(m)⟩`` (``P`` the interval term of §4) and whose pieces (the kernel-gradient box, the chords of ``|·|``,
+      their sums over the kernel) are each within ``γ`` of a part of it; the lengths ``numel(W) + P`` (convolution) or
+      ``rows + n`` (Linear) cover every sum;
+    * ``g |W h + b|`` when ``value`` (the layer's value on a known input) is given: ``Λ·value``'s own dot product.
+    """
+    weight = ctx.params[layer.weight_name]
+    bias = ctx.params[layer.bias_name] if layer.bias_name else None
+    dtype = m.dtype
+    rows = weight.shape[0]
+    if layer.is_conv:
+        positions = math.prod(conv_output_hw(layer, m.shape[2:]))
+        adjoint = rows // layer.module.groups * weight[0, 0].numel()
+        ball_length = weight.numel() + positions
+    else:
+        positions, adjoint, ball_length = 1, rows, rows + weight.shape[1]
+    g_w = error_factor(max(adjoint, weight[0].numel()), dtype)
+    g_abs = cached(ctx.cache, f"g_abs/{g_w}", (weight,), lambda: weight.abs() * g_w)
+    g_bias = error_bias(layer, weight, bias, error_factor(positions + rows, dtype), ctx.cache)  # + underflow
+    out = layer.apply(m, g_abs, g_bias)
+    pert = perturbation_radius(layer, m, ctx.param_balls, dtype, ctx.scale, ctx.cache, rounding=True)
+    if not isinstance(pert, float):
+        out = torch.add(out, pert, alpha=4 * error_factor(ball_length, dtype))
+    if value is not None:
+        out = torch.add(out, value.abs(), alpha=error_factor(rows * positions, dtype))
+    return out
+
+
+def conv_output_hw(layer: Affine, input_hw) -> tuple[int, int]:
+    mod = layer.module
+    return conv_gemm.output_hw(tuple(input_hw), tuple(mod.weight.shape[2:]), mod.stride, layer.padding, mod.dilation)
 
 
 @in_kernel_chunks
@@ -104,7 +158,7 @@ def affine_backward(
     layer: Affine, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: BackwardContext
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backward rule of an affine layer: ``(λ on the input, constant)`` over the ball and the input box."""
-    view = AffineBackward(layer, a, lo, hi, ctx.scale)
+    view = AffineBackward(layer, a, lo, hi, ctx.scale, native_adjoint=ctx.rounding)
     row_sums = _row_sums(a)
     const = row_sums @ ctx.params[layer.bias_name] if layer.bias_name else a.new_zeros(a.shape[:2])
     change = None
@@ -123,7 +177,9 @@ def affine_backward(
         a_in = a_in if change is None else a_in + change
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
-        const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype), ctx.scale)
+        const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype, ctx.rounding), ctx.scale)
+    if ctx.rounding:  # docs/theory.md §5: γ ⟨|Λ|, (|W| + δ) m⟩, one product per layer
+        const = const - abs_dot(a, rounding_map(layer, view.magnitude, ctx))
     return a_in, const
 
 
@@ -134,8 +190,11 @@ def affine_at_input(
     """``min λ·ẑ`` over the ball for the first affine layer, whose input ``h`` is known: ``λ·(W h + b)`` plus the
     ball's term at ``ĥ = h`` (exact for every ball: the minimum of ``⟨Δ, G⟩`` with ``G`` known). ``value``: ``W h +
     b`` when already computed (the centre of the layer's :class:`.CentredBox`), else ``None``."""
-    const = batched_dot(a, _value_at(layer, h, ctx) if value is None else value)
-    return const + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
+    value = _value_at(layer, h, ctx) if value is None else value
+    const = batched_dot(a, value) + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
+    if ctx.rounding:  # docs/theory.md §5: the value W h + b, its dot product with Λ and the ball's terms
+        const = const - abs_dot(a, rounding_map(layer, h.abs(), ctx, value))
+    return const
 
 
 def _value_at(layer: Affine, h: torch.Tensor, ctx: BackwardContext) -> torch.Tensor:
@@ -153,7 +212,7 @@ def _terms_at_input(view: AffineBackward, row_sums: torch.Tensor, ctx: BackwardC
         out = out + times_sample_factors(pert, ctx.scale)
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
-        out = out + times_sample_factors(_bias_term(bt, row_sums, row_sums.dtype), ctx.scale)
+        out = out + times_sample_factors(_bias_term(bt, row_sums, row_sums.dtype, ctx.rounding), ctx.scale)
     return out
 
 
@@ -184,4 +243,8 @@ def convolution_at_input_on_entries(
         g = torch.bmm(a.permute(0, 2, 1, 3).reshape(n * rows, k, p), at.reshape(n * rows, -1, p).transpose(1, 2))
         centre = g.reshape(n, rows, k, -1).transpose(1, 2).unsqueeze(2)  # (N, K, 1, rows, C·kh·kw)
         gradient = (centre, torch.zeros_like(centre))
-    return const + _terms_at_input(AffineBackward(layer, a, h, h, gradient=gradient), a.sum(dim=3), ctx)
+    const = const + _terms_at_input(AffineBackward(layer, a, h, h, gradient=gradient), a.sum(dim=3), ctx)
+    if ctx.rounding:  # docs/theory.md §5: as affine_at_input, on the entries read
+        error_map = rounding_map(layer, h.abs(), ctx, value).flatten(2).gather(2, where)
+        const = const - abs_dot(a, error_map)
+    return const

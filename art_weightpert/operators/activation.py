@@ -152,6 +152,8 @@ class Activation(Operator):
         """``λ = λ⁺ + λ⁻``, ``λ⁺`` takes the lower line and ``λ⁻`` the upper one; returns ``(λ on the input,
         constant)``. One select of the slopes by the sign of ``λ`` and one product (fewer roundings than
         ``λ·u + λ⁺·(l − u)``); a constant only from the lines with a non-zero intercept."""
+        if getattr(ctx, "rounding", False):
+            return self._rounded_backward(a, lo, hi, ctx)
         (l_slope, l_icpt), (u_slope, u_icpt) = self.function.relaxation(lo, hi)
         alpha = None if ctx is None or not getattr(ctx, "lower_slopes", None) else ctx.lower_slopes.get(self.name)
         optimized = None if alpha is None else self.function.optimizable_lower(lo, hi, alpha)
@@ -164,6 +166,36 @@ class Activation(Operator):
         if self.function.lower_through_origin:  # only λ⁻ meets an intercept
             return a_in, batched_dot(a.clamp_max(0), u_icpt)
         return a_in, batched_dot(a.clamp_min(0), l_icpt) + batched_dot(a.clamp_max(0), u_icpt)
+
+    def _rounded_backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any):
+        """:meth:`backward` sound for the exact activation despite floating-point evaluation (docs/theory.md §5): lines
+        valid in real arithmetic (:func:`sound_relaxation`); each product ``λ s`` rounds by ``u|λ s|``, which costs
+        ``u ⟨|λ|, |s| m⟩`` on the input box, and the constants' dot products ``γ_F ⟨|λ|, |t|⟩``: both taken in the
+        one product per sign that computes the constant, ``⟨λ⁺, [t_l, |t_l| + |s_l| m]⟩`` (``λ⁻``: the upper line)."""
+        from art_weightpert.rounding import error_factor  # the package imports the operators first
+
+        (l_slope, l_icpt), (u_slope, u_icpt) = sound_relaxation(self.function, lo, hi)
+        alpha = None if not getattr(ctx, "lower_slopes", None) else ctx.lower_slopes.get(self.name)
+        optimized = None if alpha is None else self.function.optimizable_lower(lo, hi, alpha)
+        positive = a >= 0
+        if optimized is not None:  # lines through the origin with slopes in [0, 1]: |s| m ≤ m
+            a_in = torch.where(positive, optimized, u_slope.unsqueeze(1)) * a
+            l_slope = torch.ones_like(l_slope)
+        else:
+            a_in = torch.where(positive, l_slope.unsqueeze(1), u_slope.unsqueeze(1))
+            a_in = a_in * a if a.requires_grad or a_in.requires_grad else a_in.mul_(a)  # in place: one pass fewer
+        m = torch.maximum(lo.abs(), hi.abs())
+        g = error_factor(a[0, 0].numel(), a.dtype)
+        if self.kind == "relu" and optimized is None:  # λ⁺ takes slopes 0 or 1 (exact), and no intercept; λ⁻'s
+            # terms ⟨λ⁻, t⟩ and u|λ⁻| s m (only where the box crosses 0, t > 0 there) share one sign: one product
+            error = torch.where(u_icpt > 0, u_slope * m, torch.zeros_like(m)).mul_(torch.finfo(a.dtype).eps)
+            return a_in, batched_dot(a.clamp_max(0), u_icpt + error) * (1 + g)
+        const = a.new_zeros(a.shape[:2])
+        for part, slope, icpt in ((a.clamp_min(0), l_slope, l_icpt), (a.clamp_max(0), u_slope, u_icpt)):
+            error = torch.addcmul(icpt.abs(), slope.abs(), m).mul_(g)
+            both = torch.bmm(part.flatten(2), torch.stack((icpt.flatten(1), error.flatten(1)), dim=2))
+            const = const + both[..., 0] - both[..., 1].abs()
+        return a_in, const
 
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.function.paper(n, d)
@@ -181,6 +213,47 @@ class Activation(Operator):
 
     def missing_rules(self) -> list[str]:
         return stubs(type(self.function))
+
+
+RELAXATION_SLACK = 2.0**-36
+"""Relative slack (of ``|s| m + |t| + 1``) given to an activation's lines computed in float64, for the rounding of
+torch's float64 functions and of the lines' own arithmetic (errors near ``2⁻⁵⁰``; docs/theory.md §5)."""
+
+
+def sound_relaxation(function: ActivationFunction, lo: torch.Tensor, hi: torch.Tensor) -> tuple[Line, Line]:
+    """``(lower line, upper line)`` of ``function`` on ``[lo, hi]`` valid in exact arithmetic although computed in
+    floating point (docs/theory.md §5). ReLU: the chord's slope rounded up from a width rounded down, its intercept
+    rounded up (the lower lines are exact: slopes 0 or 1 through the origin). Other activations: the lines computed in
+    float64, the intercepts moved outward by :data:`RELAXATION_SLACK` and by ``|s − s'| m`` for the slope ``s'`` in
+    the box's dtype, then rounded outward to that dtype."""
+    from art_weightpert.rounding import down_cast, up_cast
+
+    if function.kind == "relu":
+        return _relu_lines(lo, hi)
+    dtype = lo.dtype
+    lo64, hi64 = lo.double(), hi.double()
+    m = torch.maximum(lo64.abs(), hi64.abs())
+    lines = []
+    for (slope, icpt), side in zip(function.relaxation(lo64, hi64), (-1.0, 1.0)):
+        slope32 = slope.to(dtype)
+        shift = (slope32.double() - slope).abs() * m + RELAXATION_SLACK * (slope.abs() * m + icpt.abs() + 1)
+        icpt = icpt + side * shift
+        lines.append((slope32, up_cast(icpt, dtype) if side > 0 else down_cast(icpt, dtype)))
+    return lines[0], lines[1]
+
+
+def _relu_lines(lo: torch.Tensor, hi: torch.Tensor) -> tuple[Line, Line]:
+    """ReLU's lines (CROWN's, as :func:`.kinked`) valid after rounding: ``s ≥ hi / (hi − lo)`` and ``t ≥ −s lo`` give
+    a line above the chord at both ends."""
+    from art_weightpert.rounding import round_down, round_up
+
+    active, inactive = lo >= 0, hi <= 0
+    unstable = ~(active | inactive)
+    width = torch.where(unstable, round_down(hi - lo), torch.ones_like(hi))
+    slope = torch.where(unstable, round_up(hi / width), active.to(lo.dtype))
+    icpt = torch.where(unstable, round_up(-slope * lo), torch.zeros_like(lo))
+    lower = torch.where(unstable, (hi > -lo).to(lo.dtype), active.to(lo.dtype))
+    return (lower, torch.zeros_like(lo)), (slope, icpt)
 
 
 def refuse(name: str, reason: str) -> UnsupportedModelError:

@@ -5,6 +5,7 @@ The affine operator (docs/theory.md §1): a Linear layer or a Conv2d as the line
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from art_weightpert import conv_gemm
 from art_weightpert.operators.base import Operator, UnsupportedModelError
+from art_weightpert.rounding import norm_up, smallest_subnormal
 
 
 def conv_padding(module: nn.Conv2d) -> tuple[int, int]:
@@ -100,8 +102,9 @@ class Affine(Operator):
     def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
         if not self.is_conv:
-            return m.norm(dim=1, keepdim=True)
-        return self.patch_sum(m * m).clamp_min(0).sqrt()
+            return norm_up(m, 1, keepdim=True)
+        window = m.shape[1] * math.prod(self.module.kernel_size)  # squares below √η underflow: √(n η) more
+        return self.patch_sum(m * m).clamp_min(0).sqrt() + math.sqrt(window * smallest_subnormal(m.dtype))
 
     def patch_sum(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the sum of ``m`` over the receptive field (all input channels): ``(N, 1)`` for Linear,
@@ -115,16 +118,20 @@ class Affine(Operator):
         """Broadcast a per-output-unit tensor ``(rows,)`` against the layer's output ``(N, rows[, H', W'])``."""
         return per_row.reshape((1, -1, 1, 1) if self.is_conv else (1, -1))
 
-    def apply_transposed(self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    def apply_transposed(
+        self, g: torch.Tensor, weight: torch.Tensor, input_shape: torch.Size, groups: int | None = None
+    ) -> torch.Tensor:
         """The adjoint map (for backward bounds): ``Wᵀ g``, or the transposed convolution onto ``input_shape``
-        (``(C, H, W)`` of one sample) with its output padding computed up front."""
+        (``(C, H, W)`` of one sample) with its output padding computed up front; ``groups``: of the convolution (the
+        layer's by default; more for per-sample kernels stacked as groups)."""
         if not self.is_conv:
             return g @ weight
         m, padding = self.module, self.padding
+        groups = m.groups if groups is None else groups
         if m.stride == (1, 1) and conv_gemm.use_gemm(g, input_shape[1:]):  # float64: no library kernel
-            return conv_gemm.conv_transpose2d(g, weight, padding, m.dilation, m.groups)
+            return conv_gemm.conv_transpose2d(g, weight, padding, m.dilation, groups)
         extra = []
         for i in range(2):
             size = (g.shape[2 + i] - 1) * m.stride[i] - 2 * padding[i] + m.dilation[i] * (weight.shape[2 + i] - 1) + 1
             extra.append(input_shape[1 + i] - size)
-        return F.conv_transpose2d(g, weight, None, m.stride, padding, tuple(extra), m.groups, m.dilation)
+        return F.conv_transpose2d(g, weight, None, m.stride, padding, tuple(extra), groups, m.dilation)

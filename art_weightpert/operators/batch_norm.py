@@ -4,7 +4,7 @@ Eval-mode batch norm (docs/theory.md §4.2): a fixed per-channel affine map, exa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -21,6 +21,10 @@ class BatchNorm(Operator):
     name: str
     scale: torch.Tensor
     shift: torch.Tensor
+    shift_error: torch.Tensor | None = field(default=None, repr=False)
+    """Per channel, a bound on ``|shift − t|`` with ``t = β − μ s`` the exact shift: ``shift`` is computed in float64,
+    and ``β ≈ μ s`` can cancel far below the float64 rounding of ``μ s`` (docs/theory.md §5). The float32 bounds add
+    it; ``None``: an exact shift."""
 
     modules: ClassVar[tuple[type, ...]] = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -39,9 +43,13 @@ class BatchNorm(Operator):
             if module.weight is not None:
                 scale = scale * module.weight.double()
             shift = -module.running_mean.double() * scale
+            # |s − s_exact| ≤ 4u|s| (sum, square root, division, product), then the product μ s and the sum with β
+            error = module.running_mean.double().abs() * scale.abs() * (8 * 2.0**-53)
             if module.bias is not None:
                 shift = shift + module.bias.double()
-        return cls(name, scale, shift)
+                error = error + (shift.abs() + module.bias.double().abs()) * 2.0**-53
+            error = error * (1 + 2.0**-40) + torch.finfo(torch.float64).tiny
+        return cls(name, scale, shift, error)
 
     def shaped(self, t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return t.to(h).reshape((1, -1) + (1,) * (h.dim() - 2))
@@ -61,8 +69,24 @@ class BatchNorm(Operator):
 
     def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
         scale, shift = self.shaped(self.scale, lo), self.shaped(self.shift, lo)
-        return a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
+        a_in, const = a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
+        if getattr(ctx, "rounding", False):  # docs/theory.md §5: the cast scale and shift, λ s and ⟨λ, t⟩ rounded
+            from art_weightpert.rounding import abs_dot, error_factor
+
+            m = torch.maximum(lo.abs(), hi.abs())
+            error = torch.addcmul(shift.abs().expand_as(m), scale.abs(), m)
+            const = const - abs_dot(a, error) * error_factor(a[0, 0].numel(), a.dtype)
+            const = const - abs_dot(a, self.shift_bound(lo).expand_as(m))  # the float64 shift's own error
+        return a_in, const
+
+    def shift_bound(self, like: torch.Tensor) -> torch.Tensor:
+        """:attr:`shift_error` shaped like ``like``'s channels, rounded up into its dtype (zero for ``None``)."""
+        from art_weightpert.rounding import up_cast
+
+        error = torch.zeros_like(self.shift) if self.shift_error is None else self.shift_error
+        return up_cast(error.to(like.device), like.dtype).reshape((1, -1) + (1,) * (like.dim() - 2))
 
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = self.scale.abs().max().to(n)
-        return scale * n + self.shift.abs().max().to(n), scale * d
+        shift = self.shift.abs().max() + (0 if self.shift_error is None else self.shift_error.max())
+        return scale * n + shift.to(n), scale * d

@@ -47,8 +47,16 @@ class MaxPool(Operator):
     def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
         """``(λ on the input, constant)`` over the input box ``[lo, hi]``."""
         if self.module.ceil_mode:  # stop here: concretize with the interval box of the output
-            return a.new_zeros(a.shape[:2] + lo.shape[1:]), concretize(a, self.apply(lo), self.apply(hi))
-        return (_native if self.disjoint_windows else _unfolded)(self, a, lo, hi)
+            out_lo, out_hi = self.apply(lo), self.apply(hi)
+            const = concretize(a, out_lo, out_hi)
+            if getattr(ctx, "rounding", False):  # docs/theory.md §5: the two dot products of the concretization
+                from art_weightpert.rounding import abs_dot, error_factor
+
+                m = torch.maximum(out_lo.abs(), out_hi.abs())
+                const = const - 2 * abs_dot(a, m) * error_factor(a[0, 0].numel(), a.dtype)
+            return a.new_zeros(a.shape[:2] + lo.shape[1:]), const
+        rounding = getattr(ctx, "rounding", False)
+        return (_native if self.disjoint_windows else _unfolded)(self, a, lo, hi, rounding)
 
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return n, d  # 1-Lipschitz in ℓ∞, the ∞-norm not increased
@@ -68,17 +76,25 @@ def _geometry(mod):
     return kernel, stride, _pair(mod.padding), _pair(mod.dilation)
 
 
-def _coefficients(lam: torch.Tensor, dominant: torch.Tensor, u_max: torch.Tensor):
+def _coefficients(lam: torch.Tensor, dominant: torch.Tensor, u_max: torch.Tensor, rounding: bool = False):
     """The coefficient on ``h_{j*}`` per window (``λ⁺``, and ``λ⁻`` where ``y = h_{j*}``) and the constant
-    ``Σ λ⁻ max_j u_j`` of the other windows."""
+    ``Σ λ⁻ max_j u_j`` of the other windows (``rounding``: minus its rounding error, docs/theory.md §5; the
+    coefficients are exact: sums with a zero and products by 0 or 1)."""
     pos, neg = lam.clamp_min(0), lam.clamp_max(0)
     exact = dominant.to(lam.dtype)  # 1 where y = h_{j*}: a product by 0/1 (faster than a broadcast select)
     selected = pos + neg * exact  # coefficient on h_{j*} (y ≥ h_{j*})
+    if rounding:
+        from art_weightpert.rounding import error_factor
+
+        others = neg * (1 - exact)
+        const = sum_features(others * u_max.unsqueeze(1))
+        const = const + sum_features(others * u_max.abs().unsqueeze(1)) * error_factor(lam[0, 0].numel(), lam.dtype)
+        return selected, const
     const = sum_features(neg * (1 - exact) * u_max.unsqueeze(1))  # y ≤ max_j u_j
     return selected, const
 
 
-def _native_selection(layer: MaxPool, a, lo, hi):
+def _native_selection(layer: MaxPool, a, lo, hi, rounding: bool = False):
     """The rule on non-overlapping windows, before the coefficients are put back into the input: the coefficient on
     each window's ``h_{j*}`` ``(N, K, C, P)``, the flat index of ``j*`` in its channel's map ``(N, C, P)``, and the
     constant ``(N, K)``."""
@@ -92,7 +108,7 @@ def _native_selection(layer: MaxPool, a, lo, hi):
     others_hi = hi.flatten(2).scatter(2, flat_best, float("-inf")).reshape(hi.shape)  # each j* in one window only
     others = F.max_pool2d(others_hi, kernel, stride, pad, dil)
     dominant = (others <= l_best).flatten(2).unsqueeze(1)  # y = h_{j*} exactly
-    selected, const = _coefficients(a.reshape(n, k, channels, -1), dominant, u_max.flatten(2))
+    selected, const = _coefficients(a.reshape(n, k, channels, -1), dominant, u_max.flatten(2), rounding)
     return selected, flat_best, const
 
 
@@ -105,12 +121,12 @@ def put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size)
     return a_in.reshape((n, k) + tuple(shape[1:]))
 
 
-def _native(layer: MaxPool, a, lo, hi):
-    selected, flat_best, const = _native_selection(layer, a, lo, hi)
+def _native(layer: MaxPool, a, lo, hi, rounding: bool = False):
+    selected, flat_best, const = _native_selection(layer, a, lo, hi, rounding)
     return put_back(selected, flat_best, lo.shape), const
 
 
-def _unfolded(layer: MaxPool, a, lo, hi):
+def _unfolded(layer: MaxPool, a, lo, hi, rounding: bool = False):
     mod = layer.module
     kernel, stride, pad, dil = _geometry(mod)
     n, k = a.shape[:2]
@@ -127,7 +143,7 @@ def _unfolded(layer: MaxPool, a, lo, hi):
     others = uw.scatter(2, best, float("-inf")).amax(dim=2)
     dominant = (others <= l_best).unsqueeze(1)  # y = h_{j*} exactly
     lam = a.reshape(n, k, channels, -1)
-    selected, const = _coefficients(lam, dominant, uw.amax(dim=2))
+    selected, const = _coefficients(lam, dominant, uw.amax(dim=2), rounding)
     spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
     spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
     size = (height + 2 * pad[0], width + 2 * pad[1])
@@ -137,7 +153,7 @@ def _unfolded(layer: MaxPool, a, lo, hi):
 
 
 def maxpool_activation_backward(
-    layer: MaxPool, activation: Operator, a: torch.Tensor, boxes: tuple, pre_boxes: tuple
+    layer: MaxPool, activation: Operator, a: torch.Tensor, boxes: tuple, pre_boxes: tuple, ctx: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The max-pooling rule then the activation's rule, for a pooling with :attr:`MaxPool.disjoint_windows` whose input
     is the output of the element-wise ``activation`` (and of nothing else). ``boxes``: the pooling's input box,
@@ -146,8 +162,9 @@ def maxpool_activation_backward(
     The pooling puts coefficients on one input per window only, so the activation's rule (element-wise; a zero
     coefficient takes nothing) runs on those entries alone, ``1/(kh·kw)`` of the map: the same values as the two rules
     one after the other. Returns ``(λ on those entries of the activation's input (N, K, C, P), their flat positions in
-    its map (N, C, P), constant)``; :func:`put_back` makes the dense coefficients."""
-    selected, flat_best, const = _native_selection(layer, a, *boxes)
+    its map (N, C, P), constant)``; :func:`put_back` makes the dense coefficients. ``ctx``: passed to the activation's
+    rule (with :attr:`.BackwardContext.rounding`, both rules subtract their rounding errors, docs/theory.md §5)."""
+    selected, flat_best, const = _native_selection(layer, a, *boxes, getattr(ctx, "rounding", False))
     pre_lo, pre_hi = (t.flatten(2).gather(2, flat_best) for t in pre_boxes)
-    a_in, const_activation = activation.backward(selected, pre_lo, pre_hi)
+    a_in, const_activation = activation.backward(selected, pre_lo, pre_hi, ctx)
     return a_in, flat_best, const + const_activation

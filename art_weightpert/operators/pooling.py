@@ -71,7 +71,20 @@ class AvgPool(Operator):
         with torch.enable_grad():
             probe = flat.new_zeros((len(flat),) + tuple(lo.shape[1:]), requires_grad=True)
             (g,) = torch.autograd.grad(self.apply(probe), probe, flat, create_graph=flat.requires_grad)
-        return g.reshape(a.shape[:2] + lo.shape[1:]), a.new_zeros(a.shape[:2])
+        const = a.new_zeros(a.shape[:2])
+        if getattr(ctx, "rounding", False):  # docs/theory.md §5: each input's coefficient, a sum over the windows
+            from art_weightpert.rounding import abs_dot, error_factor
+
+            m = torch.maximum(lo.abs(), hi.abs())
+            const = -abs_dot(a, self.apply(m)) * error_factor(self.window(lo), a.dtype)
+        return g.reshape(a.shape[:2] + lo.shape[1:]), const
+
+    def window(self, h: torch.Tensor) -> int:
+        """An upper bound of the entries summed per output (and of the windows per input) for the input ``h``."""
+        k = getattr(self.module, "kernel_size", None)
+        if k is None:  # adaptive pooling or a spatial mean: at most the whole map
+            return h[0, 0].numel()
+        return k * k if isinstance(k, int) else k[0] * k[1]
 
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return n, d  # 1-Lipschitz in ℓ∞, the ∞-norm not increased
