@@ -74,7 +74,7 @@ def _per_sample(obj, x, y):
 # class, constructor keywords, run, {setting: new value} (a tuple of pairs: settings changed together)
 CASES = [
     (WeightPerturbationCertifier, {"budget": BOX}, _radius_run,
-     [("budget", OTHER), ("method", "interval"), ("batch_size", 5), ("verbose", True)]),
+     [("budget", OTHER), ("method", "interval"), ("batch_size", 5), ("verbose", True), ("dtype", torch.float32)]),
     (BitFlipCertifier, {}, _flips_run,
      [("max_flips", 2), ("n_bits", 4), ("granularity", "channel"), ("layers", ["2"]), ("method", "interval"),
       ("batch_size", 5), ("verbose", True), ("encoding", "float"), ("bits", [0, 1, 7])]),

@@ -2,7 +2,8 @@
 :class:`WeightPerturbationCertifier`: which predictions no weight perturbation in a ball can change.
 
 The certifier reads the estimator's model once as a chain of layers (:func:`.read_network`) and evaluates one of the
-margin bounds of the registry :data:`.METHODS` in float64 on the estimator's device (docs/theory.md §3–§5):
+margin bounds of the registry :data:`.METHODS` on the estimator's device (docs/theory.md §3–§5), in float64 or in
+float32 with the rounding-error terms of docs/theory.md §5 (``dtype=``; :mod:`.precision`):
 
 * ``"paper"``: the closed-form bound of docs/theory.md §3 (formula B with the bias terms of §3.4), in the setting of
   Tsai et al.;
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,20 +39,29 @@ from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache, CentredBox, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
+from art_weightpert.certification.precision import (
+    certification_rtol,
+    check_dtype,
+    dtype_name,
+    factors_in,
+    radius_in,
+)
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
 from art_weightpert.estimators.settings import Settings
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.estimators.wrapping import as_weight_classifier, weights_version
 from art_weightpert.network import BatchNorm, Network, read_network
+from art_weightpert.rounding import exact_kernels
 from art_weightpert.torch_tools import eval_mode, float64_copy
 from art_weightpert.validation import check_bool, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
 
-CERTIFICATION_RTOL = 1e-9
-"""A sample is certified when every margin lower bound exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``: a
-safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (docs/theory.md §5)."""
+CERTIFICATION_RTOL = certification_rtol(torch.float64)
+"""A float64 sample is certified when every margin lower bound exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``:
+a safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (docs/theory.md §5);
+float32 certificates use :func:`.certification_rtol` of float32 on top of their rounding terms."""
 
 _SEARCH_MARGIN = 2.0**-10
 """The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
@@ -69,7 +80,7 @@ class WeightPerturbationCertifier(Settings):
     :meth:`set_params` (assigning one goes through it); no cached bound outlives a change of settings or weights.
     """
 
-    certifier_params = ["budget", "method", "batch_size", "verbose"]
+    certifier_params = ["budget", "method", "batch_size", "verbose", "dtype"]
     params_attribute = "certifier_params"
 
     def __init__(
@@ -79,6 +90,7 @@ class WeightPerturbationCertifier(Settings):
         method: str = "linear",
         batch_size: int = 128,
         verbose: bool = True,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Create a :class:`.WeightPerturbationCertifier` instance.
@@ -90,6 +102,8 @@ class WeightPerturbationCertifier(Settings):
             or ``"paper"`` (chains only).
         :param batch_size: samples per bound computation.
         :param verbose: show a progress bar over batches.
+        :param dtype: the precision of the bounds: ``torch.float32`` (with the rounding-error terms of docs/theory.md
+            §5: sound for the exact network) or ``torch.float64``; ``None``: :data:`.precision.DEFAULT_DTYPE`.
         :raises UnsupportedModelError: when the model is not a DAG of supported layers (names the module), or the
             method does not apply to it.
         """
@@ -99,12 +113,14 @@ class WeightPerturbationCertifier(Settings):
         self.method = method
         self.batch_size = batch_size
         self.verbose = verbose
+        self.dtype = dtype
         # UnsupportedModelError (unreadable model, or a method that does not apply to it) before anything is copied
         self._network = read_network(estimator.base_model, estimator.input_shape)
         self._check_params()
-        # A private float64 copy of the model holds the centre weights; the user's module is never written to.
-        self._model64 = float64_copy(estimator.base_model)
-        self._network = read_network(self._model64, estimator.input_shape)
+        # A private copy of the model in the bounds' dtype holds the centre weights; the user's module is never written
+        # to. (float64_copy also detaches; the float32 copy is cast back after.)
+        self._model = float64_copy(estimator.base_model).to(self.dtype)
+        self._network = read_network(self._model, estimator.input_shape)
         out_features = self._network.layers[-1].module.out_features
         if out_features != estimator.nb_classes:
             raise ValueError(
@@ -124,7 +140,12 @@ class WeightPerturbationCertifier(Settings):
         self._method.check(self._network)  # UnsupportedModelError: the method does not apply to the model
         check_positive_int(self.batch_size, "batch_size")
         check_bool(self.verbose, "verbose")
-        self.batch_size, self.verbose = int(self.batch_size), bool(self.verbose)
+        dtype = check_dtype(self.dtype)
+        model = getattr(self, "_model", None)
+        if model is not None and dtype != next(model.parameters()).dtype:
+            self._model = model.to(dtype)  # the centre weights are copied again at the next refresh (the key changed)
+            self._network = read_network(self._model, self.estimator.input_shape)
+        self.batch_size, self.verbose, self.dtype = int(self.batch_size), bool(self.verbose), dtype
 
     @property
     def estimator(self) -> PyTorchWeightClassifier:
@@ -133,13 +154,14 @@ class WeightPerturbationCertifier(Settings):
 
     @property
     def network(self) -> Network:
-        """The model read as a chain of layers, holding the float64 centre weights."""
+        """The model read as a graph of layers, holding the centre weights in the bounds' dtype."""
         self._refresh()
         return self._network
 
     @property
     def parameter_balls(self) -> dict[str, ParameterBall]:
-        """The budget resolved on the centre weights (float64): ``{parameter name: ParameterBall}``."""
+        """The budget resolved on the centre weights (radii in the bounds' dtype, rounded up in float32):
+        ``{parameter name: ParameterBall}``."""
         self._refresh()
         return dict(self._param_balls)
 
@@ -154,11 +176,12 @@ class WeightPerturbationCertifier(Settings):
         :param y: integer or one-hot labels; ``None``: the estimator's predicted classes.
         :param scale: optional per-sample factors ``(N,)`` ≥ 0 multiplying every radius of the budget (sample ``n``
             is bounded over the ball scaled by ``scale[n]``).
-        :return: ``(N, nb_classes)`` float64 lower bounds, ``+inf`` in the label's own column.
+        :return: ``(N, nb_classes)`` float64 lower bounds (computed in the certifier's ``dtype``), ``+inf`` in the
+            label's own column.
         """
         empty = np.zeros((0, self.estimator.nb_classes))
         if scale is None:
-            out = [bounds.cpu().numpy() for bounds, _, _ in self._batches(x, y, "margin bounds", predict=False)]
+            out = [b.to(torch.float64).cpu().numpy() for b, _, _ in self._batches(x, y, "margin bounds", predict=False)]
             return self._gathered(out, len(x), empty)
         factors = np.asarray(scale, dtype=np.float64)
         if factors.shape != (len(x),) or not np.all(np.isfinite(factors)) or np.any(factors < 0):
@@ -167,7 +190,7 @@ class WeightPerturbationCertifier(Settings):
         batches = self._prepared_batches(x, y, "margin bounds", predict=False)
         for rows, (x_t, labels, _, _) in zip(distributed.my_batches(len(x), self.batch_size), batches):
             factor = torch.as_tensor(factors[rows], device=x_t.device)
-            out.append(self._bounds(x_t, labels, self._param_balls, factor).cpu().numpy())
+            out.append(self._bounds(x_t, labels, self._param_balls, factor).to(torch.float64).cpu().numpy())
         return self._gathered(out, len(x), empty)
 
     def certify(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
@@ -201,7 +224,8 @@ class WeightPerturbationCertifier(Settings):
         :return: ``(N,)`` float64 radii.
         """
         batches = self._prepared_batches(x, y, "certified radius")  # the weights and balls refreshed once, here
-        affine = self._method.affine_in_radius(self._network, self._unit_param_balls)
+        # float32 bounds carry rounding terms that are not exactly affine in the radius: always searched
+        affine = self.dtype == torch.float64 and self._method.affine_in_radius(self._network, self._unit_param_balls)
         out = []
         for x_t, labels, tol, correct in batches:
             if affine:
@@ -214,34 +238,48 @@ class WeightPerturbationCertifier(Settings):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(budget={self.budget!r}, method={self.method!r}, batch_size={self.batch_size}, "
-            f"verbose={self.verbose})"
+            f"verbose={self.verbose}, dtype=torch.{dtype_name(self.dtype)})"
         )
 
     # ------------------------------------------------------------------------------------------------ internals
     def _refresh(self) -> None:
-        """Copy the estimator's current centre weights (base + carried perturbation) into the float64 model, and
-        resolve the budget on them, when the weights changed since the last call."""
+        """Copy the estimator's current centre weights (base + carried perturbation) into the private model, and
+        resolve the budget on them, when the weights changed since the last call.
+
+        float64: the sum in float64. float32: the sum as the estimator computes it (in the weights' own dtype), which
+        must be exact in float32; the radii are computed from those weights in float64 and rounded up to float32
+        (:func:`.precision.radius_in`), so that the float32 ball contains the ball asked for (docs/theory.md §5)."""
         base = self.estimator.base_model
         carried = self.estimator.current_deltas()
         key = (self.settings_key(), weights_version(self.estimator))  # every setting, every weight, by value
         if key == self._key:
             return
         with torch.no_grad():
-            for name, p in self._model64.named_parameters():
-                value = base.get_parameter(name).detach().to(torch.float64)
+            for name, p in self._model.named_parameters():
+                value = base.get_parameter(name).detach()
+                if self.dtype == torch.float64:
+                    value = value.to(torch.float64)
                 if name in carried:
-                    value = value + carried[name].detach().to(torch.float64)
+                    value = value + carried[name].detach().to(value.dtype)
+                if value.dtype != self.dtype and not torch.equal(value.to(self.dtype).to(value.dtype), value):
+                    raise ValueError(
+                        f"the weights of {name!r} ({value.dtype}) are not exact in {self.dtype}: certify them with "
+                        "dtype=torch.float64."
+                    )
                 p.copy_(value)
-            for name, b in self._model64.named_buffers():
+            for name, b in self._model.named_buffers():
                 b.copy_(base.get_buffer(name))
         if self._key is not None and any(isinstance(layer, BatchNorm) for layer in self._network.layers):
-            self._network = read_network(self._model64, self.estimator.input_shape)  # batch-norm constants changed
+            self._network = read_network(self._model, self.estimator.input_shape)  # batch-norm constants changed
         self._cache = BoundCache()  # the radius tensors below are new: drop the old entries (memory only)
-        self._param_balls = {t.param_name: t for t in self.budget.parameter_balls(self._model64, torch.float64)}
-        self._unit_param_balls = {
-            t.param_name: t for t in self._unit_budget().parameter_balls(self._model64, torch.float64)
-        }
+        self._param_balls = self._balls(self.budget)
+        self._unit_param_balls = self._balls(self._unit_budget())
         self._key = key
+
+    def _balls(self, budget: PerturbationBudget) -> dict[str, ParameterBall]:
+        """``budget`` resolved on the centre weights, radii computed in float64 and rounded up to the bounds' dtype."""
+        balls = budget.parameter_balls(self._model, torch.float64)
+        return {t.param_name: replace(t, radius=radius_in(t.radius, self.dtype)) for t in balls}
 
     def _unit_eps(self) -> float:
         """The budget's own position on the radius scale searched by :meth:`certified_radius` (its ``eps``; 1 for a
@@ -253,7 +291,7 @@ class WeightPerturbationCertifier(Settings):
         return self.budget if isinstance(self.budget.eps, dict) else self.budget.with_eps(1.0)
 
     def _prepared_batches(self, x: np.ndarray, y: np.ndarray | None, desc: str, predict: bool = True):
-        """Validated, preprocessed float64 batches: ``(x, labels, tolerance, clean prediction correct)``.
+        """Validated, preprocessed batches in the bounds' dtype: ``(x, labels, tolerance, clean prediction correct)``.
 
         The clean prediction (the estimator's own float32 forward pass, as it predicts) gives the labels when ``y`` is
         None and the tolerance; without ``predict`` (bounds for given labels) it is skipped and both are ``None``. The
@@ -278,9 +316,9 @@ class WeightPerturbationCertifier(Settings):
                     logits = self.estimator.logits(xb, carried)
                 pred = logits.argmax(dim=1)
                 labels = pred if labels is None else labels
-                tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
+                tol = certification_rtol(self.dtype) * (1.0 + logits.abs().amax(dim=1).to(self.dtype))
                 correct = pred == labels
-            yield xb.to(torch.float64), labels, tol, correct
+            yield xb.to(self.dtype), labels, tol, correct
 
     def _gathered(self, pieces: list[np.ndarray], n: int, empty: np.ndarray) -> np.ndarray:
         """The per-batch results in sample order (``empty`` for no sample); in a process group each rank computed its
@@ -299,9 +337,17 @@ class WeightPerturbationCertifier(Settings):
         param_balls: dict[str, ParameterBall],
         scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Margin lower bounds ``(N, K)`` in float64; ``scale`` multiplies every radius per sample."""
-        with torch.no_grad():
-            return self._method.bounds(self._network, param_balls, x_t, labels, torch.float64, scale, self._cache)
+        """Margin lower bounds ``(N, K)`` in the bounds' dtype; ``scale`` multiplies every radius per sample."""
+        with torch.no_grad(), exact_kernels():
+            return self._method.bounds(
+                self._network, param_balls, x_t, labels, self.dtype, factors_in(scale, self.dtype), self._cache,
+                **self._rounding(),
+            )  # fmt: skip
+
+    def _rounding(self) -> dict[str, bool]:
+        """The bound functions' rounding-error terms (docs/theory.md §5): on in float32; float64 bounds rely on the
+        tolerance :data:`CERTIFICATION_RTOL`."""
+        return {"rounding": True} if self.dtype != torch.float64 else {}
 
     def _closed_form_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Bounds affine in the radius factor ``s``: ``lb(s) = lb(0) − s·(lb(0) − lb(1))``, solved for
@@ -309,6 +355,7 @@ class WeightPerturbationCertifier(Settings):
         zeros = torch.zeros(len(x_t), dtype=torch.float64, device=x_t.device)
         at0 = self._bounds(x_t, labels, self._unit_param_balls, zeros)
         at1 = self._bounds(x_t, labels, self._unit_param_balls, zeros + 1)
+        at0, at1 = at0.to(torch.float64), at1.to(torch.float64)
         slope = at0 - at1  # η per unit radius (≥ 0); nan in the label's column (inf − inf)
         room = at0 - tol.unsqueeze(1)
         ratio = torch.where(slope > 0, room / slope.clamp_min(torch.finfo(torch.float64).tiny), math.inf)
@@ -319,7 +366,7 @@ class WeightPerturbationCertifier(Settings):
     def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
-        search = _SearchBounds(self, x_t, labels, (tol * (1 + _SEARCH_MARGIN)).unsqueeze(1))
+        search = _SearchBounds(self, x_t, labels, (tol.to(torch.float64) * (1 + _SEARCH_MARGIN)).unsqueeze(1))
         bounds = search.bounds
         warm = METHODS.get(self._method.never_above or "")
         at_zero = search.at_zero(warm or self._method)  # every method: the exact margins
@@ -362,23 +409,24 @@ class _SearchBounds:
 
     def __init__(self, certifier: WeightPerturbationCertifier, x_t, labels, threshold) -> None:
         self.certifier, self.x_t, self.labels, self.threshold = certifier, x_t, labels, threshold
-        self.params = certifier._network.params(dtype=torch.float64)  # pylint: disable=protected-access
+        self.params = certifier._network.params(dtype=certifier.dtype)  # pylint: disable=protected-access
         self.centres: dict[int, torch.Tensor] = {}
 
     def boxes(self, idx: torch.Tensor, s: torch.Tensor):
         """The interval boxes of the samples ``idx`` at the factors ``s``, with the known centres."""
         c = self.certifier
         known = {value: centre[idx] for value, centre in self.centres.items()}
-        with torch.no_grad():
+        with torch.no_grad(), exact_kernels():
             return interval_preactivation_bounds(
-                c._network, c._unit_param_balls, self.x_t[idx], self.params, s, c._cache, known
+                c._network, c._unit_param_balls, self.x_t[idx], self.params, factors_in(s, c.dtype), c._cache, known,
+                **c._rounding(),
             )  # fmt: skip
 
     def at_zero(self, method: BoundMethod) -> torch.Tensor:
         """``method``'s bounds of every sample at radius 0 (the exact margins, minus the threshold); records the
         centres."""
         everyone = torch.arange(len(self.x_t), device=self.x_t.device)
-        zeros = torch.zeros(len(self.x_t), dtype=torch.float64, device=self.x_t.device)
+        zeros = torch.zeros(len(self.x_t), dtype=torch.float64, device=self.x_t.device)  # factors: float64
         boxes = self.boxes(everyone, zeros)
         self.centres = {value: box.centre for value, box in enumerate(boxes) if isinstance(box, CentredBox)}
         return self.bounds(method, everyone, zeros, **({"boxes": boxes} if method.takes_boxes else {}))
@@ -388,8 +436,9 @@ class _SearchBounds:
         if method.takes_boxes and "boxes" not in rows:
             rows["boxes"] = self.boxes(idx, s)
         c = self.certifier
-        with torch.no_grad():
+        with torch.no_grad(), exact_kernels():
             lb = method.bounds(
-                c._network, c._unit_param_balls, self.x_t[idx], self.labels[idx], torch.float64, s, c._cache, **rows
+                c._network, c._unit_param_balls, self.x_t[idx], self.labels[idx], c.dtype, factors_in(s, c.dtype),
+                c._cache, **rows, **c._rounding(),
             )  # fmt: skip
-        return lb - self.threshold[idx]
+        return (lb - self.threshold[idx]).to(torch.float64)

@@ -29,6 +29,7 @@ from torch import nn
 
 from art_weightpert import zoo
 from art_weightpert.budget import PerturbationBudget
+from art_weightpert.certification.precision import check_dtype
 from art_weightpert.cli import inputs
 from art_weightpert.cli.launch import run_command
 from art_weightpert.cli.parser import PROG, REPORT_METHODS, UsageError, build_parser, one_line, process_settings
@@ -107,7 +108,7 @@ def _evaluate_all(classifiers, x, y, budget, eps_grid, methods, args, extras=Non
             tick = lambda what, n=name: (bar.set_postfix_str(f"{n}: {what}"), bar.update(1))  # noqa: E731
             entries[name] = evaluate_model(
                 classifier, x, y, budget, eps_grid, methods, seed=args.seed, batch_size=args.batch_size,
-                progress=tick, **options,
+                progress=tick, dtype=check_dtype(args.dtype) if args.dtype else None, **options,
             )  # fmt: skip
             entries[name].update(extras.compute(classifier, x, y, args, tick))
     return entries

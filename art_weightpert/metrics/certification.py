@@ -12,6 +12,7 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.budget import PerturbationBudget
@@ -32,6 +33,7 @@ def weight_certified_accuracy(
     method: str = "linear",
     batch_size: int = 128,
     verbose: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> float:
     """
     Share of ``(x, y)`` classified correctly by *every* network in the weight ball, as certified by ``method``.
@@ -44,10 +46,14 @@ def weight_certified_accuracy(
         ``"interval"`` or ``"paper"`` (chains only).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
+    :param dtype: the precision of the bounds (``torch.float32`` with the rounding terms of docs/theory.md §5, or
+        ``torch.float64``; ``None``: the certifier's default).
     :return: the certified accuracy (an empty ``x`` is a ``ValueError``).
     """
     classifier = as_weight_classifier(classifier, "classifier")
-    certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=verbose)
+    certifier = WeightPerturbationCertifier(
+        classifier, budget, method=method, batch_size=batch_size, verbose=verbose, dtype=dtype
+    )
     certified = certifier.certify(x, _required(y))
     return float(np.mean(certified)) if len(certified) else float("nan")
 
@@ -60,6 +66,7 @@ def certified_weight_radius(
     method: str = "linear",
     batch_size: int = 128,
     verbose: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> np.ndarray:
     """
     Per sample, the largest radius of ``budget``'s ball for which the correct prediction is certified (``eps`` in the
@@ -72,10 +79,13 @@ def certified_weight_radius(
     :param method: a bound method of the registry :data:`.METHODS` (default ``"linear"``, the tightest).
     :param batch_size: samples per bound computation.
     :param verbose: show a progress bar.
+    :param dtype: the precision of the bounds (as :func:`weight_certified_accuracy`).
     :return: ``(N,)`` radii.
     """
     classifier = as_weight_classifier(classifier, "classifier")
-    certifier = WeightPerturbationCertifier(classifier, budget, method=method, batch_size=batch_size, verbose=verbose)
+    certifier = WeightPerturbationCertifier(
+        classifier, budget, method=method, batch_size=batch_size, verbose=verbose, dtype=dtype
+    )
     return certifier.certified_radius(x, _required(y))
 
 

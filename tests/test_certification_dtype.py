@@ -1,0 +1,211 @@
+"""``dtype=`` of the weight certificates (issue 23, docs/theory.md §5): float32 certificates with rounding-error terms
+are sound for the exact network, close to float64's, validated, and leave the user's model and backend settings as they
+were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
+from art_weightpert.attacks.per_sample import PerSampleWeightPGD
+from art_weightpert.certification.precision import cast_up, check_dtype, radius_in
+from art_weightpert.metrics import certified_weight_radius, weight_certified_accuracy
+from tests.conftest import make_mlp
+
+
+def _tie_classifier() -> PyTorchWeightClassifier:
+    """The example of docs/theory.md §5: rows a = (1, 1, 1), b = (0, 1, 0) and x = (1e8, 1, −1e8) give a·x = b·x = 1
+    exactly, but float32 evaluates a·x to 0, so a naive float32 margin says "b beats a by 1"."""
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]]))
+    return PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (3,), 2)
+
+
+TIE_X = np.array([[1e8, 1.0, -1e8]], dtype=np.float32)
+
+
+@pytest.mark.parametrize("method", ["paper", "interval", "linear"])
+def test_a_tie_is_never_certified_in_float32(method):
+    clf = _tie_classifier()
+    assert clf.predict(TIE_X).argmax(axis=1)[0] == 1  # float32 itself predicts b
+    budget = PerturbationBudget(1e-30, "inf")  # a ball around the tie, as small as float32 allows
+    for dtype in (torch.float32, torch.float64):
+        certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=dtype)
+        assert not certifier.certify(TIE_X, np.array([1]))[0], dtype
+        assert certifier.margin_lower_bounds(TIE_X, np.array([1]))[0, 0] <= 0, dtype
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    x_train, y_train, x_test, y_test = digits
+    model = make_mlp(seed=2, hidden=32)
+    clf = PyTorchWeightClassifier(
+        model, nn.CrossEntropyLoss(), (64,), 10, optimizer=torch.optim.Adam(model.parameters(), lr=1e-2),
+        clip_values=(0.0, 1.0),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    clf.fit(x_train, y_train, batch_size=64, nb_epochs=10, verbose=False)
+    return clf, x_test[:100], y_test[:100]
+
+
+@pytest.mark.parametrize("method", ["paper", "interval", "linear"])
+def test_float32_certifies_what_float64_does_and_survives_the_attack(trained, method):
+    clf, x, y = trained
+    budget = PerturbationBudget(2e-3, "inf")
+    before = {k: v.clone() for k, v in clf.base_model.state_dict().items()}
+    certified = {}
+    for dtype in (torch.float64, torch.float32):
+        certified[dtype] = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=dtype).certify(
+            x, y
+        )
+    assert certified[torch.float64].mean() > 0.2
+    assert abs(certified[torch.float32].mean() - certified[torch.float64].mean()) <= 0.01
+    attack = PerSampleWeightPGD(clf, budget, max_iter=50, num_random_init=1, verbose=False).generate(x, y)
+    assert not np.any(attack["flipped"] & certified[torch.float32])
+    assert all(torch.equal(v, clf.base_model.state_dict()[k]) for k, v in before.items())
+
+
+def test_float32_radius_is_certified_and_close_to_float64(trained):
+    clf, x, y = trained
+    budget = PerturbationBudget(1e-3, "inf")
+    r32 = certified_weight_radius(clf, x[:20], y[:20], budget, method="interval", dtype=torch.float32)
+    r64 = certified_weight_radius(clf, x[:20], y[:20], budget, method="interval", dtype=torch.float64)
+    assert r32.dtype == np.float64 and np.all(r32 <= r64 * (1 + 1e-4) + 1e-12)
+    positive = r32 > 0
+    assert positive.mean() > 0.5
+    np.testing.assert_allclose(r32[positive], r64[positive], rtol=1e-3)
+    certifier = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False, dtype=torch.float32)
+    bounds = certifier.margin_lower_bounds(x[:20], y[:20], scale=np.where(positive, r32 / 1e-3, 0))
+    assert np.all(bounds[positive].min(axis=1) > 0)
+
+
+def test_metrics_take_dtype(trained):
+    clf, x, y = trained
+    budget = PerturbationBudget(2e-3, "inf")
+    a32 = weight_certified_accuracy(clf, x, y, budget, method="interval", dtype=torch.float32)
+    a64 = weight_certified_accuracy(clf, x, y, budget, method="interval", dtype=torch.float64)
+    assert abs(a32 - a64) <= 0.01
+
+
+def test_dtype_is_validated_and_changeable():
+    clf = _tie_classifier()
+    budget = PerturbationBudget(1e-3, "inf")
+    with pytest.raises(ValueError, match="dtype"):
+        WeightPerturbationCertifier(clf, budget, dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype"):
+        WeightPerturbationCertifier(clf, budget, dtype="half")
+    with pytest.raises(TypeError, match="dtype"):
+        WeightPerturbationCertifier(clf, budget, dtype=np.float32)
+    certifier = WeightPerturbationCertifier(clf, budget, dtype="float32", verbose=False)
+    assert certifier.dtype == torch.float32 and "dtype=torch.float32" in repr(certifier)
+    x = np.array([[0.5, 0.2, -0.1]], dtype=np.float32)
+    bounds32 = certifier.margin_lower_bounds(x)
+    certifier.set_params(dtype=torch.float64)
+    fresh = WeightPerturbationCertifier(clf, budget, dtype=torch.float64, verbose=False)
+    np.testing.assert_array_equal(certifier.margin_lower_bounds(x), fresh.margin_lower_bounds(x))
+    np.testing.assert_allclose(bounds32, fresh.margin_lower_bounds(x), rtol=1e-5)
+
+
+def test_float64_weights_not_exact_in_float32_are_refused():
+    model = nn.Sequential(nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        model[0].weight[0, 0] = 0.1  # not a float32 number
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (3,), 2)
+    certifier = WeightPerturbationCertifier(clf, PerturbationBudget(1e-3), verbose=False, dtype=torch.float32)
+    with pytest.raises(ValueError, match="float64"):
+        certifier.certify(np.zeros((1, 3), dtype=np.float32))
+
+
+def test_radii_are_rounded_up():
+    r64 = torch.tensor([0.1, 1e-3, 0.0, 3.0], dtype=torch.float64)
+    r32 = radius_in(r64, torch.float32)
+    assert r32.dtype == torch.float32 and torch.all(r32.double() >= r64)
+    assert torch.equal(radius_in(r64, torch.float64), r64)
+    t = torch.tensor([1 / 3], dtype=torch.float64)
+    assert cast_up(t, torch.float32).double() >= t and cast_up(t, torch.float32).double() - t < 1e-7
+    assert check_dtype(None) in (torch.float32, torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ corner cases
+# Found by a review of the float32 rounding terms: each once gave a false float32 certificate (a margin lower bound
+# above the exact minimum over the ball). The exact values are computed by hand in the comments.
+def _certify_all(model, x, label, budget, shape):
+    clf = PyTorchWeightClassifier(model.eval().requires_grad_(False), nn.CrossEntropyLoss(), shape, 2)
+    out = {}
+    for method in ("interval", "linear", "alpha"):
+        certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=torch.float32)
+        out[method] = certifier.margin_lower_bounds(x, np.array([label]))[0, 1 - label]
+    return out
+
+
+def test_batch_norm_shift_cancellation_is_covered():
+    # β = μ = 2¹⁰⁰ and s = 1/√(var + eps) ≈ 1 − 2⁻⁶²: the exact shift β − μ s ≈ +2.7e11 is lost in float64's μ s
+    first, bn, head = nn.Linear(1, 1), nn.BatchNorm1d(1, eps=2.0**-24 - 2.0**-60), nn.Linear(1, 2)
+    with torch.no_grad():
+        first.weight.zero_(), first.bias.zero_()
+        (
+            bn.running_mean.fill_(2.0**100),
+            bn.running_var.fill_(1 - 2.0**-24),
+            bn.weight.fill_(1.0),
+            bn.bias.fill_(2.0**100),
+        )
+        head.weight.copy_(torch.tensor([[1.0], [0.0]])), head.bias.copy_(torch.tensor([2.0**38, 0.0]))
+    bounds = _certify_all(
+        nn.Sequential(first, bn, head), np.zeros((1, 1), np.float32), 0, PerturbationBudget(1e-30), (1,)
+    )
+    assert all(b <= -2.7e11 for b in bounds.values()), bounds  # the exact margin is −2.749e11
+
+
+def test_products_below_the_normal_range_are_covered():
+    # 5000 units of 1e-20 · 1e37, then a head of 2e-25: the backward coefficients underflow. Exact worst margin over
+    # the ball |ΔW_head| ≤ 5e-26: (2e-25 − 1e-25) · 5e-13 − 6e-5 ≈ −1.0e-5.
+    l1, l2, head = nn.Linear(1, 5000, bias=False), nn.Linear(5000, 1, bias=False), nn.Linear(1, 2)
+    with torch.no_grad():
+        l1.weight.fill_(1e37), l2.weight.fill_(1e-20)
+        head.weight.copy_(torch.tensor([[2e-25], [0.0]])), head.bias.copy_(torch.tensor([-6e-5, 0.0]))
+    model = nn.Sequential(l1, nn.ReLU(), l2, nn.ReLU(), head)
+    bounds = _certify_all(model, np.ones((1, 1), np.float32), 0, PerturbationBudget({"4": 5e-26}), (1,))
+    assert all(b <= -0.99e-5 for b in bounds.values()), bounds
+
+
+def test_l2_norms_that_underflow_are_covered():
+    # x = (1e-25, 1e-25): its squares underflow in float32. Exact worst margin over ‖ΔW₁‖ ≤ 2: 1e25·(2 − 2√2)·1e-25 +
+    # 0.5 ≈ −0.33.
+    l1, head = nn.Linear(2, 1, bias=False), nn.Linear(1, 2)
+    with torch.no_grad():
+        (
+            l1.weight.fill_(1.0),
+            head.weight.copy_(torch.tensor([[1e25], [0.0]])),
+            head.bias.copy_(torch.tensor([0.5, 0.0])),
+        )
+    x = np.full((1, 2), 1e-25, np.float32)
+    bounds = _certify_all(nn.Sequential(l1, head), x, 0, PerturbationBudget({"0": 2.0}, "l2"), (2,))
+    assert all(b <= -0.32 for b in bounds.values()), bounds
+
+
+def test_gelu_error_relative_to_its_input_is_covered():
+    # torch's float32 gelu(−6) is −0.0, the exact value −5.92e-9: the exact margin 1e6·gelu(−6) + 3e-3 is −2.92e-3
+    first, head = nn.Linear(1, 1), nn.Linear(1, 2)
+    with torch.no_grad():
+        first.weight.fill_(1.0), first.bias.zero_()
+        head.weight.copy_(torch.tensor([[1e6], [0.0]])), head.bias.copy_(torch.tensor([3e-3, 0.0]))
+    x = np.full((1, 1), -6.0, np.float32)
+    bounds = _certify_all(nn.Sequential(first, nn.GELU(), head), x, 0, PerturbationBudget(1e-30), (1,))
+    assert all(b <= -2.9e-3 for b in bounds.values()), bounds
+
+
+def test_exact_kernels_set_ieee_products_and_restore_the_users_flags():
+    from art_weightpert.rounding import _precision_switches, exact_kernels
+
+    switches = _precision_switches()
+    before = [getattr(obj, name) for obj, name, _ in switches]
+    with pytest.raises(RuntimeError, match="inside"):
+        with exact_kernels():
+            assert [getattr(obj, name) for obj, name, _ in switches] == [value for _, _, value in switches]
+            assert not torch.backends.cudnn.enabled
+            raise RuntimeError("inside")
+    assert [getattr(obj, name) for obj, name, _ in switches] == before
