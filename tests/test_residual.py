@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, UnsupportedModelError, WeightRobustTrainer
-from art_weightpert.certification import METHODS, WeightPerturbationCertifier
+from art_weightpert.certification import WeightPerturbationCertifier
 from art_weightpert.metrics import generalization_bound, weight_certified_accuracy
 from art_weightpert.network import Add, read_network
 from art_weightpert.zoo import digits_resnet, make_classifier, resnet18_cifar
@@ -283,8 +283,8 @@ def test_radius_metrics_and_trainer_run_on_the_digits_resnet(digits_resnet_class
     clf, x, y = digits_resnet_classifier
     assert (clf.predict(x).argmax(axis=1) == y).mean() > 0.7
     budget = PerturbationBudget(1e-3, "inf")
-    radius = {m: WeightPerturbationCertifier(clf, budget, m, verbose=False).certified_radius(x, y) for m in METHODS
-              if m != "paper"}  # fmt: skip
+    radius = {m: WeightPerturbationCertifier(clf, budget, m, verbose=False).certified_radius(x, y)
+              for m in ("interval", "linear")}  # fmt: skip ("alpha": tests/test_alpha.py, seconds per search here)
     assert np.all(radius["linear"] >= radius["interval"] * (1 - 1e-6)) and radius["interval"].max() > 0
     accuracy = weight_certified_accuracy(clf, x, y, budget.with_eps(float(np.median(radius["linear"]))), "linear")
     assert 0 < accuracy <= (clf.predict(x).argmax(axis=1) == y).mean()

@@ -5,7 +5,7 @@ names, in this order).
 
 Every bound function has one signature (see :mod:`.common`)::
 
-    bounds(network, param_balls, x, labels, dtype=torch.float64, scale=None, cache=None) -> (N, K) tensor
+    bounds(network, param_balls, x, labels, dtype=torch.float64, scale=None, cache=None, **kw) -> (N, K) tensor
 
 lower bounds of every pairwise margin ``f_y − f_i`` over the weight ball, ``+inf`` in the label's own column,
 differentiable in any ``dtype``; ``scale`` multiplies every radius per sample, ``cache`` is an optional
@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 
 from art_weightpert.budget import ParameterBall
+from art_weightpert.certification.alpha import alpha_margin_bounds
 from art_weightpert.certification.common import BoundCache, ParamBalls
 from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.certification.linear import linear_margin_bounds
@@ -142,6 +143,16 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 _last_layer_only,
                 "backward linear bounds with exact weight absorption, never looser than interval (§4b)",
                 never_above="interval",
+                per_class=True,
+                takes_boxes=True,
+            ),
+            BoundMethod(
+                "alpha",
+                alpha_margin_bounds,
+                _last_layer_only,
+                "optimized linear bounds: intermediate boxes by backward passes and optimized ReLU slopes (α-CROWN), "
+                "never looser than linear (§11)",
+                never_above="linear",
                 per_class=True,
                 takes_boxes=True,
             ),
