@@ -22,6 +22,7 @@ of the selected layers. Bounds in float64 (docs/theory.md §5), from :mod:`.bit_
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -29,16 +30,31 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert.certification.bit_flip_bounds import flip_boxes, interval_margins
-from art_weightpert.certification.bit_flip_cases import case_margins, flip_cases
+from art_weightpert.certification.bit_flip_cases import (
+    MAX_REFINED_FLIPS,
+    case_margins,
+    enumerated_split_margins,
+    first_flipped,
+    flip_cases,
+)
+from art_weightpert.certification.bit_flip_enumeration import greedy_flip_search
+from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
 from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_tables
 from art_weightpert.certification.certifier import CERTIFICATION_RTOL
+from art_weightpert.certification.verdicts import VerificationResult
 from art_weightpert.estimators.settings import Settings
 from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator, weights_version
 from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import QuantizedWeights, effective_quantized_weights
 from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy
-from art_weightpert.validation import check_bool, check_choice, check_non_negative_int, check_positive_int
+from art_weightpert.validation import (
+    check_bool,
+    check_choice,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +72,22 @@ def check_chain(network: Network) -> Network:
     return network
 
 
+BOUND_DTYPES = (torch.float32, torch.float64)
+
+
+def check_bound_dtype(dtype) -> torch.dtype:
+    """Validate the floating-point type of the bounds (``dtype``).
+
+    :raises TypeError: not a ``torch.dtype``.
+    :raises ValueError: a dtype other than float32 and float64.
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"`dtype` must be torch.float32 or torch.float64, got {type(dtype).__name__}.")
+    if dtype not in BOUND_DTYPES:
+        raise ValueError(f"`dtype` must be torch.float32 or torch.float64, got {dtype}.")
+    return dtype
+
+
 class BitFlipCertifier(Settings):
     """
     Certificates of a quantized (``encoding="int"``) or float (``encoding="float"``) classifier against at most
@@ -70,6 +102,7 @@ class BitFlipCertifier(Settings):
     certifier_params = [
         "max_flips", "n_bits", "granularity", "layers", "method", "batch_size", "verbose", "encoding", "bits",
     ]  # fmt: skip
+    # ``dtype`` is a constructor argument (read-only): it joins the settings when sound float32 bounds exist.
     params_attribute = "certifier_params"
 
     def __init__(
@@ -84,6 +117,7 @@ class BitFlipCertifier(Settings):
         verbose: bool = True,
         encoding: str = "int",
         bits: list[int] | None = None,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         """
         Create a :class:`.BitFlipCertifier` instance.
@@ -101,6 +135,9 @@ class BitFlipCertifier(Settings):
         :param bits: the bit positions that may flip: ``0`` to ``n_bits - 1`` for ``"int"`` (``None``: all); IEEE
             numbering of the weights' dtype for ``"float"`` (``None``: sign and mantissa, e.g. 0–22 and 31 for float32).
             Exponent bits are certified soundly, but one exponent flip can multiply a weight by ``2^128``.
+        :param dtype: the floating-point type of the bounds: ``torch.float64`` (the default). ``torch.float32`` is
+            accepted by the validation but not implemented yet (the rounding-error terms of docs/theory.md §5 are
+            missing): it raises ``NotImplementedError`` rather than give an unsound certificate.
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
         """
         estimator = as_weight_classifier(estimator)
@@ -115,6 +152,7 @@ class BitFlipCertifier(Settings):
         self.verbose = verbose
         self.encoding = encoding
         self.bits = bits
+        self._dtype = check_bound_dtype(dtype)
         self._check_params()
         self._key: tuple | None = None
 
@@ -138,6 +176,11 @@ class BitFlipCertifier(Settings):
     def estimator(self):
         """The (wrapped) estimator."""
         return self._estimator
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating-point type of the bounds (a constructor argument)."""
+        return self._dtype
 
     @property
     def bits(self) -> tuple[int, ...] | None:
@@ -208,12 +251,76 @@ class BitFlipCertifier(Settings):
         out = [self._bounds(x64, labels, self.max_flips).cpu().numpy() for x64, labels, _, _ in self._batches(x, y)]
         return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
 
+    def verify(self, x: np.ndarray, y: np.ndarray | None = None, time_limit: float = 1.0) -> VerificationResult:
+        """
+        Complete verification against every set of at most ``max_flips`` flipped bits (docs/theory.md §11): per sample
+        ``"certified"``, ``"falsified"`` (a concrete set of flips changes the prediction) or ``"unknown"``.
+
+        First the certificate's bounds (every case of :func:`.flip_cases`, each on the samples the earlier cases left
+        open; with integer codes a case whose first flipped layer is a convolution followed by an activation and a
+        convolution has that layer's flips enumerated, :func:`.first_layer_margins`); then, for the samples they leave
+        open, a greedy flip search on the sample's margin (:func:`.greedy_flip_search`) whose flips are checked by a
+        forward pass of the flipped model; then, within ``time_limit`` seconds per sample, the open cases are branched
+        on the placement of their flip (:func:`.enumerated_split_margins`: the largest single flips of the first
+        flipped layer one by one, the rest per output row).
+
+        :param x: inputs ``(N,) + input_shape``.
+        :param y: labels; ``None``: the certified model's predictions. A sample it misclassifies is ``"falsified"``
+            with an empty list of flips.
+        :param time_limit: seconds per sample for the refinement (the bounds and the search of a batch are shared).
+        :return: a :class:`.VerificationResult` whose ``counterexamples`` are ``{sample index: list of flips}``
+            (:class:`.BitFlip`, or :class:`.FloatBitFlip` for float encodings), at most ``max_flips`` each.
+        """
+        time_limit = check_positive(time_limit, "time_limit")
+        status, lower, seconds, counterexamples = [], [], [], {}
+        offset = 0
+        for x64, labels, tol, correct in self._batches(x, y, "verify"):
+            start = time.perf_counter()
+            n, k = len(x64), self.max_flips
+            # Samples that k flips of the last layer alone break skip the bounds (the search finds those flips).
+            alive = (correct & self._last_layer_survives(x64, labels, tol, k)).nonzero().flatten()
+            worst = x64.new_full((n,), float("-inf"))
+            cases, case_bounds = [], x64.new_zeros((0, n, self.estimator.nb_classes))
+            if len(alive):
+                cases, sub_bounds, bound = self._case_bounds(x64[alive], labels[alive], k, refine=True)
+                worst[alive] = bound.amin(dim=1)
+                case_bounds = x64.new_full((len(cases), n, self.estimator.nb_classes), float("-inf"))
+                case_bounds[:, alive] = sub_bounds
+            state = np.where(correct.cpu().numpy(), "unknown", "falsified").astype(object)
+            state[(correct & (worst > tol)).cpu().numpy()] = "certified"
+            spent = np.full(n, (time.perf_counter() - start) / max(n, 1))
+            for i in np.flatnonzero(~correct.cpu().numpy()):
+                counterexamples[offset + int(i)] = []
+            for i in np.flatnonzero(state == "unknown"):
+                begin = time.perf_counter()
+                flips = self._falsify(x64[i : i + 1], labels[i : i + 1], k)
+                if flips is not None:
+                    state[i] = "falsified"
+                    counterexamples[offset + int(i)] = flips
+                else:
+                    better = self._refine(
+                        x64[i : i + 1], labels[i], tol[i], cases, case_bounds[:, i], k, begin, time_limit
+                    )
+                    worst[i] = torch.maximum(worst[i], better)
+                    if better > tol[i]:
+                        state[i] = "certified"
+                spent[i] += time.perf_counter() - begin
+            status.append(state)
+            lower.append(torch.where(correct, worst, float("-inf")).cpu().numpy())
+            seconds.append(spent)
+            offset += n
+        if not status:
+            return VerificationResult(np.zeros(0, dtype=object), np.zeros(0), {}, np.zeros(0))
+        return VerificationResult(
+            np.concatenate(status), np.concatenate(lower), counterexamples, np.concatenate(seconds)
+        )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(max_flips={self.max_flips}, n_bits={self.n_bits}, "
             f"granularity={self.granularity!r}, layers={self.layers!r}, method={self.method!r}, "
             f"batch_size={self.batch_size}, verbose={self.verbose}, encoding={self.encoding!r}, "
-            f"bits={None if self.bits is None else list(self.bits)})"
+            f"bits={None if self.bits is None else list(self.bits)}, dtype={self.dtype})"
         )
 
     # ------------------------------------------------------------------------------------------------ internals
@@ -250,6 +357,11 @@ class BitFlipCertifier(Settings):
 
     def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str = "margin bounds"):
         """Float64 batches ``(x, labels, tolerance, quantized prediction correct)``."""
+        if self.dtype == torch.float32:
+            raise NotImplementedError(
+                "`dtype=torch.float32`: sound float32 bit-flip bounds (the rounding-error terms of docs/theory.md §5) "
+                "are not implemented yet; use torch.float64."
+            )
         self._refresh()
         x_t, y_t = self._effective.prepare_inputs(x, y)
         base = self._effective.base_model
@@ -264,15 +376,15 @@ class BitFlipCertifier(Settings):
             tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
             yield xb.to(torch.float64), labels, tol, pred == labels
 
-    def _certified(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
-        return self._bounds(x64, labels, k).amin(dim=1) > tol
-
-    def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-        """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
+    def _case_bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int, refine: bool = False):
+        """``(cases, per-case bounds (C, N, K), bound (N, K))``: the bound is the maximum of the interval bound and the
+        minimum over the cases (``"linear"``; ``"interval"``: no case), ``+inf`` in the label's column."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
         if self._unbounded and k > 0:
             bound = torch.full((len(x64), nb), float("-inf"), dtype=torch.float64, device=x64.device)
-            return bound.scatter(1, labels.unsqueeze(1), float("inf"))
+            return [], bound.new_zeros((0, len(x64), nb)), bound.scatter(1, labels.unsqueeze(1), float("inf"))
+        cases: list = []
+        split = x64.new_zeros((0, len(x64), nb))
         try:
             with torch.no_grad():
                 case = dict.fromkeys(self._names, k)
@@ -280,9 +392,126 @@ class BitFlipCertifier(Settings):
                 bound = interval_margins(net, params, tables, case, boxes, labels, nb)
                 if self.method == "linear" and k > 0:
                     cases = flip_cases(self._names, k)
-                    split = torch.stack([case_margins(net, params, tables, c, k, x64, labels, nb) for c in cases])
+                    if refine:
+                        split = self._refined_cases(cases, k, x64, labels, bound)
+                    else:
+                        split = torch.stack([case_margins(net, params, tables, c, k, x64, labels, nb) for c in cases])
+                    split = split.scatter(2, labels.reshape(1, -1, 1).expand(len(cases), -1, 1), float("inf"))
                     bound = torch.maximum(bound, split.amin(dim=0))
         finally:
             for table in tables.values():  # the memo of neuron boxes holds for this computation only
                 table.memo.clear()
-        return bound.scatter(1, labels.unsqueeze(1), float("inf"))
+        return cases, split, bound.scatter(1, labels.unsqueeze(1), float("inf"))
+
+    def _refined_cases(self, cases: list, k: int, x64: torch.Tensor, labels: torch.Tensor, bound: torch.Tensor):
+        """Per-case bounds ``(C, N, K)`` with the finer splits of :meth:`verify`, the cases in order, each on the
+        samples that every earlier case (and the interval ``bound``) left open: a sample some case cannot certify is
+        not certified, so the later cases skip it (``−inf`` there, a valid lower bound)."""
+        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        split = x64.new_full((len(cases), len(x64), nb), float("-inf"))
+        tol = CERTIFICATION_RTOL * (1.0 + net.forward(x64, params).abs().amax(dim=1))
+        alive = torch.ones(len(x64), dtype=torch.bool, device=x64.device)
+        additive = self.encoding == "int"
+        for c, case in enumerate(cases):
+            rows = alive.nonzero().flatten()
+            if len(rows) == 0:
+                break
+            out = case_margins(
+                net, params, tables, case, k, x64[rows], labels[rows], nb, refine=True, additive=additive
+            )
+            for table in tables.values():
+                table.memo.clear()
+            split[c, rows] = out
+            margins = torch.maximum(out, bound[rows]).scatter(1, labels[rows].unsqueeze(1), float("inf"))
+            alive[rows] = margins.amin(dim=1) > tol[rows]
+        return split
+
+    def _falsify(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> list | None:
+        """A checked counterexample of one sample (a list of at most ``k`` flips whose flipped model predicts another
+        class than ``labels``), or ``None``."""
+        if k == 0 or self._unbounded:
+            return None
+        with torch.no_grad():
+            flips = greedy_flip_search(
+                self._network, self._params, self._tables, self._quantized, self._bits, x64, int(labels[0]), k
+            )
+        return flips if flips is not None and self._changes_prediction(x64, labels, flips) else None
+
+    def _changes_prediction(self, x64: torch.Tensor, labels: torch.Tensor, flips: list) -> bool:
+        """Whether the model with ``flips`` applied (through the estimator's own forward, float64 inputs cast to its
+        dtype) predicts another class than ``labels`` for ``x64``: the check of every counterexample."""
+        if not flips or len(flips) > self.max_flips or len(set(flips)) != len(flips):
+            return False
+        deltas = self._quantized.flip(flips).deltas(self._effective)
+        base = self._effective.base_model
+        dtype = next(base.parameters()).dtype
+        with torch.no_grad(), eval_mode(base):
+            logits = self._effective.logits(x64.to(dtype), deltas)
+        return bool((logits.argmax(dim=1) != labels).all())
+
+    def _refine(self, x64, label, tol, cases, case_bounds, k, begin: float, time_limit: float) -> torch.Tensor:
+        """The smallest margin bound of one sample after branching every open case on the placement of its first
+        flip (where it applies), within the time limit; ``−inf`` where a case stays open."""
+        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        labels = label.reshape(1)
+        best = case_bounds.amin(dim=1) if len(cases) else x64.new_full((1,), float("-inf"))
+        open_cases = [c for c in range(len(cases)) if not best[c] > tol]
+        if not all(self._refinable(cases[c]) for c in open_cases):
+            return best.amin() if len(best) else x64.new_tensor(float("-inf"))  # some open case cannot be branched
+        for c in open_cases:
+            case = cases[c]
+            if time.perf_counter() - begin > time_limit:
+                return x64.new_tensor(float("-inf"))
+            first = first_flipped(net, case)
+            try:
+                with torch.no_grad():
+                    refined = enumerated_split_margins(net, params, tables, case, k, x64, labels, nb, first)
+            finally:
+                for table in tables.values():
+                    table.memo.clear()
+            refined = refined.scatter(1, labels.unsqueeze(1), float("inf")).amin()
+            best[c] = torch.maximum(best[c], refined)
+        return best.amin() if len(best) else x64.new_tensor(float("-inf"))
+
+    def _refinable(self, case: dict) -> bool:
+        """Whether :meth:`_refine` can branch ``case``: one flip in its first flipped layer, not the last layer (whose
+        bound is exact already), with at most :data:`.MAX_REFINED_FLIPS` weight-bit pairs."""
+        net = self._network
+        first = first_flipped(net, case)
+        if first is None or first == len(net.layers) - 1:
+            return False
+        name = net.layers[first].weight_name
+        if self.encoding == "int" and first_layer_applicable(net, self._tables, case, self.max_flips, first):
+            return False  # bounded with its first layer's flips enumerated already
+        return case[name] == 1 and self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
+
+    def _certified(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
+        """Whether the bound certifies each sample. The samples that ``k`` flips of the last layer alone break (its
+        case, the clean activations feeding it, is exact and one of the cases) are not certified whatever the other
+        cases give: the full bound runs on the others only."""
+        ok = torch.zeros(len(x64), dtype=torch.bool, device=x64.device)
+        alive = self._last_layer_survives(x64, labels, tol, k)
+        rows = alive.nonzero().flatten()
+        if len(rows):
+            ok[rows] = self._bounds(x64[rows], labels[rows], k).amin(dim=1) > tol[rows]
+        return ok
+
+    def _last_layer_survives(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
+        """``(N,)`` bool: the exact bound of at most ``k`` flips of the last layer alone exceeds ``tol`` (all ``True``
+        when that layer cannot flip, for ``"interval"``, for ``k = 0`` and for unbounded flips)."""
+        net = self._network
+        last = net.layers[-1]
+        if self.method != "linear" or k == 0 or self._unbounded or last.weight_name not in self._names:
+            return torch.ones(len(x64), dtype=torch.bool, device=x64.device)
+        case = {name: (k if name == last.weight_name else 0) for name in self._names}
+        try:
+            with torch.no_grad():
+                bound = case_margins(net, self._params, self._tables, case, k, x64, labels, self.estimator.nb_classes)
+        finally:
+            for table in self._tables.values():
+                table.memo.clear()
+        return bound.scatter(1, labels.unsqueeze(1), float("inf")).amin(dim=1) > tol
+
+    def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+        """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
+        return self._case_bounds(x64, labels, k)[2]

@@ -13,6 +13,10 @@ unit, a flip of a kernel entry one output channel): per row ``r`` the layer's ou
 moves within its single-flip box, and the rest of the network is bounded from that sparse box with the other layers'
 budgets (``k − 1`` flips in all). The minimum over the rows is the case's bound. Every bound is sound, so the minimum
 over cases is.
+
+With ``refine=True`` (:meth:`.BitFlipCertifier.verify`) the row split also covers up to :data:`MAX_SPLIT_FLIPS` flips
+of a layer of at most :data:`MAX_SPLIT_ROWS` rows when other layers flip too (one branch per multiset of rows, the later
+layers bounded with the flips left), and :func:`enumerated_split_margins` branches on the exact placement of one flip.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from art_weightpert.certification.bit_flip_bounds import (
     layer_flip_terms,
 )
 from art_weightpert.certification.bit_flip_enumeration import single_flip_margins
+from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
+from art_weightpert.certification.bit_flip_first_layer import first_layer_margins
 from art_weightpert.certification.bit_flip_terms import FlipTable, chunked, neuron_flip_box, sum_smallest
 from art_weightpert.certification.common import margin_matrix
 from art_weightpert.network import Affine, Network
@@ -38,6 +44,19 @@ from art_weightpert.operators.tensors import concretize
 
 MAX_CASES = 16
 """Largest number of per-layer budget splits enumerated; beyond it the cases are the first layer that flips."""
+
+MAX_SPLIT_FLIPS = 2
+"""Most flips of the first flipped layer whose output rows are split on (one branch per multiset of rows)."""
+
+MAX_SPLIT_BRANCHES = 160
+"""Most branches (multisets of rows) of a row split; beyond, the sparse or plain case bound."""
+
+MAX_SPLIT_ROWS = 32
+"""Most output rows (units, or channels of a convolution) of a layer whose rows are split on when other flips remain."""
+
+MAX_LINEAR_ROWS = 32
+"""A one-flip row split also bounds each row with the flipped layer in the backward pass (its exact pair terms,
+restricted to the row) when the layer has at most this many output rows."""
 
 MAX_ENUMERATED_FLIPS = 1024
 """A single flip in a layer with at most this many (weight, bit) pairs is evaluated exactly, pair by pair."""
@@ -68,18 +87,39 @@ def case_margins(
     x: torch.Tensor,
     labels: torch.Tensor,
     nb_classes: int,
+    refine: bool = False,
+    linear_rows: bool = True,
+    additive: bool = False,
 ) -> torch.Tensor:
     """Margin lower bounds ``(N, K)`` (label column included) over the flip sets of ``case`` with at most ``k`` flips:
-    the maximum of the interval and the backward bound, with the row split where it applies."""
+    the maximum of the interval and the backward bound, with the row split where it applies.
+
+    :param additive: the changes of several flips add up (integer codes): with ``refine``, a case whose first flipped
+        layer is a convolution is bounded by :func:`.first_layer_margins` (its flips enumerated exactly).
+    :param refine: the finer (slower) splits of :meth:`.BitFlipCertifier.verify`: rows of up to
+        :data:`MAX_SPLIT_FLIPS` flips of the first flipped layer also when other layers flip (else only for
+        ``k = 1``), and with ``linear_rows`` the per-row backward bound of a one-flip split (:data:`MAX_LINEAR_ROWS`).
+    """
     first = next(
         (i for i, layer in enumerate(network.layers) if layer.weighted and case.get(layer.weight_name, 0)),
         None,
     )
+    if refine and additive and first_layer_applicable(network, tables, case, k, first):
+        return first_layer_margins(network, params, tables, case, k, x, labels, nb_classes, first)
     if first is not None and first < len(network.layers) - 1:
         if k == 1 and tables[network.layers[first].weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS:
             return _enumerated_margins(network, params, tables, x, labels, first)
+        k_f = case[network.layers[first].weight_name]
+        rows = tables[network.layers[first].weight_name].changes.shape[0]
         if k == 1:
-            return _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, first)
+            return _row_split_margins(
+                network, params, tables, case, k, x, labels, nb_classes, first, refine and linear_rows
+            )
+        split = (
+            k_f <= MAX_SPLIT_FLIPS and rows <= MAX_SPLIT_ROWS and math.comb(rows + k_f - 1, k_f) <= MAX_SPLIT_BRANCHES
+        )
+        if refine and split:
+            return _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, first, linear_rows)
         if _next_affine(network, first) is not None:
             return _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first)
     boxes = flip_boxes(network, params, tables, case, x, x)
@@ -89,34 +129,132 @@ def case_margins(
     )
 
 
-def _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, first: int) -> torch.Tensor:
-    """The case split on the output row of the first flipped layer (one flip there): see the module docstring."""
+def _plain_margins(network, params, tables, case, k, x, labels, nb_classes) -> torch.Tensor:
+    """The case's interval and backward bounds without any split (from a known input ``x``)."""
+    try:
+        boxes = flip_boxes(network, params, tables, case, x, x)
+        return torch.maximum(
+            interval_margins(network, params, tables, case, boxes, labels, nb_classes),
+            backward_margins(network, params, tables, case, k, boxes, labels, nb_classes),
+        )
+    finally:
+        for table in tables.values():
+            table.memo.clear()
+
+
+def _row_split_margins(
+    network, params, tables, case, k, x, labels, nb_classes, first: int, linear_rows: bool = True
+) -> torch.Tensor:
+    """The case split on the output rows of the ``k_f ≤ MAX_SPLIT_FLIPS`` flips of the first flipped layer: one branch
+    per multiset of rows (see the module docstring)."""
     h = x
     for layer in network.layers[:first]:  # clean and exact up to the flipped layer
         h = _apply(layer, params, h)
     layer = network.layers[first]
+    k_f = case[layer.weight_name]
     z = _apply(layer, params, h)
-    down, up = neuron_flip_box(layer, tables[layer.weight_name], h, h, 1)
+    boxes_by_count = [neuron_flip_box(layer, tables[layer.weight_name], h, h, m) for m in range(1, k_f + 1)]
     suffix = Network(network.model, network.layers[first + 1 :])
+    # Flips left for the later layers: k − k_f when the case's budgets add up to k (a split); the "first layer that
+    # flips" cases give the later layers more in all, and the branches' boxes also cover fewer flips in this layer.
+    later = sum(case.get(lay.weight_name, 0) for lay in suffix.layers if lay.weighted)
+    k_rest = min(k, later) if later > k - k_f else k - k_f
+    if k_f == 1 and _to_last_without_flips(suffix, case, k_rest) and z.dim() == 2:
+        return _one_unit_margins(suffix, params, z, *boxes_by_count[0], labels, nb_classes)
     rows = z.shape[1]
-    index = torch.arange(rows, device=z.device)
+    branches = row_branches(rows, k_f, z.device)  # (B, k_f) row indices, ascending
+    nb = len(branches)
 
-    def run(z_, down_, up_, labels_):
-        lo = z_.unsqueeze(1).repeat((1, rows) + (1,) * (z_.dim() - 1))  # (n, rows: the flipped row, output)
+    def run(z_, labels_, *ends):
+        lo = z_.unsqueeze(1).repeat((1, nb) + (1,) * (z_.dim() - 1))  # (n, branches, output)
         hi = lo.clone()
-        lo[:, index, index] += down_
-        hi[:, index, index] += up_
+        for m in range(1, k_f + 1):
+            down, up = ends[2 * (m - 1)], ends[2 * m - 1]
+            for j in range(k_f):  # the rows of each branch flipped exactly m times (the first of equal rows)
+                row = branches[:, j]
+                count = (branches == row.unsqueeze(1)).sum(1)
+                first_of = (branches[:, :j] != row.unsqueeze(1)).all(1) if j else torch.ones_like(row, dtype=bool)
+                sel = (count == m) & first_of
+                idx, r = sel.nonzero().flatten(), row[sel]
+                lo[:, idx, r] += down[:, r]
+                hi[:, idx, r] += up[:, r]
         lo, hi = lo.flatten(0, 1), hi.flatten(0, 1)
-        lab = labels_.repeat_interleave(rows)
+        lab = labels_.repeat_interleave(nb)
         boxes = flip_boxes(suffix, params, tables, case, lo, hi)
         bound = torch.maximum(
             interval_margins(suffix, params, tables, case, boxes, lab, nb_classes),
-            backward_margins(suffix, params, tables, case, k - 1, boxes, lab, nb_classes),
+            backward_margins(suffix, params, tables, case, k_rest, boxes, lab, nb_classes),
         )
-        return bound.reshape(len(z_), rows, -1).amin(dim=1)
+        return bound.reshape(len(z_), nb, -1).amin(dim=1)
 
-    per_sample = rows * z[0].numel() * nb_classes
-    return chunked(run, len(x), per_sample, z, down, up, labels)
+    ends = [t for pair in boxes_by_count for t in pair]
+    per_sample = nb * z[0].numel() * nb_classes
+    bound = chunked(run, len(x), per_sample, z, labels, *ends)
+    if linear_rows and k_f == 1 and nb <= MAX_LINEAR_ROWS:
+        bound = torch.maximum(
+            bound, _row_linear_margins(network, params, tables, case, k, h, labels, nb_classes, first)
+        )
+    return bound
+
+
+def _to_last_without_flips(suffix: Network, case: Case, k_rest: int) -> bool:
+    """Whether ``suffix`` is an optional elementwise (monotone) activation, then the last affine layer, which cannot
+    flip (no budget left for it)."""
+    layers = suffix.layers
+    last = layers[-1]
+    shape_ok = len(layers) == 1 or (len(layers) == 2 and layers[0].elementwise)
+    return shape_ok and last.weighted and (k_rest == 0 or case.get(last.weight_name, 0) == 0)
+
+
+def _one_unit_margins(suffix: Network, params: dict, z, down, up, labels, nb_classes: int) -> torch.Tensor:
+    """Row split of one flip of a Linear layer followed by an elementwise monotone activation and the last layer
+    (which cannot flip), exactly: with unit ``r`` alone in ``[z_r + down_r, z_r + up_r]`` the margins are monotone in
+    it, so their minimum is at an end; the minimum over the units is the case's bound."""
+    act = suffix.layers[0] if len(suffix.layers) == 2 else None
+    last = suffix.layers[-1]
+    weight = params[last.weight_name]
+    bias = params[last.bias_name] if last.bias_name else None
+    h = z if act is None else act.apply(z)
+    clean = last.apply(h, weight, bias)  # (N, K)
+    base = clean.gather(1, labels.unsqueeze(1)) - clean  # (N, K) margins
+    coef = weight[labels].unsqueeze(1) - weight.unsqueeze(0)  # (N, K, units): e_y − e_i through the last layer
+    ends = [z + down, z + up]
+    if act is not None:
+        ends = [act.apply(e) for e in ends]
+    moves = [coef * (e - h).unsqueeze(1) for e in ends]  # (N, K, units)
+    worst = torch.minimum(*moves).amin(dim=2)
+    return base + worst.clamp_max(0)
+
+
+def _row_linear_margins(network, params, tables, case, k, h, labels, nb_classes, first: int) -> torch.Tensor:
+    """The row split of the ``k_f`` flips of layer ``first`` with the flipped layer kept in the backward pass: per
+    multiset of rows, that layer's flips restricted to those rows (exact pair terms against its known input ``h``),
+    the later layers' boxes from those rows' boxes; the minimum over the branches."""
+    layer = network.layers[first]
+    table = tables[layer.weight_name]
+    suffix = Network(network.model, network.layers[first:])
+    bound = None
+    for rows in row_branches(table.changes.shape[0], case[layer.weight_name], table.changes.device).tolist():
+        keep = torch.zeros_like(table.changes, dtype=torch.bool)
+        keep[sorted(set(rows))] = True
+        restricted = dict(tables)
+        restricted[layer.weight_name] = _restricted(table, keep)
+        try:
+            boxes = flip_boxes(suffix, params, restricted, case, h, h)
+            row = torch.maximum(
+                interval_margins(suffix, params, restricted, case, boxes, labels, nb_classes),
+                backward_margins(suffix, params, restricted, case, k, boxes, labels, nb_classes),
+            )
+        finally:
+            restricted[layer.weight_name].memo.clear()
+        bound = row if bound is None else torch.minimum(bound, row)
+    return bound
+
+
+def row_branches(rows: int, count: int, device) -> torch.Tensor:
+    """Every multiset of ``count`` rows among ``rows``: ``(B, count)`` int64, each row ascending."""
+    combos = list(itertools.combinations_with_replacement(range(rows), count))
+    return torch.tensor(combos, dtype=torch.int64, device=device).reshape(len(combos), count)
 
 
 def _next_affine(network: Network, first: int) -> int | None:
@@ -212,3 +350,91 @@ def _enumerated_margins(network, params, tables, x, labels, first: int) -> torch
     weight_shape = params[network.layers[first].weight_name].shape
     changes = changes.permute(2, 0, 1).reshape((changes.shape[2], rows) + tuple(weight_shape[1:]))
     return single_flip_margins(network, params, first, changes, h, labels)
+
+
+MAX_REFINED_FLIPS = 16384
+"""The largest layer (weight-bit pairs) whose one-flip cases :meth:`.BitFlipCertifier.verify` branches on."""
+
+MAX_BRANCH_FLIPS = 1024
+"""The largest single flips of a layer enumerated one by one in :func:`enumerated_split_margins` (the others are one
+branch per output row, with their smaller single-flip boxes)."""
+
+
+def _restricted(table: FlipTable, keep: torch.Tensor) -> FlipTable:
+    """``table`` with only the pairs ``keep`` (``(rows, fan_in, bits)`` bool): the others change nothing (a superset of
+    the flip sets that use only ``keep``'s pairs)."""
+    changes = torch.where(keep, table.changes, torch.zeros_like(table.changes))
+    return FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2))
+
+
+def enumerated_split_margins(
+    network: Network,
+    params: dict,
+    tables: dict[str, FlipTable],
+    case: Case,
+    k: int,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    nb_classes: int,
+    first: int,
+    nb_enumerated: int = MAX_BRANCH_FLIPS,
+) -> torch.Tensor:
+    """
+    Margin lower bounds ``(N, K)`` of a case with exactly one flip budgeted in its first flipped layer ``first``
+    (docs/theory.md §11, branching on the placement of a flip): the ``nb_enumerated`` largest single flips of that
+    layer are branches of their own, the layer's output exact and the rest of the network bounded with the other
+    layers' budgets (``k − 1`` flips, recursively by :func:`case_margins`); the remaining flips form one more branch,
+    split on the output row as in the row split. The minimum over the branches is sound.
+    """
+    from art_weightpert.certification.bit_flip_enumeration import _unit_outputs  # noqa: PLC0415
+
+    h = x
+    for layer in network.layers[:first]:
+        h = _apply(layer, params, h)
+    layer = network.layers[first]
+    table = tables[layer.weight_name]
+    z = _apply(layer, params, h)
+    magnitude = table.changes.abs().flatten()
+    nb = min(nb_enumerated, int((magnitude > 0).sum()))
+    top = magnitude.topk(nb).indices if nb else magnitude.new_zeros(0, dtype=torch.int64)
+    fan_in, n_bits = table.changes.shape[1], table.changes.shape[2]
+    row, col, bit = top // (fan_in * n_bits), (top // n_bits) % fan_in, top % n_bits
+    suffix = Network(network.model, network.layers[first + 1 :])
+    rest = {name: (0 if name == layer.weight_name else count) for name, count in case.items()}
+    bound = None
+    if nb:
+        basis = _unit_outputs(layer, h)  # (N, fan_in, ...)
+        change = table.changes[row, col, bit]
+
+        def run(z_, basis_, labels_):
+            zf = z_.unsqueeze(0).repeat((nb,) + (1,) * z_.dim())  # (branches, n, ...)
+            shape = (nb, 1) + (1,) * (z_.dim() - 2)
+            zf[torch.arange(nb, device=z_.device), :, row] += change.reshape(shape) * basis_[:, col].movedim(1, 0)
+            flat = zf.flatten(0, 1)
+            lab = labels_.repeat(nb)
+            out = case_margins(
+                suffix, params, tables, rest, k - 1, flat, lab, nb_classes, refine=True, linear_rows=False
+            )
+            return out.reshape(nb, len(z_), -1).amin(dim=0)
+
+        bound = chunked(run, len(x), nb * max(1, z[0].numel()) * 16, z, basis, labels)
+    keep = torch.ones_like(table.changes, dtype=torch.bool)
+    keep.view(-1)[top] = False
+    if bool((table.changes.flatten()[keep.flatten()] != 0).any()):
+        small = dict(tables)
+        small[layer.weight_name] = _restricted(table, keep)
+        one = dict(case)
+        one[layer.weight_name] = 1
+        rest_bound = _row_split_margins(network, params, small, one, k, x, labels, nb_classes, first)
+        small[layer.weight_name].memo.clear()
+        bound = rest_bound if bound is None else torch.minimum(bound, rest_bound)
+    if bound is None:  # nothing of this layer can change: the case is the suffix's
+        bound = case_margins(suffix, params, tables, rest, k - 1, _apply(layer, params, h), labels, nb_classes)
+    return bound
+
+
+def first_flipped(network: Network, case: Case) -> int | None:
+    """Index in ``network.layers`` of the first affine layer with a flip budget in ``case`` (``None``: none)."""
+    return next(
+        (i for i, layer in enumerate(network.layers) if layer.weighted and case.get(layer.weight_name, 0)), None
+    )

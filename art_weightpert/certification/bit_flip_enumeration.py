@@ -147,3 +147,99 @@ def _step(network: Network, params: dict, h: torch.Tensor, index: int) -> torch.
     if layer.weighted:
         return layer.apply(h, params[layer.weight_name], params[layer.bias_name] if layer.bias_name else None)
     return layer.apply(h)
+
+
+def greedy_flip_search(
+    network: Network,
+    params: dict,
+    tables: dict,
+    weights,
+    bits: tuple[int, ...] | None,
+    x: torch.Tensor,
+    label: int,
+    k: int,
+    nb_candidates: int = 32,
+    nb_targets: int = 3,
+) -> list | None:
+    """
+    A greedy search for at most ``k`` flips that change the prediction of one sample (the falsification step of
+    :meth:`.BitFlipCertifier.verify`, docs/theory.md §11): for each of the ``nb_targets`` classes closest to the
+    label, flip by flip, the pair terms ``∂(f_y − f_t)/∂w · D`` rank every (weight, bit) pair, the
+    ``nb_candidates`` most negative are evaluated exactly (one batched forward) and the one giving the smallest
+    margin is kept, until the margin is negative.
+
+    :param network: the chain, in float64 with the certified weights ``params``.
+    :param tables: ``{weight name: FlipTable}`` of the weights that may flip.
+    :param weights: the :class:`.QuantizedWeights` or :class:`.FloatWeights` the tables were made from.
+    :param bits: the allowed bit positions the tables hold (``None``: every bit of integer codes).
+    :param x: one input ``(1,) + input shape``, float64.
+    :param label: its label.
+    :param k: most flips.
+    :return: the flips (:class:`.BitFlip` or :class:`.FloatBitFlip`), or ``None`` when none was found. The caller
+        checks them on the model itself.
+    """
+    from art_weightpert.flips import BitFlip  # noqa: PLC0415
+    from art_weightpert.float_bits import FloatBitFlip, FloatWeights  # noqa: PLC0415
+
+    is_float = isinstance(weights, FloatWeights)
+    flip_type = FloatBitFlip if is_float else BitFlip
+    positions = list(bits) if bits is not None else list(range(weights.n_bits))
+    names = list(tables)
+    if not names or k == 0:
+        return None
+    logits = network.forward(x, params)[0]
+    margins = logits[label] - logits
+    margins[label] = float("inf")
+    for target in margins.argsort()[: min(nb_targets, len(margins) - 1)].tolist():
+        chosen: list[tuple[str, int, int]] = []  # (name, flat pair index into (rows, fan_in, bits))
+        delta = {n: torch.zeros_like(params[n]) for n in names}
+        for _ in range(k):
+            with torch.enable_grad():
+                probe = {n: (params[n] + delta[n]).requires_grad_() for n in names}
+                out = network.forward(x, {**params, **probe})[0]
+                grads = torch.autograd.grad(out[label] - out[target], [probe[n] for n in names])
+            pool_values, pool_keys = [], []
+            for n, g in zip(names, grads):
+                changes = tables[n].changes
+                terms = (g.reshape(changes.shape[:2]).unsqueeze(2) * changes).flatten()
+                for m, pair in chosen:
+                    if m == n:  # a chosen bit flips once; float encodings: one bit per weight
+                        if is_float:
+                            w = pair // changes.shape[2]
+                            terms[w * changes.shape[2] : (w + 1) * changes.shape[2]] = float("inf")
+                        else:
+                            terms[pair] = float("inf")
+                terms = torch.nan_to_num(terms, nan=float("inf"))
+                top = terms.topk(min(nb_candidates, len(terms)), largest=False)
+                pool_values.append(top.values)
+                pool_keys += [(n, int(i)) for i in top.indices]
+            values = torch.cat(pool_values)
+            order = values.topk(min(nb_candidates, len(values)), largest=False).indices.tolist()
+            candidates = [pool_keys[j] for j in order if bool(torch.isfinite(values[j]))]
+            if not candidates:
+                break
+            sample = {n: delta[n].unsqueeze(0).repeat((len(candidates),) + (1,) * delta[n].dim()) for n in names}
+            for j, (n, pair) in enumerate(candidates):
+                changes = tables[n].changes
+                w, b = divmod(pair, changes.shape[2])
+                sample[n][j].view(-1)[w] += changes.view(-1, changes.shape[2])[w, b]
+            batch = x.expand((len(candidates),) + tuple(x.shape[1:]))
+            out = network.forward(batch, params, sample)
+            m = out.gather(1, torch.full((len(candidates), 1), label, device=x.device)) - out
+            m[:, label] = float("inf")
+            worst = m.amin(dim=1)
+            best = int(worst.argmin())
+            n, pair = candidates[best]
+            chosen.append((n, pair))
+            delta[n] = sample[n][best].clone()
+            if worst[best] < 0:
+                return [_as_flip(flip_type, tables, params, n, p, positions) for n, p in chosen]
+    return None
+
+
+def _as_flip(flip_type, tables: dict, params: dict, name: str, pair: int, positions: list[int]):
+    """The flip of flat pair index ``pair`` of ``tables[name]`` (rows, fan_in, bits)."""
+    n_bits = tables[name].changes.shape[2]
+    w, b = divmod(pair, n_bits)
+    index = tuple(int(i) for i in np.unravel_index(w, tuple(params[name].shape)))
+    return flip_type(name, index, positions[b])

@@ -119,6 +119,8 @@ def smallest_terms(
     :return: ``(..., min(k, W·n_bits))`` terms ≤ 0, ascending.
     """
     worst = torch.minimum(largest * gmin, smallest * gmax).clamp_max(0)
+    if k == 1:  # the most negative term of a weight is its ``worst``: the smallest over the weights, no expansion
+        return worst.amin(dim=-1, keepdim=True)
     nb = min(k, worst.shape[-1])
     idx = worst.topk(nb, dim=-1, largest=False).indices  # the weights holding the k most negative terms
     lo, hi = gmin.expand_as(worst).gather(-1, idx), gmax.expand_as(worst).gather(-1, idx)
