@@ -36,6 +36,8 @@ _LAZY = {
     "FloatWeights": "art_weightpert.float_bits",
     "WeightPerturbationCertifier": "art_weightpert.certification",
     "BitFlipCertifier": "art_weightpert.certification",
+    "WeightPerturbationVerifier": "art_weightpert.verification",
+    "VerificationResult": "art_weightpert.verification",
     "WeightRobustTrainer": "art_weightpert.defences.trainer",
     "BitFlipRobustTrainer": "art_weightpert.defences.trainer",
     "WeightIntegrityDetector": "art_weightpert.defences.detector",

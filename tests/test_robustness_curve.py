@@ -157,3 +157,28 @@ def test_seeded_pgd_does_not_depend_on_the_other_methods(clf, test_data):
     torch.manual_seed(123)  # whatever the global generator's state, the seeded attack repeats itself
     mixed = weight_robustness_curve(clf, x, y, EPS[1:], methods=("random", "pgd", "clean"), **kwargs)
     assert alone["accuracies"]["pgd"] == mixed["accuracies"]["pgd"]
+
+
+def test_verified_shares_on_the_curve_the_plot_and_the_report(clf, test_data, tmp_path):
+    """``"verified"``: the verifier's certified share, at least the linear certificate's, at most the share it could
+    not falsify; its falsified and unknown shares beside it; the plot shades the undecided band; the CLI's table
+    shows the three shares and the time."""
+    from art_weightpert.cli.render import results_table
+    from art_weightpert.cli.report import _entry_of_curve
+
+    x, y = test_data[0][:60], test_data[1][:60]
+    methods = ["clean", "linear", "verified"]
+    curve = weight_robustness_curve(
+        clf, x, y, [0.0, 0.005, 0.01], norm="inf", methods=methods, verify_params={"time_limit": 0.2}
+    )
+    verified, linear = np.asarray(curve["accuracies"]["verified"]), np.asarray(curve["accuracies"]["linear"])
+    falsified, unknown = np.asarray(curve["verified_falsified"]), np.asarray(curve["verified_unknown"])
+    assert np.all(verified >= linear - 1e-12)
+    np.testing.assert_allclose(verified + falsified + unknown, 1.0)
+    assert falsified[-1] > falsified[0] and len(curve["verified_seconds_per_sample"]) == 3
+    path = plot_robustness_curve(curve, tmp_path / "verified.svg")
+    assert "undecided (verifier)" in (tmp_path / "verified.svg").read_text() and path.endswith(".svg")
+    entry = _entry_of_curve(curve, methods)
+    report = {"models": {"m": entry}, "methods": methods, "eps_grid": [0.0, 0.005, 0.01]}
+    header, rows = results_table(report, "m")
+    assert "falsified" in rows[-1][-1] and "unknown" in rows[-1][-1] and "s/sample" in rows[-1][-1]

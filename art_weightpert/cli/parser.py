@@ -13,14 +13,17 @@ from typing import Any, NoReturn
 from art_weightpert import __version__
 from art_weightpert.budget import NORMS
 from art_weightpert.certification import METHODS as BOUND_METHODS
+from art_weightpert.certification.precision import DEFAULT_DTYPE, dtype_name
 from art_weightpert.defences.trainer.weight_robust_trainer import WARMUP_EPOCHS
 from art_weightpert.validation import check_int, check_non_negative, check_non_negative_int, check_positive_int
 from art_weightpert.zoo import DIGITS_RECIPE
 
 PROG = "art-weightpert"
 DEFAULT_OUT = "art-weightpert-report"
-REPORT_METHODS = ("clean", "random", "pgd", *BOUND_METHODS)
-"""The methods of a report: clean accuracy, random faults, WeightPGD and every certificate."""
+OPTIONAL_METHODS = ("alpha", "verified")
+"""Methods a report runs only when asked (``--methods``): optimized bounds and the verifier cost seconds per sample."""
+REPORT_METHODS = ("clean", "random", "pgd", *(m for m in BOUND_METHODS if m not in OPTIONAL_METHODS))
+"""The default methods of a report: clean accuracy, random faults, WeightPGD and the certificates."""
 
 
 class DeprecatedFlag(argparse.Action):
@@ -97,10 +100,20 @@ _THREADS = (
 )
 _NPROC = ("--nproc", {"type": positive_int, "default": 1, "help": "processes (torch.distributed; default 1)"})
 _DEVICE = ("--device", {"choices": ("cpu", "gpu"), "default": "cpu", "help": "where torch runs (default: cpu)"})
+_DTYPE = (
+    "--dtype",
+    {
+        "choices": ("float32", "float64"),
+        "default": None,
+        "help": "precision of the certificates: float32 (with rounding-error terms, sound) or float64 (default: the "
+        "certifiers' own)",
+    },
+)
 COMMON = [
     _OUT,
     _SEED,
     ("--batch-size", {"type": positive_int, "default": 128, "help": "samples per forward pass"}),
+    _DTYPE,
     _QUIET,
     _THREADS,
 ]
@@ -177,8 +190,9 @@ EVALUATE = [
     ("--layers", {"nargs": "+", "default": None, "help": "Linear/Conv layers to perturb (default: all)"}),
     ("--relative", {"action": "store_true", "help": "radii relative to the weights (ε·|W|)"}),
     ("--include-bias", {"action": "store_true", "help": "also perturb the biases"}),
-    ("--methods", {"nargs": "+", "choices": REPORT_METHODS, "default": list(REPORT_METHODS),
-                   "help": "methods to run (default: all)"}),
+    ("--methods", {"nargs": "+", "choices": REPORT_METHODS + OPTIONAL_METHODS, "default": list(REPORT_METHODS),
+                   "help": "methods to run (default: all but the costly alpha and verified: the verifier's "
+                           "certified, falsified and unknown shares)"}),
     _DEVICE,
     ("--max-samples", {"type": positive_int, "default": None, "help": "evaluate the first N test points"}),
     ("--pgd-steps", {"type": positive_int, "default": 20, "help": "WeightPGD iterations (default 20)"}),
@@ -267,10 +281,13 @@ COMMANDS = {
 """Per command: its arguments ``(flag, argparse keywords)``, its one-line help and its description."""
 
 
-def process_settings(args: argparse.Namespace) -> dict[str, int]:
+def process_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The processes and torch threads of the run, as written into the report's settings (``args.threads``,
     ``args.threads_per_process`` as resolved by :func:`.launch.thread_settings`)."""
-    return {"nproc": args.nproc, "threads": args.threads, "threads_per_process": args.threads_per_process}
+    settings = {"nproc": args.nproc, "threads": args.threads, "threads_per_process": args.threads_per_process}
+    if "dtype" in args:  # the commands that certify
+        settings["certificate_dtype"] = args.dtype or dtype_name(DEFAULT_DTYPE)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -73,6 +73,11 @@ def results_table(report: Mapping[str, Any], name: str) -> tuple[list[str], list
             cell = _fmt(entry["curves"][m][i])
             if m == "random" and entry.get("random_min") is not None:
                 cell += f" (min {_fmt(entry['random_min'][i])})"
+            if m == "verified" and entry.get("verified_falsified") is not None:
+                cell += (
+                    f" (falsified {_fmt(entry['verified_falsified'][i])}, unknown {_fmt(entry['verified_unknown'][i])}"
+                    f", {_fmt(entry['verified_seconds_per_sample'][i], '.2f')} s/sample)"
+                )
             row.append(cell)
         rows.append(row)
     return header, rows
@@ -101,7 +106,7 @@ def zero_certificate_lines(report: Mapping[str, Any], name: str) -> list[str]:
     tries += [
         "a smaller ε grid (`--eps`)",
         "a model trained for the ball (`art-weightpert train`, `WeightRobustTrainer`)",
-        "an exact verifier once the library has one",
+        "the verifier (`--methods ... verified`: branch and bound, a verdict per sample)",
     ]
     return [
         f"Every certified column ({', '.join(method_label(m) for m in certified)}) is 0 at every ε > 0: the budget "

@@ -95,6 +95,7 @@ def evaluate_model(
     train_data: tuple[np.ndarray, np.ndarray] | None = None,
     radius_methods: Sequence[str] = ("paper", "interval"),
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """
     One model's entry of the report: its :func:`.weight_robustness_curve` across the ε grid by each method, the
@@ -113,6 +114,7 @@ def evaluate_model(
     :param radius_methods: certification methods whose per-sample certified radius is computed (a bisection over
         the radius for most bounds: costly for ``"linear"``, hence not in the default).
     :param progress: called after each unit of work with its description (for a progress bar).
+    :param dtype: the precision of the certificates (``None``: the certifiers' default; docs/theory.md §5).
     :return: ``{"clean_accuracy", "curves": {method: [accuracy per ε]}, "random_std", "random_min", "random_max",
         "certified_radius": {method: summary}, "unavailable": {method: reason}, "generalization_bound", "seconds":
         {method: float}, "correct": [per test point], "perturbed_layers": [the budget's layers on the model]}``.
@@ -128,6 +130,7 @@ def evaluate_model(
         batch_size=batch_size,
         seed=seed,
         progress=progress,
+        dtype=dtype,
     )
     entry = _entry_of_curve(curve, methods)
     entry["perturbed_layers"] = budget.layer_names(classifier.base_model)
@@ -136,7 +139,7 @@ def evaluate_model(
     for method in radius_methods:
         if method in entry["curves"]:
             start = time.perf_counter()
-            radii = certified_weight_radius(classifier, x, y, budget, method=method, batch_size=batch_size)
+            radii = certified_weight_radius(classifier, x, y, budget, method=method, batch_size=batch_size, dtype=dtype)
             entry["certified_radius"][method] = radius_summary(radii)
             entry["seconds"][method] += time.perf_counter() - start
     if train_data is not None:
@@ -158,6 +161,9 @@ def _entry_of_curve(curve: Mapping[str, Any], methods: Sequence[str]) -> dict[st
     }
     if "random" in methods:
         entry.update({key: curve[key] for key in ("random_std", "random_min", "random_max")})
+    if "verified" in available:
+        keys = ("verified_falsified", "verified_unknown", "verified_seconds_per_sample")
+        entry.update({key: curve[key] for key in keys})
     return entry
 
 

@@ -8,6 +8,7 @@ from typing import Any
 _LAZY = {
     "weight_certified_accuracy": "art_weightpert.metrics.certification",
     "certified_weight_radius": "art_weightpert.metrics.certification",
+    "weight_verified_accuracy": "art_weightpert.metrics.verification",
     "generalization_bound": "art_weightpert.metrics.generalization",
     "weight_sharpness": "art_weightpert.metrics.generalization",
     "pac_bayes_sigma": "art_weightpert.metrics.generalization",

@@ -28,6 +28,8 @@ STYLES: dict[str, tuple[str, str, str, str]] = {
     "paper": ("tab:olive", "-.", "certified (paper)", "v"),
     "interval": ("tab:green", "-", "certified (interval)", "D"),
     "linear": ("tab:purple", ":", "certified (linear)", "P"),
+    "alpha": ("tab:pink", ":", "certified (alpha)", "X"),
+    "verified": ("tab:cyan", "-", "certified (verifier)", "o"),
 }
 """Per method: colour, line style, label and marker."""
 
@@ -262,6 +264,8 @@ def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
         )  # fmt: skip
     if "random" in result["accuracies"] and len(result.get("random_min") or ()) == len(eps):
         ax.fill_between(eps, result["random_min"], result["random_max"], color=STYLES["random"][0], alpha=0.15, lw=0)
+    if len(result.get("verified_falsified") or ()) == len(eps):
+        handles.update(_undecided_band(ax, eps, result))
     if missing:
         text = "unavailable: " + ", ".join(method_label(m) for m in dict.fromkeys(missing))
         ax.text(0.02, 0.03, text, transform=ax.transAxes, fontsize=7, color="gray", wrap=True)
@@ -276,6 +280,19 @@ def _draw_curve(ax: Any, result: Mapping[str, Any]) -> dict[str, Any]:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     return handles
+
+
+def _undecided_band(ax: Any, eps: np.ndarray, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The verifier's undecided samples as a band between its certified share (below) and the share it could not
+    falsify (above, ``1 − falsified``: an upper bound of the robust accuracy, like the attacks' curves)."""
+    certified = np.asarray([np.nan if v is None else v for v in result["accuracies"]["verified"]], dtype=float)
+    falsified = np.asarray([np.nan if v is None else v for v in result["verified_falsified"]], dtype=float)
+    if not np.isfinite(falsified).any():
+        return {}
+    color = STYLES["verified"][0]
+    (upper,) = ax.plot(eps, 1 - falsified, "--", color=color, lw=1, label="not falsified (verifier)")
+    band = ax.fill_between(eps, certified, 1 - falsified, color=color, alpha=0.15, lw=0, label="undecided (verifier)")
+    return {"not falsified (verifier)": upper, "undecided (verifier)": band}
 
 
 def _readable_ticks(ax: Any, log: bool, values: Sequence[float] = ()) -> None:

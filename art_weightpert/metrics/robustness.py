@@ -36,7 +36,10 @@ from art_weightpert.network import UnsupportedModelError
 logger = logging.getLogger(__name__)
 
 METHODS = ("clean", "random", "pgd", "certified")
-"""The default methods; any bound method name of :data:`art_weightpert.certification.METHODS` is accepted too."""
+"""The default methods; any bound method name of :data:`art_weightpert.certification.METHODS` is accepted too, and
+``"verified"`` (:class:`.WeightPerturbationVerifier`: certified, falsified and unknown shares)."""
+
+VERIFIED = "verified"
 
 
 def weight_robustness_curve(
@@ -56,6 +59,8 @@ def weight_robustness_curve(
     verbose: bool = False,
     seed: int | None = None,
     progress: Callable[[str], None] | None = None,
+    dtype: torch.dtype | None = None,
+    verify_params: Mapping[str, Any] | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
     """
@@ -70,7 +75,9 @@ def weight_robustness_curve(
     :param methods: any of ``"clean"``, ``"random"`` (mean accuracy over random draws), ``"pgd"`` (universal
         :class:`.WeightPGD`), ``"certified"`` (share of samples certified correct by ``method``) and the
         bound method names of :data:`art_weightpert.certification.METHODS` (certified accuracy by that method; several
-        at once). At a zero radius, random faults and WeightPGD are not run: they give the clean accuracy.
+        at once), and ``"verified"``: the share certified by :class:`.WeightPerturbationVerifier` (bounds, branch and
+        bound, attack; docs/theory.md §11), with its falsified and unknown shares beside it. At a zero radius, random
+        faults and WeightPGD are not run: they give the clean accuracy.
     :param layers: perturbed layers for ε values (``None``: all); ``relative``, ``include_bias``: as in the budget.
     :param method: the bound method of ``"certified"`` (default ``"linear"``, the tightest; formerly
         ``certify_method``, still accepted with a ``DeprecationWarning``).
@@ -81,19 +88,25 @@ def weight_robustness_curve(
     :param seed: when given, torch's generator is seeded with it before each WeightPGD run, so the results do not
         depend on the order of the work.
     :param progress: called with a short description after each (budget, method) unit of work.
+    :param dtype: the precision of the certificates (``torch.float32`` with the rounding terms of docs/theory.md §5,
+        or ``torch.float64``; ``None``: the certifier's default).
+    :param verify_params: keyword arguments of :class:`.WeightPerturbationVerifier` for ``"verified"`` (default: its
+        own, with the curve's ``batch_size`` and ``verbose``).
     :return: ``{"eps": [float], "budgets": [budget.to_dict()], "methods": [str], "accuracies": {method: [float]},
         "clean_accuracy": float, "random_std", "random_min", "random_max": [float] and "random_quantiles":
         [{q: float}] (with "random"), "norm", "certify_method", "nb_samples": int, "unavailable": {method: reason},
-        "seconds": {method: float}, "notes": [str]}``. A certificate that cannot handle the model gives NaN, a note
-        and its reason under "unavailable".
+        "seconds": {method: float}, "notes": [str]}`` and with ``"verified"``: "verified_falsified",
+        "verified_unknown" (shares per ε; ``1 − falsified`` bounds the robust accuracy from above) and
+        "verified_seconds_per_sample". A certificate that cannot handle the model gives NaN, a note and its reason
+        under "unavailable".
     """
     method = renamed_keyword(deprecated, "certify_method", "method", method, "linear", "weight_robustness_curve")
     reject_unknown_keywords(deprecated, "weight_robustness_curve")
     classifier = as_weight_classifier(classifier, "classifier")
     methods = _check_methods(methods, method)
     budgets = _budgets(budgets_or_eps_list, norm, layers, relative, include_bias)
-    run = _Runner(classifier, x, y, budgets, methods, method, batch_size, verbose, seed)
-    run.set_params(pgd_params, random_params)
+    run = _Runner(classifier, x, y, budgets, methods, method, batch_size, verbose, seed, dtype)
+    run.set_params(pgd_params, random_params, verify_params)
     for budget in budgets:
         for method in methods:
             run.measure(method, budget)
@@ -108,8 +121,9 @@ def weight_robustness_curve(
 class _Runner:
     """One accuracy per (method, budget), by the public attacks and certifier; fills the curve's side results."""
 
-    def __init__(self, classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed) -> None:
+    def __init__(self, classifier, x, y, budgets, methods, certify_method, batch_size, verbose, seed, dtype) -> None:
         self.classifier, self.x, self.batch_size, self.verbose, self.seed = classifier, x, batch_size, verbose, seed
+        self.dtype = dtype
         _, labels_t = classifier.prepare_inputs(x, y)  # validates x and y
         distributed.check_same_data(np.asarray(x), None if y is None else np.asarray(y), name="x")
         self.clean_pred = _predicted_labels(classifier, x, batch_size)
@@ -129,10 +143,18 @@ class _Runner:
         }
         if "random" in methods:
             self.result.update(random_std=[], random_min=[], random_max=[], random_quantiles=[])
+        if VERIFIED in methods:
+            self.result.update(verified_falsified=[], verified_unknown=[], verified_seconds_per_sample=[])
 
-    def set_params(self, pgd_params: Mapping[str, Any] | None, random_params: Mapping[str, Any] | None) -> None:
-        """The keyword arguments of the attacks: the curve's ``batch_size``, ``verbose`` and ``seed``, then the
-        user's."""
+    def set_params(
+        self,
+        pgd_params: Mapping[str, Any] | None,
+        random_params: Mapping[str, Any] | None,
+        verify_params: Mapping[str, Any] | None = None,
+    ) -> None:
+        """The keyword arguments of the attacks and the verifier: the curve's ``batch_size``, ``verbose`` and
+        ``seed``, then the user's."""
+        self.verify_kwargs = {"verbose": self.verbose, "dtype": self.dtype, **dict(verify_params or {})}
         self.pgd_kwargs = {"batch_size": self.batch_size, "verbose": self.verbose, **dict(pgd_params or {})}
         seed = 0 if self.seed is None else self.seed
         self.random_kwargs = {"nb_samples": 10, "seed": seed, "batch_size": self.batch_size, "verbose": self.verbose}
@@ -151,6 +173,8 @@ class _Runner:
             return self.random(budget)
         if method == "pgd":
             return self.result["clean_accuracy"] if _zero_radius(budget) else self.pgd(budget)
+        if method == VERIFIED:
+            return self.verified(budget)
         bound = self.result["certify_method"] if method == "certified" else method
         return self.certified(method, bound, budget)
 
@@ -184,11 +208,29 @@ class _Runner:
         predictions = _predicted_labels(attacked, self.x, self.batch_size)  # W + Δ + δ: the carried Δ kept
         return float(np.mean(predictions == self.labels)) if len(self.labels) else math.nan
 
+    def verified(self, budget: PerturbationBudget) -> float:
+        from art_weightpert.metrics.verification import weight_verified_accuracy
+
+        if VERIFIED in self.result["unavailable"]:
+            shares = {"certified": math.nan, "falsified": math.nan, "unknown": math.nan, "seconds_per_sample": math.nan}
+        else:
+            try:
+                shares = weight_verified_accuracy(self.classifier, self.x, self.labels, budget, **self.verify_kwargs)
+            except (UnsupportedModelError, NotImplementedError) as err:
+                self.result["unavailable"][VERIFIED] = str(err)
+                self.result["notes"].append(f"verified accuracy unavailable: {err}")
+                logger.warning("verified accuracy unavailable: %s", err)
+                return self.verified(budget)
+        self.result["verified_falsified"].append(shares["falsified"])
+        self.result["verified_unknown"].append(shares["unknown"])
+        self.result["verified_seconds_per_sample"].append(shares["seconds_per_sample"])
+        return shares["certified"]
+
     def certified(self, method: str, bound: str, budget: PerturbationBudget) -> float:
         if method in self.result["unavailable"]:
             return math.nan
         try:
-            kwargs = {"method": bound, "batch_size": self.batch_size, "verbose": self.verbose}
+            kwargs = {"method": bound, "batch_size": self.batch_size, "verbose": self.verbose, "dtype": self.dtype}
             certifier = WeightPerturbationCertifier(self.classifier, budget, **kwargs)
             certified = np.asarray(certifier.certify(self.x, self.labels), dtype=bool)
         except (UnsupportedModelError, NotImplementedError) as err:
@@ -236,7 +278,7 @@ def _zero_radius(budget: PerturbationBudget) -> bool:
 
 def _check_methods(methods: Sequence[str] | str, certify_method: str) -> list[str]:
     methods = [methods] if isinstance(methods, str) else list(methods)
-    allowed = list(METHODS) + [m for m in BOUND_METHODS if m not in METHODS]
+    allowed = list(METHODS) + [m for m in BOUND_METHODS if m not in METHODS] + [VERIFIED]
     unknown = [m for m in methods if m not in allowed]
     if unknown or not methods:
         raise ValueError(f"`methods` must be a non-empty subset of {allowed}, got {methods}.")

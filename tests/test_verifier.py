@@ -1,0 +1,227 @@
+"""Tests of the complete verifier (:class:`.WeightPerturbationVerifier`, docs/theory.md §11): sound verdicts, checked
+counterexamples, branch and bound beyond the plain bound, the user's weights untouched, parameter validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
+from art_weightpert.attacks.per_sample import PerSampleWeightPGD
+from art_weightpert.metrics.verification import weight_verified_accuracy
+from art_weightpert.resnets import digits_resnet
+from art_weightpert.torch_tools import run_with_parameters
+from art_weightpert.verification import VerificationResult, WeightPerturbationVerifier
+from art_weightpert.verification.falsify import CounterexampleSearch
+from tests.conftest import random_mlp
+
+EPS = 0.01  # the small MLP below: the plain linear bound certifies 5 of 30 points, branch and bound 7
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = random_mlp((8, 16, 16, 3), True, seed=0).eval()
+    classifier = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (8,), 3)
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    y = classifier.predict(x).argmax(axis=1)
+    return classifier, x, y
+
+
+@pytest.fixture(scope="module")
+def verified(small):
+    classifier, x, y = small
+    verifier = WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), time_limit=0.5, verbose=False)
+    return verifier.verify(x, y)
+
+
+def test_result_shapes_and_shares(verified):
+    assert isinstance(verified, VerificationResult)
+    assert verified.status.shape == verified.lower_bounds.shape == verified.seconds.shape == (30,)
+    shares = verified.shares()
+    assert set(shares) == {"certified", "falsified", "unknown"}
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert set(verified.counterexamples) == set(np.nonzero(verified.status == "falsified")[0].tolist())
+    assert shares["certified"] > 0 and shares["falsified"] > 0
+
+
+def test_certified_samples_survive_a_strong_per_sample_attack(small, verified):
+    classifier, x, y = small
+    certified = verified.status == "certified"
+    attack = PerSampleWeightPGD(classifier, PerturbationBudget(EPS), max_iter=200, num_random_init=4, verbose=False)
+    result = attack.generate(x[certified], y[certified])
+    assert not result["flipped"].any()
+    # no margin observed falls below the verifier's lower bound of a certified sample
+    assert np.all(result["worst_margin"] >= verified.lower_bounds[certified] - 1e-9)
+
+
+def test_counterexamples_are_in_the_ball_and_change_the_float64_prediction(small, verified):
+    classifier, x, y = small
+    budget = PerturbationBudget(EPS)
+    model64 = _float64(classifier.model)
+    for i, delta in verified.counterexamples.items():
+        assert budget.contains(delta, model64, atol=0.0)
+        params = dict(model64.named_parameters())
+        perturbed = {
+            k: v + torch.as_tensor(delta[k], dtype=torch.float64) if k in delta else v for k, v in params.items()
+        }
+        with torch.no_grad():
+            logits = run_with_parameters(model64, perturbed, torch.as_tensor(x[i : i + 1], dtype=torch.float64))[0]
+        others = torch.cat([logits[: int(y[i])], logits[int(y[i]) + 1 :]])
+        assert others.max() >= logits[int(y[i])]  # the prediction changed (a tie counts)
+
+
+def test_branch_and_bound_certifies_strictly_more_than_the_plain_bound(small):
+    classifier, x, y = small
+    budget = PerturbationBudget(EPS)
+    plain = WeightPerturbationCertifier(classifier, budget, verbose=False).certify(x, y)
+    verifier = WeightPerturbationVerifier(
+        classifier, budget, time_limit=0.5, verbose=False, intermediate="interval", attack_iter=0
+    )
+    result = verifier.verify(x, y)
+    certified = result.status == "certified"
+    assert certified.sum() > plain.sum()
+    assert np.all(certified[plain])  # what the plain bound certifies stays certified
+    assert not (result.status == "falsified").any()  # no attack: nothing falsified
+
+
+def test_misclassified_samples_are_falsified_with_a_zero_counterexample(small):
+    classifier, x, y = small
+    wrong = (y + 1) % 3
+    result = WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), verbose=False).verify(x[:4], wrong[:4])
+    assert list(result.status) == ["falsified"] * 4
+    for i in range(4):
+        delta = result.counterexamples[i]
+        assert set(delta) == {"0.weight", "2.weight", "4.weight"}
+        assert all(not np.any(value) for value in delta.values())
+
+
+def test_weights_are_left_unchanged_after_an_exception(small):
+    classifier, x, y = small
+    before = {k: v.detach().clone() for k, v in classifier.model.state_dict().items()}
+
+    def failing(x, labels, splits):
+        raise RuntimeError("bound failed")
+
+    verifier = WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), verbose=False, bound=failing)
+    with pytest.raises(RuntimeError, match="bound failed"):
+        verifier.verify(x, y)
+    for k, v in classifier.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert not classifier.model.training
+    result = WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), verbose=False).verify(x[:5], y[:5])
+    for k, v in classifier.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert len(result) == 5
+
+
+def test_training_flags_and_weights_survive_an_interrupted_attack(small, monkeypatch):
+    classifier, x, y = small
+    before = {k: v.detach().clone() for k, v in classifier.model.state_dict().items()}
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CounterexampleSearch, "_search_batch", interrupted)
+    classifier.model.train()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), verbose=False).verify(x, y)
+        assert classifier.model.training and all(m.training for m in classifier.model.modules())
+    finally:
+        classifier.model.eval()
+    for k, v in classifier.model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"time_limit": 0}, ValueError),
+        ({"time_limit": float("nan")}, ValueError),
+        ({"batch_size": 0}, ValueError),
+        ({"dtype": torch.float32}, ValueError),
+        ({"verbose": "yes"}, TypeError),
+        ({"method": "paper"}, ValueError),
+        ({"method": "nope"}, ValueError),
+        ({"intermediate": "exact"}, ValueError),
+        ({"attack_iter": -1}, ValueError),
+        ({"max_branches": 1}, ValueError),
+        ({"bound": 3}, TypeError),
+        ({"unknown_setting": 1}, ValueError),
+    ],
+)
+def test_invalid_settings_are_rejected(small, kwargs, error):
+    classifier, _, _ = small
+    with pytest.raises(error):
+        WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), **kwargs)
+
+
+def test_set_params_validates_before_assigning(small):
+    classifier, _, _ = small
+    verifier = WeightPerturbationVerifier(classifier, PerturbationBudget(EPS), verbose=False)
+    with pytest.raises(ValueError):
+        verifier.set_params(time_limit=-1.0)
+    assert verifier.time_limit == 1.0
+    verifier.set_params(time_limit=2.0, max_branches=16)
+    assert verifier.time_limit == 2.0 and verifier.max_branches == 16
+    with pytest.raises(ValueError, match="unknown layer"):
+        WeightPerturbationVerifier(classifier, PerturbationBudget(EPS, layers=["nope"]))
+
+
+def test_weight_verified_accuracy_reports_shares_and_time(small):
+    classifier, x, y = small
+    out = weight_verified_accuracy(classifier, x[:10], y[:10], PerturbationBudget(EPS), time_limit=0.2)
+    assert {"certified", "falsified", "unknown", "seconds", "seconds_per_sample"} <= set(out)
+    assert out["certified"] + out["falsified"] + out["unknown"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="labels"):
+        weight_verified_accuracy(classifier, x, None, PerturbationBudget(EPS))
+
+
+def _float64(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(torch.float64)
+
+
+@pytest.fixture(scope="module")
+def residual():
+    model = digits_resnet((4, 8), seed=0).eval()
+    classifier = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1, 8, 8), 10)
+    x = np.random.default_rng(0).uniform(size=(6, 1, 8, 8)).astype(np.float32)
+    return classifier, x, classifier.predict(x).argmax(axis=1)
+
+
+@pytest.mark.parametrize("eps, depth", [(2e-3, None), (1e-2, 1)])
+def test_residual_network_verdicts_are_sound(residual, eps, depth):
+    classifier, x, y = residual
+    budget = PerturbationBudget(eps)
+    before = {k: v.detach().clone() for k, v in classifier.model.state_dict().items()}
+    verifier = WeightPerturbationVerifier(classifier, budget, time_limit=0.3, verbose=False, intermediate_depth=depth)
+    result = verifier.verify(x, y)
+    plain = WeightPerturbationCertifier(classifier, budget, verbose=False).certify(x, y)
+    certified = result.status == "certified"
+    assert np.all(certified[plain])
+    if certified.any():
+        attack = PerSampleWeightPGD(classifier, budget, max_iter=100, num_random_init=2, verbose=False)
+        found = attack.generate(x[certified], y[certified])
+        assert not found["flipped"].any()
+        assert np.all(found["worst_margin"] >= result.lower_bounds[certified] - 1e-9)
+    model64 = _float64(classifier.model)
+    for i, delta in result.counterexamples.items():
+        assert budget.contains(delta, model64, atol=0.0)
+        params = {
+            k: v + torch.as_tensor(delta[k], dtype=torch.float64) if k in delta else v
+            for k, v in model64.named_parameters()
+        }
+        params.update(dict(model64.named_buffers()))
+        with torch.no_grad():
+            logits = run_with_parameters(model64, params, torch.as_tensor(x[i : i + 1], dtype=torch.float64))[0]
+        assert torch.cat([logits[: int(y[i])], logits[int(y[i]) + 1 :]]).max() >= logits[int(y[i])]
+    for k, v in classifier.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    if eps == 2e-3 and depth is None:
+        assert certified.sum() > plain.sum()  # backward intermediate bounds certify what the plain bound cannot
+    if eps == 1e-2:
+        assert (result.status == "falsified").sum() >= 3
