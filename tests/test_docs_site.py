@@ -28,6 +28,7 @@ INTERNAL_MODULES = {
     "art_weightpert.conv_gemm",
     "art_weightpert.flips",
     "art_weightpert.graph",
+    "art_weightpert.rounding",
     "art_weightpert.torch_tools",
     "art_weightpert.validation",
 }
