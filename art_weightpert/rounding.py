@@ -81,8 +81,8 @@ def exact_kernels() -> Iterator[None]:
     """
     Run the enclosed torch work with IEEE float32 products: no TF32 or bf16 internal precision in matrix products and
     convolutions (cuBLAS, cuDNN, oneDNN), float32 matmul precision ``"highest"``, and cuDNN off (its heuristics may
-    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels. The user's settings are restored on
-    exit, also after an exception or a keyboard interrupt.
+    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels. The user's settings are
+    restored on exit, also after an exception or a keyboard interrupt.
     """
     switches = _precision_switches()
     saved = [getattr(obj, name) for obj, name, _ in switches]

@@ -283,8 +283,9 @@ def test_radius_metrics_and_trainer_run_on_the_digits_resnet(digits_resnet_class
     clf, x, y = digits_resnet_classifier
     assert (clf.predict(x).argmax(axis=1) == y).mean() > 0.7
     budget = PerturbationBudget(1e-3, "inf")
+    # "alpha" takes seconds per search on this network: tests/test_alpha.py covers it
     radius = {m: WeightPerturbationCertifier(clf, budget, m, verbose=False).certified_radius(x, y)
-              for m in ("interval", "linear")}  # fmt: skip ("alpha": tests/test_alpha.py, seconds per search here)
+              for m in ("interval", "linear")}  # fmt: skip
     assert np.all(radius["linear"] >= radius["interval"] * (1 - 1e-6)) and radius["interval"].max() > 0
     accuracy = weight_certified_accuracy(clf, x, y, budget.with_eps(float(np.median(radius["linear"]))), "linear")
     assert 0 < accuracy <= (clf.predict(x).argmax(axis=1) == y).mean()

@@ -29,7 +29,7 @@ STYLES: dict[str, tuple[str, str, str, str]] = {
     "interval": ("tab:green", "-", "certified (interval)", "D"),
     "linear": ("tab:purple", ":", "certified (linear)", "P"),
     "alpha": ("tab:pink", ":", "certified (alpha)", "X"),
-    "verified": ("tab:cyan", "-", "certified (verifier)", "o"),
+    "verified": ("tab:cyan", "-", "certified (verifier)", "*"),
 }
 """Per method: colour, line style, label and marker."""
 
