@@ -70,6 +70,31 @@ the last bits — still certifies it; it lowers the radius by ~1e-12 relative, b
 _WARM_WIDTH = 0.25  # relative precision of the warm start's radius (the search goes on from it)
 
 
+def load_centre_weights(
+    model: torch.nn.Module, base: torch.nn.Module, carried: dict[str, torch.Tensor], dtype: torch.dtype
+) -> None:
+    """Write the centre weights of a certificate into its private ``model`` (in ``dtype``): ``base``'s parameters plus
+    the ``carried`` perturbation, and ``base``'s buffers. float64: the sum in float64; float32: the sum as the
+    estimator computes it (in the weights' own dtype), which must be exact in float32 (docs/theory.md §5).
+
+    :raises ValueError: weights not exact in ``dtype``."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            value = base.get_parameter(name).detach()
+            if dtype == torch.float64:
+                value = value.to(torch.float64)
+            if name in carried:
+                value = value + carried[name].detach().to(value.dtype)
+            if value.dtype != dtype and not torch.equal(value.to(dtype).to(value.dtype), value):
+                raise ValueError(
+                    f"the weights of {name!r} ({value.dtype}) are not exact in {dtype}: certify them with "
+                    "dtype=torch.float64."
+                )
+            p.copy_(value)
+        for name, b in model.named_buffers():
+            b.copy_(base.get_buffer(name))
+
+
 class WeightPerturbationCertifier(Settings):
     """
     Certificates of pairwise-margin robustness under weight perturbation (docs/theory.md §3–§5).
@@ -254,21 +279,7 @@ class WeightPerturbationCertifier(Settings):
         key = (self.settings_key(), weights_version(self.estimator))  # every setting, every weight, by value
         if key == self._key:
             return
-        with torch.no_grad():
-            for name, p in self._model.named_parameters():
-                value = base.get_parameter(name).detach()
-                if self.dtype == torch.float64:
-                    value = value.to(torch.float64)
-                if name in carried:
-                    value = value + carried[name].detach().to(value.dtype)
-                if value.dtype != self.dtype and not torch.equal(value.to(self.dtype).to(value.dtype), value):
-                    raise ValueError(
-                        f"the weights of {name!r} ({value.dtype}) are not exact in {self.dtype}: certify them with "
-                        "dtype=torch.float64."
-                    )
-                p.copy_(value)
-            for name, b in self._model.named_buffers():
-                b.copy_(base.get_buffer(name))
+        load_centre_weights(self._model, base, carried, self.dtype)
         if self._key is not None and any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._model, self.estimator.input_shape)  # batch-norm constants changed
         self._cache = BoundCache()  # the radius tensors below are new: drop the old entries (memory only)

@@ -39,7 +39,7 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert.budget import ParameterBall, PerturbationBudget, WeightPerturbation
-from art_weightpert.certification.certifier import CERTIFICATION_RTOL
+from art_weightpert.certification.certifier import CERTIFICATION_RTOL, load_centre_weights
 from art_weightpert.certification.common import BoundCache, slice_boxes
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.estimators.settings import Settings
@@ -239,15 +239,7 @@ class WeightPerturbationVerifier(Settings):
         key = (self.settings_key(), weights_version(self.estimator))
         if key == self._key:
             return
-        base, carried = self.estimator.base_model, self.estimator.current_deltas()
-        with torch.no_grad():
-            for name, p in self._model64.named_parameters():
-                value = base.get_parameter(name).detach().to(torch.float64)
-                if name in carried:
-                    value = value + carried[name].detach().to(torch.float64)
-                p.copy_(value)
-            for name, b in self._model64.named_buffers():
-                b.copy_(base.get_buffer(name))
+        load_centre_weights(self._model64, self.estimator.base_model, self.estimator.current_deltas(), torch.float64)
         if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
             self._network = read_network(self._model64, self.estimator.input_shape)  # batch-norm constants
         self._cache = BoundCache()
