@@ -125,6 +125,14 @@ def _weighted_sum(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight * t.flatten(2).sum(dim=2) if weight.dim() == 0 else t.flatten(2) @ weight.reshape(-1)
 
 
+def _abs_weighted_sum(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ |t| ⊙ weight`` over every dimension after ``(N, K)``: with a 0-d ``weight``, one pass over ``t`` (an ℓ1 norm,
+    no ``|t|`` materialized)."""
+    if weight.dim() == 0:
+        return weight * torch.linalg.vector_norm(t.flatten(2), 1, dim=2)
+    return _weighted_sum(t.abs(), weight)
+
+
 def _support_rows(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """``g`` ``(..., *shape)`` as ``(..., rows, fan-in)``."""
     return g.reshape(g.shape[: g.dim() - len(shape)] + (shape[0], -1))
@@ -187,12 +195,19 @@ class BoxBall(Ball):
 
     def linear_term(self, view, radius):
         # −Σ δ ⊙ |G| (docs/theory.md §4b); ``radius`` may be compact (0-d). Linear: |G_rc| = |λ_r| |ĥ_c|, the term
-        # −(|λ|δ)·|ĥ|. Convolution: |G| is bounded by its chord over the box of G (G where its sign is fixed).
+        # −(|λ|δ)·|ĥ|. Convolution: |G| is bounded by its chord over the box of G (G where its sign is fixed); on a
+        # large kernel (AffineBackward.large_kernel) by |G(c)| + |G(ĥ − c)| ≤ |G(c)| + Σ_p |λ_p| patch_p(ρ), whose
+        # second part summed against δ is ⟨|λ|, P(ρ)⟩ with P the interval term: a constant.
         if view.layer.is_conv:
+            if view.known_input or view.large_kernel:
+                centre = view.centre_gradient()
+                delta = radius if radius.dim() == 0 else radius.reshape(centre.shape[2:])
+                term = -_abs_weighted_sum(centre, delta)  # G known: the exact −Σ δ |G|
+                if not view.known_input:
+                    term = term + view.magnitude_term(self.interval_term(view.layer, view.radius, radius))
+                return LinearTerm(None, term)
             centre, spread = view.gradient_box()
             delta = radius if radius.dim() == 0 else radius.reshape(centre.shape[2:])
-            if view.known_input:  # G known: the exact −Σ δ |G|
-                return LinearTerm(None, -_weighted_sum(centre.abs(), delta))
             slope, offset = abs_chord(centre, spread)
             return LinearTerm(None, -_weighted_sum(offset, delta), (slope, delta.neg()))
         a = view.coefficients
