@@ -123,7 +123,7 @@ def test_training_flags_and_weights_survive_an_interrupted_attack(small, monkeyp
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(CounterexampleSearch, "_search_batch", interrupted)
+    monkeypatch.setattr(CounterexampleSearch, "_attack_batch", interrupted)
     classifier.model.train()
     try:
         with pytest.raises(KeyboardInterrupt):

@@ -130,17 +130,12 @@ class PerSampleWeightPGD(WeightBudgetAttack):
                 list(batch_slices(len(x_t), self.batch_size)), desc="Per-sample weight PGD", disable=not self.verbose
             ):
                 xb = x_t[s].to(dtype)
-                with torch.no_grad():
-                    clean = run_with_parameters(model, params, xb)
-                    if network is not None and not torch.allclose(
-                        network.forward(xb, params), clean, rtol=1e-6, atol=1e-6 * float(clean.abs().max())
-                    ):
-                        network = None  # the network read does not reproduce the module: evaluate the module itself
+                network, clean = reproducing_network(network, model, params, xb)
                 yb = clean.argmax(dim=1) if y_t is None else y_t[s]
                 factor = torch.as_tensor(factors[s], dtype=dtype, device=xb.device)
-                low, flip = self._attack_batch(model, params, param_balls, xb, yb, factor, network)
-                margins.append(low.cpu().numpy())
-                flipped.append(flip.cpu().numpy())
+                record = self._attack_batch(model, params, param_balls, xb, yb, factor, network)
+                margins.append(record.low.cpu().numpy())
+                flipped.append(record.flipped.cpu().numpy())
                 labels.append(yb.cpu().numpy())
         nb_classes = self._target.nb_classes
         margins_np = np.concatenate(margins) if margins else np.zeros((0, nb_classes))
@@ -202,12 +197,15 @@ class PerSampleWeightPGD(WeightBudgetAttack):
         labels: torch.Tensor,
         factor: torch.Tensor,
         network: Network | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The lowest margins ``(n, K)`` observed on the batch and whether each sample flipped."""
+        keep_best: bool = False,
+    ) -> LowestMargins:
+        """Attack one batch (sample ``n`` in its ball scaled by ``factor[n]``): the record of the lowest margins
+        ``(n, K)`` observed and whether each sample flipped; with ``keep_best``, also the perturbation of each sample's
+        lowest worst margin (:class:`LowestMargins`)."""
         n = len(x)
         radii = {b.param_name: factor.reshape((n,) + (1,) * b.radius.dim()) * b.radius.to(x.dtype) for b in param_balls}
         forward = _per_sample_forward(model, params, network)
-        record = _LowestMargins(labels, self._target.nb_classes, x.dtype)
+        record = LowestMargins(labels, self._target.nb_classes, x.dtype, keep_best)
         gen = torch.Generator(device="cpu").manual_seed(0)
 
         def start(restart: int) -> Deltas:
@@ -221,7 +219,7 @@ class PerSampleWeightPGD(WeightBudgetAttack):
             with torch.set_grad_enabled(need_grad):
                 logits = forward(dict(zip(deltas, leaves)), x)
                 value = objective(logits, labels, "margin", targeted=False).sum()
-            flipped = record.add(logits.detach())
+            flipped = record.add(logits.detach(), deltas)
             grads = list(torch.autograd.grad(value, leaves)) if need_grad else None
             return Score(float(flipped.float().mean()), float(value.detach()) / n), grads
 
@@ -234,7 +232,7 @@ class PerSampleWeightPGD(WeightBudgetAttack):
 
         first = 0.5 if self.eps_step is None else float(self.eps_step)
         ascend(start, evaluate, step, CosineStep(first, self.max_iter), self.max_iter, 1 + self.num_random_init)
-        return record.low, record.flipped
+        return record
 
     @staticmethod
     def _start(
@@ -249,23 +247,48 @@ class PerSampleWeightPGD(WeightBudgetAttack):
         return torch.stack(points).to(dtype=param.dtype, device=param.device)
 
 
-class _LowestMargins:
+class LowestMargins:
     """The lowest margin ``f_y − f_i`` observed for each sample and class (``+inf`` at the label), and whether the
-    prediction ever left the label."""
+    prediction ever left the label; with ``keep_best``, also each sample's lowest worst margin :attr:`best` ``(N,)``
+    and the perturbation that gave it, :attr:`best_deltas` (every evaluated point is in the ball: the verifier's
+    counterexample candidates)."""
 
-    def __init__(self, labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> None:
+    def __init__(self, labels: torch.Tensor, nb_classes: int, dtype: torch.dtype, keep_best: bool = False) -> None:
         self.own = labels.unsqueeze(1)
         self.labels = labels
         self.low = torch.full((len(labels), nb_classes), math.inf, dtype=dtype, device=labels.device)
         self.flipped = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+        self.best = torch.full((len(labels),), math.inf, dtype=dtype, device=labels.device)
+        self.best_deltas: Deltas | None = {} if keep_best else None
 
-    def add(self, logits: torch.Tensor) -> torch.Tensor:
-        """Record one evaluation; returns which samples it flips."""
+    def add(self, logits: torch.Tensor, deltas: Deltas | None = None) -> torch.Tensor:
+        """Record one evaluation (at the perturbation ``deltas``); returns which samples it flips."""
         margins = (logits.gather(1, self.own) - logits).scatter(1, self.own, math.inf)
         self.low = torch.minimum(self.low, margins)
         flipped = logits.argmax(dim=1) != self.labels
         self.flipped = self.flipped | flipped
+        if self.best_deltas is not None:
+            worst = margins.amin(dim=1)
+            better = worst < self.best
+            self.best = torch.where(better, worst, self.best)
+            for name, delta in deltas.items():
+                kept = self.best_deltas.setdefault(name, torch.zeros_like(delta.detach()))
+                kept[better] = delta.detach()[better]
         return flipped
+
+
+def reproducing_network(
+    network: Network | None, model: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor
+) -> tuple[Network | None, torch.Tensor]:
+    """``(network or None, the module's clean logits on x)``: the read network is kept only when its forward
+    reproduces the module's on ``x`` (else the module itself is evaluated, sample by sample)."""
+    with torch.no_grad():
+        clean = run_with_parameters(model, params, x)
+        if network is not None and not torch.allclose(
+            network.forward(x, params), clean, rtol=1e-6, atol=1e-6 * float(clean.abs().max())
+        ):
+            network = None
+    return network, clean
 
 
 def _per_sample_forward(

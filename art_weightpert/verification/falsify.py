@@ -12,16 +12,12 @@ in float64 with the module's own forward: only a perturbation that passes both i
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
-from art_weightpert.attacks.ascent import CosineStep, Deltas, Score, ascend
-from art_weightpert.attacks.base import objective
-from art_weightpert.attacks.per_sample import PerSampleWeightPGD, _per_sample_forward, _per_sample_step
-from art_weightpert.budget import ParameterBall, PerturbationBudget, WeightPerturbation
-from art_weightpert.network import Network
+from art_weightpert.attacks.ascent import Deltas
+from art_weightpert.attacks.per_sample import PerSampleWeightPGD, reproducing_network
+from art_weightpert.budget import PerturbationBudget, WeightPerturbation
 from art_weightpert.torch_tools import eval_mode, run_with_parameters
 
 
@@ -39,69 +35,12 @@ class CounterexampleSearch(PerSampleWeightPGD):
         params = self._centre(torch.float64)
         param_balls = self._centre_param_balls(params)
         model = self._target.base_model
-        network = self._network()
         x = x.to(torch.float64)
-        with eval_mode(model), torch.no_grad():
-            clean = run_with_parameters(model, params, x)
-            if network is not None and not torch.allclose(
-                network.forward(x, params), clean, rtol=1e-6, atol=1e-6 * float(clean.abs().max())
-            ):
-                network = None
         with eval_mode(model):
-            return self._search_batch(model, params, param_balls, x, labels, network)
-
-    def _search_batch(
-        self,
-        model: torch.nn.Module,
-        params: dict[str, torch.Tensor],
-        param_balls: list[ParameterBall],
-        x: torch.Tensor,
-        labels: torch.Tensor,
-        network: Network | None,
-    ) -> tuple[torch.Tensor, Deltas]:
-        n = len(x)
-        radii = {b.param_name: b.radius.to(x.dtype).expand((n,) + tuple(b.radius.shape)) for b in param_balls}
-        forward = _per_sample_forward(model, params, network)
-        own = labels.unsqueeze(1)
-        best = torch.full((n,), math.inf, dtype=x.dtype, device=x.device)
-        best_deltas = {
-            b.param_name: torch.zeros((n,) + tuple(params[b.param_name].shape), dtype=x.dtype, device=x.device)
-            for b in param_balls
-        }
-        gen = torch.Generator(device="cpu").manual_seed(0)
-
-        def start(restart: int) -> Deltas:
-            return {
-                b.param_name: self._start(b, radii[b.param_name], params[b.param_name], restart, gen)
-                for b in param_balls
-            }
-
-        def evaluate(deltas: Deltas, need_grad: bool) -> tuple[Score, list[torch.Tensor] | None]:
-            nonlocal best
-            leaves = [d.detach().requires_grad_(need_grad) for d in deltas.values()]
-            with torch.set_grad_enabled(need_grad):
-                logits = forward(dict(zip(deltas, leaves)), x)
-                value = objective(logits, labels, "margin", targeted=False).sum()
-            with torch.no_grad():
-                worst = (logits.gather(1, own) - logits).scatter(1, own, math.inf).amin(dim=1)
-                better = worst < best
-                if bool(better.any()):
-                    best = torch.where(better, worst, best)
-                    for name, d in deltas.items():
-                        best_deltas[name][better] = d.detach()[better]
-            grads = list(torch.autograd.grad(value, leaves)) if need_grad else None
-            return Score(float((worst < 0).float().mean()), float(value.detach()) / n), grads
-
-        def step(deltas: Deltas, grads: list[torch.Tensor], fraction: float) -> Deltas:
-            with torch.no_grad():
-                return {
-                    b.param_name: _per_sample_step(b.ball, deltas[b.param_name], g, radii[b.param_name], fraction)
-                    for b, g in zip(param_balls, grads)
-                }
-
-        first = 0.5 if self.eps_step is None else float(self.eps_step)
-        ascend(start, evaluate, step, CosineStep(first, self.max_iter), self.max_iter, 1 + self.num_random_init)
-        return best, best_deltas
+            network, _ = reproducing_network(self._network(), model, params, x)
+            ones = torch.ones(len(x), dtype=x.dtype, device=x.device)
+            record = self._attack_batch(model, params, param_balls, x, labels, ones, network, keep_best=True)
+        return record.best, record.best_deltas
 
 
 def zero_perturbation(budget: PerturbationBudget, model: torch.nn.Module) -> WeightPerturbation:
