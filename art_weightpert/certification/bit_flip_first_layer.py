@@ -27,6 +27,8 @@ flips of the case lies in a branch, every branch bound is sound.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from art_weightpert.certification.bit_flip_bounds import (
@@ -215,61 +217,23 @@ def _one_sample(
             pts = torch.cat([pts, two])
         bounds.append(_chunked_tail(network, params, tables, case, k_rest, first, pts, lab, nb_classes).amin(0, True))
     small = ~is_big
+    shared = (network, params, tables, case, k_rest, first, clean, e, row, g_change)
+    group = functools.partial(_group_bound, *shared, lab=lab, nb_classes=nb_classes)
     if k_f == 1:  # the small flips, one group per channel
         for r in range(rows_n):
             members = [(small & (row == r)).nonzero().flatten()]
             if len(members[0]):
-                bounds.append(
-                    _group_bound(
-                        network, params, tables, case, k_rest, first, clean, e, row, g_change, members, lab, nb_classes
-                    )
-                )
+                bounds.append(group(members))
     else:
         # one large flip with a small flip in another channel (or none): one group per large flip
         for b in big.tolist():
-            members = [(small & (row != row[b])).nonzero().flatten()]
-            bounds.append(
-                _group_bound(
-                    network,
-                    params,
-                    tables,
-                    case,
-                    k_rest,
-                    first,
-                    clean,
-                    e,
-                    row,
-                    g_change,
-                    members,
-                    lab,
-                    nb_classes,
-                    fixed=b,
-                )
-            )
+            bounds.append(group([(small & (row != row[b])).nonzero().flatten()], fixed=b))
         # two small flips (any channels), one, or none
         same_i, same_j = _same_row_pairs(row, col)
         keep = small[same_i] & small[same_j]
         si, sj = same_i[keep], same_j[keep]
         pair_e = act.apply(z[row[si]] + delta[si] + delta[sj]) - act.apply(z[row[si]])
-        bounds.append(
-            _group_bound(
-                network,
-                params,
-                tables,
-                case,
-                k_rest,
-                first,
-                clean,
-                e,
-                row,
-                g_change,
-                [small.nonzero().flatten()],
-                lab,
-                nb_classes,
-                pairs=(pair_e, row[si]),
-                two=True,
-            )
-        )
+        bounds.append(group([small.nonzero().flatten()], pairs=(pair_e, row[si]), two=True))
     return torch.cat(bounds).amin(0, keepdim=True)
 
 
