@@ -97,6 +97,12 @@ class BoxBound:
     """The depth of those backward passes."""
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, splits: Splits | None = None):
+        lb, boxes, _ = self._split_bounds(x, labels, splits)
+        return lb, boxes
+
+    def _split_bounds(self, x: torch.Tensor, labels: torch.Tensor, splits: Splits | None):
+        """``(lower bounds, boxes, splits)`` under ``splits``, tightened by backward passes where :attr:`tighten` asks
+        (the splits returned are those tightened ones)."""
         if splits and self.tighten:
             splits = backward_intermediate_splits(
                 self.network, self.param_balls, x, self.tighten, splits, self.cache, self.depth
@@ -106,7 +112,7 @@ class BoxBound:
             lb = self.method.bounds(
                 self.network, self.param_balls, x, labels, torch.float64, None, self.cache, boxes=boxes
             )  # fmt: skip
-        return lb, boxes
+        return lb, boxes, splits
 
 
 BETA_STEPS = 10
@@ -181,15 +187,7 @@ class BetaBound(BoxBound):
         self.values = split_values(network)
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, splits: Splits | None = None):
-        if splits and self.tighten:
-            splits = backward_intermediate_splits(
-                self.network, self.param_balls, x, self.tighten, splits, self.cache, self.depth
-            )  # fmt: skip
-        with torch.no_grad():
-            boxes = self.boxes(x, splits)
-            lb = self.method.bounds(
-                self.network, self.param_balls, x, labels, torch.float64, None, self.cache, boxes=boxes
-            )  # fmt: skip
+        lb, boxes, splits = self._split_bounds(x, labels, splits)
         if not splits or self.steps == 0:
             return lb, boxes
         signs = split_signs(splits, self.values)
