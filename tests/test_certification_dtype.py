@@ -209,3 +209,35 @@ def test_exact_kernels_set_ieee_products_and_restore_the_users_flags():
             assert not torch.backends.cudnn.enabled
             raise RuntimeError("inside")
     assert [getattr(obj, name) for obj, name, _ in switches] == before
+
+
+@pytest.mark.parametrize("relative", [False, True])
+@pytest.mark.parametrize("hidden", [False, True])
+def test_underflow_inside_a_convolutions_ball_term_is_covered(relative, hidden):
+    # Found by an independent review. A 3×3 convolution of weight 1e8 in a box of radius 5e7 (or half of it), inputs
+    # 1e-16, a head of ±1e-30: every product λ·patch of the kernel gradient G underflows in float32, so G computes to
+    # 0 and the ball's term −Σ δ|G| (≈ −5.8e-36, weighted by the large δ) vanishes. The exact margin at Δ = −δ is
+    # −2.24e-36; without the ball term's underflow bound (weight_terms.ball_underflow) float32 gave +3.5e-36.
+    from art_weightpert.certification.linear import linear_margin_bounds
+    from art_weightpert.network import read_network
+
+    conv_in, conv, head = nn.Conv2d(64, 64, 1, bias=False), nn.Conv2d(64, 1, 3, bias=False), nn.Linear(1, 2)
+    with torch.no_grad():
+        conv_in.weight.copy_(torch.eye(64).reshape(64, 64, 1, 1)), conv.weight.fill_(1e8)
+        head.weight.copy_(torch.tensor([[1e-30], [-1e-30]])), head.bias.copy_(torch.tensor([-4e-36, 4e-36]))
+    layers = [conv_in, conv] if hidden else [conv]
+    model = nn.Sequential(*layers, nn.Flatten(), head).eval().requires_grad_(False)
+    name = str(len(layers) - 1)
+    eps = {name: 0.5 if relative else 5e7} | ({"0": 1e-30} if hidden else {})
+    budget = PerturbationBudget(eps, "inf", relative=relative)
+    network = read_network(model, (64, 3, 3))
+    x = torch.full((1, 64, 3, 3), 1e-16)
+    bound = linear_margin_bounds(network, budget.parameter_balls(model, torch.float32), x, torch.tensor([0]),
+                                 torch.float32, rounding=True)[0, 1]  # fmt: skip
+    params = {n: p.double() for n, p in model.named_parameters()}
+    for ball in budget.parameter_balls(model, torch.float64):  # the worst case: every weight down by its radius
+        params[ball.param_name] = params[ball.param_name] - ball.radius.double().expand_as(params[ball.param_name])
+    logits = network.forward(x.double(), params)[0]
+    exact = float(logits[0] - logits[1])
+    assert exact == pytest.approx(-2.24e-36, rel=1e-3)
+    assert float(bound) <= exact

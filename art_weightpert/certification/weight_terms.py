@@ -29,7 +29,7 @@ from art_weightpert.certification.common import (
 from art_weightpert.certification.interval import error_bias, perturbation_radius
 from art_weightpert.network import Affine
 from art_weightpert.operators.affine_view import AffineBackward
-from art_weightpert.rounding import abs_dot, error_factor, up_cast
+from art_weightpert.rounding import abs_dot, error_factor, smallest_subnormal, up_cast
 from art_weightpert.torch_tools import batch_slices
 
 
@@ -148,6 +148,34 @@ def rounding_map(
     return out
 
 
+def ball_underflow(layer: Affine, a: torch.Tensor, m: torch.Tensor, ctx: BackwardContext) -> torch.Tensor | float:
+    """The absolute rounding errors of a convolution's weight-ball term (docs/theory.md §5), ``(N, K)``: below the
+    normal range each product of the kernel gradient ``G``, of its box's centre and radius, of the chord and of the
+    ball's own sums loses up to ``η/2`` whatever its operands, and these losses are weighted by the radius ``δ``
+    (which may be large) rather than by the coefficients. With ``U`` the ball's term per output unit on unit inputs
+    (``U ≥ Σ_j δ_rj`` over the taps one position reads) and ``P`` the output positions: the losses in ``G`` cost at
+    most ``η/2 · P · Σ_r max U_r``, the chord, the products with ``δ`` and the sums over the kernel and the output
+    ``η/2 (4 Σ_r max U_r + numel(W) + rows·P)``, and the rounding of the box's centre, radius and slopes and of
+    ``P(ρ)`` at most ``η/2 ⟨|Λ|, max U + k (1 + max m)⟩`` (``k`` the fan-in). All doubled. 0 for a Linear layer (its
+    products' underflow is in the coefficients', :func:`.linear._underflow`) or an unperturbed weight."""
+    wt = ctx.param_balls.get(layer.weight_name)
+    if not layer.is_conv or wt is None:
+        return 0.0
+    eta = smallest_subnormal(a.dtype)
+    ones = m.new_ones((1,) + tuple(m.shape[1:]))
+    unit = perturbation_radius(layer, ones, {layer.weight_name: wt}, a.dtype, None, ctx.cache, rounding=True)
+    per_row = unit.flatten(2).amax(dim=2)  # (1, rows)
+    mass, top = per_row.sum(), per_row.max()
+    factor = ctx.scale.to(a.dtype) if ctx.scale is not None else a.new_ones(len(a))
+    weight = ctx.params[layer.weight_name]
+    positions = unit[0, 0].numel()
+    fan_in = weight[0].numel()
+    per_coefficient = 2 * eta * (top * factor + fan_in * (1 + m.flatten(1).amax(dim=1)))  # (N,)
+    constant = 2 * eta * ((positions + 4) * mass * factor + weight.numel() + weight.shape[0] * positions + 4)
+    norms = torch.linalg.vector_norm(a.flatten(2), 1, dim=2)  # Σ|Λ| per sample and specification
+    return (norms * per_coefficient.unsqueeze(1) + constant.unsqueeze(1)) * 2
+
+
 def conv_output_hw(layer: Affine, input_hw) -> tuple[int, int]:
     mod = layer.module
     return conv_gemm.output_hw(tuple(input_hw), tuple(mod.weight.shape[2:]), mod.stride, layer.padding, mod.dilation)
@@ -178,8 +206,10 @@ def affine_backward(
     bt = ctx.param_balls.get(layer.bias_name) if layer.bias_name else None
     if bt is not None:
         const = const + times_sample_factors(_bias_term(bt, row_sums, a.dtype, ctx.rounding), ctx.scale)
-    if ctx.rounding:  # docs/theory.md §5: γ ⟨|Λ|, (|W| + δ) m⟩, one product per layer
-        const = const - abs_dot(a, rounding_map(layer, view.magnitude, ctx))
+    if ctx.rounding:  # docs/theory.md §5: γ ⟨|Λ|, (|W| + δ) m⟩, one product per layer; the ball term's underflow
+        const = (
+            const - abs_dot(a, rounding_map(layer, view.magnitude, ctx)) - ball_underflow(layer, a, view.magnitude, ctx)
+        )
     return a_in, const
 
 
@@ -193,7 +223,7 @@ def affine_at_input(
     value = _value_at(layer, h, ctx) if value is None else value
     const = batched_dot(a, value) + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
     if ctx.rounding:  # docs/theory.md §5: the value W h + b, its dot product with Λ and the ball's terms
-        const = const - abs_dot(a, rounding_map(layer, h.abs(), ctx, value))
+        const = const - abs_dot(a, rounding_map(layer, h.abs(), ctx, value)) - ball_underflow(layer, a, h.abs(), ctx)
     return const
 
 
@@ -246,5 +276,5 @@ def convolution_at_input_on_entries(
     const = const + _terms_at_input(AffineBackward(layer, a, h, h, gradient=gradient), a.sum(dim=3), ctx)
     if ctx.rounding:  # docs/theory.md §5: as affine_at_input, on the entries read
         error_map = rounding_map(layer, h.abs(), ctx, value).flatten(2).gather(2, where)
-        const = const - abs_dot(a, error_map)
+        const = const - abs_dot(a, error_map) - ball_underflow(layer, a, h.abs(), ctx)
     return const
