@@ -21,9 +21,9 @@ for which a box ball's term runs on the kernel-gradient box (the chord of ``|G|`
 :meth:`.BoxBall.linear_term`); above it the term is the constant of the gradient at the box's centre plus the interval
 term of the box's radius (docs/theory.md §4b). The chord's passes over the box ``(samples, specifications) + kernel
 shape`` and the per-sample kernel they leave cost ``numel(W)`` per row, the rest of the step the coefficients: on
-ResNet-18's deep layers (ratios 36 to 4608) the box is most of the bound's time (measured on one core: 2.2 s per
-sample with the chord everywhere, 1.0 s above this ratio), while every digits network of the docs (ratios up to 18)
-keeps the chord, which is tighter by a second-order term."""
+ResNet-18's deep layers (ratios 36 to 4608) the box is most of the bound's time (``bench_residual.py``, one core,
+float32 with rounding terms: 1.9 s per sample with the chord everywhere, 0.5 s above this ratio), while every digits
+network of the docs (ratios up to 18) keeps the chord, which is tighter by a second-order term."""
 
 
 @dataclass(eq=False)
