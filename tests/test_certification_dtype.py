@@ -11,8 +11,9 @@ from torch import nn
 
 from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
 from art_weightpert.attacks.per_sample import PerSampleWeightPGD
-from art_weightpert.certification.precision import cast_up, check_dtype, radius_in
+from art_weightpert.certification.precision import check_dtype, radius_in
 from art_weightpert.metrics import certified_weight_radius, weight_certified_accuracy
+from art_weightpert.rounding import up_cast
 from tests.conftest import make_mlp
 
 
@@ -126,7 +127,7 @@ def test_radii_are_rounded_up():
     assert r32.dtype == torch.float32 and torch.all(r32.double() >= r64)
     assert torch.equal(radius_in(r64, torch.float64), r64)
     t = torch.tensor([1 / 3], dtype=torch.float64)
-    assert cast_up(t, torch.float32).double() >= t and cast_up(t, torch.float32).double() - t < 1e-7
+    assert up_cast(t, torch.float32).double() >= t and up_cast(t, torch.float32).double() - t < 1e-7
     assert check_dtype(None) in (torch.float32, torch.float64)
 
 

@@ -14,9 +14,9 @@ What a float32 certificate adds around the bound functions, which take ``roundin
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from art_weightpert.rounding import up_cast
 
 DTYPES = (torch.float32, torch.float64)
 """The precisions a certificate computes in."""
@@ -56,25 +56,16 @@ def certification_rtol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 2.0**-18
 
 
-def cast_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` (≥ 0, any float dtype) in ``dtype``, rounded up: never below the real value of ``t``."""
-    out = t.to(dtype)
-    if dtype == t.dtype:
-        return out
-    below = out.to(t.dtype) < t
-    return torch.where(below, torch.nextafter(out, torch.full_like(out, math.inf)), out)
-
-
 def radius_in(radius64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A ball's radius computed in float64 (from centre weights exact in ``dtype``), in ``dtype`` and never smaller:
     inflated by a relative 2⁻³⁰ (float64 computed the radius, a product or a norm of up to ~10⁶ terms, with a relative
     error far below it) and rounded up. The ball in ``dtype`` contains the ball asked for."""
     if dtype == torch.float64:
         return radius64
-    return cast_up(radius64 * (1 + 2.0**-30), dtype)
+    return up_cast(radius64 * (1 + 2.0**-30), dtype)
 
 
 def factors_in(scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Per-sample radius factors in ``dtype``, rounded up (a larger ball: the bound stays sound for the factor
     asked)."""
-    return None if scale is None else cast_up(scale, dtype)
+    return None if scale is None else up_cast(scale, dtype)
