@@ -275,6 +275,12 @@ class WeightPerturbationVerifier(Settings):
                 for i in rows:
                     spent[i] += share
 
+        def settle(rows: list[int], worst: torch.Tensor) -> None:  # keep the best lower bound; certify above tol
+            for k, i in enumerate(rows):
+                lower[i] = max(lower[i], float(worst[k]))
+                if worst[k] > tol[i]:
+                    status[i] = "certified"
+
         # 1. the clean float64 prediction
         with torch.no_grad(), eval_mode(self._model64):
             logits = run_with_parameters(self._model64, dict(self._model64.named_parameters()), x64)
@@ -293,11 +299,7 @@ class WeightPerturbationVerifier(Settings):
         if todo:
             idx = torch.as_tensor(todo)
             lb, _ = bound(x64[idx], labels[idx], None)
-            worst = lb.amin(dim=1)
-            for k, i in enumerate(todo):
-                lower[i] = float(worst[k])
-                if worst[k] > tol[i]:
-                    status[i] = "certified"
+            settle(todo, lb.amin(dim=1))
         charge(t0, todo, "bound")
         todo = [i for i in todo if status[i] == "unknown"]
 
@@ -314,10 +316,7 @@ class WeightPerturbationVerifier(Settings):
                 )  # fmt: skip
             lb, boxes = bound(x64[idx], labels[idx], root or None)
             worst = lb.amin(dim=1)
-            for k, i in enumerate(todo):
-                lower[i] = max(lower[i], float(worst[k]))
-                if worst[k] > tol[i]:
-                    status[i] = "certified"
+            settle(todo, worst)
             charge(t0, todo, "intermediate bounds")
             per_sample = (time.perf_counter() - t0) / len(todo)
             if isinstance(bound, BoxBound) and self.intermediate == "backward" and per_sample < self.time_limit / 100:
