@@ -86,7 +86,7 @@ class AffineBackward:
         g = g.expand(self.coefficients.shape[:2] + lo.shape[1:])
         if lo is hi:  # a known input: the exact constant −(|λ|δ)·|x|
             return None, -batched_dot(g, lo.abs())
-        slope, offset = abs_chord((lo + hi) / 2, (hi - lo) / 2)
+        slope, offset = abs_chord(self.centre, self.radius)
         return -g * slope.unsqueeze(1), -batched_dot(g, offset)
 
     # ------------------------------------------------------------------------------------------- convolutions
