@@ -242,3 +242,34 @@ def test_underflow_inside_a_convolutions_ball_term_is_covered(relative, hidden):
     exact = float(logits[0] - logits[1])
     assert exact == pytest.approx(-2.24e-36, rel=1e-3)
     assert float(bound) <= exact
+
+
+@pytest.mark.parametrize("method", ["linear", "alpha"])
+def test_float32_radius_search_stops_at_float32_precision(trained, method, monkeypatch):
+    """The radius factors of a float32 search are float32 (rounded up): the search stops at a width of a few float32
+    ulps (:func:`.search_precision`) instead of evaluating the same float32 factors again down to float64's width, so
+    it evaluates fewer points than the float64 search, and its radius stays within that width of a certified one."""
+    import art_weightpert.certification.certifier as certifier_module
+
+    clf, x, y = trained
+    budget = PerturbationBudget(1e-3, "inf")
+    evaluated = {}
+    real_factors_in = certifier_module.factors_in
+
+    def counting_factors_in(scale, dtype):
+        if scale is not None:
+            evaluated[dtype] = evaluated.get(dtype, 0) + len(scale)
+        return real_factors_in(scale, dtype)
+
+    monkeypatch.setattr(certifier_module, "factors_in", counting_factors_in)
+    radii = {}
+    for dtype in (torch.float64, torch.float32):
+        certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=dtype)
+        radii[dtype] = certifier.certified_radius(x[:10], y[:10])
+    assert evaluated[torch.float32] < evaluated[torch.float64]
+    positive = radii[torch.float32] > 0
+    assert positive.mean() > 0.5
+    np.testing.assert_allclose(radii[torch.float32][positive], radii[torch.float64][positive], rtol=1e-3)
+    scale = np.where(positive, radii[torch.float32] / 1e-3, 0)
+    bounds = certifier.margin_lower_bounds(x[:10], y[:10], scale=scale)
+    assert np.all(bounds[positive].min(axis=1) > 0)

@@ -45,6 +45,7 @@ from art_weightpert.certification.precision import (
     dtype_name,
     factors_in,
     radius_in,
+    search_precision,
 )
 from art_weightpert.certification.radius_search import PrunedEvaluator, search_pruned, search_radius
 from art_weightpert.certification.registry import METHODS, BoundMethod
@@ -63,10 +64,6 @@ CERTIFICATION_RTOL = certification_rtol(torch.float64)
 a safety margin, relative to the logit scale, far above the rounding error of the float64 bounds (docs/theory.md §5);
 float32 certificates use :func:`.certification_rtol` of float32 on top of their rounding terms."""
 
-_SEARCH_MARGIN = 2.0**-10
-"""The search accepts a radius when every bound exceeds the tolerance by this relative margin (≈ 1e-12 of the logit
-scale, far above float64 rounding), so re-evaluating the bound there in another batch composition — other rounding in
-the last bits — still certifies it; it lowers the radius by ~1e-12 relative, below the search's precision."""
 _WARM_WIDTH = 0.25  # relative precision of the warm start's radius (the search goes on from it)
 
 
@@ -241,8 +238,9 @@ class WeightPerturbationCertifier(Settings):
         Closed form where the bound is affine in the radius (``paper`` with one perturbed layer, ``interval`` with
         only the last layer perturbed: docs/theory.md §5), otherwise a search vectorized over the batch
         (:mod:`.radius_search`: bracket by secant extrapolation, then secant steps to a relative precision of about
-        1.5e-11; the returned radius is one at which the bound was evaluated certified). ``"linear"`` starts from the
-        ``"interval"`` radius, whose per-class bounds also choose the classes it evaluates until the last step.
+        1.5e-11 in float64 and 1e-6 in float32, :func:`.search_precision`; the returned radius is one at which the
+        bound was evaluated certified). ``"linear"`` starts from the ``"interval"`` radius, whose per-class bounds
+        also choose the classes it evaluates until the last step.
 
         :param x: inputs ``(N,) + input_shape``.
         :param y: labels (wrong clean predictions get 0); ``None``: the predicted classes.
@@ -377,7 +375,8 @@ class WeightPerturbationCertifier(Settings):
     def _searched_radius(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
         """Largest certified radius factor per sample by the search of :mod:`.radius_search`, warm-started where a
         cheaper method's radius is certified for this one (:attr:`.BoundMethod.never_above`)."""
-        search = _SearchBounds(self, x_t, labels, (tol.to(torch.float64) * (1 + _SEARCH_MARGIN)).unsqueeze(1))
+        width, margin = search_precision(self.dtype)  # accepted above the tolerance by a margin: see search_precision
+        search = _SearchBounds(self, x_t, labels, (tol.to(torch.float64) * (1 + margin)).unsqueeze(1))
         bounds = search.bounds
         warm = METHODS.get(self._method.never_above or "")
         at_zero = search.at_zero(warm or self._method)  # every method: the exact margins
@@ -394,7 +393,7 @@ class WeightPerturbationCertifier(Settings):
             lower = search_radius(evaluate_warm, g0, self._unit_eps(), relative_width=_WARM_WIDTH)
         if not self._method.per_class:
             whole = lambda idx, s, closing: bounds(self._method, idx, s).amin(dim=1)  # noqa: E731
-            return search_radius(whole, g0, self._unit_eps(), lower)
+            return search_radius(whole, g0, self._unit_eps(), lower, relative_width=width)
         lower = torch.zeros_like(g0) if lower is None else lower
 
         def per_class(idx: torch.Tensor, s: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -410,7 +409,7 @@ class WeightPerturbationCertifier(Settings):
         evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
         known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
         evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
-        return search_pruned(evaluate, g0, self._unit_eps(), lower)
+        return search_pruned(evaluate, g0, self._unit_eps(), lower, relative_width=width)
 
 
 class _SearchBounds:

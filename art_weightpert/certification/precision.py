@@ -56,6 +56,19 @@ def certification_rtol(dtype: torch.dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 2.0**-18
 
 
+def search_precision(dtype: torch.dtype) -> tuple[float, float]:
+    """``(relative width, margin)`` of a certified-radius search in ``dtype`` (:mod:`.radius_search`): the search stops
+    when its bracket is narrower than the width relative to the radius, and accepts a radius where every bound exceeds
+    the tolerance by the margin, relative to the tolerance.
+
+    float64: a width of ``2⁻³⁶`` and a margin of ``2⁻¹⁰`` (≈ 1e-12 of the logit scale, far above float64 rounding).
+    float32: the radius factors are rounded up to float32 (:func:`factors_in`), so brackets narrower than a few ulps
+    evaluate the same factors again: a width of ``2⁻²⁰`` (8 ulps); the bounds of one sample computed in two batch
+    compositions differ by ~3e-8 of the logit scale (other products, other rounding), so the margin is ``2⁻³`` of the
+    tolerance (``2⁻²¹`` of the scale). Either lowers a radius far less than the tolerance does."""
+    return (2.0**-36, 2.0**-10) if dtype == torch.float64 else (2.0**-20, 2.0**-3)
+
+
 def radius_in(radius64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A ball's radius computed in float64 (from centre weights exact in ``dtype``), in ``dtype`` and never smaller:
     inflated by a relative 2⁻³⁰ (float64 computed the radius, a product or a norm of up to ~10⁶ terms, with a relative

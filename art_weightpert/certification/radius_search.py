@@ -14,6 +14,7 @@ positive even where ``g`` is not monotone (CROWN's adaptive slopes make the line
   steps straddle the root; a bisection where three steps did not halve the bracket (Dekker's safeguard). Stopping
   width: ``hi − lo ≤ 2^-36 · lo`` (the precision of the previous bisection, unchanged): the returned radius is within
   ``2^-36`` (relative) of a root of the bound as evaluated, whose own rounding noise moves that root by ~1e-11.
+  float32 certificates stop at ``2^-20`` (:func:`.search_precision`: their radius factors are float32).
   (ITP, used before, stalled here: its perturbation towards the midpoint cost ~9 steps per sample.)
 * Only the samples still searching are evaluated (the batch is compacted at every step); with a bound that takes
   ``classes`` (``"linear"``), only the margins predicted to decide (:class:`PrunedEvaluator`), one row per (sample,
@@ -273,12 +274,18 @@ class PrunedEvaluator:
 
 
 def search_pruned(
-    evaluate: PrunedEvaluator, g0: torch.Tensor, start: float, lower: torch.Tensor, rounds: int = 3
+    evaluate: PrunedEvaluator,
+    g0: torch.Tensor,
+    start: float,
+    lower: torch.Tensor,
+    rounds: int = 3,
+    relative_width: float = RELATIVE_WIDTH,
 ) -> torch.Tensor:
     """:func:`search_radius` with a :class:`PrunedEvaluator`, then every class evaluated at the radius found; where
     one fails (a non-monotone bound) the search runs again from the largest radius certified with every class, with
-    that class kept, up to ``rounds`` times, after which that largest radius is returned."""
-    radius = search_radius(evaluate, evaluate.at_zero(g0), start, lower, flag_closing=True)
+    that class kept, up to ``rounds`` times, after which that largest radius is returned (``relative_width``: as
+    :func:`search_radius`)."""
+    radius = search_radius(evaluate, evaluate.at_zero(g0), start, lower, relative_width, flag_closing=True)
     for _ in range(rounds):
         failed = evaluate.failures(radius)
         if not bool(failed.any()):
@@ -286,7 +293,7 @@ def search_pruned(
         idx = torch.nonzero(failed).squeeze(1)
         subset = lambda sub, s, closing, idx=idx: evaluate(idx[sub], s, closing)  # noqa: E731
         anchor = evaluate.at_zero(g0)[idx]
-        again = search_radius(subset, anchor, start, evaluate.verified[idx].clone(), flag_closing=True)
+        again = search_radius(subset, anchor, start, evaluate.verified[idx].clone(), relative_width, flag_closing=True)
         radius = radius.clone()
         radius[idx] = again
     failed = evaluate.failures(radius)
