@@ -63,11 +63,15 @@ def test_public_api_names():
 # ---------------------------------------------------------------------------------------------------- .ci/run
 @pytest.fixture
 def fake_python(tmp_path):
-    """Stubs first on PATH: ``python`` (torch imports, pip succeeds unless told, pytest exits with $FAKE_PYTEST_RC)
-    and ``lint-imports`` (exits with $FAKE_LINT_RC)."""
+    """Stubs first on PATH: ``python`` (torch imports, pip succeeds unless told, pytest exits with $FAKE_PYTEST_RC),
+    ``lint-imports`` (exits with $FAKE_LINT_RC) and ``mkdocs`` (succeeds; the real strict build is
+    tests/test_docs_site.py's)."""
     lint = tmp_path / "lint-imports"
     lint.write_text('#!/usr/bin/env bash\necho lint-imports >> "$FAKE_LOG"\nexit "${FAKE_LINT_RC:-0}"\n')
     lint.chmod(0o755)
+    mkdocs = tmp_path / "mkdocs"
+    mkdocs.write_text('#!/usr/bin/env bash\necho mkdocs "$@" >> "$FAKE_LOG"\nexit 0\n')
+    mkdocs.chmod(0o755)
     stub = tmp_path / "python"
     stub.write_text(
         "#!/usr/bin/env bash\n"
@@ -99,6 +103,7 @@ def test_ci_run_exit_codes(fake_python):
     result, log = fake_python(pytest_rc=0)
     assert result.returncode == 0, result.stderr
     assert "-m pip install -e .[test]" in log and "lint-imports" in log and "-m pytest" in log
+    assert "mkdocs build --strict" in log
     assert fake_python(pytest_rc=1)[0].returncode == 1  # a failing test fails CI
     result, _ = fake_python(pytest_rc=5)  # "no tests collected" is not a success
     assert result.returncode != 0 and "no tests" in result.stderr
