@@ -149,8 +149,9 @@ def test_bit_flip_section_is_bit_flip_curve(tiny_mlp_classifier, digits):
     assert {k: section[k] for k in direct} == direct
     assert section["certified_points"] == 80 and sum(section["certified_flips_histogram"].values()) == 80
     plain = bit_flip_section(tiny_mlp_classifier, x_test[:80], y_test[:80], (x_train, y_train),
-                             replace(settings, certify_method=None), seed=3)  # fmt: skip
+                             replace(settings, certify_method=None, threats=False), seed=3)  # fmt: skip
     assert {k: section[k] for k in plain} == plain and "certified_accuracy" not in plain
+    assert {"float", "backdoor", "integrity", "clipping"} <= set(section) and "backdoor" not in plain
     assert flips_to_halve([0.9, 0.6, 0.4], 0.9) == 3 and flips_to_halve([0.9, 0.8], 0.9) is None
 
 
