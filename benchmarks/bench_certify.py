@@ -7,9 +7,10 @@ float32 forward pass of the same batch measured in the same process (median of r
 ratio beside them. Prints one JSON object.
 
 Usage: ``python benchmarks/bench_certify.py [--repeats 5] [--batch 1024] [--threads 2] [--methods paper interval]
-[--balls inf row_l1] [--models mlp cnn] [--dtype float64|float32|float32-rounding]`` (float32: the bound functions
-called directly, plain or with the rounding terms of docs/theory.md §5; float64: through the certifier); progress on
-stderr, the JSON on stdout.
+[--balls inf row_l1] [--models mlp cnn] [--dtype float64|float32|float32-rounding] [--device cpu|cuda]`` (float32:
+the bound functions called directly, plain or with the rounding terms of docs/theory.md §5; float64: through the
+certifier; cuda: the model, the data and the bounds on the GPU, wall-clock times after ``torch.cuda.synchronize``);
+progress on stderr, the JSON on stdout.
 """
 
 from __future__ import annotations
@@ -56,12 +57,20 @@ def cnn() -> nn.Module:
     )
 
 
-def median_time(fn, repeats: int) -> float:
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work (a CUDA timing without it measures the launch only)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, repeats: int, device: str = "cpu") -> float:
     fn()  # warm-up
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -84,19 +93,23 @@ def bench_model(
     methods: list[str],
     balls: list[str],
     dtype: str = "float64",
+    device: str = "cpu",
 ) -> dict:
-    model.eval()
-    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), input_shape, 10)
+    model.eval().to(device)
+    clf = PyTorchWeightClassifier(
+        model, nn.CrossEntropyLoss(), input_shape, 10, device_type="gpu" if device == "cuda" else "cpu"
+    )
     x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
-    x_t = torch.as_tensor(x)
+    x_t = torch.as_tensor(x, device=device)
     model64 = _double(model)
     x64 = x_t.double()
     with torch.no_grad():
-        y = model(x_t).argmax(dim=1).numpy()
-        forward32 = median_time(lambda: model(x_t), repeats)
-        forward64 = median_time(lambda: model64(x64), repeats)
+        y = model(x_t).argmax(dim=1).cpu().numpy()
+        forward32 = median_time(lambda: model(x_t), repeats, device)
+        forward64 = median_time(lambda: model64(x64), repeats, device)
     out = {
         "dtype": dtype,
+        "device": device,
         "forward_float32_s": forward32,
         "forward_float64_ratio": forward64 / forward32,
         "margin_lower_bounds_ratio": {},
@@ -111,8 +124,8 @@ def bench_model(
                 certifier = WeightPerturbationCertifier(clf, budget, method=method, batch_size=batch, verbose=False)
                 fn = lambda c=certifier: c.margin_lower_bounds(x, y)  # noqa: E731
             else:  # the bound function in float32, plain or with the rounding terms of docs/theory.md §5
-                fn = _float32_bound(network, model, budget, method, x_t, torch.as_tensor(y), dtype)
-            seconds = median_time(fn, repeats)
+                fn = _float32_bound(network, model, budget, method, x_t, torch.as_tensor(y, device=device), dtype)
+            seconds = median_time(fn, repeats, device)
             out["margin_lower_bounds_s"][f"{method}/{ball}"] = seconds
             out["margin_lower_bounds_ratio"][f"{method}/{ball}"] = seconds / forward32
             print(f"{name} {method}/{ball}: {seconds:.4f} s = {seconds / forward32:.2f} x", file=sys.stderr, flush=True)
@@ -152,7 +165,10 @@ def main() -> None:
     parser.add_argument("--balls", nargs="*", default=list(budgets()), help=f"balls to time, among {list(budgets())}")
     parser.add_argument("--models", nargs="*", default=["mlp", "cnn"], help="models to time: mlp, cnn")
     parser.add_argument("--dtype", choices=DTYPES, default="float64", help="arithmetic of the timed bounds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the bounds run")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
     methods = list(METHODS) if args.methods is None else args.methods
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -166,6 +182,7 @@ def main() -> None:
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "targets": {"paper": 4.0, "interval": 8.0},
         "models": {},
     }
@@ -174,7 +191,7 @@ def main() -> None:
         label, factory, shape = specs[key]
         model = factory()
         result["models"][label] = bench_model(
-            key, model, shape, args.batch, args.repeats, methods, args.balls, args.dtype
+            key, model, shape, args.batch, args.repeats, methods, args.balls, args.dtype, args.device
         )
     print(json.dumps(result, indent=2))
 

@@ -15,9 +15,10 @@ Benchmark of the certificates on residual networks (issue 11, docs/theory.md §9
 
 Run: ``taskset -c 1 python benchmarks/bench_residual.py [--points 200] [--threads 1] [--repeats 5]
 [--digits-samples 200] [--resnet18-samples 2] [--skip-resnet18] [--skip-tightness]
-[--dtype float64|float32|float32-rounding]`` (the cost table's arithmetic; float32-rounding: sound float32,
-docs/theory.md §5); prints one JSON line per row (with the load average), then markdown tables. ResNet-18's linear
-bound takes seconds per sample: it is timed once.
+[--dtype float64|float32|float32-rounding] [--device cpu|cuda]`` (the cost table's arithmetic; float32-rounding:
+sound float32, docs/theory.md §5; cuda: the cost table on the GPU, wall-clock times after ``torch.cuda.synchronize``
+and the profiler's GPU time, the tightness table still on the CPU); prints one JSON line per row (with the load
+average), then markdown tables. ResNet-18's linear bound takes seconds per sample: it is timed once.
 """
 
 from __future__ import annotations
@@ -46,15 +47,41 @@ from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resne
 RADII = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
 
 
-def top_entries(fn, k: int = 6) -> list[str]:
-    """The ``k`` torch operators with the largest self CPU time in one call of ``fn``, with their share of the
-    profiled time."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def top_entries(fn, k: int = 6, device: str = "cpu") -> list[str]:
+    """The ``k`` torch operators with the largest self time in one call of ``fn`` (CPU time, or GPU time on
+    ``"cuda"``), with their share of the profiled time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         fn()
+        _synchronize(device)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:k]
-    return [f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top]
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attribute) for e in events) or 1
+    top = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:k]
+    return [f"{e.key} {100 * getattr(e, attribute) / total:.0f}%" for e in top]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int, device: str) -> float:
+    """:func:`_best` (process CPU time) on the CPU; on CUDA the minimum wall-clock time after synchronizing (the
+    CPU time of a GPU call measures its launches only)."""
+    if device != "cuda":
+        return _best(fn, repeats)
+    fn()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 DTYPES = ("float64", "float32", "float32-rounding")
@@ -72,18 +99,20 @@ def cost(
     repeats: int,
     bound_repeats: int,
     dtype: str = "float64",
+    device: str = "cpu",
 ) -> dict:
     """Time per sample of each bound method (``dtype``, absolute box 1e-5 on every weight) as a ratio to a float32
-    forward pass of the same batch (and of a float64 forward); process CPU times, minimum over the repeats."""
-    model = model.eval()
-    x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0))
+    forward pass of the same batch (and of a float64 forward); process CPU times (wall-clock on CUDA), minimum over
+    the repeats."""
+    model = (copy.deepcopy(model) if device != "cpu" else model).eval().to(device)  # the tightness table's stays
+    x = torch.rand((n, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        forward = _best(lambda: model(x), max(repeats, 20)) / n
+        forward = _timed(lambda: model(x), max(repeats, 20), device) / n
         labels = model(x).argmax(dim=1)
     model64 = _float64_copy(model)
     x64 = x.double()
     with torch.no_grad():
-        forward64 = _best(lambda: model64(x64), max(repeats, 20)) / n
+        forward64 = _timed(lambda: model64(x64), max(repeats, 20), device) / n
     torch_dtype = torch.float64 if dtype == "float64" else torch.float32
     bound_model = model64 if dtype == "float64" else copy.deepcopy(model).float().requires_grad_(False)
     network = read_network(bound_model, shape)
@@ -92,6 +121,7 @@ def cost(
     row = {
         "model": name,
         "dtype": dtype,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "samples": n,
         "forward_ms": 1e3 * forward,
         "forward64_ratio": forward64 / forward,
@@ -106,10 +136,10 @@ def cost(
                 rounding = dtype == "float32-rounding"
                 return BOUNDS[method](network, balls, xb, labels, torch_dtype, None, cache, rounding=rounding)
 
-        per_sample = _best(bound, repeats if method == "interval" else bound_repeats) / n
+        per_sample = _timed(bound, repeats if method == "interval" else bound_repeats, device) / n
         row[f"{method}_ms"] = 1e3 * per_sample
         row[f"{method}_ratio"] = per_sample / forward
-        row[f"{method}_top"] = top_entries(bound)
+        row[f"{method}_top"] = top_entries(bound, device=device)
     row["load_average"] = os.getloadavg()
     return row
 
@@ -154,7 +184,10 @@ def main() -> None:
     parser.add_argument("--skip-resnet18", action="store_true")
     parser.add_argument("--skip-tightness", action="store_true", help="only the cost table (trains nothing)")
     parser.add_argument("--dtype", choices=DTYPES, default="float64", help="arithmetic of the timed bounds")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the cost table's bounds run")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(args.threads)
     x_train, y_train, x_test, y_test = load_digits_data(flatten=False)
     if args.skip_tightness:
@@ -166,11 +199,20 @@ def main() -> None:
         print(json.dumps({"digits_resnet_training_s": time.perf_counter() - start}), flush=True)
         digits_model = clf.base_model
     digits = ("digits ResNet (1x8x8)", digits_model, (1, 8, 8), args.digits_samples, args.repeats, args.repeats)
-    costs = [cost(*digits, dtype=args.dtype)]
+    costs = [cost(*digits, dtype=args.dtype, device=args.device)]
     if not args.skip_resnet18:
         resnet18 = resnet18_cifar()
         costs.append(
-            cost("ResNet-18 (3x32x32)", resnet18, (3, 32, 32), args.resnet18_samples, args.repeats, 1, args.dtype)
+            cost(
+                "ResNet-18 (3x32x32)",
+                resnet18,
+                (3, 32, 32),
+                args.resnet18_samples,
+                args.repeats,
+                1,
+                args.dtype,
+                args.device,
+            )
         )
     for row in costs:
         print(json.dumps(row), flush=True)

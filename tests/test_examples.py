@@ -61,3 +61,22 @@ def test_benchmarks_run_all_collects_every_ratio(tmp_path):
     assert summary["ratios"] == {"bench_fast.per_ball.inf.ratio_median": 1.2, "bench_fast.ratio_to_art_fit.paper": 1.5}
     assert summary["meets_targets"] == {"bench_fast.meets_targets": True}
     assert "no luck" in summary["benchmarks"]["bench_broken"]["error"]
+
+
+def test_gpu_check_script_parses_and_the_benchmarks_refuse_cuda_without_it():
+    """``benchmarks/gpu_check.sh`` (the one run of a session lent a GPU) is valid bash, and the benchmarks it calls
+    stop with a clear message when ``--device cuda`` has no CUDA device (the dry run ``DEVICE=cpu`` is too slow for a
+    test: it times every bound)."""
+    benchmarks = EXAMPLES.parent / "benchmarks"
+    assert subprocess.run(["bash", "-n", str(benchmarks / "gpu_check.sh")], capture_output=True).returncode == 0
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    runs = {
+        script: subprocess.Popen(
+            [sys.executable, str(benchmarks / script), "--device", "cuda"], stderr=subprocess.PIPE, text=True
+        )
+        for script in ("bench_certify.py", "bench_residual.py")
+    }  # side by side: each spends its seconds importing torch and ART
+    for script, run in runs.items():
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 2 and "no CUDA device" in stderr, script
