@@ -76,29 +76,43 @@ def _precision_switches() -> list[tuple[object, str, object]]:
     ]
 
 
+def flushes_denormals() -> bool:
+    """Whether this thread's CPU arithmetic flushes subnormal numbers to zero (``torch.set_flush_denormal(True)``, or
+    a library built with ``-ffast-math`` that set FTZ/DAZ when loaded): a float32 subnormal times one comes out 0.
+    There is no getter for the mode; this probe is one scalar product."""
+    return bool(torch.tensor(2.0**-140, dtype=torch.float32) * 1.0 == 0)
+
+
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """
     Run the enclosed torch work with IEEE float32 products: no TF32 or bf16 internal precision in matrix products and
-    convolutions (cuBLAS, cuDNN, oneDNN), float32 matmul precision ``"highest"``, and cuDNN off (its heuristics may
-    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels. The user's settings are
+    convolutions (cuBLAS, cuDNN, oneDNN), float32 matmul precision ``"highest"``, cuDNN off (its heuristics may
+    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels, and gradual underflow
+    on the CPU (subnormals not flushed to zero: the underflow terms of docs/theory.md §5 assume an absolute error of
+    at most ``η = 2⁻¹⁴⁹`` per float32 operation, where flushing loses up to ``2⁻¹²⁶``). The user's settings are
     restored on exit, also after an exception or a keyboard interrupt.
     """
     switches = _precision_switches()
     saved = [getattr(obj, name) for obj, name, _ in switches]
     legacy = all(name != "fp32_precision" for _, name, _ in switches)
     saved_precision = torch.get_float32_matmul_precision()
+    flushing = flushes_denormals()
     try:
         if legacy:  # the new per-backend flags already cover it (and this setter would overwrite them)
             torch.set_float32_matmul_precision("highest")
         for obj, name, value in switches:
             setattr(obj, name, value)
+        if flushing:
+            torch.set_flush_denormal(False)
         yield
     finally:
         for (obj, name, _), value in zip(switches, saved):
             setattr(obj, name, value)
         if legacy:
             torch.set_float32_matmul_precision(saved_precision)
+        if flushing:
+            torch.set_flush_denormal(True)
 
 
 # ------------------------------------------------------------------------------- error terms of the bounds (§5)

@@ -273,3 +273,34 @@ def test_float32_radius_search_stops_at_float32_precision(trained, method, monke
     scale = np.where(positive, radii[torch.float32] / 1e-3, 0)
     bounds = certifier.margin_lower_bounds(x[:10], y[:10], scale=scale)
     assert np.all(bounds[positive].min(axis=1) > 0)
+
+
+def test_a_certificate_runs_with_gradual_underflow_and_restores_flushing():
+    """The underflow terms of docs/theory.md §5 count an absolute error of at most 2⁻¹⁴⁹ per float32 operation; a
+    CPU that flushes subnormals to zero (``torch.set_flush_denormal(True)``, or a library built with ``-ffast-math``)
+    loses up to 2⁻¹²⁶. A certificate turns flushing off while it runs and back on after: the convolution case above,
+    through the certifier with flushing on, stays below its exact margin (with flushing left on it certified +3.5e-36
+    against an exact −2.24e-36)."""
+    from art_weightpert.rounding import flushes_denormals
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush subnormals")
+    conv, head = nn.Conv2d(64, 1, 3, bias=False), nn.Linear(1, 2)
+    with torch.no_grad():
+        conv.weight.fill_(1e8)
+        head.weight.copy_(torch.tensor([[1e-30], [-1e-30]])), head.bias.copy_(torch.tensor([-4e-36, 4e-36]))
+    model = nn.Sequential(conv, nn.Flatten(), head).eval().requires_grad_(False)
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (64, 3, 3), 2)
+    x = np.full((1, 64, 3, 3), 1e-16, np.float32)
+    bounds = {}
+    try:
+        torch.set_flush_denormal(True)
+        for method in ("linear", "alpha"):
+            certifier = WeightPerturbationCertifier(
+                clf, PerturbationBudget({"0": 5e7}), method=method, verbose=False, dtype=torch.float32
+            )
+            bounds[method] = certifier.margin_lower_bounds(x, np.array([0]))[0, 1]
+            assert flushes_denormals(), "the user's mode is restored"
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(b <= -2.2e-36 for b in bounds.values()), bounds
