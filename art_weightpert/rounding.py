@@ -88,7 +88,9 @@ def exact_kernels() -> Iterator[None]:
     """
     Run the enclosed torch work with IEEE float32 products: no TF32 or bf16 internal precision in matrix products and
     convolutions (cuBLAS, cuDNN, oneDNN), float32 matmul precision ``"highest"``, cuDNN off (its heuristics may
-    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels, and gradual underflow
+    choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels; NNPACK off (its
+    Winograd and FFT convolutions serve float32 batches of 16 or more on the CPU when oneDNN is disabled,
+    ``torch.backends.mkldnn.enabled = False``, and err by far more than a dot product); and gradual underflow
     on the CPU (subnormals not flushed to zero: the underflow terms of docs/theory.md §5 assume an absolute error of
     at most ``η = 2⁻¹⁴⁹`` per float32 operation, where flushing loses up to ``2⁻¹²⁶``). The user's settings are
     restored on exit, also after an exception or a keyboard interrupt.
@@ -98,6 +100,7 @@ def exact_kernels() -> Iterator[None]:
     legacy = all(name != "fp32_precision" for _, name, _ in switches)
     saved_precision = torch.get_float32_matmul_precision()
     flushing = flushes_denormals()
+    nnpack = torch.backends.nnpack.set_flags(False)[0]  # returns the flag it replaces
     try:
         if legacy:  # the new per-backend flags already cover it (and this setter would overwrite them)
             torch.set_float32_matmul_precision("highest")
@@ -113,6 +116,7 @@ def exact_kernels() -> Iterator[None]:
             torch.set_float32_matmul_precision(saved_precision)
         if flushing:
             torch.set_flush_denormal(True)
+        torch.backends.nnpack.set_flags(nnpack)
 
 
 # ------------------------------------------------------------------------------- error terms of the bounds (§5)

@@ -304,3 +304,33 @@ def test_a_certificate_runs_with_gradual_underflow_and_restores_flushing():
     finally:
         torch.set_flush_denormal(False)
     assert all(b <= -2.2e-36 for b in bounds.values()), bounds
+
+
+@pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="this torch has no NNPACK")
+def test_a_certificate_never_runs_nnpack_convolutions():
+    """With oneDNN disabled (``torch.backends.mkldnn.enabled = False``) torch runs float32 convolutions of batches of
+    16 or more through NNPACK, whose Winograd transforms mix a 3×3 kernel's zero taps' inputs into every output: here
+    the centre tap alone reads a 1 among values of 1e8, and NNPACK errs by up to 368, where the dot product's error
+    bound of docs/theory.md §5 is 6e-7. A certificate turns NNPACK off (and restores the user's flags): before, 16 of
+    these 32 samples of exact margin −0.001 were certified."""
+    conv, head = nn.Conv2d(1, 1, 3, padding=1, bias=False), nn.Linear(64, 2)
+    with torch.no_grad():
+        conv.weight.zero_(), conv.weight[0, 0, 1, 1].fill_(1.0)
+        head.weight.zero_(), head.weight[0, 9].fill_(1.0), head.bias.copy_(torch.tensor([-1.001, 0.0]))
+    model = nn.Sequential(conv, nn.Flatten(), head).eval().requires_grad_(False)
+    x = (torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e8).numpy()
+    x[:, :, 1, 1] = 1.0  # the exact margin f_0 − f_1 is 1 − 1.001 for every sample
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1, 8, 8), 2)
+    mkldnn = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = False
+        for method in ("interval", "linear"):
+            certifier = WeightPerturbationCertifier(
+                clf, PerturbationBudget({"2": 1e-30}), method=method, verbose=False, dtype=torch.float32
+            )
+            bounds = certifier.margin_lower_bounds(x, np.zeros(32, dtype=int))[:, 1]
+            assert np.all(bounds <= -0.001), method
+            assert not certifier.certify(x, np.zeros(32, dtype=int)).any(), method
+            assert torch._C._get_nnpack_enabled(), "the user's NNPACK flag is restored"
+    finally:
+        torch.backends.mkldnn.enabled = mkldnn
