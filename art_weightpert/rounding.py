@@ -90,7 +90,8 @@ def exact_kernels() -> Iterator[None]:
     convolutions (cuBLAS, cuDNN, oneDNN), float32 matmul precision ``"highest"``, cuDNN off (its heuristics may
     choose FFT or Winograd convolutions): CUDA convolutions run torch's im2col + GEMM kernels; NNPACK off (its
     Winograd and FFT convolutions serve float32 batches of 16 or more on the CPU when oneDNN is disabled,
-    ``torch.backends.mkldnn.enabled = False``, and err by far more than a dot product); and gradual underflow
+    ``torch.backends.mkldnn.enabled = False``, and err by far more than a dot product); autocast off (an enclosing
+    ``torch.autocast`` region would run the products in bfloat16 or float16); and gradual underflow
     on the CPU (subnormals not flushed to zero: the underflow terms of docs/theory.md §5 assume an absolute error of
     at most ``η = 2⁻¹⁴⁹`` per float32 operation, where flushing loses up to ``2⁻¹²⁶``). The user's settings are
     restored on exit, also after an exception or a keyboard interrupt.
@@ -108,7 +109,10 @@ def exact_kernels() -> Iterator[None]:
             setattr(obj, name, value)
         if flushing:
             torch.set_flush_denormal(False)
-        yield
+        with contextlib.ExitStack() as no_autocast:  # an enclosing torch.autocast would run products in bf16/fp16
+            for device_type in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                no_autocast.enter_context(torch.autocast(device_type, enabled=False))
+            yield
     finally:
         for (obj, name, _), value in zip(switches, saved):
             setattr(obj, name, value)

@@ -334,3 +334,26 @@ def test_a_certificate_never_runs_nnpack_convolutions():
             assert torch._C._get_nnpack_enabled(), "the user's NNPACK flag is restored"
     finally:
         torch.backends.mkldnn.enabled = mkldnn
+
+
+def test_a_certificate_inside_autocast_computes_in_float32():
+    """A certificate called inside ``torch.autocast`` (bfloat16 on the CPU) would run its products in bfloat16, whose
+    rounding (2⁻⁹ relative) the float32 terms do not cover: the weight 1 + 2⁻⁸ + 2⁻¹⁴ rounds up to 1 + 2⁻⁷ and the
+    bias −3.0167 up to −3.015625. A certificate turns autocast off: its bounds are those computed outside, and the
+    exact margin −4.8e-3 is not certified (before: a bound of +7.8e-3, certified)."""
+    lin = nn.Linear(1, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1 + 2.0**-8 + 2.0**-14], [0.0]])), lin.bias.copy_(torch.tensor([-3.0167, 0.0]))
+    clf = PyTorchWeightClassifier(nn.Sequential(lin), nn.CrossEntropyLoss(), (1,), 2, clip_values=(0.0, 4.0))
+    x, y = np.array([[3.0]], np.float32), np.array([0])
+    exact = (1 + 2.0**-8 + 2.0**-14) * 3.0 + float(np.float32(-3.0167))
+    assert exact == pytest.approx(-4.8e-3, rel=1e-2)
+    for method in ("interval", "linear", "alpha"):
+        certifier = WeightPerturbationCertifier(clf, PerturbationBudget(1e-30), method=method, verbose=False,
+                                                dtype=torch.float32)  # fmt: skip
+        outside = certifier.margin_lower_bounds(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = certifier.margin_lower_bounds(x, y)
+            assert not certifier.certify(x, y)[0], method
+        np.testing.assert_array_equal(inside, outside)
+        assert inside[0, 1] <= exact, method
