@@ -179,6 +179,23 @@ def norm_up(t: torch.Tensor, dim, keepdim: bool = False) -> torch.Tensor:
     return t.norm(dim=dim, keepdim=keepdim) + math.sqrt(n * smallest_subnormal(t.dtype))
 
 
+def finite_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A box whose ends overflowed made sound (docs/theory.md §5): a lower end that is ``+inf`` or NaN becomes
+    ``−inf`` and an upper end that is ``−inf`` or NaN becomes ``+inf`` (the exact value is finite but unknown there);
+    ``−inf`` below and ``+inf`` above stay. Without it a saturating function would turn an overflowed box
+    ``[inf, inf]`` into a wrong finite one (tanh: ``[1, 1]``)."""
+    return (
+        torch.nan_to_num(lo, nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
+        torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=math.inf),
+    )
+
+
+def finite_lower(bound: torch.Tensor) -> torch.Tensor:
+    """Margin lower bounds with NaN and ``+inf`` (an overflow: the margins of a network of finite weights are finite)
+    replaced by ``−inf``; the caller sets the label's own column to ``+inf`` again where it has one."""
+    return torch.nan_to_num(bound, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
+
+
 def magnitude(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """``m = max(|lo|, |hi|)`` of a box (``|lo|`` for a known value, ``lo is hi``)."""
     return lo.abs() if lo is hi else torch.maximum(lo.abs(), hi.abs())

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
-from art_weightpert.certification.common import BoundCache, CentredBox, slice_boxes
+from art_weightpert.certification.common import BoundCache, CentredBox, fill_label, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.precision import (
     certification_rtol,
@@ -53,7 +53,7 @@ from art_weightpert.estimators.settings import Settings
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.estimators.wrapping import as_weight_classifier, weights_version
 from art_weightpert.network import BatchNorm, Network, read_network
-from art_weightpert.rounding import exact_kernels
+from art_weightpert.rounding import exact_kernels, finite_lower
 from art_weightpert.torch_tools import eval_mode, float64_copy
 from art_weightpert.validation import check_bool, check_choice, check_positive_int
 
@@ -348,10 +348,11 @@ class WeightPerturbationCertifier(Settings):
     ) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` in the bounds' dtype; ``scale`` multiplies every radius per sample."""
         with torch.no_grad(), exact_kernels():
-            return self._method.bounds(
+            bounds = self._method.bounds(
                 self._network, param_balls, x_t, labels, self.dtype, factors_in(scale, self.dtype), self._cache,
                 **self._rounding(),
             )  # fmt: skip
+        return fill_label(finite_lower(bounds), labels)  # an overflow never certifies (docs/theory.md §5)
 
     def _rounding(self) -> dict[str, bool]:
         """The bound functions' rounding-error terms (docs/theory.md §5): on in float32; float64 bounds rely on the
@@ -451,4 +452,6 @@ class _SearchBounds:
                 c._network, c._unit_param_balls, self.x_t[idx], self.labels[idx], c.dtype, factors_in(s, c.dtype),
                 c._cache, **rows, **c._rounding(),
             )  # fmt: skip
+        lb = finite_lower(lb)  # an overflow never certifies (docs/theory.md §5)
+        lb = lb if "classes" in rows else fill_label(lb, self.labels[idx])
         return (lb - self.threshold[idx]).to(torch.float64)

@@ -38,6 +38,8 @@ from art_weightpert.operators import rule_table
 from art_weightpert.rounding import (
     ROUNDING_SLACK,
     error_factor,
+    finite_box,
+    finite_lower,
     gamma,
     magnitude,
     round_down,
@@ -187,22 +189,26 @@ def rounded_affine_interval(
         g_abs = cached(cache, f"g_abs/{g}", (weight,), lambda: weight.abs() * g)
         radius = layer.apply(m, g_abs, g_bias)
         radius = radius if isinstance(pert, float) else torch.add(radius, pert, alpha=1 + 2 * g)
-        return CentredBox(center - radius, center + radius, center)
+        return CentredBox(*finite_box(center - radius, center + radius), center)
     half = cached(cache, "half", (weight,), lambda: weight * 0.5)
     # |W|/2 rounded up by 1 + 2γ: the radius's product, rounded down by at most γ_{n+3}, still bounds |W| r (free)
     up = 1 + 2 * gamma(fan_in(layer, weight) + ROUNDING_SLACK, lo.dtype)
     half_abs = cached(cache, f"half_abs_up/{up}", (weight,), lambda: half.abs() * up)
     center = layer.apply(lo + hi, half, bias)
     fold = _abs_weight_factor(layer, weight, param_balls, cache)
-    factor = 2 * g if fold is None else 2 * (fold * (1 + g) + g)  # ε|W|m folded in: (|W|/2)(u − l + 2(ε + g + gε) m)
-    factor = factor if scale is None or fold is None else factor * sample_factors(scale, m.dim())
+    if fold is None:
+        factor = 2 * g
+    elif scale is None:  # ε|W|m folded in: (|W|/2)(u − l + 2(ε + gε + g) m)
+        factor = 2 * (fold * (1 + g) + g)
+    else:  # the radius factors scale the ball's ε, never the rounding term g (docs/theory.md §5)
+        factor = sample_factors(scale, m.dim()) * (2 * fold * (1 + g)) + 2 * g
     spread = torch.addcmul(hi - lo, m, torch.as_tensor(factor, dtype=m.dtype))
     if fold is not None:  # only the bias ball's β is left of P
         pert = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, include_weight=False, rounding=True)
     radius = layer.apply(spread, half_abs, g_bias)
     if not isinstance(pert, float):
         radius = torch.add(radius, pert, alpha=1 + 2 * g)
-    return center - radius, center + radius
+    return finite_box(center - radius, center + radius)
 
 
 def error_bias(
@@ -226,7 +232,7 @@ def _fixed_interval(layer, boxes: list, reads, rounding: bool) -> tuple[torch.Te
         out = layer.apply(*(boxes[v][0] for v in reads))
         return out, out
     box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
-    return round_fixed(layer, box, [boxes[v] for v in reads]) if rounding else box
+    return finite_box(*round_fixed(layer, box, [boxes[v] for v in reads])) if rounding else box
 
 
 def exact_in_float(layer) -> bool:
@@ -240,10 +246,13 @@ the value, plus the smallest normal number absolutely (underflow): the box of a 
 much (docs/theory.md §5). Parameters such as a LeakyReLU slope cast to the dtype are covered too."""
 
 
-CANCELLING_ACTIVATIONS = ("gelu",)
-"""Activations that torch evaluates as ``x`` times a sum that cancels (GELU: ``x (1 + erf(x/√2))/2``, for ``x`` very
-negative): their error is a few ulps of ``|x|``, not of the value (gelu(−6) evaluates to −0.0, the exact value is
-−5.9e-9), so their boxes widen by :data:`ACTIVATION_ULPS` ulps of the input too."""
+CANCELLING_ACTIVATIONS = ("gelu", "silu", "softplus")
+"""Activations whose float32 error is a few ulps of the input ``|x|``, not of the value, so their boxes widen by
+:data:`ACTIVATION_ULPS` ulps of the input too: GELU, evaluated as ``x`` times a sum that cancels
+(``x (1 + erf(x/√2))/2``: gelu(−6) evaluates to −0.0, the exact value is −5.9e-9); SiLU, ``x σ(x)`` with σ underflowing
+to 0 below −88 (silu(−89) evaluates to −0.0, the exact value is −2.0e-37, above the smallest normal a later product
+of 1e37 makes count); Softplus with ``β ≠ 1``, ``log(1 + e^{βx})/β``, whose rounding of ``βx`` costs up to
+``u|x|σ(βx)`` and whose underflow of ``e^{βx}`` below ``βx ≈ −104`` loses ``e^{βx}/β ≤ u|x|`` (β = 1e-20: 6.8e-26)."""
 
 
 def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -459,7 +468,7 @@ def interval_margin_bounds(
         pert = pert.expand(len(x), z.shape[1])
         value = value - (pert.gather(1, labels.unsqueeze(1)) + pert)
     if rounding:  # docs/theory.md §5: every term of the margin computed in floating point
-        value = round_down(value - _margin_rounding(last, weight, bias, m, pert, labels, cache))
+        value = round_down(finite_lower(value - _margin_rounding(last, weight, bias, m, pert, labels, cache)))
     return fill_label(value, labels)
 
 

@@ -57,6 +57,7 @@ from art_weightpert.operators.max_pool import maxpool_activation_backward, put_b
 from art_weightpert.rounding import (
     abs_dot,
     error_factor,
+    finite_lower,
     magnitude,
     round_down,
     smallest_subnormal,
@@ -251,7 +252,7 @@ def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx
         c = batched_dot(a0, x)
         c = c - abs_dot(a0, x.abs()) * error_factor(a0[0, 0].numel() + readers.get(0, 1), dtype)
         const, total, steps = const + c, total + c.abs(), steps + 1
-    return round_down(const - total * error_factor(steps, dtype))
+    return round_down(finite_lower(const - total * error_factor(steps, dtype)))  # round_down(inf) would be finite
 
 
 def _backward_step(

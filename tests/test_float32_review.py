@@ -1,0 +1,135 @@
+"""False float32 certificates found by an independent review (issue 23, docs/theory.md §5), each now covered: smooth
+activations whose float32 error is relative to their input (SiLU, Softplus with β ≠ 1), box centres that overflow
+(an overflowed box or margin never certifies), and the per-sample radius factors of a folded relative box, which
+scaled the rounding term too. Each case's exact margin is computed in float64 (or closed form) and must stay at or
+above every method's float32 lower bound."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
+
+METHODS = ("interval", "linear", "alpha", "paper")
+
+
+def _bounds(model, x, budget, shape, methods=METHODS):
+    clf = PyTorchWeightClassifier(model.eval().requires_grad_(False), nn.CrossEntropyLoss(), shape, 2)
+    out = {}
+    for method in methods:
+        certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=torch.float32)
+        out[method] = (certifier.margin_lower_bounds(x, np.array([0]))[0, 1], bool(certifier.certify(x, [0])[0]))
+    return out
+
+
+def _head(weight, bias=(0.0, 0.0)) -> nn.Linear:
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[weight[0]], [weight[1]]])), head.bias.copy_(torch.tensor(bias))
+    return head
+
+
+def _identity() -> nn.Linear:
+    first = nn.Linear(1, 1)
+    with torch.no_grad():
+        first.weight.fill_(1.0), first.bias.zero_()
+    return first
+
+
+@pytest.mark.parametrize(
+    "activation, x, head_weight, exact",
+    [
+        # silu(−89) is −0.0 in float32 (σ underflows), −1.98e-37 exactly: margin 1e37·silu(−89) + 1
+        (nn.SiLU(), -89.0, 1e37, 1e37 * -89.0 / (1 + math.exp(89.0)) + 1),
+        # softplus_β(x) = log(1 + e^{βx})/β with β = 1e-20, βx = −104: 0 in float32, e^{−104}/β = 6.8e-26 exactly
+        (nn.Softplus(beta=1e-20), -1.04e22, -1e26, float(np.float32(-1e26)) * math.exp(-104.0) / 1e-20 + 1),
+    ],
+    ids=["silu", "softplus_small_beta"],
+)
+def test_smooth_activations_with_errors_relative_to_their_input(activation, x, head_weight, exact):
+    model = nn.Sequential(_identity(), activation, _head((head_weight, 0.0), (1.0, 0.0)))
+    assert exact < 0
+    for method, (bound, certified) in _bounds(model, np.full((1, 1), x, np.float32), PerturbationBudget(1e-30),
+                                              (1,)).items():  # fmt: skip
+        assert bound <= exact and not certified, (method, bound)
+
+
+def test_a_margin_whose_centre_overflows_is_not_certified():
+    # the folded last layer's centre (W/2)(lo + hi) at c = 1.75e38: lo + hi overflows, the margin was +inf (then
+    # 3.4e38 after rounding down) and the certified radius inf; the exact worst margin in the ball is −3.5
+    first = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        first.weight.fill_(1.0)
+    model = nn.Sequential(first, _head((1e-38, -1e-38)))
+    x = np.full((1, 1), 1.75e38, np.float32)
+    worst = 2 * (float(np.float32(1e-38)) - float(np.float32(2e-38))) * float(x[0, 0])
+    budget = PerturbationBudget({"1": 2e-38})
+    for method, (bound, certified) in _bounds(model, x, budget, (1,)).items():
+        assert bound <= worst and not certified, (method, bound)
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1,), 2)
+    radius = WeightPerturbationCertifier(clf, budget, "linear", verbose=False, dtype=torch.float32).certified_radius(
+        x, np.array([0])
+    )
+    assert radius[0] < 1  # the budget's own radius breaks it
+
+
+def test_a_hidden_box_that_overflows_is_not_turned_finite_by_a_saturating_activation():
+    # the hidden centre (W/2)(lo + hi) overflowed to [inf, inf] and tanh made it [1, 1]: certified, though W₂ + ΔW₂ = 0
+    # is in the ball and gives the margin tanh(0) − 0.99 = −0.99
+    first, second = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        first.weight.fill_(1.0), second.weight.fill_(2e-38)
+    model = nn.Sequential(first, second, nn.Tanh(), _head((1.0, 0.0), (-0.99, 0.0)))
+    bounds = _bounds(model, np.full((1, 1), 1.75e38, np.float32), PerturbationBudget({"1": 2e-38}), (1,))
+    for method, (bound, certified) in bounds.items():
+        assert bound <= -0.99 and not certified, (method, bound)
+
+
+def test_a_first_layer_sum_that_overflows_is_not_certified():
+    # W x = 2·(−3e38) + 2·(3.0000002e38) is +4.06e31 exactly; float32 (a batch of 8, fused multiply-adds) accumulates
+    # −inf: the box was [−inf, −inf], tanh gave −1 where the exact value is +1, and the margin −1.5 was certified
+    first = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        first.weight.fill_(2.0)
+    model = nn.Sequential(first, nn.Tanh(), _head((-1.0, 0.0), (-0.5, 0.0)))
+    x = np.tile(np.array([[-3e38, np.nextafter(np.float32(3e38), np.float32(np.inf))]], np.float32), (8, 1))
+    clf = PyTorchWeightClassifier(model.eval().requires_grad_(False), nn.CrossEntropyLoss(), (2,), 2)
+    for method in METHODS:
+        certifier = WeightPerturbationCertifier(clf, PerturbationBudget({"2": 1e-3}), method, verbose=False,
+                                                dtype=torch.float32)  # fmt: skip
+        bounds = certifier.margin_lower_bounds(x, np.zeros(8, dtype=int))[:, 1]
+        assert np.all(bounds <= -1.5), (method, bounds)
+        assert not certifier.certify(x, np.zeros(8, dtype=int)).any(), method
+
+
+def test_radius_factors_scale_the_folded_ball_but_not_the_rounding_term():
+    # a relative box folded into |W| (ε|W|m): the per-sample factor s multiplied the rounding term g|W|m as well, so at
+    # s < 1 the centre's rounding (here ~600u, 20000 terms that each round the sum up) was not covered
+    from fractions import Fraction
+
+    from art_weightpert.certification.interval import interval_margin_bounds
+    from art_weightpert.certification.linear import linear_margin_bounds
+    from art_weightpert.network import read_network
+
+    n = 20000
+    c = torch.full((n,), 2.0**-24 * 1.01)
+    c[:32] = 1.0
+    l1, l2 = nn.Linear(1, n, bias=False), nn.Linear(n, 1, bias=False)
+    z_exact = sum(Fraction(float(v)) for v in c)
+    b = float(torch.tensor(-float(z_exact) - 2e-4))
+    with torch.no_grad():
+        l1.weight.copy_(c.reshape(n, 1)), l2.weight.fill_(1.0)
+    model = nn.Sequential(l1, l2, _head((1.0, 0.0), (b, 0.0))).eval().requires_grad_(False)
+    network = read_network(model, (1,))
+    balls = PerturbationBudget({"1": 2.0**-10}, "inf", relative=True).parameter_balls(model, torch.float32)
+    for s in (1e-3, 0.0):
+        worst = float(z_exact + Fraction(b)) - s * 2.0**-10 * float(z_exact)
+        for fn in (interval_margin_bounds, linear_margin_bounds):
+            bound = fn(network, balls, torch.ones((1, 1)), torch.tensor([0]), torch.float32, scale=torch.tensor([s]),
+                       rounding=True)[0, 1]  # fmt: skip
+            assert float(bound) <= worst, (fn.__name__, s, float(bound), worst)
