@@ -240,3 +240,20 @@ def test_unknown_keywords_are_refused():
     balls = PerturbationBudget(0.03, "inf").parameter_balls(model, torch.float64)
     with pytest.raises(TypeError, match="step"):
         alpha_margin_bounds(network, balls, x, labels, step=3)
+
+
+def test_alpha_on_a_network_without_an_optimizable_slope():
+    """A concave LeakyReLU (``negative_slope > 1``) has the chord as its lower line: no slope to optimize. Found by
+    review: ``"alpha"`` raised "element 0 of tensors does not require grad" there; it now gives the linear bound."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(3.0), nn.Linear(8, 3))
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (4,), 3)
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    for dtype in (torch.float64, torch.float32):
+        bounds = {
+            method: WeightPerturbationCertifier(clf, PerturbationBudget(1e-2), method, verbose=False, dtype=dtype)
+            .margin_lower_bounds(x)
+            for method in ("linear", "alpha")
+        }
+        finite = np.isfinite(bounds["linear"])
+        assert np.all(bounds["alpha"][finite] >= bounds["linear"][finite])

@@ -371,7 +371,8 @@ def _empty_branch(boxes: Boxes) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------ the slopes
 def optimizable_activations(network: Network) -> list[int]:
     """Indices of the activation layers with a free lower slope whose backward rule reads it (not the ones fused with
-    a following max pooling, :func:`.maxpool_activation_backward`)."""
+    a following max pooling, :func:`.maxpool_activation_backward`, nor a concave LeakyReLU, ``negative_slope > 1``,
+    whose lower line is the chord)."""
     fused = {_activation_before_pool(network, i) for i in range(len(network.layers))}
     return [
         i
@@ -379,6 +380,7 @@ def optimizable_activations(network: Network) -> list[int]:
         if getattr(layer, "elementwise", False)
         and hasattr(layer, "function")
         and layer.function.kind in KINKED
+        and layer.function.lower_through_origin
         and i not in fused
     ]
 
