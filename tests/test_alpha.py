@@ -251,8 +251,9 @@ def test_alpha_on_a_network_without_an_optimizable_slope():
     x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     for dtype in (torch.float64, torch.float32):
         bounds = {
-            method: WeightPerturbationCertifier(clf, PerturbationBudget(1e-2), method, verbose=False, dtype=dtype)
-            .margin_lower_bounds(x)
+            method: WeightPerturbationCertifier(
+                clf, PerturbationBudget(1e-2), method, verbose=False, dtype=dtype
+            ).margin_lower_bounds(x)
             for method in ("linear", "alpha")
         }
         finite = np.isfinite(bounds["linear"])
