@@ -184,15 +184,12 @@ def finite_box(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.
     ``−inf`` and an upper end that is ``−inf`` or NaN becomes ``+inf`` (the exact value is finite but unknown there);
     ``−inf`` below and ``+inf`` above stay. Without it a saturating function would turn an overflowed box
     ``[inf, inf]`` into a wrong finite one (tanh: ``[1, 1]``)."""
-    return (
-        torch.nan_to_num(lo, nan=-math.inf, posinf=-math.inf, neginf=-math.inf),
-        torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=math.inf),
-    )
+    return finite_lower(lo), torch.nan_to_num(hi, nan=math.inf, posinf=math.inf, neginf=math.inf)
 
 
 def finite_lower(bound: torch.Tensor) -> torch.Tensor:
-    """Margin lower bounds with NaN and ``+inf`` (an overflow: the margins of a network of finite weights are finite)
-    replaced by ``−inf``; the caller sets the label's own column to ``+inf`` again where it has one."""
+    """Lower bounds with NaN and ``+inf`` (an overflow: the values of a network of finite weights are finite) replaced
+    by ``−inf``; the caller of margin bounds sets the label's own column to ``+inf`` again where it has one."""
     return torch.nan_to_num(bound, nan=-math.inf, posinf=-math.inf, neginf=-math.inf)
 
 

@@ -63,7 +63,8 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn, repeats: int, device: str = "cpu") -> float:
+def wall_times(fn, repeats: int, device: str = "cpu") -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn`` after a warm-up call, each until the GPU's queue is done."""
     fn()  # warm-up
     synchronize(device)
     times = []
@@ -72,7 +73,11 @@ def median_time(fn, repeats: int, device: str = "cpu") -> float:
         fn()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn, repeats: int, device: str = "cpu") -> float:
+    return statistics.median(wall_times(fn, repeats, device))
 
 
 def budgets() -> dict[str, PerturbationBudget]:

@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 import torch
+from bench_certify import synchronize, wall_times
 from bench_hot_paths import _best
 from torch import nn
 
@@ -55,7 +56,7 @@ def top_entries(fn, k: int = 6, device: str = "cpu") -> list[str]:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         fn()
-        _synchronize(device)
+        synchronize(device)
     events = prof.key_averages()
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events) or 1
@@ -63,25 +64,10 @@ def top_entries(fn, k: int = 6, device: str = "cpu") -> list[str]:
     return [f"{e.key} {100 * getattr(e, attribute) / total:.0f}%" for e in top]
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, repeats: int, device: str) -> float:
     """:func:`_best` (process CPU time) on the CPU; on CUDA the minimum wall-clock time after synchronizing (the
     CPU time of a GPU call measures its launches only)."""
-    if device != "cuda":
-        return _best(fn, repeats)
-    fn()
-    _synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return _best(fn, repeats) if device != "cuda" else min(wall_times(fn, repeats, device))
 
 
 DTYPES = ("float64", "float32", "float32-rounding")

@@ -79,21 +79,6 @@ def make_mlp() -> nn.Sequential:
     )
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 40, batch: int = 64) -> nn.Module:
-    """Adam lr 3e-3, ``epochs`` epochs of shuffled mini-batches (seed 0): bench_certify_digits.py's ``train``."""
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=gen).split(batch):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def timed(fn, repeats: int):
     """Median CPU seconds (``time.process_time``: one thread, so the single-thread cost even on a loaded machine) of
     ``repeats`` calls (after one warm-up call when repeats > 1) and the last output."""
@@ -108,6 +93,8 @@ def timed(fn, repeats: int):
 
 # ------------------------------------------------------------------------------------------- stage 1: project env
 def prepare(args: argparse.Namespace) -> None:
+    from bench_certify_digits import train  # the project's environment only (it imports art_weightpert)
+
     from art_weightpert import PerturbationBudget, PyTorchWeightClassifier, WeightPerturbationCertifier
     from art_weightpert.data import load_digits_data
     from art_weightpert.zoo import digits_mlp

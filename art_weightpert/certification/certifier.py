@@ -345,14 +345,19 @@ class WeightPerturbationCertifier(Settings):
         labels: torch.Tensor,
         param_balls: dict[str, ParameterBall],
         scale: torch.Tensor | None = None,
+        method: BoundMethod | None = None,
+        **rows,
     ) -> torch.Tensor:
-        """Margin lower bounds ``(N, K)`` in the bounds' dtype; ``scale`` multiplies every radius per sample."""
+        """Margin lower bounds ``(N, K)`` in the bounds' dtype of ``method`` (default: the certifier's); ``scale``
+        multiplies every radius per sample; ``rows``: the method's ``boxes=`` or ``classes=`` (then ``(N, J)``)."""
+        method = self._method if method is None else method
         with torch.no_grad(), exact_kernels():
-            bounds = self._method.bounds(
+            bounds = method.bounds(
                 self._network, param_balls, x_t, labels, self.dtype, factors_in(scale, self.dtype), self._cache,
-                **self._rounding(),
+                **rows, **self._rounding(),
             )  # fmt: skip
-        return fill_label(finite_lower(bounds), labels)  # an overflow never certifies (docs/theory.md §5)
+        bounds = finite_lower(bounds)  # an overflow never certifies (docs/theory.md §5)
+        return bounds if "classes" in rows else fill_label(bounds, labels)
 
     def _rounding(self) -> dict[str, bool]:
         """The bound functions' rounding-error terms (docs/theory.md §5): on in float32; float64 bounds rely on the
@@ -447,11 +452,5 @@ class _SearchBounds:
         if method.takes_boxes and "boxes" not in rows:
             rows["boxes"] = self.boxes(idx, s)
         c = self.certifier
-        with torch.no_grad(), exact_kernels():
-            lb = method.bounds(
-                c._network, c._unit_param_balls, self.x_t[idx], self.labels[idx], c.dtype, factors_in(s, c.dtype),
-                c._cache, **rows, **c._rounding(),
-            )  # fmt: skip
-        lb = finite_lower(lb)  # an overflow never certifies (docs/theory.md §5)
-        lb = lb if "classes" in rows else fill_label(lb, self.labels[idx])
+        lb = c._bounds(self.x_t[idx], self.labels[idx], c._unit_param_balls, s, method, **rows)
         return (lb - self.threshold[idx]).to(torch.float64)
