@@ -232,7 +232,9 @@ def _fixed_interval(layer, boxes: list, reads, rounding: bool) -> tuple[torch.Te
         out = layer.apply(*(boxes[v][0] for v in reads))
         return out, out
     box = INTERVAL_RULES[type(layer)](layer, *(end for v in reads for end in boxes[v]))
-    return finite_box(*round_fixed(layer, box, [boxes[v] for v in reads])) if rounding else box
+    if not rounding or exact_in_float(layer):  # an exact rule keeps finite_box's ends as they are: no pass to redo it
+        return box
+    return finite_box(*round_fixed(layer, box, [boxes[v] for v in reads]))
 
 
 def exact_in_float(layer) -> bool:
