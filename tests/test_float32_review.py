@@ -133,3 +133,39 @@ def test_radius_factors_scale_the_folded_ball_but_not_the_rounding_term():
             bound = fn(network, balls, torch.ones((1, 1)), torch.tensor([0]), torch.float32, scale=torch.tensor([s]),
                        rounding=True)[0, 1]  # fmt: skip
             assert float(bound) <= worst, (fn.__name__, s, float(bound), worst)
+
+
+
+def _rule_error(op, a: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
+    """``(Σ |a_in − exact a_in|·|h|, −constant)`` of ``op``'s float32 backward rule with rounding at the point box
+    ``h``: the constant must cover the rounding of the coefficients it returns (docs/theory.md §5)."""
+    from types import SimpleNamespace
+
+    a_in, const = op.backward(a, h, h, SimpleNamespace(rounding=True))
+    exact, _ = op.backward(a.double(), h.double(), h.double())
+    return float(((a_in.double() - exact).abs() * h.double().abs()).sum()), -float(const.sum())
+
+
+def test_an_upsampling_adaptive_average_pooling_counts_the_windows_of_each_input():
+    # a 1×1 map pooled to 64×64: the coefficient of the one input sums 4096 windows, 1 then 4095 × −0.49u, which
+    # float32 absorbs (it stays 1, exactly 1 − 2006.6u); the error term counted the map's one entry, not the windows
+    from art_weightpert.operators.pooling import AvgPool
+
+    a = torch.full((1, 1, 1, 64, 64), -0.49 * 2.0**-24)
+    a[0, 0, 0, 0, 0] = 1.0
+    error, covered = _rule_error(AvgPool("pool", nn.AdaptiveAvgPool2d(64)), a, torch.ones((1, 1, 1, 1)))
+    assert error > 1e-4 and covered >= error
+
+
+def test_overlapping_max_pooling_rounds_the_sum_of_an_inputs_windows():
+    # a 31×31 map whose centre is its maximum, max pooling 16×16 at stride 1: the centre is the maximum of all 256
+    # windows, and its folded coefficient sums 1 then 255 × −0.49u, which float32 absorbs (exactly 1 − 125u); the
+    # coefficients were said exact
+    from art_weightpert.operators.max_pool import MaxPool
+
+    a = torch.full((1, 1, 1, 16, 16), -0.49 * 2.0**-24)
+    a[0, 0, 0, 15, 15] = 1.0  # the window that F.fold adds first
+    h = torch.zeros((1, 1, 31, 31))
+    h[0, 0, 15, 15] = 1.0
+    error, covered = _rule_error(MaxPool.from_module("pool", nn.MaxPool2d(16, stride=1)), a, h)
+    assert error > 5e-6 and covered >= error

@@ -144,6 +144,13 @@ def _unfolded(layer: MaxPool, a, lo, hi, rounding: bool = False):
     dominant = (others <= l_best).unsqueeze(1)  # y = h_{j*} exactly
     lam = a.reshape(n, k, channels, -1)
     selected, const = _coefficients(lam, dominant, uw.amax(dim=2), rounding)
+    if rounding:  # docs/theory.md §5: an input's coefficient sums its windows' (at most one per kernel offset)
+        from art_weightpert.rounding import error_factor, magnitude
+
+        m_best = windows(magnitude(lo, hi)).gather(2, best).squeeze(2)  # |h_{j*}| of each window
+        const = const - sum_features(selected.abs() * m_best.unsqueeze(1)) * error_factor(
+            kernel[0] * kernel[1], a.dtype
+        )
     spread = lam.new_zeros((n, k, channels, kernel[0] * kernel[1], lam.shape[-1]))
     spread = spread.scatter(3, best.unsqueeze(1).expand(n, k, -1, -1, -1), selected.unsqueeze(3))
     size = (height + 2 * pad[0], width + 2 * pad[1])

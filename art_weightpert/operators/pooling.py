@@ -80,11 +80,15 @@ class AvgPool(Operator):
         return g.reshape(a.shape[:2] + lo.shape[1:]), const
 
     def window(self, h: torch.Tensor) -> int:
-        """An upper bound of the entries summed per output (and of the windows per input) for the input ``h``."""
+        """An upper bound of the entries summed per output and of the windows per input, for the input ``h``: the
+        kernel's size (an input lies in at most one window per kernel offset); for adaptive pooling, the larger of
+        the map and the output map (one that upsamples puts an input in many windows); the map for a spatial mean."""
         k = getattr(self.module, "kernel_size", None)
-        if k is None:  # adaptive pooling or a spatial mean: at most the whole map
+        if k is not None:
+            return k * k if isinstance(k, int) else k[0] * k[1]
+        if self.is_spatial_mean:
             return h[0, 0].numel()
-        return k * k if isinstance(k, int) else k[0] * k[1]
+        return max(h[0, 0].numel(), self.apply(h[:1, :1]).numel())
 
     def paper(self, n: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return n, d  # 1-Lipschitz in ℓ∞, the ∞-norm not increased
