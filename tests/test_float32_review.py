@@ -135,7 +135,6 @@ def test_radius_factors_scale_the_folded_ball_but_not_the_rounding_term():
             assert float(bound) <= worst, (fn.__name__, s, float(bound), worst)
 
 
-
 def _rule_error(op, a: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
     """``(Σ |a_in − exact a_in|·|h|, −constant)`` of ``op``'s float32 backward rule with rounding at the point box
     ``h``: the constant must cover the rounding of the coefficients it returns (docs/theory.md §5)."""
