@@ -54,13 +54,14 @@ def _margins(logits, y):
     return m.min(axis=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", ["trained_mlp", "random_mlp", "cnn", "cnn_row_split"])
-def test_k1_certificates_survive_every_single_flip(request, monkeypatch, name, digits, digits_images):
+def test_k1_certificates_survive_every_single_flip(request, monkeypatch, name, digits, digits_images, dtype):
     if name == "cnn_row_split":  # the small conv's flips are otherwise enumerated exactly inside the certifier
         monkeypatch.setattr("art_weightpert.certification.bit_flip_cases.MAX_ENUMERATED_FLIPS", 0)
     clf, x, y = _case(request, name.replace("_row_split", ""), digits, digits_images)
     exact = single_flip_robustness(clf, x, y)
-    certified = {m: BitFlipCertifier(clf, 1, method=m, verbose=False).certify(x, y) for m in METHODS}
+    certified = {m: BitFlipCertifier(clf, 1, method=m, verbose=False, dtype=dtype).certify(x, y) for m in METHODS}
     for method, cert in certified.items():
         assert not np.any(cert & ~exact), method  # every certified sample survives all single flips
     assert not np.any(certified["interval"] & ~certified["linear"])  # linear is never looser
@@ -101,14 +102,20 @@ def test_k1_sound_per_channel_and_per_layer(tiny_mlp_classifier, digits, granula
     assert cert.mean() >= 0.9 * exact.mean()
 
 
-@pytest.mark.parametrize("k", [2, 4])
-def test_bit_search_never_beats_the_bound(trained_digits_mlp, digits, k):
+@pytest.mark.parametrize(
+    "k, dtype",
+    [(2, torch.float64), (4, torch.float64), (2, torch.float32)],
+    ids=["2-float64", "4-float64", "2-float32"],
+)
+def test_bit_search_never_beats_the_bound(trained_digits_mlp, digits, k, dtype):
     """Per sample, BFA's k flips leave every margin above the certified lower bound (and so never break a
     certificate)."""
     _, _, x, y = digits
     x, y = x[:12], y[:12]
     bounds = {
-        m: BitFlipCertifier(trained_digits_mlp, k, method=m, verbose=False).margin_lower_bounds(x, y).min(axis=1)
+        m: BitFlipCertifier(trained_digits_mlp, k, method=m, verbose=False, dtype=dtype)
+        .margin_lower_bounds(x, y)
+        .min(axis=1)
         for m in METHODS
     }
     assert np.all(bounds["linear"] >= bounds["interval"] - 1e-9)
@@ -184,14 +191,16 @@ def conv_chain(digits_images):
     return clf
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("k", [1, 2])
-def test_conv_chain_bound_below_attacked_and_random_flips(conv_chain, digits_images, monkeypatch, k):
+def test_conv_chain_bound_below_attacked_and_random_flips(conv_chain, digits_images, monkeypatch, k, dtype):
     """Row split (k = 1, enumeration switched off) and the sparse channel bound (k = 2) on a conv chain: every margin
     after BFA's flips or random sign-bit flips stays above the certified lower bound."""
     monkeypatch.setattr("art_weightpert.certification.bit_flip_cases.MAX_ENUMERATED_FLIPS", 0)
     _, _, x, y = digits_images
     x, y = x[:8], y[:8]
-    bound = BitFlipCertifier(conv_chain, k, method="linear", verbose=False).margin_lower_bounds(x, y).min(axis=1)
+    certifier = BitFlipCertifier(conv_chain, k, method="linear", verbose=False, dtype=dtype)
+    bound = certifier.margin_lower_bounds(x, y).min(axis=1)
     if k == 1:
         exact = single_flip_robustness(conv_chain, x, y)
         assert not np.any((bound > 1e-9) & ~exact)
@@ -227,6 +236,10 @@ def test_bit_flip_curve_certified_matches_certify_and_stays_below_the_attack(tin
     fewer = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], x_attack=x, y_attack=y, nb_samples=1,
                            method="interval", certify_points=25)  # fmt: skip
     assert fewer["certified_points"] == 25 and sum(fewer["certified_flips_histogram"].values()) == 25
+    single = bit_flip_curve(tiny_mlp_classifier, x, y, flips=[2], x_attack=x, y_attack=y, nb_samples=1,
+                            method="linear", dtype=torch.float32)  # fmt: skip
+    flips32 = BitFlipCertifier(tiny_mlp_classifier, 2, verbose=False, dtype=torch.float32).certified_flips(x, y)
+    assert single["certified_flips_histogram"] == {k: int(np.sum(flips32 == k)) for k in range(-1, 3)}
     assert "certified_accuracy" not in bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], nb_samples=1)
     with pytest.raises(ValueError, match="`method`"):
         bit_flip_curve(tiny_mlp_classifier, x, y, flips=[1], method="exact")

@@ -199,3 +199,23 @@ def test_the_summary_and_markdown_share_the_explanation(in_files, tmp_path, caps
     capsys.readouterr()
     (line,) = zero_certificate_lines(report, "mlp")
     assert line in summary_text(report) and line in markdown_report(report)
+
+
+@pytest.mark.parametrize("given, expected", [("float32", torch.float32), (None, None)])
+def test_dtype_reaches_the_bit_flip_certificate(monkeypatch, given, expected):
+    """``--dtype`` sets the precision of the bit-flip section's certificate too (``None``: the certifier's default)."""
+    from art_weightpert.cli import sections
+    from art_weightpert.cli.commands import Extras
+    from art_weightpert.cli.sections import BitFlipSettings
+
+    seen = {}
+
+    def curve(classifier, x, y, **kwargs):
+        seen.update(kwargs)
+        return {"bfa_attack_accuracy": [1.0], "quantized_accuracy": 1.0}
+
+    monkeypatch.setattr(sections, "bit_flip_curve", curve)
+    args = argparse.Namespace(dtype=given, seed=0, batch_size=8)
+    x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int64)
+    Extras(BitFlipSettings(1, threats=False)).compute(None, x, y, args, lambda *a: None)
+    assert seen["dtype"] is expected and seen["method"] == "linear"

@@ -37,10 +37,11 @@ def points(digits):
     return x[:16], y[:16]
 
 
-def test_k1_certificates_survive_every_single_float_flip(trained_digits_mlp, points):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_k1_certificates_survive_every_single_float_flip(trained_digits_mlp, points, dtype):
     x, y = points
     exact = single_flip_robustness(trained_digits_mlp, x, y, layers=LAYERS, encoding="float")
-    certified = {m: _certify(trained_digits_mlp, x, y, 1, m, layers=LAYERS) for m in METHODS}
+    certified = {m: _certify(trained_digits_mlp, x, y, 1, m, layers=LAYERS, dtype=dtype) for m in METHODS}
     for method, cert in certified.items():
         assert not np.any(cert & ~exact), method  # every certified sample survives all single flips
     assert not np.any(certified["interval"] & ~certified["linear"])  # linear is never looser

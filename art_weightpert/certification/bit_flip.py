@@ -39,8 +39,8 @@ from art_weightpert.certification.bit_flip_cases import (
 )
 from art_weightpert.certification.bit_flip_enumeration import greedy_flip_search
 from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
-from art_weightpert.certification.bit_flip_terms import check_flip_args, encode_weights, flip_tables
-from art_weightpert.certification.certifier import CERTIFICATION_RTOL
+from art_weightpert.certification.bit_flip_terms import cast_table, check_flip_args, encode_weights, flip_tables
+from art_weightpert.certification.precision import certification_rtol
 from art_weightpert.certification.verdicts import VerificationResult
 from art_weightpert.estimators.settings import Settings
 from art_weightpert.estimators.wrapping import as_weight_classifier, effective_estimator, weights_version
@@ -102,7 +102,7 @@ class BitFlipCertifier(Settings):
     certifier_params = [
         "max_flips", "n_bits", "granularity", "layers", "method", "batch_size", "verbose", "encoding", "bits",
     ]  # fmt: skip
-    # ``dtype`` is a constructor argument (read-only): it joins the settings when sound float32 bounds exist.
+    # ``dtype`` is a constructor argument (read-only), as the weight-perturbation certifier's.
     params_attribute = "certifier_params"
 
     def __init__(
@@ -210,8 +210,8 @@ class BitFlipCertifier(Settings):
         :return: ``(N,)`` bool.
         """
         out = []
-        for x64, labels, tol, correct in self._batches(x, y, "certify"):
-            ok = self._certified(x64, labels, tol, self.max_flips)
+        for xs, labels, tol, correct in self._batches(x, y, "certify"):
+            ok = self._certified(xs, labels, tol, self.max_flips)
             out.append((correct & ok).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
@@ -226,14 +226,14 @@ class BitFlipCertifier(Settings):
         :return: ``(N,)`` int64.
         """
         out = []
-        for x64, labels, tol, correct in self._batches(x, y, "certified flips"):
-            flips = torch.zeros(len(x64), dtype=torch.int64, device=x64.device)
+        for xs, labels, tol, correct in self._batches(x, y, "certified flips"):
+            flips = torch.zeros(len(xs), dtype=torch.int64, device=xs.device)
             todo = correct.clone()
             for k in range(self.max_flips, 0, -1):  # downwards: each sample is decided at its largest certified k
                 rows = todo.nonzero().flatten()
                 if len(rows) == 0:
                     break
-                ok = self._certified(x64[rows], labels[rows], tol[rows], k)
+                ok = self._certified(xs[rows], labels[rows], tol[rows], k)
                 flips[rows[ok]] = k
                 todo[rows[ok]] = False
             out.append(torch.where(correct, flips, -1).cpu().numpy())
@@ -248,7 +248,10 @@ class BitFlipCertifier(Settings):
         :param y: labels ``y``; ``None``: the quantized model's predictions.
         :return: ``(N, nb_classes)`` float64, ``+inf`` in the label's own column.
         """
-        out = [self._bounds(x64, labels, self.max_flips).cpu().numpy() for x64, labels, _, _ in self._batches(x, y)]
+        out = [
+            self._bounds(xs, labels, self.max_flips).to(torch.float64).cpu().numpy()
+            for xs, labels, _, _ in self._batches(x, y)
+        ]
         return np.concatenate(out) if out else np.zeros((0, self.estimator.nb_classes))
 
     def verify(self, x: np.ndarray, y: np.ndarray | None = None, time_limit: float = 1.0) -> VerificationResult:
@@ -274,17 +277,17 @@ class BitFlipCertifier(Settings):
         time_limit = check_positive(time_limit, "time_limit")
         status, lower, seconds, counterexamples = [], [], [], {}
         offset = 0
-        for x64, labels, tol, correct in self._batches(x, y, "verify"):
+        for xs, labels, tol, correct in self._batches(x, y, "verify"):
             start = time.perf_counter()
-            n, k = len(x64), self.max_flips
+            n, k = len(xs), self.max_flips
             # Samples that k flips of the last layer alone break skip the bounds (the search finds those flips).
-            alive = (correct & self._last_layer_survives(x64, labels, tol, k)).nonzero().flatten()
-            worst = x64.new_full((n,), float("-inf"))
-            cases, case_bounds = [], x64.new_zeros((0, n, self.estimator.nb_classes))
+            alive = (correct & self._last_layer_survives(xs, labels, tol, k)).nonzero().flatten()
+            worst = xs.new_full((n,), float("-inf"))
+            cases, case_bounds = [], xs.new_zeros((0, n, self.estimator.nb_classes))
             if len(alive):
-                cases, sub_bounds, bound = self._case_bounds(x64[alive], labels[alive], k, refine=True)
+                cases, sub_bounds, bound = self._case_bounds(xs[alive], labels[alive], k, refine=True)
                 worst[alive] = bound.amin(dim=1)
-                case_bounds = x64.new_full((len(cases), n, self.estimator.nb_classes), float("-inf"))
+                case_bounds = xs.new_full((len(cases), n, self.estimator.nb_classes), float("-inf"))
                 case_bounds[:, alive] = sub_bounds
             state = np.where(correct.cpu().numpy(), "unknown", "falsified").astype(object)
             state[(correct & (worst > tol)).cpu().numpy()] = "certified"
@@ -293,13 +296,13 @@ class BitFlipCertifier(Settings):
                 counterexamples[offset + int(i)] = []
             for i in np.flatnonzero(state == "unknown"):
                 begin = time.perf_counter()
-                flips = self._falsify(x64[i : i + 1], labels[i : i + 1], k)
+                flips = self._falsify(xs[i : i + 1], labels[i : i + 1], k)
                 if flips is not None:
                     state[i] = "falsified"
                     counterexamples[offset + int(i)] = flips
                 else:
                     better = self._refine(
-                        x64[i : i + 1], labels[i], tol[i], cases, case_bounds[:, i], k, begin, time_limit
+                        xs[i : i + 1], labels[i], tol[i], cases, case_bounds[:, i], k, begin, time_limit
                     )
                     worst[i] = torch.maximum(worst[i], better)
                     if better > tol[i]:
@@ -337,16 +340,18 @@ class BitFlipCertifier(Settings):
             )
         else:
             quantized = encode_weights(effective, self.encoding, self.n_bits, self.granularity, self.layers, self._bits)
-        model64 = float64_copy(effective.base_model)
+        model = float64_copy(effective.base_model)
         with torch.no_grad():
             for name, value in quantized.dequantize().items():
-                model64.get_parameter(name).copy_(value)
-        self._network = read_network(model64, self.estimator.input_shape)
-        self._params = self._network.params(dtype=torch.float64)
+                model.get_parameter(name).copy_(value)
+        # in float32 the weights' casts are within the rounding terms (docs/theory.md §5)
+        self._network = read_network(model.to(self.dtype), self.estimator.input_shape)
+        self._params = self._network.params(dtype=self.dtype)
         device = next(iter(self._params.values())).device
-        self._tables = flip_tables(quantized, self._network.affine_layers, device, self._bits)
+        tables = flip_tables(quantized, self._network.affine_layers, device, self._bits)
         # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1).
-        self._unbounded = not all(bool(torch.isfinite(t.changes).all()) for t in self._tables.values())
+        self._unbounded = not all(bool(torch.isfinite(t.changes).all()) for t in tables.values())
+        self._tables = {name: cast_table(table, self.dtype) for name, table in tables.items()}
         if self._unbounded:
             logger.warning("Some allowed flips give ±inf or NaN weights: no sample is certified against k >= 1 flips.")
         self._names = [layer.weight_name for layer in self._network.affine_layers if layer.weight_name in self._tables]
@@ -356,12 +361,7 @@ class BitFlipCertifier(Settings):
         self._key = key
 
     def _batches(self, x: np.ndarray, y: np.ndarray | None, desc: str = "margin bounds"):
-        """Float64 batches ``(x, labels, tolerance, quantized prediction correct)``."""
-        if self.dtype == torch.float32:
-            raise NotImplementedError(
-                "`dtype=torch.float32`: sound float32 bit-flip bounds (the rounding-error terms of docs/theory.md §5) "
-                "are not implemented yet; use torch.float64."
-            )
+        """Batches ``(x, labels, tolerance, quantized prediction correct)``, ``x`` in the bounds' dtype."""
         self._refresh()
         x_t, y_t = self._effective.prepare_inputs(x, y)
         base = self._effective.base_model
@@ -373,29 +373,29 @@ class BitFlipCertifier(Settings):
                 logits = self._effective.logits(xb, self._deltas)
             pred = logits.argmax(dim=1)
             labels = pred if y_t is None else y_t[b]
-            tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1).to(torch.float64))
-            yield xb.to(torch.float64), labels, tol, pred == labels
+            tol = certification_rtol(self.dtype) * (1.0 + logits.abs().amax(dim=1).to(self.dtype))
+            yield xb.to(self.dtype), labels, tol, pred == labels
 
-    def _case_bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int, refine: bool = False):
+    def _case_bounds(self, xs: torch.Tensor, labels: torch.Tensor, k: int, refine: bool = False):
         """``(cases, per-case bounds (C, N, K), bound (N, K))``: the bound is the maximum of the interval bound and the
         minimum over the cases (``"linear"``; ``"interval"``: no case), ``+inf`` in the label's column."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
         if self._unbounded and k > 0:
-            bound = torch.full((len(x64), nb), float("-inf"), dtype=torch.float64, device=x64.device)
-            return [], bound.new_zeros((0, len(x64), nb)), bound.scatter(1, labels.unsqueeze(1), float("inf"))
+            bound = torch.full((len(xs), nb), float("-inf"), dtype=xs.dtype, device=xs.device)
+            return [], bound.new_zeros((0, len(xs), nb)), bound.scatter(1, labels.unsqueeze(1), float("inf"))
         cases: list = []
-        split = x64.new_zeros((0, len(x64), nb))
+        split = xs.new_zeros((0, len(xs), nb))
         try:
             with torch.no_grad():
                 case = dict.fromkeys(self._names, k)
-                boxes = flip_boxes(net, params, tables, case, x64, x64)
+                boxes = flip_boxes(net, params, tables, case, xs, xs)
                 bound = interval_margins(net, params, tables, case, boxes, labels, nb)
                 if self.method == "linear" and k > 0:
                     cases = flip_cases(self._names, k)
                     if refine:
-                        split = self._refined_cases(cases, k, x64, labels, bound)
+                        split = self._refined_cases(cases, k, xs, labels, bound)
                     else:
-                        split = torch.stack([case_margins(net, params, tables, c, k, x64, labels, nb) for c in cases])
+                        split = torch.stack([case_margins(net, params, tables, c, k, xs, labels, nb) for c in cases])
                     split = split.scatter(2, labels.reshape(1, -1, 1).expand(len(cases), -1, 1), float("inf"))
                     bound = torch.maximum(bound, split.amin(dim=0))
         finally:
@@ -403,22 +403,20 @@ class BitFlipCertifier(Settings):
                 table.memo.clear()
         return cases, split, bound.scatter(1, labels.unsqueeze(1), float("inf"))
 
-    def _refined_cases(self, cases: list, k: int, x64: torch.Tensor, labels: torch.Tensor, bound: torch.Tensor):
+    def _refined_cases(self, cases: list, k: int, xs: torch.Tensor, labels: torch.Tensor, bound: torch.Tensor):
         """Per-case bounds ``(C, N, K)`` with the finer splits of :meth:`verify`, the cases in order, each on the
         samples that every earlier case (and the interval ``bound``) left open: a sample some case cannot certify is
         not certified, so the later cases skip it (``−inf`` there, a valid lower bound)."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
-        split = x64.new_full((len(cases), len(x64), nb), float("-inf"))
-        tol = CERTIFICATION_RTOL * (1.0 + net.forward(x64, params).abs().amax(dim=1))
-        alive = torch.ones(len(x64), dtype=torch.bool, device=x64.device)
+        split = xs.new_full((len(cases), len(xs), nb), float("-inf"))
+        tol = certification_rtol(self.dtype) * (1.0 + net.forward(xs, params).abs().amax(dim=1))
+        alive = torch.ones(len(xs), dtype=torch.bool, device=xs.device)
         additive = self.encoding == "int"
         for c, case in enumerate(cases):
             rows = alive.nonzero().flatten()
             if len(rows) == 0:
                 break
-            out = case_margins(
-                net, params, tables, case, k, x64[rows], labels[rows], nb, refine=True, additive=additive
-            )
+            out = case_margins(net, params, tables, case, k, xs[rows], labels[rows], nb, refine=True, additive=additive)
             for table in tables.values():
                 table.memo.clear()
             split[c, rows] = out
@@ -426,92 +424,92 @@ class BitFlipCertifier(Settings):
             alive[rows] = margins.amin(dim=1) > tol[rows]
         return split
 
-    def _falsify(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> list | None:
+    def _falsify(self, xs: torch.Tensor, labels: torch.Tensor, k: int) -> list | None:
         """A checked counterexample of one sample (a list of at most ``k`` flips whose flipped model predicts another
         class than ``labels``), or ``None``."""
         if k == 0 or self._unbounded:
             return None
         with torch.no_grad():
             flips = greedy_flip_search(
-                self._network, self._params, self._tables, self._quantized, self._bits, x64, int(labels[0]), k
+                self._network, self._params, self._tables, self._quantized, self._bits, xs, int(labels[0]), k
             )
-        return flips if flips is not None and self._changes_prediction(x64, labels, flips) else None
+        return flips if flips is not None and self._changes_prediction(xs, labels, flips) else None
 
-    def _changes_prediction(self, x64: torch.Tensor, labels: torch.Tensor, flips: list) -> bool:
+    def _changes_prediction(self, xs: torch.Tensor, labels: torch.Tensor, flips: list) -> bool:
         """Whether the model with ``flips`` applied (through the estimator's own forward, float64 inputs cast to its
-        dtype) predicts another class than ``labels`` for ``x64``: the check of every counterexample."""
+        dtype) predicts another class than ``labels`` for ``xs``: the check of every counterexample."""
         if not flips or len(flips) > self.max_flips or len(set(flips)) != len(flips):
             return False
         deltas = self._quantized.flip(flips).deltas(self._effective)
         base = self._effective.base_model
         dtype = next(base.parameters()).dtype
         with torch.no_grad(), eval_mode(base):
-            logits = self._effective.logits(x64.to(dtype), deltas)
+            logits = self._effective.logits(xs.to(dtype), deltas)
         return bool((logits.argmax(dim=1) != labels).all())
 
-    def _refine(self, x64, label, tol, cases, case_bounds, k, begin: float, time_limit: float) -> torch.Tensor:
+    def _refine(self, xs, label, tol, cases, case_bounds, k, begin: float, time_limit: float) -> torch.Tensor:
         """The smallest margin bound of one sample after branching every open case on the placement of its first
         flip (where it applies), within the time limit; ``−inf`` where a case stays open."""
         net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
         labels = label.reshape(1)
-        best = case_bounds.amin(dim=1) if len(cases) else x64.new_full((1,), float("-inf"))
+        best = case_bounds.amin(dim=1) if len(cases) else xs.new_full((1,), float("-inf"))
         open_cases = [c for c in range(len(cases)) if not best[c] > tol]
         if not all(self._refinable(cases[c]) for c in open_cases):
-            return best.amin() if len(best) else x64.new_tensor(float("-inf"))  # some open case cannot be branched
+            return best.amin() if len(best) else xs.new_tensor(float("-inf"))  # some open case cannot be branched
         for c in open_cases:
             case = cases[c]
             if time.perf_counter() - begin > time_limit:
-                return x64.new_tensor(float("-inf"))
+                return xs.new_tensor(float("-inf"))
             first = first_flipped(net, case)
             try:
                 with torch.no_grad():
-                    refined = enumerated_split_margins(net, params, tables, case, k, x64, labels, nb, first)
+                    refined = enumerated_split_margins(net, params, tables, case, k, xs, labels, nb, first)
             finally:
                 for table in tables.values():
                     table.memo.clear()
             refined = refined.scatter(1, labels.unsqueeze(1), float("inf")).amin()
             best[c] = torch.maximum(best[c], refined)
-        return best.amin() if len(best) else x64.new_tensor(float("-inf"))
+        return best.amin() if len(best) else xs.new_tensor(float("-inf"))
 
     def _refinable(self, case: dict) -> bool:
         """Whether :meth:`_refine` can branch ``case``: one flip in its first flipped layer, not the last layer (whose
         bound is exact already), with at most :data:`.MAX_REFINED_FLIPS` weight-bit pairs."""
         net = self._network
         first = first_flipped(net, case)
-        if first is None or first == len(net.layers) - 1:
-            return False
+        if first is None or first == len(net.layers) - 1 or self.dtype != torch.float64:
+            return False  # (the branches evaluate flips exactly: float64's)
         name = net.layers[first].weight_name
         if self.encoding == "int" and first_layer_applicable(net, self._tables, case, self.max_flips, first):
             return False  # bounded with its first layer's flips enumerated already
         return case[name] == 1 and self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
 
-    def _certified(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
+    def _certified(self, xs: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
         """Whether the bound certifies each sample. The samples that ``k`` flips of the last layer alone break (its
         case, the clean activations feeding it, is exact and one of the cases) are not certified whatever the other
         cases give: the full bound runs on the others only."""
-        ok = torch.zeros(len(x64), dtype=torch.bool, device=x64.device)
-        alive = self._last_layer_survives(x64, labels, tol, k)
+        ok = torch.zeros(len(xs), dtype=torch.bool, device=xs.device)
+        alive = self._last_layer_survives(xs, labels, tol, k)
         rows = alive.nonzero().flatten()
         if len(rows):
-            ok[rows] = self._bounds(x64[rows], labels[rows], k).amin(dim=1) > tol[rows]
+            ok[rows] = self._bounds(xs[rows], labels[rows], k).amin(dim=1) > tol[rows]
         return ok
 
-    def _last_layer_survives(self, x64: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
+    def _last_layer_survives(self, xs: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
         """``(N,)`` bool: the exact bound of at most ``k`` flips of the last layer alone exceeds ``tol`` (all ``True``
         when that layer cannot flip, for ``"interval"``, for ``k = 0`` and for unbounded flips)."""
         net = self._network
         last = net.layers[-1]
         if self.method != "linear" or k == 0 or self._unbounded or last.weight_name not in self._names:
-            return torch.ones(len(x64), dtype=torch.bool, device=x64.device)
+            return torch.ones(len(xs), dtype=torch.bool, device=xs.device)
         case = {name: (k if name == last.weight_name else 0) for name in self._names}
         try:
             with torch.no_grad():
-                bound = case_margins(net, self._params, self._tables, case, k, x64, labels, self.estimator.nb_classes)
+                bound = case_margins(net, self._params, self._tables, case, k, xs, labels, self.estimator.nb_classes)
         finally:
             for table in self._tables.values():
                 table.memo.clear()
         return bound.scatter(1, labels.unsqueeze(1), float("inf")).amin(dim=1) > tol
 
-    def _bounds(self, x64: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    def _bounds(self, xs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
         """Margin lower bounds ``(N, K)`` under at most ``k`` flips, ``+inf`` in the label's column."""
-        return self._case_bounds(x64, labels, k)[2]
+        return self._case_bounds(xs, labels, k)[2]

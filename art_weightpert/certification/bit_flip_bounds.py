@@ -24,20 +24,38 @@ from art_weightpert.certification.bit_flip_terms import (
     FlipTable,
     chunked,
     neuron_flip_box,
+    rounds,
     smallest_terms,
     sum_smallest,
 )
 from art_weightpert.certification.common import margin_matrix
-from art_weightpert.certification.interval import INTERVAL_RULES
-from art_weightpert.certification.linear import BACKWARD_RULES
+from art_weightpert.certification.interval import INTERVAL_RULES, fixed_interval, outward, rounded_affine_interval
+from art_weightpert.certification.linear import BACKWARD_RULES, backward_step
+from art_weightpert.certification.weight_terms import BackwardContext, affine_at_input, affine_backward
 from art_weightpert.network import Affine, Network
 from art_weightpert.operators.affine_view import AffineBackward
 from art_weightpert.operators.tensors import concretize
+from art_weightpert.rounding import (
+    abs_dot,
+    error_factor,
+    finite_lower,
+    magnitude,
+    round_down,
+    smallest_subnormal,
+)
 
 Case = dict  # {weight name: flips allowed in that layer}
 
 
-def _affine_box(layer: Affine, params: dict, lo, hi, table: FlipTable | None, k: int):
+def affine_flip_box(layer: Affine, params: dict, lo, hi, table: FlipTable | None, k: int):
+    """The box of ``layer``'s output for inputs in ``[lo, hi]`` (``lo is hi``: known) and at most ``k`` flips of its
+    ``table`` (``None`` or ``k = 0``: its own weights; exact, one tensor twice, on a known input in float64)."""
+    if rounds(lo):  # docs/theory.md §5: the clean box holds the exact layer's values, the flips' box is added outward
+        lower, upper = box = rounded_affine_interval(layer, params, lo, hi, {}, exact_input=lo is hi)
+        if table is None or k == 0:
+            return box
+        down, up = neuron_flip_box(layer, table, lo, hi, k)
+        return outward(lower + down, -1.0), outward(upper + up, 1.0)
     weight = params[layer.weight_name]
     bias = params[layer.bias_name] if layer.bias_name else None
     if lo is hi:
@@ -64,7 +82,11 @@ def flip_boxes(
     for layer in network.layers:
         boxes.append((lo, hi))
         if layer.weighted:
-            lo, hi = _affine_box(layer, params, lo, hi, tables.get(layer.weight_name), case.get(layer.weight_name, 0))
+            lo, hi = affine_flip_box(
+                layer, params, lo, hi, tables.get(layer.weight_name), case.get(layer.weight_name, 0)
+            )
+        elif rounds(lo):  # outward-rounded, exact only through the layers exact in floating point (§5)
+            lo, hi = fixed_interval(layer, [(lo, hi)], (0,), True)
         elif lo is hi:
             lo = hi = layer.apply(lo)
         else:
@@ -77,10 +99,21 @@ def _coefficient_box(layer: Affine, a: torch.Tensor, lo, hi) -> tuple[torch.Tens
     Linear ``G_rc = λ_r ĥ_c``; convolution ``G_r = Σ_p λ_{r,p} patch_p(ĥ)``."""
     if layer.is_conv:
         centre, spread = AffineBackward(layer, a, lo, hi).gradient_box()
+        if rounds(a):  # §5: centre and spread are sums over the P output positions, within γ_P Σ_p |λ_p| m_p each
+            m = magnitude(lo, hi)
+            error = AffineBackward(layer, a.abs(), -m, m).gradient_box()[1]  # Σ_p |λ_p| m_p, both ends
+            positions = a[0, 0].numel() // a.shape[2]
+            spread = (
+                spread + error * (3 * error_factor(positions, a.dtype)) + smallest_subnormal(a.dtype) * 2 * positions
+            )
         return (centre - spread).flatten(2), (centre + spread).flatten(2)
     pos, neg = a.clamp_min(0).unsqueeze(3), a.clamp_max(0).unsqueeze(3)
     low, high = lo.unsqueeze(1).unsqueeze(2), hi.unsqueeze(1).unsqueeze(2)
-    return (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
+    gmin, gmax = (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
+    if rounds(a):  # §5: one product each (the other is a product by 0), its sign exact
+        g, eta = error_factor(1, a.dtype), smallest_subnormal(a.dtype)
+        gmin, gmax = gmin - gmin.abs() * g - eta, gmax + gmax.abs() * g + eta
+    return gmin, gmax
 
 
 def layer_flip_terms(layer: Affine, table: FlipTable, a: torch.Tensor, lo, hi, k: int) -> torch.Tensor:
@@ -111,6 +144,32 @@ def _terms(layer, tables, case, a, lo, hi, candidates: list) -> None:
         candidates.append(layer_flip_terms(layer, table, a, lo, hi, k))
 
 
+def _rounding_context(params: dict) -> BackwardContext:
+    """The backward rules' context of a bound with rounding terms (docs/theory.md §5) and no weight ball."""
+    return BackwardContext(params, {}, rounding=True)
+
+
+def concretized_sound(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``min A·ĥ`` over the box, minus its rounding error when the bounds round (§5: the centre's and the radius's
+    dot products, each within ``γ_n ⟨|A|, m⟩``, their difference, and ``η`` per product below the normal range)."""
+    out = concretize(a, lo, hi)
+    if not rounds(a):
+        return out
+    n = a[0, 0].numel()
+    return (
+        out - abs_dot(a, magnitude(lo, hi)) * (2 * error_factor(n, a.dtype)) - smallest_subnormal(a.dtype) * 4 * (n + 2)
+    )
+
+
+def sound_total(*terms: torch.Tensor) -> torch.Tensor:
+    """The sum of a bound's terms; when the bounds round, minus the sum's own rounding and rounded down (§5)."""
+    out = sum(terms)
+    if not rounds(out):
+        return out
+    size = sum(t.abs() for t in terms) * error_factor(len(terms), out.dtype)
+    return round_down(finite_lower(out - size))
+
+
 def interval_margins(
     network: Network, params: dict, tables: dict, case: Case, boxes: list, labels: torch.Tensor, nb_classes: int
 ) -> torch.Tensor:
@@ -118,11 +177,20 @@ def interval_margins(
     last = network.layers[-1]
     lo, hi = boxes[-1]
     a = margin_matrix(labels, nb_classes, lo.dtype)
-    a_in, const = _affine_backward(last, params, a, lo, hi)
     candidates: list = []
     _terms(last, tables, case, a, lo, hi, candidates)
+    if rounds(lo):  # the rules' own rounding terms (§5)
+        ctx = _rounding_context(params)
+        if lo is hi:
+            const, concretized = affine_at_input(last, a, lo, None, ctx), a.new_zeros(a.shape[:2])
+        else:
+            a_in, const = affine_backward(last, a, lo, hi, ctx)
+            concretized = concretized_sound(a_in, lo, hi)
+    else:
+        a_in, const = _affine_backward(last, params, a, lo, hi)
+        concretized = concretize(a_in, lo, hi)
     flips = sum_smallest(candidates, case.get(last.weight_name, 0), const.shape, const)
-    return const + concretize(a_in, lo, hi) + flips
+    return sound_total(const, concretized, flips)
 
 
 def backward_pass(
@@ -132,6 +200,8 @@ def backward_pass(
     input box (``None`` where the pass ended at a layer with an exact input, evaluated there with exact pair terms),
     ``const`` ``(N, K)`` and the per-layer lists of the most negative pair terms."""
     a = margin_matrix(labels, nb_classes, boxes[0][0].dtype)
+    if rounds(a):
+        return _rounded_backward_pass(network, params, tables, case, boxes, a)
     const = a.new_zeros(a.shape[:2])
     candidates: list = []
     for index in range(len(network.layers) - 1, -1, -1):
@@ -153,6 +223,28 @@ def backward_pass(
     return a, const, candidates
 
 
+def _rounded_backward_pass(network: Network, params: dict, tables: dict, case: Case, boxes: list, a: torch.Tensor):
+    """:func:`backward_pass` with the rounding terms of docs/theory.md §5: the weight-ball certificate's backward steps
+    with no ball (:func:`.linear.backward_step`, each subtracting its own rounding error; ``boxes`` are the values'
+    boxes of a chain, the last layer's output aside), the constants' sum within ``γ_L Σ|c|``."""
+    ctx = _rounding_context(params)
+    pending = {len(network.layers): a}
+    const = total = a.new_zeros(a.shape[:2])
+    candidates: list = []
+    steps = 0
+    for index in range(len(network.layers) - 1, -1, -1):
+        a = pending.pop(index + 1, None)
+        if a is None:  # a step before concretized it, or ran two rules at once
+            continue
+        layer = network.layers[index]
+        if layer.weighted:
+            _terms(layer, tables, case, a, *boxes[index], candidates)
+        c = backward_step(network, index, a, boxes, ctx, pending)
+        const, total, steps = const + c, total + c.abs(), steps + 1
+    const = round_down(finite_lower(const - total * error_factor(steps, const.dtype)))
+    return pending.pop(0, None), const, candidates
+
+
 def backward_margins(
     network: Network,
     params: dict,
@@ -166,6 +258,5 @@ def backward_margins(
     """Margin lower bounds ``(N, K)`` of the backward pass (:func:`backward_pass`), the ``k`` most negative pair
     terms over all layers added, concretized over the box of the network's input where the pass reached it."""
     a, const, candidates = backward_pass(network, params, tables, case, boxes, labels, nb_classes)
-    if a is not None:
-        const = const + concretize(a, *boxes[0])
-    return const + sum_smallest(candidates, k, const.shape, const)
+    concretized = concretized_sound(a, *boxes[0]) if a is not None else const.new_zeros(const.shape)
+    return sound_total(const, concretized, sum_smallest(candidates, k, const.shape, const))

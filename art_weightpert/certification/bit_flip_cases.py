@@ -28,19 +28,31 @@ import torch
 
 from art_weightpert.certification.bit_flip_bounds import (
     Case,
+    affine_flip_box,
     backward_margins,
     backward_pass,
+    concretized_sound,
     flip_boxes,
     interval_margins,
     layer_flip_terms,
+    sound_total,
 )
 from art_weightpert.certification.bit_flip_enumeration import single_flip_margins
 from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
 from art_weightpert.certification.bit_flip_first_layer import first_layer_margins
-from art_weightpert.certification.bit_flip_terms import FlipTable, chunked, neuron_flip_box, sum_smallest
+from art_weightpert.certification.bit_flip_terms import (
+    FlipTable,
+    chunked,
+    neuron_flip_box,
+    rounds,
+    sound_sum,
+    sum_smallest,
+)
 from art_weightpert.certification.common import margin_matrix
+from art_weightpert.certification.interval import fixed_interval, outward
 from art_weightpert.network import Affine, Network
 from art_weightpert.operators.tensors import concretize
+from art_weightpert.rounding import error_factor, magnitude, smallest_subnormal
 
 MAX_CASES = 16
 """Largest number of per-layer budget splits enumerated; beyond it the cases are the first layer that flips."""
@@ -100,15 +112,14 @@ def case_margins(
         :data:`MAX_SPLIT_FLIPS` flips of the first flipped layer also when other layers flip (else only for
         ``k = 1``), and with ``linear_rows`` the per-row backward bound of a one-flip split (:data:`MAX_LINEAR_ROWS`).
     """
-    first = next(
-        (i for i, layer in enumerate(network.layers) if layer.weighted and case.get(layer.weight_name, 0)),
-        None,
-    )
-    if refine and additive and first_layer_applicable(network, tables, case, k, first):
+    first = first_flipped(network, case)
+    rounding = rounds(x)  # float32: every bound on boxes that hold the exact values (docs/theory.md §5)
+    if refine and additive and not rounding and first_layer_applicable(network, tables, case, k, first):
         return first_layer_margins(network, params, tables, case, k, x, labels, nb_classes, first)
     if first is not None and first < len(network.layers) - 1:
         if k == 1 and tables[network.layers[first].weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS:
-            return _enumerated_margins(network, params, tables, x, labels, first)
+            enumerated = _rounded_enumerated_margins if rounding else _enumerated_margins
+            return enumerated(network, params, tables, x, labels, first)
         k_f = case[network.layers[first].weight_name]
         rows = tables[network.layers[first].weight_name].changes.shape[0]
         if k == 1:
@@ -121,7 +132,8 @@ def case_margins(
         if refine and split:
             return _row_split_margins(network, params, tables, case, k, x, labels, nb_classes, first, linear_rows)
         if _next_affine(network, first) is not None:
-            return _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first)
+            sparse = _rounded_sparse_margins if rounding else _sparse_margins
+            return sparse(network, params, tables, case, k, x, labels, nb_classes, first)
     boxes = flip_boxes(network, params, tables, case, x, x)
     return torch.maximum(
         interval_margins(network, params, tables, case, boxes, labels, nb_classes),
@@ -142,32 +154,41 @@ def _plain_margins(network, params, tables, case, k, x, labels, nb_classes) -> t
             table.memo.clear()
 
 
+def _clean_input(network: Network, params: dict, x: torch.Tensor, first: int) -> tuple:
+    """The box ``(lo, hi)`` of the input of layer ``first`` with no flip before it: the exact value twice in float64,
+    the outward-rounded boxes of :func:`.flip_boxes` when the bounds round (docs/theory.md §5)."""
+    if not rounds(x):
+        h = x
+        for layer in network.layers[:first]:
+            h = _apply(layer, params, h)
+        return h, h
+    return flip_boxes(Network(network.model, network.layers[: first + 1]), params, {}, {}, x, x)[first]
+
+
 def _row_split_margins(
     network, params, tables, case, k, x, labels, nb_classes, first: int, linear_rows: bool = True
 ) -> torch.Tensor:
     """The case split on the output rows of the ``k_f ≤ MAX_SPLIT_FLIPS`` flips of the first flipped layer: one branch
     per multiset of rows (see the module docstring)."""
-    h = x
-    for layer in network.layers[:first]:  # clean and exact up to the flipped layer
-        h = _apply(layer, params, h)
+    h_lo, h_hi = _clean_input(network, params, x, first)  # clean (and exact in float64) up to the flipped layer
     layer = network.layers[first]
     k_f = case[layer.weight_name]
-    z = _apply(layer, params, h)
-    boxes_by_count = [neuron_flip_box(layer, tables[layer.weight_name], h, h, m) for m in range(1, k_f + 1)]
+    z_lo, z_hi = affine_flip_box(layer, params, h_lo, h_hi, None, 0)
+    boxes_by_count = [neuron_flip_box(layer, tables[layer.weight_name], h_lo, h_hi, m) for m in range(1, k_f + 1)]
     suffix = Network(network.model, network.layers[first + 1 :])
     # Flips left for the later layers: k − k_f when the case's budgets add up to k (a split); the "first layer that
     # flips" cases give the later layers more in all, and the branches' boxes also cover fewer flips in this layer.
     later = sum(case.get(lay.weight_name, 0) for lay in suffix.layers if lay.weighted)
     k_rest = min(k, later) if later > k - k_f else k - k_f
-    if k_f == 1 and _to_last_without_flips(suffix, case, k_rest) and z.dim() == 2:
-        return _one_unit_margins(suffix, params, z, *boxes_by_count[0], labels, nb_classes)
-    rows = z.shape[1]
-    branches = row_branches(rows, k_f, z.device)  # (B, k_f) row indices, ascending
+    if k_f == 1 and _to_last_without_flips(suffix, case, k_rest) and z_lo.dim() == 2 and z_lo is z_hi:
+        return _one_unit_margins(suffix, params, z_lo, *boxes_by_count[0], labels, nb_classes)
+    rows = z_lo.shape[1]
+    branches = row_branches(rows, k_f, z_lo.device)  # (B, k_f) row indices, ascending
     nb = len(branches)
 
-    def run(z_, labels_, *ends):
-        lo = z_.unsqueeze(1).repeat((1, nb) + (1,) * (z_.dim() - 1))  # (n, branches, output)
-        hi = lo.clone()
+    def run(z_lo_, z_hi_, labels_, *ends):
+        lo = z_lo_.unsqueeze(1).repeat((1, nb) + (1,) * (z_lo_.dim() - 1))  # (n, branches, output)
+        hi = lo.clone() if z_lo_ is z_hi_ else z_hi_.unsqueeze(1).repeat((1, nb) + (1,) * (z_hi_.dim() - 1))
         for m in range(1, k_f + 1):
             down, up = ends[2 * (m - 1)], ends[2 * m - 1]
             for j in range(k_f):  # the rows of each branch flipped exactly m times (the first of equal rows)
@@ -179,20 +200,25 @@ def _row_split_margins(
                 lo[:, idx, r] += down[:, r]
                 hi[:, idx, r] += up[:, r]
         lo, hi = lo.flatten(0, 1), hi.flatten(0, 1)
+        if rounds(lo):  # §5: the moved rows' sums rounded outward (the others move by nothing)
+            lo, hi = outward(lo, -1.0), outward(hi, 1.0)
         lab = labels_.repeat_interleave(nb)
         boxes = flip_boxes(suffix, params, tables, case, lo, hi)
         bound = torch.maximum(
             interval_margins(suffix, params, tables, case, boxes, lab, nb_classes),
             backward_margins(suffix, params, tables, case, k_rest, boxes, lab, nb_classes),
         )
-        return bound.reshape(len(z_), nb, -1).amin(dim=1)
+        return bound.reshape(len(z_lo_), nb, -1).amin(dim=1)
 
     ends = [t for pair in boxes_by_count for t in pair]
-    per_sample = nb * z[0].numel() * nb_classes
-    bound = chunked(run, len(x), per_sample, z, labels, *ends)
+    per_sample = nb * z_lo[0].numel() * nb_classes
+    if z_lo is z_hi:
+        bound = chunked(lambda z_, *rest: run(z_, z_, *rest), len(x), per_sample, z_lo, labels, *ends)
+    else:
+        bound = chunked(run, len(x), per_sample, z_lo, z_hi, labels, *ends)
     if linear_rows and k_f == 1 and nb <= MAX_LINEAR_ROWS:
         bound = torch.maximum(
-            bound, _row_linear_margins(network, params, tables, case, k, h, labels, nb_classes, first)
+            bound, _row_linear_margins(network, params, tables, case, k, (h_lo, h_hi), labels, nb_classes, first)
         )
     return bound
 
@@ -228,8 +254,8 @@ def _one_unit_margins(suffix: Network, params: dict, z, down, up, labels, nb_cla
 
 def _row_linear_margins(network, params, tables, case, k, h, labels, nb_classes, first: int) -> torch.Tensor:
     """The row split of the ``k_f`` flips of layer ``first`` with the flipped layer kept in the backward pass: per
-    multiset of rows, that layer's flips restricted to those rows (exact pair terms against its known input ``h``),
-    the later layers' boxes from those rows' boxes; the minimum over the branches."""
+    multiset of rows, that layer's flips restricted to those rows (pair terms against its clean input's box ``h``,
+    ``(lo, hi)``, exact in float64), the later layers' boxes from those rows' boxes; the minimum over the branches."""
     layer = network.layers[first]
     table = tables[layer.weight_name]
     suffix = Network(network.model, network.layers[first:])
@@ -240,7 +266,7 @@ def _row_linear_margins(network, params, tables, case, k, h, labels, nb_classes,
         restricted = dict(tables)
         restricted[layer.weight_name] = _restricted(table, keep)
         try:
-            boxes = flip_boxes(suffix, params, restricted, case, h, h)
+            boxes = flip_boxes(suffix, params, restricted, case, *h)
             row = torch.maximum(
                 interval_margins(suffix, params, restricted, case, boxes, labels, nb_classes),
                 backward_margins(suffix, params, restricted, case, k, boxes, labels, nb_classes),
@@ -350,6 +376,119 @@ def _enumerated_margins(network, params, tables, x, labels, first: int) -> torch
     weight_shape = params[network.layers[first].weight_name].shape
     changes = changes.permute(2, 0, 1).reshape((changes.shape[2], rows) + tuple(weight_shape[1:]))
     return single_flip_margins(network, params, first, changes, h, labels)
+
+
+def _rounded_enumerated_margins(network, params, tables, x, labels, first: int) -> torch.Tensor:
+    """:func:`_enumerated_margins` with the rounding terms of docs/theory.md §5: every single flip of the small layer
+    ``first`` moves one row of the clean output's box by ``D·ĥ_c`` (rounded outward), and the rest of the network is
+    bounded on that box by the interval rules (a box of the rounding's width around the exact value)."""
+    from art_weightpert.certification.bit_flip_enumeration import _unit_outputs  # noqa: PLC0415
+
+    layer, nb_classes = network.layers[first], params[network.layers[-1].weight_name].shape[0]
+    table = tables[layer.weight_name]
+    h_lo, h_hi = _clean_input(network, params, x, first)
+    z_lo, z_hi = affine_flip_box(layer, params, h_lo, h_hi, None, 0)
+    # the unit outputs (input entries, or patches through one-hot kernels) are exact, and monotone in the input
+    basis_lo, basis_hi = _unit_outputs(layer, h_lo), _unit_outputs(layer, h_hi)
+    suffix = Network(network.model, network.layers[first + 1 :])
+
+    def suffix_bound(lo, hi, labels_):
+        boxes = flip_boxes(suffix, params, {}, {}, lo, hi)
+        return interval_margins(suffix, params, {}, {}, boxes, labels_, nb_classes)
+
+    bound = suffix_bound(z_lo, z_hi, labels)  # no flip
+    fan_in, n_bits = table.changes.shape[1], table.changes.shape[2]
+    flat = table.changes.flatten()
+    pairs = flat.nonzero().flatten()  # (weight, bit) pairs that change something
+    step = max(1, (1 << 22) // max(1, z_lo[0].numel() * len(x)))
+    for start in range(0, len(pairs), step):
+        index = pairs[start : start + step]
+        row, col = index // (fan_in * n_bits), (index // n_bits) % fan_in
+        shape = (len(index), 1) + (1,) * (z_lo.dim() - 2)
+        d = flat[index].reshape(shape)
+        at_lo, at_hi = d * basis_lo[:, col].movedim(1, 0), d * basis_hi[:, col].movedim(1, 0)  # (F, N, ...)
+        move_lo, move_hi = outward(torch.minimum(at_lo, at_hi), -1.0), outward(torch.maximum(at_lo, at_hi), 1.0)
+        lo = z_lo.unsqueeze(0).repeat((len(index),) + (1,) * z_lo.dim())
+        hi = z_hi.unsqueeze(0).repeat((len(index),) + (1,) * z_hi.dim())
+        flips = torch.arange(len(index), device=x.device)
+        lo[flips, :, row] = outward(lo[flips, :, row] + move_lo, -1.0)
+        hi[flips, :, row] = outward(hi[flips, :, row] + move_hi, 1.0)
+        out = suffix_bound(lo.flatten(0, 1), hi.flatten(0, 1), labels.repeat(len(index)))
+        bound = torch.minimum(bound, out.reshape(len(index), len(x), -1).amin(dim=0))
+    return bound
+
+
+def _rounded_unit_contributions(g: Affine, weight: torch.Tensor, e_lo: torch.Tensor, e_hi: torch.Tensor):
+    """:func:`_unit_contributions` widened by its rounding (docs/theory.md §5): one product per entry (Linear), or
+    per channel a convolution of ``kh·kw`` taps, within ``γ (|V| ⋆ |e|)``."""
+    lower, upper = _unit_contributions(g, weight, e_lo, e_hi)
+    if not g.is_conv:
+        return outward(lower, -1.0), outward(upper, 1.0)
+    channels, mod = weight.shape[1], g.module
+    per_channel = weight.transpose(0, 1).reshape((-1, 1) + tuple(weight.shape[2:])).abs()
+    m = magnitude(e_lo, e_hi)
+    size = torch.nn.functional.conv2d(m, per_channel, None, mod.stride, g.padding, mod.dilation, channels)
+    error = size.reshape(lower.shape) * error_factor(weight[0, 0].numel() + 2, m.dtype) + smallest_subnormal(m.dtype)
+    return lower - error, upper + error
+
+
+def _rounded_sparse_units(g: Affine, weight, a, e_lo, e_hi, k: int) -> torch.Tensor:
+    """:func:`_sparse_units` minus its rounding (docs/theory.md §5): ``μ = λV`` within ``γ (|λ| |V|)``, each product
+    ``μ e`` within ``u``, and a convolution's sum over the output positions within ``γ_P``."""
+    flat = a.flatten(0, 1)
+    mu = g.apply_transposed(flat, weight, e_lo.shape[1:]).reshape(a.shape[:2] + e_lo.shape[1:])
+    size = g.apply_transposed(flat.abs(), weight.abs(), e_lo.shape[1:]).reshape(mu.shape)
+    mu_error = size * error_factor(a[0, 0].numel() // max(1, a.shape[2]) * weight.shape[0] + 2, a.dtype)
+    terms = torch.minimum(mu * e_lo.unsqueeze(1), mu * e_hi.unsqueeze(1))
+    terms = outward(terms, -1.0) - mu_error * magnitude(e_lo, e_hi).unsqueeze(1)
+    if terms.dim() > 3:
+        summed = terms.flatten(3).sum(3)
+        terms = summed - terms.abs().flatten(3).sum(3) * error_factor(terms[0, 0, 0].numel(), a.dtype)
+    terms = terms.clamp_max(0)
+    return terms.topk(min(k, terms.shape[2]), dim=2, largest=False).values
+
+
+def _rounded_sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first: int) -> torch.Tensor:
+    """:func:`_sparse_margins` on boxes that hold the exact values (docs/theory.md §5): the clean activations and
+    ``g``'s clean output are boxes, the moved units' ``e`` the difference of the moved and the clean boxes, every sum
+    and product rounded outward."""
+    layers = network.layers
+    h_lo, h_hi = _clean_input(network, params, x, first)
+    layer, g_index = layers[first], _next_affine(network, first)
+    k_f = case[layer.weight_name]
+    z_lo, z_hi = affine_flip_box(layer, params, h_lo, h_hi, None, 0)
+    down, up = neuron_flip_box(layer, tables[layer.weight_name], h_lo, h_hi, k_f)
+    clean, moved = (z_lo, z_hi), (outward(z_lo + down, -1.0), outward(z_hi + up, 1.0))
+    if g_index == first + 2:
+        activation = layers[first + 1]
+        clean, moved = fixed_interval(activation, [clean], (0,), True), fixed_interval(activation, [moved], (0,), True)
+    e_lo, e_hi = outward(moved[0] - clean[1], -1.0).clamp_max(0), outward(moved[1] - clean[0], 1.0).clamp_min(0)
+    g = layers[g_index]
+    weight = params[g.weight_name]
+    c_lo, c_hi = affine_flip_box(g, params, *clean, None, 0)  # V·clean + b
+    lower, upper = _rounded_unit_contributions(g, weight, e_lo, e_hi)
+    nb = min(k_f, lower.shape[1])
+    top_lo = sound_sum(lower.clamp_max(0).topk(nb, dim=1, largest=False).values.sum(1), nb)
+    top_hi = -sound_sum(-upper.clamp_min(0).topk(nb, dim=1).values.sum(1), nb)
+    box_lo, box_hi = outward(c_lo + top_lo, -1.0), outward(c_hi + top_hi, 1.0)
+    table, k_g = tables.get(g.weight_name), case.get(g.weight_name, 0)
+    if table is not None and k_g:
+        moved_down, moved_up = neuron_flip_box(g, table, *moved, k_g)  # g's input: the moved box holds the clean one
+        box_lo, box_hi = outward(box_lo + moved_down, -1.0), outward(box_hi + moved_up, 1.0)
+    interval = None
+    if g_index == len(layers) - 1:
+        a = margin_matrix(labels, nb_classes, x.dtype)
+        const, candidates = a.new_zeros(a.shape[:2]), []
+    else:
+        suffix = Network(network.model, layers[g_index + 1 :])
+        boxes = flip_boxes(suffix, params, tables, case, box_lo, box_hi)
+        interval = interval_margins(suffix, params, tables, case, boxes, labels, nb_classes)
+        a, const, candidates = backward_pass(suffix, params, tables, case, boxes, labels, nb_classes)
+    candidates.append(_rounded_sparse_units(g, weight, a, e_lo, e_hi, k_f))  # (λV)·e
+    if table is not None and k_g:
+        candidates.append(layer_flip_terms(g, table, a, *moved, k_g))
+    linear = sound_total(const, concretized_sound(a, c_lo, c_hi), sum_smallest(candidates, k, const.shape, const))
+    return linear if interval is None else torch.maximum(interval, linear)
 
 
 MAX_REFINED_FLIPS = 16384

@@ -22,6 +22,7 @@ from art_weightpert.flips import check_bit_positions
 from art_weightpert.float_bits import FloatWeights, check_float_bits, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
+from art_weightpert.rounding import error_factor, smallest_subnormal
 from art_weightpert.torch_tools import batch_slices
 from art_weightpert.validation import check_choice
 
@@ -103,6 +104,15 @@ def flip_tables(
     return tables
 
 
+def cast_table(table: FlipTable, dtype: torch.dtype) -> FlipTable:
+    """``table`` with its changes in ``dtype`` (rounded to nearest: the pair terms' rounding covers it, docs/theory.md
+    §5; a change beyond the dtype's range becomes ``±inf`` and certifies nothing)."""
+    if table.changes.dtype == dtype:
+        return table
+    changes = table.changes.to(dtype)
+    return FlipTable(changes, table.largest.to(dtype), table.smallest.to(dtype))
+
+
 def smallest_terms(
     gmin: torch.Tensor, gmax: torch.Tensor, changes: torch.Tensor, largest: torch.Tensor, smallest: torch.Tensor, k: int
 ) -> torch.Tensor:
@@ -130,12 +140,31 @@ def smallest_terms(
     return terms.topk(min(k, terms.shape[-1]), dim=-1, largest=False).values
 
 
+def rounds(t: torch.Tensor) -> bool:
+    """Whether bounds computed on ``t`` carry the rounding-error terms of docs/theory.md §5: every dtype narrower than
+    float64 (float64 bounds are accepted above their relative tolerance, :func:`.certification_rtol`)."""
+    return t.dtype != torch.float64
+
+
+def sound_sum(total: torch.Tensor, count: int) -> torch.Tensor:
+    """A lower bound of the exact sum of ``count`` exact pair terms ``D·g`` from the floating-point sum ``total`` of
+    their computed values (docs/theory.md §5): every term is ≤ 0, each computed within ``2u`` of ``D·g`` (the cast of
+    ``D``, the product: the sign is exact) and ``η/2`` below the normal range, the sum within ``γ_count``; as the
+    selection of the ``k`` most negative uses the computed values, the exact ``k`` most negative sum at least this
+    much. Unchanged in float64."""
+    if not rounds(total) or count == 0:
+        return total
+    return total * (1 + error_factor(count + 2, total.dtype)) - count * smallest_subnormal(total.dtype)
+
+
 def sum_smallest(candidates: list[torch.Tensor], k: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """Sum of the ``k`` most negative entries among the candidate lists ``(..., m_i)`` (0 for no candidate)."""
+    """Sum of the ``k`` most negative entries among the candidate lists ``(..., m_i)`` (0 for no candidate), a sound
+    lower bound of the exact one when the bounds round (:func:`sound_sum`)."""
     if not candidates or k == 0:
         return like.new_zeros(shape)
     pool = torch.cat(candidates, dim=-1)
-    return pool.topk(min(k, pool.shape[-1]), dim=-1, largest=False).values.sum(dim=-1)
+    nb = min(k, pool.shape[-1])
+    return sound_sum(pool.topk(nb, dim=-1, largest=False).values.sum(dim=-1), nb)
 
 
 def chunked(fn, n: int, per_sample: int, *tensors: torch.Tensor) -> torch.Tensor:
@@ -174,7 +203,8 @@ def neuron_flip_terms(layer: Affine, table: FlipTable, lo: torch.Tensor, hi: tor
         per_sample = changes.shape[0] * changes.shape[1]
 
         def run(a, b):
-            return smallest_terms(a.unsqueeze(1), b.unsqueeze(1), changes, largest, smallest, k).sum(-1)
+            terms = smallest_terms(a.unsqueeze(1), b.unsqueeze(1), changes, largest, smallest, k)
+            return sound_sum(terms.sum(-1), terms.shape[-1])
 
         return chunked(run, len(lo), per_sample, lo, hi)
     rows = changes.shape[0]
@@ -184,7 +214,7 @@ def neuron_flip_terms(layer: Affine, table: FlipTable, lo: torch.Tensor, hi: tor
         nonlocal out_shape
         pl, ph = _patch_boxes(layer, a, b)  # (n, O, P, J)
         terms = smallest_terms(pl, ph, changes.unsqueeze(1), largest.unsqueeze(1), smallest.unsqueeze(1), k)
-        return terms.sum(-1)
+        return sound_sum(terms.sum(-1), terms.shape[-1])
 
     spatial = layer.apply(lo[:1], torch.zeros_like(layer.module.weight, dtype=lo.dtype)).shape[2:]
     per_sample = rows * spatial.numel() * changes.shape[1]

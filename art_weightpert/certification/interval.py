@@ -223,7 +223,7 @@ def error_bias(
     return cached(cache, f"g_abs_bias/{g}", (bias,), lambda: bias.abs() * g + tiny)
 
 
-def _fixed_interval(layer, boxes: list, reads, rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fixed_interval(layer, boxes: list, reads, rounding: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The box of a fixed layer's output (its operator's rule), outward-rounded when ``rounding`` (docs/theory.md §5;
     :func:`round_fixed`). Exact values stay exact through a fixed layer, with ``rounding`` only through those exact
     in floating point (flattening, max pooling, ReLU)."""
@@ -351,7 +351,7 @@ def interval_preactivation_bounds(
             exact, nonneg = lo is hi, nonnegative[reads[0]]
             box = affine_interval(layer, params, lo, hi, param_balls, exact, scale, cache, nonneg, centre)
         else:
-            box = _fixed_interval(layer, boxes, reads, rounding)
+            box = fixed_interval(layer, boxes, reads, rounding)
         if splits and len(boxes) in splits and box[0] is not box[1]:
             box = clip_box(box, *splits[len(boxes)])
         boxes.append(box)

@@ -219,7 +219,7 @@ def backward_from(
         a = pending.pop(index + 1, None)
         if a is None:
             continue
-        const = const + _backward_step(network, index, a, boxes, ctx, pending)
+        const = const + backward_step(network, index, a, boxes, ctx, pending)
     if 0 in pending:  # coefficients on the input itself (a shortcut from the input)
         const = const + batched_dot(pending.pop(0), x)
     return const
@@ -245,7 +245,7 @@ def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx
             c = -abs_dot(a, magnitude(lo, hi)) * error_factor(readers[index + 1], dtype)
         else:
             c = 0.0
-        c = c + _backward_step(network, index, a, boxes, ctx, pending, readers)
+        c = c + backward_step(network, index, a, boxes, ctx, pending, readers)
         const, total, steps = const + c, total + c.abs(), steps + 1
     if 0 in pending:  # docs/theory.md §5: Λ₀·x, plus the join at the input
         a0 = pending.pop(0)
@@ -255,7 +255,7 @@ def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx
     return round_down(finite_lower(const - total * error_factor(steps, dtype)))  # round_down(inf) would be finite
 
 
-def _backward_step(
+def backward_step(
     network: Network,
     index: int,
     a: torch.Tensor,

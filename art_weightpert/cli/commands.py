@@ -128,8 +128,9 @@ class Extras:
         out: dict[str, Any] = {}
         if self.bit_flips is not None:
             attack_data = self.train if self.train is not None else (x, y)
+            dtype = check_dtype(args.dtype) if args.dtype else None
             out["bit_flips"] = bit_flip_section(
-                classifier, x, y, attack_data, self.bit_flips, args.seed, args.batch_size
+                classifier, x, y, attack_data, self.bit_flips, args.seed, args.batch_size, dtype
             )
             tick("bit flips")
         if self.measures:

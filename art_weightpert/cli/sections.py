@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from art_weightpert.cli.parser import one_line
 from art_weightpert.metrics import bit_flip_curve, pac_bayes_bound, weight_sharpness
@@ -89,13 +90,14 @@ def bit_flip_section(
     settings: BitFlipSettings,
     seed: int = 0,
     batch_size: int = 128,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
     """
     The "Bit flips" entry of a model: :func:`.bit_flip_curve` on the test data ``(x, y)`` with the attack batch
     ``attack_data``, plus ``flips_to_halve`` (BFA flips until the attack batch's accuracy is at most half the
     quantized model's test accuracy; ``None``: not within ``max_flips``) and ``attack_points`` (the attack batch's
     size). When the certificate does not support the model, the entry has the attack and random curves and
-    ``certified_unavailable`` (the reason).
+    ``certified_unavailable`` (the reason). ``dtype``: the certificate's precision (``None``: its default).
 
     :return: the JSON-able dict, or ``{"unavailable": reason}`` when the model has no quantizable weights.
     """
@@ -104,7 +106,7 @@ def bit_flip_section(
         "flips": settings.counts(), "x_attack": x_attack, "y_attack": y_attack, "n_bits": settings.n_bits,
         "granularity": settings.granularity, "nb_samples": settings.nb_samples, "seed": seed, "batch_size": batch_size,
     }  # fmt: skip
-    certify = {"method": settings.certify_method, "certify_points": settings.certify_points}
+    certify = {"method": settings.certify_method, "certify_points": settings.certify_points, "dtype": dtype}
     uncertified = None
     try:
         try:

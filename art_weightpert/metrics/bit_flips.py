@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from art.estimators.classification import PyTorchClassifier
 
 from art_weightpert.attacks.base import accuracy_with_deltas
@@ -41,6 +42,7 @@ def bit_flip_curve(
     verbose: bool = False,
     method: str | None = None,
     certify_points: int = 200,
+    dtype: torch.dtype | None = None,
     **deprecated: Any,
 ) -> dict[str, Any]:
     """
@@ -61,6 +63,8 @@ def bit_flip_curve(
     :param method: the bound method of the certified curve, ``"linear"`` or ``"interval"`` (``None``: no certified
         curve; formerly ``certify_method``, still accepted with a ``DeprecationWarning``).
     :param certify_points: the certified points, the first of ``(x, y)`` (the certificate costs more than a forward).
+    :param dtype: the precision of the certificate, ``torch.float32`` (with the rounding-error terms of
+        docs/theory.md §5) or ``torch.float64`` (``None``: :class:`.BitFlipCertifier`'s default).
     :raises UnsupportedModelError: with a ``method``, when the certificate does not support the model (raised
         before the attack runs).
     :return: a JSON-able dict: ``n_bits``, ``granularity``, ``layers``, ``clean_accuracy``, ``quantized_accuracy``,
@@ -78,7 +82,7 @@ def bit_flip_curve(
     if not counts:
         raise ValueError("`flips` must hold at least one number of flips.")
     quantization = (n_bits, granularity, layers)
-    certifier = _certifier(classifier, max(counts), quantization, method, certify_points, batch_size, verbose)
+    certifier = _certifier(classifier, max(counts), quantization, method, certify_points, batch_size, verbose, dtype)
     if x_attack is None:
         x_attack, y_attack = x[:128], y[:128]
     attack = BitFlipAttack(classifier, max(counts), n_bits, granularity, layers, batch_size=batch_size, verbose=verbose)
@@ -110,14 +114,22 @@ def bit_flip_curve(
 
 
 def _certifier(
-    classifier, max_flips: int, quantization: tuple, method: str | None, points: int, batch_size: int, verbose: bool
+    classifier,
+    max_flips: int,
+    quantization: tuple,
+    method: str | None,
+    points: int,
+    batch_size: int,
+    verbose: bool,
+    dtype: torch.dtype | None = None,
 ) -> BitFlipCertifier | None:
     """The certifier of the certified curve (``None`` without ``method``); it checks the model before the attack."""
     if method is None:
         return None
     check_choice(method, "method", BIT_FLIP_METHODS)
     check_positive_int(points, "certify_points")
-    return BitFlipCertifier(classifier, max_flips, *quantization, method, batch_size, verbose)
+    precision = {} if dtype is None else {"dtype": dtype}
+    return BitFlipCertifier(classifier, max_flips, *quantization, method, batch_size, verbose, **precision)
 
 
 def _certified_curve(certifier: BitFlipCertifier, x: np.ndarray, y: np.ndarray, counts: list[int]) -> dict[str, Any]:

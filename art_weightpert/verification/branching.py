@@ -32,7 +32,7 @@ import torch
 from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import BoundCache, Boxes, batched_dot, fill_label, margin_matrix, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
-from art_weightpert.certification.linear import _backward_step, backward_from, linear_margin_bounds, other_classes
+from art_weightpert.certification.linear import backward_from, backward_step, linear_margin_bounds, other_classes
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.certification.weight_terms import BackwardContext
 from art_weightpert.network import Network
@@ -163,7 +163,7 @@ def backward_with_injections(
             extra = injections[index + 1]
             coefficients = extra if coefficients is None else coefficients + extra
         if coefficients is not None:
-            const = const + _backward_step(network, index, coefficients, boxes, ctx, pending)
+            const = const + backward_step(network, index, coefficients, boxes, ctx, pending)
     if 0 in pending:
         const = const + batched_dot(pending.pop(0), x)
     return const
@@ -283,7 +283,7 @@ def backward_until(
     for index in range(value - 1, stop - 1, -1):
         coefficients = pending.pop(index + 1, None)
         if coefficients is not None:
-            const = const + _backward_step(network, index, coefficients, boxes, ctx, pending)
+            const = const + backward_step(network, index, coefficients, boxes, ctx, pending)
     for v, coefficients in pending.items():  # every value left is the output of a layer before ``stop``
         lo, hi = boxes[v] if v > 0 else (x, x)
         if lo is hi:
