@@ -7,10 +7,13 @@ first 200 test points):
 * the exact k = 1 share from enumeration (:func:`.single_flip_robustness`) and the attack bound: the share of points
   that BFA (:class:`.BitFlipAttack`), run on each point alone, does not misclassify with k flips;
 * seconds for the 200 points and per sample as a ratio to a float32 forward pass;
+* with ``--dtypes float64 float32``, every certificate in both precisions (float32 with the rounding-error terms of
+  docs/theory.md §5), in one run;
 * optionally (``--robust``) the same for the MLP trained with :class:`.WeightRobustTrainer` (interval bound, relative
   box of one quantization step, 1/127).
 
-Run: ``python benchmarks/bench_bit_flip_certify.py [--robust]`` (a few minutes on one CPU core).
+Run: ``python benchmarks/bench_bit_flip_certify.py [--robust] [--dtypes float64 float32]`` (a few minutes on one CPU
+core).
 """
 
 from __future__ import annotations
@@ -61,36 +64,44 @@ def attack_bound(classifier, x, y, layers) -> list[float]:
     return [float(np.mean(needed > k)) for k in FLIPS]
 
 
-def selection_rows(name: str, classifier, x, y, layers, label: str) -> list[str]:
+def _method_label(method: str, dtype: torch.dtype, dtypes: list) -> str:
+    return method if len(dtypes) == 1 else f"{method} ({str(dtype).removeprefix('torch.')})"
+
+
+def selection_rows(name: str, classifier, x, y, layers, label: str, dtypes: list) -> list[str]:
     """Table rows of one model and layer selection."""
     exact = single_flip_robustness(classifier, x, y, layers=layers).mean()
     bfa = attack_bound(classifier, x, y, layers)
     rows = []
     for method in ("interval", "linear"):
-        shares, seconds = [], []
-        for k in FLIPS:
-            certifier = BitFlipCertifier(classifier, k, layers=layers, method=method, verbose=False)
-            start = time.perf_counter()
-            shares.append(certifier.certify(x, y).mean())
-            seconds.append(time.perf_counter() - start)
-        cells = " | ".join(f"{s:.3f}" for s in shares)
-        times = " / ".join(f"{t:.2f}" for t in seconds)
-        rows.append(f"| {name} | {label} | {method} | {cells} | {exact:.3f} | {times} |")
+        for dtype in dtypes:
+            shares, seconds = [], []
+            for k in FLIPS:
+                certifier = BitFlipCertifier(classifier, k, layers=layers, method=method, verbose=False, dtype=dtype)
+                start = time.perf_counter()
+                shares.append(certifier.certify(x, y).mean())
+                seconds.append(time.perf_counter() - start)
+            cells = " | ".join(f"{s:.3f}" for s in shares)
+            times = " / ".join(f"{t:.2f}" for t in seconds)
+            shown = _method_label(method, dtype, dtypes)
+            rows.append(f"| {name} | {label} | {shown} | {cells} | {exact:.3f} | {times} |")
     cells = " | ".join(f"{a:.3f}" for a in bfa)
     rows.append(f"| {name} | {label} | BFA per sample (upper bound) | {cells} | | |")
     return rows
 
 
-def timing_rows(name: str, classifier, x, y) -> list[str]:
+def timing_rows(name: str, classifier, x, y, dtypes: list) -> list[str]:
     forward = forward_seconds(classifier, x)
     rows = []
     for method in ("interval", "linear"):
-        certifier = BitFlipCertifier(classifier, 16, method=method, verbose=False)
-        certifier.certify(x[:8], y[:8])  # warm-up
-        start = time.perf_counter()
-        certifier.certify(x, y)
-        seconds = time.perf_counter() - start
-        rows.append(f"| {name} | {method} | {seconds:.2f} | {forward * 1e3:.3f} | {seconds / forward:.0f} |")
+        for dtype in dtypes:
+            certifier = BitFlipCertifier(classifier, 16, method=method, verbose=False, dtype=dtype)
+            certifier.certify(x[:8], y[:8])  # warm-up
+            start = time.perf_counter()
+            certifier.certify(x, y)
+            seconds = time.perf_counter() - start
+            label = _method_label(method, dtype, dtypes)
+            rows.append(f"| {name} | {label} | {seconds:.2f} | {forward * 1e3:.3f} | {seconds / forward:.0f} |")
     return rows
 
 
@@ -115,22 +126,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--robust", action="store_true", help="also compare weight-robust training")
+    parser.add_argument("--dtypes", nargs="+", choices=("float64", "float32"), default=["float64"],
+                        help="precisions of the certificates (default: float64)")  # fmt: skip
+    parser.add_argument("--timing-only", action="store_true", help="only the k = 16 timing table")
     args = parser.parse_args()
+    dtypes = [getattr(torch, d) for d in args.dtypes]
     torch.set_num_threads(1)
     models = trained_models()
     print("| model | flippable layers | method | " + " | ".join(f"k={k}" for k in FLIPS) + " | exact k=1 | seconds |")
     print("|---|---|---|" + "---|" * len(FLIPS) + "---|---|")
-    for name, (classifier, _, _, x_test, y_test) in models.items():
+    for name, (classifier, _, _, x_test, y_test) in models.items() if not args.timing_only else ():
         x, y = x_test[: args.samples], y_test[: args.samples]
         names = list(QuantizedWeights.from_estimator(classifier).param_names)
         layers = [n.rsplit(".", 1)[0] for n in names]
         for label, selection in (("all", None), ("first", [layers[0]]), ("last", [layers[-1]])):
-            for row in selection_rows(name, classifier, x, y, selection, label):
+            for row in selection_rows(name, classifier, x, y, selection, label, dtypes):
                 print(row, flush=True)
     print("\n| model | method | seconds (k=16, all layers) | float32 forward (ms) | ratio |")
     print("|---|---|---|---|---|")
     for name, (classifier, _, _, x_test, y_test) in models.items():
-        for row in timing_rows(name, classifier, x_test[: args.samples], y_test[: args.samples]):
+        for row in timing_rows(name, classifier, x_test[: args.samples], y_test[: args.samples], dtypes):
             print(row, flush=True)
     if args.robust:
         x_train, y_train, x_test, y_test = models["mlp"][1:]

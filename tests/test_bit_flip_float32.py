@@ -102,3 +102,15 @@ def test_verify_in_float32_certifies_only_robust_samples(tiny_mlp_classifier, di
     assert not np.any((result.status == "certified") & ~exact)
     assert not np.any((result.status == "falsified") & exact)
     assert np.mean(result.status == "certified") >= 0.9 * exact.mean() > 0
+
+
+def test_float32_bounds_ignore_an_enclosing_autocast(tiny_mlp_classifier, digits):
+    """Inside ``torch.autocast`` the products would run in bfloat16 (error ~1e-2, far beyond the float32 terms): the
+    certificate turns it off for its own work and gives the bounds it gives outside."""
+    _, _, x, y = digits
+    certifier = BitFlipCertifier(tiny_mlp_classifier, 2, verbose=False, dtype=torch.float32)
+    plain = certifier.margin_lower_bounds(x[:20], y[:20])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = certifier.margin_lower_bounds(x[:20], y[:20])
+        assert torch.is_autocast_enabled("cpu")  # restored
+    np.testing.assert_array_equal(inside, plain)

@@ -55,3 +55,19 @@ def test_tf32_is_off_inside_a_certificate_and_restored_after():
         assert matmul.fp32_precision == "tf32"
     finally:
         matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_bit_flip_bounds_match_cpu_and_stay_below_single_flips(digits_images, dtype):
+    from art_weightpert.certification.bit_flip import BitFlipCertifier
+    from art_weightpert.certification.bit_flip_enumeration import single_flip_robustness
+
+    _, _, x_test, y_test = digits_images
+    x, y = x_test[:32], y_test[:32]
+    cpu, gpu = _pair(lambda: make_cnn(seed=4), (1, 8, 8))
+    lb_cpu = BitFlipCertifier(cpu, 1, verbose=False, dtype=dtype).margin_lower_bounds(x, y)
+    certifier = BitFlipCertifier(gpu, 1, verbose=False, dtype=dtype)
+    lb_gpu = certifier.margin_lower_bounds(x, y)
+    finite = np.isfinite(lb_cpu)
+    np.testing.assert_allclose(lb_gpu[finite], lb_cpu[finite], rtol=1e-4, atol=1e-4)
+    assert not np.any(certifier.certify(x, y) & ~single_flip_robustness(cpu, x, y))

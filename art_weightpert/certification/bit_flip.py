@@ -10,7 +10,8 @@ refused with :class:`.UnsupportedModelError`); with ``encoding="float"``
 the float model itself, its weights' IEEE bits flipping (:class:`.FloatWeights`; by default the sign and mantissa bits:
 an exponent flip can move a weight to ``10^38``, and one that gives ``±inf`` or NaN leaves nothing certified). Exact
 arithmetic with eval-mode semantics. The threat set is every set of at most ``k`` distinct allowed bits of the weights
-of the selected layers. Bounds in float64 (docs/theory.md §5), from :mod:`.bit_flip_bounds`:
+of the selected layers. Bounds in float64, or in float32 with the rounding-error terms of docs/theory.md §5 (sound for
+the exact network), from :mod:`.bit_flip_bounds`:
 
 * ``"interval"``: boxes where every unit takes its own worst ``k`` flips, the last layer folded into the margins;
 * ``"linear"``: the backward pass from the margins with one top-``k`` over the pair terms of all layers, for every case
@@ -47,6 +48,7 @@ from art_weightpert.estimators.wrapping import as_weight_classifier, effective_e
 from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import QuantizedWeights, effective_quantized_weights
+from art_weightpert.rounding import exact_kernels
 from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy
 from art_weightpert.validation import (
     check_bool,
@@ -94,7 +96,8 @@ class BitFlipCertifier(Settings):
     ``max_flips`` flipped bits of its weights.
 
     A sample is certified when every pairwise margin lower bound of the certified model's label (or the given label,
-    if that model predicts it) exceeds ``CERTIFICATION_RTOL · (1 + max_i |f_i(x)|)``.
+    if that model predicts it) exceeds ``certification_rtol(dtype) · (1 + max_i |f_i(x)|)`` (1e-9 in float64, 2⁻¹⁸ in
+    float32).
     Settings: constructor arguments and :meth:`set_params` (assigning one goes through it); no cached encoding or
     bound outlives a change of settings or weights.
     """
@@ -135,9 +138,11 @@ class BitFlipCertifier(Settings):
         :param bits: the bit positions that may flip: ``0`` to ``n_bits - 1`` for ``"int"`` (``None``: all); IEEE
             numbering of the weights' dtype for ``"float"`` (``None``: sign and mantissa, e.g. 0–22 and 31 for float32).
             Exponent bits are certified soundly, but one exponent flip can multiply a weight by ``2^128``.
-        :param dtype: the floating-point type of the bounds: ``torch.float64`` (the default). ``torch.float32`` is
-            accepted by the validation but not implemented yet (the rounding-error terms of docs/theory.md §5 are
-            missing): it raises ``NotImplementedError`` rather than give an unsound certificate.
+        :param dtype: the floating-point type of the bounds: ``torch.float64`` (the default) or ``torch.float32``,
+            whose bounds add the rounding-error terms of docs/theory.md §5 (sound for the exact network; a sample is
+            certified above ``2⁻¹⁸ · (1 + max_i |f_i(x)|)``). In float32, :meth:`verify` does not branch on the
+            placement of flips (the branches evaluate flips exactly, in float64): what it leaves open stays
+            ``"unknown"``.
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
         """
         estimator = as_weight_classifier(estimator)
@@ -386,7 +391,7 @@ class BitFlipCertifier(Settings):
         cases: list = []
         split = xs.new_zeros((0, len(xs), nb))
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_kernels():  # IEEE products, the rounding terms' model (docs/theory.md §5)
                 case = dict.fromkeys(self._names, k)
                 boxes = flip_boxes(net, params, tables, case, xs, xs)
                 bound = interval_margins(net, params, tables, case, boxes, labels, nb)
@@ -462,7 +467,7 @@ class BitFlipCertifier(Settings):
                 return xs.new_tensor(float("-inf"))
             first = first_flipped(net, case)
             try:
-                with torch.no_grad():
+                with torch.no_grad(), exact_kernels():
                     refined = enumerated_split_margins(net, params, tables, case, k, xs, labels, nb, first)
             finally:
                 for table in tables.values():
@@ -503,7 +508,7 @@ class BitFlipCertifier(Settings):
             return torch.ones(len(xs), dtype=torch.bool, device=xs.device)
         case = {name: (k if name == last.weight_name else 0) for name in self._names}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), exact_kernels():
                 bound = case_margins(net, self._params, self._tables, case, k, xs, labels, self.estimator.nb_classes)
         finally:
             for table in self._tables.values():
