@@ -37,10 +37,15 @@ def points(digits):
     return x[:16], y[:16]
 
 
+@pytest.fixture(scope="module")
+def exact_single_flips(trained_digits_mlp, points):
+    return single_flip_robustness(trained_digits_mlp, *points, layers=LAYERS, encoding="float")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_k1_certificates_survive_every_single_float_flip(trained_digits_mlp, points, dtype):
+def test_k1_certificates_survive_every_single_float_flip(trained_digits_mlp, points, exact_single_flips, dtype):
     x, y = points
-    exact = single_flip_robustness(trained_digits_mlp, x, y, layers=LAYERS, encoding="float")
+    exact = exact_single_flips
     certified = {m: _certify(trained_digits_mlp, x, y, 1, m, layers=LAYERS, dtype=dtype) for m in METHODS}
     for method, cert in certified.items():
         assert not np.any(cert & ~exact), method  # every certified sample survives all single flips
