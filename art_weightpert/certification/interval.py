@@ -271,8 +271,9 @@ def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> 
         in_lo, in_hi = inputs[0]
         m = in_lo.abs() if in_lo is in_hi else torch.maximum(in_lo.neg(), in_hi)
         g, tiny = error_factor(2, m.dtype), torch.finfo(m.dtype).tiny
-        error = torch.addcmul(layer.shaped(layer.shift.abs() * g + tiny, m), m, layer.shaped(layer.scale.abs() * g, m))
-        error = error + layer.shift_bound(m) * (1 + 2 * g)  # the float64 shift's own error (BatchNorm.shift_error)
+        # per channel: g|t| + η and the float64 shift's own error (BatchNorm.shift_error), in one constant
+        constant = layer.shaped(layer.shift.abs() * g + tiny, m) + layer.shift_bound(m) * (1 + 2 * g)
+        error = torch.addcmul(constant, m, layer.shaped(layer.scale.abs() * g, m))
         return lo - error, hi + error
     if isinstance(layer, AvgPool):
         m = magnitude(*inputs[0])
