@@ -35,14 +35,7 @@ from art_weightpert.certification.weight_terms import BackwardContext, affine_at
 from art_weightpert.network import Affine, Network
 from art_weightpert.operators.affine_view import AffineBackward
 from art_weightpert.operators.tensors import concretize
-from art_weightpert.rounding import (
-    abs_dot,
-    error_factor,
-    finite_lower,
-    magnitude,
-    round_down,
-    smallest_subnormal,
-)
+from art_weightpert.rounding import abs_dot, error_factor, finite_lower, magnitude, round_down, smallest_subnormal
 
 Case = dict  # {weight name: flips allowed in that layer}
 

@@ -349,21 +349,28 @@ def _sparse_margins(network, params, tables, case, k, x, labels, nb_classes, fir
     if table is not None and k_g:
         moved_down, moved_up = neuron_flip_box(g, table, lo_in, hi_in, k_g)
         box_lo, box_hi = box_lo + moved_down, box_hi + moved_up
-    interval = None
-    if g_index == len(layers) - 1:
-        a = margin_matrix(labels, nb_classes, x.dtype)
-        const, candidates = a.new_zeros(a.shape[:2]), []
-    else:
-        suffix = Network(network.model, layers[g_index + 1 :])
-        boxes = flip_boxes(suffix, params, tables, case, box_lo, box_hi)
-        interval = interval_margins(suffix, params, tables, case, boxes, labels, nb_classes)
-        a, const, candidates = backward_pass(suffix, params, tables, case, boxes, labels, nb_classes)
+    rest = _after_g(network, params, tables, case, labels, nb_classes, g_index, box_lo, box_hi)
+    interval, a, const, candidates = rest
     const = const + concretize(a, centre, centre)  # λ·(V·clean + b)
     candidates.append(_sparse_units(g, weight, a, e_lo, e_hi, k_f))  # (λV)·e
     if table is not None and k_g:
         candidates.append(layer_flip_terms(g, table, a, lo_in, hi_in, k_g))
     linear = const + sum_smallest(candidates, k, const.shape, const)
     return linear if interval is None else torch.maximum(interval, linear)
+
+
+def _after_g(network, params, tables, case, labels, nb_classes, g_index: int, box_lo, box_hi) -> tuple:
+    """The sparse bound's rest of the network after the affine layer ``g`` (``network.layers[g_index]``) from the box
+    of its output: ``(interval bound or None, coefficients on g's output, constant, per-layer flip terms)``; when ``g``
+    is the last layer, the margins' own coefficients."""
+    layers = network.layers
+    if g_index == len(layers) - 1:
+        a = margin_matrix(labels, nb_classes, box_lo.dtype)
+        return None, a, a.new_zeros(a.shape[:2]), []
+    suffix = Network(network.model, layers[g_index + 1 :])
+    boxes = flip_boxes(suffix, params, tables, case, box_lo, box_hi)
+    interval = interval_margins(suffix, params, tables, case, boxes, labels, nb_classes)
+    return (interval, *backward_pass(suffix, params, tables, case, boxes, labels, nb_classes))
 
 
 def _enumerated_margins(network, params, tables, x, labels, first: int) -> torch.Tensor:
@@ -475,15 +482,8 @@ def _rounded_sparse_margins(network, params, tables, case, k, x, labels, nb_clas
     if table is not None and k_g:
         moved_down, moved_up = neuron_flip_box(g, table, *moved, k_g)  # g's input: the moved box holds the clean one
         box_lo, box_hi = outward(box_lo + moved_down, -1.0), outward(box_hi + moved_up, 1.0)
-    interval = None
-    if g_index == len(layers) - 1:
-        a = margin_matrix(labels, nb_classes, x.dtype)
-        const, candidates = a.new_zeros(a.shape[:2]), []
-    else:
-        suffix = Network(network.model, layers[g_index + 1 :])
-        boxes = flip_boxes(suffix, params, tables, case, box_lo, box_hi)
-        interval = interval_margins(suffix, params, tables, case, boxes, labels, nb_classes)
-        a, const, candidates = backward_pass(suffix, params, tables, case, boxes, labels, nb_classes)
+    rest = _after_g(network, params, tables, case, labels, nb_classes, g_index, box_lo, box_hi)
+    interval, a, const, candidates = rest
     candidates.append(_rounded_sparse_units(g, weight, a, e_lo, e_hi, k_f))  # (λV)·e
     if table is not None and k_g:
         candidates.append(layer_flip_terms(g, table, a, *moved, k_g))
