@@ -278,6 +278,39 @@ class FloatWeights:
         values = self._entries(name, flat_index)
         return self.bit_values(name, flat_index).to(torch.float64) - values.to(torch.float64).unsqueeze(0)
 
+    def combined_change_range(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """
+        Bounds ``(lo, hi)`` on the change ``w' − w`` of every entry of weight ``name`` when *several* allowed bits of
+        that entry flip together (docs/theory.md §8.2), in float64 shaped like the weight; ``None`` when the allowed
+        bits are all mantissa bits, whose changes add (the same exponent: ``w`` is linear in the mantissa bits).
+
+        A sign or exponent bit does not add: the sign negates the mantissa bits' changes too, an exponent bit scales
+        them. A magnitude is ordered as its bit pattern, so every pattern reachable from ``w`` lies between the one with
+        every allowed exponent and mantissa bit cleared and the one with all of them set; with the sign allowed, either
+        sign. A reachable ``±inf`` or NaN (every exponent bit set) gives infinite bounds.
+        """
+        layout, allowed = self._layout, set(self._bits)
+        if allowed <= set(layout.mantissa_bits):
+            return None
+        values = self._values[name]
+        full = (1 << layout.width) - 1
+        pattern = values.view(layout.int_dtype).to(torch.int64) & full  # the unsigned pattern
+        sign = 1 << layout.sign_bit
+        magnitude_bits = sum(1 << b for b in allowed if b != layout.sign_bit)
+        magnitude = pattern & (full ^ sign)
+
+        def value(p: torch.Tensor) -> torch.Tensor:
+            return _as_pattern(p, layout).view(values.dtype).to(torch.float64)
+
+        low, high = value(magnitude & (full ^ magnitude_bits)), value(magnitude | magnitude_bits)
+        if layout.sign_bit in allowed:
+            v_lo, v_hi = -high, high
+        else:
+            negative = (pattern & sign) != 0
+            v_lo, v_hi = torch.where(negative, -high, low), torch.where(negative, -low, high)
+        w = values.to(torch.float64)
+        return v_lo - w, v_hi - w
+
     def _entries(self, name: str, flat_index: torch.Tensor | None) -> torch.Tensor:
         values = self._values[name]
         return values if flat_index is None else values.reshape(-1)[flat_index]

@@ -8,8 +8,8 @@ Benchmark of :meth:`.BitFlipCertifier.verify` (docs/theory.md §11) on the digit
   the share robust to k flips);
 * every counterexample checked: at most k flips, and the flipped quantized model misclassifies its sample.
 
-Run: ``python benchmarks/bench_bit_flip_verify.py [--samples 200] [--flips 2] [--time-limit 2]`` (a few minutes on one
-CPU core).
+Run: ``python benchmarks/bench_bit_flip_verify.py [--samples 200] [--flips 2] [--time-limit 2] [--dtype float32]`` (a
+few minutes on one CPU core).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--flips", type=int, default=2)
     parser.add_argument("--time-limit", type=float, default=2.0)
     parser.add_argument("--models", default="cnn,mlp")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="precision of the bounds")
     args = parser.parse_args()
     torch.set_num_threads(1)
     k = args.flips
@@ -65,7 +66,7 @@ def main() -> None:
     for name in args.models.split(","):
         classifier, _, _, x_test, y_test = models[name]
         x, y = x_test[: args.samples], y_test[: args.samples]
-        certifier = BitFlipCertifier(classifier, k, verbose=False)
+        certifier = BitFlipCertifier(classifier, k, verbose=False, dtype=getattr(torch, args.dtype))
         start = time.perf_counter()
         certified = certifier.certify(x, y).mean()
         certify_seconds = (time.perf_counter() - start) / len(x)

@@ -40,7 +40,13 @@ from art_weightpert.certification.bit_flip_cases import (
 )
 from art_weightpert.certification.bit_flip_enumeration import greedy_flip_search
 from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
-from art_weightpert.certification.bit_flip_terms import cast_table, check_flip_args, encode_weights, flip_tables
+from art_weightpert.certification.bit_flip_terms import (
+    cast_table,
+    check_flip_args,
+    encode_weights,
+    flip_tables,
+    with_combined_changes,
+)
 from art_weightpert.certification.precision import certification_rtol
 from art_weightpert.certification.verdicts import VerificationResult
 from art_weightpert.estimators.settings import Settings
@@ -72,6 +78,26 @@ def check_chain(network: Network) -> Network:
             "The weight-ball certificates (WeightPerturbationCertifier) cover it; the bit-flip attacks work on it."
         )
     return network
+
+
+def _finite(tables: dict) -> bool:
+    return all(bool(torch.isfinite(t.changes).all()) for t in tables.values())
+
+
+def _check_normal_range(named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The rounding terms of docs/theory.md §5 take every cast to ``dtype`` as a relative error: a certified weight,
+    bias or batch-norm constant below ``dtype``'s normal range (a nonzero ``|v| < 2⁻¹²⁶`` in float32) would round by
+    an absolute error that they do not count (the changes of flips are rounded away from zero: :func:`.cast_table`).
+
+    :raises ValueError: naming the tensor and the float64 alternative.
+    """
+    tiny = torch.finfo(dtype).tiny
+    for name, t in named.items():
+        if t.is_floating_point() and bool(((t != 0) & (t.abs() < tiny)).any()):
+            raise ValueError(
+                f"`dtype={dtype}`: {name} holds values below {dtype}'s normal range ({tiny:.3g}), whose rounding the "
+                "float32 bounds do not cover; certify with dtype=torch.float64."
+            )
 
 
 BOUND_DTYPES = (torch.float32, torch.float64)
@@ -349,16 +375,24 @@ class BitFlipCertifier(Settings):
         with torch.no_grad():
             for name, value in quantized.dequantize().items():
                 model.get_parameter(name).copy_(value)
+        if self.dtype != torch.float64:
+            _check_normal_range(dict(model.named_parameters()) | dict(model.named_buffers()), self.dtype)
         # in float32 the weights' casts are within the rounding terms (docs/theory.md §5)
         self._network = read_network(model.to(self.dtype), self.estimator.input_shape)
         self._params = self._network.params(dtype=self.dtype)
         device = next(iter(self._params.values())).device
         tables = flip_tables(quantized, self._network.affine_layers, device, self._bits)
-        # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1).
-        self._unbounded = not all(bool(torch.isfinite(t.changes).all()) for t in tables.values())
+        combined = with_combined_changes(tables, quantized) if self.max_flips >= 2 else None
+        # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1), nor against
+        # k ≥ 2 flips when several flips of one float weight can reach ±inf or NaN.
+        self._unbounded = not _finite(tables)
+        self._unbounded_combined = combined is not None and not _finite(combined)
         self._tables = {name: cast_table(table, self.dtype) for name, table in tables.items()}
+        self._combined = None if combined is None else {n: cast_table(t, self.dtype) for n, t in combined.items()}
         if self._unbounded:
             logger.warning("Some allowed flips give ±inf or NaN weights: no sample is certified against k >= 1 flips.")
+        elif self._unbounded_combined:
+            logger.warning("Flips of several bits of one weight can give ±inf or NaN: nothing is certified for k >= 2.")
         self._names = [layer.weight_name for layer in self._network.affine_layers if layer.weight_name in self._tables]
         self._effective = effective
         self._deltas = quantized.deltas(effective)
@@ -381,11 +415,20 @@ class BitFlipCertifier(Settings):
             tol = certification_rtol(self.dtype) * (1.0 + logits.abs().amax(dim=1).to(self.dtype))
             yield xb.to(self.dtype), labels, tol, pred == labels
 
+    def _tables_for(self, k: int) -> dict:
+        """The flip tables of a bound against ``k`` flips: with the combined changes of float weights for ``k ≥ 2``
+        (:func:`.with_combined_changes`)."""
+        return self._combined if k >= 2 and self._combined is not None else self._tables
+
+    def _unbounded_for(self, k: int) -> bool:
+        """Whether some set of at most ``k ≥ 1`` flips reaches ``±inf`` or NaN: nothing is certified."""
+        return k > 0 and (self._unbounded or (k >= 2 and self._unbounded_combined))
+
     def _case_bounds(self, xs: torch.Tensor, labels: torch.Tensor, k: int, refine: bool = False):
         """``(cases, per-case bounds (C, N, K), bound (N, K))``: the bound is the maximum of the interval bound and the
         minimum over the cases (``"linear"``; ``"interval"``: no case), ``+inf`` in the label's column."""
-        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
-        if self._unbounded and k > 0:
+        net, params, tables, nb = self._network, self._params, self._tables_for(k), self.estimator.nb_classes
+        if self._unbounded_for(k):
             bound = torch.full((len(xs), nb), float("-inf"), dtype=xs.dtype, device=xs.device)
             return [], bound.new_zeros((0, len(xs), nb)), bound.scatter(1, labels.unsqueeze(1), float("inf"))
         cases: list = []
@@ -412,7 +455,7 @@ class BitFlipCertifier(Settings):
         """Per-case bounds ``(C, N, K)`` with the finer splits of :meth:`verify`, the cases in order, each on the
         samples that every earlier case (and the interval ``bound``) left open: a sample some case cannot certify is
         not certified, so the later cases skip it (``−inf`` there, a valid lower bound)."""
-        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        net, params, tables, nb = self._network, self._params, self._tables_for(k), self.estimator.nb_classes
         split = xs.new_full((len(cases), len(xs), nb), float("-inf"))
         tol = certification_rtol(self.dtype) * (1.0 + net.forward(xs, params).abs().amax(dim=1))
         alive = torch.ones(len(xs), dtype=torch.bool, device=xs.device)
@@ -455,7 +498,7 @@ class BitFlipCertifier(Settings):
     def _refine(self, xs, label, tol, cases, case_bounds, k, begin: float, time_limit: float) -> torch.Tensor:
         """The smallest margin bound of one sample after branching every open case on the placement of its first
         flip (where it applies), within the time limit; ``−inf`` where a case stays open."""
-        net, params, tables, nb = self._network, self._params, self._tables, self.estimator.nb_classes
+        net, params, tables, nb = self._network, self._params, self._tables_for(k), self.estimator.nb_classes
         labels = label.reshape(1)
         best = case_bounds.amin(dim=1) if len(cases) else xs.new_full((1,), float("-inf"))
         open_cases = [c for c in range(len(cases)) if not best[c] > tol]
@@ -486,7 +529,9 @@ class BitFlipCertifier(Settings):
         name = net.layers[first].weight_name
         if self.encoding == "int" and first_layer_applicable(net, self._tables, case, self.max_flips, first):
             return False  # bounded with its first layer's flips enumerated already
-        return case[name] == 1 and self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
+        layer = net.layers[first]
+        grouped = layer.is_conv and layer.module.groups != 1  # its flips' unit outputs are read for ungrouped ones
+        return case[name] == 1 and not grouped and self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
 
     def _certified(self, xs: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
         """Whether the bound certifies each sample. The samples that ``k`` flips of the last layer alone break (its
@@ -504,14 +549,15 @@ class BitFlipCertifier(Settings):
         when that layer cannot flip, for ``"interval"``, for ``k = 0`` and for unbounded flips)."""
         net = self._network
         last = net.layers[-1]
-        if self.method != "linear" or k == 0 or self._unbounded or last.weight_name not in self._names:
+        if self.method != "linear" or k == 0 or self._unbounded_for(k) or last.weight_name not in self._names:
             return torch.ones(len(xs), dtype=torch.bool, device=xs.device)
         case = {name: (k if name == last.weight_name else 0) for name in self._names}
         try:
             with torch.no_grad(), exact_kernels():
-                bound = case_margins(net, self._params, self._tables, case, k, xs, labels, self.estimator.nb_classes)
+                tables = self._tables_for(k)
+                bound = case_margins(net, self._params, tables, case, k, xs, labels, self.estimator.nb_classes)
         finally:
-            for table in self._tables.values():
+            for table in self._tables_for(k).values():
                 table.memo.clear()
         return bound.scatter(1, labels.unsqueeze(1), float("inf")).amin(dim=1) > tol
 

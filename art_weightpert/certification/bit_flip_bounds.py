@@ -232,7 +232,7 @@ def _rounded_backward_pass(network: Network, params: dict, tables: dict, case: C
         layer = network.layers[index]
         if layer.weighted:
             _terms(layer, tables, case, a, *boxes[index], candidates)
-        c = backward_step(network, index, a, boxes, ctx, pending)
+        c = backward_step(network, index, a, boxes, ctx, pending, fuse_input_convolution=False)  # its flip terms
         const, total, steps = const + c, total + c.abs(), steps + 1
     const = round_down(finite_lower(const - total * error_factor(steps, const.dtype)))
     return pending.pop(0, None), const, candidates

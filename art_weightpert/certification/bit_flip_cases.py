@@ -52,7 +52,7 @@ from art_weightpert.certification.common import margin_matrix
 from art_weightpert.certification.interval import fixed_interval, outward
 from art_weightpert.network import Affine, Network
 from art_weightpert.operators.tensors import concretize
-from art_weightpert.rounding import error_factor, magnitude, smallest_subnormal
+from art_weightpert.rounding import down_cast, error_factor, finite_box, magnitude, smallest_subnormal, up_cast
 
 MAX_CASES = 16
 """Largest number of per-layer budget splits enumerated; beyond it the cases are the first layer that flips."""
@@ -117,7 +117,7 @@ def case_margins(
     if refine and additive and not rounding and first_layer_applicable(network, tables, case, k, first):
         return first_layer_margins(network, params, tables, case, k, x, labels, nb_classes, first)
     if first is not None and first < len(network.layers) - 1:
-        if k == 1 and tables[network.layers[first].weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS:
+        if k == 1 and _enumerable(network.layers[first], tables):
             enumerated = _rounded_enumerated_margins if rounding else _enumerated_margins
             return enumerated(network, params, tables, x, labels, first)
         k_f = case[network.layers[first].weight_name]
@@ -139,6 +139,13 @@ def case_margins(
         interval_margins(network, params, tables, case, boxes, labels, nb_classes),
         backward_margins(network, params, tables, case, k, boxes, labels, nb_classes),
     )
+
+
+def _enumerable(layer: Affine, tables: dict[str, FlipTable]) -> bool:
+    """Whether one flip of ``layer`` is evaluated exactly, flip by flip: at most :data:`MAX_ENUMERATED_FLIPS` weight-bit
+    pairs, and not a grouped convolution (:func:`.bit_flip_enumeration._unit_outputs` reads ungrouped ones)."""
+    grouped = layer.is_conv and layer.module.groups != 1
+    return not grouped and tables[layer.weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS
 
 
 def _plain_margins(network, params, tables, case, k, x, labels, nb_classes) -> torch.Tensor:
@@ -294,6 +301,14 @@ def _next_affine(network: Network, first: int) -> int | None:
 
 
 def _unit_contributions(g: Affine, weight: torch.Tensor, e_lo: torch.Tensor, e_hi: torch.Tensor):
+    """:func:`_contribution_box`, with NaN ends (``0·inf`` of an infinite box end) made ``∓inf``."""
+    lower, upper = _contribution_box(g, weight, e_lo, e_hi)
+    if bool(torch.isfinite(lower.sum() + upper.sum())):
+        return lower, upper
+    return finite_box(lower, upper)
+
+
+def _contribution_box(g: Affine, weight: torch.Tensor, e_lo: torch.Tensor, e_hi: torch.Tensor):
     """Per input unit ``c`` of ``g`` (an entry, or a channel of a convolution), the box of its contribution
     ``V[:, c] ⋆ e_c`` to ``g``'s output over ``e_c ∈ [e_lo, e_hi]``: ``(N, C) + output shape`` each."""
     if not g.is_conv:
@@ -316,6 +331,13 @@ def _sparse_units(g: Affine, weight, a, e_lo, e_hi, k: int) -> torch.Tensor:
     mu = g.apply_transposed(a.flatten(0, 1), weight, e_lo.shape[1:]).reshape(a.shape[:2] + e_lo.shape[1:])
     terms = torch.minimum(mu * e_lo.unsqueeze(1), mu * e_hi.unsqueeze(1))
     terms = (terms.flatten(3).sum(3) if terms.dim() > 3 else terms).clamp_max(0)
+    return _worst_units(terms, k)
+
+
+def _worst_units(terms: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` most negative per-unit terms ``(N, K, units)`` → ``(N, K, ≤ k)``, NaN (``0·inf`` of an infinite box
+    end) counted as ``−inf`` rather than sorted last and dropped."""
+    terms = torch.nan_to_num(terms, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return terms.topk(min(k, terms.shape[2]), dim=2, largest=False).values
 
 
@@ -405,16 +427,20 @@ def _rounded_enumerated_margins(network, params, tables, x, labels, first: int) 
 
     bound = suffix_bound(z_lo, z_hi, labels)  # no flip
     fan_in, n_bits = table.changes.shape[1], table.changes.shape[2]
-    flat = table.changes.flatten()
-    pairs = flat.nonzero().flatten()  # (weight, bit) pairs that change something
+    exact = (table.exact if table.exact is not None else table.changes).flatten()
+    pairs = exact.nonzero().flatten()  # (weight, bit) pairs that change something
+    dtype = z_lo.dtype
     step = max(1, (1 << 22) // max(1, z_lo[0].numel() * len(x)))
     for start in range(0, len(pairs), step):
         index = pairs[start : start + step]
         row, col = index // (fan_in * n_bits), (index // n_bits) % fan_in
         shape = (len(index), 1) + (1,) * (z_lo.dim() - 2)
-        d = flat[index].reshape(shape)
-        at_lo, at_hi = d * basis_lo[:, col].movedim(1, 0), d * basis_hi[:, col].movedim(1, 0)  # (F, N, ...)
-        move_lo, move_hi = outward(torch.minimum(at_lo, at_hi), -1.0), outward(torch.maximum(at_lo, at_hi), 1.0)
+        d = exact[index].reshape(shape)
+        d_lo, d_hi = down_cast(d, dtype), up_cast(d, dtype)  # the change between two floats (exact if one)
+        b_lo, b_hi = basis_lo[:, col].movedim(1, 0), basis_hi[:, col].movedim(1, 0)
+        ends = [d_lo * b_lo, d_lo * b_hi, d_hi * b_lo, d_hi * b_hi]  # (F, N, ...): D·ĥ over both boxes is bilinear
+        move_lo = outward(torch.minimum(torch.minimum(ends[0], ends[1]), torch.minimum(ends[2], ends[3])), -1.0)
+        move_hi = outward(torch.maximum(torch.maximum(ends[0], ends[1]), torch.maximum(ends[2], ends[3])), 1.0)
         lo = z_lo.unsqueeze(0).repeat((len(index),) + (1,) * z_lo.dim())
         hi = z_hi.unsqueeze(0).repeat((len(index),) + (1,) * z_hi.dim())
         flips = torch.arange(len(index), device=x.device)
@@ -451,8 +477,7 @@ def _rounded_sparse_units(g: Affine, weight, a, e_lo, e_hi, k: int) -> torch.Ten
     if terms.dim() > 3:
         summed = terms.flatten(3).sum(3)
         terms = summed - terms.abs().flatten(3).sum(3) * error_factor(terms[0, 0, 0].numel(), a.dtype)
-    terms = terms.clamp_max(0)
-    return terms.topk(min(k, terms.shape[2]), dim=2, largest=False).values
+    return _worst_units(terms.clamp_max(0), k)
 
 
 def _rounded_sparse_margins(network, params, tables, case, k, x, labels, nb_classes, first: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ has all its terms above the ``k``-th of these maxima), so only their ``k·n_bits
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from art_weightpert.flips import check_bit_positions
 from art_weightpert.float_bits import FloatWeights, check_float_bits, mantissa_bits, sign_bit
 from art_weightpert.network import Affine
 from art_weightpert.quantization import QuantizedWeights, as_weight_classifier, check_quantization_args
-from art_weightpert.rounding import error_factor, smallest_subnormal
+from art_weightpert.rounding import down_cast, error_factor, finite_box, smallest_subnormal, up_cast
 from art_weightpert.torch_tools import batch_slices
 from art_weightpert.validation import check_choice
 
@@ -47,6 +48,8 @@ class FlipTable:
     largest: torch.Tensor
     smallest: torch.Tensor
     memo: dict = field(default_factory=dict)
+    exact: torch.Tensor | None = None
+    """The float64 changes when ``changes`` were cast to a narrower dtype (:func:`cast_table`), else ``None``."""
 
 
 def check_flip_args(
@@ -104,13 +107,36 @@ def flip_tables(
     return tables
 
 
+def with_combined_changes(tables: dict[str, FlipTable], weights: QuantizedWeights | FloatWeights) -> dict | None:
+    """The tables of a bound against two flips or more: for float weights whose allowed bits include the sign or an
+    exponent bit, several flips of one weight do not add (docs/theory.md §8.2), so each weight gets two more entries,
+    the ends of :meth:`.FloatWeights.combined_change_range`: any set of its flips changes it by a value between them,
+    and counts as one flip of the bound, no more than it costs. ``None`` where the changes add (integer codes,
+    mantissa bits)."""
+    if not isinstance(weights, FloatWeights):
+        return None
+    out = {}
+    for name, table in tables.items():
+        ends = weights.combined_change_range(name)
+        if ends is None:
+            return None
+        rows = table.changes.shape[0]
+        extra = torch.stack([e.reshape(rows, -1) for e in ends], dim=2).to(table.changes)
+        changes = torch.cat([table.changes, extra], dim=2)
+        out[name] = FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2))
+    return out
+
+
 def cast_table(table: FlipTable, dtype: torch.dtype) -> FlipTable:
-    """``table`` with its changes in ``dtype`` (rounded to nearest: the pair terms' rounding covers it, docs/theory.md
-    §5; a change beyond the dtype's range becomes ``±inf`` and certifies nothing)."""
+    """``table`` with its changes in ``dtype``, rounded away from zero (docs/theory.md §5: a pair term ``min(D·g, 0)``
+    over a box only decreases when ``|D|`` grows with its sign, so the cast costs the terms no error term, also below
+    the normal range; a change beyond the dtype's range becomes ``±inf`` and certifies nothing), and the float64
+    changes kept in :attr:`FlipTable.exact` for the evaluation of single flips."""
     if table.changes.dtype == dtype:
         return table
-    changes = table.changes.to(dtype)
-    return FlipTable(changes, table.largest.to(dtype), table.smallest.to(dtype))
+    exact = table.changes
+    changes = torch.where(exact > 0, up_cast(exact, dtype), down_cast(exact, dtype))
+    return FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2), exact=exact)
 
 
 def smallest_terms(
@@ -128,7 +154,10 @@ def smallest_terms(
     :param k: flips.
     :return: ``(..., min(k, W·n_bits))`` terms ≤ 0, ascending.
     """
-    worst = torch.minimum(largest * gmin, smallest * gmax).clamp_max(0)
+    infinite = not bool(torch.isfinite(gmin.sum() + gmax.sum()))
+    if infinite:  # an overflow or an infinite box end: its NaN (0·inf, inf − inf) would sort last and drop a flip
+        gmin, gmax = finite_box(gmin, gmax)
+    worst = _no_nan(torch.minimum(largest * gmin, smallest * gmax), infinite).clamp_max(0)
     if k == 1:  # the most negative term of a weight is its ``worst``: the smallest over the weights, no expansion
         return worst.amin(dim=-1, keepdim=True)
     nb = min(k, worst.shape[-1])
@@ -136,8 +165,15 @@ def smallest_terms(
     lo, hi = gmin.expand_as(worst).gather(-1, idx), gmax.expand_as(worst).gather(-1, idx)
     n_bits = changes.shape[-1]
     d = changes.expand(worst.shape + (n_bits,)).gather(-2, idx.unsqueeze(-1).expand(idx.shape + (n_bits,)))
-    terms = (d.clamp_min(0) * lo.unsqueeze(-1) + d.clamp_max(0) * hi.unsqueeze(-1)).flatten(-2).clamp_max(0)
+    terms = _no_nan(d.clamp_min(0) * lo.unsqueeze(-1) + d.clamp_max(0) * hi.unsqueeze(-1), infinite)
+    terms = terms.flatten(-2).clamp_max(0)
     return terms.topk(min(k, terms.shape[-1]), dim=-1, largest=False).values
+
+
+def _no_nan(terms: torch.Tensor, infinite: bool) -> torch.Tensor:
+    """Pair terms with NaN (a product ``0·inf`` of an infinite coefficient end, whose exact term is finite but unknown)
+    replaced by ``−inf``, when ``infinite``."""
+    return torch.nan_to_num(terms, nan=-math.inf, posinf=math.inf, neginf=-math.inf) if infinite else terms
 
 
 def rounds(t: torch.Tensor) -> bool:
@@ -148,8 +184,9 @@ def rounds(t: torch.Tensor) -> bool:
 
 def sound_sum(total: torch.Tensor, count: int) -> torch.Tensor:
     """A lower bound of the exact sum of ``count`` exact pair terms ``D·g`` from the floating-point sum ``total`` of
-    their computed values (docs/theory.md §5): every term is ≤ 0, each computed within ``2u`` of ``D·g`` (the cast of
-    ``D``, the product: the sign is exact) and ``η/2`` below the normal range, the sum within ``γ_count``; as the
+    their computed values (docs/theory.md §5): every term is ≤ 0, each computed within ``u`` of ``D·g`` (one product,
+    its sign exact; ``D`` rounded away from zero by :func:`cast_table`) and ``η/2`` below the normal range, the sum
+    within ``γ_count``; as the
     selection of the ``k`` most negative uses the computed values, the exact ``k`` most negative sum at least this
     much. Unchanged in float64."""
     if not rounds(total) or count == 0:

@@ -263,9 +263,12 @@ def backward_step(
     ctx: BackwardContext,
     pending: dict,
     readers: dict | None = None,
+    fuse_input_convolution: bool = True,
 ):
     """Move the coefficients ``a`` on the output of ``network.layers[index]`` onto the values it reads (accumulated in
-    ``pending``, counted in ``readers`` when given); return the constant collected on the way, ``(N, K)``."""
+    ``pending``, counted in ``readers`` when given); return the constant collected on the way, ``(N, K)``.
+    ``fuse_input_convolution=False``: a max pooling's fused rule leaves the convolution on the known input before it to
+    its own step (whose coefficients the bit-flip bounds read) instead of evaluating it on the window maxima."""
     layer, reads = network.layers[index], network.inputs[index]
     if index + 1 < len(boxes) and boxes[index + 1][0] is boxes[index + 1][1]:  # an exact value: concretize
         v = boxes[index + 1][0]
@@ -285,7 +288,7 @@ def backward_step(
         )
         if ctx.rounding:  # the coefficients' underflow, against the pre-activation box they multiply
             c = c - _underflow(layer, a, *boxes[pre])
-        conv = _convolution_at_input(network, pre, boxes)
+        conv = _convolution_at_input(network, pre, boxes) if fuse_input_convolution else None
         if conv is not None:  # and the convolution on the input before them, on those entries too
             h = boxes[network.inputs[conv][0]][0]
             c = c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
