@@ -117,3 +117,21 @@ def test_a_grouped_first_convolution_is_bounded_not_refused():
         certifier = BitFlipCertifier(clf, 1, verbose=False, dtype=dtype)
         assert certifier.margin_lower_bounds(x).shape == (3, 2)
         assert len(certifier.verify(x, time_limit=0.2).status) == 3
+
+
+def test_float_flip_pairs_of_a_small_mlp_never_beat_the_bound():
+    bits = [22, 23, 31]  # a mantissa, an exponent and the sign bit: the combined changes' ranges
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2))
+    clf = _classifier(model, (2,))
+    x = np.random.default_rng(1).normal(size=(6, 2)).astype(np.float32)
+    y = clf.predict(x).argmax(1)
+    flips = [FloatBitFlip(name, index, b) for name, shape in (("0.weight", (3, 2)), ("2.weight", (2, 3)))
+             for index in itertools.product(*map(range, shape)) for b in bits]  # fmt: skip
+    sets = [[f] for f in flips] + [list(s) for s in itertools.combinations(flips, 2)]
+    for dtype in DTYPES:
+        certifier = BitFlipCertifier(clf, 2, encoding="float", bits=bits, verbose=False, dtype=dtype)
+        bounds = certifier.margin_lower_bounds(x, y)
+        for i in range(len(x)):
+            exact = _worst(model, certifier.weights_, sets, x[i : i + 1], int(y[i]))
+            assert bounds[i, 1 - y[i]] <= exact + 1e-9 * (1 + abs(exact)), (dtype, i)

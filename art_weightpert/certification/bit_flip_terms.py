@@ -108,20 +108,30 @@ def flip_tables(
 
 
 def with_combined_changes(tables: dict[str, FlipTable], weights: QuantizedWeights | FloatWeights) -> dict | None:
-    """The tables of a bound against two flips or more: for float weights whose allowed bits include the sign or an
-    exponent bit, several flips of one weight do not add (docs/theory.md §8.2), so each weight gets two more entries,
-    the ends of :meth:`.FloatWeights.combined_change_range`: any set of its flips changes it by a value between them,
-    and counts as one flip of the bound, no more than it costs. ``None`` where the changes add (integer codes,
-    mantissa bits)."""
+    """The tables of a bound against two flips or more, where several flips of one float weight do not add
+    (docs/theory.md §8.2); ``None`` where they add (integer codes, mantissa bits only). More entries per weight, each
+    counting one flip, so that every set of flips of a weight is one entry per flip, or fewer:
+
+    * sign and mantissa bits: after a sign flip the mantissa flips' changes change sign (``w'' = −(w + Σ d_j)``), so
+      each mantissa bit also gets ``−d_j``;
+    * exponent bits: an exponent flip scales the others; each weight gets the two ends of
+      :meth:`.FloatWeights.combined_change_range` (every set of its flips changes it by a value between them).
+    """
     if not isinstance(weights, FloatWeights):
         return None
+    layout, bits = weights.layout, weights.bits
+    if all(b in layout.mantissa_bits for b in bits):
+        return None
+    exponent = any(b in layout.exponent_bits for b in bits)
+    mantissa = [i for i, b in enumerate(bits) if b in layout.mantissa_bits]
     out = {}
     for name, table in tables.items():
-        ends = weights.combined_change_range(name)
-        if ends is None:
-            return None
-        rows = table.changes.shape[0]
-        extra = torch.stack([e.reshape(rows, -1) for e in ends], dim=2).to(table.changes)
+        if exponent:
+            rows = table.changes.shape[0]
+            ends = weights.combined_change_range(name)
+            extra = torch.stack([e.reshape(rows, -1) for e in ends], dim=2).to(table.changes)
+        else:
+            extra = -table.changes[:, :, mantissa]
         changes = torch.cat([table.changes, extra], dim=2)
         out[name] = FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2))
     return out
