@@ -135,3 +135,19 @@ def test_float_flip_pairs_of_a_small_mlp_never_beat_the_bound():
         for i in range(len(x)):
             exact = _worst(model, certifier.weights_, sets, x[i : i + 1], int(y[i]))
             assert bounds[i, 1 - y[i]] <= exact + 1e-9 * (1 + abs(exact)), (dtype, i)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float16, torch.float64], ids=["float16", "float64"])
+def test_models_in_other_dtypes_are_certified(model_dtype):
+    # the certifier's own forward (the prediction and the tolerance) ran float32 inputs through the model: a dtype error
+    from art_weightpert.certification.bit_flip_enumeration import single_flip_robustness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)).to(model_dtype)
+    clf = _classifier(model, (4,))
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    for encoding in ("int", "float"):
+        exact = single_flip_robustness(clf, x, encoding=encoding)
+        for dtype in DTYPES:
+            certified = BitFlipCertifier(clf, 1, encoding=encoding, verbose=False, dtype=dtype).certify(x)
+            assert not np.any(certified & ~exact), (encoding, dtype)

@@ -404,12 +404,13 @@ class BitFlipCertifier(Settings):
         self._refresh()
         x_t, y_t = self._effective.prepare_inputs(x, y)
         base = self._effective.base_model
+        model_dtype = next(base.parameters()).dtype  # a float16 or float64 model predicts from its own dtype
         slices = batch_slices(len(x_t), self.batch_size)
         total = -(-len(x_t) // self.batch_size)
         for b in tqdm(slices, total=total, desc=f"Bit-flip certificates ({desc})", disable=not self.verbose):
             xb = x_t[b]
             with torch.no_grad(), eval_mode(base):
-                logits = self._effective.logits(xb, self._deltas)
+                logits = self._effective.logits(xb.to(model_dtype), self._deltas)
             pred = logits.argmax(dim=1)
             labels = pred if y_t is None else y_t[b]
             tol = certification_rtol(self.dtype) * (1.0 + logits.abs().amax(dim=1).to(self.dtype))
