@@ -385,10 +385,11 @@ class BitFlipCertifier(Settings):
         combined = with_combined_changes(tables, quantized) if self.max_flips >= 2 else None
         # A flip to ±inf or NaN moves a margin arbitrarily far: nothing is certified against it (k ≥ 1), nor against
         # k ≥ 2 flips when several flips of one float weight can reach ±inf or NaN.
-        self._unbounded = not _finite(tables)
-        self._unbounded_combined = combined is not None and not _finite(combined)
         self._tables = {name: cast_table(table, self.dtype) for name, table in tables.items()}
         self._combined = None if combined is None else {n: cast_table(t, self.dtype) for n, t in combined.items()}
+        # (in the bounds' dtype: a change beyond float32's range, 3e38 flipped to −3e38, is infinite there too)
+        self._unbounded = not _finite(self._tables)
+        self._unbounded_combined = self._combined is not None and not _finite(self._combined)
         if self._unbounded:
             logger.warning("Some allowed flips give ±inf or NaN weights: no sample is certified against k >= 1 flips.")
         elif self._unbounded_combined:
