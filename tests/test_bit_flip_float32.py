@@ -114,3 +114,19 @@ def test_float32_bounds_ignore_an_enclosing_autocast(tiny_mlp_classifier, digits
         inside = certifier.margin_lower_bounds(x[:20], y[:20])
         assert torch.is_autocast_enabled("cpu")  # restored
     np.testing.assert_array_equal(inside, plain)
+
+
+def test_a_linear_layers_pair_term_covers_the_rounding_of_its_coefficient():
+    # G = λ ĥ = (1 + 2⁻²³)·−(1 + 2⁻²³) = −(1 + 2⁻²² + 2⁻⁴⁶) exactly, −(1 + 2⁻²²) in float32 (rounded toward zero): the
+    # term D·G of the change D = 1 computed as is would sit 2⁻⁴⁶ above the exact one
+    from art_weightpert.certification.bit_flip_bounds import layer_flip_terms
+    from art_weightpert.certification.bit_flip_terms import FlipTable
+    from art_weightpert.network import read_network
+
+    layer = read_network(nn.Sequential(nn.Linear(1, 1)), (1,)).layers[0]
+    one = torch.ones((1, 1, 1))
+    table = FlipTable(one, one[..., 0], torch.zeros((1, 1)))
+    lam, h = 1 + 2.0**-23, -(1 + 2.0**-23)
+    term = layer_flip_terms(layer, table, torch.full((1, 1, 1), lam), *(2 * [torch.full((1, 1), h)]), 1)
+    exact = Fraction(lam) * Fraction(h)
+    assert float(term) < float(np.float32(lam) * np.float32(h)) and Fraction(float(term)) <= exact

@@ -102,21 +102,29 @@ def _coefficient_box(layer: Affine, a: torch.Tensor, lo, hi) -> tuple[torch.Tens
         return (centre - spread).flatten(2), (centre + spread).flatten(2)
     pos, neg = a.clamp_min(0).unsqueeze(3), a.clamp_max(0).unsqueeze(3)
     low, high = lo.unsqueeze(1).unsqueeze(2), hi.unsqueeze(1).unsqueeze(2)
-    gmin, gmax = (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
-    if rounds(a):  # §5: one product each (the other is a product by 0), its sign exact
-        g, eta = error_factor(1, a.dtype), smallest_subnormal(a.dtype)
-        gmin, gmax = gmin - gmin.abs() * g - eta, gmax + gmax.abs() * g + eta
-    return gmin, gmax
+    # (Linear, when the bounds round: one product each, the other a product by 0: widened after the selection,
+    # :func:`layer_flip_terms`, on the k selected terms rather than on every weight)
+    return (pos * low + neg * high).flatten(2), (pos * high + neg * low).flatten(2)
 
 
 def layer_flip_terms(layer: Affine, table: FlipTable, a: torch.Tensor, lo, hi, k: int) -> torch.Tensor:
-    """The ``k`` most negative pair terms of ``layer`` in ``λ·ẑ`` (``a`` = λ, ``(N, K, ...)``): ``(N, K, ≤ k)``."""
+    """The ``k`` most negative pair terms of ``layer`` in ``λ·ẑ`` (``a`` = λ, ``(N, K, ...)``): ``(N, K, ≤ k)``.
+
+    When the bounds round (docs/theory.md §5) a Linear layer's coefficient ``G = λ_r ĥ_c`` is one product whose sign is
+    exact: within ``u|G|`` and ``η/2`` of the exact one, so each exact term ``min(D·G, 0)`` is at least the computed
+    term times ``1 + γ`` minus ``max|D|·η``. That map is monotone, so it is applied to the ``k`` terms selected on the
+    computed values (the exact ``k`` smallest sum at least as much); the sums' own rounding is :func:`.sound_sum`'s."""
     changes = table.changes.flatten(0, 1)
     largest, smallest = table.largest.flatten(), table.smallest.flatten()
+    widen = rounds(a) and not layer.is_conv
+    if widen:
+        g, scale = error_factor(1, a.dtype), float(torch.maximum(largest.max(), -smallest.min()))
+        eta = scale * smallest_subnormal(a.dtype)
 
     def run(a_, lo_, hi_):
         gmin, gmax = _coefficient_box(layer, a_, lo_, hi_ if lo is not hi else lo_)
-        return smallest_terms(gmin, gmax, changes, largest, smallest, k)
+        terms = smallest_terms(gmin, gmax, changes, largest, smallest, k)
+        return terms * (1 + g) - eta if widen else terms
 
     per_sample = a.shape[1] * changes.shape[0]
     return chunked(run, len(a), per_sample, a, lo, hi)
