@@ -38,7 +38,7 @@ from art_weightpert.certification.bit_flip_cases import (
     first_flipped,
     flip_cases,
 )
-from art_weightpert.certification.bit_flip_enumeration import greedy_flip_search
+from art_weightpert.certification.bit_flip_enumeration import enumerable_layer, greedy_flip_search
 from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
 from art_weightpert.certification.bit_flip_terms import (
     cast_table,
@@ -531,9 +531,8 @@ class BitFlipCertifier(Settings):
         name = net.layers[first].weight_name
         if self.encoding == "int" and first_layer_applicable(net, self._tables, case, self.max_flips, first):
             return False  # bounded with its first layer's flips enumerated already
-        layer = net.layers[first]
-        grouped = layer.is_conv and layer.module.groups != 1  # its flips' unit outputs are read for ungrouped ones
-        return case[name] == 1 and not grouped and self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
+        small = self._tables[name].changes.numel() <= MAX_REFINED_FLIPS
+        return case[name] == 1 and enumerable_layer(net.layers[first]) and small
 
     def _certified(self, xs: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, k: int) -> torch.Tensor:
         """Whether the bound certifies each sample. The samples that ``k`` flips of the last layer alone break (its
@@ -554,12 +553,12 @@ class BitFlipCertifier(Settings):
         if self.method != "linear" or k == 0 or self._unbounded_for(k) or last.weight_name not in self._names:
             return torch.ones(len(xs), dtype=torch.bool, device=xs.device)
         case = {name: (k if name == last.weight_name else 0) for name in self._names}
+        tables = self._tables_for(k)
         try:
             with torch.no_grad(), exact_kernels():
-                tables = self._tables_for(k)
                 bound = case_margins(net, self._params, tables, case, k, xs, labels, self.estimator.nb_classes)
         finally:
-            for table in self._tables_for(k).values():
+            for table in tables.values():
                 table.memo.clear()
         return bound.scatter(1, labels.unsqueeze(1), float("inf")).amin(dim=1) > tol
 

@@ -37,7 +37,7 @@ from art_weightpert.certification.bit_flip_bounds import (
     layer_flip_terms,
     sound_total,
 )
-from art_weightpert.certification.bit_flip_enumeration import single_flip_margins
+from art_weightpert.certification.bit_flip_enumeration import enumerable_layer, single_flip_margins
 from art_weightpert.certification.bit_flip_first_layer import applicable as first_layer_applicable
 from art_weightpert.certification.bit_flip_first_layer import first_layer_margins
 from art_weightpert.certification.bit_flip_terms import (
@@ -143,9 +143,8 @@ def case_margins(
 
 def _enumerable(layer: Affine, tables: dict[str, FlipTable]) -> bool:
     """Whether one flip of ``layer`` is evaluated exactly, flip by flip: at most :data:`MAX_ENUMERATED_FLIPS` weight-bit
-    pairs, and not a grouped convolution (:func:`.bit_flip_enumeration._unit_outputs` reads ungrouped ones)."""
-    grouped = layer.is_conv and layer.module.groups != 1
-    return not grouped and tables[layer.weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS
+    pairs, and not a grouped convolution (:func:`.enumerable_layer`)."""
+    return enumerable_layer(layer) and tables[layer.weight_name].changes.numel() <= MAX_ENUMERATED_FLIPS
 
 
 def _plain_margins(network, params, tables, case, k, x, labels, nb_classes) -> torch.Tensor:
@@ -528,7 +527,7 @@ def _restricted(table: FlipTable, keep: torch.Tensor) -> FlipTable:
     """``table`` with only the pairs ``keep`` (``(rows, fan_in, bits)`` bool): the others change nothing (a superset of
     the flip sets that use only ``keep``'s pairs)."""
     changes = torch.where(keep, table.changes, torch.zeros_like(table.changes))
-    return FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2))
+    return FlipTable.of(changes)
 
 
 def enumerated_split_margins(

@@ -34,13 +34,18 @@ def _forward(network: Network, params: dict, h: torch.Tensor, start: int) -> tor
     return h
 
 
+def enumerable_layer(layer: Affine) -> bool:
+    """Whether :func:`_unit_outputs` reads ``layer``: a Linear layer or an ungrouped convolution."""
+    return not layer.is_conv or layer.module.groups == 1
+
+
 def _unit_outputs(layer: Affine, h: torch.Tensor) -> torch.Tensor:
     """``(N, rows·fan_in, ...)``: the change of the output row of each weight entry per unit change of that entry,
     the entry's input (Linear) or its input patch over the output positions (convolution)."""
     if not layer.is_conv:
         return h
     mod = layer.module
-    if mod.groups != 1:
+    if not enumerable_layer(layer):
         raise ValueError(f"layer {layer.name!r}: grouped convolutions are not enumerated.")
     fan_in = mod.weight[0].numel()
     eye = torch.eye(fan_in, dtype=h.dtype, device=h.device).reshape((fan_in,) + tuple(mod.weight.shape[1:]))

@@ -51,6 +51,11 @@ class FlipTable:
     exact: torch.Tensor | None = None
     """The float64 changes when ``changes`` were cast to a narrower dtype (:func:`cast_table`), else ``None``."""
 
+    @classmethod
+    def of(cls, changes: torch.Tensor, exact: torch.Tensor | None = None) -> FlipTable:
+        """The table of ``changes`` ``(rows, fan_in, n_bits)``, its largest and most negative change per weight."""
+        return cls(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2), exact=exact)
+
 
 def check_flip_args(
     estimator: Any, encoding: Any, n_bits: Any, granularity: Any, layers: Any, bits: Any
@@ -101,9 +106,7 @@ def flip_tables(
         changes = flip_changes(quantized, layer.weight_name, bits).to(device)  # (bits,) + weight shape
         rows = changes.shape[1]
         changes = changes.reshape(len(changes), rows, -1).permute(1, 2, 0).contiguous()
-        tables[layer.weight_name] = FlipTable(
-            changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2)
-        )
+        tables[layer.weight_name] = FlipTable.of(changes)
     return tables
 
 
@@ -133,7 +136,7 @@ def with_combined_changes(tables: dict[str, FlipTable], weights: QuantizedWeight
         else:
             extra = -table.changes[:, :, mantissa]
         changes = torch.cat([table.changes, extra], dim=2)
-        out[name] = FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2))
+        out[name] = FlipTable.of(changes)
     return out
 
 
@@ -146,7 +149,7 @@ def cast_table(table: FlipTable, dtype: torch.dtype) -> FlipTable:
         return table
     exact = table.changes
     changes = torch.where(exact > 0, up_cast(exact, dtype), down_cast(exact, dtype))
-    return FlipTable(changes, changes.clamp_min(0).amax(dim=2), changes.clamp_max(0).amin(dim=2), exact=exact)
+    return FlipTable.of(changes, exact)
 
 
 def smallest_terms(
@@ -196,9 +199,8 @@ def sound_sum(total: torch.Tensor, count: int) -> torch.Tensor:
     """A lower bound of the exact sum of ``count`` exact pair terms ``D·g`` from the floating-point sum ``total`` of
     their computed values (docs/theory.md §5): every term is ≤ 0, each computed within ``u`` of ``D·g`` (one product,
     its sign exact; ``D`` rounded away from zero by :func:`cast_table`) and ``η/2`` below the normal range, the sum
-    within ``γ_count``; as the
-    selection of the ``k`` most negative uses the computed values, the exact ``k`` most negative sum at least this
-    much. Unchanged in float64."""
+    within ``γ_count``; as the selection of the ``k`` most negative uses the computed values, the exact ``k`` most
+    negative sum at least this much. Unchanged in float64."""
     if not rounds(total) or count == 0:
         return total
     return total * (1 + error_factor(count + 2, total.dtype)) - count * smallest_subnormal(total.dtype)
