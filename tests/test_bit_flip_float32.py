@@ -58,40 +58,45 @@ def test_float32_bounds_below_exact_and_near_float64(tiny_mlp_classifier, digits
     np.testing.assert_array_equal(c32.certified_flips(x, y) >= 1, cert32)
 
 
-def _cancelling_model(n: int = 20000) -> tuple[nn.Module, float]:
-    """``x ↦ head(Σ_i c_i x)`` with 32 coefficients 1 and the rest 1.01u: float32 sums them to 32.0023, exactly they
-    are 32.0012 (measured: each partial sum rounds up). The head's bias puts the exact margin at −5e-4, which a
-    float32 evaluation sees as +6e-4. Returns the model and the exact margin ``f_0 − f_1`` at ``x = 1``."""
-    c = torch.full((n,), 2.0**-24 * 1.01)
-    c[:32] = 1.0
-    first, second, head = nn.Linear(1, n, bias=False), nn.Linear(n, 1, bias=False), nn.Linear(1, 2)
-    exact_sum = sum(Fraction(float(v)) for v in c)
-    bias = float(np.float32(-float(exact_sum) - 5e-4))
+def _rounding_model() -> tuple[nn.Module, float]:
+    """``x ↦ head(v·(Σ_i c_i x − A))`` with ``A = 2¹⁰``, ``c = A·(1, b, b)``, ``b = 0.75·2⁻²³`` and ``v = 1``: exactly
+    the sum is ``A(1 + 1.5·2⁻²³)``, in float32 ``A(1 + 2⁻²²)`` in every summation order (``A + Ab`` rounds up, and
+    ``Ab + Ab`` then ``A(1 + 1.5·2⁻²³)`` is a tie that rounds to even: the same value), so no GEMM kernel's blocking can
+    change it. Subtracting ``A`` in a layer of its own is exact and leaves ``2⁻¹²`` against the exact ``1.5·2⁻¹³``;
+    the head's bias ``−1.75·2⁻¹³`` puts the exact margin at ``−2⁻¹⁵``, which float32 evaluates as ``+2⁻¹⁵``: above
+    the certificates' tolerance (``2⁻¹⁸`` of the logits' scale). The layer ``v`` (named ``"3"``) works at the small
+    scale, where its flips' boxes are computed without visible rounding. Returns the model and the exact margin
+    ``f_0 − f_1`` at ``x = 1``."""
+    a, b = 2.0**10, 0.75 * 2.0**-23
+    first, second = nn.Linear(1, 3, bias=False), nn.Linear(3, 1, bias=False)
+    shift, scale, head = nn.Linear(1, 1), nn.Linear(1, 1, bias=False), nn.Linear(1, 2)
     with torch.no_grad():
-        first.weight.copy_(c.reshape(n, 1)), second.weight.fill_(1.0)
-        head.weight.copy_(torch.tensor([[1.0], [0.0]])), head.bias.copy_(torch.tensor([bias, 0.0]))
-    return nn.Sequential(first, second, head).eval(), float(exact_sum + Fraction(bias))
+        first.weight.copy_(torch.tensor([[a], [a * b], [a * b]])), second.weight.fill_(1.0)
+        shift.weight.fill_(1.0), shift.bias.fill_(-a), scale.weight.fill_(1.0)
+        head.weight.copy_(torch.tensor([[1.0], [0.0]])), head.bias.copy_(torch.tensor([-1.75 * 2.0**-13, 0.0]))
+    exact = Fraction(a) * (1 + 2 * Fraction(b)) - Fraction(a) - Fraction(1.75 * 2.0**-13)
+    return nn.Sequential(first, second, shift, scale, head).eval(), float(exact)
 
 
 @pytest.mark.parametrize("method", ["interval", "linear"])
 @pytest.mark.parametrize("k", [0, 1])
 def test_rounding_terms_keep_a_cancellation_heavy_certificate_sound(monkeypatch, method, k):
-    model, exact = _cancelling_model()
+    model, exact = _rounding_model()
     assert exact < 0  # the exact network does not predict class 0 at x = 1
     clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (1,), 2)
     x, y = np.ones((1, 1), np.float32), np.array([0])
     assert clf.predict(x).argmax(1)[0] == 0  # float32 does
-    # k flips of bit 0 of the second layer's weights (1.0 → 1 + 2⁻²³: they only raise the margin)
-    kwargs = {"method": method, "verbose": False, "encoding": "float", "layers": ["1"], "bits": [0]}
+    # k flips of bit 0 of the weight v (1.0 → 1 + 2⁻²³ on a positive input: they only raise the margin)
+    kwargs = {"method": method, "verbose": False, "encoding": "float", "layers": ["3"], "bits": [0]}
     ours = BitFlipCertifier(clf, k, dtype=torch.float32, **kwargs)
     bound = ours.margin_lower_bounds(x, y)[0, 1]
     assert bound <= exact and not ours.certify(x, y)[0]
     reference = BitFlipCertifier(clf, k, **kwargs).margin_lower_bounds(x, y)[0, 1]  # float64: ~exact
-    assert abs(reference - exact) < 1e-6
+    assert abs(reference - exact) < 1e-15
     for module in ("bit_flip_bounds", "bit_flip_cases", "bit_flip_terms"):  # the same bound without rounding terms
         monkeypatch.setattr(f"art_weightpert.certification.{module}.rounds", lambda t: False)
     naive = BitFlipCertifier(clf, k, dtype=torch.float32, **kwargs)
-    assert naive.certify(x, y)[0] and naive.margin_lower_bounds(x, y)[0, 1] > 5e-4  # false: the test can fail
+    assert naive.certify(x, y)[0] and naive.margin_lower_bounds(x, y)[0, 1] > 0  # false: the test can fail
 
 
 def test_verify_in_float32_certifies_only_robust_samples(tiny_mlp_classifier, digits):
