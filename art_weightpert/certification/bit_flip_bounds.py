@@ -183,7 +183,7 @@ def interval_margins(
     if rounds(lo):  # the rules' own rounding terms (§5)
         ctx = _rounding_context(params)
         if lo is hi:
-            const, concretized = affine_at_input(last, a, lo, None, ctx), a.new_zeros(a.shape[:2])
+            const, concretized = affine_at_input(last, a, lo, None, None, ctx), a.new_zeros(a.shape[:2])
         else:
             a_in, const = affine_backward(last, a, lo, hi, ctx)
             concretized = concretized_sound(a_in, lo, hi)

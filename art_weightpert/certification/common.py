@@ -58,13 +58,19 @@ def by_param_name(param_balls: ParamBalls) -> dict[str, ParameterBall]:
 
 class CentredBox(tuple):
     """A box ``(lo, hi)`` of an affine layer's output on a known input ``h``, with ``centre = W h + b``: the layer's
-    value at the unperturbed weights, which the linear bound reuses instead of recomputing it. Unpacks as ``lo, hi``."""
+    value at the unperturbed weights, which the linear bound reuses instead of recomputing it; with rounding terms
+    (docs/theory.md §5) also ``abs_product = |W||h|`` as computed in floating point, the magnitude both bounds' error
+    terms are made of (:func:`.rounding_map` reuses it). Unpacks as ``lo, hi``."""
 
     centre: torch.Tensor
+    abs_product: torch.Tensor | None
 
-    def __new__(cls, lo: torch.Tensor, hi: torch.Tensor, centre: torch.Tensor) -> CentredBox:
+    def __new__(
+        cls, lo: torch.Tensor, hi: torch.Tensor, centre: torch.Tensor, abs_product: torch.Tensor | None = None
+    ) -> CentredBox:
         box = super().__new__(cls, (lo, hi))
         box.centre = centre
+        box.abs_product = abs_product
         return box
 
 
@@ -76,7 +82,8 @@ def slice_boxes(boxes: Boxes, rows: slice | torch.Tensor) -> Boxes:
         lo, hi = box
         part = lo[rows]
         if isinstance(box, CentredBox):
-            out.append(CentredBox(part, hi[rows], box.centre[rows]))
+            product = None if box.abs_product is None else box.abs_product[rows]
+            out.append(CentredBox(part, hi[rows], box.centre[rows], product))
         else:
             out.append((part, part) if lo is hi else (part, hi[rows]))
     return out
@@ -86,6 +93,13 @@ def centre_of(boxes: Boxes, value: int) -> torch.Tensor | None:
     """The centre ``W h + b`` of value ``value`` when its box is a :class:`CentredBox`, else ``None``."""
     box = boxes[value] if value < len(boxes) else None
     return box.centre if isinstance(box, CentredBox) else None
+
+
+def abs_product_of(boxes: Boxes, value: int) -> torch.Tensor | None:
+    """The computed ``|W||h|`` of value ``value`` when its box is a :class:`CentredBox` that carries it, else
+    ``None``."""
+    box = boxes[value] if value < len(boxes) else None
+    return box.abs_product if isinstance(box, CentredBox) else None
 
 
 def margin_matrix(labels: torch.Tensor, nb_classes: int, dtype: torch.dtype) -> torch.Tensor:

@@ -177,7 +177,8 @@ def rounded_affine_interval(
     term's own rounding and the final ``c ± R``; the radius's product ``|W| r`` (possibly rounded down by ``γ_{n+3}``)
     uses ``|W|`` rounded up by ``1 + 2γ_{n+k}``.
     The ``g |W| m`` term rides in the radius's product (``|W|/2 · (u − l + 2g m)``): no extra product; on a known
-    input it is one product ``(g|W|)·|x|``. The box is never exact (``lo is hi`` only for the network's input)."""
+    input it is one product ``|W||x|``, kept in the :class:`.CentredBox` for the linear bound's own error terms
+    (:func:`.rounding_map`). The box is never exact (``lo is hi`` only for the network's input)."""
     weight = params[layer.weight_name]
     bias = params[layer.bias_name] if layer.bias_name else None
     g = rounding_factor(layer, weight, lo.dtype)
@@ -186,10 +187,10 @@ def rounded_affine_interval(
     pert = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, rounding=True)
     if exact_input:  # centre W x + b; radius P(1 + 2g) + g(|W||x| + |b|)
         center = layer.apply(lo, weight, bias)
-        g_abs = cached(cache, f"g_abs/{g}", (weight,), lambda: weight.abs() * g)
-        radius = layer.apply(m, g_abs, g_bias)
+        product = layer.apply(m, cached(cache, "abs", (weight,), weight.abs))  # |W||x|, which rounding_map reuses
+        radius = torch.add(layer.rows_shape(g_bias), product, alpha=g)
         radius = radius if isinstance(pert, float) else torch.add(radius, pert, alpha=1 + 2 * g)
-        return CentredBox(*finite_box(center - radius, center + radius), center)
+        return CentredBox(*finite_box(center - radius, center + radius), center, product)
     half = cached(cache, "half", (weight,), lambda: weight * 0.5)
     # |W|/2 rounded up by 1 + 2γ: the radius's product, rounded down by at most γ_{n+3}, still bounds |W| r (free)
     up = 1 + 2 * gamma(fan_in(layer, weight) + ROUNDING_SLACK, lo.dtype)

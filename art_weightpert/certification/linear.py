@@ -36,6 +36,7 @@ from art_weightpert.certification.common import (
     BoundCache,
     Boxes,
     ParamBalls,
+    abs_product_of,
     batched_dot,
     by_param_name,
     centre_of,
@@ -278,7 +279,7 @@ def backward_step(
         return batched_dot(a, v)
     lo, hi = boxes[reads[0]]
     if layer.weighted and lo is hi:  # its input depends on no perturbed weight: evaluate there exactly
-        c = affine_at_input(layer, a, lo, centre_of(boxes, index + 1), ctx)
+        c = affine_at_input(layer, a, lo, centre_of(boxes, index + 1), abs_product_of(boxes, index + 1), ctx)
         return c - _underflow(layer, a, lo, lo) if ctx.rounding else c
     activation = _activation_before_pool(network, index)
     if activation is not None:  # both rules at once, on the windows' maxima only
@@ -290,8 +291,8 @@ def backward_step(
             c = c - _underflow(layer, a, *boxes[pre])
         conv = _convolution_at_input(network, pre, boxes) if fuse_input_convolution else None
         if conv is not None:  # and the convolution on the input before them, on those entries too
-            h = boxes[network.inputs[conv][0]][0]
-            c = c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, centre_of(boxes, pre), ctx)
+            h, known = boxes[network.inputs[conv][0]][0], (centre_of(boxes, pre), abs_product_of(boxes, pre))
+            c = c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, *known, ctx)
             return c - _underflow(network.layers[conv], a_in, h, h) if ctx.rounding else c
         _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape), readers)
         return c

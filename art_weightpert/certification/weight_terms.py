@@ -112,7 +112,11 @@ def _bias_term(
 
 
 def rounding_map(
-    layer: Affine, m: torch.Tensor, ctx: BackwardContext, value: torch.Tensor | None = None
+    layer: Affine,
+    m: torch.Tensor,
+    ctx: BackwardContext,
+    value: torch.Tensor | None = None,
+    abs_product: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``S`` ``(N, rows[, H', W'])`` with ``⟨|Λ|, S⟩`` a bound on the rounding error of the affine rule's output for
     coefficients ``Λ`` on the layer's output and an input with ``|ĥ| ≤ m`` (docs/theory.md §5):
@@ -125,6 +129,9 @@ def rounding_map(
       their sums over the kernel) are each within ``γ`` of a part of it; the lengths ``numel(W) + P`` (convolution) or
       ``rows + n`` (Linear) cover every sum;
     * ``g |W h + b|`` when ``value`` (the layer's value on a known input) is given: ``Λ·value``'s own dot product.
+
+    ``abs_product``: ``|W| m`` as the interval bound computed it on a known input (:attr:`.CentredBox.abs_product`),
+    used instead of a product of its own (its rounding is within ``g_w``'s slack, as that of ``(g_w|W|) m``).
     """
     weight = ctx.params[layer.weight_name]
     bias = ctx.params[layer.bias_name] if layer.bias_name else None
@@ -137,9 +144,11 @@ def rounding_map(
     else:
         positions, adjoint, ball_length = 1, rows, rows + weight.shape[1]
     g_w = error_factor(max(adjoint, weight[0].numel()), dtype)
-    g_abs = cached(ctx.cache, f"g_abs/{g_w}", (weight,), lambda: weight.abs() * g_w)
     g_bias = error_bias(layer, weight, bias, error_factor(positions + rows, dtype), ctx.cache)  # + underflow
-    out = layer.apply(m, g_abs, g_bias)
+    if abs_product is None:
+        out = layer.apply(m, cached(ctx.cache, f"g_abs/{g_w}", (weight,), lambda: weight.abs() * g_w), g_bias)
+    else:
+        out = torch.add(layer.rows_shape(g_bias), abs_product, alpha=g_w)
     pert = perturbation_radius(layer, m, ctx.param_balls, dtype, ctx.scale, ctx.cache, rounding=True)
     if not isinstance(pert, float):
         out = torch.add(out, pert, alpha=4 * error_factor(ball_length, dtype))
@@ -215,15 +224,22 @@ def affine_backward(
 
 @in_kernel_chunks
 def affine_at_input(
-    layer: Affine, a: torch.Tensor, h: torch.Tensor, value: torch.Tensor | None, ctx: BackwardContext
+    layer: Affine,
+    a: torch.Tensor,
+    h: torch.Tensor,
+    value: torch.Tensor | None,
+    abs_product: torch.Tensor | None,
+    ctx: BackwardContext,
 ) -> torch.Tensor:
     """``min λ·ẑ`` over the ball for the first affine layer, whose input ``h`` is known: ``λ·(W h + b)`` plus the
     ball's term at ``ĥ = h`` (exact for every ball: the minimum of ``⟨Δ, G⟩`` with ``G`` known). ``value``: ``W h +
-    b`` when already computed (the centre of the layer's :class:`.CentredBox`), else ``None``."""
+    b`` when already computed (the centre of the layer's :class:`.CentredBox`), else ``None``; ``abs_product``: its
+    ``|W||h|`` when computed (:attr:`.CentredBox.abs_product`, for the rounding terms), else ``None``."""
     value = _value_at(layer, h, ctx) if value is None else value
     const = batched_dot(a, value) + _terms_at_input(AffineBackward(layer, a, h, h), _row_sums(a), ctx)
     if ctx.rounding:  # docs/theory.md §5: the value W h + b, its dot product with Λ and the ball's terms
-        const = const - abs_dot(a, rounding_map(layer, h.abs(), ctx, value)) - ball_underflow(layer, a, h.abs(), ctx)
+        error_map = rounding_map(layer, h.abs(), ctx, value, abs_product)
+        const = const - abs_dot(a, error_map) - ball_underflow(layer, a, h.abs(), ctx)
     return const
 
 
@@ -253,13 +269,14 @@ def convolution_at_input_on_entries(
     where: torch.Tensor,
     h: torch.Tensor,
     value: torch.Tensor | None,
+    abs_product: torch.Tensor | None,
     ctx: BackwardContext,
 ) -> torch.Tensor:
     """:func:`affine_at_input` for a convolution (one group) whose coefficients are zero but at one output position per
     (sample, channel, window): ``a`` ``(N, K, rows, P)`` at the flat positions ``where`` ``(N, rows, P)`` of the output
     map (a max pooling's maxima). The same value, with ``λ·ẑ``, the bias's row sums and the kernel gradient computed
-    on those entries only (the kernel gradient from the input patches at each row's own positions). ``value``: as
-    :func:`affine_at_input`."""
+    on those entries only (the kernel gradient from the input patches at each row's own positions). ``value`` and
+    ``abs_product``: as :func:`affine_at_input`."""
     value = _value_at(layer, h, ctx) if value is None else value
     const = batched_dot(a, value.flatten(2).gather(2, where))
     gradient = None
@@ -275,6 +292,6 @@ def convolution_at_input_on_entries(
         gradient = (centre, torch.zeros_like(centre))
     const = const + _terms_at_input(AffineBackward(layer, a, h, h, gradient=gradient), a.sum(dim=3), ctx)
     if ctx.rounding:  # docs/theory.md §5: as affine_at_input, on the entries read
-        error_map = rounding_map(layer, h.abs(), ctx, value).flatten(2).gather(2, where)
+        error_map = rounding_map(layer, h.abs(), ctx, value, abs_product).flatten(2).gather(2, where)
         const = const - abs_dot(a, error_map) - ball_underflow(layer, a, h.abs(), ctx)
     return const
