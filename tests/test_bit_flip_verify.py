@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_identical, make_classifier, make_cnn, snapshot
 
 from art_weightpert.attacks.bit_flip import BitFlipAttack
@@ -80,16 +81,47 @@ def test_verify_k2_falsifies_a_fragile_model(tiny_mlp_classifier, digits):
     assert np.mean(result.status == "falsified") >= 0.5
 
 
-def test_verify_conv_chain(small_cnn, digits_images):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_verify_conv_chain(small_cnn, digits_images, dtype):
     _, _, x, y = digits_images
     x, y = x[:6], y[:6]
     exact = single_flip_robustness(small_cnn, x, y)
-    result = BitFlipCertifier(small_cnn, 1, verbose=False).verify(x, y, time_limit=0.3)
+    result = BitFlipCertifier(small_cnn, 1, verbose=False, dtype=dtype).verify(x, y, time_limit=0.3)
     _check_result(result, len(x), 1, small_cnn, x, y)
     assert not np.any((result.status == "certified") & ~exact)
     assert not np.any((result.status == "falsified") & exact)
-    result = BitFlipCertifier(small_cnn, 2, layers=["0", "4"], verbose=False).verify(x, y, time_limit=0.3)
+    result = BitFlipCertifier(small_cnn, 2, layers=["0", "4"], verbose=False, dtype=dtype).verify(x, y, time_limit=0.3)
     _check_result(result, len(x), 2, small_cnn, x, y)
+
+
+def test_verify_in_float32_refines_as_float64(digits_images, monkeypatch):
+    """A float32 certifier's refinements (the first convolution's flips enumerated, the branches on a flip's place)
+    run in float64 on a float64 copy of the model: they do run, on float64 inputs, they certify more than the float32
+    bounds alone, and the verdicts are float64's."""
+    import art_weightpert.certification.bit_flip_cases as cases
+
+    x_train, y_train, x, y = digits_images
+    clf = make_classifier(_tiny_conv_chain(), input_shape=(1, 8, 8), lr=0.02)
+    clf.fit(x_train, y_train, batch_size=128, nb_epochs=6, verbose=False)
+    x, y = x[:24], y[:24]
+    seen = []
+    original = cases.first_layer_margins
+
+    def recorded(*args, **kwargs):
+        seen.append(args[5].dtype)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cases, "first_layer_margins", recorded)
+    settings = {"layers": ["0", "2"], "bits": [0, 1, 2, 3, 4], "verbose": False}
+    r64 = BitFlipCertifier(clf, 2, **settings).verify(x, y, time_limit=0.5)
+    before = len(seen)
+    certifier = BitFlipCertifier(clf, 2, dtype=torch.float32, **settings)
+    r32 = certifier.verify(x, y, time_limit=0.5)
+    assert before > 0 and len(seen) > before and set(seen) == {torch.float64}
+    _check_result(r32, len(x), 2, clf, x, y)
+    np.testing.assert_array_equal(r32.status, r64.status)
+    bounds_alone = certifier.margin_lower_bounds(x, y).min(axis=1) > 0
+    assert np.sum(r32.status == "certified") > np.sum(bounds_alone)
 
 
 def test_misclassified_are_falsified_without_flips(tiny_mlp_classifier, digits):
