@@ -84,6 +84,16 @@ def _finite(tables: dict) -> bool:
     return all(bool(torch.isfinite(t.changes).all()) for t in tables.values())
 
 
+def _float64_model(effective, quantized) -> torch.nn.Module:
+    """A float64 copy of the estimator's model (its effective weights, ``effective``) with the certified weights
+    (``quantized``, dequantized) in place of the selected layers'."""
+    model = float64_copy(effective.base_model)
+    with torch.no_grad():
+        for name, value in quantized.dequantize().items():
+            model.get_parameter(name).copy_(value)
+    return model
+
+
 def _check_normal_range(named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """The rounding terms of docs/theory.md §5 take every cast to ``dtype`` as a relative error: a certified weight,
     bias or batch-norm constant below ``dtype``'s normal range (a nonzero ``|v| < 2⁻¹²⁶`` in float32) would round by
@@ -371,14 +381,9 @@ class BitFlipCertifier(Settings):
             )
         else:
             quantized = encode_weights(effective, self.encoding, self.n_bits, self.granularity, self.layers, self._bits)
-        model = float64_copy(effective.base_model)
-        with torch.no_grad():
-            for name, value in quantized.dequantize().items():
-                model.get_parameter(name).copy_(value)
+        model = _float64_model(effective, quantized)
         if self.dtype != torch.float64:
             _check_normal_range(dict(model.named_parameters()) | dict(model.named_buffers()), self.dtype)
-        # verify's refinements run in float64 (_refinement_model): a float32 certifier keeps a float64 twin for them
-        twin = None if self.dtype == torch.float64 else read_network(float64_copy(model), self.estimator.input_shape)
         # in float32 the weights' casts are within the rounding terms (docs/theory.md §5)
         self._network = read_network(model.to(self.dtype), self.estimator.input_shape)
         self._params = self._network.params(dtype=self.dtype)
@@ -389,7 +394,8 @@ class BitFlipCertifier(Settings):
         # k ≥ 2 flips when several flips of one float weight can reach ±inf or NaN.
         self._tables = {name: cast_table(table, self.dtype) for name, table in tables.items()}
         self._combined = None if combined is None else {n: cast_table(t, self.dtype) for n, t in combined.items()}
-        self._twin = None if twin is None else (twin, twin.params(dtype=torch.float64), tables, combined)
+        self._exact_tables = (tables, combined)
+        self._twin = None  # verify's float64 model in a float32 certifier, built when first needed
         # (in the bounds' dtype: a change beyond float32's range, 3e38 flipped to −3e38, is infinite there too)
         self._unbounded = not _finite(self._tables)
         self._unbounded_combined = self._combined is not None and not _finite(self._combined)
@@ -429,9 +435,12 @@ class BitFlipCertifier(Settings):
         """``(network, parameters, flip tables)`` of :meth:`verify`'s refinements (a first layer's flips enumerated, the
         branches on a flip's placement), which evaluate flips exactly and carry no float32 rounding terms: the
         certifier's own in float64, the float64 twin of its model in float32 (its tables' exact changes)."""
-        if self._twin is None:
+        if self.dtype == torch.float64:
             return self._network, self._params, self._tables_for(k)
-        network, params, tables, combined = self._twin
+        if self._twin is None:
+            network = read_network(_float64_model(self._effective, self._quantized), self.estimator.input_shape)
+            self._twin = (network, network.params(dtype=torch.float64))
+        (network, params), (tables, combined) = self._twin, self._exact_tables
         return network, params, combined if k >= 2 and combined is not None else tables
 
     def _unbounded_for(self, k: int) -> bool:
