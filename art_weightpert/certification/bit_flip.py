@@ -54,7 +54,7 @@ from art_weightpert.estimators.wrapping import as_weight_classifier, effective_e
 from art_weightpert.float_bits import FloatWeights
 from art_weightpert.network import Network, UnsupportedModelError, read_network
 from art_weightpert.quantization import QuantizedWeights, effective_quantized_weights
-from art_weightpert.rounding import down_cast, exact_kernels
+from art_weightpert.rounding import exact_kernels
 from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy
 from art_weightpert.validation import (
     check_bool,
@@ -82,16 +82,6 @@ def check_chain(network: Network) -> Network:
 
 def _finite(tables: dict) -> bool:
     return all(bool(torch.isfinite(t.changes).all()) for t in tables.values())
-
-
-def _float64_model(effective, quantized) -> torch.nn.Module:
-    """A float64 copy of the estimator's model (its effective weights, ``effective``) with the certified weights
-    (``quantized``, dequantized) in place of the selected layers'."""
-    model = float64_copy(effective.base_model)
-    with torch.no_grad():
-        for name, value in quantized.dequantize().items():
-            model.get_parameter(name).copy_(value)
-    return model
 
 
 def _check_normal_range(named: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -176,9 +166,9 @@ class BitFlipCertifier(Settings):
             Exponent bits are certified soundly, but one exponent flip can multiply a weight by ``2^128``.
         :param dtype: the floating-point type of the bounds: ``torch.float64`` (the default) or ``torch.float32``,
             whose bounds add the rounding-error terms of docs/theory.md §5 (sound for the exact network; a sample is
-            certified above ``2⁻¹⁸ · (1 + max_i |f_i(x)|)``). In float32, :meth:`verify` runs its refinements (a
-            first layer's flips enumerated, the branches on a flip's placement, which evaluate flips exactly) in
-            float64 on a float64 copy of the model, as a float64 certifier does.
+            certified above ``2⁻¹⁸ · (1 + max_i |f_i(x)|)``). In float32, :meth:`verify` does not branch on the
+            placement of flips (the branches evaluate flips exactly, in float64): what it leaves open stays
+            ``"unknown"``.
         :raises UnsupportedModelError: when the model is not a chain of supported layers (names the module).
         """
         estimator = as_weight_classifier(estimator)
@@ -381,7 +371,10 @@ class BitFlipCertifier(Settings):
             )
         else:
             quantized = encode_weights(effective, self.encoding, self.n_bits, self.granularity, self.layers, self._bits)
-        model = _float64_model(effective, quantized)
+        model = float64_copy(effective.base_model)
+        with torch.no_grad():
+            for name, value in quantized.dequantize().items():
+                model.get_parameter(name).copy_(value)
         if self.dtype != torch.float64:
             _check_normal_range(dict(model.named_parameters()) | dict(model.named_buffers()), self.dtype)
         # in float32 the weights' casts are within the rounding terms (docs/theory.md §5)
@@ -394,8 +387,6 @@ class BitFlipCertifier(Settings):
         # k ≥ 2 flips when several flips of one float weight can reach ±inf or NaN.
         self._tables = {name: cast_table(table, self.dtype) for name, table in tables.items()}
         self._combined = None if combined is None else {n: cast_table(t, self.dtype) for n, t in combined.items()}
-        self._exact_tables = (tables, combined)
-        self._twin = None  # verify's float64 model in a float32 certifier, built when first needed
         # (in the bounds' dtype: a change beyond float32's range, 3e38 flipped to −3e38, is infinite there too)
         self._unbounded = not _finite(self._tables)
         self._unbounded_combined = self._combined is not None and not _finite(self._combined)
@@ -430,18 +421,6 @@ class BitFlipCertifier(Settings):
         """The flip tables of a bound against ``k`` flips: with the combined changes of float weights for ``k ≥ 2``
         (:func:`.with_combined_changes`)."""
         return self._combined if k >= 2 and self._combined is not None else self._tables
-
-    def _refinement_model(self, k: int) -> tuple:
-        """``(network, parameters, flip tables)`` of :meth:`verify`'s refinements (a first layer's flips enumerated, the
-        branches on a flip's placement), which evaluate flips exactly and carry no float32 rounding terms: the
-        certifier's own in float64, the float64 twin of its model in float32 (its tables' exact changes)."""
-        if self.dtype == torch.float64:
-            return self._network, self._params, self._tables_for(k)
-        if self._twin is None:
-            network = read_network(_float64_model(self._effective, self._quantized), self.estimator.input_shape)
-            self._twin = (network, network.params(dtype=torch.float64))
-        (network, params), (tables, combined) = self._twin, self._exact_tables
-        return network, params, combined if k >= 2 and combined is not None else tables
 
     def _unbounded_for(self, k: int) -> bool:
         """Whether some set of at most ``k ≥ 1`` flips reaches ``±inf`` or NaN: nothing is certified."""
@@ -478,8 +457,7 @@ class BitFlipCertifier(Settings):
         """Per-case bounds ``(C, N, K)`` with the finer splits of :meth:`verify`, the cases in order, each on the
         samples that every earlier case (and the interval ``bound``) left open: a sample some case cannot certify is
         not certified, so the later cases skip it (``−inf`` there, a valid lower bound)."""
-        (net, params, tables), nb = self._refinement_model(k), self.estimator.nb_classes
-        out_dtype, xs = xs.dtype, xs.to(torch.float64)  # the refinements' own dtype (_refinement_model)
+        net, params, tables, nb = self._network, self._params, self._tables_for(k), self.estimator.nb_classes
         split = xs.new_full((len(cases), len(xs), nb), float("-inf"))
         tol = certification_rtol(self.dtype) * (1.0 + net.forward(xs, params).abs().amax(dim=1))
         alive = torch.ones(len(xs), dtype=torch.bool, device=xs.device)
@@ -492,9 +470,9 @@ class BitFlipCertifier(Settings):
             for table in tables.values():
                 table.memo.clear()
             split[c, rows] = out
-            margins = torch.maximum(out, bound[rows].to(out.dtype)).scatter(1, labels[rows].unsqueeze(1), float("inf"))
+            margins = torch.maximum(out, bound[rows]).scatter(1, labels[rows].unsqueeze(1), float("inf"))
             alive[rows] = margins.amin(dim=1) > tol[rows]
-        return down_cast(split, out_dtype)  # lower bounds: rounded down into a float32 certifier's dtype
+        return split
 
     def _falsify(self, xs: torch.Tensor, labels: torch.Tensor, k: int) -> list | None:
         """A checked counterexample of one sample (a list of at most ``k`` flips whose flipped model predicts another
@@ -522,7 +500,7 @@ class BitFlipCertifier(Settings):
     def _refine(self, xs, label, tol, cases, case_bounds, k, begin: float, time_limit: float) -> torch.Tensor:
         """The smallest margin bound of one sample after branching every open case on the placement of its first
         flip (where it applies), within the time limit; ``−inf`` where a case stays open."""
-        (net, params, tables), nb = self._refinement_model(k), self.estimator.nb_classes
+        net, params, tables, nb = self._network, self._params, self._tables_for(k), self.estimator.nb_classes
         labels = label.reshape(1)
         best = case_bounds.amin(dim=1) if len(cases) else xs.new_full((1,), float("-inf"))
         open_cases = [c for c in range(len(cases)) if not best[c] > tol]
@@ -535,13 +513,11 @@ class BitFlipCertifier(Settings):
             first = first_flipped(net, case)
             try:
                 with torch.no_grad(), exact_kernels():
-                    refined = enumerated_split_margins(
-                        net, params, tables, case, k, xs.to(torch.float64), labels, nb, first
-                    )
+                    refined = enumerated_split_margins(net, params, tables, case, k, xs, labels, nb, first)
             finally:
                 for table in tables.values():
                     table.memo.clear()
-            refined = down_cast(refined.scatter(1, labels.unsqueeze(1), float("inf")).amin(), xs.dtype)
+            refined = refined.scatter(1, labels.unsqueeze(1), float("inf")).amin()
             best[c] = torch.maximum(best[c], refined)
         return best.amin() if len(best) else xs.new_tensor(float("-inf"))
 
@@ -550,8 +526,8 @@ class BitFlipCertifier(Settings):
         bound is exact already), with at most :data:`.MAX_REFINED_FLIPS` weight-bit pairs."""
         net = self._network
         first = first_flipped(net, case)
-        if first is None or first == len(net.layers) - 1:
-            return False
+        if first is None or first == len(net.layers) - 1 or self.dtype != torch.float64:
+            return False  # (the branches evaluate flips exactly: float64's)
         name = net.layers[first].weight_name
         if self.encoding == "int" and first_layer_applicable(net, self._tables, case, self.max_flips, first):
             return False  # bounded with its first layer's flips enumerated already
