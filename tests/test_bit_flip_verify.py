@@ -25,16 +25,6 @@ def small_cnn(digits_images):
     return clf
 
 
-@pytest.fixture(scope="module")
-def conv_chain(digits_images):
-    """Two convolutions with a ReLU between them (:func:`_tiny_conv_chain`), trained: the first layer's flips are
-    enumerated (bit_flip_first_layer)."""
-    x_train, y_train, _, _ = digits_images
-    clf = make_classifier(_tiny_conv_chain(), input_shape=(1, 8, 8), lr=0.02)
-    clf.fit(x_train, y_train, batch_size=128, nb_epochs=6, verbose=False)
-    return clf
-
-
 def _predictions(clf, x, flips=()):
     return QuantizedWeights.from_estimator(clf).flip(list(flips)).apply(clf).predict(x).argmax(1)
 
@@ -248,12 +238,14 @@ def _exhaustive_two_flips_robust(certifier, x, y) -> np.ndarray:
     return alive.numpy()
 
 
-def test_verify_k2_first_layer_pairs_sound_against_exhaustive_flips(conv_chain, digits_images, monkeypatch):
+def test_verify_k2_first_layer_pairs_sound_against_exhaustive_flips(digits_images, monkeypatch):
     """The enumerated flips of the first convolution (bit_flip_first_layer): no certified sample falls to any set of
     at most two flips of the two convolutions, enumerated exhaustively in float64."""
     import art_weightpert.certification.bit_flip_first_layer as first_layer
 
-    clf, (_, _, x, y) = conv_chain, digits_images
+    x_train, y_train, x, y = digits_images
+    clf = make_classifier(_tiny_conv_chain(), input_shape=(1, 8, 8), lr=0.02)
+    clf.fit(x_train, y_train, batch_size=128, nb_epochs=6, verbose=False)
     x, y = x[:24], y[:24]
     calls = []
     original = first_layer.first_layer_margins
