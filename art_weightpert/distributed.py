@@ -12,10 +12,13 @@ back in batch order equal the single-process ones bit for bit.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import itertools
+import multiprocessing.util
 import os
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -244,7 +247,9 @@ def launch(function: Callable[..., Any], nproc: int, args: tuple = (), device_ty
     the others are stopped and the error of the process that failed *first* is raised here (the others typically
     fail next, on the broken connection), naming its rank: no hang. ``nproc == 1`` runs ``function`` in this process.
 
-    :param function: a picklable (module-level) function.
+    :param function: a picklable (module-level) function. A process whose function returned ends after its
+        ``atexit`` handlers without the interpreter's finalization (:func:`_exit_after_success`): close the files it
+        writes before returning.
     """
     nproc = check_positive_int(nproc, "nproc")
     if nproc == 1:
@@ -285,6 +290,7 @@ def _worker(local_rank: int, nproc: int, staging: str, device_type: str, functio
     that joins another launch's group sends it collectives of other sizes, on which gloo aborts the process.
     Every rank that succeeded waits for the others (a barrier) before it closes the group: a rank that tears down
     while a peer's last collective is still reading from it aborts that peer (gloo's "connection closed by peer").
+    A rank that succeeded then ends without the interpreter's finalization (:func:`_exit_after_success`).
     """
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank))
     backend = backend_for(device_type)
@@ -303,3 +309,26 @@ def _worker(local_rank: int, nproc: int, staging: str, device_type: str, functio
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    _exit_after_success()
+
+
+def _exit_after_success() -> None:
+    """
+    End a process of :func:`launch` whose function succeeded: its ``atexit`` handlers run and the standard streams
+    are flushed, then the process exits with status 0 *without* the interpreter's finalization.
+
+    Gloo's worker threads outlive :func:`torch.distributed.destroy_process_group`, and one may still be releasing the
+    last collective's work after the collective returned. When those tensors' Python objects have died, that release
+    takes the GIL; a thread that asks for the GIL while the interpreter finalizes is unwound through a ``noexcept``
+    destructor, and C++ terminates the process (SIGABRT, "terminate called without an active exception": a
+    successful launch reported as failed). Caught under gdb on this library's training test, about one launch in
+    ten on one loaded core (``pt_gloo_runloop`` in ``~AsyncAllreduceWork`` while the main thread is in
+    ``Py_FinalizeEx``); PyTorch's pull request #179291 describes the same race. Files the function left open in
+    module globals are not flushed by this exit: close them (a ``with`` block) before returning.
+    """
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+    multiprocessing.util._exit_function()  # what the process's bootstrap runs after its target: finalizers, children
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    os._exit(0)

@@ -3,6 +3,8 @@ launcher that fails (instead of hanging) when one process fails. Two gloo proces
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -78,6 +80,22 @@ def _failing_worker() -> None:
 def test_a_failing_process_fails_the_launch_with_its_error():
     with pytest.raises(Exception, match="rank one broke"):
         distributed.launch(_failing_worker, 2)
+
+
+def _worker_with_exit_handler(folder: str) -> None:
+    import atexit
+
+    rank = distributed.rank()
+    with open(os.path.join(folder, f"returned{rank}"), "w", encoding="utf-8") as handle:
+        handle.write("done")
+    atexit.register(lambda: open(os.path.join(folder, f"atexit{rank}"), "w", encoding="utf-8").close())
+
+
+def test_a_successful_launch_runs_the_exit_handlers_of_every_process(tmp_path):
+    # each process that succeeded ends without the interpreter's finalization (gloo's teardown race); its atexit
+    # handlers still run and its files are written
+    distributed.launch(_worker_with_exit_handler, 2, args=(str(tmp_path),))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atexit0", "atexit1", "returned0", "returned1"]
 
 
 def test_launch_rejects_bad_nproc():
