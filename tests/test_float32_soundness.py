@@ -195,3 +195,47 @@ def test_rounded_float32_close_to_float64(index):
             gap = (b64[finite] - b32[finite]).abs()
             assert bool((b32[finite] <= b64[finite] + 1e-9 * b64[finite].abs()).all() or True)
             assert float(gap.max()) <= 1e-4 * (1 + float(b64[finite].abs().max()))
+
+
+# ------------------------------------------------------------------------------------- float64 centres (linear)
+@pytest.mark.parametrize("radius", [0.0, 1e-6])
+def test_float64_centres_hold_the_exact_box_and_drop_the_centres_rounding(radius):
+    # an affine step on an unknown input with cancellation-heavy weights and inputs: the box with its centre in
+    # float64 (what the linear and optimized bounds use in float32) holds the exact range of (W + Δ) h + b over the
+    # input box and the ball, computed in rationals, and is far narrower than the box with a float32 centre, whose
+    # rounding term γ_n|W|m is of the size of the activations
+    from fractions import Fraction
+
+    from art_weightpert.certification.interval import rounded_affine_interval
+
+    gen = torch.Generator().manual_seed(7)
+    n, rows, samples = 288, 6, 3
+    layer_module = nn.Linear(n, rows)
+    with torch.no_grad():
+        layer_module.weight.copy_(
+            torch.randn((rows, n), generator=gen) * 10.0 ** (4 * torch.rand((rows, n), generator=gen) - 1)
+        )
+        layer_module.bias.copy_(torch.randn(rows, generator=gen) * 100)
+    model = nn.Sequential(layer_module).eval().requires_grad_(False)
+    network = read_network(model, (n,))
+    layer, params = network.layers[0], network.params(dtype=torch.float32)
+    balls = PerturbationBudget(radius, "inf", include_bias=True).parameter_balls(model, torch.float32) if radius else {}
+    balls = {t.param_name: t for t in balls}
+    lo = _inputs((n,), samples, gen)
+    hi = (lo + lo.abs() * 1e-6) if radius else lo.clone()  # a degenerate box is still an unknown input (lo is not hi)
+    wide = rounded_affine_interval(layer, params, lo, hi, balls, float64_centre=True)
+    narrow = rounded_affine_interval(layer, params, lo, hi, balls)
+    delta = Fraction(radius)
+    w = [[Fraction(float(v)) for v in row] for row in layer_module.weight.double()]
+    b = [Fraction(float(v)) for v in layer_module.bias.double()]
+    for s in range(samples):
+        ends = [(Fraction(float(a)), Fraction(float(z))) for a, z in zip(lo[s].double(), hi[s].double())]
+        for r in range(rows):
+            corners = [[(w[r][j] + d) * e for d in (-delta, delta) for e in ends[j]] for j in range(n)]
+            low = sum(min(c) for c in corners) + b[r] - delta
+            high = sum(max(c) for c in corners) + b[r] + delta
+            assert Fraction(float(wide[0][s, r])) <= low and Fraction(float(wide[1][s, r])) >= high, (s, r)
+            assert Fraction(float(narrow[0][s, r])) <= low and Fraction(float(narrow[1][s, r])) >= high, (s, r)
+            excess_wide = float(Fraction(float(wide[1][s, r] - wide[0][s, r])) - (high - low))
+            excess_narrow = float(Fraction(float(narrow[1][s, r] - narrow[0][s, r])) - (high - low))
+            assert excess_wide < excess_narrow / 20, (s, r, excess_wide, excess_narrow)

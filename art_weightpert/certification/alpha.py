@@ -478,9 +478,11 @@ def _call(fn, *args, **kwargs):
 
 
 def _interval(network, param_balls, x, params, scale, cache, known, clips, kwargs: Mapping) -> Boxes:
+    """The interval boxes, clipped to ``clips``; with ``rounding`` their affine centres in float64, as the linear
+    bound's (:func:`.linear_boxes`)."""
     return _call(
         interval_preactivation_bounds, network, param_balls, x, params, scale, cache, known or None, clips or None,
-        **kwargs,
+        **kwargs, float64_centres=bool(kwargs.get("rounding")),
     )  # fmt: skip
 
 

@@ -409,7 +409,7 @@ class WeightPerturbationCertifier(Settings):
             if len(unique) == len(idx):
                 return bounds(self._method, idx, s, classes=classes)
             first = torch.zeros_like(unique).scatter_(0, inverse, torch.arange(len(idx), device=idx.device))
-            boxes = slice_boxes(search.boxes(unique, s[first]), inverse)
+            boxes = slice_boxes(search.boxes(unique, s[first], self._method), inverse)
             return bounds(self._method, idx, s, classes=classes, boxes=boxes)
 
         evaluate = PrunedEvaluator(per_class, labels, self.estimator.nb_classes, lower, at_zero)
@@ -428,14 +428,17 @@ class _SearchBounds:
         self.params = certifier._network.params(dtype=certifier.dtype)  # pylint: disable=protected-access
         self.centres: dict[int, torch.Tensor] = {}
 
-    def boxes(self, idx: torch.Tensor, s: torch.Tensor):
-        """The interval boxes of the samples ``idx`` at the factors ``s``, with the known centres."""
+    def boxes(self, idx: torch.Tensor, s: torch.Tensor, method: BoundMethod):
+        """The interval boxes of the samples ``idx`` at the factors ``s``, with the known centres, as ``method``
+        computes them itself (:attr:`.BoundMethod.float64_centres`)."""
         c = self.certifier
         known = {value: centre[idx] for value, centre in self.centres.items()}
+        rounding = c._rounding()
+        wide = {"float64_centres": True} if rounding and method.float64_centres else {}
         with torch.no_grad(), exact_kernels():
             return interval_preactivation_bounds(
                 c._network, c._unit_param_balls, self.x_t[idx], self.params, factors_in(s, c.dtype), c._cache, known,
-                **c._rounding(),
+                **rounding, **wide,
             )  # fmt: skip
 
     def at_zero(self, method: BoundMethod) -> torch.Tensor:
@@ -443,14 +446,14 @@ class _SearchBounds:
         centres."""
         everyone = torch.arange(len(self.x_t), device=self.x_t.device)
         zeros = torch.zeros(len(self.x_t), dtype=torch.float64, device=self.x_t.device)  # factors: float64
-        boxes = self.boxes(everyone, zeros)
+        boxes = self.boxes(everyone, zeros, method)
         self.centres = {value: box.centre for value, box in enumerate(boxes) if isinstance(box, CentredBox)}
         return self.bounds(method, everyone, zeros, **({"boxes": boxes} if method.takes_boxes else {}))
 
     def bounds(self, method: BoundMethod, idx: torch.Tensor, s: torch.Tensor, **rows) -> torch.Tensor:
         """``method``'s bounds minus the search's threshold for the samples ``idx`` at the factors ``s``."""
         if method.takes_boxes and "boxes" not in rows:
-            rows["boxes"] = self.boxes(idx, s)
+            rows["boxes"] = self.boxes(idx, s, method)
         c = self.certifier
         lb = c._bounds(self.x_t[idx], self.labels[idx], c._unit_param_balls, s, method, **rows)
         return (lb - self.threshold[idx]).to(torch.float64)

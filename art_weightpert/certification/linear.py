@@ -73,6 +73,23 @@ constant)``; an operator reading several values (an addition) gives every one of
 
 
 # ------------------------------------------------------------------------------------------------------ bounds
+def linear_boxes(
+    network: Network,
+    param_balls: ParamBalls,
+    x: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    scale: torch.Tensor | None,
+    cache: BoundCache | None,
+    rounding: bool,
+) -> Boxes:
+    """The interval boxes the backward pass relaxes the activations on (:func:`.interval_preactivation_bounds`); with
+    ``rounding`` their affine centres in float64 (docs/theory.md §5): the centres' rounding is of the size of the
+    activations, and the relaxations would carry it into every margin."""
+    return interval_preactivation_bounds(
+        network, param_balls, x, params, scale, cache, rounding=rounding, float64_centres=rounding
+    )
+
+
 def other_classes(labels: torch.Tensor, nb_classes: int) -> torch.Tensor:
     """``(N, K − 1)``: every class but the label, in increasing order."""
     every = torch.arange(nb_classes, device=labels.device).expand(len(labels), -1)
@@ -113,7 +130,7 @@ def backward_margin_bounds(
     nb_classes = network.layers[-1].module.out_features
     params = network.params(dtype=dtype)
     if boxes is None:
-        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, rounding=rounding)
+        boxes = linear_boxes(network, param_balls, x, params, scale, cache, rounding)
     if classes is None:  # every class but the label (its row e_y − e_y is zero; +inf there): 1/K less work
         others = other_classes(labels, nb_classes)
         rows = backward_margin_bounds(
@@ -383,7 +400,7 @@ def linear_margin_bounds(
         return chunked
     if boxes is None:
         params = network.params(dtype=dtype)
-        boxes = interval_preactivation_bounds(network, param_balls, x, params, scale, cache, rounding=rounding)
+        boxes = linear_boxes(network, param_balls, x, params, scale, cache, rounding)
     backward = backward_margin_bounds(
         network, param_balls, x, labels, dtype, scale, cache, boxes=boxes, classes=classes, rounding=rounding
     )

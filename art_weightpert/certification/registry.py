@@ -70,6 +70,9 @@ class BoundMethod:
         on exact inputs) or ``None``; the trainer then shares its cross-entropy's forward (:mod:`.shared_forward`).
     :param applies_to: ``network -> None`` when the method bounds that network, else the reason why not (one line);
         the certifier, the trainer and the metrics call :meth:`check`.
+    :param float64_centres: with rounding terms (float32) the bound computes its interval boxes with their affine
+        centres in float64 (:func:`.linear_boxes`, docs/theory.md §5); a caller that passes ``boxes=`` computes them
+        the same way (``float64_centres=`` of :func:`.interval_preactivation_bounds`).
     """
 
     name: str
@@ -81,6 +84,7 @@ class BoundMethod:
     takes_boxes: bool = False
     clean_values: str | None = None
     applies_to: Callable[[Network], str | None] = lambda network: None
+    float64_centres: bool = False
 
     def check(self, network: Network) -> None:
         """Raise :class:`.UnsupportedModelError` (with the reason) when the method does not apply to ``network``."""
@@ -145,6 +149,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 never_above="interval",
                 per_class=True,
                 takes_boxes=True,
+                float64_centres=True,
             ),
             BoundMethod(
                 "alpha",
@@ -155,6 +160,7 @@ METHODS: Mapping[str, BoundMethod] = MappingProxyType(
                 never_above="linear",
                 per_class=True,
                 takes_boxes=True,
+                float64_centres=True,
             ),
         )
     }
