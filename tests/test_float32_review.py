@@ -168,3 +168,52 @@ def test_overlapping_max_pooling_rounds_the_sum_of_an_inputs_windows():
     h[0, 0, 15, 15] = 1.0
     error, covered = _rule_error(MaxPool.from_module("pool", nn.MaxPool2d(16, stride=1)), a, h)
     assert error > 5e-6 and covered >= error
+
+
+# ------------------------------------------------------------- the review of the float64 centres (subnormal weights)
+def _subnormal_weight_model() -> nn.Sequential:
+    """``1e30 x → ReLU → 2⁻¹⁴⁹ · → ReLU → head (0; 2e20)`` with biases ``(3e5, 0)``: exact margin at ``x = 1``
+    ``3e5 − 2e20 · 2⁻¹⁴⁹ · 1e30 = 19740.3``, the hidden weight a float32 subnormal."""
+    first, middle = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        first.weight.fill_(1e30), middle.weight.fill_(2.0**-149)
+    return nn.Sequential(first, nn.ReLU(), middle, nn.ReLU(), _head((0.0, 2e20), (3e5, 0.0)))
+
+
+def test_a_subnormal_weight_is_not_halved_to_zero():
+    # the centre W c = (W/2)(l + u) took W/2 in float32: 2⁻¹⁴⁹ halves to 0, so the hidden layer's centre was 0 while
+    # its input is 1e30, and every float32 method certified a radius 15 times the float64 one (0.254 against 0.0171)
+    model = _subnormal_weight_model()
+    x, y = np.ones((1, 1), np.float32), np.array([0])
+    clf = PyTorchWeightClassifier(model.eval().requires_grad_(False), nn.CrossEntropyLoss(), (1,), 2)
+    budget = PerturbationBudget(0.1, "inf", relative=True, include_bias=True)
+    worst = 3e5 * 0.9 - 2e20 * 1.1 * (2.0**-149 * 1.1) * (1e30 * 1.1)  # every weight up, the label's bias down
+    exact_radius = WeightPerturbationCertifier(clf, budget, verbose=False).certified_radius(x, y)[0]
+    for method in ("interval", "linear", "alpha"):
+        certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=torch.float32)
+        assert certifier.margin_lower_bounds(x, y)[0, 1] <= worst, method
+        assert certifier.certified_radius(x, y)[0] <= exact_radius * (1 + 1e-6), method
+        exact = WeightPerturbationCertifier(
+            clf, PerturbationBudget(0.0), method=method, verbose=False, dtype=torch.float32
+        )
+        assert exact.margin_lower_bounds(x, y)[0, 1] <= 3e5 - 2e20 * 2.0**-149 * 1e30, method
+
+
+@pytest.mark.parametrize("float64_centre", [False, True])
+def test_an_underflowing_centre_term_is_covered(float64_centre):
+    # a degenerate box (lo equal to hi, an unknown input) of magnitudes 3·2⁻¹⁴⁹ and 2⁻¹⁰² under weights 2¹⁰⁰ and 1:
+    # the centre's rounding term 2g·m underflowed to 0 before |W| scaled it up, and the box missed the exact value
+    from fractions import Fraction
+
+    from art_weightpert.certification.interval import rounded_affine_interval
+    from art_weightpert.network import read_network
+
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[2.0**100, 1.0]]))
+    network = read_network(nn.Sequential(layer, nn.Linear(1, 2)), (2,))
+    c = torch.tensor([[3 * 2.0**-149, -(2.0**-102)]])
+    lo, hi = rounded_affine_interval(network.layers[0], network.params(dtype=torch.float32), c, c.clone(), {},
+                                     float64_centre=float64_centre)  # fmt: skip
+    exact = Fraction(2) ** 100 * 3 * Fraction(2) ** -149 - Fraction(2) ** -102
+    assert Fraction(float(lo)) <= exact <= Fraction(float(hi))

@@ -44,6 +44,7 @@ from art_weightpert.rounding import (
     gamma,
     magnitude,
     round_down,
+    round_up,
     smallest_subnormal,
     unit_roundoff,
     up_cast,
@@ -128,8 +129,9 @@ def affine_interval(
         if not isinstance(radius, float):  # the box of a known input's image: keep its centre (CentredBox)
             return CentredBox(center - radius, center + radius, center)
     else:
-        # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point) instead of the
-        # activations saves passes over the batch; max(|l|, |u|) = max(−l, u) for l ≤ u.
+        # W c = (W/2)(l + u) and |W| r = (|W|/2)(u − l): halving the weight (exact in floating point but for
+        # subnormal weights: rounded_affine_interval) instead of the activations saves passes over the batch;
+        # max(|l|, |u|) = max(−l, u) for l ≤ u.
         half = cached(cache, "half", (weight,), lambda: weight * 0.5)
         half_abs = cached(cache, "half_abs", (weight,), lambda: half.abs())
         center = layer.apply(lo + hi, half, bias)
@@ -154,6 +156,32 @@ def affine_interval(
 def fan_in(layer: Affine, weight: torch.Tensor) -> int:
     """``n``: the length of one output's dot product (``C_in·k_h·k_w / groups`` for a convolution)."""
     return weight[0].numel()
+
+
+def centre_of_sum(
+    layer: Affine, total: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cache: BoundCache | None
+) -> torch.Tensor:
+    """``W c + b`` from ``total = l + u = 2c``: one product with ``W/2``, exact in floating point unless ``W`` has a
+    subnormal entry with an odd last bit (a float32 weight of ``2⁻¹⁴⁹`` halves to 0, while the input may be 1e30:
+    docs/theory.md §5); for such a weight the product with ``W`` itself, halved, then the bias."""
+    half = cached(cache, "half", (weight,), lambda: weight * 0.5)
+    if cached(cache, "half_exact", (weight,), lambda: bool(torch.equal(half * 2, weight))):
+        return layer.apply(total, half, bias)
+    out = layer.apply(total, weight) * 0.5
+    return out if bias is None else out + layer.rows_shape(bias)
+
+
+def halved_abs_up(weight: torch.Tensor) -> torch.Tensor:
+    """``|W|/2``, never below it: the halving is exact but for subnormal entries with an odd last bit, moved one float
+    up there."""
+    magnitude = weight.abs()
+    half = magnitude * 0.5
+    return torch.where(half * 2 == magnitude, half, round_up(half))
+
+
+def _abs_row_sums(weight: torch.Tensor) -> torch.Tensor:
+    """``Σ |W_r|`` over each output row's weights (a convolution's whole kernel of that output channel)."""
+    return weight.abs().flatten(1).sum(dim=1)
 
 
 def rounding_factor(layer: Affine, weight: torch.Tensor, dtype: torch.dtype) -> float:
@@ -199,19 +227,24 @@ def rounded_affine_interval(
         radius = torch.add(layer.rows_shape(g_bias), product, alpha=g)
         radius = radius if isinstance(pert, float) else torch.add(radius, pert, alpha=1 + 2 * g)
         return CentredBox(*finite_box(center - radius, center + radius), center, product)
-    half = cached(cache, "half", (weight,), lambda: weight * 0.5)
-    # |W|/2 rounded up by 1 + 2γ: the radius's product, rounded down by at most γ_{n+3}, still bounds |W| r (free)
+    # |W|/2 rounded up by 1 + 2γ: the radius's product, rounded down by at most γ_{n+3}, still bounds |W| r (free);
+    # (halved_abs_up: the halving rounds only subnormal weights)
     up = 1 + 2 * gamma(fan_in(layer, weight) + ROUNDING_SLACK, lo.dtype)
-    half_abs = cached(cache, f"half_abs_up/{up}", (weight,), lambda: half.abs() * up)
+    half_abs = cached(cache, f"half_abs_up/{up}", (weight,), lambda: halved_abs_up(weight) * up)
     wide = float64_centre and lo.dtype != torch.float64
     if wide:  # the centre's rounding: float64's, plus the casts of W and b to the working dtype
         g_centre = _float64_centre_factor(layer, weight, lo.dtype)
         g_bias = error_bias(layer, weight, bias, g_centre, cache)
-        center = layer.apply(lo.double() + hi.double(), cached(cache, "half64", (weight,), lambda: half.double()),
-                             None if bias is None else cached(cache, "bias64", (bias,), bias.double))  # fmt: skip
+        half64 = cached(cache, "half64", (weight,), lambda: weight.double() * 0.5)  # exact: float32 subnormals too
+        bias64 = None if bias is None else cached(cache, "bias64", (bias,), bias.double)
+        center = layer.apply(lo.double() + hi.double(), half64, bias64)
     else:
         g_centre = g
-        center = layer.apply(lo + hi, half, bias)
+        center = centre_of_sum(layer, lo + hi, weight, bias, cache)
+    # the centre's term 2g·m underflows for a subnormal m, losing up to η per entry of the spread, which |W|/2 may
+    # then scale far above the smallest normal number: η Σ|W_r| per row covers it
+    eta = smallest_subnormal(lo.dtype)
+    g_bias = g_bias + cached(cache, f"eta_abs_rows/{eta}", (weight,), lambda: _abs_row_sums(weight) * eta)
     fold = _abs_weight_factor(layer, weight, param_balls, cache)
     if fold is None:
         factor = 2 * g_centre
@@ -490,7 +523,9 @@ def interval_margin_bounds(
     if exact_input:
         z = known.get(len(network.layers))
         z = last.apply(lo, weight, bias) if z is None else z
-    else:  # W c + b
+    elif rounding:  # W c + b
+        z = centre_of_sum(last, lo + hi, weight, bias, cache)
+    else:
         z = last.apply(lo + hi, cached(cache, "half", (weight,), lambda: weight * 0.5), bias)
     value = z.gather(1, labels.unsqueeze(1)) - z
     if not exact_input:
