@@ -217,3 +217,21 @@ def test_softplus_tiny_box_is_not_certified_falsely():
     certifier = WeightPerturbationCertifier(classifier, PerturbationBudget(3e-9, "inf", layers=["0"]), verbose=False)
     x, y = np.ones((1, 1), np.float32), np.array([0])
     assert float(certifier.margin_lower_bounds(x, y)[0, 1]) < 0 and not certifier.certify(x, y)[0]
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation", [(1, 1, 1, 1), (3, 2, 1, 1), (2, 1, 3, 2), (3, 1, "same", 1)]
+)
+def test_patch_max_is_the_maximum_over_each_receptive_field(kernel, stride, padding, dilation):
+    # the row_l1 ball's ‖ĥ‖_∞ per output position; a padding above half the kernel (1×1 with padding 1) used to make
+    # max_pool2d raise
+    from art_weightpert.network import read_network
+
+    conv = torch.nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+    m = torch.rand((2, 3, 7, 7), generator=torch.Generator().manual_seed(0))
+    head = torch.nn.Linear(conv(m)[0].numel(), 2)
+    layer = read_network(torch.nn.Sequential(conv, torch.nn.Flatten(), head), (3, 7, 7)).layers[0]
+    ph, pw = layer.padding
+    patches = torch.nn.functional.unfold(m, kernel, dilation, (ph, pw), stride)  # zeros where padded
+    expected = patches.amax(dim=1).reshape(2, 1, *conv(m).shape[2:])
+    assert torch.equal(layer.patch_max(m), expected)

@@ -97,7 +97,11 @@ class Affine(Operator):
         if not self.is_conv:
             return m.amax(dim=1, keepdim=True)
         mod = self.module
-        return F.max_pool2d(m.amax(dim=1, keepdim=True), mod.kernel_size, mod.stride, self.padding, mod.dilation)
+        # zero padding by hand (m ≥ 0: the zeros change no maximum): max_pool2d refuses a padding above half the
+        # kernel, which a convolution allows (a 1×1 kernel with padding 1)
+        ph, pw = self.padding
+        channel_max = F.pad(m.amax(dim=1, keepdim=True), (pw, pw, ph, ph))
+        return F.max_pool2d(channel_max, mod.kernel_size, mod.stride, 0, mod.dilation)
 
     def patch_norm2(self, m: torch.Tensor) -> torch.Tensor:
         """Per output position, the ℓ2 norm of ``m`` over the receptive field (all input channels)."""
