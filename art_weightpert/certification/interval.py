@@ -503,7 +503,10 @@ def interval_margin_bounds(
         trainer's cross-entropy forward): an affine layer on an exact input takes its value from them as the centre of
         its box instead of computing it again.
     :param rounding: bounds sound for the exact real-number network despite the floating-point evaluation in
-        ``dtype`` (docs/theory.md §5; ``boxes``, if given, computed with ``rounding`` too; ``clean_values`` ignored).
+        ``dtype`` (docs/theory.md §5; ``boxes``, if given, computed with ``rounding`` too; ``clean_values`` ignored),
+        over the ball of ``param_balls``' radii as they are (cast up to ``dtype``): radii resolved in float32
+        (``parameter_balls(model, torch.float32)``) are already rounded, a relative radius of a subnormal weight to 0;
+        the certifiers resolve them in float64.
     :return: ``(N, K)`` lower bounds, ``+inf`` at the label's own column.
     """
     param_balls = by_param_name(param_balls)
