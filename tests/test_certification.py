@@ -372,3 +372,40 @@ def test_all_combinations_of_norm_and_method_run_on_a_cnn(digits_images):
         certifier = WeightPerturbationCertifier(clf, budget, method, verbose=False)
         bounds = certifier.margin_lower_bounds(x_test[:6], y_test[:6])
         assert bounds.shape == (6, 10) and not np.isnan(bounds).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("method", ["linear", "alpha"])
+def test_certify_bounds_only_the_margins_the_cheaper_methods_leave_open(digits, method, dtype, monkeypatch):
+    # certify runs the never_above chain (interval, then linear, then alpha) on the margins still open: the decisions
+    # of the method's full bounds, with fewer (sample, class) rows bounded by the expensive method
+    model = make_mlp(seed=2, hidden=32)
+    clf = PyTorchWeightClassifier(model, nn.CrossEntropyLoss(), (64,), 10, clip_values=(0.0, 1.0),
+                                  optimizer=torch.optim.Adam(model.parameters(), lr=1e-2))  # fmt: skip
+    torch.manual_seed(0)
+    clf.fit(digits[0], digits[1], batch_size=64, nb_epochs=10, verbose=False)
+    x, y = digits[2][:60], digits[3][:60]
+    budget = PerturbationBudget(0.02, "inf")  # interval certifies 0.37, linear and alpha 0.40 of the 60 points
+    certifier = WeightPerturbationCertifier(clf, budget, method=method, verbose=False, dtype=dtype)
+    bounds = certifier.margin_lower_bounds(x, y)
+    tol = CERTIFICATION_RTOL * (1 + np.abs(clf.predict(x)).max(axis=1))
+    full = (bounds.min(axis=1) > tol) & (clf.predict(x).argmax(axis=1) == y)
+    rows = []
+    original = certifier._bounds
+
+    def counting(x_t, labels, param_balls, *args, **kwargs):
+        if kwargs.get("method") in (None, METHODS[method]):
+            rows.append(len(x_t) * (9 if "classes" not in kwargs else kwargs["classes"].shape[1]))
+        return original(x_t, labels, param_balls, *args, **kwargs)
+
+    monkeypatch.setattr(certifier, "_bounds", counting)
+    got = certifier.certify(x, y)
+    interval_only = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False, dtype=dtype).certify(
+        x, y
+    )
+    if dtype == torch.float64:
+        np.testing.assert_array_equal(got, full)
+    else:  # the cheaper bounds' own boxes may decide a margin at the edge: never fewer than either method alone
+        assert np.all(got >= full) and np.all(got >= interval_only)
+    assert full.mean() > interval_only.mean() > 0  # a case where every step of the cascade decides margins
+    assert 0 < sum(rows) < 9 * len(x)  # the expensive method bounded some rows, not every (sample, class) pair

@@ -223,11 +223,41 @@ class WeightPerturbationCertifier(Settings):
         :param y: labels; with labels, a wrong clean prediction is never certified. ``None``: certify the
             predicted classes.
         :return: ``(N,)`` bool, True where every margin lower bound exceeds the tolerance.
+
+        A method never looser than a cheaper one (``"linear"`` than ``"interval"``, ``"alpha"`` than ``"linear"``:
+        :attr:`.BoundMethod.never_above`) evaluates the cheaper ones first and bounds only the margins they leave
+        open, of the correctly predicted samples: every margin is decided by a sound bound, with the decisions of the
+        method's own bounds up to their rounding (in float32 also up to the cheaper bound's own boxes, which may
+        certify a margin at the edge that the method's would not).
         """
         out = []
-        for bounds, tol, correct in self._batches(x, y, "certify"):
-            out.append((correct & (bounds.amin(dim=1) > tol)).cpu().numpy())
+        for x_t, labels, tol, correct in self._prepared_batches(x, y, "certify"):
+            out.append(self._certified(x_t, labels, tol, correct).cpu().numpy())
         return self._gathered(out, len(x), np.zeros(0, dtype=bool))
+
+    def _certified(self, x_t: torch.Tensor, labels: torch.Tensor, tol: torch.Tensor, correct: torch.Tensor):
+        """Whether every margin lower bound of the correctly predicted samples exceeds ``tol``, by the cascade of
+        :meth:`certify`: the cheapest method of the :attr:`.BoundMethod.never_above` chain on every open sample, each
+        next one on the (sample, class) pairs still open (its ``classes=`` rows, per-class methods)."""
+        chain = [self._method]
+        while chain[-1].never_above in METHODS:
+            chain.append(METHODS[chain[-1].never_above])
+        open_pairs = correct.unsqueeze(1) & (
+            torch.arange(self.estimator.nb_classes, device=labels.device) != labels.unsqueeze(1)
+        )
+        for method in reversed(chain):
+            idx = torch.nonzero(open_pairs.any(dim=1)).squeeze(1)
+            if len(idx) == 0:
+                break
+            if method.per_class and method is not chain[-1]:
+                classes = _open_classes(open_pairs[idx])
+                lb = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method, classes=classes)
+                decided = open_pairs.new_zeros((len(idx), open_pairs.shape[1]))
+                decided.scatter_(1, classes, lb > tol[idx].unsqueeze(1))
+            else:
+                decided = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method) > tol[idx].unsqueeze(1)
+            open_pairs[idx] &= ~decided
+        return correct & ~open_pairs.any(dim=1)
 
     def certified_radius(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """
@@ -416,6 +446,17 @@ class WeightPerturbationCertifier(Settings):
         known = torch.nonzero((lower > 0) & torch.isfinite(lower)).squeeze(1)
         evaluate.predict(known, lower[known], at_lower[known])  # the critical classes from the warm start's bounds
         return search_pruned(evaluate, g0, self._unit_eps(), lower, relative_width=width)
+
+
+def _open_classes(open_pairs: torch.Tensor) -> torch.Tensor:
+    """``(N, J)`` class indices of each row's open entries of ``open_pairs`` ``(N, K)`` (every row has one), ``J`` the
+    largest count, shorter rows padded with their first open class (bounded twice, same value)."""
+    counts = open_pairs.sum(dim=1)
+    order = torch.argsort((~open_pairs).to(torch.int8), dim=1, stable=True)  # open classes first, in class order
+    width = int(counts.max())
+    classes = order[:, :width]
+    pad = torch.arange(width, device=open_pairs.device).unsqueeze(0) >= counts.unsqueeze(1)
+    return torch.where(pad, classes[:, :1], classes)
 
 
 class _SearchBounds:
