@@ -239,3 +239,40 @@ def test_float64_centres_hold_the_exact_box_and_drop_the_centres_rounding(radius
             excess_wide = float(Fraction(float(wide[1][s, r] - wide[0][s, r])) - (high - low))
             excess_narrow = float(Fraction(float(narrow[1][s, r] - narrow[0][s, r])) - (high - low))
             assert excess_wide < excess_narrow / 20, (s, r, excess_wide, excess_narrow)
+
+
+def test_float64_centres_are_chosen_per_sample_and_hold_the_exact_box():
+    # a batch mixing a narrow box (the float32 centre's rounding would dominate it: float64 centre) and a wide one
+    # (float32 centre): each sample gets the box it gets alone (up to the float32 products' order), and it holds
+    # its exact range (rationals)
+    from fractions import Fraction
+
+    from art_weightpert.certification.interval import FLOAT64_CENTRE_SHARE, _float64_rows, rounded_affine_interval
+
+    gen = torch.Generator().manual_seed(3)
+    n, rows = 64, 5
+    layer_module = nn.Linear(n, rows)
+    with torch.no_grad():
+        layer_module.weight.copy_(
+            torch.randn((rows, n), generator=gen) * 10.0 ** (3 * torch.rand((rows, n), generator=gen))
+        )
+        layer_module.bias.copy_(torch.randn(rows, generator=gen))
+    model = nn.Sequential(layer_module).eval().requires_grad_(False)
+    network = read_network(model, (n,))
+    layer, params = network.layers[0], network.params(dtype=torch.float32)
+    lo = _inputs((n,), 4, gen)
+    hi = lo + lo.abs() * torch.tensor([[1e-7], [1.0], [1e-7], [1.0]])  # narrow, wide, narrow, wide
+    wide = _float64_rows(torch.maximum(lo.abs(), hi.abs()), hi - lo, 3e-6)
+    assert wide.tolist() == [True, False, True, False] and FLOAT64_CENTRE_SHARE < 1
+    box = rounded_affine_interval(layer, params, lo, hi, {}, float64_centre=True)
+    w = [[Fraction(float(v)) for v in row] for row in layer_module.weight.double()]
+    b = [Fraction(float(v)) for v in layer_module.bias.double()]
+    for s in range(4):
+        alone = rounded_affine_interval(layer, params, lo[s : s + 1], hi[s : s + 1], {}, float64_centre=True)
+        width, width_alone = (box[1][s] - box[0][s]).double(), (alone[1][0] - alone[0][0]).double()
+        assert torch.allclose(width, width_alone, rtol=1e-2), s  # the same centre's precision in any batch
+        ends = [(Fraction(float(a)), Fraction(float(z))) for a, z in zip(lo[s].double(), hi[s].double())]
+        for r in range(rows):
+            low = sum(min(w[r][j] * e for e in ends[j]) for j in range(n)) + b[r]
+            high = sum(max(w[r][j] * e for e in ends[j]) for j in range(n)) + b[r]
+            assert Fraction(float(box[0][s, r])) <= low and Fraction(float(box[1][s, r])) >= high, (s, r)
