@@ -265,6 +265,9 @@ def test_float64_centres_are_chosen_per_sample_and_hold_the_exact_box():
     wide = _float64_rows(torch.maximum(lo.abs(), hi.abs()), hi - lo, 3e-6)
     assert wide.tolist() == [True, False, True, False] and FLOAT64_CENTRE_SHARE < 1
     box = rounded_affine_interval(layer, params, lo, hi, {}, float64_centre=True)
+    balls = {t.param_name: t for t in PerturbationBudget(1e-9, "inf").parameter_balls(model, torch.float32)}
+    factors = torch.ones(4, dtype=torch.float64)  # float64 radius factors made the float32 samples' ends float64
+    with_ball = rounded_affine_interval(layer, params, lo, hi, balls, scale=factors, float64_centre=True)
     w = [[Fraction(float(v)) for v in row] for row in layer_module.weight.double()]
     b = [Fraction(float(v)) for v in layer_module.bias.double()]
     for s in range(4):
@@ -276,3 +279,4 @@ def test_float64_centres_are_chosen_per_sample_and_hold_the_exact_box():
             low = sum(min(w[r][j] * e for e in ends[j]) for j in range(n)) + b[r]
             high = sum(max(w[r][j] * e for e in ends[j]) for j in range(n)) + b[r]
             assert Fraction(float(box[0][s, r])) <= low and Fraction(float(box[1][s, r])) >= high, (s, r)
+            assert Fraction(float(with_ball[0][s, r])) <= low and Fraction(float(with_ball[1][s, r])) >= high, (s, r)

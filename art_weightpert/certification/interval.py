@@ -273,7 +273,8 @@ def rounded_affine_interval(
     if every:
         return finite_box(lo64, hi64)
     rows = torch.nonzero(wide).squeeze(1)
-    return finite_box((center - radius).index_put((rows,), lo64), (center + radius).index_put((rows,), hi64))
+    low, high = center - radius, center + radius  # float64 when a caller's radius factors were (an exact widening)
+    return finite_box(low.index_put((rows,), lo64.to(low.dtype)), high.index_put((rows,), hi64.to(high.dtype)))
 
 
 FLOAT64_CENTRE_SHARE = 2.0**-10
