@@ -210,8 +210,9 @@ def rounded_affine_interval(
     input it is one product ``|W||x|``, kept in the :class:`.CentredBox` for the linear bound's own error terms
     (:func:`.rounding_map`). The box is never exact (``lo is hi`` only for the network's input).
 
-    ``float64_centre`` (an unknown input in a narrower dtype): the centre ``W c + b`` is computed in float64 and the
-    box's ends ``C ± R`` too, then cast outward; the centre's term ``g |W| m`` becomes ``(g₆₄ + 4u) |W| m``
+    ``float64_centre`` (an unknown input in a narrower dtype): for every sample whose box needs it
+    (:data:`FLOAT64_CENTRE_SHARE`) the centre ``W c + b`` is computed in float64 and the box's ends ``C ± R`` too, then
+    cast outward; the centre's term ``g |W| m`` becomes ``(g₆₄ + 4u) |W| m``
     (:func:`_float64_centre_factor`), the rest of the radius is unchanged. The dot products' error is of the size of
     the activations (``|W||c|``) while the radius is of the size of the ball: on the 32-channel convolutions of a
     residual network (``n`` = 288) it cost the linear bound up to 1.5% of its certified share (docs/results.md)."""
@@ -233,14 +234,15 @@ def rounded_affine_interval(
     half_abs = cached(cache, f"half_abs_up/{up}", (weight,), lambda: halved_abs_up(weight) * up)
     width = hi - lo
     wide = _float64_rows(m, width, g) if float64_centre and lo.dtype != torch.float64 else None
-    every = wide is not None and bool(wide.all())
     if wide is not None and not bool(wide.any()):
         wide = None
+    every = wide is not None and bool(wide.all())
     g_centre = g
     if wide is not None:  # the centre's rounding: float64's, plus the casts of W and b to the working dtype
         g_wide = _float64_centre_factor(layer, weight, lo.dtype)
         shape = (-1,) + (1,) * (m.dim() - 1)
-        g_centre = g_wide if every else torch.where(wide, g_wide, g).to(m.dtype).reshape(shape)  # g|b| kept: 1 term
+        g_centre = g_wide if every else torch.where(wide, g_wide, g).to(m.dtype).reshape(shape)
+        # g_bias keeps the float32 factor g: one term per row, the same for every sample whatever its centre
     if not every:
         center = centre_of_sum(layer, lo + hi, weight, bias, cache)
     if wide is not None:
@@ -427,8 +429,9 @@ def interval_preactivation_bounds(
     never clipped. ``rounding``: the boxes hold the exact real-number network's values despite the floating-point
     evaluation in the boxes' dtype (docs/theory.md §5; :func:`rounded_affine_interval`, :func:`round_fixed`); only the
     input is then an exact value, and ``known`` is ignored. ``float64_centres`` (with ``rounding`` in float32): the
-    centres of the affine layers on unknown inputs are computed in float64 (tighter boxes for about one float64
-    forward pass: the linear and optimized bounds take them, the interval bound does not)."""
+    centres of the affine layers on unknown inputs are computed in float64 for the samples whose boxes need them
+    (:func:`rounded_affine_interval`; tighter boxes for at most one float64 forward pass: the linear and optimized
+    bounds take them, the interval bound does not)."""
     param_balls = by_param_name(param_balls)
     boxes = [(x, x)]
     nonnegative = nonnegative_values(network)
