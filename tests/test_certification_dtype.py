@@ -70,6 +70,39 @@ def test_float32_certifies_what_float64_does_and_survives_the_attack(trained, me
     assert all(torch.equal(v, clf.base_model.state_dict()[k]) for k, v in before.items())
 
 
+def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centres():
+    # the float32 interval bound keeps float32 centres for its speed; certify bounds the margins it leaves open once
+    # more on boxes with float64 centres (docs/theory.md §5): it certifies exactly the samples whose every margin one of
+    # the two sound bounds decides, more than the float32 centres alone here, and the attack flips none of them
+    from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
+    from art_weightpert.certification.precision import certification_rtol
+    from art_weightpert.zoo import digits_resnet, make_classifier
+
+    torch.manual_seed(0)
+    model = digits_resnet(seed=0).train()
+    with torch.no_grad():  # batch-norm statistics of random images
+        for _ in range(3):
+            model(torch.rand((16, 1, 8, 8)) * 2 - 0.5)
+    clf = make_classifier(model.eval(), (1, 8, 8))
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    budget = PerturbationBudget(3e-6, "inf")
+    certifier = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False, dtype=torch.float32)
+    got = certifier.certify(x)
+    logits = torch.as_tensor(clf.predict(x))
+    labels = logits.argmax(dim=1)
+    tol = certification_rtol(torch.float32) * (1 + logits.abs().amax(dim=1, keepdim=True))
+    network, balls, x_t = certifier.network, certifier.parameter_balls, torch.as_tensor(x)
+    narrow = interval_margin_bounds(network, balls, x_t, labels, torch.float32, rounding=True)
+    boxes = interval_preactivation_bounds(
+        network, balls, x_t, network.params(dtype=torch.float32), rounding=True, float64_centres=True
+    )
+    wide = interval_margin_bounds(network, balls, x_t, labels, torch.float32, boxes=boxes, rounding=True)
+    np.testing.assert_array_equal(got, ((narrow > tol) | (wide > tol)).all(dim=1).numpy())
+    assert got.sum() > (narrow > tol).all(dim=1).sum() > 0  # the second bound decides samples the first left open
+    attack = PerSampleWeightPGD(clf, budget, max_iter=30, num_random_init=1, verbose=False).generate(x, labels.numpy())
+    assert not np.any(attack["flipped"] & got)
+
+
 def test_float32_radius_is_certified_and_close_to_float64(trained):
     clf, x, y = trained
     budget = PerturbationBudget(1e-3, "inf")

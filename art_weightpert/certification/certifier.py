@@ -228,7 +228,9 @@ class WeightPerturbationCertifier(Settings):
         :attr:`.BoundMethod.never_above`) evaluates the cheaper ones first and bounds only the margins they leave
         open, of the correctly predicted samples: every margin is decided by a sound bound, with the decisions of the
         method's own bounds up to their rounding (in float32 also up to the cheaper bound's own boxes, which may
-        certify a margin at the edge that the method's would not).
+        certify a margin at the edge that the method's would not). In float32, ``"interval"`` (whose boxes keep
+        float32 centres, for its speed) bounds the margins it leaves open once more on boxes with float64 centres
+        (docs/theory.md §5): tighter, and paid only for the samples not yet certified.
         """
         out = []
         for x_t, labels, tol, correct in self._prepared_batches(x, y, "certify"):
@@ -257,7 +259,25 @@ class WeightPerturbationCertifier(Settings):
             else:
                 decided = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method) > tol[idx].unsqueeze(1)
             open_pairs[idx] &= ~decided
+        self._refine_open_pairs(x_t, labels, tol, open_pairs)
         return correct & ~open_pairs.any(dim=1)
+
+    def _refine_open_pairs(self, x_t, labels, tol, open_pairs: torch.Tensor) -> None:
+        """In float32, a method whose boxes keep float32 centres (``"interval"``: its speed) bounds the margins it left
+        open once more on boxes with float64 centres (:attr:`.BoundMethod.float64_centres`, docs/theory.md §5): a
+        tighter sound bound, computed only for the samples still open; decided pairs are cleared in ``open_pairs``."""
+        method = self._method
+        idx = torch.nonzero(open_pairs.any(dim=1)).squeeze(1)
+        if not self._rounding() or not method.takes_boxes or method.float64_centres or len(idx) == 0:
+            return
+        params = self._network.params(dtype=self.dtype)
+        with torch.no_grad(), exact_kernels():
+            boxes = interval_preactivation_bounds(
+                self._network, self._param_balls, x_t[idx].to(self.dtype), params, None, self._cache,
+                rounding=True, float64_centres=True,
+            )  # fmt: skip
+        decided = self._bounds(x_t[idx], labels[idx], self._param_balls, boxes=boxes) > tol[idx].unsqueeze(1)
+        open_pairs[idx] &= ~decided
 
     def certified_radius(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """
