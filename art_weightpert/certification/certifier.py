@@ -54,7 +54,7 @@ from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.estimators.wrapping import as_weight_classifier, weights_version
 from art_weightpert.network import BatchNorm, Network, read_network
 from art_weightpert.rounding import exact_kernels, finite_lower
-from art_weightpert.torch_tools import eval_mode, float64_copy
+from art_weightpert.torch_tools import eval_mode, float64_copy, keep_freed_memory
 from art_weightpert.validation import check_bool, check_choice, check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -401,6 +401,7 @@ class WeightPerturbationCertifier(Settings):
         """Margin lower bounds ``(N, K)`` in the bounds' dtype of ``method`` (default: the certifier's); ``scale``
         multiplies every radius per sample; ``rows``: the method's ``boxes=`` or ``classes=`` (then ``(N, J)``)."""
         method = self._method if method is None else method
+        keep_freed_memory()  # the bounds' temporaries reuse freed memory instead of faulting pages in afresh
         with torch.no_grad(), exact_kernels():
             bounds = method.bounds(
                 self._network, param_balls, x_t, labels, self.dtype, factors_in(scale, self.dtype), self._cache,

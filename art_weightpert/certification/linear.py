@@ -64,7 +64,7 @@ from art_weightpert.rounding import (
     smallest_subnormal,
     underflow_error,
 )
-from art_weightpert.torch_tools import batch_slices
+from art_weightpert.torch_tools import batch_slices, keep_freed_memory
 
 BACKWARD_RULES = rule_table("backward", {Affine: affine_backward})
 """The backward rule of every operator (:meth:`.Operator.backward`) by operator class, the affine layer's with the
@@ -168,7 +168,9 @@ def chunk_size(network: Network, x: torch.Tensor, nb_rows: int, dtype: torch.dty
 
 def _in_chunks_if_large(bound, network, param_balls, x, labels, dtype, scale, cache, boxes, classes, rounding=False):
     """``bound``'s value computed by :func:`in_chunks` when the batch is larger than one chunk (:func:`chunk_size`),
-    else ``None``."""
+    else ``None``. The chunks' temporaries are freed and allocated again at every step: the C allocator is first told
+    to keep freed memory (:func:`.keep_freed_memory`)."""
+    keep_freed_memory()
     nb_classes = network.layers[-1].module.out_features
     size = chunk_size(network, x, nb_classes - 1 if classes is None else classes.shape[1], dtype)
     if size >= len(x):
