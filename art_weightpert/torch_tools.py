@@ -89,9 +89,11 @@ __all__ = [
 ]
 
 
-HEAP_BLOCK_BYTES = 16 * 2**20
-"""Size of the block :func:`keep_freed_memory` allocates and frees: above the few MiB of a bound's chunk tensors
-(``CHUNK_BYTES``), below glibc's 32 MiB ceiling on the adaptive threshold."""
+HEAP_BLOCK_BYTES = 31 * 2**20
+"""Size of the block :func:`keep_freed_memory` allocates and frees: just below glibc's 32 MiB ceiling on the adaptive
+threshold, above the bounds' chunk tensors (``CHUNK_BYTES``) and the activations of a forward pass of a few hundred
+small images (a 16-channel 28x28 map of 256 samples: 12.8 MB; with 16 MiB that CNN's forward pass still took 29-35 ms
+on one core, with 31 MiB 19-20 ms)."""
 
 _freed_memory_kept = False
 
@@ -101,11 +103,12 @@ def keep_freed_memory() -> None:
     Let glibc's ``malloc`` keep the memory that torch's CPU tensors free, once per process. glibc serves a block above
     its mmap threshold (128 KiB at first) by ``mmap`` and returns the free memory at the top of its heap to the system
     beyond twice that threshold; freeing a mapped block raises the threshold to the block's size (up to 32 MiB). Until
-    some block of a few MiB has been freed, the chunk-sized temporaries of the linear bounds are mapped or trimmed at
-    every step and their pages faulted in afresh: on one core a third of the linear bound of an MLP 784-512-512-10 at
-    batch 1024 (docs/results.md). Allocating and freeing one untouched block of :data:`HEAP_BLOCK_BYTES` raises the
-    threshold as any program that frees such a block does; the process keeps up to twice that size of free memory at
-    the top of its heap. Elsewhere (another C library, or thresholds fixed by ``mallopt``) it only costs the block.
+    some large block has been freed, the chunk-sized temporaries of the linear bounds (and a forward pass's
+    activations) are mapped or trimmed at every step and their pages faulted in afresh: on one core a third of the
+    linear bound of an MLP 784-512-512-10 at batch 1024 (docs/results.md). Allocating and freeing one untouched block
+    of :data:`HEAP_BLOCK_BYTES` raises the threshold as any program that frees such a block does; the process then
+    keeps up to twice that size of free memory at the top of its heap. Elsewhere (another C library, or thresholds
+    fixed by ``mallopt``) it only costs the block.
     """
     global _freed_memory_kept  # pylint: disable=global-statement
     if not _freed_memory_kept:
