@@ -134,6 +134,12 @@ def child(row: str, args: argparse.Namespace) -> float:
     import torch
 
     torch.set_num_threads(args.threads)
+    try:  # forward passes and bounds timed in the allocator state the bounds set (a base checkout may predate it)
+        from art_weightpert.torch_tools import keep_freed_memory
+    except ImportError:
+        keep_freed_memory = None
+    if keep_freed_memory is not None:
+        keep_freed_memory()
     sys.path.insert(0, str(HERE))
     if row.startswith("pgd_"):
         return _pgd_row(row[len("pgd_") :], args.repeats)

@@ -43,6 +43,7 @@ from art_weightpert.certification.interval import interval_margin_bounds
 from art_weightpert.certification.linear import linear_margin_bounds
 from art_weightpert.data import load_digits_data
 from art_weightpert.network import read_network
+from art_weightpert.torch_tools import keep_freed_memory
 from art_weightpert.zoo import digits_resnet, resnet18_cifar, train_digits_resnet
 
 RADII = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3)
@@ -175,6 +176,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # forward passes and bounds timed in the allocator state the bounds set (torch_tools)
     x_train, y_train, x_test, y_test = load_digits_data(flatten=False)
     if args.skip_tightness:
         digits_model = digits_resnet()
