@@ -12,7 +12,8 @@ Targets (200 test points, box on every weight):
 For each case: the shares of the verdicts, the linear certificate's share, the mean wall-clock seconds per sample (the
 target is ≤ 2), the mean CPU seconds per sample (the same on an idle machine; robust to other processes) and the
 largest per-sample wall clock. Run: ``python benchmarks/bench_verifier.py [--points 200] [--time-limit S]
-[--cases resnet-1e-4,resnet-3e-5,mlp-6e-3]``; prints one JSON line per case.
+[--cases resnet-1e-4,resnet-3e-5,mlp-6e-3] [--dtype float64|float32]`` (the bounds' precision of the certificate and
+the verifier; float32 with the rounding-error terms of docs/theory.md §5); prints one JSON line per case.
 """
 
 from __future__ import annotations
@@ -60,17 +61,18 @@ def train_mlp(x: np.ndarray, y: np.ndarray) -> PyTorchWeightClassifier:
     return PyTorchWeightClassifier(model.eval(), nn.CrossEntropyLoss(), (64,), 10)
 
 
-def run(case: str, classifier, x: np.ndarray, y: np.ndarray, eps: float, time_limit: float) -> dict:
+def run(case: str, classifier, x: np.ndarray, y: np.ndarray, eps: float, time_limit: float, dtype: torch.dtype) -> dict:
     budget = PerturbationBudget(eps, "inf")
     start = time.perf_counter()
-    linear = float(WeightPerturbationCertifier(classifier, budget, verbose=False).certify(x, y).mean())
+    linear = float(WeightPerturbationCertifier(classifier, budget, verbose=False, dtype=dtype).certify(x, y).mean())
     linear_seconds = time.perf_counter() - start
-    verifier = WeightPerturbationVerifier(classifier, budget, time_limit=time_limit, verbose=False)
+    verifier = WeightPerturbationVerifier(classifier, budget, time_limit=time_limit, verbose=False, dtype=dtype)
     start, cpu = time.perf_counter(), time.process_time()
     result = verifier.verify(x, y)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {
         "case": case,
+        "dtype": str(dtype).removeprefix("torch."),
         "points": len(x),
         "time_limit": time_limit,
         **{k: round(v, 4) for k, v in result.shares().items()},
@@ -88,7 +90,9 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=200)
     parser.add_argument("--time-limit", type=float, default=None, help="seconds per sample (default: the case's)")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64", help="the bounds' precision")
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(1)
     models = {}
     for case in args.cases.split(","):
@@ -99,7 +103,7 @@ def main() -> None:
             models[kind] = (classifier, x_test[: args.points], y_test[: args.points])
         classifier, x, y = models[kind]
         limit = time_limit if args.time_limit is None else args.time_limit
-        print(json.dumps(run(case, classifier, x, y, eps, limit)), flush=True)
+        print(json.dumps(run(case, classifier, x, y, eps, limit, dtype)), flush=True)
 
 
 if __name__ == "__main__":

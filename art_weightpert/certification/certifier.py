@@ -92,6 +92,14 @@ def load_centre_weights(
             b.copy_(base.get_buffer(name))
 
 
+def balls_in(budget: PerturbationBudget, model: torch.nn.Module, dtype: torch.dtype) -> dict[str, ParameterBall]:
+    """``budget`` resolved on ``model``'s (centre) weights, by parameter name: the radii computed in float64 and rounded
+    up to the bounds' ``dtype`` (:func:`.precision.radius_in`), so that the ball in ``dtype`` contains the ball asked
+    for (docs/theory.md §5)."""
+    balls = budget.parameter_balls(model, torch.float64)
+    return {t.param_name: replace(t, radius=radius_in(t.radius, dtype)) for t in balls}
+
+
 class WeightPerturbationCertifier(Settings):
     """
     Certificates of pairwise-margin robustness under weight perturbation (docs/theory.md §3–§5).
@@ -336,9 +344,8 @@ class WeightPerturbationCertifier(Settings):
         self._key = key
 
     def _balls(self, budget: PerturbationBudget) -> dict[str, ParameterBall]:
-        """``budget`` resolved on the centre weights, radii computed in float64 and rounded up to the bounds' dtype."""
-        balls = budget.parameter_balls(self._model, torch.float64)
-        return {t.param_name: replace(t, radius=radius_in(t.radius, self.dtype)) for t in balls}
+        """``budget`` resolved on the centre weights (:func:`balls_in`)."""
+        return balls_in(budget, self._model, self.dtype)
 
     def _unit_eps(self) -> float:
         """The budget's own position on the radius scale searched by :meth:`certified_radius` (its ``eps``; 1 for a

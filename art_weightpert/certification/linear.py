@@ -28,6 +28,7 @@ Everything is plain torch, batched over samples and specifications, on the input
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
@@ -218,6 +219,8 @@ def backward_from(
     ctx: BackwardContext,
     *,
     rounding: bool | None = None,
+    injections: Mapping[int, torch.Tensor] | None = None,
+    stop: int = 0,
 ) -> torch.Tensor:
     """
     A lower bound of ``a · v`` over the ball, ``v`` the network's value ``value`` (indexed as
@@ -229,36 +232,62 @@ def backward_from(
     ``rounding`` (default: :attr:`.BackwardContext.rounding`): sound for the exact real-number network despite the
     floating-point evaluation (docs/theory.md §5; the boxes computed with ``rounding`` too): every rule subtracts its
     own rounding error, and here the sums of coefficients where paths meet and of the constants.
+
+    ``injections``: coefficients ``(N, J) + value shape`` added to those reaching a value before its step, by value
+    index (β-CROWN's multipliers of split constraints, docs/theory.md §11); ``stop``: the pass runs through the layers
+    of index ``≥ stop`` only, and the coefficients then left on earlier values are concretized on their boxes (sound:
+    every box holds on the whole ball, or branch); ``0``: to the input.
     """
     if rounding is not None and rounding != ctx.rounding:
         ctx = replace(ctx, rounding=rounding)
+    injections = injections or {}
     if ctx.rounding:
-        return _rounded_backward_from(network, value, a, x, boxes, ctx)
+        return _rounded_backward_from(network, value, a, x, boxes, ctx, injections, stop)
     pending = {value: a}  # value -> coefficients on it, (N, J) + the value's shape
     const = a.new_zeros(a.shape[:2])
-    for index in range(value - 1, -1, -1):  # reverse topological order (docs/theory.md §9)
-        a = pending.pop(index + 1, None)
+    for index in range(value - 1, stop - 1, -1):  # reverse topological order (docs/theory.md §9)
+        a = _injected(pending.pop(index + 1, None), injections.get(index + 1))
         if a is None:
             continue
         const = const + backward_step(network, index, a, boxes, ctx, pending)
-    if 0 in pending:  # coefficients on the input itself (a shortcut from the input)
-        const = const + batched_dot(pending.pop(0), x)
+    for v, a in pending.items():  # the input (a shortcut from it), or with ``stop`` values before that layer
+        lo, hi = (x, x) if v == 0 else boxes[v]
+        const = const + (batched_dot(a, lo) if lo is hi else _concretized(a, lo, hi))
     return const
 
 
-def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx: BackwardContext) -> torch.Tensor:
+def _injected(a: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
+    """Coefficients ``a`` plus an injection ``extra`` (either may be ``None``)."""
+    if extra is None:
+        return a
+    return extra if a is None else a + extra
+
+
+def _concretized(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``min a · v`` over the box ``[lo, hi]``: ``a⁺·lo + a⁻·hi``, ``(N, J)``."""
+    return batched_dot(a.clamp_min(0), lo) + batched_dot(a.clamp_max(0), hi)
+
+
+def _rounded_backward_from(
+    network: Network, value: int, a, x, boxes: Boxes, ctx: BackwardContext, injections: Mapping, stop: int
+) -> torch.Tensor:
     """:func:`backward_from` with the rounding terms of docs/theory.md §5 that belong to no single rule: coefficients
-    summed where ``k`` paths meet are within ``γ_k`` of their exact sum, ``γ_k ⟨|Λ|, m⟩`` with ``m`` the value's
-    magnitude; the constants, accumulated over ``L`` steps, within ``γ_L Σ|c|``; the final ``Λ₀·x`` within
-    ``γ_n ⟨|Λ₀|, |x|⟩``."""
+    summed where ``k`` paths meet (an injection is one more) are within ``γ_k`` of their exact sum, ``γ_k ⟨|Λ|, m⟩``
+    with ``m`` the value's magnitude; the constants, accumulated over ``L`` steps, within ``γ_L Σ|c|``; the final
+    ``Λ₀·x`` (or ``Λ⁺·l + Λ⁻·u`` on an earlier value's box, with ``stop``) within ``γ_n ⟨|Λ₀|, m⟩``, and each of its
+    products below the normal range within ``η/2``."""
     pending = {value: a}
     readers = {}  # value -> how many coefficient tensors were summed into it
     const = a.new_zeros(a.shape[:2])
     total = a.new_zeros(a.shape[:2])  # Σ |c| of the steps' constants
     steps = 0
     dtype = a.dtype
-    for index in range(value - 1, -1, -1):
+    for index in range(value - 1, stop - 1, -1):
         a = pending.pop(index + 1, None)
+        extra = injections.get(index + 1)
+        if extra is not None:
+            readers[index + 1] = 1 if a is None else readers.get(index + 1, 1) + 1
+            a = _injected(a, extra)
         if a is None:
             continue
         if readers.get(index + 1, 1) > 1:  # docs/theory.md §5: the join's sum rounded
@@ -268,10 +297,12 @@ def _rounded_backward_from(network: Network, value: int, a, x, boxes: Boxes, ctx
             c = 0.0
         c = c + backward_step(network, index, a, boxes, ctx, pending, readers)
         const, total, steps = const + c, total + c.abs(), steps + 1
-    if 0 in pending:  # docs/theory.md §5: Λ₀·x, plus the join at the input
-        a0 = pending.pop(0)
-        c = batched_dot(a0, x)
-        c = c - abs_dot(a0, x.abs()) * error_factor(a0[0, 0].numel() + readers.get(0, 1), dtype)
+    for v, a in pending.items():  # docs/theory.md §5: Λ₀·x (or a box's ends with ``stop``), plus the join there
+        lo, hi = (x, x) if v == 0 else boxes[v]
+        length = a[0, 0].numel()
+        c = batched_dot(a, lo) if lo is hi else _concretized(a, lo, hi)
+        c = c - abs_dot(a, magnitude(lo, hi)) * error_factor(length + 1 + readers.get(v, 1), dtype)
+        c = c - smallest_subnormal(dtype) * 4 * (length + 2)
         const, total, steps = const + c, total + c.abs(), steps + 1
     return round_down(finite_lower(const - total * error_factor(steps, dtype)))  # round_down(inf) would be finite
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 
 from art_weightpert.budget import ParameterBall
-from art_weightpert.certification.common import BoundCache, Boxes, batched_dot, fill_label, margin_matrix, slice_boxes
+from art_weightpert.certification.common import BoundCache, Boxes, fill_label, margin_matrix, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
-from art_weightpert.certification.linear import backward_from, backward_step, linear_margin_bounds, other_classes
+from art_weightpert.certification.linear import backward_from, linear_margin_bounds, other_classes
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.certification.weight_terms import BackwardContext
 from art_weightpert.network import Network
@@ -69,25 +69,36 @@ class BoxBound:
     The default :data:`BoundFunction`: a registry bound (``"linear"`` or ``"interval"``, :data:`.METHODS`) on the
     interval boxes clipped to the branch's splits (:func:`.interval_preactivation_bounds`).
 
-    :param network: the model read by :func:`.read_network` (float64 centre weights).
-    :param param_balls: the budget resolved on it.
+    :param network: the model read by :func:`.read_network` (centre weights in ``dtype``).
+    :param param_balls: the budget resolved on it (radii in ``dtype``, rounded up: :func:`.balls_in`).
     :param method: ``"linear"`` or ``"interval"``.
     :param cache: a :class:`.BoundCache` shared by the calls.
+    :param dtype: the bounds' precision: float64, or float32 with the rounding-error terms of docs/theory.md §5 (the
+        boxes, the backward passes and the intermediate bounds; the boxes with float64 centres where the method takes
+        them, :attr:`.BoundMethod.float64_centres`).
     """
 
     def __init__(
-        self, network: Network, param_balls: Mapping[str, ParameterBall], method: str = "linear", cache=None
+        self,
+        network: Network,
+        param_balls: Mapping[str, ParameterBall],
+        method: str = "linear",
+        cache=None,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         if not METHODS[method].takes_boxes:
             raise ValueError(f"method {method!r} does not take boxes; branch and bound needs one that does.")
         self.network, self.param_balls, self.method = network, dict(param_balls), METHODS[method]
         self.cache = BoundCache() if cache is None else cache
-        self.params = network.params(dtype=torch.float64)
+        self.dtype, self.rounding = dtype, dtype != torch.float64
+        self.params = network.params(dtype=dtype)
 
     def boxes(self, x: torch.Tensor, splits: Splits | None = None) -> Boxes:
         """The interval boxes of ``x`` clipped to ``splits``."""
+        wide = self.rounding and self.method.float64_centres
         return interval_preactivation_bounds(
-            self.network, self.param_balls, x, self.params, None, self.cache, splits=splits
+            self.network, self.param_balls, x, self.params, None, self.cache, splits=splits, rounding=self.rounding,
+            float64_centres=wide,
         )  # fmt: skip
 
     tighten: list[int] | None = None
@@ -105,12 +116,13 @@ class BoxBound:
         (the splits returned are those tightened ones)."""
         if splits and self.tighten:
             splits = backward_intermediate_splits(
-                self.network, self.param_balls, x, self.tighten, splits, self.cache, self.depth
+                self.network, self.param_balls, x, self.tighten, splits, self.cache, self.depth, self.rounding
             )  # fmt: skip
         with torch.no_grad():
             boxes = self.boxes(x, splits)
             lb = self.method.bounds(
-                self.network, self.param_balls, x, labels, torch.float64, None, self.cache, boxes=boxes
+                self.network, self.param_balls, x, labels, self.dtype, None, self.cache, boxes=boxes,
+                **({"rounding": True} if self.rounding else {}),
             )  # fmt: skip
         return lb, boxes, splits
 
@@ -129,9 +141,9 @@ def split_signs(splits: Splits, values: list[int]) -> dict[int, torch.Tensor]:
         floor, ceiling = splits.get(v, (None, None))
         sign = None
         if floor is not None:
-            sign = (floor >= 0).to(torch.float64)
+            sign = (floor >= 0).to(floor.dtype)
         if ceiling is not None:
-            down = (ceiling <= 0).to(torch.float64)
+            down = (ceiling <= 0).to(ceiling.dtype)
             sign = -down if sign is None else torch.where(down > 0, -down, sign)
         if sign is not None and bool(sign.any()):
             out[v] = sign
@@ -150,23 +162,13 @@ def backward_with_injections(
     The backward linear bound of the margins (docs/theory.md §4b) of every class but the label, ``(B, K − 1)``, where
     the coefficients reaching value ``v`` get ``injections[v]`` ``(B, K − 1) + value shape`` added first: with
     ``−β s`` there, the bound of ``f − Σ β s z``, a lower bound of the margins on the branch where ``s z ≥ 0``
-    (β-CROWN's Lagrangian of the split constraints, Wang et al. 2021), for every ``β ≥ 0``.
+    (β-CROWN's Lagrangian of the split constraints, Wang et al. 2021), for every ``β ≥ 0``; with
+    :attr:`.BackwardContext.rounding`, sound for the exact network (the injections' sums are joins of §5).
     """
     nb_classes = network.layers[-1].module.out_features
     classes = other_classes(labels, nb_classes)
     a = margin_matrix(labels, nb_classes, x.dtype).gather(1, classes.unsqueeze(2).expand(-1, -1, nb_classes))
-    pending = {len(network.layers): a}
-    const = a.new_zeros(a.shape[:2])
-    for index in range(len(network.layers) - 1, -1, -1):
-        coefficients = pending.pop(index + 1, None)
-        if index + 1 in injections:
-            extra = injections[index + 1]
-            coefficients = extra if coefficients is None else coefficients + extra
-        if coefficients is not None:
-            const = const + backward_step(network, index, coefficients, boxes, ctx, pending)
-    if 0 in pending:
-        const = const + batched_dot(pending.pop(0), x)
-    return const
+    return backward_from(network, len(network.layers), a, x, boxes, ctx, injections=injections)
 
 
 class BetaBound(BoxBound):
@@ -181,8 +183,11 @@ class BetaBound(BoxBound):
     :param target: rows whose worst bound already exceeds it are not optimized.
     """
 
-    def __init__(self, network, param_balls, cache=None, steps: int = BETA_STEPS, lr: float = BETA_LR, target=1e-6):
-        super().__init__(network, param_balls, "linear", cache)
+    def __init__(
+        self, network, param_balls, cache=None, steps: int = BETA_STEPS, lr: float = BETA_LR, target=1e-6,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:  # fmt: skip
+        super().__init__(network, param_balls, "linear", cache, dtype)
         self.steps, self.lr, self.target = int(steps), float(lr), float(target)
         self.values = split_values(network)
 
@@ -204,10 +209,12 @@ class BetaBound(BoxBound):
     def _optimized(self, x, labels, boxes, signs) -> torch.Tensor:
         """The best β bound ``(B, K)`` (``+inf`` at the label) of the branches ``x`` over the steps."""
         nb_classes = self.network.layers[-1].module.out_features
-        ctx = BackwardContext(params=self.params, param_balls=self.param_balls, cache=self.cache)
+        ctx = BackwardContext(
+            params=self.params, param_balls=self.param_balls, cache=self.cache, rounding=self.rounding
+        )
         betas = {
             v: torch.zeros(
-                (len(x), nb_classes - 1) + tuple(s.shape[1:]), dtype=torch.float64, device=x.device, requires_grad=True
+                (len(x), nb_classes - 1) + tuple(s.shape[1:]), dtype=x.dtype, device=x.device, requires_grad=True
             )
             for v, s in signs.items()
         }
@@ -239,23 +246,26 @@ def make_bound(
     param_balls: Mapping[str, ParameterBall],
     cache: BoundCache | None = None,
     beta_steps: int = BETA_STEPS,
+    dtype: torch.dtype = torch.float64,
 ) -> BoundFunction:
     """
     The :data:`BoundFunction` of a method: ``"linear"`` or ``"interval"`` (:class:`BoxBound`), or ``"alpha"`` (the
     optimized bounds of :func:`art_weightpert.certification.alpha.optimized_bounds`, which take ``splits`` and return
-    ``(bounds, boxes)`` themselves). ``"linear"`` with ``beta_steps > 0``: :class:`BetaBound`.
+    ``(bounds, boxes)`` themselves). ``"linear"`` with ``beta_steps > 0``: :class:`BetaBound`. ``dtype``: float64, or
+    float32 with the rounding-error terms of docs/theory.md §5.
     """
     if method == "alpha":
         optimized = importlib.import_module("art_weightpert.certification.alpha").optimized_bounds
+        rounding = {"rounding": True} if dtype != torch.float64 else {}
 
         def alpha(x: torch.Tensor, labels: torch.Tensor, splits: Splits | None = None):
-            lb, boxes = optimized(network, param_balls, x, labels, splits=splits, dtype=torch.float64, cache=cache)
+            lb, boxes = optimized(network, param_balls, x, labels, splits=splits, dtype=dtype, cache=cache, **rounding)
             return lb.detach(), boxes
 
         return alpha
     if method == "linear" and beta_steps > 0:
-        return BetaBound(network, param_balls, cache, steps=beta_steps)
-    return BoxBound(network, param_balls, method, cache)
+        return BetaBound(network, param_balls, cache, steps=beta_steps, dtype=dtype)
+    return BoxBound(network, param_balls, method, cache, dtype)
 
 
 def infeasible(boxes: Boxes, values: list[int]) -> torch.Tensor:
@@ -266,31 +276,6 @@ def infeasible(boxes: Boxes, values: list[int]) -> torch.Tensor:
         if lo is not hi:
             out |= (lo > hi).flatten(1).any(dim=1)
     return out
-
-
-def backward_until(
-    network: Network, value: int, a: torch.Tensor, x: torch.Tensor, boxes: Boxes, ctx: BackwardContext, stop: int
-) -> torch.Tensor:
-    """
-    A lower bound of ``a · v`` (``v`` the value ``value``) by the backward pass of §4b through the layers of index
-    ``≥ stop`` only; the coefficients then left on earlier values are concretized on their boxes (sound: every box
-    holds on the whole ball, or branch). ``stop = 0``: :func:`.backward_from` (to the input).
-    """
-    if stop <= 0:
-        return backward_from(network, value, a, x, boxes, ctx)
-    pending = {value: a}
-    const = a.new_zeros(a.shape[:2])
-    for index in range(value - 1, stop - 1, -1):
-        coefficients = pending.pop(index + 1, None)
-        if coefficients is not None:
-            const = const + backward_step(network, index, coefficients, boxes, ctx, pending)
-    for v, coefficients in pending.items():  # every value left is the output of a layer before ``stop``
-        lo, hi = boxes[v] if v > 0 else (x, x)
-        if lo is hi:
-            const = const + batched_dot(coefficients, lo)
-        else:
-            const = const + batched_dot(coefficients.clamp_min(0), lo) + batched_dot(coefficients.clamp_max(0), hi)
-    return const
 
 
 def split_readers(network: Network) -> dict[int, int]:
@@ -311,6 +296,7 @@ def backward_intermediate_splits(
     splits: Splits | None = None,
     cache: BoundCache | None = None,
     depth: int | None = None,
+    rounding: bool = False,
 ) -> Splits:
     """
     Intermediate bounds by backward passes (full CROWN, docs/theory.md §11) of the values ``values``, in topological
@@ -318,14 +304,16 @@ def backward_intermediate_splits(
     value (with the boxes of the earlier values already tightened), and the result is returned as clips valid for the
     whole ball (the tighter of the interval box and the backward bound).
 
-    :param x: inputs ``(N, ...)`` in float64.
+    :param x: inputs ``(N, ...)`` in the bounds' dtype (float64, or float32 with ``rounding``).
     :param splits: clips to start from (kept, and tightened).
     :param depth: back-substitute through the last ``depth`` activations before the value only (its stage), and
-        concretize on the boxes there (:func:`backward_until`); ``None``: to the input.
+        concretize on the boxes there (``stop=`` of :func:`.backward_from`); ``None``: to the input.
+    :param rounding: the boxes and backward passes with the rounding-error terms of docs/theory.md §5 (the boxes with
+        float64 centres, as the linear bound takes them), so that the clips hold for the exact network.
     :return: the clips, ``{value: (floor, ceiling)}`` of shape ``(N,) + value shape``.
     """
-    params = network.params(dtype=torch.float64)
-    ctx = BackwardContext(params=params, param_balls=dict(param_balls), cache=cache)
+    params = network.params(dtype=x.dtype)
+    ctx = BackwardContext(params=params, param_balls=dict(param_balls), cache=cache, rounding=rounding)
     splits = dict(splits or {})
     n = len(x)
     readers = split_readers(network)
@@ -333,7 +321,9 @@ def backward_intermediate_splits(
         earlier = position - depth if depth is not None else -1
         stop = readers[values[earlier]] + 1 if earlier >= 0 else 0
         with torch.no_grad():
-            boxes = interval_preactivation_bounds(network, param_balls, x, params, None, cache, splits=splits)
+            boxes = interval_preactivation_bounds(
+                network, param_balls, x, params, None, cache, splits=splits, rounding=rounding, float64_centres=rounding
+            )  # fmt: skip
             lo, hi = boxes[v]
             if lo is hi:
                 continue
@@ -352,7 +342,7 @@ def backward_intermediate_splits(
             start = 0
             while start < n and counts[by_count[start]] > 0:
                 w = int(counts[by_count[start]])  # the widest sample of the chunk comes first
-                m = max(1, COEFFICIENT_BYTES // (2 * w * size * 8))
+                m = max(1, COEFFICIENT_BYTES // (2 * w * size * lo.element_size()))
                 rows = by_count[start : start + m]
                 rows = rows[counts[rows] > 0]
                 start += m
@@ -364,7 +354,7 @@ def backward_intermediate_splits(
                 a[rows_idx, cols, idx] = 1.0
                 a[rows_idx, cols + w, idx] = -1.0
                 a = a.reshape((m, 2 * w) + tuple(lo.shape[1:]))
-                out = backward_until(network, v, a, x[rows], slice_boxes(boxes, rows), ctx.rows(rows), stop)
+                out = backward_from(network, v, a, x[rows], slice_boxes(boxes, rows), ctx.rows(rows), stop=stop)
                 new_lo[rows, :w], new_hi[rows, :w] = out[:, :w], -out[:, w:]
             inf = torch.tensor(math.inf, dtype=lo.dtype, device=lo.device)
             floor = flat_lo.clone().scatter_(
@@ -401,8 +391,8 @@ class GradientScore:
             boxes[v] = (lo, hi)
             leaves += [lo, hi]
         with torch.enable_grad():
-            lb = linear_margin_bounds(
-                self.network, self.param_balls, x, labels, torch.float64, None, self.cache, boxes=boxes
+            lb = linear_margin_bounds(  # a heuristic: in the boxes' dtype, without rounding terms
+                self.network, self.param_balls, x, labels, x.dtype, None, self.cache, boxes=boxes
             )
             worst = lb.amin(dim=1)
             grads = torch.autograd.grad(worst[torch.isfinite(worst)].sum(), leaves, allow_unused=True)
@@ -413,7 +403,7 @@ class GradientScore:
             g_lo = torch.zeros_like(lo) if g_lo is None else g_lo.flatten(1)
             g_hi = torch.zeros_like(hi) if g_hi is None else g_hi.flatten(1)
             gain = (-g_lo * lo).clamp_min(0) + (-g_hi * hi).clamp_min(0)
-            area = -lo * hi / (hi - lo).clamp_min(1e-300)
+            area = -lo * hi / (hi - lo).clamp_min(torch.finfo(lo.dtype).tiny)
             crossing = (lo < 0) & (hi > 0)
             scores.append(torch.where(crossing, torch.nan_to_num(gain) + 1e-9 * area, -math.inf))
         return torch.cat(scores, dim=1)
@@ -458,6 +448,7 @@ class BranchAndBound:
 
     def __init__(self, bound: BoundFunction, score: GradientScore, values: list[int], max_branches: int = 256):
         self.bound, self.score, self.values, self.max_branches = bound, score, values, int(max_branches)
+        self.dtype = torch.float64
         self._counter = itertools.count()
 
     def _splits(self, root: Splits, rows: torch.Tensor, phases: torch.Tensor, shapes: list) -> Splits:
@@ -471,7 +462,7 @@ class BranchAndBound:
             floor, ceiling = root.get(v, (None, None))
             floor = None if floor is None else floor[rows]
             ceiling = None if ceiling is None else ceiling[rows]
-            zero = torch.zeros(phase.shape, dtype=torch.float64, device=phase.device)
+            zero = torch.zeros(phase.shape, dtype=self.dtype, device=phase.device)
             if bool((phase > 0).any()):
                 cut = torch.where(phase > 0, zero, -math.inf)
                 floor = cut if floor is None else torch.maximum(floor, cut)
@@ -497,7 +488,8 @@ class BranchAndBound:
         """
         Branch and bound of the samples ``x`` (all undecided at the root).
 
-        :param x: ``(N, ...)`` float64 inputs; ``labels`` ``(N,)``; ``tol`` ``(N,)`` certification tolerances.
+        :param x: ``(N, ...)`` inputs in the bounds' dtype; ``labels`` ``(N,)``; ``tol`` ``(N,)`` certification
+            tolerances.
         :param root: the clips valid for the whole ball (intermediate bounds); ``root_boxes``, ``root_bounds`` ``(N,)``:
             the root's boxes and worst margin bounds.
         :param spent: ``(N,)`` seconds already spent per sample (updated in place with the share of each round).
@@ -505,6 +497,7 @@ class BranchAndBound:
         :return: per sample ``"certified"`` or ``"unknown"``, and the smallest leaf bound.
         """
         n = len(x)
+        self.dtype = x.dtype  # the clips' dtype: the boxes'
         shapes = [tuple(root_boxes[v][0].shape[1:]) for v in self.values]
         size = sum(math.prod(s) for s in shapes)
         states = [SampleState() for _ in range(n)]

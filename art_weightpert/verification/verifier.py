@@ -6,7 +6,7 @@ Pipeline per batch of samples:
 
 1. the clean float64 forward pass: a sample the model already misclassifies is falsified by the zero perturbation;
 2. the margin bound (``method``, default ``"linear"``) on the interval boxes: certified where every margin bound
-   exceeds the certifier's tolerance (:data:`.CERTIFICATION_RTOL`);
+   exceeds the certifiers' tolerance in the bounds' dtype (:func:`.certification_rtol`);
 3. intermediate bounds by backward passes (``intermediate="backward"``, through ``intermediate_depth`` activations)
    and the bound again on the boxes clipped to them;
 4. a per-sample weight attack (:class:`.CounterexampleSearch`, i.e. :class:`.PerSampleWeightPGD`) on the others: a
@@ -19,9 +19,11 @@ Pipeline per batch of samples:
 The phases 1-4 always run (their time is shared equally by the samples of the batch); ``time_limit`` stops the branch
 and bound, and the last attack only runs for samples below it.
 
-Every bound is computed in float64 on a private copy of the model holding the estimator's effective weights (its base
-weights plus any perturbation it carries): the ball is centred there and counterexamples are relative to those
-weights. The user's module is never written to, also when an exception interrupts the verification.
+Every bound is computed on a private copy of the model holding the estimator's effective weights (its base weights
+plus any perturbation it carries), in float64 or, with ``dtype=torch.float32``, in float32 with the rounding-error
+terms of docs/theory.md §5 (sound for the exact network, as float64 ones are): the ball is centred there and
+counterexamples are relative to those weights (a float64 copy of the same centre checks them). The user's module is
+never written to, also when an exception interrupts the verification.
 
 | Paper link: https://arxiv.org/abs/2103.02200
 """
@@ -39,14 +41,16 @@ from art.estimators.classification import PyTorchClassifier
 from tqdm.auto import tqdm
 
 from art_weightpert.budget import ParameterBall, PerturbationBudget, WeightPerturbation
-from art_weightpert.certification.certifier import CERTIFICATION_RTOL, load_centre_weights
+from art_weightpert.certification.certifier import balls_in, load_centre_weights
 from art_weightpert.certification.common import BoundCache, slice_boxes
+from art_weightpert.certification.precision import certification_rtol, check_dtype
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.estimators.settings import Settings
 from art_weightpert.estimators.weight_classifier import PyTorchWeightClassifier
 from art_weightpert.estimators.wrapping import as_weight_classifier, weights_version
 from art_weightpert.network import BatchNorm, read_network
-from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy, run_with_parameters
+from art_weightpert.rounding import exact_kernels
+from art_weightpert.torch_tools import batch_slices, eval_mode, float64_copy, keep_freed_memory, run_with_parameters
 from art_weightpert.validation import (
     check_bool,
     check_choice,
@@ -120,8 +124,9 @@ class WeightPerturbationVerifier(Settings):
         :param time_limit: wall-clock seconds per sample, in total (its share of the batched phases included); branch
             and bound stops there and the sample is ``"unknown"``.
         :param batch_size: samples verified together.
-        :param dtype: the precision of the bounds: ``None`` or ``torch.float64`` (float32 bounds with rounding terms
-            are not available in the verifier yet: ``ValueError``).
+        :param dtype: the precision of the bounds: ``torch.float64`` (``None``) or ``torch.float32`` (with the
+            rounding-error terms of docs/theory.md §5 in every bound, intermediate bound and branch: sound for the
+            exact network; the clean prediction and the counterexamples are still checked in float64).
         :param verbose: show a progress bar over samples.
         :param kwargs: further settings:
 
@@ -161,7 +166,8 @@ class WeightPerturbationVerifier(Settings):
         self._network = read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError first
         self._check_params()
         self._model64 = float64_copy(estimator.base_model)  # the centre weights, float64; never the user's module
-        self._network = read_network(self._model64, estimator.input_shape)
+        self._model = self._model64 if self.dtype == torch.float64 else float64_copy(estimator.base_model).float()
+        self._network = read_network(self._model, estimator.input_shape)
         self._key: tuple | None = None
         self._param_balls: dict[str, ParameterBall] = {}
 
@@ -173,10 +179,7 @@ class WeightPerturbationVerifier(Settings):
         if not math.isfinite(self.time_limit):
             raise ValueError(f"`time_limit` must be finite, got {self.time_limit}.")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
-        if self.dtype not in (None, torch.float64):
-            raise ValueError(
-                f"`dtype` must be None or torch.float64, got {self.dtype!r} (the verifier bounds in float64)."
-            )
+        self.dtype = check_dtype(self.dtype)
         self.verbose = check_bool(self.verbose, "verbose")
         check_choice(self.method, "method", tuple(METHODS) + ("alpha",))
         if self.method not in ("linear", "interval", "alpha"):
@@ -234,22 +237,37 @@ class WeightPerturbationVerifier(Settings):
 
     # ------------------------------------------------------------------------------------------------ internals
     def _refresh(self) -> None:
-        """Copy the estimator's effective weights into the float64 model and resolve the budget on them, when the
-        weights or the settings changed since the last call."""
+        """Copy the estimator's effective weights into the bounds' model and resolve the budget on them, when the
+        weights or the settings changed since the last call. float32: the centre as the estimator computes it (exact
+        in float32, :func:`.load_centre_weights`), radii rounded up (:func:`.balls_in`), and the float64 model of the
+        checks holds the same centre (an exact cast)."""
         key = (self.settings_key(), weights_version(self.estimator))
         if key == self._key:
             return
-        load_centre_weights(self._model64, self.estimator.base_model, self.estimator.current_deltas(), torch.float64)
+        load_centre_weights(self._model, self.estimator.base_model, self.estimator.current_deltas(), self.dtype)
+        if self._model is not self._model64:
+            with torch.no_grad():
+                for target, source in zip(self._model64.state_dict().values(), self._model.state_dict().values()):
+                    target.copy_(source)
         if any(isinstance(layer, BatchNorm) for layer in self._network.layers):
-            self._network = read_network(self._model64, self.estimator.input_shape)  # batch-norm constants
+            self._network = read_network(self._model, self.estimator.input_shape)  # batch-norm constants
         self._cache = BoundCache()
-        self._param_balls = {t.param_name: t for t in self.budget.parameter_balls(self._model64, torch.float64)}
+        self._param_balls = balls_in(self.budget, self._model, self.dtype)
         self._key = key
 
     def _bound_function(self) -> BoundFunction:
-        if self.bound is not None:
-            return self.bound
-        return make_bound(self.method, self._network, self._param_balls, self._cache, self.beta_steps)
+        """The bound of every phase: the ``bound`` setting, or the method's (:func:`.make_bound`), each call with IEEE
+        float32 products (:func:`.exact_kernels`) and freed memory kept (:func:`.keep_freed_memory`)."""
+        bound = self.bound or make_bound(
+            self.method, self._network, self._param_balls, self._cache, self.beta_steps, self.dtype
+        )
+        keep_freed_memory()
+
+        def exact(x: torch.Tensor, labels: torch.Tensor, splits=None):
+            with exact_kernels():
+                return bound(x, labels, splits)
+
+        return exact
 
     def _attack(self, strength: int = 1) -> CounterexampleSearch:
         """The per-sample attack (``strength``: times more steps, and as many more restarts)."""
@@ -262,7 +280,8 @@ class WeightPerturbationVerifier(Settings):
         """Verdicts of one batch (``x`` preprocessed, on the estimator's device)."""
         start = time.perf_counter()
         n = len(x)
-        x64 = x.to(torch.float64)
+        x64 = x.to(torch.float64)  # the clean prediction and the counterexamples' checks
+        xb = x.to(self.dtype)  # the bounds
         spent = [0.0] * n
         status = np.full(n, "unknown", dtype=object)
         lower = np.full(n, -math.inf)
@@ -285,7 +304,7 @@ class WeightPerturbationVerifier(Settings):
         with torch.no_grad(), eval_mode(self._model64):
             logits = run_with_parameters(self._model64, dict(self._model64.named_parameters()), x64)
         labels = logits.argmax(dim=1) if labels is None else labels
-        tol = CERTIFICATION_RTOL * (1.0 + logits.abs().amax(dim=1))
+        tol = certification_rtol(self.dtype) * (1.0 + logits.abs().amax(dim=1))
         wrong = logits.argmax(dim=1) != labels
         for i in torch.nonzero(wrong).squeeze(1).tolist():
             status[i] = "falsified"  # lower bound −inf: the clean margin only bounds the worst margin from above
@@ -298,7 +317,7 @@ class WeightPerturbationVerifier(Settings):
         t0 = time.perf_counter()
         if todo:
             idx = torch.as_tensor(todo)
-            lb, _ = bound(x64[idx], labels[idx], None)
+            lb, _ = bound(xb[idx], labels[idx], None)
             settle(todo, lb.amin(dim=1))
         charge(t0, todo, "bound")
         todo = [i for i in todo if status[i] == "unknown"]
@@ -311,10 +330,12 @@ class WeightPerturbationVerifier(Settings):
             t0 = time.perf_counter()
             idx = torch.as_tensor(todo)
             if self.intermediate == "backward" and values:
-                root = backward_intermediate_splits(
-                    self._network, self._param_balls, x64[idx], values, None, self._cache, self.intermediate_depth
-                )  # fmt: skip
-            lb, boxes = bound(x64[idx], labels[idx], root or None)
+                with exact_kernels():
+                    root = backward_intermediate_splits(
+                        self._network, self._param_balls, xb[idx], values, None, self._cache, self.intermediate_depth,
+                        self.dtype != torch.float64,
+                    )  # fmt: skip
+            lb, boxes = bound(xb[idx], labels[idx], root or None)
             worst = lb.amin(dim=1)
             settle(todo, worst)
             charge(t0, todo, "intermediate bounds")
@@ -340,7 +361,7 @@ class WeightPerturbationVerifier(Settings):
             )
             sub_spent = [spent[i] for i in todo]
             verdicts, bounds = bab.run(
-                x64[idx], labels[idx], tol[idx], sub_root, slice_boxes(boxes, keep_t), worst[keep_t], sub_spent,
+                xb[idx], labels[idx], tol[idx], sub_root, slice_boxes(boxes, keep_t), worst[keep_t], sub_spent,
                 self.time_limit,
             )  # fmt: skip
             for k, i in enumerate(todo):
