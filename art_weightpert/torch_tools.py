@@ -101,16 +101,18 @@ _freed_memory_kept = False
 def keep_freed_memory() -> None:
     """
     Let glibc's ``malloc`` keep the memory that torch's CPU tensors free, once per process. glibc serves a block above
-    its mmap threshold (128 KiB at first) by ``mmap`` and returns the free memory at the top of its heap to the system
-    beyond twice that threshold; freeing a mapped block raises the threshold to the block's size (up to 32 MiB). Until
-    some large block has been freed, the chunk-sized temporaries of the linear bounds (and a forward pass's
-    activations) are mapped or trimmed at every step and their pages faulted in afresh: on one core a third of the
-    linear bound of an MLP 784-512-512-10 at batch 1024 (docs/results.md). Allocating and freeing one untouched block
-    of :data:`HEAP_BLOCK_BYTES` raises the threshold as any program that frees such a block does; the process then
-    keeps up to twice that size of free memory at the top of its heap. Elsewhere (another C library, or thresholds
-    fixed by ``mallopt``) it only costs the block.
+    its mmap threshold (128 KiB at first) by ``mmap``, and returns the free memory at the top of its heap to the system
+    beyond its trim threshold (128 KiB at first); freeing a mapped block of at most 32 MiB (16 MiB on 32-bit systems)
+    raises the mmap threshold to the block's size and the trim threshold to twice that. Until some large block has
+    been freed, the chunk-sized temporaries of the linear bounds (and a forward pass's activations) are mapped or
+    trimmed at every step and their pages faulted in afresh: on one core a third of the linear bound of an MLP
+    784-512-512-10 at batch 1024 (docs/results.md). Allocating and freeing one untouched CPU block of
+    :data:`HEAP_BLOCK_BYTES` (a storage: never filled, also under deterministic algorithms) raises both thresholds as
+    any program that frees such a block does; the process then keeps up to twice that size of free memory at the top
+    of its heap. Elsewhere (another C library or allocator, or thresholds fixed by ``mallopt`` or ``MALLOC_*``
+    variables) it only costs the block.
     """
     global _freed_memory_kept  # pylint: disable=global-statement
     if not _freed_memory_kept:
-        torch.empty(HEAP_BLOCK_BYTES, dtype=torch.uint8)  # never touched: mapped, then unmapped at once
+        torch.UntypedStorage(HEAP_BLOCK_BYTES, device="cpu")  # never touched: mapped, then unmapped at once
         _freed_memory_kept = True

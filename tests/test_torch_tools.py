@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -96,7 +97,11 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
 """
 
 
+_ALLOCATOR_SETTINGS = [k for k in os.environ if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", "LD_PRELOAD")]
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's adaptive mmap and trim thresholds")
+@pytest.mark.skipif(bool(_ALLOCATOR_SETTINGS), reason=f"allocator settings in the environment: {_ALLOCATOR_SETTINGS}")
 def test_the_linear_bound_reuses_freed_memory_instead_of_faulting_pages_in():
     # a fresh process each (the thresholds only rise): without keep_freed_memory the chunk temporaries of every call
     # are trimmed or unmapped and their pages faulted in again (thousands per call); with it, almost none
@@ -106,7 +111,8 @@ def test_the_linear_bound_reuses_freed_memory_instead_of_faulting_pages_in():
             [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, timeout=120, check=True
         )
         faults[mode] = int(done.stdout.strip().splitlines()[-1])
-    assert faults["off"] > 1000, faults  # the allocator behaves as described on this machine
+    if faults["off"] <= 1000:  # e.g. transparent huge pages always on: nothing to keep
+        pytest.skip(f"this system's allocator does not return the chunks' memory: {faults}")
     assert faults["on"] < faults["off"] / 10, faults
 
 
@@ -115,7 +121,7 @@ def test_keep_freed_memory_runs_once_per_process(monkeypatch):
 
     calls = []
     monkeypatch.setattr(tools, "_freed_memory_kept", False)
-    monkeypatch.setattr(tools.torch, "empty", lambda *args, **kwargs: calls.append(args))
+    monkeypatch.setattr(tools.torch, "UntypedStorage", lambda *args, **kwargs: calls.append((args, kwargs)))
     keep_freed_memory()
     keep_freed_memory()
-    assert calls == [(HEAP_BLOCK_BYTES,)]
+    assert calls == [((HEAP_BLOCK_BYTES,), {"device": "cpu"})]  # on the CPU whatever the default device
