@@ -70,12 +70,8 @@ def test_float32_certifies_what_float64_does_and_survives_the_attack(trained, me
     assert all(torch.equal(v, clf.base_model.state_dict()[k]) for k, v in before.items())
 
 
-def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centres():
-    # the float32 interval bound keeps float32 centres for its speed; certify bounds the margins it leaves open once
-    # more on boxes with float64 centres (docs/theory.md §5): it certifies exactly the samples whose every margin one of
-    # the two sound bounds decides, more than the float32 centres alone here, and the attack flips none of them
-    from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
-    from art_weightpert.certification.precision import certification_rtol
+@pytest.fixture(scope="module")
+def warmed_resnet(digits_images):
     from art_weightpert.zoo import digits_resnet, make_classifier
 
     torch.manual_seed(0)
@@ -83,8 +79,17 @@ def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centr
     with torch.no_grad():  # batch-norm statistics of random images
         for _ in range(3):
             model(torch.rand((16, 1, 8, 8)) * 2 - 0.5)
-    clf = make_classifier(model.eval(), (1, 8, 8))
-    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    return make_classifier(model.eval(), (1, 8, 8)), digits_images[2][:64]
+
+
+def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centres(warmed_resnet):
+    # the float32 interval bound keeps float32 centres for its speed; certify bounds the margins it leaves open once
+    # more on boxes with float64 centres (docs/theory.md §5): it certifies exactly the samples whose every margin one of
+    # the two sound bounds decides, more than the float32 centres alone here, and the attack flips none of them
+    from art_weightpert.certification.interval import interval_margin_bounds, interval_preactivation_bounds
+    from art_weightpert.certification.precision import certification_rtol
+
+    clf, x = warmed_resnet
     budget = PerturbationBudget(3e-6, "inf")
     certifier = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False, dtype=torch.float32)
     got = certifier.certify(x)
@@ -98,9 +103,23 @@ def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centr
     )
     wide = interval_margin_bounds(network, balls, x_t, labels, torch.float32, boxes=boxes, rounding=True)
     np.testing.assert_array_equal(got, ((narrow > tol) | (wide > tol)).all(dim=1).numpy())
-    assert got.sum() > (narrow > tol).all(dim=1).sum() > 0  # the second bound decides samples the first left open
+    alone = (narrow > tol).all(dim=1).sum()
+    assert got.sum() >= alone + 4 and alone > 4  # the second bound decides samples the first left open
     attack = PerSampleWeightPGD(clf, budget, max_iter=30, num_random_init=1, verbose=False).generate(x, labels.numpy())
     assert not np.any(attack["flipped"] & got)
+
+
+def test_float32_interval_radius_searches_with_the_rule_certify_decides_by(warmed_resnet, monkeypatch):
+    # certified_radius and certify agree in float32 interval: a sample certified at a radius has a certified radius
+    # at least that large (up to the search's precision); without the second bound in the search some would not
+    clf, x = warmed_resnet
+    budget = PerturbationBudget(3e-6, "inf")
+    certifier = WeightPerturbationCertifier(clf, budget, method="interval", verbose=False, dtype=torch.float32)
+    at_budget = certifier.certify(x)
+    radius = certifier.certified_radius(x)
+    assert at_budget.any() and np.all(radius[at_budget] >= 3e-6 * (1 - 2.0**-18))
+    monkeypatch.setattr(certifier, "_refines", lambda method: False)  # the first bound alone
+    assert np.any(certifier.certified_radius(x)[at_budget] < 3e-6 * (1 - 2.0**-18))
 
 
 def test_float32_radius_is_certified_and_close_to_float64(trained):

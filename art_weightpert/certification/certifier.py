@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from art_weightpert import distributed
 from art_weightpert.budget import ParameterBall, PerturbationBudget
 from art_weightpert.certification.common import BoundCache, CentredBox, fill_label, slice_boxes
-from art_weightpert.certification.interval import interval_preactivation_bounds
+from art_weightpert.certification.interval import float64_centre_rows, interval_preactivation_bounds
 from art_weightpert.certification.precision import (
     certification_rtol,
     check_dtype,
@@ -230,7 +230,8 @@ class WeightPerturbationCertifier(Settings):
         :param x: inputs ``(N,) + input_shape``.
         :param y: labels; with labels, a wrong clean prediction is never certified. ``None``: certify the
             predicted classes.
-        :return: ``(N,)`` bool, True where every margin lower bound exceeds the tolerance.
+        :return: ``(N,)`` bool, True where a sound lower bound of every margin exceeds the tolerance (the cascade
+            below).
 
         A method never looser than a cheaper one (``"linear"`` than ``"interval"``, ``"alpha"`` than ``"linear"``:
         :attr:`.BoundMethod.never_above`) evaluates the cheaper ones first and bounds only the margins they leave
@@ -238,7 +239,8 @@ class WeightPerturbationCertifier(Settings):
         method's own bounds up to their rounding (in float32 also up to the cheaper bound's own boxes, which may
         certify a margin at the edge that the method's would not). In float32, ``"interval"`` (whose boxes keep
         float32 centres, for its speed) bounds the margins it leaves open once more on boxes with float64 centres
-        (docs/theory.md §5): tighter, and paid only for the samples not yet certified.
+        (docs/theory.md §5): tighter, and paid only for the samples not yet certified whose boxes that changes;
+        :meth:`certified_radius` searches with the same rule.
         """
         out = []
         for x_t, labels, tol, correct in self._prepared_batches(x, y, "certify"):
@@ -255,6 +257,7 @@ class WeightPerturbationCertifier(Settings):
         open_pairs = correct.unsqueeze(1) & (
             torch.arange(self.estimator.nb_classes, device=labels.device) != labels.unsqueeze(1)
         )
+        refine = self._refines(self._method)
         for method in reversed(chain):
             idx = torch.nonzero(open_pairs.any(dim=1)).squeeze(1)
             if len(idx) == 0:
@@ -264,28 +267,48 @@ class WeightPerturbationCertifier(Settings):
                 lb = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method, classes=classes)
                 decided = open_pairs.new_zeros((len(idx), open_pairs.shape[1]))
                 decided.scatter_(1, classes, lb > tol[idx].unsqueeze(1))
+            elif refine and method is self._method:  # float32 centres, then float64 ones where still open
+                threshold = tol[idx].unsqueeze(1)
+                boxes = self._interval_boxes(x_t[idx], self._param_balls)
+                lb = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method, boxes=boxes)
+                lb = self._refined(x_t[idx], labels[idx], lb, threshold, boxes, self._param_balls, None, method)
+                decided = lb > threshold
             else:
                 decided = self._bounds(x_t[idx], labels[idx], self._param_balls, method=method) > tol[idx].unsqueeze(1)
             open_pairs[idx] &= ~decided
-        self._refine_open_pairs(x_t, labels, tol, open_pairs)
         return correct & ~open_pairs.any(dim=1)
 
-    def _refine_open_pairs(self, x_t, labels, tol, open_pairs: torch.Tensor) -> None:
-        """In float32, a method whose boxes keep float32 centres (``"interval"``: its speed) bounds the margins it left
-        open once more on boxes with float64 centres (:attr:`.BoundMethod.float64_centres`, docs/theory.md §5): a
-        tighter sound bound, computed only for the samples still open; decided pairs are cleared in ``open_pairs``."""
-        method = self._method
-        idx = torch.nonzero(open_pairs.any(dim=1)).squeeze(1)
-        if not self._rounding() or not method.takes_boxes or method.float64_centres or len(idx) == 0:
-            return
+    def _refines(self, method: BoundMethod) -> bool:
+        """Whether ``method``'s bounds are taken again on boxes with float64 centres where they leave a margin open: in
+        float32, a method whose boxes keep float32 centres (``"interval"``, for its speed; docs/theory.md §5)."""
+        return bool(self._rounding()) and method.takes_boxes and not method.float64_centres
+
+    def _interval_boxes(self, x_t, param_balls, scale=None, float64_centres: bool = False):
+        """The float32 interval boxes with rounding terms of ``x_t`` (radius factors ``scale``), with or without float64
+        centres (:func:`.interval_preactivation_bounds`)."""
         params = self._network.params(dtype=self.dtype)
         with torch.no_grad(), exact_kernels():
-            boxes = interval_preactivation_bounds(
-                self._network, self._param_balls, x_t[idx].to(self.dtype), params, None, self._cache,
-                rounding=True, float64_centres=True,
+            return interval_preactivation_bounds(
+                self._network, param_balls, x_t.to(self.dtype), params, factors_in(scale, self.dtype), self._cache,
+                rounding=True, float64_centres=float64_centres,
             )  # fmt: skip
-        decided = self._bounds(x_t[idx], labels[idx], self._param_balls, boxes=boxes) > tol[idx].unsqueeze(1)
-        open_pairs[idx] &= ~decided
+
+    def _refined(self, x_t, labels, lb, threshold, boxes, param_balls, scale, method: BoundMethod) -> torch.Tensor:
+        """``lb``, ``method``'s bounds on ``boxes`` (float32 centres), raised to the same bound on boxes with float64
+        centres (the larger of two sound bounds) for the samples with a margin at most ``threshold`` whose boxes those
+        change (:func:`.float64_centre_rows`): the float32 interval certificate's second bound, paid only where it can
+        decide something (:meth:`certify`, the radius search)."""
+        params = self._network.params(dtype=self.dtype)
+        rows = torch.nonzero((lb <= threshold).any(dim=1) & float64_centre_rows(self._network, boxes, params))
+        rows = rows.squeeze(1)
+        if len(rows) == 0:
+            return lb
+        factors = None if scale is None else scale[rows]
+        wide = self._interval_boxes(x_t[rows], param_balls, factors, float64_centres=True)
+        better = self._bounds(x_t[rows], labels[rows], param_balls, factors, method, boxes=wide)
+        lb = lb.clone()
+        lb[rows] = torch.maximum(lb[rows], better.to(lb.dtype))
+        return lb
 
     def certified_radius(self, x: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         """
@@ -525,4 +548,7 @@ class _SearchBounds:
             rows["boxes"] = self.boxes(idx, s, method)
         c = self.certifier
         lb = c._bounds(self.x_t[idx], self.labels[idx], c._unit_param_balls, s, method, **rows)
+        if method is c._method and c._refines(method) and "classes" not in rows:  # as certify decides (float32)
+            x, labels, threshold = self.x_t[idx], self.labels[idx], self.threshold[idx]
+            lb = c._refined(x, labels, lb, threshold, rows["boxes"], c._unit_param_balls, s, method)
         return (lb - self.threshold[idx]).to(torch.float64)

@@ -292,6 +292,22 @@ def _float64_rows(m: torch.Tensor, width: torch.Tensor, g: float) -> torch.Tenso
     return m.flatten(1).sum(dim=1) * (2 * g) > width.flatten(1).sum(dim=1) * FLOAT64_CENTRE_SHARE
 
 
+def float64_centre_rows(network: Network, boxes: Boxes, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(N,)`` bool: the samples whose boxes ``float64_centres=True`` would change, decided on ``boxes`` computed
+    without it (with rounding): those for which some affine layer on an unknown input gets a float64 centre
+    (:func:`_float64_rows`). For any other sample every layer decides the same on the same inputs, layer after layer,
+    so its boxes are the same either way (up to the rounding of a mixed batch's factors)."""
+    nonnegative = nonnegative_values(network)
+    out = torch.zeros(len(boxes[0][0]), dtype=torch.bool, device=boxes[0][0].device)
+    for layer, reads in zip(network.layers[:-1], network.inputs):
+        lo, hi = boxes[reads[0]]
+        if not layer.weighted or lo is hi or lo.dtype == torch.float64:
+            continue
+        m = hi if nonnegative[reads[0]] else torch.maximum(lo.neg(), hi)
+        out |= _float64_rows(m, hi - lo, rounding_factor(layer, params[layer.weight_name], lo.dtype))
+    return out
+
+
 def _float64_centre_factor(layer: Affine, weight: torch.Tensor, dtype: torch.dtype) -> float:
     """The factor of ``|W| m + |b|`` that covers an affine interval step whose centre is computed in float64 from
     parameters in ``dtype`` (docs/theory.md §5): ``g₆₄`` (:func:`rounding_factor` in float64) for the centre's dot
