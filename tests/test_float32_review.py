@@ -217,3 +217,54 @@ def test_an_underflowing_centre_term_is_covered(float64_centre):
                                      float64_centre=float64_centre)  # fmt: skip
     exact = Fraction(2) ** 100 * 3 * Fraction(2) ** -149 - Fraction(2) ** -102
     assert Fraction(float(lo)) <= exact <= Fraction(float(hi))
+
+
+# ------------------------------------------------------------------------------------ joins of three paths or more
+def test_a_join_of_three_paths_counts_its_partial_sums():
+    # docs/theory.md §5: summing k coefficient tensors one after the other, the j-th addition rounds within u|s_j| of
+    # its result, and a partial sum can exceed the final one: 1e8 + 1 − 1e8 sums to 0 in float32 (exact: 1), an error
+    # the final sum's γ_k ⟨|Λ|, m⟩ (0 here) cannot cover; the partial sum |1e8 + 1| is kept for the join's term
+    from art_weightpert.certification.linear import Joins, _accumulate
+
+    pending, joins = {}, Joins()
+    for term in (1e8, 1.0, -1e8):
+        _accumulate(pending, 3, torch.tensor([[[term]]]), joins)
+    assert pending[3].item() == 0.0 and joins.count[3] == 3
+    assert joins.partial[3].item() == 1e8  # |s_2| = fl(1e8 + 1)
+    m = torch.tensor([[2.0]])
+    assert joins.error(3, pending[3], m).item() >= 2.0  # at least the lost 1 times |v| ≤ 2
+    assert 3 not in joins.partial  # taken once
+
+
+def test_three_paths_meeting_at_a_value_lower_the_bound_by_their_partial_sums(monkeypatch):
+    import art_weightpert.certification.linear as linear
+    from art_weightpert.certification.linear import backward_margin_bounds
+    from art_weightpert.network import read_network
+
+    class Three(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.neg = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+            self.a, self.b, self.c = (nn.Linear(1, 2, bias=False) for _ in range(3))
+            self.head = nn.Linear(2, 2, bias=False)
+
+        def forward(self, x):
+            y = self.fc1(x) + self.neg(x)
+            return self.head(self.a(y) + self.b(y) + self.c(y))
+
+    model = Three()
+    with torch.no_grad():
+        model.fc1.weight.fill_(1e4)
+        model.neg.weight.fill_(-1e4)
+        model.head.weight.copy_(torch.eye(2))
+        for layer, value in ((model.a, -1e8), (model.b, 1.0), (model.c, 1e8)):
+            layer.weight.copy_(torch.tensor([[value], [0.0]]))
+    model = model.eval().requires_grad_(False)
+    network = read_network(model, (1,))
+    x, labels = torch.tensor([[1.0]]), torch.tensor([1])
+    with_partials = backward_margin_bounds(network, {}, x, labels, torch.float32, rounding=True)[0, 0]
+    monkeypatch.setattr(linear.Joins, "partial_error", lambda self, value, m: 0.0)
+    without = backward_margin_bounds(network, {}, x, labels, torch.float32, rounding=True)[0, 0]
+    exact = backward_margin_bounds(network, {}, x.double(), labels, torch.float64)[0, 0]
+    assert with_partials <= exact == 0.0
+    assert with_partials < without - 0.5  # the partial sums' term ⟨|1e8 + 1|, m⟩ γ, m the box of y (its rounding)

@@ -277,7 +277,7 @@ def _rounded_backward_from(
     ``Λ₀·x`` (or ``Λ⁺·l + Λ⁻·u`` on an earlier value's box, with ``stop``) within ``γ_n ⟨|Λ₀|, m⟩``, and each of its
     products below the normal range within ``η/2``."""
     pending = {value: a}
-    readers = {}  # value -> how many coefficient tensors were summed into it
+    joins = Joins()
     const = a.new_zeros(a.shape[:2])
     total = a.new_zeros(a.shape[:2])  # Σ |c| of the steps' constants
     steps = 0
@@ -286,22 +286,21 @@ def _rounded_backward_from(
         a = pending.pop(index + 1, None)
         extra = injections.get(index + 1)
         if extra is not None:
-            readers[index + 1] = 1 if a is None else readers.get(index + 1, 1) + 1
+            joins.add(index + 1, a)
             a = _injected(a, extra)
         if a is None:
             continue
-        if readers.get(index + 1, 1) > 1:  # docs/theory.md §5: the join's sum rounded
-            lo, hi = boxes[index + 1]
-            c = -abs_dot(a, magnitude(lo, hi)) * error_factor(readers[index + 1], dtype)
+        if joins.count.get(index + 1, 1) > 1:  # docs/theory.md §5: the join's sum rounded
+            c = -joins.error(index + 1, a, magnitude(*boxes[index + 1]))
         else:
             c = 0.0
-        c = c + backward_step(network, index, a, boxes, ctx, pending, readers)
+        c = c + backward_step(network, index, a, boxes, ctx, pending, joins)
         const, total, steps = const + c, total + c.abs(), steps + 1
     for v, a in pending.items():  # docs/theory.md §5: Λ₀·x (or a box's ends with ``stop``), plus the join there
         lo, hi = (x, x) if v == 0 else boxes[v]
-        length = a[0, 0].numel()
+        length, m = a[0, 0].numel(), magnitude(lo, hi)
         c = batched_dot(a, lo) if lo is hi else _concretized(a, lo, hi)
-        c = c - abs_dot(a, magnitude(lo, hi)) * error_factor(length + 1 + readers.get(v, 1), dtype)
+        c = c - abs_dot(a, m) * error_factor(length + 1 + joins.count.get(v, 1), dtype) - joins.partial_error(v, m)
         c = c - smallest_subnormal(dtype) * 4 * (length + 2)
         const, total, steps = const + c, total + c.abs(), steps + 1
     return round_down(finite_lower(const - total * error_factor(steps, dtype)))  # round_down(inf) would be finite
@@ -314,11 +313,11 @@ def backward_step(
     boxes: Boxes,
     ctx: BackwardContext,
     pending: dict,
-    readers: dict | None = None,
+    joins: Joins | None = None,
     fuse_input_convolution: bool = True,
 ):
     """Move the coefficients ``a`` on the output of ``network.layers[index]`` onto the values it reads (accumulated in
-    ``pending``, counted in ``readers`` when given); return the constant collected on the way, ``(N, K)``.
+    ``pending``, counted in ``joins`` when given, :class:`Joins`); return the constant collected on the way, ``(N, K)``.
     ``fuse_input_convolution=False``: a max pooling's fused rule leaves the convolution on the known input before it to
     its own step (whose coefficients the bit-flip bounds read) instead of evaluating it on the window maxima."""
     layer, reads = network.layers[index], network.inputs[index]
@@ -345,13 +344,13 @@ def backward_step(
             h, known = boxes[network.inputs[conv][0]][0], (centre_of(boxes, pre), abs_product_of(boxes, pre))
             c = c + convolution_at_input_on_entries(network.layers[conv], a_in, where, h, *known, ctx)
             return c - _underflow(network.layers[conv], a_in, h, h) if ctx.rounding else c
-        _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape), readers)
+        _accumulate(pending, pre, put_back(a_in, where, boxes[pre][0].shape), joins)
         return c
     a_in, c = BACKWARD_RULES[type(layer)](layer, a, lo, hi, ctx)
     if ctx.rounding and not isinstance(layer, Add):  # docs/theory.md §5: coefficients that fell below normal range
         c = c - _underflow(layer, a, lo, hi)
     for v in reads:  # an addition: the same coefficients on every term, summed where the paths meet again
-        _accumulate(pending, v, a_in, readers)
+        _accumulate(pending, v, a_in, joins)
     return c
 
 
@@ -393,10 +392,37 @@ def _convolution_at_input(network: Network, value: int, boxes: Boxes) -> int | N
     return value - 1 if lo is hi and network.nb_readers(value) == 1 else None
 
 
-def _accumulate(pending: dict, value: int, a: torch.Tensor, readers: dict | None = None) -> None:
+class Joins:
+    """The sums of coefficients where paths meet, for their rounding terms (docs/theory.md §5): per value, how many
+    coefficient tensors were summed into it (``count``) and ``Σ |s_j|`` over its partial sums before the last one
+    (``partial``). Summing ``k`` tensors one after the other, the ``j``-th addition rounds within ``u |s_j|`` of its
+    result ``s_j``, and a partial sum can exceed the final one (``1e8 + 1 − 1e8``): the error is at most
+    ``u Σ_{j ≥ 2} |s_j|``, the final sum's part taken by ``γ_k ⟨|Λ|, m⟩`` and the others' by :meth:`partial_error`."""
+
+    def __init__(self) -> None:
+        self.count: dict[int, int] = {}
+        self.partial: dict[int, torch.Tensor] = {}
+
+    def add(self, value: int, current: torch.Tensor | None) -> None:
+        """Count one more tensor summed into ``value``'s coefficients, ``current`` (or ``None``) before it."""
+        if current is not None and self.count.get(value, 1) >= 2:  # a third term or later: keep the partial sum
+            self.partial[value] = self.partial[value] + current.abs() if value in self.partial else current.abs()
+        self.count[value] = 1 if current is None else self.count.get(value, 1) + 1
+
+    def error(self, value: int, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The rounding of the join at ``value`` (``a``: its summed coefficients, ``m``: the value's magnitude)."""
+        return abs_dot(a, m) * error_factor(self.count[value], a.dtype) + self.partial_error(value, m)
+
+    def partial_error(self, value: int, m: torch.Tensor) -> torch.Tensor | float:
+        """``u' ⟨Σ_j |s_j|, m⟩`` for the partial sums before the last one (0 when at most two terms met)."""
+        partial = self.partial.pop(value, None)
+        return 0.0 if partial is None else abs_dot(partial, m) * error_factor(2, partial.dtype)
+
+
+def _accumulate(pending: dict, value: int, a: torch.Tensor, joins: Joins | None = None) -> None:
+    if joins is not None:
+        joins.add(value, pending.get(value))
     pending[value] = pending[value] + a if value in pending else a
-    if readers is not None:
-        readers[value] = readers.get(value, 0) + 1
 
 
 def linear_margin_bounds(
