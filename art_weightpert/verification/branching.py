@@ -33,6 +33,7 @@ from art_weightpert.budget import ParameterBall
 from art_weightpert.certification.common import BoundCache, Boxes, fill_label, margin_matrix, slice_boxes
 from art_weightpert.certification.interval import interval_preactivation_bounds
 from art_weightpert.certification.linear import backward_from, linear_margin_bounds, other_classes
+from art_weightpert.certification.precision import certification_rtol
 from art_weightpert.certification.registry import METHODS
 from art_weightpert.certification.weight_terms import BackwardContext
 from art_weightpert.network import Network
@@ -180,14 +181,17 @@ class BetaBound(BoxBound):
 
     :param steps: gradient steps on β (0: :class:`BoxBound`).
     :param lr: Adam's learning rate.
-    :param target: rows whose worst bound already exceeds it are not optimized.
+    :param target: rows whose worst bound already exceeds it are not optimized (default: the certificates' relative
+        tolerance times 1000, :func:`.certification_rtol`: above it a bound certifies for logits up to about 1000; 1e-6
+        in float64).
     """
 
     def __init__(
-        self, network, param_balls, cache=None, steps: int = BETA_STEPS, lr: float = BETA_LR, target=1e-6,
+        self, network, param_balls, cache=None, steps: int = BETA_STEPS, lr: float = BETA_LR, target=None,
         dtype: torch.dtype = torch.float64,
     ) -> None:  # fmt: skip
         super().__init__(network, param_balls, "linear", cache, dtype)
+        target = certification_rtol(dtype) * 1e3 if target is None else target
         self.steps, self.lr, self.target = int(steps), float(lr), float(target)
         self.values = split_values(network)
 

@@ -180,6 +180,10 @@ class WeightPerturbationVerifier(Settings):
             raise ValueError(f"`time_limit` must be finite, got {self.time_limit}.")
         self.batch_size = check_positive_int(self.batch_size, "batch_size")
         self.dtype = check_dtype(self.dtype)
+        model = getattr(self, "_model", None)
+        if model is not None and self.dtype != next(model.parameters()).dtype:  # set_params: the bounds' model moves
+            self._model = self._model64 if self.dtype == torch.float64 else float64_copy(self._model64).float()
+            self._network = read_network(self._model, self.estimator.input_shape)  # weights again at the refresh
         self.verbose = check_bool(self.verbose, "verbose")
         check_choice(self.method, "method", tuple(METHODS) + ("alpha",))
         if self.method not in ("linear", "interval", "alpha"):
@@ -256,18 +260,10 @@ class WeightPerturbationVerifier(Settings):
         self._key = key
 
     def _bound_function(self) -> BoundFunction:
-        """The bound of every phase: the ``bound`` setting, or the method's (:func:`.make_bound`), each call with IEEE
-        float32 products (:func:`.exact_kernels`) and freed memory kept (:func:`.keep_freed_memory`)."""
-        bound = self.bound or make_bound(
-            self.method, self._network, self._param_balls, self._cache, self.beta_steps, self.dtype
-        )
-        keep_freed_memory()
-
-        def exact(x: torch.Tensor, labels: torch.Tensor, splits=None):
-            with exact_kernels():
-                return bound(x, labels, splits)
-
-        return exact
+        """The bound of every phase: the ``bound`` setting, or the method's (:func:`.make_bound`)."""
+        if self.bound is not None:
+            return self.bound
+        return make_bound(self.method, self._network, self._param_balls, self._cache, self.beta_steps, self.dtype)
 
     def _attack(self, strength: int = 1) -> CounterexampleSearch:
         """The per-sample attack (``strength``: times more steps, and as many more restarts)."""
@@ -313,7 +309,13 @@ class WeightPerturbationVerifier(Settings):
         charge(start, list(range(n)))
 
         # 2. the bound on the interval boxes
-        bound = self._bound_function()
+        plain = self._bound_function()  # its settings (tightening in branches) are set on it below
+        keep_freed_memory()
+
+        def bound(x: torch.Tensor, labels: torch.Tensor, splits=None):  # IEEE float32 products (exact_kernels)
+            with exact_kernels():
+                return plain(x, labels, splits)
+
         t0 = time.perf_counter()
         if todo:
             idx = torch.as_tensor(todo)
@@ -340,8 +342,8 @@ class WeightPerturbationVerifier(Settings):
             settle(todo, worst)
             charge(t0, todo, "intermediate bounds")
             per_sample = (time.perf_counter() - t0) / len(todo)
-            if isinstance(bound, BoxBound) and self.intermediate == "backward" and per_sample < self.time_limit / 100:
-                bound.tighten, bound.depth = values[1:], self.intermediate_depth  # cheap: again in every branch
+            if isinstance(plain, BoxBound) and self.intermediate == "backward" and per_sample < self.time_limit / 100:
+                plain.tighten, plain.depth = values[1:], self.intermediate_depth  # cheap: again in every branch
             todo = [i for i in todo if status[i] == "unknown"]
 
         # 4. the per-sample attack
