@@ -235,3 +235,41 @@ def test_patch_max_is_the_maximum_over_each_receptive_field(kernel, stride, padd
     patches = torch.nn.functional.unfold(m, kernel, dilation, (ph, pw), stride)  # zeros where padded
     expected = patches.amax(dim=1).reshape(2, 1, *conv(m).shape[2:])
     assert torch.equal(layer.patch_max(m), expected)
+
+
+@pytest.mark.parametrize("signs", ["positive", "negative", "mixed"])
+def test_batch_norm_box_maps_ends_to_ends_for_scales_of_either_sign(signs):
+    # scales of one sign take one pass per end (their sign kept per scale tensor and version); mixed signs the sum of
+    # both ends' products: the box's ends are s h + t at the input box's ends (every point of it lies between)
+    from art_weightpert.operators.batch_norm import BatchNorm
+
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(4, generator=gen, dtype=torch.float64) + 0.5
+    scale = {"positive": scale, "negative": -scale, "mixed": scale * torch.tensor([1.0, -1.0, 0.0, 1.0])}[signs]
+    layer = BatchNorm("bn", scale, torch.randn(4, generator=gen, dtype=torch.float64))
+    for shape in ((3, 4, 2, 2), (3, 4)):  # a 2-d and a 1-d batch norm's values
+        lo = torch.randn(shape, generator=gen, dtype=torch.float64)
+        hi = lo + torch.rand(shape, generator=gen, dtype=torch.float64)
+        for _ in range(2):  # the second call reads the kept sign
+            out_lo, out_hi = layer.interval(lo, hi)
+            ends = torch.stack([layer.apply(lo), layer.apply(hi)])
+            torch.testing.assert_close(out_lo, ends.amin(dim=0), rtol=1e-15, atol=1e-15)
+            torch.testing.assert_close(out_hi, ends.amax(dim=0), rtol=1e-15, atol=1e-15)
+    assert layer.scale_sign() == {"positive": 1, "negative": -1, "mixed": 0}[signs]
+    layer.scale.neg_()  # changed in place: its sign is read again
+    assert layer.scale_sign() == {"positive": -1, "negative": 1, "mixed": 0}[signs]
+    layer.scale = layer.scale.abs().requires_grad_(True)  # a trainer's scale: the general rule, no synchronization
+    assert layer.scale_sign() == 0
+
+
+def test_per_channel_affine_is_the_broadcast_product_and_sum():
+    from art_weightpert.operators.batch_norm import per_channel_affine
+
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.float64):
+        h = torch.randn((5, 3, 4, 4), generator=gen).to(dtype)
+        scale, shift = torch.randn(3, generator=gen, dtype=torch.float64), torch.randn(3, generator=gen)
+        expected = torch.addcmul(shift.to(dtype).reshape(1, -1, 1, 1), h, scale.to(dtype).reshape(1, -1, 1, 1))
+        tight = {"rtol": 2 * torch.finfo(dtype).eps, "atol": torch.finfo(dtype).tiny}  # a fused product may round once
+        torch.testing.assert_close(per_channel_affine(h, scale, shift), expected, **tight)
+        torch.testing.assert_close(per_channel_affine(h, scale), h * scale.to(dtype).reshape(1, -1, 1, 1), **tight)

@@ -35,6 +35,7 @@ from art_weightpert.certification.common import (
 )
 from art_weightpert.network import Activation, Add, Affine, AvgPool, BatchNorm, Flatten, MaxPool, Network
 from art_weightpert.operators import rule_table
+from art_weightpert.operators.batch_norm import per_channel_affine
 from art_weightpert.rounding import (
     ROUNDING_SLACK,
     down_cast,
@@ -380,7 +381,7 @@ def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> 
         g, tiny = error_factor(2, m.dtype), torch.finfo(m.dtype).tiny
         # per channel: g|t| + η and the float64 shift's own error (BatchNorm.shift_error), in one constant
         constant = layer.shaped(layer.shift.abs() * g + tiny, m) + layer.shift_bound(m) * (1 + 2 * g)
-        error = torch.addcmul(constant, m, layer.shaped(layer.scale.abs() * g, m))
+        error = per_channel_affine(m, layer.scale.abs().to(m) * g, constant.flatten())
         return lo - error, hi + error
     if isinstance(layer, AvgPool):
         m = magnitude(*inputs[0])
