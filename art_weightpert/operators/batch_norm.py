@@ -61,7 +61,7 @@ class BatchNorm(Operator):
     def interval(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Per channel, the ends map to the ends: s⁺ l + s⁻ u + t ≤ s h + t ≤ s⁺ u + s⁻ l + t with s⁺ = max(s, 0) and
         # s⁻ = min(s, 0) (a zero product adds exactly 0, so a channel of either sign is exact); scales of one sign (the
-        # usual case) in one pass per end.
+        # usual case, read at every call) in one pass per end.
         sign = self.scale_sign()
         if sign != 0:
             low, high = (lo, hi) if sign > 0 else (hi, lo)
@@ -73,18 +73,13 @@ class BatchNorm(Operator):
         )
 
     def scale_sign(self) -> int:
-        """``1`` when every channel's scale is ``≥ 0``, ``−1`` when every one is ``≤ 0``, else ``0``; kept for the scale
-        tensor it was computed for (and its version), and ``0`` for a scale with gradients (a trainer's, new at every
-        step: no device synchronization there)."""
+        """``1`` when every channel's scale is ``≥ 0``, ``−1`` when every one is ``≤ 0``, else ``0``. Read at every call
+        on the CPU (a few µs; a kept sign could go stale under ``scale.data`` edits); ``0`` on other devices (no device
+        synchronization) and for a scale with gradients (a trainer's): the general rule."""
         scale = self.scale
-        if scale.requires_grad:
+        if scale.requires_grad or scale.device.type != "cpu":
             return 0
-        kept = self.__dict__.get("_scale_sign")
-        if kept is not None and kept[0] is scale and kept[1] == scale._version:
-            return kept[2]
-        sign = 1 if bool((scale >= 0).all()) else -1 if bool((scale <= 0).all()) else 0
-        self.__dict__["_scale_sign"] = (scale, scale._version, sign)
-        return sign
+        return 1 if bool((scale >= 0).all()) else -1 if bool((scale <= 0).all()) else 0
 
     def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
         scale, shift = self.shaped(self.scale, lo), self.shaped(self.shift, lo)
