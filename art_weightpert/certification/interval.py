@@ -379,9 +379,12 @@ def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> 
         in_lo, in_hi = inputs[0]
         m = in_lo.abs() if in_lo is in_hi else torch.maximum(in_lo.neg(), in_hi)
         g, tiny = error_factor(2, m.dtype), torch.finfo(m.dtype).tiny
-        # per channel: g|t| + η and the float64 shift's own error (BatchNorm.shift_error), in one constant
+        # per channel: g|t| + η and the float64 shift's own error (BatchNorm.shift_error), in one constant; the factor
+        # of m: g|s|, plus 2η for a scale below the normal range, whose cast loses up to η/2 absolutely (and g|s|
+        # underflows with it)
         constant = layer.shaped(layer.shift.abs() * g + tiny, m) + layer.shift_bound(m) * (1 + 2 * g)
-        error = per_channel_affine(m, layer.scale.abs().to(m) * g, constant.flatten())
+        factor = layer.scale.abs().to(m) * g + 2 * smallest_subnormal(m.dtype)
+        error = per_channel_affine(m, factor, constant.flatten())
         return lo - error, hi + error
     if isinstance(layer, AvgPool):
         m = magnitude(*inputs[0])
