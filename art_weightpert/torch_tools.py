@@ -83,6 +83,7 @@ __all__ = [
     "batch_slices",
     "eval_mode",
     "float64_copy",
+    "keep_freed_memory",
     "kept_training_flags",
     "replaced_method",
     "run_with_parameters",

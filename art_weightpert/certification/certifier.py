@@ -283,14 +283,15 @@ class WeightPerturbationCertifier(Settings):
         float32, a method whose boxes keep float32 centres (``"interval"``, for its speed; docs/theory.md §5)."""
         return bool(self._rounding()) and method.takes_boxes and not method.float64_centres
 
-    def _interval_boxes(self, x_t, param_balls, scale=None, float64_centres: bool = False):
-        """The float32 interval boxes with rounding terms of ``x_t`` (radius factors ``scale``), with or without float64
-        centres (:func:`.interval_preactivation_bounds`)."""
+    def _interval_boxes(self, x_t, param_balls, scale=None, float64_centres: bool = False, known=None):
+        """The interval boxes of ``x_t`` at the radius factors ``scale`` as the certificate computes them (in float32
+        with the rounding terms, with or without float64 centres), with the ``known`` centres of the layers on the
+        known input (:func:`.interval_preactivation_bounds`)."""
         params = self._network.params(dtype=self.dtype)
         with torch.no_grad(), exact_kernels():
             return interval_preactivation_bounds(
                 self._network, param_balls, x_t.to(self.dtype), params, factors_in(scale, self.dtype), self._cache,
-                rounding=True, float64_centres=float64_centres,
+                known, **self._rounding(), float64_centres=float64_centres,
             )  # fmt: skip
 
     def _refined(self, x_t, labels, lb, threshold, boxes, param_balls, scale, method: BoundMethod) -> torch.Tensor:
@@ -517,7 +518,6 @@ class _SearchBounds:
 
     def __init__(self, certifier: WeightPerturbationCertifier, x_t, labels, threshold) -> None:
         self.certifier, self.x_t, self.labels, self.threshold = certifier, x_t, labels, threshold
-        self.params = certifier._network.params(dtype=certifier.dtype)  # pylint: disable=protected-access
         self.centres: dict[int, torch.Tensor] = {}
 
     def boxes(self, idx: torch.Tensor, s: torch.Tensor, method: BoundMethod):
@@ -525,13 +525,8 @@ class _SearchBounds:
         computes them itself (:attr:`.BoundMethod.float64_centres`)."""
         c = self.certifier
         known = {value: centre[idx] for value, centre in self.centres.items()}
-        rounding = c._rounding()
-        wide = {"float64_centres": True} if rounding and method.float64_centres else {}
-        with torch.no_grad(), exact_kernels():
-            return interval_preactivation_bounds(
-                c._network, c._unit_param_balls, self.x_t[idx], self.params, factors_in(s, c.dtype), c._cache, known,
-                **rounding, **wide,
-            )  # fmt: skip
+        wide = bool(c._rounding()) and method.float64_centres
+        return c._interval_boxes(self.x_t[idx], c._unit_param_balls, s, wide, known)
 
     def at_zero(self, method: BoundMethod) -> torch.Tensor:
         """``method``'s bounds of every sample at radius 0 (the exact margins, minus the threshold); records the

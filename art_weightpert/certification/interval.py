@@ -136,7 +136,7 @@ def affine_interval(
         half = cached(cache, "half", (weight,), lambda: weight * 0.5)
         half_abs = cached(cache, "half_abs", (weight,), lambda: half.abs())
         center = layer.apply(lo + hi, half, bias)
-        m = hi if nonnegative else torch.maximum(lo.neg(), hi)
+        m = _upper_magnitude(lo, hi, nonnegative)
         fold = _abs_weight_factor(layer, weight, param_balls, cache)
         if fold is not None:  # (|W|/2)(u − l) + ε|W| m = (|W|/2)(u − l + 2ε m)
             factor = 2 * fold if scale is None else (2 * fold) * sample_factors(scale, m.dim())
@@ -185,6 +185,12 @@ def _abs_row_sums(weight: torch.Tensor) -> torch.Tensor:
     return weight.abs().flatten(1).sum(dim=1)
 
 
+def _upper_magnitude(lo: torch.Tensor, hi: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """``max(|l|, |u|)`` of a box with ``l ≤ u``: ``max(−l, u)`` (``u`` itself for a value non-negative by
+    construction)."""
+    return hi if nonnegative else torch.maximum(lo.neg(), hi)
+
+
 def rounding_factor(layer: Affine, weight: torch.Tensor, dtype: torch.dtype) -> float:
     """``g = γ_{n+k} (1 + 2γ_{n+k})`` of an affine layer's interval step (docs/theory.md §5, :func:`.error_factor`)."""
     return error_factor(fan_in(layer, weight), dtype)
@@ -221,7 +227,7 @@ def rounded_affine_interval(
     bias = params[layer.bias_name] if layer.bias_name else None
     g = rounding_factor(layer, weight, lo.dtype)
     g_bias = error_bias(layer, weight, bias, g, cache)
-    m = lo.abs() if exact_input and not nonnegative else (hi if nonnegative else torch.maximum(lo.neg(), hi))
+    m = lo.abs() if exact_input and not nonnegative else _upper_magnitude(lo, hi, nonnegative)
     pert = perturbation_radius(layer, m, param_balls, lo.dtype, scale, cache, rounding=True)
     if exact_input:  # centre W x + b; radius P(1 + 2g) + g(|W||x| + |b|)
         center = layer.apply(lo, weight, bias)
@@ -304,7 +310,7 @@ def float64_centre_rows(network: Network, boxes: Boxes, params: dict[str, torch.
         lo, hi = boxes[reads[0]]
         if not layer.weighted or lo is hi or lo.dtype == torch.float64:
             continue
-        m = hi if nonnegative[reads[0]] else torch.maximum(lo.neg(), hi)
+        m = _upper_magnitude(lo, hi, nonnegative[reads[0]])
         out |= _float64_rows(m, hi - lo, rounding_factor(layer, params[layer.weight_name], lo.dtype))
     return out
 

@@ -452,11 +452,11 @@ class BranchAndBound:
 
     def __init__(self, bound: BoundFunction, score: GradientScore, values: list[int], max_branches: int = 256):
         self.bound, self.score, self.values, self.max_branches = bound, score, values, int(max_branches)
-        self.dtype = torch.float64
         self._counter = itertools.count()
 
-    def _splits(self, root: Splits, rows: torch.Tensor, phases: torch.Tensor, shapes: list) -> Splits:
-        """The clips of branches: the root clips of their samples ``rows``, cut at 0 where ``phases`` says."""
+    def _splits(self, root: Splits, rows: torch.Tensor, phases: torch.Tensor, shapes: list, dtype) -> Splits:
+        """The clips of branches (in the boxes' ``dtype``): the root clips of their samples ``rows``, cut at 0 where
+        ``phases`` says."""
         out: Splits = {}
         offset = 0
         for v, shape in zip(self.values, shapes):
@@ -466,7 +466,7 @@ class BranchAndBound:
             floor, ceiling = root.get(v, (None, None))
             floor = None if floor is None else floor[rows]
             ceiling = None if ceiling is None else ceiling[rows]
-            zero = torch.zeros(phase.shape, dtype=self.dtype, device=phase.device)
+            zero = torch.zeros(phase.shape, dtype=dtype, device=phase.device)
             if bool((phase > 0).any()):
                 cut = torch.where(phase > 0, zero, -math.inf)
                 floor = cut if floor is None else torch.maximum(floor, cut)
@@ -501,7 +501,6 @@ class BranchAndBound:
         :return: per sample ``"certified"`` or ``"unknown"``, and the smallest leaf bound.
         """
         n = len(x)
-        self.dtype = x.dtype  # the clips' dtype: the boxes'
         shapes = [tuple(root_boxes[v][0].shape[1:]) for v in self.values]
         size = sum(math.prod(s) for s in shapes)
         states = [SampleState() for _ in range(n)]
@@ -537,7 +536,7 @@ class BranchAndBound:
                     rows.append(i)
             rows_t = torch.as_tensor(rows)
             phases_t = torch.stack(phases).to(x.device)
-            splits = self._splits(root, rows_t, phases_t, shapes)
+            splits = self._splits(root, rows_t, phases_t, shapes, x.dtype)
             lb, boxes = self.bound(x[rows_t], labels[rows_t], splits)
             worst = lb.amin(dim=1)
             worst = torch.where(infeasible(boxes, self.values), math.inf, worst)

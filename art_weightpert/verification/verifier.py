@@ -166,7 +166,7 @@ class WeightPerturbationVerifier(Settings):
         self._network = read_network(estimator.base_model, estimator.input_shape)  # UnsupportedModelError first
         self._check_params()
         self._model64 = float64_copy(estimator.base_model)  # the centre weights, float64; never the user's module
-        self._model = self._model64 if self.dtype == torch.float64 else float64_copy(estimator.base_model).float()
+        self._model = self._model_in(self.dtype)
         self._network = read_network(self._model, estimator.input_shape)
         self._key: tuple | None = None
         self._param_balls: dict[str, ParameterBall] = {}
@@ -182,7 +182,7 @@ class WeightPerturbationVerifier(Settings):
         self.dtype = check_dtype(self.dtype)
         model = getattr(self, "_model", None)
         if model is not None and self.dtype != next(model.parameters()).dtype:  # set_params: the bounds' model moves
-            self._model = self._model64 if self.dtype == torch.float64 else float64_copy(self._model64).float()
+            self._model = self._model_in(self.dtype)
             self._network = read_network(self._model, self.estimator.input_shape)  # weights again at the refresh
         self.verbose = check_bool(self.verbose, "verbose")
         check_choice(self.method, "method", tuple(METHODS) + ("alpha",))
@@ -240,6 +240,11 @@ class WeightPerturbationVerifier(Settings):
         return VerificationResult(status, lower, counterexamples, seconds)
 
     # ------------------------------------------------------------------------------------------------ internals
+    def _model_in(self, dtype: torch.dtype) -> torch.nn.Module:
+        """The private model the bounds read in ``dtype``: the float64 one of the checks, or a float32 copy of it (its
+        weights are loaded at the next refresh)."""
+        return self._model64 if dtype == torch.float64 else float64_copy(self._model64).float()
+
     def _refresh(self) -> None:
         """Copy the estimator's effective weights into the bounds' model and resolve the budget on them, when the
         weights or the settings changed since the last call. float32: the centre as the estimator computes it (exact
