@@ -73,13 +73,9 @@ def test_float32_certifies_what_float64_does_and_survives_the_attack(trained, me
 @pytest.fixture(scope="module")
 def warmed_resnet(digits_images):
     from art_weightpert.zoo import digits_resnet, make_classifier
+    from tests.test_loading import warmed  # batch-norm statistics of random images
 
-    torch.manual_seed(0)
-    model = digits_resnet(seed=0).train()
-    with torch.no_grad():  # batch-norm statistics of random images
-        for _ in range(3):
-            model(torch.rand((16, 1, 8, 8)) * 2 - 0.5)
-    return make_classifier(model.eval(), (1, 8, 8)), digits_images[2][:64]
+    return make_classifier(warmed(digits_resnet(seed=0), (1, 8, 8)), (1, 8, 8)), digits_images[2][:64]
 
 
 def test_float32_interval_certify_bounds_the_open_margins_again_on_float64_centres(warmed_resnet):
