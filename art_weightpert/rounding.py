@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
+from art_weightpert.torch_tools import vector_times_rows
+
 
 def unit_roundoff(dtype: torch.dtype) -> float:
     """``u``: half the machine epsilon of ``dtype`` (``2⁻²⁴`` for float32, ``2⁻⁵³`` for float64)."""
@@ -202,5 +204,5 @@ def abs_dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """An upper bound of ``⟨|a|, v⟩`` (``v ≥ 0``) per sample and specification, ``(N, K, ...) × (N, ...) → (N, K)``:
     the computed sum of non-negative terms, inflated by its own rounding (``2γ`` of its length)."""
     length = max(1, a[0, 0].numel())
-    out = torch.bmm(a.abs().flatten(2), v.reshape(len(v), -1, 1)).squeeze(2)
+    out = vector_times_rows(v, a.abs().flatten(2))
     return out * (1 + 2 * gamma(length + 2, a.dtype))

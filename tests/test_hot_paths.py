@@ -355,6 +355,62 @@ def test_max_pool_rule_is_exact_on_dominated_windows(name):
     torch.testing.assert_close(gap, torch.zeros_like(gap), rtol=0, atol=1e-10 * float(a.abs().sum()))
 
 
+SLICED_POOLS = {
+    **POOLS,
+    "kernel_3": nn.MaxPool2d(3),
+    "rectangular_gapped": nn.MaxPool2d((2, 3), stride=(3, 4)),
+    "dilated_gapped": nn.MaxPool2d(2, stride=3, dilation=2),
+    "kernel_1": nn.MaxPool2d(1),
+}
+
+
+@pytest.mark.parametrize("name", list(SLICED_POOLS))
+def test_window_maxima_from_strided_slices_equal_max_pool2d(name):
+    """The pooling's map (:func:`.max_pool.window_max`) and, on disjoint windows, its selection of ``j*`` (the first
+    largest lower bound), of ``max_j u_j`` and of the dominated windows equal ``max_pool2d``'s, bit for bit, on boxes
+    with many ties, infinities and odd map sizes; with a gradient the module itself runs."""
+    from art_weightpert.operators import max_pool
+
+    module = SLICED_POOLS[name]
+    kernel, stride, pad, dil = max_pool._geometry(module)
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(3, 2, 7, 9), (2, 3, 8, 8), (1, 1, 5, 5)]:
+        for dtype in (torch.float32, torch.float64):
+            lo = torch.randint(-3, 3, shape, generator=gen).to(dtype)
+            hi = lo + torch.randint(0, 2, shape, generator=gen).to(dtype)
+            lo.view(-1)[::11], hi.view(-1)[::13] = -math.inf, math.inf
+            assert torch.equal(max_pool.window_max(lo, module), module(lo))
+            if not MaxPool.from_module("pool", module).disjoint_windows:
+                continue
+            l_best, index = nn.functional.max_pool2d(lo, kernel, stride, pad, dil, return_indices=True)
+            others = hi.flatten(2).scatter(2, index.flatten(2), -math.inf).reshape(hi.shape)
+            _, flat_best, u_max, dominant = max_pool._window_selection(lo, hi, module)
+            assert torch.equal(flat_best, index.flatten(2))
+            assert torch.equal(u_max, module(hi))
+            assert torch.equal(dominant, nn.functional.max_pool2d(others, kernel, stride, pad, dil) <= l_best)
+    h = torch.randn(2, 2, 6, 6, requires_grad=True)
+    max_pool.window_max(h, module).sum().backward()  # max_pool2d's gradient: one 1 per window (its first maximum)
+    expected = torch.autograd.grad(module(h).sum(), h)[0]
+    assert torch.equal(h.grad, expected)
+
+
+def test_batched_dots_are_independent_of_the_other_rows():
+    """:func:`.vector_times_rows` (the bounds' dot products) equals the float64 sum and gives each row the same value
+    whatever rows and samples come with it."""
+    from art_weightpert.torch_tools import vector_times_rows
+
+    gen = torch.Generator().manual_seed(0)
+    rows, v = torch.randn(7, 5, 300, generator=gen), torch.rand(7, 300, generator=gen)
+    out = vector_times_rows(v, rows)
+    exact = (rows.double() * v.double().unsqueeze(1)).sum(dim=2)
+    torch.testing.assert_close(
+        out.double(), exact, rtol=0, atol=300 * 2**-24 * float((rows.abs() * v.unsqueeze(1)).sum(2).max())
+    )
+    for k in range(1, 5):
+        assert torch.equal(vector_times_rows(v, rows[:, :k].contiguous()), out[:, :k])
+    assert torch.equal(vector_times_rows(v[2:4], rows[2:4]), out[2:4])
+
+
 # ------------------------------------------------------------------------------------------------------ paths
 @pytest.mark.parametrize("budget_name", list(BUDGETS))
 @pytest.mark.parametrize("model_name", ["mlp", "cnn_bn_maxpool"])

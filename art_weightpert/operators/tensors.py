@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from art_weightpert.torch_tools import vector_times_rows
+
 
 def flatten_specs(a: torch.Tensor) -> torch.Tensor:
     """Coefficients ``(N, K, ...)`` as ``(N·K, ...)``: one row per sample and specification."""
@@ -20,7 +22,7 @@ def sum_features(t: torch.Tensor) -> torch.Tensor:
 
 def batched_dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``Σ_j a[n, k, j] v[n, j]`` over every feature dimension: ``(N, K, ...) × (N, ...) → (N, K)`` (one bmm)."""
-    return torch.bmm(a.flatten(2), v.reshape(len(v), -1, 1)).squeeze(2)
+    return vector_times_rows(v, a.flatten(2))
 
 
 def concretize(a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
