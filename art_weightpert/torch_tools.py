@@ -123,7 +123,11 @@ def vector_times_rows(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``rows[n] @ v[n]`` for ``rows`` ``(N, K, F)`` and ``v`` ``(N, ...)`` of ``F`` entries: ``(N, K)``, one
     element-wise product and sum per row (``linalg.vecdot``). ``bmm(rows, v[..., None])``, a matrix-vector product per
     sample, runs 3.5-7x slower on the CPU (MKL, one core: 794 against 118 µs on 113 × 9 × 1024 in float32, 400 against
-    131 µs on 9 × 9 × 6272 in float64; measured 2026-12-08); ``bmm(v[:, None], rowsᵀ)`` is faster still, but its sums
-    depend on how many rows there are, and the bounds keep each row's value independent of the others (a specification
-    row dropped, a chunk of samples). Every rounding term bounds a sum in any order (docs/theory.md §5)."""
+    131 µs on 9 × 9 × 6272 in float64; measured 2026-12-08); ``bmm(v[:, None], rowsᵀ)`` is faster still, but the sum
+    of a row depends on how many rows come with it, and the bounds keep it independent of the other rows (a
+    specification row dropped gives the same bits). Every rounding term bounds a sum in any order (docs/theory.md §5).
+
+    :raises ValueError: ``v`` and ``rows`` of different lengths or entries (no broadcasting)."""
+    if len(v) != len(rows) or v.numel() != len(v) * rows.shape[2]:
+        raise ValueError(f"vector_times_rows: v {tuple(v.shape)} against rows {tuple(rows.shape)}")
     return torch.linalg.vecdot(rows, v.reshape(len(v), 1, -1))

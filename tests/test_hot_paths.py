@@ -392,6 +392,40 @@ def test_window_maxima_from_strided_slices_equal_max_pool2d(name):
     max_pool.window_max(h, module).sum().backward()  # max_pool2d's gradient: one 1 per window (its first maximum)
     expected = torch.autograd.grad(module(h).sum(), h)[0]
     assert torch.equal(h.grad, expected)
+    batch = torch.randn(3, 2, 2, 6, 6)  # torch.func.vmap over a batch of inputs, as over the module
+    torch.testing.assert_close(
+        torch.func.vmap(lambda t: max_pool.window_max(t, module))(batch),
+        torch.stack([module(t) for t in batch]),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_window_maxima_refuse_what_max_pool2d_refuses():
+    """Where ``max_pool2d`` raises (a padding above half the kernel, no window in the map, a 2-D input),
+    :func:`.max_pool.window_max` raises too instead of returning a map."""
+    from art_weightpert.operators import max_pool
+
+    for module, h in [
+        (nn.MaxPool2d(1, padding=1), torch.zeros(1, 1, 5, 5)),
+        (nn.MaxPool2d(4), torch.zeros(1, 1, 3, 3)),
+        (nn.MaxPool2d(2), torch.zeros(4, 4)),
+    ]:
+        with pytest.raises(RuntimeError):
+            module(h)
+        with pytest.raises(RuntimeError):
+            max_pool.window_max(h, module)
+
+
+def test_a_window_whose_largest_lower_bound_is_nan_is_not_dominated():
+    """A NaN lower end (possible in boxes a caller passes) has no largest lower bound: the window is not dominated, so
+    the rule never claims ``y = h_{j*}`` there (which would give a finite bound above the true minimum)."""
+    from art_weightpert.operators import max_pool
+
+    lo = torch.tensor([[[[3.0, math.nan]]]])
+    hi = torch.tensor([[[[4.0, 5.0]]]])
+    _, _, u_max, dominant = max_pool._window_selection(lo, hi, nn.MaxPool2d((1, 2)))
+    assert not bool(dominant.any()) and float(u_max) == 5.0
 
 
 def test_batched_dots_are_independent_of_the_other_rows():
@@ -409,6 +443,9 @@ def test_batched_dots_are_independent_of_the_other_rows():
     for k in range(1, 5):
         assert torch.equal(vector_times_rows(v, rows[:, :k].contiguous()), out[:, :k])
     assert torch.equal(vector_times_rows(v[2:4], rows[2:4]), out[2:4])
+    for wrong in (v[:1], v[:, :299]):  # no broadcasting over samples or entries
+        with pytest.raises(ValueError):
+            vector_times_rows(wrong, rows)
 
 
 # ------------------------------------------------------------------------------------------------------ paths

@@ -141,14 +141,20 @@ def _offset_slices(t: torch.Tensor, module: nn.Module, fill: float):
 
 def window_max(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """``module(t)`` for a ``MaxPool2d`` ``module``: the same values (maxima are exact; NaN propagates as in
-    ``max_pool2d``), from the strided slices of the kernel's entries where :func:`_sliced` allows and no gradient is
-    taken (``max_pool2d``'s gradient goes to the window's first maximum, an element-wise maximum's splits ties)."""
-    if not _sliced(module) or (t.requires_grad and torch.is_grad_enabled()):
+    ``max_pool2d``), from the strided slices of the kernel's entries where :func:`_sliced` allows, the input is valid
+    for ``max_pool2d`` and no gradient is taken (``max_pool2d``'s gradient goes to the window's first maximum, an
+    element-wise maximum's splits ties); ``module(t)`` itself otherwise, which raises where PyTorch does."""
+    kernel, _, pad, _ = _geometry(module)
+    valid = t.dim() in (3, 4) and t.shape[-3] > 0 and all(p <= k // 2 for p, k in zip(pad, kernel))
+    if not valid or not _sliced(module) or (t.requires_grad and torch.is_grad_enabled()):
         return module(t)
-    out = None
-    for _, part in _offset_slices(t, module, float("-inf")):
-        out = part.clone() if out is None else torch.maximum(out, part, out=out)
-    return out
+    slices = [part for _, part in _offset_slices(t, module, float("-inf"))]
+    if slices[0].shape[-2:].numel() == 0:  # no window fits: max_pool2d raises
+        return module(t)
+    out = slices[0]
+    for part in slices[1:]:
+        out = torch.maximum(out, part)  # out of place: torch.func.vmap has no rule for maximum's out=
+    return out if len(slices) > 1 else out.clone()
 
 
 def _window_selection(lo: torch.Tensor, hi: torch.Tensor, module: nn.Module):
@@ -189,7 +195,7 @@ def _window_selection(lo: torch.Tensor, hi: torch.Tensor, module: nn.Module):
     rows, cols = torch.arange(kernel[0], device=device), torch.arange(kernel[1], device=device)
     within = (rows.mul_(dil[0] * width).unsqueeze(1) + cols.mul_(dil[1])).flatten()  # each entry's offset in the map
     flat_best = torch.add(start, within[entry.long()])
-    return l_best, flat_best.flatten(2), u_max, ~above
+    return l_best, flat_best.flatten(2), u_max, ~above & found  # a NaN l_{j*} (no maximum found): not dominated
 
 
 def put_back(selected: torch.Tensor, flat_best: torch.Tensor, shape: torch.Size) -> torch.Tensor:
