@@ -171,13 +171,17 @@ def ball_underflow(layer: Affine, a: torch.Tensor, m: torch.Tensor, ctx: Backwar
     if not layer.is_conv or wt is None:
         return 0.0
     eta = smallest_subnormal(a.dtype)
-    ones = m.new_ones((1,) + tuple(m.shape[1:]))
-    unit = perturbation_radius(layer, ones, {layer.weight_name: wt}, a.dtype, None, ctx.cache, rounding=True)
-    per_row = unit.flatten(2).amax(dim=2)  # (1, rows)
-    mass, top = per_row.sum(), per_row.max()
-    factor = ctx.scale.to(a.dtype) if ctx.scale is not None else a.new_ones(len(a))
     weight = ctx.params[layer.weight_name]
-    positions = unit[0, 0].numel()
+
+    def unit_term() -> tuple[torch.Tensor, torch.Tensor, int]:  # Σ_r max U_r, max_r max U_r, P: per layer and shape
+        ones = m.new_ones((1,) + tuple(m.shape[1:]))
+        unit = perturbation_radius(layer, ones, {layer.weight_name: wt}, a.dtype, None, ctx.cache, rounding=True)
+        per_row = unit.flatten(2).amax(dim=2)  # (1, rows)
+        return per_row.sum(), per_row.max(), unit[0, 0].numel()
+
+    label = f"ball_underflow/{layer.name}/{a.dtype}/{tuple(m.shape[1:])}"  # the layer: its geometry
+    mass, top, positions = cached(ctx.cache, label, (weight, wt.radius), unit_term)
+    factor = ctx.scale.to(a.dtype) if ctx.scale is not None else a.new_ones(len(a))
     fan_in = weight[0].numel()
     per_coefficient = 2 * eta * (top * factor + fan_in * (1 + m.flatten(1).amax(dim=1)))  # (N,)
     constant = 2 * eta * ((positions + 4) * mass * factor + weight.numel() + weight.shape[0] * positions + 4)
