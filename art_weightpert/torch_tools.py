@@ -87,6 +87,7 @@ __all__ = [
     "kept_training_flags",
     "replaced_method",
     "run_with_parameters",
+    "vector_times_rows",
 ]
 
 

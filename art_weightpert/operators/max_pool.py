@@ -11,8 +11,8 @@ values (the first maximum in the window wins ties in both, as in ``max_pool2d(..
 Maxima are exact in floating point, so how they are computed is a matter of speed only. On the CPU, PyTorch's
 ``max_pool2d`` on channels-first maps runs 9-14x slower than element-wise maxima of the kernel's strided slices
 (one pass per kernel offset: 45 against 425 µs on 9x16x28x28, 0.9 against 13 ms on 256x16x28x28, one core; measured
-2026-12-08); :func:`window_max` and :func:`window_argmax` take that way for kernels of at most
-:data:`SLICED_MAX_ENTRIES` entries without ``ceil_mode``.
+2026-12-08); :func:`window_max` and the window selection of the backward rule take that way for kernels of at most
+:data:`SLICED_MAX_ENTRIES` entries without ``ceil_mode`` (the selection also without padding).
 """
 
 from __future__ import annotations

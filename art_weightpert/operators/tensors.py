@@ -21,7 +21,8 @@ def sum_features(t: torch.Tensor) -> torch.Tensor:
 
 
 def batched_dot(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``Σ_j a[n, k, j] v[n, j]`` over every feature dimension: ``(N, K, ...) × (N, ...) → (N, K)`` (one bmm)."""
+    """``Σ_j a[n, k, j] v[n, j]`` over every feature dimension: ``(N, K, ...) × (N, ...) → (N, K)``
+    (:func:`.vector_times_rows`)."""
     return vector_times_rows(v, a.flatten(2))
 
 
