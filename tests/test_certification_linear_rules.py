@@ -77,6 +77,7 @@ FIXED_LAYERS = {
     "maxpool_ceil": nn.MaxPool2d(3, stride=2, ceil_mode=True),
     "avgpool": nn.AvgPool2d(3, stride=2, padding=1),
     "avgpool_no_pad_count": nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+    "global_avgpool": nn.AdaptiveAvgPool2d(1),  # the closed-form adjoint λ / (H·W)
     "batchnorm": nn.BatchNorm2d(3),
     "leaky_relu": nn.LeakyReLU(0.3),
     "sigmoid": nn.Sigmoid(),
@@ -94,7 +95,8 @@ def test_backward_rule_of_a_fixed_layer_is_a_lower_bound_on_its_box(name):
         module.running_mean.uniform_(-1, 1)
         module.running_var.uniform_(0.2, 2)
         module.weight.data.uniform_(-1.5, 1.5)
-    layer = read_network(nn.Sequential(module, nn.Flatten(), nn.Linear(3 * 49, 2)).double(), (3, 7, 7)).layers[0]
+    features = module(torch.zeros(1, 3, 7, 7, dtype=torch.float64)).numel()
+    layer = read_network(nn.Sequential(module, nn.Flatten(), nn.Linear(features, 2)).double(), (3, 7, 7)).layers[0]
     gen = torch.Generator().manual_seed(1)
     centre = torch.randn((4, 3, 7, 7), generator=gen, dtype=torch.float64)
     width = torch.rand((4, 3, 7, 7), generator=gen, dtype=torch.float64) * (torch.rand(4, 1, 1, 1, generator=gen) < 0.7)
@@ -111,7 +113,12 @@ def test_backward_rule_of_a_fixed_layer_is_a_lower_bound_on_its_box(name):
             value = torch.einsum("nk...,n...->nk", a, module(h))
             linear = torch.einsum("nk...,n...->nk", a_in, h) + const
             assert bool((linear <= value + 1e-9).all()), (linear - value).max()
-        if name in ("avgpool", "avgpool_no_pad_count", "batchnorm"):  # linear maps: the bound is an identity
+        if name == "global_avgpool":  # the closed form is the adjoint autograd computes
+            probe = torch.zeros((20,) + tuple(lo.shape[1:]), dtype=torch.float64, requires_grad=True)
+            with torch.enable_grad():
+                (adjoint,) = torch.autograd.grad(module(probe), probe, a.reshape((20,) + tuple(out_shape)))
+            torch.testing.assert_close(a_in, adjoint.reshape(a_in.shape), rtol=1e-15, atol=0)
+        if name in ("avgpool", "avgpool_no_pad_count", "global_avgpool", "batchnorm"):  # linear maps: an identity
             torch.testing.assert_close(linear, value)
 
 

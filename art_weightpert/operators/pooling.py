@@ -66,11 +66,17 @@ class AvgPool(Operator):
         return self.apply(lo), self.apply(hi)  # non-negative weights: monotone
 
     def backward(self, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ctx: Any = None):
-        """The adjoint of the (linear, bias-free) pooling, by autograd."""
-        flat = flatten_specs(a)
-        with torch.enable_grad():
-            probe = flat.new_zeros((len(flat),) + tuple(lo.shape[1:]), requires_grad=True)
-            (g,) = torch.autograd.grad(self.apply(probe), probe, flat, create_graph=flat.requires_grad)
+        """The adjoint of the (linear, bias-free) pooling: ``λ / (H·W)`` on every input of its channel for a global
+        mean (one window over the whole map), by autograd otherwise."""
+        if self.is_global(lo):
+            height, width = lo.shape[2:]
+            per_channel = a.reshape(a.shape[:3] + (1, 1)) / (height * width)
+            g = per_channel.expand(a.shape[:3] + (height, width)).contiguous()
+        else:
+            flat = flatten_specs(a)
+            with torch.enable_grad():
+                probe = flat.new_zeros((len(flat),) + tuple(lo.shape[1:]), requires_grad=True)
+                (g,) = torch.autograd.grad(self.apply(probe), probe, flat, create_graph=flat.requires_grad)
         const = a.new_zeros(a.shape[:2])
         if getattr(ctx, "rounding", False):  # docs/theory.md §5: each input's coefficient, a sum over the windows
             from art_weightpert.rounding import abs_dot, error_factor
@@ -78,6 +84,14 @@ class AvgPool(Operator):
             m = torch.maximum(lo.abs(), hi.abs())
             const = -abs_dot(a, self.apply(m)) * error_factor(self.window(lo), a.dtype)
         return g.reshape(a.shape[:2] + lo.shape[1:]), const
+
+    def is_global(self, h: torch.Tensor) -> bool:
+        """Whether the pooling is one mean over the whole map of ``h`` ``(N, C, H, W)`` per channel: a spatial mean or
+        an adaptive pooling to 1×1."""
+        if self.is_spatial_mean:
+            return True
+        size = getattr(self.module, "output_size", None)
+        return isinstance(self.module, nn.AdaptiveAvgPool2d) and size in (1, (1, 1), [1, 1]) and h.dim() == 4
 
     def window(self, h: torch.Tensor) -> int:
         """An upper bound of the entries summed per output and of the windows per input, for the input ``h``: the
