@@ -11,8 +11,8 @@ values (the first maximum in the window wins ties in both, as in ``max_pool2d(..
 Maxima are exact in floating point, so how they are computed is a matter of speed only. On the CPU, PyTorch's
 ``max_pool2d`` on channels-first maps runs 9-14x slower than element-wise maxima of the kernel's strided slices
 (one pass per kernel offset: 45 against 425 µs on 9x16x28x28, 0.9 against 13 ms on 256x16x28x28, one core; measured
-2026-12-08); :func:`window_max` and the window selection of the backward rule take that way for kernels of at most
-:data:`SLICED_MAX_ENTRIES` entries without ``ceil_mode`` (the selection also without padding).
+2026-12-08); on the CPU, :func:`window_max` and the window selection of the backward rule take that way for kernels of
+at most :data:`SLICED_MAX_ENTRIES` entries without ``ceil_mode`` (the selection also without padding).
 """
 
 from __future__ import annotations
@@ -118,9 +118,11 @@ SLICED_MAX_ENTRIES = 16
 entry) rather than by ``max_pool2d``."""
 
 
-def _sliced(module: nn.Module) -> bool:
+def _sliced(module: nn.Module, t: torch.Tensor) -> bool:
+    """Whether the maxima of ``module`` on ``t`` are taken from strided slices: on the CPU (where the measurement was
+    made; a GPU's pooling kernel is one launch), a small kernel, floor mode."""
     kernel = _pair(module.kernel_size)
-    return not module.ceil_mode and kernel[0] * kernel[1] <= SLICED_MAX_ENTRIES
+    return t.device.type == "cpu" and not module.ceil_mode and kernel[0] * kernel[1] <= SLICED_MAX_ENTRIES
 
 
 def _offset_slices(t: torch.Tensor, module: nn.Module, fill: float):
@@ -146,7 +148,7 @@ def window_max(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
     element-wise maximum's splits ties); ``module(t)`` itself otherwise, which raises where PyTorch does."""
     kernel, _, pad, _ = _geometry(module)
     valid = t.dim() in (3, 4) and t.shape[-3] > 0 and all(p <= k // 2 for p, k in zip(pad, kernel))
-    if not valid or not _sliced(module) or (t.requires_grad and torch.is_grad_enabled()):
+    if not valid or not _sliced(module, t) or (t.requires_grad and torch.is_grad_enabled()):
         return module(t)
     slices = [part for _, part in _offset_slices(t, module, float("-inf"))]
     if slices[0].shape[-2:].numel() == 0:  # no window fits: max_pool2d raises
@@ -163,7 +165,7 @@ def _window_selection(lo: torch.Tensor, hi: torch.Tensor, module: nn.Module):
     the whole box (``u_j ≤ l_{j*}`` for every other input ``j`` of the window). The strided slices use comparisons and
     boolean passes only (``where`` and ``masked_fill`` run 5x slower than a comparison here)."""
     kernel, stride, pad, dil = _geometry(module)
-    if not _sliced(module) or pad != (0, 0):
+    if not _sliced(module, lo) or pad != (0, 0):
         l_best, best = F.max_pool2d(lo, kernel, stride, pad, dil, return_indices=True)
         flat_best = best.flatten(2)
         u_max = F.max_pool2d(hi, kernel, stride, pad, dil)
