@@ -383,7 +383,7 @@ def round_fixed(layer, box: tuple[torch.Tensor, torch.Tensor], inputs: list) -> 
         return (outward(lo, -1.0), outward(hi, 1.0)) if len(inputs) == 2 else _rounded_sum(inputs)
     if isinstance(layer, BatchNorm):  # |s h + t| ≤ |s| m + |t|: the final ± within the factor's slack
         in_lo, in_hi = inputs[0]
-        m = in_lo.abs() if in_lo is in_hi else torch.maximum(in_lo.neg(), in_hi)
+        m = in_lo.abs() if in_lo is in_hi else _upper_magnitude(in_lo, in_hi, False)
         g, tiny = error_factor(2, m.dtype), torch.finfo(m.dtype).tiny
         # per channel: g|t| + η and the float64 shift's own error (BatchNorm.shift_error), in one constant; the factor
         # of m: g|s|, plus 2η for a scale below the normal range, whose cast loses up to η/2 absolutely (and g|s|
@@ -591,7 +591,7 @@ def interval_margin_bounds(
     if nonnegative_input(network, len(network.layers) - 1):
         m = hi
     else:
-        m = lo.abs() if exact_input else torch.maximum(lo.neg(), hi)
+        m = lo.abs() if exact_input else _upper_magnitude(lo, hi, False)
     pert = perturbation_radius(last, m, param_balls, dtype, scale, cache, rounding=rounding)  # per logit row
     if not isinstance(pert, float):
         pert = pert.expand(len(x), z.shape[1])

@@ -85,9 +85,9 @@ class BatchNorm(Operator):
         scale, shift = self.shaped(self.scale, lo), self.shaped(self.shift, lo)
         a_in, const = a * scale.unsqueeze(1), batched_dot(a, shift.expand_as(lo))
         if getattr(ctx, "rounding", False):  # docs/theory.md §5: the cast scale and shift, λ s and ⟨λ, t⟩ rounded
-            from art_weightpert.rounding import abs_dot, error_factor, smallest_subnormal
+            from art_weightpert.rounding import abs_dot, error_factor, magnitude, smallest_subnormal
 
-            m = torch.maximum(lo.abs(), hi.abs())
+            m = magnitude(lo, hi)
             error = per_channel_affine(m, self.scale.abs(), self.shift.abs())
             const = const - abs_dot(a, error) * error_factor(a[0, 0].numel(), a.dtype)
             const = const - abs_dot(a, m) * smallest_subnormal(a.dtype)  # a subnormal scale's cast: η/2 absolute

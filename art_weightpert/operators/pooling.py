@@ -79,9 +79,9 @@ class AvgPool(Operator):
                 (g,) = torch.autograd.grad(self.apply(probe), probe, flat, create_graph=flat.requires_grad)
         const = a.new_zeros(a.shape[:2])
         if getattr(ctx, "rounding", False):  # docs/theory.md §5: each input's coefficient, a sum over the windows
-            from art_weightpert.rounding import abs_dot, error_factor
+            from art_weightpert.rounding import abs_dot, error_factor, magnitude
 
-            m = torch.maximum(lo.abs(), hi.abs())
+            m = magnitude(lo, hi)
             const = -abs_dot(a, self.apply(m)) * error_factor(self.window(lo), a.dtype)
         return g.reshape(a.shape[:2] + lo.shape[1:]), const
 
